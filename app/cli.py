@@ -1,0 +1,304 @@
+"""The ``distillery`` command.
+
+Service processes: ``up`` (embedded: migrations, api and one worker together), ``api``, ``worker``, ``migrate``.
+Client commands talk HTTP to DISTILLERY_API_URL: ``submit``, ``jobs``, ``status``, ``cancel``, ``predict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+
+
+def log_setup(level: str = "INFO") -> None:
+    import logging
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- service processes -----------------------------------------------------------------------------------------------
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from app.db.migrate import upgrade
+
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {redact(settings.resolved_database_url)}")
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    log_setup()
+    settings.check_production()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.celery_app import create_worker_app
+
+    log_setup()
+    settings.check_production()
+    app = create_worker_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={args.concurrency or settings.worker_concurrency}",
+            "--pool=prefork",
+            f"--queues={settings.queue_name}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--hostname=distillery-{os.getpid()}@%h",
+        ]
+    )
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    """Embedded mode: one command, no servers. Children run in their own sessions so that Ctrl-C reaches only this
+    process, which then stops both cleanly (api first, then the worker's warm shutdown)."""
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DISTILLERY_DATA_DIR": str(data_dir)}
+    settings = Settings(data_dir=data_dir)
+    cmd_migrate(settings, args)
+    port = str(args.port or settings.port)
+    host = args.host or settings.host
+    base = [sys.executable, "-m", "app.cli"]
+    children = {
+        "api": subprocess.Popen([*base, "api", "--host", host, "--port", port], env=env, start_new_session=True),
+        "worker": subprocess.Popen([*base, "worker"], env=env, start_new_session=True),
+    }
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(
+        f"Distillery is up: http://{host}:{port} (API docs at /docs); data in {data_dir}. Ctrl-C stops it.",
+        flush=True,
+    )
+    code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"{name} exited with {child.returncode}; stopping", file=sys.stderr)
+                stopping, code = True, 1
+        time.sleep(0.2)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    print("Distillery stopped.", flush=True)
+    return code
+
+
+def redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# --- client commands -------------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    pass
+
+
+def api_request(settings: Settings, method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    try:
+        response = httpx.request(method, settings.api_url.rstrip("/") + path, json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        raise ApiError(f"cannot reach {settings.api_url}: {exc}") from exc
+    if response.status_code >= 400:
+        try:
+            problem = response.json()
+            lines = [f"{response.status_code} {problem.get('title')}: {problem.get('detail')}"]
+            lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problem.get("errors", [])]
+        except ValueError:
+            lines = [f"{response.status_code}: {response.text[:500]}"]
+        raise ApiError("\n".join(lines))
+    return response.json()
+
+
+def progress_bar(job: dict[str, Any], width: int = 30) -> str:
+    progress = job.get("progress") or {}
+    fraction = float(progress.get("fraction") or 0.0)
+    filled = round(fraction * width)
+    eta = progress.get("eta_seconds")
+    eta_text = f" eta {eta:.0f}s" if isinstance(eta, int | float) and eta > 0 else ""
+    loss = (progress.get("metrics") or {}).get("loss")
+    loss_text = f" loss {loss:.4f}" if isinstance(loss, int | float) else ""
+    return (
+        f"\r{job['status']:<9} [{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
+        f"{progress.get('stage', '')} {progress.get('step', 0)}/{progress.get('total_steps', 0)}{loss_text}{eta_text}"
+    )
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> str:
+    rows = []
+    for key in sorted(evaluation):
+        value = evaluation[key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append(f"  {key:<22} {text}")
+    return "\n".join(rows)
+
+
+def wait_for(settings: Settings, job_id: str, interval: float = 0.5) -> dict[str, Any]:
+    interactive = sys.stderr.isatty()
+    while True:
+        job: dict[str, Any] = api_request(settings, "GET", f"/v1/jobs/{job_id}")
+        if interactive:
+            print(progress_bar(job), end="", file=sys.stderr, flush=True)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            if interactive:
+                print(file=sys.stderr)
+            return job
+        time.sleep(interval)
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    spec = json.loads(Path(args.spec).read_text())
+    job = api_request(settings, "POST", "/v1/jobs", spec)
+    print(f"submitted {job['id']} ({job['status']})")
+    if not args.wait:
+        return 0
+    job = wait_for(settings, job["id"])
+    print(f"{job['id']}: {job['status']}")
+    if job["status"] == "succeeded":
+        print(f"model: {job['result']['model_id']}")
+        print(evaluation_table(job["result"]["evaluation"]))
+        return 0
+    if job.get("error"):
+        print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)
+    return 1
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+    page = api_request(settings, "GET", f"/v1/jobs{query}")
+    for job in page["data"]:
+        fraction = (job.get("progress") or {}).get("fraction", 0.0)
+        print(f"{job['id']}  {job['status']:<9}  {fraction * 100:5.1f}%  {job['created_at']}  {job.get('name') or ''}")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    print(json.dumps(api_request(settings, "GET", f"/v1/jobs/{args.job_id}"), indent=2))
+    return 0
+
+
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    job = api_request(settings, "POST", f"/v1/jobs/{args.job_id}/cancel")
+    print(f"{job['id']}: {job['status']}{' (cancel requested)' if job['cancel_requested'] else ''}")
+    return 0
+
+
+def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
+    raw = args.inputs if args.inputs is not None else sys.stdin.read()
+    inputs = json.loads(raw)
+    if inputs and not isinstance(inputs[0], list):
+        inputs = [inputs]
+    print(json.dumps(api_request(settings, "POST", f"/v1/models/{args.model_id}/predict", {"inputs": inputs})))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="embedded mode: SQLite + file broker, api and one worker")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(handler=cmd_up)
+
+    api = commands.add_parser("api", help="run the HTTP api (uvicorn)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int, default=1)
+    api.set_defaults(handler=cmd_api)
+
+    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--concurrency", type=int)
+    worker.set_defaults(handler=cmd_worker)
+
+    commands.add_parser("migrate", help="bring the database schema to the latest migration").set_defaults(
+        handler=cmd_migrate
+    )
+
+    submit = commands.add_parser("submit", help="submit a job spec (JSON file)")
+    submit.add_argument("spec")
+    submit.add_argument("--wait", action="store_true", help="show progress, then the evaluation")
+    submit.set_defaults(handler=cmd_submit)
+
+    jobs = commands.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    status = commands.add_parser("status", help="show a job")
+    status.add_argument("job_id")
+    status.set_defaults(handler=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    predict = commands.add_parser("predict", help="predict with a model; inputs as JSON rows (or on stdin)")
+    predict.add_argument("model_id")
+    predict.add_argument("--inputs", help='e.g. "[[0.1, 0.2, ...]]"')
+    predict.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    try:
+        return int(args.handler(settings, args))
+    except ApiError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Database access: engine, tables and repositories. Every SQL statement of the service lives in this package."""

@@ -1,0 +1,105 @@
+"""Model artifacts on disk: a folder with ``model.safetensors`` and ``config.json``.
+
+Weights are only ever written and read as safetensors (no pickle). A folder is written under a temporary name and
+renamed into place, so a reader sees either the whole artifact or none of it; every file's sha256 is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.distill.architectures import MLPClassifier, build_model
+from app.distill.spec import MLPArchitecture
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MLP_FORMAT = "distillery.mlp/v1"
+
+
+class ArtifactError(Exception):
+    """An artifact folder is missing, incomplete or does not match its config."""
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: str  # relative to the artifact folder
+    size_bytes: int
+    sha256: str
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mlp_config(model: MLPClassifier, task: str = "classification") -> dict[str, Any]:
+    return {
+        "format": MLP_FORMAT,
+        "task": task,
+        "architecture": model.architecture.model_dump(),
+        "input_dim": model.architecture.input_dim,
+        "num_classes": model.architecture.output_dim,
+    }
+
+
+def save_model_dir(
+    model: MLPClassifier, destination: Path, extra_config: dict[str, Any] | None = None
+) -> list[ArtifactFile]:
+    """Write ``model`` to ``destination`` (which must not exist) atomically; return the files with their sha256."""
+    if destination.exists():
+        raise ArtifactError(f"{destination} already exists")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".staging-{destination.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {**mlp_config(model), **(extra_config or {})}
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for path in staging.iterdir():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        files = [ArtifactFile(path.name, path.stat().st_size, sha256_file(path)) for path in sorted(staging.iterdir())]
+        os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {CONFIG_FILE} in {directory}: {exc}") from exc
+    return config
+
+
+def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> MLPClassifier:
+    """Load a model folder written by ``save_model_dir`` (safetensors only)."""
+    config = read_config(directory)
+    if config.get("format") != MLP_FORMAT:
+        raise ArtifactError(f"unsupported model format {config.get('format')!r} in {directory}")
+    architecture = MLPArchitecture.model_validate(config["architecture"])
+    model = build_model(architecture)
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+    except (OSError, Exception) as exc:
+        raise ArtifactError(f"cannot read {WEIGHTS_FILE} in {directory}: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"weights do not match the config: missing={missing} unexpected={unexpected}")
+    return model.to(device).eval()

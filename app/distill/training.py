@@ -1,0 +1,257 @@
+"""The training recipe for tabular classifiers, top to bottom: setup → loss step → train → evaluate.
+
+The caller (the worker's runner, or a test) passes a progress callback; raising ``StopRequested`` from it stops the
+run between two steps. Every random draw comes from a generator seeded by (seed, epoch or step), so a run is
+reproducible from its spec alone and the data position is a function of the step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.distill.architectures import MLPClassifier, build_model
+from app.distill.datasets import AugmentationSampler, TabularSplit, load_dataset
+from app.distill.evaluation import evaluate_classifier
+from app.distill.losses import distillation_loss, hard_label_loss
+from app.distill.spec import BuiltinTeacher, JobSpec, ObjectiveSpec, TrainingSpec, planned_steps
+
+
+class StopRequested(Exception):
+    """Raised by a progress callback to stop training between two steps (cancellation, shutdown)."""
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    stage: str
+    step: int
+    total_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+
+
+@dataclass
+class TrainingOutcome:
+    student: MLPClassifier
+    teacher: MLPClassifier | None
+    evaluation: dict[str, Any]
+    train_seconds: float
+    steps: int
+    final_metrics: dict[str, float]
+
+
+def derive_seed(seed: int, *salt: int) -> int:
+    """A distinct, stable seed per purpose (data, teacher init, student init, epoch order, step draws)."""
+    value = seed
+    for part in salt:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return value
+
+
+SEED_DATA, SEED_TEACHER, SEED_STUDENT, SEED_EPOCH, SEED_STEP = range(5)
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    spec = training.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    optimizer_class = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def lr_multiplier(step: int, total_steps: int, training: TrainingSpec) -> float:
+    """Linear warmup, then constant, cosine or linear decay down to ``min_lr_ratio``."""
+    schedule = training.schedule
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.name == "constant":
+        return 1.0
+    span = max(1, total_steps - schedule.warmup_steps)
+    progress = min(1.0, (step - schedule.warmup_steps) / span)
+    if schedule.name == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * shape
+
+
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: ObjectiveSpec) -> torch.Tensor:
+    return distillation_loss(
+        student_logits,
+        teacher_logits,
+        divergence=objective.divergence,
+        temperature=objective.temperature,
+        scale_by_t2=objective.scale_by_t2,
+        beta=objective.beta,
+        skew_lambda=objective.skew_lambda,
+    )
+
+
+class BatchPlan:
+    """Which train rows step ``step`` uses: epoch-wise shuffles (the full split when batch_size is None)."""
+
+    def __init__(self, n_rows: int, batch_size: int | None, seed: int) -> None:
+        self.n_rows = n_rows
+        self.batch_size = min(batch_size or n_rows, n_rows)
+        self.batches_per_epoch = -(-n_rows // self.batch_size)
+        self.seed = seed
+        self._epoch = -1
+        self._order = torch.arange(n_rows)
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if self.batch_size == self.n_rows:
+            return self._order  # full batch: order does not matter
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_EPOCH, epoch))
+            self._order = torch.randperm(self.n_rows, generator=generator)
+            self._epoch = epoch
+        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+def prepare_teacher(
+    spec: JobSpec, split: TabularSplit, device: torch.device, stored_teacher: MLPClassifier | None
+) -> MLPClassifier | None:
+    if spec.teacher is None:
+        return None
+    if isinstance(spec.teacher, BuiltinTeacher):
+        seed = spec.teacher.seed if spec.teacher.seed is not None else derive_seed(spec.training.seed, SEED_TEACHER)
+        teacher = build_model(spec.teacher.architecture, seed)
+        if split.standardized:
+            teacher.set_input_normalization(split.mean, split.std)
+    else:
+        if stored_teacher is None:
+            raise ValueError("the spec names a stored teacher but none was loaded")
+        teacher = stored_teacher
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def train_classifier(
+    spec: JobSpec,
+    *,
+    stored_teacher: MLPClassifier | None = None,
+    progress: ProgressCallback | None = None,
+    device: torch.device | None = None,
+) -> TrainingOutcome:
+    """Run the job ``spec`` describes and evaluate the result. Blocking; call it off any event loop."""
+    device = device or select_device(spec.training.device)
+    report = progress or (lambda update: None)
+    training = spec.training
+    features = spec.student.architecture.input_dim
+
+    # --- setup ---
+    report(ProgressUpdate("loading", 0, 0))
+    data_seed = spec.data.seed if spec.data.seed is not None else derive_seed(training.seed, SEED_DATA)
+    split = load_dataset(spec.data, features, data_seed)
+    teacher = prepare_teacher(spec, split, device, stored_teacher)
+    student_seed = spec.student.seed if spec.student.seed is not None else derive_seed(training.seed, SEED_STUDENT)
+    student = build_model(spec.student.architecture, student_seed)
+    if split.standardized:
+        student.set_input_normalization(split.mean, split.std)
+    student.to(device)
+    optimizer = build_optimizer(student, training)
+    total_steps = planned_steps(spec, len(split.x_train))
+    plan = BatchPlan(len(split.x_train), training.batch_size, training.seed)
+    x_train = split.x_train.to(device)
+    y_train = split.y_train.to(device) if split.y_train is not None else None
+    augment = spec.augmentation if spec.augmentation.enabled and teacher is not None else None
+    objective = spec.objective
+    alpha = 1.0 if teacher is None else objective.alpha
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    # --- train ---
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(total_steps):
+        multiplier = lr_multiplier(step, total_steps, training)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * multiplier
+        rows = plan.rows(step).to(device)
+        inputs = x_train[rows]
+        labels = y_train[rows] if y_train is not None else None
+        if augment is not None:
+            generator = torch.Generator().manual_seed(derive_seed(training.seed, SEED_STEP, step))
+            fresh = AugmentationSampler(augment, split, generator).sample().to(device)
+            inputs = torch.cat([inputs, fresh]) if augment.mix_with_train else fresh
+            # fresh rows have no labels: the hard-label term uses the real rows only
+            labels = labels if augment.mix_with_train else None
+
+        student.train()
+        student_logits = student(inputs)
+        kd = torch.zeros((), device=device)
+        if teacher is not None and alpha < 1.0:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs)
+            kd = soft_loss(student_logits, teacher_logits, objective)
+        ce = torch.zeros((), device=device)
+        if labels is not None and alpha > 0.0:
+            ce = hard_label_loss(student_logits[: len(labels)], labels)
+        loss = (1.0 - alpha) * kd + alpha * ce
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
+        optimizer.step()
+
+        metrics = {
+            "loss": loss.item(),
+            "kd": kd.item(),
+            "ce": ce.item(),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        report(ProgressUpdate("training", step + 1, total_steps, metrics))
+    train_seconds = time.perf_counter() - started
+
+    # --- evaluate ---
+    report(ProgressUpdate("evaluating", total_steps, total_steps, metrics))
+    evaluation = evaluate_classifier(
+        student,
+        teacher,
+        split.x_test,
+        split.y_test,
+        device,
+        latency_batch_size=spec.evaluation.latency_batch_size,
+        latency_repeats=spec.evaluation.latency_repeats,
+    )
+    evaluation["train_seconds"] = train_seconds
+    evaluation["steps"] = total_steps
+    return TrainingOutcome(
+        student.cpu().eval(),
+        teacher.cpu() if teacher is not None else None,
+        evaluation,
+        train_seconds,
+        total_steps,
+        metrics,
+    )
+
+
+def warm_up() -> None:
+    """Run a two-step job on the CPU so that torch's lazy first-use work (about a second: optimizer and autograd
+    machinery imports) happens when a worker process starts, not inside the first job."""
+    from app.distill.spec import MLPArchitecture, StudentSpec, SyntheticData
+
+    tiny = MLPArchitecture(input_dim=2, hidden_dims=[2], output_dim=2)
+    spec = JobSpec(
+        teacher=BuiltinTeacher(architecture=tiny),
+        student=StudentSpec(architecture=tiny),
+        data=SyntheticData(n_train=4, n_test=4),
+        training=TrainingSpec(steps=2, device="cpu"),
+    )
+    train_classifier(spec, device=torch.device("cpu"))

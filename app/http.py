@@ -1,0 +1,185 @@
+"""HTTP plumbing shared by every router: problem+json error handlers, the body-size limit, request metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge, ServiceError, problem
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def json_response(document: Any, status_code: int = 200) -> Response:
+    """Pre-serialised JSON (orjson): the read paths skip per-request response-model validation."""
+    return Response(orjson.dumps(document), status_code=status_code, media_type="application/json")
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = problem(status, code, title, detail, request.url.path, errors)
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[dict[str, Any]]]:
+    errors = [
+        {
+            "loc": list(error.get("loc", ())),
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in exc.errors()
+    ]
+    if any(error["type"] == "json_invalid" for error in errors):
+        return 400, "malformed_json", "The request body is not valid JSON", errors
+    return 422, "validation_error", "The request is not valid", errors
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return problem_response(request, exc.status, exc.code, exc.title, exc.detail, exc.errors, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        status, code, title, errors = validation_errors(exc)
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
+        return problem_response(request, status, code, title, detail, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, PayloadTooLarge):  # raised while FastAPI was reading a streamed body
+            return await service_error(request, exc.__cause__)
+        titles = {404: "Not found", 405: "Method not allowed"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return problem_response(
+            request,
+            exc.status_code,
+            code,
+            titles.get(exc.status_code, "HTTP error"),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeoutError)
+    async def database_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("database unavailable: %s", exc)
+        return problem_response(
+            request,
+            503,
+            "database_unavailable",
+            "Service unavailable",
+            "the database is unreachable; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(request, 500, "internal_error", "Internal error", "an unexpected error occurred")
+
+
+class BodySizeLimit:
+    """413 for bodies over ``limit`` bytes: by Content-Length up front, and by counting while streaming (chunked
+    uploads), so an oversized body is never read whole into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self.reject(scope, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(f"request body is larger than {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def reject(self, scope: Scope, send: Send) -> None:
+        body = problem(
+            413,
+            PayloadTooLarge.code,
+            PayloadTooLarge.title,
+            f"request body is larger than {self.limit} bytes",
+            scope.get("path", ""),
+        )
+        response = Response(orjson.dumps(body), status_code=413, media_type=PROBLEM_JSON)
+        await response(scope, _empty_receive, send)
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class RequestMetrics:
+    """Prometheus request count and latency by route template (not raw path, which would explode cardinality)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "distillery_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "distillery_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            self.requests.labels(method, template, str(status)).inc()
+            self.latency.labels(method, template).observe(time.perf_counter() - started)

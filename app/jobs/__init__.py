@@ -1,0 +1,1 @@
+"""The jobs resource: schemas, service (rules), router (HTTP), dispatch (queue publishing)."""

@@ -1,0 +1,99 @@
+"""The FastAPI application: ``create_app()`` wires settings, database, broker and routers. Nothing at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.db.engine import Database
+from app.errors import Unavailable
+from app.http import BodySizeLimit, RequestMetrics, install_error_handlers
+from app.jobs.dispatch import JobDispatcher
+from app.queue import make_celery
+from app.serving.predictor import ModelCache
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def configure_torch(settings: Settings) -> None:
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.check_production()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        configure_torch(settings)
+        app.state.settings = settings
+        app.state.database = Database.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
+        celery = make_celery(settings)
+        app.state.dispatcher = JobDispatcher(celery, settings.queue_name)
+        app.state.model_cache = ModelCache(settings.model_cache_size)
+        try:
+            yield
+        finally:
+            app.state.database.dispose()
+            celery.close()
+
+    app = FastAPI(
+        title="Distillery",
+        version="0.1.0",
+        summary="Distillation as a service: submit a teacher, get a small, fast, evaluated student served over HTTP.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    registry = CollectorRegistry()
+    app.state.registry = registry
+
+    if settings.enable_jobs_api:
+        from app.jobs.router import router as jobs_router
+
+        app.include_router(jobs_router)
+    if settings.enable_jobs_api or settings.enable_inference_api:
+        from app.models.router import router as models_router
+
+        app.include_router(models_router)
+    if settings.enable_inference_api:
+        from app.serving.router import router as serving_router
+
+        app.include_router(serving_router)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Database and broker are reachable")
+    async def readyz(request: Request) -> dict[str, object]:
+        checks: dict[str, str] = {}
+        for name, check in (
+            ("database", request.app.state.database.ping),
+            ("broker", request.app.state.dispatcher.ping),
+        ):
+            try:
+                await run_in_threadpool(check)
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"unavailable: {type(exc).__name__}"
+        if any(value != "ok" for value in checks.values()):
+            raise Unavailable(f"not ready: {checks}", headers={"Retry-After": "2"})
+        return {"status": "ready", "checks": checks}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestMetrics, registry=registry)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    return app

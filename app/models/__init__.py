@@ -1,0 +1,1 @@
+"""The models resource: students produced by jobs (and, later, uploaded teachers)."""

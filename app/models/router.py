@@ -1,0 +1,96 @@
+"""HTTP for /v1/models: list, get, download, delete."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path as FsPath
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import DatabaseDep, ModelCacheDep, SettingsDep
+from app.errors import NotFound
+from app.http import json_response
+from app.models import service
+from app.models.schemas import Model, ModelList
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+ModelId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+@router.get("", response_model=ModelList, summary="List models, newest first")
+def list_models(
+    db: DatabaseDep,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    with db.read() as conn:
+        return json_response(service.list_models(conn, limit=limit, after=after))
+
+
+@router.get("/{model_id}", response_model=Model, summary="Get a model")
+def get_model(model_id: ModelId, db: DatabaseDep) -> Response:
+    with db.read() as conn:
+        return json_response(service.get_model(conn, model_id))
+
+
+def tar_stream(directory: FsPath, names: list[str], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """An uncompressed tar of ``names`` streamed chunk by chunk (weights can be GBs; nothing is staged on disk)."""
+    for name in names:
+        path = directory / name
+        info = tarfile.TarInfo(f"{directory.name}/{name}")
+        info.size = path.stat().st_size
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with path.open("rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                yield chunk
+        if remainder := info.size % tarfile.BLOCKSIZE:
+            yield b"\0" * (tarfile.BLOCKSIZE - remainder)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+@router.get(
+    "/{model_id}/download",
+    summary="Download a model's files",
+    description="Without `file`: a tar of the model folder (config.json, model.safetensors). With `file`: that file.",
+    response_class=Response,
+    responses={200: {"content": {"application/x-tar": {}, "application/octet-stream": {}}}},
+)
+def download_model(
+    model_id: ModelId,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    file: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    with db.read() as conn:
+        row = service.get_model_row(conn, model_id)
+    directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
+    names = [entry["path"] for entry in row["files"]]
+    if file is not None:
+        # only names the record lists: a request can never reach outside the model folder
+        if file not in names:
+            raise NotFound(f"model {model_id} has no file {file!r}; it has {names}")
+        return FileResponse(directory / file, media_type="application/octet-stream", filename=file)
+    return StreamingResponse(
+        tar_stream(directory, names),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{model_id}.tar"'},
+    )
+
+
+@router.delete("/{model_id}", summary="Delete a model and its files")
+async def delete_model(model_id: ModelId, db: DatabaseDep, settings: SettingsDep, cache: ModelCacheDep) -> Response:
+    def delete() -> dict[str, object]:
+        with db.transaction() as conn:
+            deleted = service.delete_model(conn, model_id, settings.artifacts_dir)
+        service.remove_artifact(settings.artifacts_dir, str(deleted.pop("artifact_path")))
+        return deleted
+
+    deleted = await run_in_threadpool(delete)
+    cache.evict(model_id)
+    return json_response(deleted)

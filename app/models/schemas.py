@@ -1,0 +1,79 @@
+"""Wire shapes of the models API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.jobs.schemas import isoformat
+
+
+class ModelFile(BaseModel):
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    name: str | None
+    kind: str
+    task: str
+    format: str
+    created_at: dt.datetime
+    source_job_id: str | None
+    params: int
+    size_bytes: int
+    sha256: str
+    files: list[ModelFile]
+    config: dict[str, Any]
+    evaluation: dict[str, Any] | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+    has_more: bool
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[list[FiniteFloat]] = Field(
+        min_length=1,
+        max_length=4096,
+        description="A batch of feature rows, each as wide as the model's input_dim.",
+    )
+
+
+class Prediction(BaseModel):
+    object: Literal["prediction"] = "prediction"
+    model_id: str
+    classes: list[int] = Field(description="Arg-max class per input row.")
+    probabilities: list[list[float]] = Field(description="Softmax probabilities per input row.")
+
+
+def model_document(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "model",
+        "name": row["name"],
+        "kind": row["kind"],
+        "task": row["task"],
+        "format": row["format"],
+        "created_at": isoformat(row["created_at"]),
+        "source_job_id": row["source_job_id"],
+        "params": row["params"],
+        "size_bytes": row["size_bytes"],
+        "sha256": row["sha256"],
+        "files": row["files"],
+        "config": row["config"],
+        "evaluation": row["evaluation"],
+    }

@@ -1,0 +1,1 @@
+"""Inference: predictors, the model cache and the protocol routers."""

@@ -1,0 +1,47 @@
+"""Native inference protocol: POST /v1/models/{id}/predict."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import DatabaseDep, ModelCacheDep, SettingsDep
+from app.errors import InvalidRequest, NotFound
+from app.http import json_response
+from app.models import service
+from app.models.schemas import Prediction, PredictRequest
+from app.serving.predictor import InputShapeError, StudentPredictor
+
+router = APIRouter(prefix="/v1/models", tags=["inference"])
+
+
+@router.post("/{model_id}/predict", response_model=Prediction, summary="Predict with a model")
+async def predict(
+    model_id: Annotated[str, Path(min_length=1, max_length=64)],
+    body: PredictRequest,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    cache: ModelCacheDep,
+) -> Response:
+    predictor = cache.get(model_id)
+    if predictor is None:
+
+        def load() -> StudentPredictor:
+            with db.read() as conn:
+                row = service.get_model_row(conn, model_id)
+            directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
+            return StudentPredictor(model_id, directory, row["sha256"])
+
+        predictor = await run_in_threadpool(cache.get_or_load, model_id, load)
+    elif not predictor.directory.exists():
+        # deleted through another api replica: stop serving it here too
+        cache.evict(model_id)
+        raise NotFound(f"no model {model_id!r}")
+    try:
+        # torch releases the GIL in the forward; the event loop keeps serving while it runs
+        result = await run_in_threadpool(predictor.predict, body.inputs)
+    except InputShapeError as exc:
+        raise InvalidRequest(str(exc), errors=exc.errors) from exc
+    return json_response(result)

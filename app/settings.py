@@ -1,0 +1,97 @@
+"""The one settings object. Read once per process (``get_settings``), passed down; nothing happens at import."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting is an environment variable with the ``DISTILLERY_`` prefix (e.g. ``DISTILLERY_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "production", "test"] = Field(
+        "development", description="`production` refuses unsafe defaults (embedded SQLite, no keys)."
+    )
+    data_dir: Path = Field(Path("./data"), description="Artifacts, embedded database and embedded broker live here.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL. Postgres: postgresql+psycopg://user:pass@host/db. "
+        "Default: SQLite file under data_dir (the embedded mode).",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker URL (redis://host:6379/0). Default: a filesystem transport under data_dir.",
+    )
+    queue_name: str = Field("distillery", description="Celery queue the api publishes to and workers consume.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+
+    # api
+    host: str = "127.0.0.1"
+    port: int = 8000
+    enable_jobs_api: bool = Field(True, description="Serve /v1/jobs (turn off on inference-only replicas).")
+    enable_inference_api: bool = Field(True, description="Serve predict endpoints (turn off on jobs-only replicas).")
+    max_request_bytes: int = Field(1_048_576, description="Largest JSON request body accepted (413 above).")
+    db_pool_size: int = 10
+
+    # worker
+    worker_concurrency: int = Field(1, description="Tasks run at once per worker (one per GPU).")
+    torch_threads: int = Field(0, description="torch intra-op threads in worker/api; 0 = leave torch's default.")
+    progress_interval_s: float = Field(0.5, description="Least time between two progress writes of a running job.")
+    visibility_timeout_s: int = Field(6 * 3600, description="Redis: redelivery of unacked tasks after this long.")
+    heartbeat_interval_s: float = Field(5.0, description="How often a running job's worker proves it is alive.")
+    heartbeat_stale_s: float = Field(
+        60.0,
+        description="A running job whose heartbeat is older than this is taken over by the next delivery.",
+    )
+    max_attempts: int = Field(3, ge=1, description="Attempts (worker deaths included) before a job fails.")
+    job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
+
+    # serving
+    model_cache_size: int = Field(16, description="Loaded models kept in memory per api process (LRU).")
+
+    # limits that make a spec impossible to run (422 at submission)
+    max_student_params: int = Field(2_000_000_000, description="Largest student accepted, in parameters.")
+    max_steps: int = Field(10_000_000, description="Most optimizer steps a job may ask for.")
+    max_dataset_rows: int = Field(10_000_000, description="Most rows a synthetic/builtin dataset may have.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'distillery.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    def check_production(self) -> None:
+        """Refuse to start a production process on the embedded defaults."""
+        if self.environment != "production":
+            return
+        if self.database_url is None or self.is_sqlite:
+            raise ValueError("DISTILLERY_DATABASE_URL must point at Postgres when DISTILLERY_ENVIRONMENT=production")
+        if self.broker_url is None:
+            raise ValueError("DISTILLERY_BROKER_URL must be set when DISTILLERY_ENVIRONMENT=production")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
