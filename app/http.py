@@ -41,10 +41,31 @@ def problem_response(
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
+    """Pydantic puts the tag of a discriminated union into ``loc`` (``body.data.synthetic.n_train``); users expect
+    the path in their JSON (``body.data.n_train``), so tags that are not keys of the document are dropped."""
+    path: list[Any] = []
+    node = body
+    for index, part in enumerate(loc):
+        if index == 0 and part == "body":
+            path.append(part)
+            continue
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and part in node.values():
+            continue  # a union tag, e.g. the value of "source"
+        path.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return path
+
+
 def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[dict[str, Any]]]:
     errors = [
         {
-            "loc": list(error.get("loc", ())),
+            "loc": json_path(tuple(error.get("loc", ())), exc.body),
             "msg": str(error.get("msg", "")),
             "type": str(error.get("type", "")),
         }

@@ -1,0 +1,163 @@
+"""Bad input gets a clear 4xx problem+json with the field path, and nothing is stored half-way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import tiny_spec, wait_for_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def row_counts(postgres_url: str) -> Iterator[Any]:
+    engine = sa.create_engine(postgres_url)
+
+    def counts() -> tuple[int, int, int]:
+        with engine.connect() as conn:
+            return tuple(  # type: ignore[return-value]
+                conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+                for table in ("jobs", "job_events", "models")
+            )
+
+    yield counts
+    engine.dispose()
+
+
+def assert_problem(response: httpx.Response, status: int, loc: list[Any] | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert {"type", "title", "status", "detail", "instance"} <= set(body)
+    assert body["status"] == status
+    if loc is not None:
+        locs = [error["loc"] for error in body.get("errors", [])]
+        assert loc in locs, locs
+    return body
+
+
+def spec_with(path: list[str], value: Any) -> dict[str, Any]:
+    spec = tiny_spec()
+    target = spec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return spec
+
+
+CASES = [
+    ("wrong type", spec_with(["training", "epochs"], "twenty"), 422, ["body", "training", "epochs"]),
+    ("unknown field", spec_with(["training", "epochz"], 3), 422, ["body", "training", "epochz"]),
+    ("negative size", spec_with(["data", "n_train"], -5), 422, ["body", "data", "n_train"]),
+    (
+        "absurd student",
+        spec_with(["student", "architecture", "hidden_dims"], [1_000_000, 1_000_000]),
+        422,
+        ["body", "student", "architecture"],
+    ),
+    ("absurd steps", spec_with(["training", "steps"], 1_000_000_000), 422, ["body", "training", "steps"]),
+    ("unknown dataset", spec_with(["data"], {"source": "sklearn", "name": "mnist"}), 422, ["body", "data", "name"]),
+    (
+        "unknown teacher model",
+        spec_with(["teacher"], {"source": "model", "model_id": "mdl_nope"}),
+        422,
+        ["body", "teacher", "model_id"],
+    ),
+    (
+        "unknown teacher job",
+        spec_with(["teacher"], {"source": "job", "job_id": "job_nope"}),
+        422,
+        ["body", "teacher", "job_id"],
+    ),
+    (
+        "width mismatch",
+        spec_with(["student", "architecture", "input_dim"], 11),
+        422,
+        ["body", "student", "architecture", "input_dim"],
+    ),
+    ("labels needed", spec_with(["objective", "alpha"], 0.5), 422, ["body", "objective", "alpha"]),
+    ("bad temperature", spec_with(["objective", "temperature"], 0), 422, ["body", "objective", "temperature"]),
+    (
+        "dataset width",
+        spec_with(["data"], {"source": "sklearn", "name": "iris"}),
+        422,
+        ["body", "student", "architecture", "input_dim"],
+    ),
+    ("missing student", {k: v for k, v in tiny_spec().items() if k != "student"}, 422, ["body", "student"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "status", "loc"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_job_spec(client: httpx.Client, row_counts: Any, spec: dict[str, Any], status: int, loc: list[Any]) -> None:
+    before = row_counts()
+    assert_problem(client.post("/v1/jobs", json=spec), status, loc)
+    assert row_counts() == before
+
+
+def test_malformed_json(client: httpx.Client, row_counts: Any) -> None:
+    before = row_counts()
+    body = assert_problem(
+        client.post("/v1/jobs", content=b'{"student": ', headers={"content-type": "application/json"}), 400
+    )
+    assert body["code"] == "malformed_json"
+    assert row_counts() == before
+
+
+def test_body_over_the_limit(client: httpx.Client, row_counts: Any) -> None:
+    before = row_counts()
+    huge = b'{"name": "' + b"x" * 2_000_000 + b'"}'
+    assert_problem(client.post("/v1/jobs", content=huge, headers={"content-type": "application/json"}), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+        yield b'{"name": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    assert_problem(client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert row_counts() == before
+
+
+def test_unknown_ids(client: httpx.Client) -> None:
+    assert_problem(client.get("/v1/jobs/job_nope"), 404)
+    assert_problem(client.post("/v1/jobs/job_nope/cancel"), 404)
+    assert_problem(client.get("/v1/jobs/job_nope/events"), 404)
+    assert_problem(client.get("/v1/models/mdl_nope"), 404)
+    assert_problem(client.get("/v1/models/mdl_nope/download"), 404)
+    assert_problem(client.delete("/v1/models/mdl_nope"), 404)
+    assert_problem(client.post("/v1/models/mdl_nope/predict", json={"inputs": [[1.0]]}), 404)
+    assert_problem(client.get("/v1/nothing-here"), 404)
+
+
+def test_bad_queries(client: httpx.Client) -> None:
+    assert_problem(client.get("/v1/jobs", params={"limit": 0}), 422, ["query", "limit"])
+    assert_problem(client.get("/v1/jobs", params={"status": "sleeping"}), 422, ["query", "status"])
+    assert_problem(client.get("/v1/jobs/job_x/events", params={"after": -1}), 422, ["query", "after"])
+
+
+def test_bad_predict_inputs(client: httpx.Client, worker: Any) -> None:
+    job = client.post("/v1/jobs", json=tiny_spec(name="predict-target")).json()
+    model_id = wait_for_status(client, job["id"], ("succeeded",))["result"]["model_id"]
+    url = f"/v1/models/{model_id}/predict"
+    assert_problem(client.post(url, json={"inputs": [[0.0] * 9]}), 422, ["body", "inputs", 0])
+    assert_problem(client.post(url, json={"inputs": [[0.0] * 10, [0.0] * 11]}), 422, ["body", "inputs", 1])
+    assert_problem(client.post(url, json={"inputs": []}), 422, ["body", "inputs"])
+    assert_problem(client.post(url, json={"inputs": [["a"] * 10]}), 422, ["body", "inputs", 0, 0])
+    assert_problem(client.post(url, json={"rows": [[0.0] * 10]}), 422, ["body", "inputs"])
+    assert_problem(client.post(url, content=b"[[1,2", headers={"content-type": "application/json"}), 400)
+    assert_problem(client.get(f"/v1/models/{model_id}/download", params={"file": "../../etc/passwd"}), 404)
+    # and it still serves
+    assert client.post(url, json={"inputs": [[0.0] * 10]}).status_code == 200
+
+
+def test_cancel_finished_job_is_a_conflict(client: httpx.Client, worker: Any) -> None:
+    job = client.post("/v1/jobs", json=tiny_spec(name="finished")).json()
+    wait_for_status(client, job["id"], ("succeeded",))
+    body = assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409)
+    assert body["code"] == "conflict"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"

@@ -1,0 +1,72 @@
+"""Model artifacts: safetensors + config, written atomically, sha256 recorded, loaded back identically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.distill.architectures import build_model
+from app.distill.artifacts import ArtifactError, load_model_dir, save_model_dir
+from app.distill.spec import MLPArchitecture
+
+ARCH = MLPArchitecture(input_dim=10, hidden_dims=[25], output_dim=5)
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    model = build_model(ARCH, seed=1)
+    model.set_input_normalization(torch.arange(10.0), torch.full((10,), 2.0))
+    files = save_model_dir(model, tmp_path / "m")
+    loaded = load_model_dir(tmp_path / "m")
+    x = torch.randn(7, 10)
+    assert torch.equal(model.eval()(x), loaded(x))
+    assert torch.equal(loaded.input_mean, torch.arange(10.0))
+    assert {f.path for f in files} == {"config.json", "model.safetensors"}
+    for f in files:
+        data = (tmp_path / "m" / f.path).read_bytes()
+        assert f.sha256 == hashlib.sha256(data).hexdigest() and f.size_bytes == len(data)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architecture"]["hidden_dims"] == [25] and config["num_classes"] == 5
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path: Path) -> None:
+    save_model_dir(build_model(ARCH), tmp_path / "m")
+    raw = (tmp_path / "m" / "model.safetensors").read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_length])
+    assert "layers.0.weight" in header
+    assert b"\x80\x04" not in raw[:2]  # no pickle protocol marker
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.distill import artifacts
+
+    def broken(*_: object, **__: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(build_model(ARCH), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_is_never_overwritten(tmp_path: Path) -> None:
+    save_model_dir(build_model(ARCH, seed=1), tmp_path / "m")
+    with pytest.raises(ArtifactError):
+        save_model_dir(build_model(ARCH, seed=2), tmp_path / "m")
+
+
+def test_corrupt_or_mismatched_weights_are_rejected(tmp_path: Path) -> None:
+    save_model_dir(build_model(ARCH), tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architecture"]["hidden_dims"] = [26]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises((ArtifactError, RuntimeError)):
+        load_model_dir(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match=r"model\.safetensors"):
+        load_model_dir(tmp_path / "m")

@@ -1,0 +1,120 @@
+"""The job spec: shapes by pydantic, cross-field problems by check_spec, each with its field path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from app.distill.spec import JobSpec, ModelShape, SpecLimits, check_spec, planned_steps
+
+LIMITS = SpecLimits(max_student_params=1_000_000, max_steps=100_000, max_dataset_rows=1_000_000)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def spec(**overrides: Any) -> JobSpec:
+    document: dict[str, Any] = {
+        "teacher": {"source": "builtin", "architecture": {"input_dim": 10, "hidden_dims": [50, 20], "output_dim": 5}},
+        "student": {"architecture": {"input_dim": 10, "hidden_dims": [25], "output_dim": 5}},
+    }
+    document.update(overrides)
+    return JobSpec.model_validate(document)
+
+
+def locs(problems: list[Any]) -> list[tuple[Any, ...]]:
+    return [problem.loc for problem in problems]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_examples_are_valid_and_runnable(path: Path) -> None:
+    assert check_spec(JobSpec.model_validate(json.loads(path.read_text())), LIMITS) == []
+
+
+def test_tutorial_example_is_the_tutorial() -> None:
+    tutorial = JobSpec.model_validate(json.loads((EXAMPLES / "seed-tutorial.json").read_text()))
+    assert tutorial.teacher is not None and tutorial.teacher.source == "builtin"
+    assert tutorial.teacher.architecture.hidden_dims == [50, 20]  # type: ignore[union-attr]
+    assert tutorial.student.architecture.hidden_dims == [25]
+    assert (tutorial.data.n_train, tutorial.data.n_test) == (128, 64)  # type: ignore[union-attr]
+    assert tutorial.objective.temperature == 2.0 and tutorial.objective.divergence == "forward_kl"
+    assert tutorial.training.optimizer.name == "adam" and tutorial.training.optimizer.lr == 1e-3
+    assert planned_steps(tutorial, 128) == 20  # 20 full-batch epochs
+    assert not tutorial.augmentation.enabled
+
+
+def test_defaults_are_the_tutorial_shape() -> None:
+    minimal = spec()
+    assert minimal.data.source == "synthetic" and planned_steps(minimal, 128) == 20
+
+
+def test_unknown_fields_are_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        spec(trainning={"steps": 3})
+    assert error.value.errors()[0]["loc"] == ("trainning",)
+
+
+def test_student_over_the_limit() -> None:
+    big = spec(student={"architecture": {"input_dim": 10, "hidden_dims": [2000, 2000], "output_dim": 5}})
+    assert ("student", "architecture") in locs(check_spec(big, LIMITS))
+
+
+def test_steps_over_the_limit_names_the_field_used() -> None:
+    assert ("training", "steps") in locs(check_spec(spec(training={"steps": 200_000}), LIMITS))
+    assert ("training", "epochs") in locs(check_spec(spec(training={"epochs": 200_000, "batch_size": 8}), LIMITS))
+
+
+def test_widths_must_agree_with_teacher_and_dataset() -> None:
+    problems = check_spec(spec(student={"architecture": {"input_dim": 9, "output_dim": 4}}), LIMITS)
+    assert ("student", "architecture", "input_dim") in locs(problems)
+    assert ("student", "architecture", "output_dim") in locs(problems)
+    iris = spec(data={"source": "sklearn", "name": "iris"})
+    assert ("teacher", "architecture", "input_dim") in locs(check_spec(iris, LIMITS))
+    stored = spec(teacher={"source": "model", "model_id": "mdl_x"})
+    assert check_spec(stored, LIMITS, ModelShape(input_dim=10, output_dim=5)) == []
+    assert ("teacher", "input_dim") in locs(
+        check_spec(stored.model_copy(update={"data": iris.data}), LIMITS, ModelShape(10, 5))
+    )
+
+
+def test_labels_are_required_where_used() -> None:
+    assert ("objective", "alpha") in locs(check_spec(spec(objective={"alpha": 0.3}), LIMITS))
+    no_teacher = spec(teacher=None)
+    assert ("teacher",) in locs(check_spec(no_teacher, LIMITS))
+    iris_supervised = spec(
+        teacher=None,
+        student={"architecture": {"input_dim": 4, "output_dim": 3}},
+        data={"source": "sklearn", "name": "iris"},
+    )
+    assert check_spec(iris_supervised, LIMITS) == []
+    augmented = iris_supervised.model_copy(
+        update={"augmentation": iris_supervised.augmentation.model_copy(update={"enabled": True})}
+    )
+    assert ("augmentation", "enabled") in locs(check_spec(augmented, LIMITS))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "loc"),
+    [
+        ({"objective": {"temperature": 0}}, ("objective", "temperature")),
+        ({"objective": {"alpha": 1.5}}, ("objective", "alpha")),
+        ({"objective": {"divergence": "kl"}}, ("objective", "divergence")),
+        ({"training": {"optimizer": {"name": "lion"}}}, ("training", "optimizer", "name")),
+        ({"training": {"steps": 0}}, ("training", "steps")),
+        ({"data": {"source": "synthetic", "n_train": 0}}, ("data", "synthetic", "n_train")),
+    ],
+)
+def test_ranges(overrides: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    with pytest.raises(ValidationError) as error:
+        spec(**overrides)
+    assert loc in [tuple(e["loc"]) for e in error.value.errors()]
+
+
+def test_ids_are_strictly_increasing_and_prefixed() -> None:
+    from app.ids import new_id
+
+    ids = [new_id("job") for _ in range(2000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(i.startswith("job_") and len(i) == 30 for i in ids)
