@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app.db.engine import Database
+from app.db.job_reads import make_job_reader
 from app.errors import Unavailable
 from app.http import BodySizeLimit, RequestMetrics, install_error_handlers
 from app.jobs.dispatch import JobDispatcher
@@ -35,15 +37,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        # the threadpool that runs `def` endpoints: more threads than cores and DB connections only adds GIL and
+        # pool contention
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         configure_torch(settings)
         app.state.settings = settings
         app.state.database = Database.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
+        app.state.job_reader = make_job_reader(
+            settings.resolved_database_url, app.state.database, max_size=settings.db_pool_size
+        )
+        await app.state.job_reader.open()
         celery = make_celery(settings)
         app.state.dispatcher = JobDispatcher(celery, settings.queue_name)
         app.state.model_cache = ModelCache(settings.model_cache_size)
         try:
             yield
         finally:
+            await app.state.job_reader.close()
             app.state.database.dispose()
             celery.close()
 

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     enable_jobs_api: bool = Field(True, description="Serve /v1/jobs (turn off on inference-only replicas).")
     enable_inference_api: bool = Field(True, description="Serve predict endpoints (turn off on jobs-only replicas).")
     max_request_bytes: int = Field(1_048_576, description="Largest JSON request body accepted (413 above).")
-    db_pool_size: int = 10
+    api_threads: int = Field(16, ge=1, description="Threads that run blocking request work (DB reads, torch).")
+    db_pool_size: int = Field(16, ge=1, description="Database connections kept per process (match api_threads).")
 
     # worker
     worker_concurrency: int = Field(1, description="Tasks run at once per worker (one per GPU).")

@@ -367,7 +367,13 @@ def _pointwise_distillation(
     if temperature != 1.0:
         student = student / temperature
         teacher = teacher / temperature
-    values = _divergence(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), divergence, beta, skew_lambda)
+    values = _divergence(
+        F.log_softmax(student, dim=-1),
+        F.log_softmax(teacher, dim=-1),
+        divergence,
+        beta,
+        skew_lambda,
+    )
     if scale_by_t2 and temperature != 1.0:
         # Hinton et al.: soft-target gradients scale as 1/T², so T² keeps their size comparable across T.
         values = values * (temperature * temperature)
@@ -376,7 +382,12 @@ def _pointwise_distillation(
     return values, mask
 
 
-def _reduce(values: Tensor, mask: Tensor | None, reduction: Reduction, normalizer: float | Tensor | None) -> Tensor:
+def _reduce(
+    values: Tensor,
+    mask: Tensor | None,
+    reduction: Reduction,
+    normalizer: float | Tensor | None,
+) -> Tensor:
     if reduction == "none":
         return values
     total = values.sum()
@@ -551,7 +562,12 @@ def combined_kd_loss(
 # --- top-k teacher (offline logit caches) -------------------------------------------------------------------
 
 
-def topk_teacher_logprobs(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def topk_teacher_logprobs(
+    teacher_logits: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The teacher's top-k log-probabilities and the log of the mass left outside them, for a logit cache.
 
     Args:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
-from app.deps import DatabaseDep, DispatcherDep, SettingsDep
+from app.deps import DatabaseDep, DispatcherDep, JobReaderDep, SettingsDep
 from app.distill.spec import JobSpec
 from app.http import json_response
 from app.jobs import service
@@ -40,9 +40,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, summary="Get a job")
-def get_job(job_id: JobId, db: DatabaseDep) -> Response:
-    with db.read() as conn:
-        return json_response(service.get_job(conn, job_id))
+async def get_job(job_id: JobId, reader: JobReaderDep) -> Response:
+    return json_response(await service.get_job_fast(reader, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from app.db import jobs_repository, models_repository
+from app.db.job_reads import JobReader
 from app.distill.spec import (
     JobOutputTeacher,
     JobSpec,
@@ -90,6 +91,14 @@ def create_job(conn: Connection, spec: JobSpec, settings: Settings) -> dict[str,
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any]:
     row = jobs_repository.get_job(conn, job_id)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job_document(row)
+
+
+async def get_job_fast(reader: JobReader, job_id: str) -> dict[str, Any]:
+    """``get_job`` for polling: JSON columns arrive pre-serialised (see app/db/job_reads.py)."""
+    row = await reader.job_row(job_id)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
     return job_document(row)

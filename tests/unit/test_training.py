@@ -134,7 +134,7 @@ def test_lr_schedule_warmup_then_decay() -> None:
     values = [lr_multiplier(step, 100, cosine) for step in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[-1] < 0.01
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     linear = TrainingSpec.model_validate({"steps": 100, "schedule": {"name": "linear", "min_lr_ratio": 0.1}})
     assert lr_multiplier(100, 100, linear) == pytest.approx(0.1)
     constant = TrainingSpec.model_validate({"steps": 100})
