@@ -118,3 +118,9 @@ def test_ids_are_strictly_increasing_and_prefixed() -> None:
     ids = [new_id("job") for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(i.startswith("job_") and len(i) == 30 for i in ids)
+
+
+def test_configuration_reference_is_current() -> None:
+    from app.settings import configuration_reference
+
+    assert (EXAMPLES.parent / "docs" / "configuration.md").read_text() == configuration_reference()
