@@ -52,8 +52,9 @@ def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
         if index == 0 and part == "body":
             path.append(part)
             continue
-        if isinstance(node, dict) and isinstance(part, str) and part not in node and part in node.values():
-            continue  # a union tag, e.g. the value of "source"
+        is_last = index == len(loc) - 1
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and not is_last:
+            continue  # a union tag (e.g. the value of "source"): one cannot descend into a key that is absent
         path.append(part)
         if isinstance(node, dict):
             node = node.get(part)
@@ -130,17 +131,24 @@ class BodySizeLimit:
     """413 for bodies over ``limit`` bytes: by Content-Length up front, and by counting while streaming (chunked
     uploads), so an oversized body is never read whole into memory."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, upload_limit: int = 0, upload_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.upload_limit = upload_limit
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.default_limit
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in self.upload_paths:
+            limit = self.upload_limit
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self.reject(scope, send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self.reject(scope, send, limit)
                 return
         received = 0
 
@@ -149,18 +157,18 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise PayloadTooLarge(f"request body is larger than {self.limit} bytes")
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def reject(self, scope: Scope, send: Send) -> None:
+    async def reject(self, scope: Scope, send: Send, limit: int) -> None:
         body = problem(
             413,
             PayloadTooLarge.code,
             PayloadTooLarge.title,
-            f"request body is larger than {self.limit} bytes",
+            f"request body is larger than {limit} bytes",
             scope.get("path", ""),
         )
         response = Response(orjson.dumps(body), status_code=413, media_type=PROBLEM_JSON)

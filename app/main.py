@@ -22,6 +22,8 @@ from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+UPLOAD_PATHS = frozenset({"/v1/datasets", "/v1/models"})  # POSTs here take files: max_upload_bytes applies
+
 
 def configure_torch(settings: Settings) -> None:
     if settings.torch_threads > 0:
@@ -71,6 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.jobs.router import router as jobs_router
 
         app.include_router(jobs_router)
+        from app.datasets.router import router as datasets_router
+
+        app.include_router(datasets_router)
     if settings.enable_jobs_api or settings.enable_inference_api:
         from app.models.router import router as models_router
 
@@ -105,5 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestMetrics, registry=registry)
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_request_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
     return app

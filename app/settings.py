@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Attempts (worker deaths included) before a job fails.")
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
 
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Local folders transformers teachers may be read from (JSON list); paths outside are refused.",
+    )
+    allow_hub_downloads: bool = Field(
+        False, description="Let workers download hub models not found offline (off: no network at run time)."
+    )
+    max_upload_bytes: int = Field(2 * 1024**3, description="Largest dataset or model upload (413 above).")
+
     # serving
     model_cache_size: int = Field(16, description="Loaded models kept in memory per api process (LRU).")
 

@@ -12,13 +12,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from app.db import jobs_repository, models_repository
+from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.engine import Database
-from app.distill.artifacts import load_model_dir, read_config, save_model_dir
-from app.distill.spec import JobSpec, StoredModelTeacher
-from app.distill.training import ProgressUpdate, StopRequested, train_classifier
+from app.distill.artifacts import describe_model_dir
+from app.distill.jobs import run_job_spec
+from app.distill.resources import JobResources
+from app.distill.spec import JobSpec, StoredModelTeacher, UploadedData
+from app.distill.training import ProgressUpdate, StopRequested
 from app.models.service import artifact_path_for, model_dir, new_model_id, register_model
 from app.settings import Settings
 
@@ -217,11 +220,10 @@ class JobRunner:
         return outcome
 
     def execute(self, job_id: str, attempt: int, spec: JobSpec, writer: ProgressWriter) -> None:
-        teacher = self.load_teacher(spec)
-        trained = train_classifier(spec, stored_teacher=teacher, progress=writer)
+        trained = run_job_spec(spec, self.resources(spec), progress=writer)
         model_id = new_model_id()
         directory = model_dir(self.settings.artifacts_dir, artifact_path_for(model_id))
-        files = save_model_dir(trained.student, directory, extra_config={"source_job_id": job_id})
+        files = trained.save(directory, {"source_job_id": job_id})
         result = {"model_id": model_id, "evaluation": trained.evaluation}
         final = dict(writer.last or {})
         final.update({"stage": "done", "fraction": 1.0, "eta_seconds": 0.0})
@@ -232,9 +234,9 @@ class JobRunner:
                     model_id=model_id,
                     name=spec.name,
                     kind="student",
-                    config=read_config(directory),
+                    config=describe_model_dir(directory),
                     files=files,
-                    params=trained.evaluation["student_params"],
+                    params=trained.params,
                     evaluation=trained.evaluation,
                     source_job_id=job_id,
                 )
@@ -249,14 +251,28 @@ class JobRunner:
             shutil.rmtree(directory, ignore_errors=True)  # no orphan artifact without a record
             raise
 
-    def load_teacher(self, spec: JobSpec) -> Any:
-        if not isinstance(spec.teacher, StoredModelTeacher):
-            return None
+    def resources(self, spec: JobSpec) -> JobResources:
+        """Database references of the spec → files on disk (stored teachers, uploaded datasets)."""
+        stored: dict[int, Path] = {}
+        datasets: dict[str, Path] = {}
         with self.db.read() as conn:
-            row = models_repository.get_model(conn, spec.teacher.model_id)
-        if row is None:
-            raise JobFailure("teacher_missing", f"teacher model {spec.teacher.model_id} was deleted")
-        return load_model_dir(model_dir(self.settings.artifacts_dir, row["artifact_path"]))
+            for index, teacher in enumerate(spec.all_teachers()):
+                if isinstance(teacher, StoredModelTeacher):
+                    row = models_repository.get_model(conn, teacher.model_id)
+                    if row is None:
+                        raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
+                    stored[index] = model_dir(self.settings.artifacts_dir, row["artifact_path"])
+            if isinstance(spec.data, UploadedData):
+                dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id)
+                if dataset is None:
+                    raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
+                datasets[spec.data.dataset_id] = self.settings.artifacts_dir / dataset["artifact_path"]
+        return JobResources(
+            stored_teachers=stored,
+            dataset_files=datasets,
+            model_roots=self.settings.model_roots,
+            allow_hub=self.settings.allow_hub_downloads,
+        )
 
     def end(
         self,

@@ -103,3 +103,32 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> MLPCl
     if missing or unexpected:
         raise ArtifactError(f"weights do not match the config: missing={missing} unexpected={unexpected}")
     return model.to(device).eval()
+
+
+TEXT_META_FILE = "distillery.json"
+
+
+def describe_model_dir(directory: Path) -> dict[str, Any]:
+    """What the service records about a model folder: format, task and the shape facts the spec checks need.
+
+    A transformers folder carries ``distillery.json`` (task, labels, pooling) next to its ``config.json``.
+    """
+    meta_path = directory / TEXT_META_FILE
+    if not meta_path.exists():
+        return read_config(directory)
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+        hf_config: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read the model description in {directory}: {exc}") from exc
+    layers = next((hf_config[key] for key in ("num_hidden_layers", "n_layer", "num_layers") if key in hf_config), None)
+    hidden = next((hf_config[key] for key in ("hidden_size", "n_embd", "d_model") if key in hf_config), None)
+    return {
+        **meta,
+        "format": "transformers",
+        "task": meta.get("task", "causal_lm"),
+        "model_type": hf_config.get("model_type"),
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "vocab_size": hf_config.get("vocab_size"),
+    }

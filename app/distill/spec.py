@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 Loc = tuple[str | int, ...]
 
@@ -43,23 +43,76 @@ class MLPArchitecture(SpecModel):
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
+    def parameter_estimate(self) -> int:
+        return self.parameter_count()
+
     def parameter_count(self) -> int:
         widths = [self.input_dim, *self.hidden_dims, self.output_dim]
         return sum(a * b + b for a, b in itertools.pairwise(widths))
 
 
+class TransformerArchitecture(SpecModel):
+    """A transformers model built from a config with random init (e.g. a small GPT-2 or BERT)."""
+
+    type: Literal["transformer"]
+    config: dict[str, Any] = Field(description="A transformers config: model_type plus its fields.")
+    tokenizer: str = Field(
+        "bytes",
+        description="'bytes' (a byte-level tokenizer needing no files), 'teacher' (the teacher's), or a model "
+        "reference whose tokenizer to use.",
+        max_length=500,
+    )
+
+    def parameter_estimate(self) -> int:
+        """Rough parameter count from the config (embeddings + 12·h² per layer), for the size limit check."""
+        hidden = int(self.config.get("hidden_size", self.config.get("n_embd", 768)))
+        layers = int(self.config.get("num_hidden_layers", self.config.get("n_layer", 12)))
+        vocab = int(self.config.get("vocab_size", 50_000))
+        intermediate = int(self.config.get("intermediate_size", self.config.get("n_inner") or 4 * hidden))
+        return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+
+
+class DerivedArchitecture(SpecModel):
+    """The student is the teacher with fewer layers, initialised from the teacher's weights (DistilBERT recipe)."""
+
+    type: Literal["derived"]
+    keep_every: int | None = Field(None, ge=1, le=1000, description="Keep teacher blocks 0, k, 2k, …")
+    layers: list[int] | None = Field(None, min_length=1, max_length=1000, description="Teacher blocks to keep.")
+
+
+def architecture_type(value: Any) -> str:
+    """The union tag; ``type`` may be left out for the tutorial's MLPs."""
+    if isinstance(value, dict):
+        return str(value.get("type", "mlp"))
+    return str(getattr(value, "type", "mlp"))
+
+
 Architecture = MLPArchitecture
+StudentArchitecture = Annotated[
+    Annotated[MLPArchitecture, Tag("mlp")]
+    | Annotated[TransformerArchitecture, Tag("transformer")]
+    | Annotated[DerivedArchitecture, Tag("derived")],
+    Discriminator(architecture_type),
+]
+TeacherArchitecture = Annotated[
+    Annotated[MLPArchitecture, Tag("mlp")] | Annotated[TransformerArchitecture, Tag("transformer")],
+    Discriminator(architecture_type),
+]
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
+
+
+TeacherWeight = Field(1.0, gt=0.0, le=1000.0, description="Weight among several teachers (normalised).")
 
 
 class BuiltinTeacher(SpecModel):
     """A teacher built from an architecture and a seed (random init, as in the tutorial)."""
 
     source: Literal["builtin"] = "builtin"
-    architecture: Architecture
+    architecture: TeacherArchitecture
     seed: int | None = Field(None, ge=0, description="Init seed; default derived from training.seed.")
+    weight: float = TeacherWeight
 
 
 class StoredModelTeacher(SpecModel):
@@ -67,6 +120,7 @@ class StoredModelTeacher(SpecModel):
 
     source: Literal["model"]
     model_id: str = Field(min_length=1, max_length=64)
+    weight: float = TeacherWeight
 
 
 class JobOutputTeacher(SpecModel):
@@ -74,13 +128,25 @@ class JobOutputTeacher(SpecModel):
 
     source: Literal["job"]
     job_id: str = Field(min_length=1, max_length=64)
+    weight: float = TeacherWeight
 
 
-TeacherSpec = Annotated[BuiltinTeacher | StoredModelTeacher | JobOutputTeacher, Field(discriminator="source")]
+class TransformersTeacher(SpecModel):
+    """A transformers model by local path (under a configured model root) or hub name (offline copies shipped by
+    installed packages, e.g. sentence-transformers/all-MiniLM-L6-v2; downloads only where the operator allows)."""
+
+    source: Literal["transformers"]
+    model: str = Field(min_length=1, max_length=500)
+    weight: float = TeacherWeight
+
+
+TeacherSpec = Annotated[
+    BuiltinTeacher | StoredModelTeacher | JobOutputTeacher | TransformersTeacher, Field(discriminator="source")
+]
 
 
 class StudentSpec(SpecModel):
-    architecture: Architecture
+    architecture: StudentArchitecture
     seed: int | None = Field(None, ge=0, description="Init seed; default derived from training.seed.")
 
 
@@ -107,7 +173,41 @@ class SklearnData(SpecModel):
     seed: int | None = Field(None, ge=0, description="Split seed; default derived from training.seed.")
 
 
-DataSpec = Annotated[SyntheticData | SklearnData, Field(discriminator="source")]
+class TextOptions(SpecModel):
+    max_length: int = Field(128, ge=4, le=32_768, description="Tokens per example (truncation/packing length).")
+    packing: bool = Field(False, description="Causal LM: concatenate documents into full rows (no padding).")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_records: int | None = Field(None, ge=2, description="Use at most this many records (after shuffling).")
+    seed: int | None = Field(None, ge=0, description="Split seed; default derived from training.seed.")
+
+
+class UploadedData(TextOptions):
+    """A dataset uploaded with POST /v1/datasets (JSONL text, prompt/completion or text/label)."""
+
+    source: Literal["dataset"]
+    dataset_id: str = Field(min_length=1, max_length=64)
+
+
+class CorpusData(TextOptions):
+    """Real text that ships with Python, offline: the standard library's source files, its docstrings, or single
+    sentences from them."""
+
+    source: Literal["corpus"]
+    name: Literal["python-stdlib", "python-docstrings", "sentences"]
+    max_documents: int = Field(2000, ge=2, le=1_000_000)
+
+
+class InlineData(TextOptions):
+    """Records in the request itself (small sets: prompts, a handful of labelled texts)."""
+
+    source: Literal["inline"]
+    records: list[dict[str, Any]] = Field(min_length=2, max_length=10_000)
+
+
+DataSpec = Annotated[
+    SyntheticData | SklearnData | UploadedData | CorpusData | InlineData, Field(discriminator="source")
+]
+TEXT_DATA = (UploadedData, CorpusData, InlineData)
 
 
 class AugmentationSpec(SpecModel):
@@ -129,6 +229,22 @@ class AugmentationSpec(SpecModel):
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
 
+class FeatureLossSpec(SpecModel):
+    """Intermediate-layer distillation: match student hidden states to the teacher's at mapped layers."""
+
+    layer_map: dict[int, int] | None = Field(
+        None,
+        description="Student block → teacher block (0-based). Default: student block i ↔ the teacher block its "
+        "derived copy came from, or evenly spaced blocks.",
+    )
+    loss: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, ge=0.0, le=1000.0)
+    projection: bool = Field(True, description="Learn a linear map when widths differ (not saved with the student).")
+    attention_weight: float = Field(
+        0.0, ge=0.0, le=1000.0, description="Weight of attention-map MSE at mapped layers (same head count)."
+    )
+
+
 class ObjectiveSpec(SpecModel):
     divergence: Divergence = "forward_kl"
     temperature: float = Field(1.0, gt=0.0, le=100.0)
@@ -141,6 +257,24 @@ class ObjectiveSpec(SpecModel):
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
     skew_lambda: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing weight.")
+    teacher_combine: Literal["mixture", "sum"] = Field(
+        "mixture",
+        description="Several teachers: distil from the weighted mixture of their distributions, or sum the "
+        "weighted per-teacher losses.",
+    )
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Causal LM: compute the token loss from hidden states this many tokens at a time, so full "
+        "[batch, seq, vocab] logits never exist in float32.",
+    )
+    top_k: int | None = Field(
+        None, ge=1, le=1_000_000, description="Use only the teacher's top-k probabilities (plus the tail mass)."
+    )
+    features: FeatureLossSpec | None = None
+    embedding_mse_weight: float = Field(1.0, ge=0.0, le=1000.0, description="Embedding task: weight of MSE.")
+    embedding_cosine_weight: float = Field(1.0, ge=0.0, le=1000.0, description="Embedding task: weight of 1−cos.")
 
 
 class OptimizerSpec(SpecModel):
@@ -165,11 +299,22 @@ class TrainingSpec(SpecModel):
     max_grad_norm: float | None = Field(None, gt=0.0)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA (teacher held in bf16), fp32 on the CPU."
+    )
+    gradient_accumulation: int = Field(1, ge=1, le=4096)
+    compile: bool = Field(False, description="torch.compile the student (worth it on GPUs for long jobs).")
 
 
 class EvaluationSpec(SpecModel):
     latency_batch_size: int = Field(64, ge=1, le=65_536)
     latency_repeats: int = Field(30, ge=1, le=10_000)
+    max_examples: int = Field(512, ge=1, le=1_000_000, description="Text tasks: held-out examples evaluated.")
+    retrieval_k: int = Field(5, ge=1, le=1000, description="Embedding task: neighbours compared for top-k overlap.")
+
+
+Task = Literal["classification", "text_classification", "causal_lm", "embedding"]
+TEXT_TASKS = ("text_classification", "causal_lm", "embedding")
 
 
 class JobSpec(SpecModel):
@@ -177,14 +322,26 @@ class JobSpec(SpecModel):
     how a realistic teacher is made for a later job without uploads."""
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    task: Literal["classification"] = "classification"
+    task: Task = "classification"
     teacher: TeacherSpec | None = None
+    teachers: list[TeacherSpec] | None = Field(
+        None, min_length=1, max_length=16, description="Several teachers (same tokenizer); see objective."
+    )
     student: StudentSpec
     data: DataSpec = SyntheticData()
     augmentation: AugmentationSpec = AugmentationSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     training: TrainingSpec = TrainingSpec(epochs=20)
     evaluation: EvaluationSpec = EvaluationSpec()
+
+    def all_teachers(self) -> list[TeacherSpec]:
+        if self.teachers:
+            return list(self.teachers)
+        return [self.teacher] if self.teacher is not None else []
+
+    @property
+    def is_text(self) -> bool:
+        return self.task in TEXT_TASKS
 
 
 # --- semantic checks --------------------------------------------------------------------------------------------------
@@ -207,11 +364,17 @@ class SpecProblem:
 class ModelShape:
     """What the checks need to know of a stored teacher (read by the caller from its record)."""
 
-    input_dim: int
-    output_dim: int
+    input_dim: int | None = None
+    output_dim: int | None = None
+    format: str = "distillery.mlp/v1"
+    task: str = "classification"
+
+    @property
+    def is_text(self) -> bool:
+        return self.task in TEXT_TASKS
 
 
-def data_dims(data: SyntheticData | SklearnData) -> tuple[int | None, int | None]:
+def data_dims(data: Any) -> tuple[int | None, int | None]:
     """(features, classes) a dataset fixes; None where the models decide (synthetic data)."""
     if isinstance(data, SklearnData):
         return SKLEARN_DATASETS[data.name]
@@ -227,110 +390,251 @@ def planned_steps(spec: JobSpec, n_train: int) -> int:
     return epochs * -(-n_train // batch)
 
 
-def train_rows(data: SyntheticData | SklearnData) -> int:
+def train_rows(data: Any) -> int:
+    """Rows the train split will have, near enough for a limit check."""
     if isinstance(data, SyntheticData):
         return data.n_train
-    # the split leaves floor(n * (1 - test_fraction)) rows, near enough for a limit check
-    sizes = {"iris": 150, "wine": 178, "breast_cancer": 569, "digits": 1797}
-    return max(1, int(sizes[data.name] * (1.0 - data.test_fraction)))
+    if isinstance(data, SklearnData):
+        sizes = {"iris": 150, "wine": 178, "breast_cancer": 569, "digits": 1797}
+        return max(1, int(sizes[data.name] * (1.0 - data.test_fraction)))
+    if isinstance(data, InlineData):
+        return max(1, int(len(data.records) * (1.0 - data.test_fraction)))
+    if isinstance(data, CorpusData):
+        return max(1, int(data.max_documents * (1.0 - data.test_fraction)))
+    return data.max_records or 1_000  # an uploaded dataset: its size is known only to the caller
 
 
-def check_spec(spec: JobSpec, limits: SpecLimits, teacher_shape: ModelShape | None = None) -> list[SpecProblem]:
+class SpecChecker:
+    """Collects the problems of one spec; each check adds (loc, message)."""
+
+    def __init__(
+        self, spec: JobSpec, limits: SpecLimits, teacher_shapes: dict[int, ModelShape], dataset_kind: str | None
+    ) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.teacher_shapes = teacher_shapes
+        self.dataset_kind = dataset_kind
+        self.problems: list[SpecProblem] = []
+
+    def add(self, loc: Loc, msg: str) -> None:
+        self.problems.append(SpecProblem(loc, msg))
+
+    def teacher_loc(self, index: int) -> Loc:
+        return ("teachers", index) if self.spec.teachers else ("teacher",)
+
+    def run(self) -> list[SpecProblem]:
+        spec = self.spec
+        if spec.teacher is not None and spec.teachers:
+            self.add(("teachers",), "give either teacher or teachers, not both")
+        self.check_size()
+        if spec.is_text:
+            self.check_text()
+        else:
+            self.check_tabular()
+        self.check_steps()
+        return self.problems
+
+    def check_size(self) -> None:
+        student = self.spec.student.architecture
+        if isinstance(student, DerivedArchitecture):
+            return  # never larger than its teacher
+        params = student.parameter_estimate()
+        if params > self.limits.max_student_params:
+            self.add(
+                ("student", "architecture"),
+                f"student has {params:,} parameters; the limit is {self.limits.max_student_params:,}",
+            )
+        for index, teacher in enumerate(self.spec.all_teachers()):
+            too_large = self.limits.max_student_params * 100
+            if isinstance(teacher, BuiltinTeacher) and teacher.architecture.parameter_estimate() > too_large:
+                self.add((*self.teacher_loc(index), "architecture"), "teacher is too large to build")
+
+    def check_steps(self) -> None:
+        training = self.spec.training
+        steps = planned_steps(self.spec, train_rows(self.spec.data))
+        if steps > self.limits.max_steps:
+            loc: Loc = ("training", "steps") if training.steps is not None else ("training", "epochs")
+            self.add(loc, f"{steps:,} optimizer steps requested; the limit is {self.limits.max_steps:,}")
+        if training.schedule.warmup_steps > steps:
+            self.add(("training", "schedule", "warmup_steps"), f"warmup is longer than the {steps} steps")
+
+    # --- tabular classification -------------------------------------------------------------------------------
+
+    def check_tabular(self) -> None:
+        spec = self.spec
+        student = spec.student.architecture
+        if not isinstance(student, MLPArchitecture):
+            self.add(("student", "architecture", "type"), "task classification (tabular) takes an mlp student")
+            return
+        if not isinstance(spec.data, SyntheticData | SklearnData):
+            self.add(("data", "source"), "task classification (tabular) takes synthetic or sklearn data")
+            return
+        if spec.objective.features is not None:
+            self.add(("objective", "features"), "feature distillation applies to transformer students")
+        features, classes = data_dims(spec.data)
+        for index, teacher in enumerate(spec.all_teachers()):
+            loc = self.teacher_loc(index)
+            shape = self.teacher_shapes.get(index)
+            if isinstance(teacher, BuiltinTeacher):
+                if not isinstance(teacher.architecture, MLPArchitecture):
+                    self.add((*loc, "architecture", "type"), "a tabular teacher is an mlp")
+                    continue
+                shape = ModelShape(teacher.architecture.input_dim, teacher.architecture.output_dim)
+                loc = (*loc, "architecture")
+            elif isinstance(teacher, TransformersTeacher) or (shape is not None and shape.is_text):
+                self.add(loc, "a transformers model cannot teach a tabular classifier")
+                continue
+            if shape is None:
+                continue
+            self.check_widths(loc, shape, student, features, classes)
+        self.check_widths(("student", "architecture"), None, student, features, classes)
+
+        has_labels = classes is not None
+        if not spec.all_teachers():
+            if not has_labels:
+                self.add(("teacher",), "a job without a teacher trains on labels; its data must have labels")
+            if spec.augmentation.enabled:
+                self.add(("augmentation", "enabled"), "augmentation needs a teacher to label inputs")
+        elif spec.objective.alpha > 0 and not has_labels:
+            self.add(("objective", "alpha"), "alpha > 0 needs labelled data; synthetic data has no labels")
+        if isinstance(spec.data, SyntheticData):
+            rows = spec.data.n_train + spec.data.n_test
+            if rows > self.limits.max_dataset_rows:
+                self.add(("data",), f"{rows:,} rows requested; the limit is {self.limits.max_dataset_rows:,}")
+
+    def check_widths(
+        self,
+        loc: Loc,
+        teacher: ModelShape | None,
+        student: MLPArchitecture,
+        features: int | None,
+        classes: int | None,
+    ) -> None:
+        if teacher is None:  # the student against the dataset
+            if features is not None and student.input_dim != features:
+                self.add((*loc, "input_dim"), f"dataset has {features} features; the student takes {student.input_dim}")
+            if classes is not None and student.output_dim != classes:
+                self.add(
+                    (*loc, "output_dim"), f"dataset has {classes} classes; the student outputs {student.output_dim}"
+                )
+            return
+        if teacher.input_dim != student.input_dim:
+            self.add(
+                ("student", "architecture", "input_dim"),
+                f"student input_dim {student.input_dim} differs from the teacher's {teacher.input_dim}",
+            )
+        if teacher.output_dim != student.output_dim:
+            self.add(
+                ("student", "architecture", "output_dim"),
+                f"student output_dim {student.output_dim} differs from the teacher's {teacher.output_dim}",
+            )
+        if features is not None and teacher.input_dim != features:
+            self.add((*loc, "input_dim"), f"dataset has {features} features; the teacher takes {teacher.input_dim}")
+        if classes is not None and teacher.output_dim != classes:
+            self.add((*loc, "output_dim"), f"dataset has {classes} classes; the teacher outputs {teacher.output_dim}")
+
+    # --- text tasks ----------------------------------------------------------------------------------------------
+
+    def check_text(self) -> None:
+        spec = self.spec
+        task = spec.task
+        student = spec.student.architecture
+        teachers = spec.all_teachers()
+        if isinstance(student, MLPArchitecture):
+            self.add(("student", "architecture", "type"), f"task {task} takes a transformer or derived student")
+        if not isinstance(spec.data, TEXT_DATA):
+            self.add(("data", "source"), f"task {task} takes text data: dataset, corpus or inline")
+        if spec.augmentation.enabled:
+            self.add(("augmentation", "enabled"), "teacher-labelled augmentation applies to tabular data")
+        for index, teacher in enumerate(teachers):
+            loc = self.teacher_loc(index)
+            if isinstance(teacher, BuiltinTeacher) and isinstance(teacher.architecture, MLPArchitecture):
+                self.add((*loc, "architecture", "type"), f"task {task} takes a transformer teacher")
+            shape = self.teacher_shapes.get(index)
+            if shape is not None and not shape.is_text:
+                self.add(loc, f"model is a {shape.task} model; task {task} needs a transformers model")
+            elif shape is not None and shape.task != task:
+                self.add(loc, f"model was made for task {shape.task}; this job's task is {task}")
+        if isinstance(student, DerivedArchitecture):
+            if (student.keep_every is None) == (student.layers is None):
+                self.add(("student", "architecture"), "give exactly one of keep_every or layers")
+            if not teachers:
+                self.add(("student", "architecture", "type"), "a derived student needs a teacher to derive from")
+        if isinstance(student, TransformerArchitecture) and "model_type" not in student.config:
+            self.add(("student", "architecture", "config", "model_type"), "the config needs a model_type")
+        for index, teacher in enumerate(teachers):
+            architecture = teacher.architecture if isinstance(teacher, BuiltinTeacher) else None
+            if isinstance(architecture, TransformerArchitecture) and "model_type" not in architecture.config:
+                self.add((*self.teacher_loc(index), "architecture", "config", "model_type"), "needs a model_type")
+        if not teachers and task == "embedding":
+            self.add(("teacher",), "an embedding job distils a teacher's embeddings; give a teacher")
+        if task == "embedding" and spec.objective.alpha > 0:
+            self.add(("objective", "alpha"), "the embedding task has no hard labels")
+        if isinstance(spec.data, CorpusData) and task == "text_classification":
+            self.add(("data", "source"), "corpora have no labels; upload a {text, label} dataset")
+        objective = spec.objective
+        if isinstance(spec.data, InlineData):
+            self.check_inline_records(spec.data)
+        if isinstance(spec.data, UploadedData) and self.dataset_kind is not None:
+            accepted = DATASET_KINDS_BY_TASK[task]
+            if self.dataset_kind not in accepted:
+                self.add(
+                    ("data", "dataset_id"),
+                    f"the dataset holds {self.dataset_kind} records; task {task} takes {' or '.join(accepted)}",
+                )
+        if objective.teacher_combine == "mixture" and len(teachers) > 1 and objective.chunk_size is not None:
+            self.add(("objective", "teacher_combine"), "chunked losses combine several teachers by sum")
+        if objective.chunk_size is not None and task != "causal_lm":
+            self.add(("objective", "chunk_size"), "chunked token loss applies to causal_lm")
+        if objective.top_k is not None and task == "embedding":
+            self.add(("objective", "top_k"), "top-k teacher probabilities apply to logit tasks")
+        if objective.features is not None and not teachers:
+            self.add(("objective", "features"), "feature distillation needs a teacher")
+        if objective.features is not None and objective.features.layer_map is not None:
+            if not objective.features.layer_map:
+                self.add(("objective", "features", "layer_map"), "the layer map is empty")
+            for student_layer, teacher_layer in objective.features.layer_map.items():
+                if student_layer < 0 or teacher_layer < 0:
+                    self.add(("objective", "features", "layer_map", str(student_layer)), "layers are 0-based indices")
+
+    def check_inline_records(self, data: InlineData) -> None:
+        expected = {
+            "causal_lm": ({"text"}, {"prompt", "completion"}),
+            "embedding": ({"text"},),
+            "text_classification": ({"text", "label"},),
+        }[self.spec.task]
+        for index, record in enumerate(data.records):
+            if set(record) not in expected:
+                shapes = " or ".join(str(sorted(keys)) for keys in expected)
+                self.add(
+                    ("data", "records", index),
+                    f"record has keys {sorted(record)}; task {self.spec.task} takes {shapes}",
+                )
+                return
+
+
+DATASET_KINDS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("text", "prompt_completion"),
+    "embedding": ("text",),
+    "text_classification": ("text_label",),
+    "classification": ("tabular",),
+}
+
+
+def check_spec(
+    spec: JobSpec,
+    limits: SpecLimits,
+    teacher_shape: ModelShape | None = None,
+    *,
+    teacher_shapes: dict[int, ModelShape] | None = None,
+    dataset_kind: str | None = None,
+) -> list[SpecProblem]:
     """Problems that make ``spec`` impossible to run; empty when it can run.
 
-    ``teacher_shape`` is the stored teacher's shape when the teacher is a stored model or an earlier job's output
-    (the caller looks it up); builtin teachers carry their own architecture.
+    ``teacher_shapes`` (index in ``all_teachers()`` → shape) describes stored teachers, which the caller looks up;
+    ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
     """
-    problems: list[SpecProblem] = []
-    student = spec.student.architecture
-    features, classes = data_dims(spec.data)
-
-    if student.parameter_count() > limits.max_student_params:
-        problems.append(
-            SpecProblem(
-                ("student", "architecture"),
-                f"student has {student.parameter_count():,} parameters; the limit is {limits.max_student_params:,}",
-            )
-        )
-    if isinstance(spec.teacher, BuiltinTeacher):
-        teacher_arch = spec.teacher.architecture
-        if teacher_arch.parameter_count() > limits.max_student_params * 100:
-            problems.append(SpecProblem(("teacher", "architecture"), "teacher is too large to build"))
-        teacher_shape = ModelShape(teacher_arch.input_dim, teacher_arch.output_dim)
-    teacher_loc: Loc = ("teacher", "architecture") if isinstance(spec.teacher, BuiltinTeacher) else ("teacher",)
-
+    shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:
-        if teacher_shape.input_dim != student.input_dim:
-            problems.append(
-                SpecProblem(
-                    ("student", "architecture", "input_dim"),
-                    f"student input_dim {student.input_dim} differs from the teacher's {teacher_shape.input_dim}",
-                )
-            )
-        if teacher_shape.output_dim != student.output_dim:
-            problems.append(
-                SpecProblem(
-                    ("student", "architecture", "output_dim"),
-                    f"student output_dim {student.output_dim} differs from the teacher's {teacher_shape.output_dim}",
-                )
-            )
-        if features is not None and teacher_shape.input_dim != features:
-            problems.append(
-                SpecProblem(
-                    (*teacher_loc, "input_dim"),
-                    f"dataset {spec.data.source}:{getattr(spec.data, 'name', '')} has {features} features; "
-                    f"the teacher takes {teacher_shape.input_dim}",
-                )
-            )
-        if classes is not None and teacher_shape.output_dim != classes:
-            problems.append(
-                SpecProblem(
-                    (*teacher_loc, "output_dim"),
-                    f"dataset has {classes} classes; the teacher outputs {teacher_shape.output_dim}",
-                )
-            )
-    if features is not None and student.input_dim != features:
-        problems.append(
-            SpecProblem(
-                ("student", "architecture", "input_dim"),
-                f"dataset has {features} features; the student takes {student.input_dim}",
-            )
-        )
-    if classes is not None and student.output_dim != classes:
-        problems.append(
-            SpecProblem(
-                ("student", "architecture", "output_dim"),
-                f"dataset has {classes} classes; the student outputs {student.output_dim}",
-            )
-        )
-
-    has_labels = classes is not None
-    if spec.teacher is None:
-        if not has_labels:
-            problems.append(
-                SpecProblem(("teacher",), "a job without a teacher trains on labels; its data must have labels")
-            )
-        if spec.augmentation.enabled:
-            problems.append(SpecProblem(("augmentation", "enabled"), "augmentation needs a teacher to label inputs"))
-    elif spec.objective.alpha > 0 and not has_labels:
-        problems.append(
-            SpecProblem(("objective", "alpha"), "alpha > 0 needs labelled data; synthetic data has no labels")
-        )
-
-    if isinstance(spec.data, SyntheticData):
-        rows = spec.data.n_train + spec.data.n_test
-        if rows > limits.max_dataset_rows:
-            problems.append(
-                SpecProblem(("data",), f"{rows:,} rows requested; the limit is {limits.max_dataset_rows:,}")
-            )
-    if spec.training.steps is None and spec.training.epochs is None:
-        pass  # defaults to 20 epochs
-    steps = planned_steps(spec, train_rows(spec.data))
-    if steps > limits.max_steps:
-        loc: Loc = ("training", "steps") if spec.training.steps is not None else ("training", "epochs")
-        problems.append(SpecProblem(loc, f"{steps:,} optimizer steps requested; the limit is {limits.max_steps:,}"))
-    if spec.training.schedule.warmup_steps > steps:
-        problems.append(
-            SpecProblem(("training", "schedule", "warmup_steps"), f"warmup is longer than the {steps} steps")
-        )
-    return problems
+        shapes.setdefault(0, teacher_shape)
+    return SpecChecker(spec, limits, shapes, dataset_kind).run()

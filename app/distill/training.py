@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,17 @@ from app.distill.architectures import MLPClassifier, build_model
 from app.distill.datasets import AugmentationSampler, TabularSplit, load_dataset
 from app.distill.evaluation import evaluate_classifier
 from app.distill.losses import distillation_loss, hard_label_loss
-from app.distill.spec import BuiltinTeacher, JobSpec, ObjectiveSpec, TrainingSpec, planned_steps
+from app.distill.spec import (
+    BuiltinTeacher,
+    JobSpec,
+    MLPArchitecture,
+    ObjectiveSpec,
+    SklearnData,
+    SyntheticData,
+    TrainingSpec,
+    planned_steps,
+)
+from app.distill.teachers import TeacherEnsemble, combine_teacher_losses
 
 
 class StopRequested(Exception):
@@ -40,8 +50,8 @@ ProgressCallback = Callable[[ProgressUpdate], None]
 
 @dataclass
 class TrainingOutcome:
-    student: MLPClassifier
-    teacher: MLPClassifier | None
+    student: nn.Module
+    teacher: nn.Module | None
     evaluation: dict[str, Any]
     train_seconds: float
     steps: int
@@ -124,28 +134,38 @@ class BatchPlan:
         return self._order[index * self.batch_size : (index + 1) * self.batch_size]
 
 
-def prepare_teacher(
-    spec: JobSpec, split: TabularSplit, device: torch.device, stored_teacher: MLPClassifier | None
-) -> MLPClassifier | None:
-    if spec.teacher is None:
+def prepare_teachers(
+    spec: JobSpec, split: TabularSplit, device: torch.device, stored_teachers: Mapping[int, MLPClassifier]
+) -> TeacherEnsemble | None:
+    """The job's teachers as one ensemble (a single teacher is an ensemble of one); None for supervised jobs."""
+    members: list[MLPClassifier] = []
+    for index, spec_teacher in enumerate(spec.all_teachers()):
+        if isinstance(spec_teacher, BuiltinTeacher):
+            if not isinstance(spec_teacher.architecture, MLPArchitecture):
+                raise ValueError("a tabular teacher is an mlp")
+            seed = spec_teacher.seed
+            if seed is None:  # the first teacher keeps the single-teacher seed, so adding teachers changes nothing
+                salt = (SEED_TEACHER, index) if index else (SEED_TEACHER,)
+                seed = derive_seed(spec.training.seed, *salt)
+            teacher = build_model(spec_teacher.architecture, seed)
+            if split.standardized:
+                teacher.set_input_normalization(split.mean, split.std)
+        elif index in stored_teachers:
+            teacher = stored_teachers[index]
+        else:
+            raise ValueError(f"teacher {index} is a stored model but none was loaded")
+        members.append(teacher)
+    if not members:
         return None
-    if isinstance(spec.teacher, BuiltinTeacher):
-        seed = spec.teacher.seed if spec.teacher.seed is not None else derive_seed(spec.training.seed, SEED_TEACHER)
-        teacher = build_model(spec.teacher.architecture, seed)
-        if split.standardized:
-            teacher.set_input_normalization(split.mean, split.std)
-    else:
-        if stored_teacher is None:
-            raise ValueError("the spec names a stored teacher but none was loaded")
-        teacher = stored_teacher
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
+    ensemble = TeacherEnsemble(members, [t.weight for t in spec.all_teachers()])
+    ensemble.requires_grad_(False)
+    return ensemble.to(device).eval()
 
 
 def train_classifier(
     spec: JobSpec,
     *,
-    stored_teacher: MLPClassifier | None = None,
+    stored_teachers: Mapping[int, MLPClassifier] | None = None,
     progress: ProgressCallback | None = None,
     device: torch.device | None = None,
 ) -> TrainingOutcome:
@@ -153,15 +173,20 @@ def train_classifier(
     device = device or select_device(spec.training.device)
     report = progress or (lambda update: None)
     training = spec.training
-    features = spec.student.architecture.input_dim
+    architecture = spec.student.architecture
+    if not isinstance(architecture, MLPArchitecture):
+        raise ValueError("tabular classification trains an mlp student")
+    features = architecture.input_dim
 
     # --- setup ---
     report(ProgressUpdate("loading", 0, 0))
     data_seed = spec.data.seed if spec.data.seed is not None else derive_seed(training.seed, SEED_DATA)
+    if not isinstance(spec.data, SyntheticData | SklearnData):
+        raise ValueError("tabular classification takes synthetic or sklearn data")
     split = load_dataset(spec.data, features, data_seed)
-    teacher = prepare_teacher(spec, split, device, stored_teacher)
+    teacher = prepare_teachers(spec, split, device, stored_teachers or {})
     student_seed = spec.student.seed if spec.student.seed is not None else derive_seed(training.seed, SEED_STUDENT)
-    student = build_model(spec.student.architecture, student_seed)
+    student = build_model(architecture, student_seed)
     if split.standardized:
         student.set_input_normalization(split.mean, split.std)
     student.to(device)
@@ -197,8 +222,15 @@ def train_classifier(
         kd = torch.zeros((), device=device)
         if teacher is not None and alpha < 1.0:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)
-            kd = soft_loss(student_logits, teacher_logits, objective)
+                teacher_logits = teacher.member_logits(inputs)
+            kd = combine_teacher_losses(
+                student_logits,
+                teacher_logits,
+                teacher.weights,
+                objective.teacher_combine,
+                objective.temperature,
+                lambda s, t: soft_loss(s, t, objective),
+            )
         ce = torch.zeros((), device=device)
         if labels is not None and alpha > 0.0:
             ce = hard_label_loss(student_logits[: len(labels)], labels)

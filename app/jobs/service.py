@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from app.db import jobs_repository, models_repository
+from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.job_reads import JobReader
 from app.distill.spec import (
     JobOutputTeacher,
@@ -15,6 +15,7 @@ from app.distill.spec import (
     ModelShape,
     SpecLimits,
     StoredModelTeacher,
+    UploadedData,
     check_spec,
 )
 from app.errors import Conflict, InvalidSpec, NotFound
@@ -33,56 +34,92 @@ def spec_limits(settings: Settings) -> SpecLimits:
     )
 
 
-def resolve_teacher_model(conn: Connection, spec: JobSpec) -> tuple[str | None, ModelShape | None]:
-    """The stored model a spec's teacher refers to, checked to exist now rather than fail in the worker."""
-    teacher = spec.teacher
-    if isinstance(teacher, StoredModelTeacher):
-        model = models_repository.get_model(conn, teacher.model_id)
-        if model is None:
-            raise InvalidSpec(
-                "the teacher model does not exist",
-                errors=[{"loc": ["body", "teacher", "model_id"], "msg": f"no model {teacher.model_id!r}"}],
-            )
-    elif isinstance(teacher, JobOutputTeacher):
-        job = jobs_repository.get_job(conn, teacher.job_id)
-        loc = ["body", "teacher", "job_id"]
-        if job is None:
-            raise InvalidSpec(
-                "the teacher job does not exist", errors=[{"loc": loc, "msg": f"no job {teacher.job_id!r}"}]
-            )
-        if job["status"] != "succeeded":
-            raise InvalidSpec(
-                "the teacher job has not succeeded",
-                errors=[
-                    {
-                        "loc": loc,
-                        "msg": f"job {teacher.job_id} is {job['status']}; submit once it has succeeded",
-                    }
-                ],
-            )
-        model = models_repository.get_model_of_job(conn, teacher.job_id)
-        if model is None:
-            raise InvalidSpec("the teacher job's model was deleted", errors=[{"loc": loc, "msg": "model deleted"}])
-    else:
-        return None, None
-    config = model["config"]
-    return model["id"], ModelShape(input_dim=int(config["input_dim"]), output_dim=int(config["num_classes"]))
+def stored_model_shape(config: dict[str, Any]) -> ModelShape:
+    if config.get("format") == "transformers":
+        return ModelShape(format="transformers", task=str(config.get("task", "causal_lm")))
+    return ModelShape(
+        input_dim=int(config["input_dim"]), output_dim=int(config["num_classes"]), format=str(config["format"])
+    )
+
+
+def resolve_teachers(conn: Connection, spec: JobSpec) -> tuple[dict[int, str], dict[int, ModelShape]]:
+    """Stored models the spec's teachers refer to, checked to exist now rather than fail in the worker.
+    Returns (teacher index → model id to pin, teacher index → shape)."""
+    pins: dict[int, str] = {}
+    shapes: dict[int, ModelShape] = {}
+    for index, teacher in enumerate(spec.all_teachers()):
+        base_loc: list[Any] = ["body", "teachers", index] if spec.teachers else ["body", "teacher"]
+        if isinstance(teacher, StoredModelTeacher):
+            model = models_repository.get_model(conn, teacher.model_id)
+            if model is None:
+                raise InvalidSpec(
+                    "the teacher model does not exist",
+                    errors=[{"loc": [*base_loc, "model_id"], "msg": f"no model {teacher.model_id!r}"}],
+                )
+        elif isinstance(teacher, JobOutputTeacher):
+            loc = [*base_loc, "job_id"]
+            job = jobs_repository.get_job(conn, teacher.job_id)
+            if job is None:
+                raise InvalidSpec(
+                    "the teacher job does not exist", errors=[{"loc": loc, "msg": f"no job {teacher.job_id!r}"}]
+                )
+            if job["status"] != "succeeded":
+                raise InvalidSpec(
+                    "the teacher job has not succeeded",
+                    errors=[
+                        {"loc": loc, "msg": f"job {teacher.job_id} is {job['status']}; submit once it has succeeded"}
+                    ],
+                )
+            model = models_repository.get_model_of_job(conn, teacher.job_id)
+            if model is None:
+                raise InvalidSpec("the teacher job's model was deleted", errors=[{"loc": loc, "msg": "model deleted"}])
+        else:
+            continue
+        pins[index] = model["id"]
+        shapes[index] = stored_model_shape(model["config"])
+    return pins, shapes
+
+
+def resolve_dataset(conn: Connection, spec: JobSpec) -> str | None:
+    """The kind of an uploaded dataset the spec names (404-like problems are 422s with the field)."""
+    if not isinstance(spec.data, UploadedData):
+        return None
+    row = datasets_repository.get_dataset(conn, spec.data.dataset_id)
+    if row is None:
+        raise InvalidSpec(
+            "the dataset does not exist",
+            errors=[{"loc": ["body", "data", "dataset_id"], "msg": f"no dataset {spec.data.dataset_id!r}"}],
+        )
+    return str(row["kind"])
+
+
+def pinned_spec(spec: JobSpec, pins: dict[int, str]) -> dict[str, Any]:
+    """The spec as stored: teachers named by job are pinned to that job's model id, so that deleting or replacing
+    a job's model later cannot change what this job trains against."""
+    stored = spec.model_dump(mode="json")
+    for index, model_id in pins.items():
+        teacher_document = stored["teachers"][index] if spec.teachers else stored["teacher"]
+        pinned = {"source": "model", "model_id": model_id, "weight": teacher_document.get("weight", 1.0)}
+        if spec.teachers:
+            stored["teachers"][index] = pinned
+        else:
+            stored["teacher"] = pinned
+    return stored
 
 
 def create_job(conn: Connection, spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    teacher_model_id, teacher_shape = resolve_teacher_model(conn, spec)
-    problems = check_spec(spec, spec_limits(settings), teacher_shape)
+    pins, shapes = resolve_teachers(conn, spec)
+    dataset_kind = resolve_dataset(conn, spec)
+    problems = check_spec(spec, spec_limits(settings), teacher_shapes=shapes, dataset_kind=dataset_kind)
     if problems:
         raise InvalidSpec(
             "the job spec cannot run",
             errors=[{"loc": ["body", *problem.loc], "msg": problem.msg} for problem in problems],
         )
-    stored_spec = spec.model_dump(mode="json")
-    if teacher_model_id is not None:
-        # pin the exact teacher so that deleting or replacing a job's model later cannot change this job
-        stored_spec["teacher"] = {"source": "model", "model_id": teacher_model_id}
     job_id = new_id("job")
-    jobs_repository.insert_job(conn, job_id=job_id, name=spec.name, spec=stored_spec, progress=initial_progress())
+    jobs_repository.insert_job(
+        conn, job_id=job_id, name=spec.name, spec=pinned_spec(spec, pins), progress=initial_progress()
+    )
     jobs_repository.append_events(conn, job_id, [{"type": "status", "message": "queued", "data": {"status": "queued"}}])
     row = jobs_repository.get_job(conn, job_id)
     assert row is not None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path as FsPath
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -20,6 +20,40 @@ from app.models.schemas import Model, ModelList
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 ModelId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Model, summary="Upload a transformers model")
+def upload_model(
+    files: Annotated[
+        list[UploadFile], File(description="config.json, *.safetensors and the tokenizer files (no pickles).")
+    ],
+    task: Annotated[Literal["causal_lm", "embedding", "text_classification"], Form()],
+    db: DatabaseDep,
+    settings: SettingsDep,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> Response:
+    uploads = [(upload.filename or "", upload.file) for upload in files]
+    stored = service.store_uploaded_model(
+        settings.artifacts_dir, uploads, task=task, max_bytes=settings.max_upload_bytes
+    )
+    try:
+        with db.transaction() as conn:
+            service.register_model(
+                conn,
+                model_id=stored.model_id,
+                name=name,
+                kind="uploaded",
+                config=stored.config,
+                files=stored.files,
+                params=stored.params,
+                evaluation=None,
+                source_job_id=None,
+            )
+            document = service.get_model(conn, stored.model_id)
+    except BaseException:
+        service.remove_artifact(settings.artifacts_dir, service.artifact_path_for(stored.model_id))
+        raise
+    return json_response(document, status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=ModelList, summary="List models, newest first")

@@ -43,14 +43,21 @@ class ModelList(BaseModel):
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+class PredictParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(32, ge=0, le=1024, description="Causal LMs: tokens to generate per prompt.")
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[list[FiniteFloat]] = Field(
+    inputs: list[list[FiniteFloat]] | list[Annotated[str, Field(max_length=100_000)]] = Field(
         min_length=1,
         max_length=4096,
-        description="A batch of feature rows, each as wide as the model's input_dim.",
+        description="Tabular models: rows of features, each as wide as the model's input_dim. Text models: strings.",
     )
+    parameters: PredictParameters | None = None
 
 
 class Prediction(BaseModel):

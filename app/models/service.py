@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.engine import Connection
 
 from app.db import models_repository
-from app.distill.artifacts import WEIGHTS_FILE, ArtifactFile
-from app.errors import NotFound
+from app.distill.artifacts import TEXT_META_FILE, WEIGHTS_FILE, ArtifactFile, describe_model_dir, sha256_file
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
 from app.models.schemas import model_document
 
@@ -42,7 +47,9 @@ def register_model(
     evaluation: dict[str, Any] | None,
     source_job_id: str | None,
 ) -> None:
-    weights = next(f for f in files if f.path == WEIGHTS_FILE)
+    weights = next((f for f in files if f.path == WEIGHTS_FILE), None) or next(
+        f for f in files if f.path.endswith(".safetensors")
+    )
     models_repository.insert_model(
         conn,
         id=model_id,
@@ -98,3 +105,114 @@ def remove_artifact(artifacts_root: Path, artifact_path: str) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- uploads -----------------------------------------------------------------------------------------------------
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
+ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+@dataclass(frozen=True)
+class UploadedModel:
+    model_id: str
+    config: dict[str, Any]
+    files: list[ArtifactFile]
+    params: int
+
+
+def upload_problem(message: str, loc: list[Any] | None = None) -> InvalidRequest:
+    return InvalidRequest(message, errors=[{"loc": loc or ["body", "files"], "msg": message}])
+
+
+def check_upload_names(names: list[str]) -> None:
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        loc = ["body", "files", index]
+        if not SAFE_NAME.match(name):
+            raise upload_problem(f"file name {name!r} is not allowed (letters, digits, . _ - only; no paths)", loc)
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise upload_problem(f"{name}: only safetensors weights are accepted (no pickle-based formats)", loc)
+        if not name.lower().endswith(ALLOWED_SUFFIXES):
+            raise upload_problem(
+                f"{name}: unexpected file type; send config.json, *.safetensors and tokenizer files", loc
+            )
+        if name in seen:
+            raise upload_problem(f"{name} was sent twice", loc)
+        seen.add(name)
+    if "config.json" not in seen:
+        raise upload_problem("config.json is missing")
+    if not any(name.endswith(".safetensors") for name in seen):
+        raise upload_problem("no .safetensors weights were sent")
+
+
+def validate_model_folder(folder: Path, task: str) -> int:
+    """Checks an uploaded folder can be used: a transformers config with a model_type, readable safetensors
+    headers (parameter count returned), a tokenizer that loads. Reads headers only, never pickles."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as exc:
+        raise upload_problem(f"config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise upload_problem("config.json has no model_type")
+    try:
+        AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise upload_problem(f"config.json is not a transformers config: {exc}") from exc
+    params = 0
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shape = handle.get_slice(key).get_shape()
+                    count = 1
+                    for dim in shape:
+                        count *= int(dim)
+                    params += count
+        except Exception as exc:
+            raise upload_problem(f"{weights.name} is not a readable safetensors file: {exc}") from exc
+    try:
+        AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise upload_problem(f"the tokenizer files are missing or broken: {exc}") from exc
+    return params
+
+
+def store_uploaded_model(
+    artifacts_root: Path, uploads: list[tuple[str, BinaryIO]], *, task: str, max_bytes: int
+) -> UploadedModel:
+    """Stream the files into a staging folder (size-limited), validate, write distillery.json, rename into place.
+    Nothing is left on disk when it raises."""
+    check_upload_names([name for name, _ in uploads])
+    model_id = new_model_id()
+    destination = model_dir(artifacts_root, artifact_path_for(model_id))
+    staging = destination.parent / f".staging-{model_id}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        total = 0
+        for name, stream in uploads:
+            with (staging / name).open("wb") as handle:
+                while chunk := stream.read(1 << 20):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise PayloadTooLarge(f"the model is larger than {max_bytes} bytes")
+                    handle.write(chunk)
+        params = validate_model_folder(staging, task)
+        hf_config = json.loads((staging / "config.json").read_text())
+        meta: dict[str, Any] = {"task": task, "format": "transformers", "uploaded": True}
+        labels = hf_config.get("id2label")
+        if task == "text_classification" and isinstance(labels, dict):
+            meta["label_names"] = [labels[key] for key in sorted(labels, key=int)]
+        if task == "embedding":
+            meta.update({"pooling": "mean", "normalize": True})
+        (staging / TEXT_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        files = [ArtifactFile(p.name, p.stat().st_size, sha256_file(p)) for p in sorted(staging.iterdir())]
+        os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return UploadedModel(model_id, describe_model_dir(destination), files, params)

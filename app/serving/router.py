@@ -12,7 +12,7 @@ from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.models import service
 from app.models.schemas import Prediction, PredictRequest
-from app.serving.predictor import InputShapeError, StudentPredictor
+from app.serving.predictor import InputShapeError, Predictor, load_predictor
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -28,11 +28,11 @@ async def predict(
     predictor = cache.get(model_id)
     if predictor is None:
 
-        def load() -> StudentPredictor:
+        def load() -> Predictor:
             with db.read() as conn:
                 row = service.get_model_row(conn, model_id)
             directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
-            return StudentPredictor(model_id, directory, row["sha256"])
+            return load_predictor(model_id, directory, row["sha256"], row["config"])
 
         predictor = await run_in_threadpool(cache.get_or_load, model_id, load)
     elif not predictor.directory.exists():
@@ -41,7 +41,8 @@ async def predict(
         raise NotFound(f"no model {model_id!r}")
     try:
         # torch releases the GIL in the forward; the event loop keeps serving while it runs
-        result = await run_in_threadpool(predictor.predict, body.inputs)
+        parameters = body.parameters.model_dump() if body.parameters is not None else None
+        result = await run_in_threadpool(predictor.predict, body.inputs, parameters)
     except InputShapeError as exc:
         raise InvalidRequest(str(exc), errors=exc.errors) from exc
     return json_response(result)

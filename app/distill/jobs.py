@@ -1,0 +1,43 @@
+"""The core's one entry point: a job spec (plus resolved resources) → a trained, evaluated student ready to save."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.distill.artifacts import ArtifactFile, load_model_dir, save_model_dir
+from app.distill.resources import JobResources
+from app.distill.spec import JobSpec
+from app.distill.training import ProgressCallback, train_classifier
+
+
+@dataclass
+class TrainedStudent:
+    evaluation: dict[str, Any]
+    params: int
+    save: Callable[[Path, Mapping[str, Any]], list[ArtifactFile]]
+
+
+def run_job_spec(
+    spec: JobSpec,
+    resources: JobResources,
+    *,
+    progress: ProgressCallback | None = None,
+    device: torch.device | None = None,
+) -> TrainedStudent:
+    if spec.is_text:
+        from app.distill.text.training import train_text_model
+
+        text = train_text_model(spec, resources, progress=progress, device=device)
+        return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), text.save)
+    stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
+    tabular = train_classifier(spec, stored_teachers=stored, progress=progress, device=device)
+
+    def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:
+        return save_model_dir(tabular.student, destination, extra_config=dict(extra))  # type: ignore[arg-type]
+
+    return TrainedStudent(tabular.evaluation, int(tabular.evaluation["student_params"]), save)

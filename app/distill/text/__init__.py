@@ -1,0 +1,1 @@
+"""Text distillation: uploaded text datasets, offline corpora and tokenization into training tensors."""

@@ -1,0 +1,700 @@
+"""The training recipe for transformers students — causal LMs, text classifiers and sentence embedders — top to
+bottom: setup (teachers, tokenizer, data, student) → loss step → train → evaluate.
+
+One loop serves the three tasks; what differs is the forward and the loss (``TextObjective``). Logit losses come
+from ``app.distill.losses`` (token-level, masked, normalised by the trained-token count of the whole accumulated
+step), several teachers combine through ``app.distill.teachers``, and intermediate layers are matched through
+``FeatureMatcher``. On CUDA the student runs under bf16 autocast and the teachers are held in bf16; on the CPU the
+same code runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from app.distill.artifacts import ArtifactFile
+from app.distill.losses import (
+    chunked_distillation_loss,
+    distillation_loss,
+    forward_kl_from_topk,
+    hard_label_loss,
+    topk_teacher_logprobs,
+)
+from app.distill.resources import JobResources
+from app.distill.spec import (
+    BuiltinTeacher,
+    CorpusData,
+    DerivedArchitecture,
+    InlineData,
+    JobSpec,
+    StoredModelTeacher,
+    TeacherSpec,
+    TransformerArchitecture,
+    TransformersTeacher,
+    UploadedData,
+)
+from app.distill.teachers import combine_teacher_losses, normalised
+from app.distill.text import data as text_data
+from app.distill.text import models as text_models
+from app.distill.text.evaluation import evaluate_text
+from app.distill.training import (
+    SEED_DATA,
+    SEED_STUDENT,
+    SEED_TEACHER,
+    ProgressCallback,
+    ProgressUpdate,
+    build_optimizer,
+    derive_seed,
+    lr_multiplier,
+    select_device,
+)
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    tokenizer: Any
+    weight: float
+
+
+@dataclass
+class TextTrainingOutcome:
+    student: nn.Module
+    tokenizer: Any
+    evaluation: dict[str, Any]
+    train_seconds: float
+    steps: int
+    final_metrics: dict[str, float]
+    extra_config: dict[str, Any]
+
+    def save(self, destination: Path, extra_config: Mapping[str, Any] | None = None) -> list[ArtifactFile]:
+        return text_models.save_pretrained_dir(
+            self.student, self.tokenizer, destination, extra_config={**self.extra_config, **(extra_config or {})}
+        )
+
+
+# --- setup ---------------------------------------------------------------------------------------------------------
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer that needs no files (ByT5's): 256 byte ids + pad/eos/unk, no download."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def load_teacher(
+    spec: JobSpec, index: int, teacher: TeacherSpec, resources: JobResources, num_labels: int | None
+) -> Teacher:
+    task = spec.task
+    if isinstance(teacher, BuiltinTeacher):
+        architecture = teacher.architecture
+        if not isinstance(architecture, TransformerArchitecture):
+            raise ValueError("a text teacher is a transformer")
+        seed = teacher.seed if teacher.seed is not None else derive_seed(spec.training.seed, SEED_TEACHER, index)
+        tokenizer = resolve_tokenizer(architecture.tokenizer, None, resources)
+        config = with_vocab(architecture.config, tokenizer)
+        model = text_models.build_from_config(config, task, seed=seed, num_labels=num_labels)
+        return Teacher(model, tokenizer, teacher.weight)
+    if isinstance(teacher, StoredModelTeacher):
+        model, tokenizer = text_models.load_saved_dir(resources.stored_teachers[index], task)
+        return Teacher(model, tokenizer, teacher.weight)
+    if isinstance(teacher, TransformersTeacher):
+        path = text_models.resolve_model_path(
+            teacher.model, model_roots=resources.model_roots, allow_hub=resources.allow_hub
+        )
+        model, tokenizer = text_models.load_pretrained(path, task, num_labels=num_labels)
+        return Teacher(model, tokenizer, teacher.weight)
+    raise ValueError(f"teacher {index} must be resolved to a stored model before training")
+
+
+def resolve_tokenizer(name: str, teacher_tokenizer: Any, resources: JobResources) -> Any:
+    if name == "bytes":
+        return byte_tokenizer()
+    if name == "teacher":
+        if teacher_tokenizer is None:
+            raise ValueError("tokenizer 'teacher' needs a teacher")
+        return teacher_tokenizer
+    from transformers import AutoTokenizer
+
+    path = text_models.resolve_model_path(name, model_roots=resources.model_roots, allow_hub=resources.allow_hub)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def with_vocab(config: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Fill ``vocab_size`` (and pad/eos ids) from the tokenizer when the config leaves them out."""
+    merged = dict(config)
+    merged.setdefault("vocab_size", len(tokenizer))
+    for key, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+        if value is not None:
+            merged.setdefault(key, value)
+    return merged
+
+
+def load_records(spec: JobSpec, resources: JobResources, seed: int) -> list[dict[str, Any]]:
+    data = spec.data
+    if isinstance(data, UploadedData):
+        parsed = text_data.parse_jsonl(resources.dataset_files[data.dataset_id].read_bytes())
+        records = list(parsed.records)
+    elif isinstance(data, CorpusData):
+        if data.name == "sentences":
+            texts = text_data.builtin_sentences(max_sentences=data.max_documents, seed=seed)
+        else:
+            texts = text_data.builtin_corpus(data.name, max_documents=data.max_documents, seed=seed)
+        records = [{"text": text} for text in texts]
+    elif isinstance(data, InlineData):
+        records = [dict(record) for record in data.records]
+    else:
+        raise ValueError(f"data source {data.source} is not text")
+    if isinstance(data, UploadedData | CorpusData | InlineData) and data.max_records is not None:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(records), generator=generator)[: data.max_records]
+        records = [records[i] for i in order.tolist()]
+    return records
+
+
+def label_names_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return sorted({str(record["label"]) for record in records})
+
+
+def tokenize(
+    spec: JobSpec, records: Sequence[Mapping[str, Any]], tokenizer: Any, label_names: Sequence[str] | None
+) -> text_data.TokenizedExamples:
+    data = spec.data
+    assert isinstance(data, UploadedData | CorpusData | InlineData)
+    if spec.task == "causal_lm":
+        return text_data.tokenize_causal_lm(records, tokenizer, max_length=data.max_length, packing=data.packing)
+    if spec.task == "embedding":
+        return text_data.tokenize_sentences([str(r["text"]) for r in records], tokenizer, max_length=data.max_length)
+    assert label_names is not None
+    return text_data.tokenize_classification(records, tokenizer, max_length=data.max_length, label_names=label_names)
+
+
+def build_student(
+    spec: JobSpec, teachers: Sequence[Teacher], num_labels: int | None, resources: JobResources
+) -> tuple[nn.Module, Any, list[int] | None]:
+    """(student, its tokenizer, the teacher blocks it was derived from)."""
+    architecture = spec.student.architecture
+    if isinstance(architecture, DerivedArchitecture):
+        student, kept = text_models.derive_student(
+            teachers[0].model, keep_every=architecture.keep_every, layers=architecture.layers
+        )
+        return student, teachers[0].tokenizer, kept
+    if not isinstance(architecture, TransformerArchitecture):
+        raise ValueError("a text student is a transformer or derived from the teacher")
+    teacher_tokenizer = teachers[0].tokenizer if teachers else None
+    student_tokenizer = resolve_tokenizer(architecture.tokenizer, teacher_tokenizer, resources)
+    seed = spec.student.seed if spec.student.seed is not None else derive_seed(spec.training.seed, SEED_STUDENT)
+    config = with_vocab(architecture.config, student_tokenizer)
+    return text_models.build_from_config(config, spec.task, seed=seed, num_labels=num_labels), student_tokenizer, None
+
+
+# --- losses --------------------------------------------------------------------------------------------------------
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Σ CE over tokens from hidden states [N, H] and the LM head [V, H], chunk by chunk with recomputation in
+    backward, so the [N, V] logits never exist at once. Returns the sum (callers normalise)."""
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy((h @ weight.t()).float(), t, reduction="sum")
+
+    total = torch.zeros((), device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        part = checkpoint(
+            chunk_loss, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False
+        )
+        total = total + part
+    return total
+
+
+class FeatureMatcher(nn.Module):
+    """Hidden-state (and optionally attention-map) matching at mapped layers, with learned projections where the
+    widths differ. The projections train with the student but are not part of the saved student."""
+
+    def __init__(
+        self,
+        layer_map: Mapping[int, int],
+        student_width: int,
+        teacher_width: int,
+        loss: str,
+        projection: bool,
+    ) -> None:
+        super().__init__()
+        self.layer_map = dict(sorted(layer_map.items()))
+        self.loss = loss
+        if student_width != teacher_width and not projection:
+            raise ValueError(f"hidden widths differ ({student_width} vs {teacher_width}); enable features.projection")
+        self.projections = nn.ModuleDict(
+            {
+                str(s): nn.Linear(student_width, teacher_width, bias=False)
+                for s in self.layer_map
+                if student_width != teacher_width
+            }
+        )
+
+    def hidden_loss(
+        self, student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden states as returned with output_hidden_states (index 0 = embeddings, i + 1 = after block i);
+        mask [B, S] of real tokens. Mean over mapped layers of the masked per-token loss."""
+        weights = mask.float()
+        denominator = weights.sum().clamp_min(1.0)
+        total = torch.zeros((), device=mask.device)
+        for s_layer, t_layer in self.layer_map.items():
+            s = student_hidden[s_layer + 1].float()
+            t = teacher_hidden[t_layer + 1].float()
+            if str(s_layer) in self.projections:
+                s = self.projections[str(s_layer)](s)
+            if self.loss == "cosine":
+                per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
+            else:
+                per_token = (s - t).pow(2).mean(dim=-1)
+            total = total + (per_token * weights).sum() / denominator
+        return total / max(1, len(self.layer_map))
+
+    def attention_loss(
+        self, student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """attention probabilities [B, heads, S, S] per layer; MSE over real query rows at mapped layers."""
+        rows = mask.float()[:, None, :, None]
+        total = torch.zeros((), device=mask.device)
+        for s_layer, t_layer in self.layer_map.items():
+            s, t = student_attn[s_layer].float(), teacher_attn[t_layer].float()
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"attention maps differ in shape at layers {s_layer}/{t_layer}: {s.shape} vs {t.shape}"
+                )
+            total = total + ((s - t).pow(2) * rows).sum() / (rows.sum() * s.shape[1] * s.shape[-1]).clamp_min(1.0)
+        return total / max(1, len(self.layer_map))
+
+
+def default_layer_map(student_layers: int, teacher_layers: int, kept: Sequence[int] | None) -> dict[int, int]:
+    """Student block i ↔ the teacher block it was copied from (derived students), else evenly spaced blocks ending
+    at the teacher's last block."""
+    if kept is not None:
+        return dict(enumerate(kept))
+    return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
+
+
+def hidden_width(model: nn.Module) -> int:
+    config: Any = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if config is not None and hasattr(config, key):
+            return int(getattr(config, key))
+    raise ValueError(f"cannot tell the hidden width of {type(model).__name__}")
+
+
+def base_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+    """The body without the LM head: last hidden states (after the final norm) and optional hidden states."""
+    base = getattr(model, "base_model", model)
+    return base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+
+
+class TextObjective:
+    """The loss of one micro-batch for the job's task; returns (loss, logged terms)."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        teachers: Sequence[Teacher],
+        student: nn.Module,
+        features: FeatureMatcher | None,
+        alpha: float,
+    ) -> None:
+        self.spec = spec
+        self.objective = spec.objective
+        self.teachers = teachers
+        self.weights = normalised([t.weight for t in teachers]) if teachers else []
+        self.student = student
+        self.features = features
+        self.alpha = alpha
+        self.want_attentions = (
+            features is not None
+            and spec.objective.features is not None
+            and (spec.objective.features.attention_weight > 0)
+        )
+
+    def soft(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None,
+        normalizer: float | None,
+    ) -> torch.Tensor:
+        objective = self.objective
+        if objective.top_k is not None:
+            values, indices, tail = topk_teacher_logprobs(
+                teacher_logits, objective.top_k, temperature=objective.temperature
+            )
+            return forward_kl_from_topk(
+                student_logits,
+                values,
+                indices,
+                tail,
+                temperature=objective.temperature,
+                mask=mask,
+                scale_by_t2=objective.scale_by_t2,
+                normalizer=normalizer,
+            )
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            divergence=objective.divergence,
+            temperature=objective.temperature,
+            scale_by_t2=objective.scale_by_t2,
+            beta=objective.beta,
+            skew_lambda=objective.skew_lambda,
+            mask=mask,
+            normalizer=normalizer,
+            allow_vocab_padding=True,
+        )
+
+    def teacher_outputs(self, batch: text_data.TokenizedExamples, hidden: bool) -> list[Any]:
+        outputs = []
+        with torch.no_grad():
+            for teacher in self.teachers:
+                kwargs: dict[str, Any] = {"output_hidden_states": hidden}
+                if self.want_attentions:
+                    kwargs["output_attentions"] = True
+                if self.spec.task == "causal_lm" and self.objective.chunk_size is not None:
+                    outputs.append(base_forward(teacher.model, batch.input_ids, batch.attention_mask, **kwargs))
+                else:
+                    outputs.append(
+                        teacher.model(
+                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True, **kwargs
+                        )
+                    )
+        return outputs
+
+    def __call__(self, batch: text_data.TokenizedExamples, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+        task = self.spec.task
+        need_hidden = self.features is not None or task == "embedding"
+        kwargs: dict[str, Any] = {"output_hidden_states": need_hidden}
+        if self.want_attentions:
+            kwargs["output_attentions"] = True
+        chunked = task == "causal_lm" and self.objective.chunk_size is not None
+        if chunked or task == "embedding":
+            student_out = base_forward(self.student, batch.input_ids, batch.attention_mask, **kwargs)
+        else:
+            student_out = self.student(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True, **kwargs
+            )
+        teacher_outs = self.teacher_outputs(batch, need_hidden) if self.teachers and self.alpha < 1.0 else []
+        if self.features is not None and not teacher_outs and self.teachers:
+            teacher_outs = self.teacher_outputs(batch, True)
+
+        terms: dict[str, torch.Tensor] = {}
+        if task == "causal_lm":
+            terms.update(self.causal_terms(batch, student_out, teacher_outs, normalizer))
+        elif task == "embedding":
+            terms.update(self.embedding_terms(batch, student_out, teacher_outs))
+        else:
+            terms.update(self.classification_terms(batch, student_out, teacher_outs))
+
+        loss = (1.0 - self.alpha) * terms.get("kd", torch.zeros((), device=batch.input_ids.device))
+        loss = loss + self.alpha * terms.get("ce", torch.zeros((), device=batch.input_ids.device))
+        if self.features is not None and teacher_outs and self.objective.features is not None:
+            mask = batch.attention_mask.bool()
+            feature = self.features.hidden_loss(student_out.hidden_states, teacher_outs[0].hidden_states, mask)
+            terms["feature"] = feature
+            loss = loss + self.objective.features.weight * feature
+            if self.want_attentions:
+                attention = self.features.attention_loss(student_out.attentions, teacher_outs[0].attentions, mask)
+                terms["attention"] = attention
+                loss = loss + self.objective.features.attention_weight * attention
+        return loss, {name: float(value.detach()) for name, value in terms.items()} | {"loss": float(loss.detach())}
+
+    def causal_terms(
+        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any], normalizer: float
+    ) -> dict[str, torch.Tensor]:
+        assert batch.loss_mask is not None and batch.labels is not None
+        mask = batch.loss_mask
+        terms: dict[str, torch.Tensor] = {}
+        if self.objective.chunk_size is not None:
+            chunk = self.objective.chunk_size
+            hidden = student_out.last_hidden_state[mask]  # [N, H]: only trained positions
+            head = self.student.get_output_embeddings()  # type: ignore[operator]
+            if teacher_outs:
+                terms["kd"] = self.chunked_kd(hidden, head, teacher_outs, mask, normalizer, chunk)
+            if self.alpha > 0:
+                targets = batch.labels[:, 1:][mask[:, :-1]]
+                terms["ce"] = chunked_cross_entropy(hidden, head.weight, targets, chunk) / normalizer
+            return terms
+        logits = student_out.logits
+        if teacher_outs:
+            terms["kd"] = combine_teacher_losses(
+                logits,
+                [out.logits for out in teacher_outs],
+                self.weights,
+                self.objective.teacher_combine,
+                self.objective.temperature,
+                lambda s, t: self.soft(s, t, mask, normalizer),
+            )
+        if self.alpha > 0:
+            # logits[:, t] predict token t + 1; labels are aligned with input_ids
+            terms["ce"] = hard_label_loss(logits[:, :-1], batch.labels[:, 1:], normalizer=normalizer)
+        return terms
+
+    def chunked_kd(
+        self,
+        hidden: torch.Tensor,
+        head: nn.Module,
+        teacher_outs: Sequence[Any],
+        mask: torch.Tensor,
+        normalizer: float,
+        chunk: int,
+    ) -> torch.Tensor:
+        objective = self.objective
+        total = torch.zeros((), device=hidden.device)
+        for weight, teacher, out in zip(self.weights, self.teachers, teacher_outs, strict=True):
+            teacher_head = teacher.model.get_output_embeddings()  # type: ignore[operator]
+            total = total + weight * chunked_distillation_loss(
+                hidden,
+                head.weight,  # type: ignore[arg-type]
+                out.last_hidden_state[mask],
+                teacher_head.weight,
+                chunk_size=chunk,
+                divergence=objective.divergence,
+                temperature=objective.temperature,
+                scale_by_t2=objective.scale_by_t2,
+                beta=objective.beta,
+                skew_lambda=objective.skew_lambda,
+                normalizer=normalizer,
+                student_bias=getattr(head, "bias", None),
+                teacher_bias=getattr(teacher_head, "bias", None),
+                allow_vocab_padding=True,
+            )
+        return total
+
+    def classification_terms(
+        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any]
+    ) -> dict[str, torch.Tensor]:
+        logits = student_out.logits
+        terms: dict[str, torch.Tensor] = {}
+        if teacher_outs:
+            terms["kd"] = combine_teacher_losses(
+                logits,
+                [out.logits for out in teacher_outs],
+                self.weights,
+                self.objective.teacher_combine,
+                self.objective.temperature,
+                lambda s, t: self.soft(s, t, None, None),
+            )
+        if self.alpha > 0 and batch.labels is not None:
+            terms["ce"] = hard_label_loss(logits, batch.labels)
+        return terms
+
+    def embedding_terms(
+        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any]
+    ) -> dict[str, torch.Tensor]:
+        student_embedding = mean_pool(student_out.last_hidden_state.float(), batch.attention_mask)
+        mse = torch.zeros((), device=student_embedding.device)
+        cosine = torch.zeros((), device=student_embedding.device)
+        for weight, out in zip(self.weights, teacher_outs, strict=True):
+            teacher_embedding = mean_pool(out.last_hidden_state.float(), batch.attention_mask)
+            mse = mse + weight * F.mse_loss(student_embedding, teacher_embedding)
+            cosine = cosine + weight * (1.0 - F.cosine_similarity(student_embedding, teacher_embedding, dim=-1)).mean()
+        kd = self.objective.embedding_mse_weight * mse + self.objective.embedding_cosine_weight * cosine
+        return {"kd": kd, "mse": mse, "cosine_distance": cosine}
+
+
+# --- the recipe ------------------------------------------------------------------------------------------------------
+
+
+def precision_of(spec: JobSpec, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32."""
+    precision = spec.training.precision
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def text_batch_size(spec: JobSpec) -> int:
+    return spec.training.batch_size or 16
+
+
+def text_steps(spec: JobSpec, n_train: int) -> int:
+    if spec.training.steps is not None:
+        return spec.training.steps
+    per_step = text_batch_size(spec) * spec.training.gradient_accumulation
+    epochs = spec.training.epochs if spec.training.epochs is not None else 1
+    return max(1, epochs * math.ceil(n_train / per_step))
+
+
+def to_device(batch: text_data.TokenizedExamples, device: torch.device) -> text_data.TokenizedExamples:
+    return text_data.TokenizedExamples(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        labels=None if batch.labels is None else batch.labels.to(device),
+        loss_mask=None if batch.loss_mask is None else batch.loss_mask.to(device),
+    )
+
+
+class MicroBatches:
+    """An endless stream of micro-batches: epoch after epoch of seeded shuffles."""
+
+    def __init__(self, examples: text_data.TokenizedExamples, batch_size: int, seed: int) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self._iterator = text_data.batches(examples, batch_size, seed=seed, epoch=0)
+
+    def next(self) -> text_data.TokenizedExamples:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.epoch += 1
+            self._iterator = text_data.batches(self.examples, self.batch_size, seed=self.seed, epoch=self.epoch)
+            return next(self._iterator)
+
+
+def trained_units(spec: JobSpec, batch: text_data.TokenizedExamples) -> int:
+    """What the loss is normalised by: trained tokens (causal LM) or examples."""
+    if spec.task == "causal_lm":
+        assert batch.loss_mask is not None
+        return int(batch.loss_mask.sum())
+    return len(batch)
+
+
+def train_text_model(
+    spec: JobSpec,
+    resources: JobResources,
+    *,
+    progress: ProgressCallback | None = None,
+    device: torch.device | None = None,
+) -> TextTrainingOutcome:
+    """Run a text job and evaluate it. Blocking; call it off any event loop."""
+    device = device or select_device(spec.training.device)
+    report = progress or (lambda update: None)
+    training = spec.training
+    autocast_dtype = precision_of(spec, device)
+
+    # --- setup ---
+    report(ProgressUpdate("loading", 0, 0))
+    data_seed = getattr(spec.data, "seed", None)
+    data_seed = data_seed if data_seed is not None else derive_seed(training.seed, SEED_DATA)
+    records = load_records(spec, resources, data_seed)
+    assert isinstance(spec.data, UploadedData | CorpusData | InlineData)
+    train_records, test_records = text_data.split_records(records, spec.data.test_fraction, data_seed)
+    label_names = label_names_of(records) if spec.task == "text_classification" else None
+    num_labels = len(label_names) if label_names is not None else None
+
+    teachers = [
+        load_teacher(spec, index, teacher, resources, num_labels) for index, teacher in enumerate(spec.all_teachers())
+    ]
+    student, tokenizer, kept = build_student(spec, teachers, num_labels, resources)
+    for teacher in teachers:
+        teacher.model.requires_grad_(False)
+        teacher.model.eval()
+        teacher.model.to(device=device, dtype=autocast_dtype or torch.float32)
+    student.to(device)
+    train_examples = tokenize(spec, train_records, tokenizer, label_names)
+    test_examples = tokenize(spec, test_records, tokenizer, label_names)
+
+    features: FeatureMatcher | None = None
+    if spec.objective.features is not None and teachers:
+        feature_spec = spec.objective.features
+        student_layers = text_models.layer_count(student)
+        teacher_layers = text_models.layer_count(teachers[0].model)
+        layer_map = feature_spec.layer_map or default_layer_map(student_layers, teacher_layers, kept)
+        for s_layer, t_layer in layer_map.items():
+            if s_layer >= student_layers or t_layer >= teacher_layers:
+                depths = f"student {student_layers}, teacher {teacher_layers} blocks"
+                raise ValueError(f"layer map {s_layer}→{t_layer} is out of range ({depths})")
+        features = FeatureMatcher(
+            layer_map,
+            hidden_width(student),
+            hidden_width(teachers[0].model),
+            feature_spec.loss,
+            feature_spec.projection,
+        ).to(device)
+        if feature_spec.attention_weight > 0:
+            for model in (student, teachers[0].model):
+                setter: Any = getattr(model, "set_attn_implementation", None)
+                if setter is not None:
+                    setter("eager")  # attention probabilities are only returned by the eager kernel
+
+    alpha = 1.0 if not teachers else spec.objective.alpha
+    objective = TextObjective(spec, teachers, student, features, alpha)
+    trainable = nn.ModuleList([student, features]) if features is not None else student
+    optimizer = build_optimizer(trainable, training)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    total_steps = text_steps(spec, len(train_examples))
+    stream = MicroBatches(train_examples, text_batch_size(spec), training.seed)
+    forward_model: nn.Module = student
+    if training.compile:
+        forward_model = torch.compile(student)  # type: ignore[assignment]
+        objective.student = forward_model
+
+    # --- train ---
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(total_steps):
+        multiplier = lr_multiplier(step, total_steps, training)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * multiplier
+        micro = [to_device(stream.next(), device) for _ in range(training.gradient_accumulation)]
+        # normalise by the whole accumulated step, so accumulation equals one big batch
+        normalizer = float(max(1, sum(trained_units(spec, batch) for batch in micro)))
+        student.train()
+        step_metrics: dict[str, float] = {}
+        for batch in micro:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, terms = objective(batch, normalizer)
+            if spec.task != "causal_lm":
+                loss = loss * (len(batch) / normalizer)  # example-mean losses: weight by the micro-batch's share
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, value in terms.items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + value
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
+        report(ProgressUpdate("training", step + 1, total_steps, metrics))
+    train_seconds = time.perf_counter() - started
+
+    # --- evaluate ---
+    report(ProgressUpdate("evaluating", total_steps, total_steps, metrics))
+    student.eval()
+    evaluation = evaluate_text(
+        spec.task,
+        student,
+        [(t.model, t.weight) for t in teachers],
+        test_examples,
+        device,
+        max_examples=spec.evaluation.max_examples,
+        latency_batch_size=spec.evaluation.latency_batch_size,
+        latency_repeats=spec.evaluation.latency_repeats,
+        retrieval_k=spec.evaluation.retrieval_k,
+    )
+    evaluation.update({"train_seconds": train_seconds, "steps": total_steps, "train_examples": len(train_examples)})
+    extra: dict[str, Any] = {"task": spec.task, "format": "transformers"}
+    if kept is not None:
+        extra["derived_from_layers"] = kept
+    if label_names is not None:
+        extra["label_names"] = label_names
+    if spec.task == "embedding":
+        extra["pooling"] = "mean"
+        extra["normalize"] = True
+    student.to("cpu")
+    return TextTrainingOutcome(student, tokenizer, evaluation, train_seconds, total_steps, metrics, extra)
