@@ -57,7 +57,7 @@ def with_seed(spec: dict[str, Any], seed: int) -> dict[str, Any]:
 def run_job(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
     response = client.post("/v1/jobs", json=spec)
     response.raise_for_status()
-    job = wait_for_status(client, response.json()["id"], ("succeeded", "failed", "cancelled"), timeout=300)
+    job = wait_for_status(client, response.json()["id"], ("succeeded", "failed", "cancelled"), timeout=3600)
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job['id']} {job['status']}: {job['error']}")
     return job

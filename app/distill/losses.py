@@ -679,6 +679,21 @@ class _ChunkConfig:
     allow_vocab_padding: bool
     chunk_size: int
     needs_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
+    compile_pointwise: bool = False
+
+
+_COMPILED_POINTWISE: dict[str, Any] = {}
+
+
+def _pointwise_kernel(compile_pointwise: bool) -> Any:
+    """The per-chunk divergence, optionally under torch.compile: on GPUs the dozen [chunk, V] elementwise passes
+    (softmaxes, logs, products) and their backward fuse into a few kernels, which is where the loss spends its
+    memory bandwidth. Compiled once per process (and once more for the last, shorter chunk)."""
+    if not compile_pointwise:
+        return _pointwise_distillation
+    if "kernel" not in _COMPILED_POINTWISE:
+        _COMPILED_POINTWISE["kernel"] = torch.compile(_pointwise_distillation, dynamic=False)
+    return _COMPILED_POINTWISE["kernel"]
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -716,12 +731,13 @@ class _ChunkedDistillation(torch.autograd.Function):
             grad_bias = torch.zeros_like(student_bias, dtype=accumulate_dtype)
         total = student_hidden.new_zeros((), dtype=_compute_dtype(student_hidden, teacher_hidden))
 
+        pointwise = _pointwise_kernel(config.compile_pointwise)
         for start in range(0, student_hidden.shape[0], config.chunk_size):
             rows = slice(start, start + config.chunk_size)
             teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
             hidden_leaf = student_hidden[rows].detach().requires_grad_(need_hidden)
             with torch.set_grad_enabled(any_grad):
-                values, _ = _pointwise_distillation(
+                values, _ = pointwise(
                     F.linear(hidden_leaf, weight_leaf, bias_leaf),
                     teacher_logits,
                     divergence=config.divergence,
@@ -787,6 +803,7 @@ def chunked_distillation_loss(
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     allow_vocab_padding: bool = False,
+    compile_pointwise: bool = False,
 ) -> Tensor:
     """:func:`distillation_loss` (reduction "mean") from final hidden states, never holding all logits.
 
@@ -805,6 +822,7 @@ def chunked_distillation_loss(
         mask: ``[N]`` (or the leading shape) bool, True = real token.
         divergence, temperature, scale_by_t2, beta, skew_lambda, normalizer, allow_vocab_padding: as in
             :func:`distillation_loss`.
+        compile_pointwise: run the per-chunk divergence under torch.compile (GPU training; same values).
 
     Returns:
         0-dim tensor. The gradients are computed during this call (one pass, no recomputation) when grad
@@ -863,6 +881,7 @@ def chunked_distillation_loss(
         skew_lambda=skew_lambda,
         allow_vocab_padding=allow_vocab_padding,
         chunk_size=chunk_size,
+        compile_pointwise=compile_pointwise,
         needs_grad=(
             grad_on and student_hidden.requires_grad,
             grad_on and student_lm_head_weight.requires_grad,

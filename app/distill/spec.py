@@ -67,7 +67,8 @@ class TransformerArchitecture(SpecModel):
         """Rough parameter count from the config (embeddings + 12·h² per layer), for the size limit check."""
         hidden = int(self.config.get("hidden_size", self.config.get("n_embd", 768)))
         layers = int(self.config.get("num_hidden_layers", self.config.get("n_layer", 12)))
-        vocab = int(self.config.get("vocab_size", 50_000))
+        # the tokenizer fixes the vocabulary when the config leaves it out
+        vocab = int(self.config.get("vocab_size", 384 if self.tokenizer == "bytes" else 50_000))
         intermediate = int(self.config.get("intermediate_size", self.config.get("n_inner") or 4 * hidden))
         return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * intermediate)
 
@@ -113,6 +114,11 @@ class BuiltinTeacher(SpecModel):
     architecture: TeacherArchitecture
     seed: int | None = Field(None, ge=0, description="Init seed; default derived from training.seed.")
     weight: float = TeacherWeight
+    pretrain: TrainingSpec | None = Field(
+        None,
+        description="Text tasks: first train this teacher on the job's train split with hard labels (next tokens "
+        "or classes), then distil it: a realistic teacher → student chain in one job.",
+    )
 
 
 class StoredModelTeacher(SpecModel):
@@ -638,3 +644,7 @@ def check_spec(
     if teacher_shape is not None:
         shapes.setdefault(0, teacher_shape)
     return SpecChecker(spec, limits, shapes, dataset_kind).run()
+
+
+BuiltinTeacher.model_rebuild()
+JobSpec.model_rebuild()

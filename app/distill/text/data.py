@@ -303,8 +303,9 @@ def parse_csv(data: bytes, *, label_column: str = "label", max_records: int = 1_
     except UnicodeDecodeError as error:
         line_number = data.count(b"\n", 0, error.start) + 1
         raise DatasetFormatError(line_number, "invalid UTF-8") from None
-    # newline="" hands line endings to the csv module untranslated, as its documentation requires
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # newline="" hands line endings to the csv module untranslated, as its documentation requires; strict=True makes
+    # bad quoting (an unclosed quote would otherwise swallow the rest of the file into one cell) an error
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = [name.strip() for name in next(reader, [])]
         if not header:
@@ -389,10 +390,10 @@ def builtin_corpus(name: BuiltinCorpusName, *, max_documents: int, min_chars: in
     """Real text for language-model distillation, read offline from this machine's Python standard library.
 
     ``python-stdlib``: the stdlib's ``.py`` files (without test suites, ``idlelib``, ``lib2to3``, the generated
-    tables of ``encodings`` and ``pydoc_data``, and ``site-packages``), cut on line boundaries into documents of about 1,000–2,000 characters, preferring blank
-    lines (between functions) as cut points. ``python-docstrings``: module, class and function docstrings,
-    cleaned with ``inspect.cleandoc`` and deduplicated. Either way documents shorter than ``min_chars`` are left
-    out.
+    tables of ``encodings`` and ``pydoc_data``, and ``site-packages``), cut on line boundaries into documents of
+    about 1,000–2,000 characters, preferring blank lines (between functions) as cut points. ``python-docstrings``:
+    module, class and function docstrings, cleaned with ``inspect.cleandoc`` (and trailing spaces removed) and
+    deduplicated. Either way documents shorter than ``min_chars`` are left out.
 
     Deterministic for a given ``seed`` and Python version: files are read in sorted order, then the documents are
     shuffled by ``random.Random(seed)``; the first ``max_documents`` are returned (fewer if the corpus is smaller).
@@ -505,8 +506,11 @@ def _stdlib_docstrings() -> tuple[str, ...]:
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                # clean=True applies inspect.cleandoc: common indentation and blank edge lines removed
+                # clean=True applies inspect.cleandoc (common indentation and blank edge lines removed); trailing
+                # spaces, which cleandoc leaves, are noise to a language model
                 docstring = ast.get_docstring(node, clean=True)
+                if docstring:
+                    docstring = "\n".join(line.rstrip() for line in docstring.splitlines()).strip()
                 if docstring and docstring not in seen:
                     seen.add(docstring)
                     docstrings.append(docstring)
@@ -741,17 +745,18 @@ def tokenize_causal_lm(
     ``packing=False``: one row per record, right-padded to the longest row (at most ``max_length``). Too-long
     records are truncated: text from the right (a truncated document loses its end token: it did not end there);
     prompt/completion by dropping prompt tokens *from the left* first (the end of a prompt matters most to its
-    completion; BOS is kept), down to one context token, then completion tokens from the right. So a record
-    trains ``min(len(completion) + 1, max_length - 1)`` tokens (with ``add_eos``).
+    completion; BOS is kept), down to one context token, then completion tokens from the right. So a record with a
+    non-empty prompt trains ``min(len(completion) + 1, max_length - 1)`` tokens (with ``add_eos``).
 
     ``packing=True``: all records are concatenated into one token stream (each ends with its end token, which
-    separates documents) and cut into ``max_length`` rows with no padding — only a stream shorter than
-    ``max_length`` gives a shorter single row. Consecutive rows overlap by one token so that every next-token
-    transition of the stream is trained exactly once (a row's first token has no context in that row; it was the
-    previous row's last target). The last row is aligned to the stream's end; positions the previous row already
-    trained are context (label -100) there. Records are not truncated when packed: a long record continues in the
-    next row, and per-token targets (completion vs prompt) are kept through the cut. Attention is not masked
-    between documents sharing a row (the usual packing trade-off: cheaper, slightly noisier).
+    separates documents; with ``add_eos=False`` they run into each other) and cut into ``max_length`` rows with no
+    padding — only a stream shorter than ``max_length`` gives a shorter single row. Consecutive rows overlap by one
+    token so that every next-token transition of the stream is trained exactly once (a row's first token has no
+    context in that row; it was the previous row's last target). The last row is aligned to the stream's end;
+    positions the previous row already trained are context (label -100) there. Records are not truncated when
+    packed: a long record continues in the next row, and per-token targets (completion vs prompt) are kept through
+    the cut. Attention is not masked between documents sharing a row (the usual packing trade-off: cheaper,
+    slightly noisier).
 
     Raises:
         DatasetFormatError: ``line=index + 1`` for a record that has neither a string ``text`` nor string

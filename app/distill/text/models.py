@@ -61,6 +61,19 @@ CONFIG_FILE = "config.json"
 # What a hub download fetches: configs, safetensors weights, tokenizer files and chat templates. Never *.bin/*.pt
 # (pickle) and never *.py (remote code).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja"]
+# "tokenizer*" would also match a tokenizer.py or tokenizer.bin: never fetched, even though nothing here would run them.
+HUB_IGNORE_PATTERNS = ["*.py", "*.pyc", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.h5", "*.msgpack"]
+
+# Any of these means a folder has a tokenizer of its own (fast, slow BPE/WordPiece, or sentencepiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 # Pickle-based weight files: a folder that has only these cannot be loaded here, and a save must never produce them.
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -229,7 +242,9 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        folder = Path(
+            snapshot_download(repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
+        )
     except Exception as exc:  # network, auth, missing repo: all mean "this reference cannot be used"
         raise ModelSourceError(f"cannot download model {repo_id!r}: {exc}", field="path") from exc
     _check_model_folder(folder, repo_id)
@@ -254,9 +269,17 @@ def _auto_class(task: TextTask) -> Any:
     }[task]
 
 
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    # Without these, AutoTokenizer may still build an empty tokenizer from config.json (BERT's five special tokens),
+    # which would silently turn every text into [UNK].
+    if not _has_tokenizer_files(path):
+        raise ModelSourceError(f"no tokenizer files in {path.name!r}", field="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # missing files, a broken tokenizer.json, an unknown tokenizer class
@@ -310,7 +333,9 @@ def load_pretrained(
 @contextmanager
 def _seeded(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
     """Seed the RNG for the block (random init), restoring the caller's RNG state afterwards."""
-    cuda_devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    cuda_devices: list[int] = []
+    if device is not None and device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):
         if seed is not None:
             torch.manual_seed(seed)
@@ -407,8 +432,8 @@ def _renumber_blocks(stack: nn.ModuleList) -> None:
     """
     for new_index, block in enumerate(stack):
         for module in block.modules():
-            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int | None):
-                module.layer_idx = new_index
+            if "layer_idx" in vars(module) and isinstance(vars(module)["layer_idx"], int | None):
+                setattr(module, "layer_idx", new_index)  # noqa: B010 (an attribute nn.Module does not declare)
             if getattr(module, "scale_attn_by_inverse_layer_idx", False) and hasattr(module, "scaling"):
                 head_dim: int = getattr(module, "head_dim")  # noqa: B009 (set by GPT2Attention, unknown to nn.Module)
                 scaling = head_dim**-0.5 if getattr(module, "scale_attn_weights", True) else 1.0
@@ -428,7 +453,7 @@ def _set_config_depth(config: PretrainedConfig, kept: Sequence[int], old_depth: 
 def _check_layer_selection(layers: Sequence[int], depth: int) -> list[int]:
     kept = list(layers)
     if not kept:
-        raise ModelSourceError(f"keep at least one layer (the teacher has {depth})", field="layers")
+        raise ModelSourceError(f"keep at least one layer (the teacher has {depth} layers)", field="layers")
     for index in kept:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
             raise ModelSourceError(
@@ -457,11 +482,15 @@ def derive_student(
     from its saved folder: ``layer_idx`` 0..n-1, per-layer config fields sliced) and then loaded with the teacher's
     tensors, copied: training the student never touches the teacher. It has the teacher's class, dtype, device and
     train/eval mode; its parameters all require grad. Returns (student, kept teacher block indices).
+
+    Non-persistent buffers (rotary frequencies) are computed as a fresh model computes them, not copied: a teacher
+    cast with ``.to(torch.bfloat16)`` holds bf16 rotary frequencies, its student float32 ones, as from_pretrained
+    would give it, so their outputs can differ slightly even where the student keeps every block.
     """
-    if (keep_every is None) == (layers is None):
-        raise ModelSourceError("give either keep_every or layers", field="layers")
     stack_path, stack = _find_layer_stack(teacher)
     depth = len(stack)
+    if (keep_every is None) == (layers is None):
+        raise ModelSourceError(f"give one of keep_every or layers (the teacher has {depth} layers)", field="layers")
     if keep_every is not None:
         if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 1:
             raise ModelSourceError(
@@ -590,10 +619,6 @@ def save_pretrained_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sorted(files, key=lambda f: f.path)
-
-
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
 
 
 def load_saved_dir(

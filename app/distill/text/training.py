@@ -39,6 +39,7 @@ from app.distill.spec import (
     JobSpec,
     StoredModelTeacher,
     TeacherSpec,
+    TrainingSpec,
     TransformerArchitecture,
     TransformersTeacher,
     UploadedData,
@@ -62,14 +63,14 @@ from app.distill.training import (
 
 @dataclass
 class Teacher:
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel (loosely typed upstream)
     tokenizer: Any
     weight: float
 
 
 @dataclass
 class TextTrainingOutcome:
-    student: nn.Module
+    student: Any  # a transformers PreTrainedModel
     tokenizer: Any
     evaluation: dict[str, Any]
     train_seconds: float
@@ -93,10 +94,16 @@ def byte_tokenizer() -> Any:
     return ByT5Tokenizer(extra_ids=0)
 
 
+def text_task(spec: JobSpec) -> text_models.TextTask:
+    if spec.task == "classification":
+        raise ValueError("tabular classification is not a text task")
+    return spec.task
+
+
 def load_teacher(
     spec: JobSpec, index: int, teacher: TeacherSpec, resources: JobResources, num_labels: int | None
 ) -> Teacher:
-    task = spec.task
+    task = text_task(spec)
     if isinstance(teacher, BuiltinTeacher):
         architecture = teacher.architecture
         if not isinstance(architecture, TransformerArchitecture):
@@ -135,7 +142,12 @@ def with_vocab(config: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
     """Fill ``vocab_size`` (and pad/eos ids) from the tokenizer when the config leaves them out."""
     merged = dict(config)
     merged.setdefault("vocab_size", len(tokenizer))
-    for key, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for key, value in (
+        ("pad_token_id", tokenizer.pad_token_id),
+        ("eos_token_id", tokenizer.eos_token_id),
+        ("bos_token_id", bos),
+    ):
         if value is not None:
             merged.setdefault(key, value)
     return merged
@@ -196,7 +208,8 @@ def build_student(
     student_tokenizer = resolve_tokenizer(architecture.tokenizer, teacher_tokenizer, resources)
     seed = spec.student.seed if spec.student.seed is not None else derive_seed(spec.training.seed, SEED_STUDENT)
     config = with_vocab(architecture.config, student_tokenizer)
-    return text_models.build_from_config(config, spec.task, seed=seed, num_labels=num_labels), student_tokenizer, None
+    student = text_models.build_from_config(config, text_task(spec), seed=seed, num_labels=num_labels)
+    return student, student_tokenizer, None
 
 
 # --- losses --------------------------------------------------------------------------------------------------------
@@ -465,7 +478,7 @@ class TextObjective:
         objective = self.objective
         total = torch.zeros((), device=hidden.device)
         for weight, teacher, out in zip(self.weights, self.teachers, teacher_outs, strict=True):
-            teacher_head = teacher.model.get_output_embeddings()  # type: ignore[operator]
+            teacher_head = teacher.model.get_output_embeddings()
             total = total + weight * chunked_distillation_loss(
                 hidden,
                 head.weight,  # type: ignore[arg-type]
@@ -481,6 +494,7 @@ class TextObjective:
                 student_bias=getattr(head, "bias", None),
                 teacher_bias=getattr(teacher_head, "bias", None),
                 allow_vocab_padding=True,
+                compile_pointwise=self.spec.training.compile,
             )
         return total
 
@@ -575,6 +589,89 @@ def trained_units(spec: JobSpec, batch: text_data.TokenizedExamples) -> int:
     return len(batch)
 
 
+def run_steps(
+    spec: JobSpec,
+    objective: TextObjective,
+    model: nn.Module,
+    trainable: nn.Module,
+    training: TrainingSpec,
+    total_steps: int,
+    examples: text_data.TokenizedExamples,
+    device: torch.device,
+    report: ProgressCallback,
+    stage: str,
+) -> tuple[dict[str, float], float]:
+    """The optimisation loop: warmup/decay schedule, gradient accumulation normalised over the whole step,
+    autocast where configured, clipping, a progress report per step. Returns (last metrics, seconds)."""
+    autocast_dtype = precision_of(spec, device)
+    optimizer = build_optimizer(trainable, training)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    stream = MicroBatches(examples, training.batch_size or 16, training.seed)
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(total_steps):
+        multiplier = lr_multiplier(step, total_steps, training)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * multiplier
+        micro = [to_device(stream.next(), device) for _ in range(training.gradient_accumulation)]
+        # normalise by the whole accumulated step, so accumulation equals one big batch
+        normalizer = float(max(1, sum(trained_units(spec, batch) for batch in micro)))
+        model.train()
+        step_metrics: dict[str, float] = {}
+        for batch in micro:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, terms = objective(batch, normalizer)
+            if spec.task != "causal_lm":
+                loss = loss * (len(batch) / normalizer)  # example-mean losses: weight by the micro-batch's share
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, value in terms.items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + value
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
+        report(ProgressUpdate(stage, step + 1, total_steps, metrics))
+    model.eval()
+    return metrics, time.perf_counter() - started
+
+
+def pretrain_teachers(
+    spec: JobSpec,
+    teachers: Sequence[Teacher],
+    train_records: Sequence[Mapping[str, Any]],
+    label_names: Sequence[str] | None,
+    device: torch.device,
+    report: ProgressCallback,
+) -> dict[str, float]:
+    """Train builtin teachers that ask for it on the train split, hard labels only. Returns seconds per teacher."""
+    seconds: dict[str, float] = {}
+    for index, (teacher, spec_teacher) in enumerate(zip(teachers, spec.all_teachers(), strict=True)):
+        if not isinstance(spec_teacher, BuiltinTeacher) or spec_teacher.pretrain is None:
+            continue
+        pretrain = spec_teacher.pretrain
+        examples = tokenize(spec, train_records, teacher.tokenizer, label_names)
+        teacher.model.to(device)
+        objective = TextObjective(spec, [], teacher.model, None, alpha=1.0)
+        steps = pretrain.steps or max(
+            1, (pretrain.epochs or 1) * math.ceil(len(examples) / (pretrain.batch_size or 16))
+        )
+        _, elapsed = run_steps(
+            spec,
+            objective,
+            teacher.model,
+            teacher.model,
+            pretrain,
+            steps,
+            examples,
+            device,
+            report,
+            f"pretraining teacher {index}",
+        )
+        seconds[f"teacher_{index}_pretrain_seconds"] = elapsed
+    return seconds
+
+
 def train_text_model(
     spec: JobSpec,
     resources: JobResources,
@@ -601,6 +698,7 @@ def train_text_model(
     teachers = [
         load_teacher(spec, index, teacher, resources, num_labels) for index, teacher in enumerate(spec.all_teachers())
     ]
+    pretrain_seconds = pretrain_teachers(spec, teachers, train_records, label_names, device, report)
     student, tokenizer, kept = build_student(spec, teachers, num_labels, resources)
     for teacher in teachers:
         teacher.model.requires_grad_(False)
@@ -636,42 +734,14 @@ def train_text_model(
     alpha = 1.0 if not teachers else spec.objective.alpha
     objective = TextObjective(spec, teachers, student, features, alpha)
     trainable = nn.ModuleList([student, features]) if features is not None else student
-    optimizer = build_optimizer(trainable, training)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     total_steps = text_steps(spec, len(train_examples))
-    stream = MicroBatches(train_examples, text_batch_size(spec), training.seed)
-    forward_model: nn.Module = student
     if training.compile:
-        forward_model = torch.compile(student)  # type: ignore[assignment]
-        objective.student = forward_model
+        objective.student = torch.compile(student)  # type: ignore[assignment]
 
     # --- train ---
-    started = time.perf_counter()
-    metrics: dict[str, float] = {}
-    for step in range(total_steps):
-        multiplier = lr_multiplier(step, total_steps, training)
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * multiplier
-        micro = [to_device(stream.next(), device) for _ in range(training.gradient_accumulation)]
-        # normalise by the whole accumulated step, so accumulation equals one big batch
-        normalizer = float(max(1, sum(trained_units(spec, batch) for batch in micro)))
-        student.train()
-        step_metrics: dict[str, float] = {}
-        for batch in micro:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, terms = objective(batch, normalizer)
-            if spec.task != "causal_lm":
-                loss = loss * (len(batch) / normalizer)  # example-mean losses: weight by the micro-batch's share
-            loss.backward()  # type: ignore[no-untyped-call]
-            for name, value in terms.items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + value
-        if training.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable.parameters(), training.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
-        report(ProgressUpdate("training", step + 1, total_steps, metrics))
-    train_seconds = time.perf_counter() - started
+    metrics, train_seconds = run_steps(
+        spec, objective, student, trainable, training, total_steps, train_examples, device, report, "training"
+    )
 
     # --- evaluate ---
     report(ProgressUpdate("evaluating", total_steps, total_steps, metrics))
@@ -688,6 +758,7 @@ def train_text_model(
         retrieval_k=spec.evaluation.retrieval_k,
     )
     evaluation.update({"train_seconds": train_seconds, "steps": total_steps, "train_examples": len(train_examples)})
+    evaluation.update(pretrain_seconds)
     extra: dict[str, Any] = {"task": spec.task, "format": "transformers"}
     if kept is not None:
         extra["derived_from_layers"] = kept

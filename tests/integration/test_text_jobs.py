@@ -1,0 +1,219 @@
+"""Text jobs through the real api, Postgres, Redis and worker: tiny transformers built from configs (no
+downloads), uploaded datasets and models, text predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, wait_for_status
+
+pytestmark = pytest.mark.integration
+
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 2, "n_positions": 128}
+
+
+def submit(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def finished(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
+    done = wait_for_status(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=240)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def causal_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "tiny-causal",
+        "task": "causal_lm",
+        "teacher": {
+            "source": "builtin",
+            "architecture": {"type": "transformer", "config": TINY_GPT2},
+            "pretrain": {"steps": 15, "batch_size": 8, "optimizer": {"lr": 0.003}},
+        },
+        "student": {"architecture": {"type": "derived", "keep_every": 2}},
+        "data": {"source": "corpus", "name": "python-docstrings", "max_documents": 60, "max_length": 48},
+        "objective": {"temperature": 2.0, "alpha": 0.1, "features": {"weight": 0.5}},
+        "training": {"steps": 10, "batch_size": 8, "optimizer": {"lr": 0.002}},
+        "evaluation": {"latency_repeats": 2, "max_examples": 8, "latency_batch_size": 4},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_causal_lm_job_end_to_end(client: httpx.Client, worker: Any, service_env: dict[str, str]) -> None:
+    done = finished(client, submit(client, causal_spec()))
+    evaluation = done["result"]["evaluation"]
+    for key in (
+        "perplexity_teacher",
+        "perplexity_student",
+        "agreement",
+        "kl",
+        "teacher_params",
+        "student_params",
+        "compression",
+        "teacher_latency_ms",
+        "student_latency_ms",
+        "speedup",
+        "teacher_0_pretrain_seconds",
+    ):
+        assert key in evaluation, key
+    assert evaluation["compression"] > 1.2
+    model_id = done["result"]["model_id"]
+    model = client.get(f"/v1/models/{model_id}").json()
+    assert model["format"] == "transformers" and model["config"]["task"] == "causal_lm"
+    assert model["config"]["num_layers"] == 2 and model["config"]["derived_from_layers"] == [0, 2]
+    names = {f["path"] for f in model["files"]}
+    assert "model.safetensors" in names and "config.json" in names and not any(n.endswith(".bin") for n in names)
+
+    # the folder is what transformers loads as it is
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(service_env["DISTILLERY_DATA_DIR"]) / "artifacts" / "models" / model_id
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    assert loaded.config.n_layer == 2
+
+    completion = client.post(
+        f"/v1/models/{model_id}/predict", json={"inputs": ["def f(x):"], "parameters": {"max_new_tokens": 5}}
+    )
+    assert completion.status_code == 200, completion.text
+    assert len(completion.json()["completions"]) == 1
+    numbers = client.post(f"/v1/models/{model_id}/predict", json={"inputs": [[1.0, 2.0]]})
+    assert numbers.status_code == 422
+
+
+def test_uploaded_dataset_feeds_a_text_classification_job(client: httpx.Client, worker: Any) -> None:
+    lines = []
+    for i in range(40):
+        label = "positive" if i % 2 else "negative"
+        word = "great wonderful fine" if i % 2 else "awful terrible bad"
+        lines.append(json.dumps({"text": f"sample {i}: this is {word}", "label": label}))
+    upload = client.post(
+        "/v1/datasets", files={"file": ("reviews.jsonl", "\n".join(lines).encode())}, data={"name": "reviews"}
+    )
+    assert upload.status_code == 201, upload.text
+    dataset = upload.json()
+    assert (
+        dataset["kind"] == "text_label" and dataset["n_records"] == 40 and dataset["labels"] == ["negative", "positive"]
+    )
+
+    bert = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    spec = {
+        "task": "text_classification",
+        "teacher": {
+            "source": "builtin",
+            "architecture": {"type": "transformer", "config": bert},
+            "pretrain": {"steps": 30, "batch_size": 8, "optimizer": {"lr": 0.003}},
+        },
+        "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
+        "data": {"source": "dataset", "dataset_id": dataset["id"], "max_length": 24, "test_fraction": 0.25},
+        "objective": {"temperature": 2.0, "alpha": 0.5},
+        "training": {"steps": 20, "batch_size": 8, "optimizer": {"lr": 0.003}},
+        "evaluation": {"latency_repeats": 2},
+    }
+    done = finished(client, submit(client, spec))
+    evaluation = done["result"]["evaluation"]
+    assert {"agreement", "kl", "teacher_accuracy", "student_accuracy"} <= set(evaluation)
+    prediction = client.post(
+        f"/v1/models/{done['result']['model_id']}/predict", json={"inputs": ["this is great wonderful fine"]}
+    ).json()
+    assert prediction["labels"][0] in {"negative", "positive"}
+    assert abs(sum(prediction["probabilities"][0]) - 1) < 1e-5
+
+
+def test_dataset_upload_errors_name_the_line(client: httpx.Client) -> None:
+    bad = b'{"text": "fine"}\n{"text": "also fine"}\n{"text": \n'
+    response = client.post("/v1/datasets", files={"file": ("bad.jsonl", bad)})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["errors"][0]["loc"] == ["body", "file", "line", 3]
+    assert "line 3" in body["errors"][0]["msg"]
+    mixed = b'{"text": "a"}\n{"prompt": "p", "completion": "c"}\n'
+    assert client.post("/v1/datasets", files={"file": ("m.jsonl", mixed)}).json()["errors"][0]["loc"][-1] == 2
+    assert client.post("/v1/datasets", files={"file": ("e.jsonl", b"")}).status_code == 422
+    assert client.get("/v1/datasets/ds_nope").status_code == 404
+
+
+def test_text_spec_problems_are_422s(client: httpx.Client) -> None:
+    upload = client.post("/v1/datasets", files={"file": ("t.jsonl", b'{"text": "one"}\n{"text": "two"}\n')}).json()
+    cases = [
+        (causal_spec(data={"source": "dataset", "dataset_id": "ds_nope"}), ["body", "data", "dataset_id"]),
+        (
+            causal_spec(task="text_classification", data={"source": "dataset", "dataset_id": upload["id"]}),
+            ["body", "data", "dataset_id"],
+        ),
+        (
+            causal_spec(student={"architecture": {"type": "derived", "keep_every": 2, "layers": [0]}}),
+            ["body", "student", "architecture"],
+        ),
+        (causal_spec(teacher={"source": "transformers", "model": "/etc"}), None),
+        (causal_spec(objective={"chunk_size": 0}), ["body", "objective", "chunk_size"]),
+        (causal_spec(task="embedding", objective={"alpha": 0.5}), ["body", "objective", "alpha"]),
+    ]
+    for spec, loc in cases:
+        response = client.post("/v1/jobs", json=spec)
+        if loc is None:  # a teacher path outside the model roots is refused when the worker resolves it
+            assert response.status_code in (201, 422)
+            continue
+        assert response.status_code == 422, (spec, response.text)
+        assert loc in [e["loc"] for e in response.json()["errors"]], response.json()
+
+
+def test_model_upload_validates_and_teaches(client: httpx.Client, worker: Any, tmp_path: Path) -> None:
+    from app.distill.text.models import build_from_config, save_pretrained_dir
+    from app.distill.text.training import byte_tokenizer
+
+    folder = tmp_path / "teacher"
+    model = build_from_config({**TINY_GPT2, "vocab_size": 259}, "causal_lm", seed=0)
+    save_pretrained_dir(model, byte_tokenizer(), folder)
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir()) if p.is_file()]
+
+    pickle = client.post(
+        "/v1/models", files=[*files, ("files", ("pytorch_model.bin", b"\x80\x04junk"))], data={"task": "causal_lm"}
+    )
+    assert pickle.status_code == 422 and "safetensors" in pickle.json()["detail"]
+    no_config = client.post(
+        "/v1/models", files=[f for f in files if f[1][0] != "config.json"], data={"task": "causal_lm"}
+    )
+    assert no_config.status_code == 422 and "config.json" in no_config.json()["detail"]
+    sneaky = client.post("/v1/models", files=[("files", ("../config.json", b"{}")), *files], data={"task": "causal_lm"})
+    assert sneaky.status_code == 422
+
+    uploaded = client.post("/v1/models", files=files, data={"task": "causal_lm", "name": "my-teacher"})
+    assert uploaded.status_code == 201, uploaded.text
+    teacher = uploaded.json()
+    assert teacher["kind"] == "uploaded" and teacher["params"] > 0 and teacher["config"]["task"] == "causal_lm"
+
+    spec = causal_spec(teacher={"source": "model", "model_id": teacher["id"]}, objective={"alpha": 0.0})
+    done = finished(client, submit(client, spec))
+    assert done["result"]["evaluation"]["teacher_params"] == teacher["params"]
+    # a tabular job cannot use it
+    tabular = {
+        "teacher": {"source": "model", "model_id": teacher["id"]},
+        "student": {"architecture": {"input_dim": 10, "output_dim": 5}},
+    }
+    assert client.post("/v1/jobs", json=tabular).status_code == 422
+
+
+def test_examples_with_text_tasks_validate(client: httpx.Client) -> None:
+    for path in sorted((ROOT / "examples").glob("*.json")):
+        spec = json.loads(path.read_text())
+        if spec.get("task", "classification") == "classification":
+            continue
+        response = client.post("/v1/jobs", json=spec)
+        assert response.status_code == 201, (path.name, response.text)
+        client.post(f"/v1/jobs/{response.json()['id']}/cancel")

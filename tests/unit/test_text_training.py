@@ -1,0 +1,213 @@
+"""The text recipe's pieces on tiny random models (no downloads): multi-teacher mixtures, chunked = full loss,
+feature matching, layer maps, and a whole job per task in seconds."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.distill.resources import JobResources
+from app.distill.spec import JobSpec
+from app.distill.teachers import TeacherEnsemble, combine_teacher_losses, mixture_logits
+from app.distill.text.training import (
+    FeatureMatcher,
+    Teacher,
+    TextObjective,
+    byte_tokenizer,
+    default_layer_map,
+    train_text_model,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 2, "n_positions": 64}
+
+
+def text_spec(**overrides: Any) -> JobSpec:
+    spec: dict[str, Any] = {
+        "task": "causal_lm",
+        "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": TINY_GPT2}},
+        "student": {"architecture": {"type": "derived", "keep_every": 2}},
+        "data": {
+            "source": "inline",
+            "records": [{"text": f"def f{i}(x): return x * {i}"} for i in range(24)],
+            "max_length": 32,
+            "test_fraction": 0.25,
+        },
+        "training": {"steps": 3, "batch_size": 4},
+        "evaluation": {"latency_repeats": 1, "max_examples": 4, "latency_batch_size": 2},
+    }
+    spec.update(overrides)
+    return JobSpec.model_validate(spec)
+
+
+def test_mixture_logits_are_the_weighted_mixture_at_temperature() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 7), torch.randn(3, 7)
+    for temperature in (1.0, 2.5):
+        mixed = mixture_logits([a, b], [3.0, 1.0], temperature)
+        expected = 0.75 * F.softmax(a / temperature, -1) + 0.25 * F.softmax(b / temperature, -1)
+        assert torch.allclose(F.softmax(mixed / temperature, -1), expected, atol=1e-6)
+    assert mixture_logits([a], [1.0], 2.0) is a
+
+
+def test_sum_mode_weights_the_per_teacher_losses() -> None:
+    torch.manual_seed(1)
+    student, a, b = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+
+    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+
+    total = combine_teacher_losses(student, [a, b], [1.0, 3.0], "sum", 1.0, kl)
+    assert torch.allclose(total, 0.25 * kl(student, a) + 0.75 * kl(student, b))
+    ensemble = TeacherEnsemble([torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)], [1.0, 1.0])
+    assert ensemble(student).shape == (4, 5)
+
+
+def test_default_layer_map() -> None:
+    assert default_layer_map(2, 6, [0, 5]) == {0: 0, 1: 5}
+    assert default_layer_map(2, 6, None) == {0: 2, 1: 5}
+    assert default_layer_map(3, 12, None) == {0: 3, 1: 7, 2: 11}
+
+
+def test_feature_matcher_is_zero_on_identical_states_and_projects_other_widths() -> None:
+    hidden = [torch.randn(2, 5, 8) for _ in range(4)]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    same = FeatureMatcher({0: 0, 1: 1, 2: 2}, 8, 8, "mse", projection=True)
+    assert float(same.hidden_loss(hidden, hidden, mask)) == 0.0
+    assert float(FeatureMatcher({0: 1}, 8, 8, "cosine", True).hidden_loss(hidden, hidden, mask)) > 0
+    wide = [torch.randn(2, 5, 16) for _ in range(4)]
+    projected = FeatureMatcher({0: 0}, 8, 16, "mse", projection=True)
+    assert set(projected.projections) == {"0"}
+    loss = projected.hidden_loss(hidden, wide, mask)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert projected.projections["0"].weight.grad is not None
+    with pytest.raises(ValueError, match="projection"):
+        FeatureMatcher({0: 0}, 8, 16, "mse", projection=False)
+    # masked positions do not count
+    masked = mask.clone()
+    masked[:, 3:] = False
+    changed = [h.clone() for h in hidden]
+    changed[1][:, 3:] += 100.0
+    assert float(same.hidden_loss(changed, hidden, masked)) == 0.0
+
+
+def test_chunked_loss_equals_the_full_logits_loss_in_the_trainer() -> None:
+    from app.distill.text import data as text_data
+    from app.distill.text.models import build_from_config
+
+    tokenizer = byte_tokenizer()
+    teacher = build_from_config({**TINY_GPT2, "vocab_size": len(tokenizer)}, "causal_lm", seed=0).eval()
+    student = build_from_config({**TINY_GPT2, "n_layer": 2, "vocab_size": len(tokenizer)}, "causal_lm", seed=1)
+    student.eval()  # no dropout: the two computations must see the same network
+    records = [{"text": "hello world " * 3}, {"prompt": "q: ", "completion": "an answer"}]
+    batch = text_data.tokenize_causal_lm(records[:1], tokenizer, max_length=32, packing=False)
+    losses = []
+    for chunk in (None, 7):
+        spec = text_spec(objective={"temperature": 2.0, "alpha": 0.3, "chunk_size": chunk})
+        objective = TextObjective(spec, [Teacher(teacher, tokenizer, 1.0)], student, None, alpha=0.3)
+        normalizer = float(batch.loss_mask.sum())  # type: ignore[union-attr]
+        loss, terms = objective(batch, normalizer)
+        losses.append((float(loss), terms))
+    (full, full_terms), (chunked, chunked_terms) = losses
+    assert full == pytest.approx(chunked, rel=1e-5, abs=1e-6)
+    assert full_terms["kd"] == pytest.approx(chunked_terms["kd"], rel=1e-5, abs=1e-6)
+    assert full_terms["ce"] == pytest.approx(chunked_terms["ce"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"objective": {"alpha": 0.5, "features": {"weight": 1.0, "loss": "cosine"}}},
+        {"objective": {"chunk_size": 16, "alpha": 0.2}},
+        {"objective": {"top_k": 8}},
+        {
+            "objective": {"divergence": "jsd", "beta": 0.3, "teacher_combine": "sum"},
+            "teachers": [
+                {"source": "builtin", "architecture": {"type": "transformer", "config": TINY_GPT2}, "weight": 2.0},
+                {"source": "builtin", "architecture": {"type": "transformer", "config": TINY_GPT2}, "seed": 9},
+            ],
+            "teacher": None,
+        },
+        {"training": {"steps": 2, "batch_size": 2, "gradient_accumulation": 2}},
+        {
+            "teacher": {
+                "source": "builtin",
+                "architecture": {"type": "transformer", "config": TINY_GPT2},
+                "pretrain": {"steps": 2, "batch_size": 4},
+            }
+        },
+        {"teacher": None, "student": {"architecture": {"type": "transformer", "config": TINY_GPT2}}},
+    ],
+    ids=[
+        "logit-kd",
+        "features",
+        "chunked",
+        "top-k",
+        "two-teachers",
+        "accumulation",
+        "pretrained-teacher",
+        "no-teacher",
+    ],
+)
+def test_causal_lm_jobs_run(overrides: dict[str, Any]) -> None:
+    outcome = train_text_model(text_spec(**overrides), JobResources())
+    evaluation = outcome.evaluation
+    assert evaluation["perplexity_student"] > 0 and evaluation["steps"] >= 2
+    if overrides.get("teacher", "keep") is not None or overrides.get("teachers"):
+        assert {"agreement", "kl", "perplexity_teacher", "speedup"} <= set(evaluation)
+
+
+def test_derived_student_starts_from_the_teacher_and_attention_maps_match() -> None:
+    spec = text_spec(
+        objective={"alpha": 0.0, "features": {"weight": 1.0, "attention_weight": 1.0}},
+        training={"steps": 1, "batch_size": 4, "optimizer": {"lr": 1e-9}},
+    )
+    outcome = train_text_model(spec, JobResources())
+    assert outcome.extra_config["derived_from_layers"] == [0, 2]
+    assert "attention" in outcome.final_metrics
+
+
+def test_embedding_and_classification_jobs_run() -> None:
+    bert = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    common = {
+        "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": bert}},
+        "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
+        "training": {"steps": 3, "batch_size": 4},
+        "evaluation": {"latency_repeats": 1, "max_examples": 8, "latency_batch_size": 2, "retrieval_k": 2},
+    }
+    sentences = [{"text": f"sentence number {i} about topic {i % 3}"} for i in range(24)]
+    embedding = train_text_model(
+        JobSpec.model_validate(
+            {**common, "task": "embedding", "data": {"source": "inline", "records": sentences, "max_length": 16}}
+        ),
+        JobResources(),
+    )
+    assert 0.0 < embedding.evaluation["cosine_similarity"] <= 1.0
+    assert 0.0 <= embedding.evaluation["retrieval_agreement"] <= 1.0
+    labelled = [{"text": f"text {i}", "label": "yes" if i % 2 else "no"} for i in range(24)]
+    classifier = train_text_model(
+        JobSpec.model_validate(
+            {
+                **common,
+                "task": "text_classification",
+                "objective": {"alpha": 0.5},
+                "data": {"source": "inline", "records": labelled, "max_length": 16},
+            }
+        ),
+        JobResources(),
+    )
+    assert classifier.extra_config["label_names"] == ["no", "yes"]
+    assert {"agreement", "student_accuracy", "teacher_accuracy"} <= set(classifier.evaluation)
