@@ -35,9 +35,11 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    model_root = tmp_path_factory.mktemp("model-root")
     return service_environment(
         postgres_url,
         tmp_path_factory.mktemp("data"),
+        model_roots=f'["{model_root}"]',
         progress_interval_s="0.1",
         heartbeat_interval_s="1",
         torch_threads="1",

@@ -118,17 +118,41 @@ def describe_model_dir(directory: Path) -> dict[str, Any]:
         return read_config(directory)
     try:
         meta: dict[str, Any] = json.loads(meta_path.read_text())
-        hf_config: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot read the model description in {directory}: {exc}") from exc
-    layers = next((hf_config[key] for key in ("num_hidden_layers", "n_layer", "num_layers") if key in hf_config), None)
-    hidden = next((hf_config[key] for key in ("hidden_size", "n_embd", "d_model") if key in hf_config), None)
+    return {**meta, **transformers_facts(directory), "format": "transformers", "task": meta.get("task", "causal_lm")}
+
+
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def tokenizer_signature(directory: Path) -> str | None:
+    """An identity for the tokenizer in a model folder, to tell at submission whether two models share one: the
+    sha256 of its vocabulary file, ``byt5`` for the file-less byte tokenizer, None when there is no tokenizer."""
+    for name in TOKENIZER_VOCAB_FILES:
+        if (directory / name).is_file():
+            return sha256_file(directory / name)
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if str(config.get("tokenizer_class", "")).startswith("ByT5"):
+        return "byt5"
+    return None
+
+
+def transformers_facts(directory: Path) -> dict[str, Any]:
+    """Depth, width and vocabulary of a transformers folder (config.json) and its tokenizer's signature."""
+    try:
+        hf_config: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {CONFIG_FILE} in {directory}: {exc}") from exc
     return {
-        **meta,
-        "format": "transformers",
-        "task": meta.get("task", "causal_lm"),
         "model_type": hf_config.get("model_type"),
-        "num_layers": layers,
-        "hidden_size": hidden,
+        "num_layers": next(
+            (hf_config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in hf_config), None
+        ),
+        "hidden_size": next((hf_config[k] for k in ("hidden_size", "n_embd", "d_model") if k in hf_config), None),
         "vocab_size": hf_config.get("vocab_size"),
+        "tokenizer": tokenizer_signature(directory),
     }

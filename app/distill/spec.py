@@ -374,10 +374,19 @@ class ModelShape:
     output_dim: int | None = None
     format: str = "distillery.mlp/v1"
     task: str = "classification"
+    num_layers: int | None = None  # transformers models
+    tokenizer: str | None = None  # tokenizer signature (artifacts.tokenizer_signature); None = unknown
 
     @property
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS
+
+
+def config_depth(config: dict[str, Any]) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    return None
 
 
 def data_dims(data: Any) -> tuple[int | None, int | None]:
@@ -566,6 +575,7 @@ class SpecChecker:
                 self.add(("student", "architecture"), "give exactly one of keep_every or layers")
             if not teachers:
                 self.add(("student", "architecture", "type"), "a derived student needs a teacher to derive from")
+        self.check_text_shapes(student, teachers)
         if isinstance(student, TransformerArchitecture) and "model_type" not in student.config:
             self.add(("student", "architecture", "config", "model_type"), "the config needs a model_type")
         for index, teacher in enumerate(teachers):
@@ -602,6 +612,59 @@ class SpecChecker:
             for student_layer, teacher_layer in objective.features.layer_map.items():
                 if student_layer < 0 or teacher_layer < 0:
                     self.add(("objective", "features", "layer_map", str(student_layer)), "layers are 0-based indices")
+
+    def teacher_facts(self, index: int, teacher: TeacherSpec) -> ModelShape | None:
+        if isinstance(teacher, BuiltinTeacher) and isinstance(teacher.architecture, TransformerArchitecture):
+            return ModelShape(
+                format="transformers",
+                task=self.spec.task,
+                num_layers=config_depth(teacher.architecture.config),
+                tokenizer="byt5" if teacher.architecture.tokenizer == "bytes" else None,
+            )
+        return self.teacher_shapes.get(index)
+
+    def check_text_shapes(self, student: Any, teachers: list[TeacherSpec]) -> None:
+        """Depths and tokenizers that are known at submission: layer indices in range, one shared vocabulary."""
+        facts = [self.teacher_facts(index, teacher) for index, teacher in enumerate(teachers)]
+        first = facts[0] if facts else None
+        student_layers: int | None = None
+        student_tokenizer: str | None = None
+        if isinstance(student, DerivedArchitecture) and first is not None and first.num_layers is not None:
+            depth = first.num_layers
+            if student.layers is not None:
+                bad = [layer for layer in student.layers if not 0 <= layer < depth]
+                if bad:
+                    self.add(
+                        ("student", "architecture", "layers"), f"layers {bad} are out of range: the teacher has {depth}"
+                    )
+                student_layers = len(set(student.layers))
+            elif student.keep_every is not None:
+                student_layers = -(-depth // student.keep_every)
+            student_tokenizer = first.tokenizer
+        elif isinstance(student, TransformerArchitecture):
+            student_layers = config_depth(student.config)
+            if student.tokenizer == "bytes":
+                student_tokenizer = "byt5"
+            elif student.tokenizer == "teacher" and first is not None:
+                student_tokenizer = first.tokenizer
+        known = [(index, f.tokenizer) for index, f in enumerate(facts) if f is not None and f.tokenizer is not None]
+        for index, signature in known[1:]:
+            if signature != known[0][1]:
+                self.add(self.teacher_loc(index), f"teacher {index}'s tokenizer differs from teacher {known[0][0]}'s")
+        if known and student_tokenizer is not None and student_tokenizer != known[0][1]:
+            self.add(
+                ("student", "architecture", "tokenizer"),
+                "the student's tokenizer differs from the teacher's: logit distillation needs a shared vocabulary",
+            )
+        features = self.spec.objective.features
+        if features is not None and features.layer_map:
+            teacher_layers = first.num_layers if first is not None else None
+            for student_layer, teacher_layer in features.layer_map.items():
+                loc: Loc = ("objective", "features", "layer_map", str(student_layer))
+                if student_layers is not None and student_layer >= student_layers:
+                    self.add(loc, f"student block {student_layer} is out of range: the student has {student_layers}")
+                if teacher_layers is not None and teacher_layer >= teacher_layers:
+                    self.add(loc, f"teacher block {teacher_layer} is out of range: the teacher has {teacher_layers}")
 
     def check_inline_records(self, data: InlineData) -> None:
         expected = {

@@ -15,6 +15,7 @@ from app.distill.spec import (
     ModelShape,
     SpecLimits,
     StoredModelTeacher,
+    TransformersTeacher,
     UploadedData,
     check_spec,
 )
@@ -36,13 +37,20 @@ def spec_limits(settings: Settings) -> SpecLimits:
 
 def stored_model_shape(config: dict[str, Any]) -> ModelShape:
     if config.get("format") == "transformers":
-        return ModelShape(format="transformers", task=str(config.get("task", "causal_lm")))
+        return ModelShape(
+            format="transformers",
+            task=str(config.get("task", "causal_lm")),
+            num_layers=config.get("num_layers"),
+            tokenizer=config.get("tokenizer"),
+        )
     return ModelShape(
         input_dim=int(config["input_dim"]), output_dim=int(config["num_classes"]), format=str(config["format"])
     )
 
 
-def resolve_teachers(conn: Connection, spec: JobSpec) -> tuple[dict[int, str], dict[int, ModelShape]]:
+def resolve_teachers(
+    conn: Connection, spec: JobSpec, settings: Settings
+) -> tuple[dict[int, str], dict[int, ModelShape]]:
     """Stored models the spec's teachers refer to, checked to exist now rather than fail in the worker.
     Returns (teacher index → model id to pin, teacher index → shape)."""
     pins: dict[int, str] = {}
@@ -73,11 +81,43 @@ def resolve_teachers(conn: Connection, spec: JobSpec) -> tuple[dict[int, str], d
             model = models_repository.get_model_of_job(conn, teacher.job_id)
             if model is None:
                 raise InvalidSpec("the teacher job's model was deleted", errors=[{"loc": loc, "msg": "model deleted"}])
+        elif isinstance(teacher, TransformersTeacher):
+            shape = transformers_teacher_shape(teacher, spec, settings, [*base_loc, "model"])
+            if shape is not None:
+                shapes[index] = shape
+            continue
         else:
             continue
         pins[index] = model["id"]
         shapes[index] = stored_model_shape(model["config"])
     return pins, shapes
+
+
+def transformers_teacher_shape(
+    teacher: TransformersTeacher, spec: JobSpec, settings: Settings, loc: list[Any]
+) -> ModelShape | None:
+    """Resolve a transformers teacher now (a path under the model roots, or a name shipped offline) so that a bad
+    reference or a folder without a tokenizer is a 422, not a failed job. A hub name that would need a download
+    (only where the operator allows downloads) is checked by the worker instead."""
+    from app.distill.artifacts import ArtifactError, transformers_facts
+    from app.distill.text.models import ModelSourceError, resolve_model_path
+
+    try:
+        path = resolve_model_path(teacher.model, model_roots=settings.model_roots, allow_hub=False)
+    except ModelSourceError as exc:
+        if settings.allow_hub_downloads and "offline" in str(exc):
+            return None
+        raise InvalidSpec("the teacher model cannot be used", errors=[{"loc": loc, "msg": str(exc)}]) from exc
+    try:
+        facts = transformers_facts(path)
+    except ArtifactError as exc:
+        raise InvalidSpec("the teacher model cannot be used", errors=[{"loc": loc, "msg": str(exc)}]) from exc
+    if facts["tokenizer"] is None:
+        message = f"{teacher.model} has no tokenizer files (tokenizer.json, vocab.txt, …)"
+        raise InvalidSpec("the teacher model has no tokenizer", errors=[{"loc": loc, "msg": message}])
+    return ModelShape(
+        format="transformers", task=spec.task, num_layers=facts["num_layers"], tokenizer=facts["tokenizer"]
+    )
 
 
 def resolve_dataset(conn: Connection, spec: JobSpec) -> str | None:
@@ -108,7 +148,7 @@ def pinned_spec(spec: JobSpec, pins: dict[int, str]) -> dict[str, Any]:
 
 
 def create_job(conn: Connection, spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    pins, shapes = resolve_teachers(conn, spec)
+    pins, shapes = resolve_teachers(conn, spec, settings)
     dataset_kind = resolve_dataset(conn, spec)
     problems = check_spec(spec, spec_limits(settings), teacher_shapes=shapes, dataset_kind=dataset_kind)
     if problems:

@@ -148,8 +148,14 @@ def test_dataset_upload_errors_name_the_line(client: httpx.Client) -> None:
     assert client.get("/v1/datasets/ds_nope").status_code == 404
 
 
-def test_text_spec_problems_are_422s(client: httpx.Client) -> None:
+def test_text_spec_problems_are_422s(client: httpx.Client, service_env: dict[str, str]) -> None:
     upload = client.post("/v1/datasets", files={"file": ("t.jsonl", b'{"text": "one"}\n{"text": "two"}\n')}).json()
+    # a model folder under the configured root, with weights but no tokenizer
+    from app.distill.text.models import build_from_config
+
+    root = Path(json.loads(service_env["DISTILLERY_MODEL_ROOTS"])[0])
+    build_from_config({**TINY_GPT2, "vocab_size": 259}, "causal_lm", seed=0).save_pretrained(str(root / "no-tokenizer"))
+    minilm = {"source": "transformers", "model": "sentence-transformers/all-MiniLM-L6-v2"}
     cases = [
         (causal_spec(data={"source": "dataset", "dataset_id": "ds_nope"}), ["body", "data", "dataset_id"]),
         (
@@ -160,15 +166,33 @@ def test_text_spec_problems_are_422s(client: httpx.Client) -> None:
             causal_spec(student={"architecture": {"type": "derived", "keep_every": 2, "layers": [0]}}),
             ["body", "student", "architecture"],
         ),
-        (causal_spec(teacher={"source": "transformers", "model": "/etc"}), None),
+        (causal_spec(teacher={"source": "transformers", "model": "/etc"}), ["body", "teacher", "model"]),
+        (causal_spec(teacher={"source": "transformers", "model": "nobody/nothing"}), ["body", "teacher", "model"]),
+        (
+            causal_spec(teacher={"source": "transformers", "model": str(root / "no-tokenizer")}),
+            ["body", "teacher", "model"],
+        ),
+        (
+            causal_spec(student={"architecture": {"type": "derived", "layers": [0, 7]}}),
+            ["body", "student", "architecture", "layers"],
+        ),
+        (
+            causal_spec(objective={"features": {"layer_map": {"1": 9}}}),
+            ["body", "objective", "features", "layer_map", "1"],
+        ),
+        (
+            causal_spec(
+                task="embedding",
+                teacher=minilm,
+                student={"architecture": {"type": "transformer", "config": TINY_GPT2, "tokenizer": "bytes"}},
+            ),
+            ["body", "student", "architecture", "tokenizer"],
+        ),
         (causal_spec(objective={"chunk_size": 0}), ["body", "objective", "chunk_size"]),
         (causal_spec(task="embedding", objective={"alpha": 0.5}), ["body", "objective", "alpha"]),
     ]
     for spec, loc in cases:
         response = client.post("/v1/jobs", json=spec)
-        if loc is None:  # a teacher path outside the model roots is refused when the worker resolves it
-            assert response.status_code in (201, 422)
-            continue
         assert response.status_code == 422, (spec, response.text)
         assert loc in [e["loc"] for e in response.json()["errors"]], response.json()
 
