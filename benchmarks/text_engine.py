@@ -50,32 +50,45 @@ def bench_minilm(client: httpx.Client) -> list[str]:
     ]
 
 
-def bench_tiny_lm(client: httpx.Client) -> list[str]:
-    kd_spec = example("tiny-lm.json")
-    hard_spec = json.loads(json.dumps(kd_spec))
-    hard_spec["name"] = "tiny-lm-hard-labels"
-    hard_spec["objective"]["alpha"] = 1.0
-    kd = run_job(client, kd_spec)["result"]["evaluation"]
-    hard = run_job(client, hard_spec)["result"]["evaluation"]
-    gain = 1.0 - kd["perplexity_student"] / hard["perplexity_student"]
-    return [
+def bench_tiny_lm(client: httpx.Client, seeds: int) -> list[str]:
+    lines = [
         "### Tiny LM: distillation vs hard labels (`examples/tiny-lm.json`)",
         "",
-        "| student trained with | held-out perplexity | token agreement with the teacher | KL per token |",
-        "|---|---|---|---|",
-        f"| logit KD (forward KL, α = 0) | {kd['perplexity_student']:.3f} | {kd['agreement']:.3f} | {kd['kl']:.4f} |",
-        f"| hard labels only (α = 1), same steps | {hard['perplexity_student']:.3f} | {hard['agreement']:.3f} | "
-        f"{hard['kl']:.4f} |",
-        f"| the teacher | {kd['perplexity_teacher']:.3f} | | |",
+        "The teacher (4 × 128, byte-level) is pretrained by the job on the full train split of the standard "
+        "library's source; the student (2 × 64) then learns from a transfer set of `max_records` = 8 documents, "
+        "with logit KD (α = 0) or with hard labels only (α = 1, same steps, same init). Per seed (the seed also "
+        "picks the held-out split):",
         "",
-        f"KD perplexity is {gain * 100:.1f} % lower than hard-label training (target ≥ 10 %). Teacher "
-        f"{kd['teacher_params']:,} parameters, student {kd['student_params']:,}; {kd['n_tokens']:.0f} held-out tokens.",
+        "| seed | teacher ppl | student ppl, KD | student ppl, hard labels | KD better by | agreement KD / hard |",
+        "|---|---|---|---|---|---|",
     ]
+    gains = []
+    for seed in range(seeds):
+        kd_spec = example("tiny-lm.json")
+        kd_spec["training"]["seed"] = seed
+        hard_spec = json.loads(json.dumps(kd_spec))
+        hard_spec["name"] = "tiny-lm-hard-labels"
+        hard_spec["objective"]["alpha"] = 1.0
+        kd = run_job(client, kd_spec)["result"]["evaluation"]
+        hard = run_job(client, hard_spec)["result"]["evaluation"]
+        gain = 1.0 - kd["perplexity_student"] / hard["perplexity_student"]
+        gains.append(gain)
+        lines.append(
+            f"| {seed} | {kd['perplexity_teacher']:.2f} | {kd['perplexity_student']:.2f} | "
+            f"{hard['perplexity_student']:.2f} | {gain * 100:.1f} % | {kd['agreement']:.3f} / {hard['agreement']:.3f} |"
+        )
+    lines += [
+        "",
+        f"KD lowers held-out perplexity by {min(gains) * 100:.1f}–{max(gains) * 100:.1f} % (target ≥ 10 %). "
+        f"Teacher {kd['teacher_params']:,} parameters, student {kd['student_params']:,}.",
+    ]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default=["minilm", "tiny-lm"])
+    parser.add_argument("--seeds", type=int, default=2, help="tiny-lm: seeds (pairs of jobs)")
     args = parser.parse_args()
     database = create_database()
     workdir = Path(tempfile.mkdtemp(prefix="distillery-bench-"))
@@ -88,7 +101,7 @@ def main() -> None:
             if "minilm" in args.what:
                 sections += [*bench_minilm(client), ""]
             if "tiny-lm" in args.what:
-                sections += [*bench_tiny_lm(client), ""]
+                sections += [*bench_tiny_lm(client, args.seeds), ""]
     finally:
         api.stop()
         worker.stop()

@@ -183,7 +183,12 @@ class TextOptions(SpecModel):
     max_length: int = Field(128, ge=4, le=32_768, description="Tokens per example (truncation/packing length).")
     packing: bool = Field(False, description="Causal LM: concatenate documents into full rows (no padding).")
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    max_records: int | None = Field(None, ge=2, description="Use at most this many records (after shuffling).")
+    max_records: int | None = Field(
+        None,
+        ge=1,
+        description="Distil on at most this many train records (a seeded subset: the transfer set). The held-out "
+        "split and a teacher's pretraining use all records.",
+    )
     seed: int | None = Field(None, ge=0, description="Split seed; default derived from training.seed.")
 
 

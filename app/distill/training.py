@@ -66,7 +66,7 @@ def derive_seed(seed: int, *salt: int) -> int:
     return value
 
 
-SEED_DATA, SEED_TEACHER, SEED_STUDENT, SEED_EPOCH, SEED_STEP = range(5)
+SEED_DATA, SEED_TEACHER, SEED_STUDENT, SEED_EPOCH, SEED_STEP, SEED_DROPOUT = range(6)
 
 
 def select_device(requested: str) -> torch.device:

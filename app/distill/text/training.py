@@ -50,6 +50,7 @@ from app.distill.text import models as text_models
 from app.distill.text.evaluation import evaluate_text
 from app.distill.training import (
     SEED_DATA,
+    SEED_DROPOUT,
     SEED_STUDENT,
     SEED_TEACHER,
     ProgressCallback,
@@ -168,11 +169,17 @@ def load_records(spec: JobSpec, resources: JobResources, seed: int) -> list[dict
         records = [dict(record) for record in data.records]
     else:
         raise ValueError(f"data source {data.source} is not text")
-    if isinstance(data, UploadedData | CorpusData | InlineData) and data.max_records is not None:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(records), generator=generator)[: data.max_records]
-        records = [records[i] for i in order.tolist()]
     return records
+
+
+def transfer_subset(records: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """At most ``limit`` of the train records (a seeded choice): the distillation's transfer set. The held-out
+    split and a teacher's pretraining use the full data."""
+    if limit is None or limit >= len(records):
+        return records
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(records), generator=generator)[:limit]
+    return [records[i] for i in sorted(order.tolist())]
 
 
 def label_names_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -687,6 +694,8 @@ def train_text_model(
 
     # --- setup ---
     report(ProgressUpdate("loading", 0, 0))
+    # dropout draws from the global generator: seed it so that a job is reproducible from its spec
+    torch.manual_seed(derive_seed(training.seed, SEED_DROPOUT))
     data_seed = getattr(spec.data, "seed", None)
     data_seed = data_seed if data_seed is not None else derive_seed(training.seed, SEED_DATA)
     records = load_records(spec, resources, data_seed)
@@ -700,6 +709,7 @@ def train_text_model(
     ]
     pretrain_seconds = pretrain_teachers(spec, teachers, train_records, label_names, device, report)
     student, tokenizer, kept = build_student(spec, teachers, num_labels, resources)
+    train_records = transfer_subset(train_records, spec.data.max_records, data_seed)
     for teacher in teachers:
         teacher.model.requires_grad_(False)
         teacher.model.eval()
