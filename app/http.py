@@ -49,12 +49,16 @@ def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
     path: list[Any] = []
     node = body
     for index, part in enumerate(loc):
-        if index == 0 and part == "body":
+        if index == 0:  # where: body, query, path, header
             path.append(part)
+            if part != "body":
+                node = None
             continue
         is_last = index == len(loc) - 1
-        if isinstance(node, dict) and isinstance(part, str) and part not in node and not is_last:
-            continue  # a union tag (e.g. the value of "source"): one cannot descend into a key that is absent
+        if node is not None and isinstance(part, str) and not is_last and not (isinstance(node, dict) and part in node):
+            # a union tag (the value of "source", or a member type like "list[list[float]]"): one cannot descend
+            # into a key that is absent, nor by name into a list
+            continue
         path.append(part)
         if isinstance(node, dict):
             node = node.get(part)
