@@ -56,6 +56,12 @@ class PayloadTooLarge(ServiceError):
     title = "Request body too large"
 
 
+class QuotaExceeded(ServiceError):
+    status = 429
+    code = "quota_exceeded"
+    title = "Too many requests"
+
+
 class Unavailable(ServiceError):
     status = 503
     code = "unavailable"

@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 
 
-def json_response(document: Any, status_code: int = 200) -> Response:
+def json_response(document: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Pre-serialised JSON (orjson): the read paths skip per-request response-model validation."""
-    return Response(orjson.dumps(document), status_code=status_code, media_type="application/json")
+    return Response(orjson.dumps(document), status_code=status_code, media_type="application/json", headers=headers)
 
 
 def problem_response(

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from app.db import keys_repository
 from app.db.engine import Database
 from app.db.job_reads import make_job_reader
 from app.errors import Unavailable
 from app.http import BodySizeLimit, RequestMetrics, install_error_handlers
 from app.jobs.dispatch import JobDispatcher
+from app.keys.service import KeyVerifier, ensure_key
 from app.queue import make_celery
 from app.serving.predictor import ModelCache
 from app.settings import Settings, get_settings
@@ -30,6 +32,18 @@ def configure_torch(settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+
+
+def ensure_api_keys(database: Database, settings: Settings) -> None:
+    """With keys required, register the bootstrap key if one is given, and refuse to start with no usable key."""
+    with database.transaction() as conn:
+        if settings.bootstrap_api_key:
+            ensure_key(conn, key=settings.bootstrap_api_key, tenant=settings.bootstrap_tenant, name="bootstrap")
+        if not any(row["revoked_at"] is None for row in keys_repository.list_keys(conn)):
+            raise RuntimeError(
+                "API keys are required but none exists: "
+                "set DISTILLERY_BOOTSTRAP_API_KEY or run `distillery keys create`"
+            )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(settings)
         app.state.dispatcher = JobDispatcher(celery, settings.queue_name)
         app.state.model_cache = ModelCache(settings.model_cache_size)
+        app.state.key_verifier = KeyVerifier(app.state.database)
+        if settings.keys_required:
+            await run_in_threadpool(ensure_api_keys, app.state.database, settings)
         try:
             yield
         finally:

@@ -40,6 +40,21 @@ class Settings(BaseSettings):
     api_threads: int = Field(16, ge=1, description="Threads that run blocking request work (DB reads, torch).")
     db_pool_size: int = Field(16, ge=1, description="Database connections kept per process (match api_threads).")
 
+    # tenants, keys, quotas
+    auth_required: bool | None = Field(
+        None, description="Require API keys. Default: on in production, off otherwise (the embedded single tenant)."
+    )
+    default_tenant: str = Field("default", description="The tenant of requests when keys are not required.")
+    bootstrap_api_key: str | None = Field(
+        None, description="A key (dk_<8 hex>_<secret>) the api registers at start for bootstrap_tenant (compose)."
+    )
+    bootstrap_tenant: str = Field("default", description="Tenant of the bootstrap key.")
+    max_active_jobs_per_tenant: int = Field(100, ge=1, description="Queued + running jobs per tenant (429 above).")
+    max_storage_bytes_per_tenant: int = Field(
+        200 * 1024**3, ge=1, description="Model and dataset bytes per tenant (429 above)."
+    )
+    idempotency_retention_s: int = Field(24 * 3600, ge=3600, description="How long Idempotency-Keys are kept.")
+
     # worker
     worker_concurrency: int = Field(1, description="Tasks run at once per worker (one per GPU).")
     torch_threads: int = Field(0, description="torch intra-op threads in worker/api; 0 = leave torch's default.")
@@ -50,7 +65,15 @@ class Settings(BaseSettings):
         60.0,
         description="A running job whose heartbeat is older than this is taken over by the next delivery.",
     )
-    max_attempts: int = Field(3, ge=1, description="Attempts (worker deaths included) before a job fails.")
+    max_attempts: int = Field(3, ge=1, description="Attempts lost to dead workers before a job fails.")
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="Checkpoint a running job at least this often.")
+    db_retry_s: float = Field(
+        300.0, ge=0, description="How long a worker keeps retrying its writes while the database is unreachable."
+    )
+    reconcile_interval_s: float = Field(5.0, gt=0, description="How often a worker's reconciler pass runs.")
+    republish_after_s: float = Field(
+        15.0, gt=0, description="A queued job missing from the broker this long is published again."
+    )
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
 
     model_roots: list[Path] = Field(
@@ -85,6 +108,14 @@ class Settings(BaseSettings):
         return self.data_dir / "artifacts"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
 
@@ -92,10 +123,16 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
 
+    @property
+    def keys_required(self) -> bool:
+        return self.auth_required if self.auth_required is not None else self.environment == "production"
+
     def check_production(self) -> None:
-        """Refuse to start a production process on the embedded defaults."""
+        """Refuse to start a production process on the embedded defaults or without API keys."""
         if self.environment != "production":
             return
+        if self.auth_required is False:
+            raise ValueError("API keys cannot be turned off when DISTILLERY_ENVIRONMENT=production")
         if self.database_url is None or self.is_sqlite:
             raise ValueError("DISTILLERY_DATABASE_URL must point at Postgres when DISTILLERY_ENVIRONMENT=production")
         if self.broker_url is None:

@@ -1,6 +1,13 @@
-"""The job lifecycle in a worker: claim the job (a compare-and-set on its row), train, save the student, record
-the result. Progress writes are throttled; each one also reads the cancel flag and proves the attempt still owns
-the job. A heartbeat thread keeps ``heartbeat_at`` fresh during long steps so a dead worker's job is recognisable.
+"""The job lifecycle in a worker: claim the job (a compare-and-set on its row), train with checkpoints, save the
+student, record the result.
+
+- Progress writes are throttled; each one also reads the cancel/pause flags and proves the attempt still owns the
+  job (fencing). A heartbeat thread keeps ``heartbeat_at`` fresh during long steps, so a dead worker's job is
+  recognisable and taken over by the next delivery of its task.
+- Pause and graceful shutdown checkpoint the step just finished and put the job back (``paused`` / ``queued``);
+  a later attempt continues from the checkpoint. A lost worker's job resumes from its last periodic checkpoint.
+- While the database is unreachable, progress writes are skipped and the final writes retried, so an outage
+  does not fail a job.
 """
 
 from __future__ import annotations
@@ -11,13 +18,18 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.engine import Database
 from app.distill.artifacts import describe_model_dir
+from app.distill.checkpoints import FolderCheckpointer
 from app.distill.jobs import run_job_spec
 from app.distill.resources import JobResources
 from app.distill.spec import JobSpec, StoredModelTeacher, UploadedData
@@ -26,6 +38,9 @@ from app.models.service import artifact_path_for, model_dir, new_model_id, regis
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DATABASE_DOWN = (OperationalError, PoolTimeoutError)
 
 
 class AttemptSuperseded(Exception):
@@ -50,6 +65,30 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def shutdown_flag(run_dir: Path, parent_pid: int) -> Path:
+    """The file a worker's main process writes when it is asked to stop; its pool processes watch for it."""
+    return run_dir / f"shutdown-{parent_pid}"
+
+
+def retry_while_database_down(action: Callable[[], T], deadline_s: float, what: str) -> T:
+    """Run ``action``; while the database is unreachable, retry with backoff until ``deadline_s`` has passed."""
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except DATABASE_DOWN as exc:
+            if time.monotonic() - started > deadline_s:
+                raise
+            log.warning("database unreachable while %s (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or time.monotonic() - started > deadline_s:
+                raise
+            time.sleep(delay)
+
+
 def progress_document(update: ProgressUpdate, eta_seconds: float | None) -> dict[str, Any]:
     fraction = update.step / update.total_steps if update.total_steps else 0.0
     if update.stage == "evaluating":
@@ -65,17 +104,26 @@ def progress_document(update: ProgressUpdate, eta_seconds: float | None) -> dict
 
 
 class ProgressWriter:
-    """Progress callback for ``train_classifier``: writes at most every ``interval_s`` (and at every stage change),
-    raising ``StopRequested`` when cancellation was asked for and ``AttemptSuperseded`` when fenced off."""
+    """Progress callback for the training loops: writes at most every ``interval_s`` (and at every stage
+    change); raises ``StopRequested`` for a cancel, a pause or a shutdown and ``AttemptSuperseded`` when fenced
+    off. A write that finds the database down is skipped (training goes on)."""
 
-    def __init__(self, db: Database, job_id: str, attempt: int, interval_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        job_id: str,
+        attempt: int,
+        interval_s: float,
+        shutting_down: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.db = db
         self.job_id = job_id
         self.attempt = attempt
         self.interval_s = interval_s
+        self.shutting_down = shutting_down
         self.stage = ""
         self.last_write = 0.0
-        self.training_started: float | None = None
+        self.training_started: tuple[float, int] | None = None
         self.last: dict[str, Any] | None = None
 
     def eta(self, update: ProgressUpdate) -> float | None:
@@ -83,13 +131,17 @@ class ProgressWriter:
             return None
         now = time.monotonic()
         if self.training_started is None:
-            self.training_started = now
+            self.training_started = (now, update.step)
             return None
-        per_step = (now - self.training_started) / max(1, update.step - 1)
+        started, first_step = self.training_started
+        per_step = (now - started) / max(1, update.step - first_step)
         return per_step * (update.total_steps - update.step)
 
     def __call__(self, update: ProgressUpdate) -> None:
         eta = self.eta(update)
+        if self.shutting_down():
+            self.last = progress_document(update, eta)
+            raise StopRequested("shutdown", checkpoint=True)
         now = time.monotonic()
         stage_changed = update.stage != self.stage
         if not stage_changed and now - self.last_write < self.interval_s:
@@ -106,15 +158,22 @@ class ProgressWriter:
                     "data": {"step": update.step, **self.last["metrics"]},
                 }
             )
-        with self.db.transaction() as conn:
-            cancel = jobs_repository.write_progress(conn, self.job_id, self.attempt, self.last)
-            if cancel is None:
-                raise AttemptSuperseded(self.job_id)
-            jobs_repository.append_events(conn, self.job_id, events)
+        try:
+            with self.db.transaction() as conn:
+                flags = jobs_repository.write_progress(conn, self.job_id, self.attempt, self.last)
+                if flags is None:
+                    raise AttemptSuperseded(self.job_id)
+                jobs_repository.append_events(conn, self.job_id, events)
+        except DATABASE_DOWN as exc:
+            log.warning("progress of %s not written (database unreachable: %s)", self.job_id, type(exc).__name__)
+            return
         self.stage = update.stage
         self.last_write = now
+        cancel, pause = flags
         if cancel:
-            raise StopRequested("cancellation requested")
+            raise StopRequested("cancel")
+        if pause:
+            raise StopRequested("pause", checkpoint=True)
 
 
 class Heartbeat:
@@ -145,11 +204,17 @@ class Heartbeat:
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
 
 
+def status_event(status: str, **data: Any) -> dict[str, Any]:
+    level = "error" if status == "failed" else "info"
+    return {"type": "status", "level": level, "message": status, "data": {"status": status, **data}}
+
+
 class JobRunner:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, shutting_down: Callable[[], bool] = lambda: False) -> None:
         self.db = db
         self.settings = settings
         self.worker = worker_name()
+        self.shutting_down = shutting_down
 
     # --- lifecycle ---
 
@@ -157,39 +222,27 @@ class JobRunner:
         with self.db.transaction() as conn:
             row = jobs_repository.claim(conn, job_id, self.worker, stale_after_s=self.settings.heartbeat_stale_s)
             if row is None:
-                current = jobs_repository.get_job(conn, job_id)
+                current = jobs_repository.get_job(conn, job_id, tenant=None)
                 busy = current is not None and current["status"] == "running"
                 return ClaimOutcome(False, busy_elsewhere=busy), None
             claimed = dict(row)
-            if claimed["attempts"] > self.settings.max_attempts:
-                jobs_repository.finish(
-                    conn,
-                    job_id,
-                    claimed["attempts"],
-                    status="failed",
-                    error={
-                        "code": "too_many_attempts",
-                        "message": f"gave up after {self.settings.max_attempts} attempts (workers lost)",
-                    },
-                )
-                jobs_repository.append_events(
-                    conn,
-                    job_id,
-                    [{"type": "status", "level": "error", "message": "failed", "data": {"status": "failed"}}],
-                )
+            lost = claimed["attempts"] - claimed["graceful_stops"]
+            if lost > self.settings.max_attempts:
+                message = f"gave up after {self.settings.max_attempts} attempts lost to dead workers"
+                error = {"code": "too_many_attempts", "message": message}
+                jobs_repository.finish(conn, job_id, claimed["attempts"], status="failed", error=error)
+                jobs_repository.append_events(conn, job_id, [status_event("failed", error=error)])
                 return ClaimOutcome(False), None
-            jobs_repository.append_events(
-                conn,
-                job_id,
-                [
-                    {
-                        "type": "status",
-                        "message": "running",
-                        "data": {"status": "running", "attempt": claimed["attempts"], "worker": self.worker},
-                    }
-                ],
-            )
+            event = status_event("running", attempt=claimed["attempts"], worker=self.worker)
+            jobs_repository.append_events(conn, job_id, [event])
             return ClaimOutcome(True), claimed
+
+    def checkpointer(self, job_id: str, spec: JobSpec) -> FolderCheckpointer:
+        return FolderCheckpointer(
+            self.settings.checkpoints_dir / job_id,
+            every_steps=spec.training.checkpoint_every,
+            every_seconds=self.settings.checkpoint_interval_s,
+        )
 
     def run(self, job_id: str) -> ClaimOutcome:
         outcome, claimed = self.claim(job_id)
@@ -197,41 +250,57 @@ class JobRunner:
             log.info("job %s not claimed (%s)", job_id, outcome)
             return outcome
         attempt = int(claimed["attempts"])
-        writer = ProgressWriter(self.db, job_id, attempt, self.settings.progress_interval_s)
+        spec = JobSpec.model_validate(claimed["spec"])
+        checkpointer = self.checkpointer(job_id, spec)
+        writer = ProgressWriter(self.db, job_id, attempt, self.settings.progress_interval_s, self.shutting_down)
         try:
             with Heartbeat(self.db, job_id, attempt, self.settings.heartbeat_interval_s):
-                self.execute(job_id, attempt, JobSpec.model_validate(claimed["spec"]), writer)
-        except StopRequested:
-            self.end(job_id, attempt, "cancelled", progress=writer.last)
+                self.execute(job_id, attempt, str(claimed["tenant"]), spec, writer, checkpointer)
+            checkpointer.remove()
+        except StopRequested as stop:
+            if stop.reason == "cancel":
+                self.end(job_id, attempt, "cancelled", progress=writer.last)
+                checkpointer.remove()
+            else:  # pause or shutdown: the checkpoint stays for the next attempt
+                self.stop_gracefully(job_id, attempt, "paused" if stop.reason == "pause" else "queued", writer.last)
         except AttemptSuperseded:
             log.warning("job %s attempt %s was superseded; dropping its work", job_id, attempt)
         except JobFailure as exc:
             self.end(job_id, attempt, "failed", progress=writer.last, error={"code": exc.code, "message": str(exc)})
+            checkpointer.remove()
         except Exception as exc:
             log.exception("job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}"[:2000]
-            self.end(
-                job_id,
-                attempt,
-                "failed",
-                progress=writer.last,
-                error={"code": "training_error", "message": message},
-            )
+            error = {"code": "training_error", "message": message}
+            self.end(job_id, attempt, "failed", progress=writer.last, error=error)
+            checkpointer.remove()
         return outcome
 
-    def execute(self, job_id: str, attempt: int, spec: JobSpec, writer: ProgressWriter) -> None:
-        trained = run_job_spec(spec, self.resources(spec), progress=writer)
+    def execute(
+        self,
+        job_id: str,
+        attempt: int,
+        tenant: str,
+        spec: JobSpec,
+        writer: ProgressWriter,
+        checkpointer: FolderCheckpointer,
+    ) -> None:
+        if checkpointer.latest() is not None:
+            self.record_events(job_id, [{"type": "message", "message": "resuming from the latest checkpoint"}])
+        trained = run_job_spec(spec, self.resources(spec), progress=writer, checkpointer=checkpointer)
         model_id = new_model_id()
         directory = model_dir(self.settings.artifacts_dir, artifact_path_for(model_id))
         files = trained.save(directory, {"source_job_id": job_id})
         result = {"model_id": model_id, "evaluation": trained.evaluation}
         final = dict(writer.last or {})
         final.update({"stage": "done", "fraction": 1.0, "eta_seconds": 0.0})
-        try:
+
+        def record() -> None:
             with self.db.transaction() as conn:
                 register_model(
                     conn,
                     model_id=model_id,
+                    tenant=tenant,
                     name=spec.name,
                     kind="student",
                     config=describe_model_dir(directory),
@@ -242,11 +311,10 @@ class JobRunner:
                 )
                 if not jobs_repository.finish(conn, job_id, attempt, status="succeeded", progress=final, result=result):
                     raise AttemptSuperseded(job_id)
-                jobs_repository.append_events(
-                    conn,
-                    job_id,
-                    [{"type": "status", "message": "succeeded", "data": {"status": "succeeded", **result}}],
-                )
+                jobs_repository.append_events(conn, job_id, [status_event("succeeded", **result)])
+
+        try:
+            retry_while_database_down(record, self.settings.db_retry_s, f"recording job {job_id}")
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)  # no orphan artifact without a record
             raise
@@ -258,12 +326,12 @@ class JobRunner:
         with self.db.read() as conn:
             for index, teacher in enumerate(spec.all_teachers()):
                 if isinstance(teacher, StoredModelTeacher):
-                    row = models_repository.get_model(conn, teacher.model_id)
+                    row = models_repository.get_model(conn, teacher.model_id, tenant=None)
                     if row is None:
                         raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
                     stored[index] = model_dir(self.settings.artifacts_dir, row["artifact_path"])
             if isinstance(spec.data, UploadedData):
-                dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id)
+                dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=None)
                 if dataset is None:
                     raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
                 datasets[spec.data.dataset_id] = self.settings.artifacts_dir / dataset["artifact_path"]
@@ -274,6 +342,24 @@ class JobRunner:
             allow_hub=self.settings.allow_hub_downloads,
         )
 
+    def record_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
+        try:
+            with self.db.transaction() as conn:
+                jobs_repository.append_events(conn, job_id, events)
+        except DATABASE_DOWN:
+            log.warning("events of %s not written (database unreachable)", job_id)
+
+    def stop_gracefully(self, job_id: str, attempt: int, status: str, progress: dict[str, Any] | None) -> None:
+        def write() -> None:
+            with self.db.transaction() as conn:
+                if jobs_repository.requeue(conn, job_id, attempt, status=status, progress=progress):
+                    message = "paused" if status == "paused" else "queued (worker shutting down; resumes later)"
+                    event = status_event(status)
+                    event["message"] = message
+                    jobs_repository.append_events(conn, job_id, [event])
+
+        retry_while_database_down(write, self.settings.db_retry_s, f"stopping job {job_id}")
+
     def end(
         self,
         job_id: str,
@@ -283,17 +369,10 @@ class JobRunner:
         progress: dict[str, Any] | None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        with self.db.transaction() as conn:
-            if jobs_repository.finish(conn, job_id, attempt, status=status, progress=progress, error=error):
-                jobs_repository.append_events(
-                    conn,
-                    job_id,
-                    [
-                        {
-                            "type": "status",
-                            "level": "error" if status == "failed" else "info",
-                            "message": status,
-                            "data": {"status": status, **({"error": error} if error else {})},
-                        }
-                    ],
-                )
+        def write() -> None:
+            with self.db.transaction() as conn:
+                if jobs_repository.finish(conn, job_id, attempt, status=status, progress=progress, error=error):
+                    extra = {"error": error} if error else {}
+                    jobs_repository.append_events(conn, job_id, [status_event(status, **extra)])
+
+        retry_while_database_down(write, self.settings.db_retry_s, f"ending job {job_id}")

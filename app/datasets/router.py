@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from app.datasets import service
 from app.datasets.schemas import Dataset, DatasetList
-from app.deps import DatabaseDep, SettingsDep
+from app.deps import DatabaseDep, SettingsDep, TenantDep
 from app.http import json_response
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -22,6 +22,7 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL ({text} | {prompt, completion} | {text, label}) or CSV.")],
     db: DatabaseDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
     format: Annotated[Literal["jsonl", "csv"] | None, Form(description="Default: from the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV: the label column.")] = "label",
@@ -37,7 +38,13 @@ def upload_dataset(
     )
     try:
         with db.transaction() as conn:
-            document = service.register_dataset(conn, stored, name=name or file.filename)
+            document = service.register_dataset(
+                conn,
+                stored,
+                tenant=tenant,
+                name=name or file.filename,
+                max_storage_bytes=settings.max_storage_bytes_per_tenant,
+            )
     except BaseException:
         service.remove_dataset_files(settings.artifacts_dir, stored.artifact_path)
         raise
@@ -47,30 +54,31 @@ def upload_dataset(
 @router.get("", response_model=DatasetList, summary="List datasets, newest first")
 def list_datasets(
     db: DatabaseDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     with db.read() as conn:
-        return json_response(service.list_datasets(conn, limit=limit, after=after))
+        return json_response(service.list_datasets(conn, tenant=tenant, limit=limit, after=after))
 
 
 @router.get("/{dataset_id}", response_model=Dataset, summary="Get a dataset")
-def get_dataset(dataset_id: DatasetId, db: DatabaseDep) -> Response:
+def get_dataset(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep) -> Response:
     with db.read() as conn:
-        return json_response(service.get_dataset(conn, dataset_id))
+        return json_response(service.get_dataset(conn, dataset_id, tenant=tenant))
 
 
 @router.get("/{dataset_id}/download", summary="Download a dataset's file", response_class=Response)
-def download_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep) -> Response:
+def download_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     with db.read() as conn:
-        row = service.get_dataset_row(conn, dataset_id)
+        row = service.get_dataset_row(conn, dataset_id, tenant=tenant)
     path = service.dataset_file(settings.artifacts_dir, row["artifact_path"])
     return FileResponse(path, media_type="application/octet-stream", filename=f"{dataset_id}.{row['format']}")
 
 
 @router.delete("/{dataset_id}", summary="Delete a dataset")
-def delete_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     with db.transaction() as conn:
-        artifact_path = service.delete_dataset(conn, dataset_id)
+        artifact_path = service.delete_dataset(conn, dataset_id, tenant=tenant)
     service.remove_dataset_files(settings.artifacts_dir, artifact_path)
     return json_response({"id": dataset_id, "object": "dataset", "deleted": True})

@@ -14,9 +14,9 @@ from typing import Any, BinaryIO
 from sqlalchemy.engine import Connection
 
 from app.datasets.schemas import dataset_document
-from app.db import datasets_repository
+from app.db import datasets_repository, models_repository
 from app.distill.text.data import DatasetFormatError, ParsedDataset, parse_csv, parse_jsonl
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge, QuotaExceeded
 from app.ids import new_id
 
 MAX_PAGE = 100
@@ -94,11 +94,20 @@ def store_dataset_file(
 
 
 def register_dataset(
-    conn: Connection, stored: StoredDataset, *, name: str | None, provenance: dict[str, Any] | None = None
+    conn: Connection,
+    stored: StoredDataset,
+    *,
+    tenant: str,
+    name: str | None,
+    provenance: dict[str, Any] | None = None,
+    max_storage_bytes: int | None = None,
 ) -> dict[str, Any]:
+    if max_storage_bytes is not None:
+        check_storage_quota(conn, tenant, stored.size_bytes, max_storage_bytes)
     datasets_repository.insert_dataset(
         conn,
         id=stored.dataset_id,
+        tenant=tenant,
         name=name,
         kind=stored.parsed.kind,
         format=stored.format,
@@ -110,7 +119,7 @@ def register_dataset(
         columns=stored.parsed.columns,
         provenance=provenance,
     )
-    row = datasets_repository.get_dataset(conn, stored.dataset_id)
+    row = datasets_repository.get_dataset(conn, stored.dataset_id, tenant=tenant)
     assert row is not None
     return dataset_document(row)
 
@@ -119,25 +128,34 @@ def remove_dataset_files(artifacts_root: Path, artifact_path: str) -> None:
     shutil.rmtree(dataset_file(artifacts_root, artifact_path).parent, ignore_errors=True)
 
 
-def get_dataset_row(conn: Connection, dataset_id: str) -> Any:
-    row = datasets_repository.get_dataset(conn, dataset_id)
+def check_storage_quota(conn: Connection, tenant: str, incoming: int, limit: int) -> None:
+    used = models_repository.storage_bytes(conn, tenant=tenant)
+    if used + incoming > limit:
+        raise QuotaExceeded(
+            f"storage quota: {used:,} bytes stored + {incoming:,} new > {limit:,}; delete models or datasets",
+            headers={"Retry-After": "3600"},
+        )
+
+
+def get_dataset_row(conn: Connection, dataset_id: str, *, tenant: str) -> Any:
+    row = datasets_repository.get_dataset(conn, dataset_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no dataset {dataset_id!r}")
     return row
 
 
-def get_dataset(conn: Connection, dataset_id: str) -> dict[str, Any]:
-    return dataset_document(get_dataset_row(conn, dataset_id))
+def get_dataset(conn: Connection, dataset_id: str, *, tenant: str) -> dict[str, Any]:
+    return dataset_document(get_dataset_row(conn, dataset_id, tenant=tenant))
 
 
-def list_datasets(conn: Connection, *, limit: int, after: str | None) -> dict[str, Any]:
-    rows = datasets_repository.list_datasets(conn, limit=limit + 1, after=after)
+def list_datasets(conn: Connection, *, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
+    rows = datasets_repository.list_datasets(conn, tenant=tenant, limit=limit + 1, after=after)
     return {"object": "list", "data": [dataset_document(r) for r in rows[:limit]], "has_more": len(rows) > limit}
 
 
-def delete_dataset(conn: Connection, dataset_id: str) -> str:
+def delete_dataset(conn: Connection, dataset_id: str, *, tenant: str) -> str:
     """Delete the row; returns the artifact path for the caller to remove after commit."""
-    row = datasets_repository.delete_dataset(conn, dataset_id)
+    row = datasets_repository.delete_dataset(conn, dataset_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no dataset {dataset_id!r}")
     return str(row["artifact_path"])

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.db.jobs_repository import utcnow
+from app.db.jobs_repository import Tenant, scoped, utcnow
 from app.db.tables import datasets
 
 
@@ -16,16 +16,24 @@ def insert_dataset(conn: Connection, **values: Any) -> None:
     conn.execute(datasets.insert().values(created_at=utcnow(), **values))
 
 
-def get_dataset(conn: Connection, dataset_id: str) -> RowMapping | None:
-    return conn.execute(sa.select(datasets).where(datasets.c.id == dataset_id)).mappings().first()
+def get_dataset(conn: Connection, dataset_id: str, *, tenant: Tenant) -> RowMapping | None:
+    return (
+        conn.execute(sa.select(datasets).where(scoped(datasets.c.id == dataset_id, tenant, datasets)))
+        .mappings()
+        .first()
+    )
 
 
-def list_datasets(conn: Connection, *, limit: int, after: str | None) -> Sequence[RowMapping]:
-    query = sa.select(datasets).order_by(datasets.c.id.desc()).limit(limit)
+def list_datasets(conn: Connection, *, tenant: str, limit: int, after: str | None) -> Sequence[RowMapping]:
+    query = sa.select(datasets).where(datasets.c.tenant == tenant).order_by(datasets.c.id.desc()).limit(limit)
     if after is not None:
         query = query.where(datasets.c.id < after)
     return conn.execute(query).mappings().all()
 
 
-def delete_dataset(conn: Connection, dataset_id: str) -> RowMapping | None:
-    return conn.execute(datasets.delete().where(datasets.c.id == dataset_id).returning(datasets)).mappings().first()
+def delete_dataset(conn: Connection, dataset_id: str, *, tenant: Tenant) -> RowMapping | None:
+    return (
+        conn.execute(datasets.delete().where(scoped(datasets.c.id == dataset_id, tenant, datasets)).returning(datasets))
+        .mappings()
+        .first()
+    )

@@ -21,12 +21,12 @@ JOB_COLUMNS = (
     "id, name, status, created_at, started_at, finished_at, spec::text, progress::text, result::text, error::text, "
     "attempts, cancel_requested"
 )
-SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s"
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s AND tenant = %s"
 
 
 class JobReader(Protocol):
-    async def job_row(self, job_id: str) -> dict[str, Any] | None:
-        """The job as a mapping whose JSON columns may be ``orjson.Fragment`` (already-serialised JSON)."""
+    async def job_row(self, job_id: str, *, tenant: str) -> dict[str, Any] | None:
+        """The job (of ``tenant``) as a mapping; its JSON columns may be ``orjson.Fragment`` (serialised JSON)."""
         ...
 
     async def open(self) -> None: ...
@@ -58,9 +58,9 @@ class PostgresJobReader:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def job_row(self, job_id: str) -> dict[str, Any] | None:
+    async def job_row(self, job_id: str, *, tenant: str) -> dict[str, Any] | None:
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(SELECT_JOB, (job_id,))
+            cursor = await conn.execute(SELECT_JOB, (job_id, tenant))
             row = await cursor.fetchone()
         if row is None:
             return None
@@ -92,10 +92,10 @@ class ThreadedJobReader:
     async def close(self) -> None:
         return None
 
-    async def job_row(self, job_id: str) -> dict[str, Any] | None:
+    async def job_row(self, job_id: str, *, tenant: str) -> dict[str, Any] | None:
         def read() -> dict[str, Any] | None:
             with self.database.read() as conn:
-                row = jobs_repository.get_job(conn, job_id)
+                row = jobs_repository.get_job(conn, job_id, tenant=tenant)
             return None if row is None else dict(row)
 
         return await run_in_threadpool(read)

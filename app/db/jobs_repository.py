@@ -1,5 +1,9 @@
-"""Every query on jobs and job events. Status changes are compare-and-set on (status, attempts): a worker holding
-an old attempt can never overwrite a newer one."""
+"""Every query on jobs, job events, the outbox and idempotency keys. Status changes are compare-and-set on (status,
+attempts): a worker holding an old attempt can never overwrite a newer one.
+
+Tenancy: functions that serve a request take ``tenant`` (a string) and only ever see that tenant's rows; ``tenant=None``
+is system access (the worker and the reconciler, which act on ids they were handed).
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,37 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.db.tables import job_events, jobs
+from app.db.tables import idempotency_keys, job_events, jobs, outbox
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running", "paused")
+
+Tenant = str | None  # None: system access
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def scoped(condition: Any, tenant: Tenant, table: sa.Table = jobs) -> Any:
+    return condition if tenant is None else sa.and_(condition, table.c.tenant == tenant)
+
+
 def insert_job(
-    conn: Connection, *, job_id: str, name: str | None, spec: dict[str, Any], progress: dict[str, Any]
+    conn: Connection,
+    *,
+    job_id: str,
+    tenant: str,
+    name: str | None,
+    spec: dict[str, Any],
+    progress: dict[str, Any],
 ) -> None:
+    """The job and its outbox row, in the caller's transaction: the publish is owed as soon as the job exists."""
     now = utcnow()
     conn.execute(
         jobs.insert().values(
             id=job_id,
+            tenant=tenant,
             name=name,
             status="queued",
             spec=spec,
@@ -34,15 +53,23 @@ def insert_job(
             updated_at=now,
         )
     )
+    conn.execute(outbox.insert().values(job_id=job_id, created_at=now))
 
 
-def get_job(conn: Connection, job_id: str) -> RowMapping | None:
-    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+def get_job(conn: Connection, job_id: str, *, tenant: Tenant) -> RowMapping | None:
+    return conn.execute(sa.select(jobs).where(scoped(jobs.c.id == job_id, tenant))).mappings().first()
 
 
-def list_jobs(conn: Connection, *, status: str | None, limit: int, after: str | None) -> Sequence[RowMapping]:
+def count_active(conn: Connection, *, tenant: str) -> int:
+    query = sa.select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.status.in_(("queued", "running")))
+    return int(conn.execute(query).scalar_one())
+
+
+def list_jobs(
+    conn: Connection, *, tenant: str, status: str | None, limit: int, after: str | None
+) -> Sequence[RowMapping]:
     """Newest first; ``after`` is the id of the last job of the previous page."""
-    query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+    query = sa.select(jobs).where(jobs.c.tenant == tenant).order_by(jobs.c.id.desc()).limit(limit)
     if status is not None:
         query = query.where(jobs.c.status == status)
     if after is not None:
@@ -50,25 +77,76 @@ def list_jobs(conn: Connection, *, status: str | None, limit: int, after: str | 
     return conn.execute(query).mappings().all()
 
 
-def cancel_queued(conn: Connection, job_id: str) -> bool:
-    """queued → cancelled at once (no worker holds it)."""
+def cancel_queued(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
+    """queued (or paused) → cancelled at once (no worker holds it)."""
     now = utcnow()
     result = conn.execute(
         jobs.update()
-        .where(jobs.c.id == job_id, jobs.c.status == "queued")
+        .where(scoped(jobs.c.id == job_id, tenant), jobs.c.status.in_(("queued", "paused")))
         .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
     )
     return result.rowcount == 1
 
 
-def request_cancel(conn: Connection, job_id: str) -> bool:
+def request_cancel(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
     """Flag a running job; its worker sees the flag at its next progress write and stops between steps."""
     result = conn.execute(
         jobs.update()
-        .where(jobs.c.id == job_id, jobs.c.status == "running")
+        .where(scoped(jobs.c.id == job_id, tenant), jobs.c.status == "running")
         .values(cancel_requested=True, updated_at=utcnow())
     )
     return result.rowcount == 1
+
+
+def request_pause(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
+    """Flag a running job to checkpoint and stop; its status becomes ``paused`` (resume puts it back in the queue)."""
+    result = conn.execute(
+        jobs.update()
+        .where(scoped(jobs.c.id == job_id, tenant), jobs.c.status == "running")
+        .values(pause_requested=True, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def resume(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
+    """paused → queued, with a new outbox row (the caller publishes after commit)."""
+    now = utcnow()
+    result = conn.execute(
+        jobs.update()
+        .where(scoped(jobs.c.id == job_id, tenant), jobs.c.status == "paused")
+        .values(status="queued", pause_requested=False, updated_at=now)
+    )
+    if result.rowcount != 1:
+        return False
+    conn.execute(outbox.insert().values(job_id=job_id, created_at=now))
+    return True
+
+
+def requeue(
+    conn: Connection, job_id: str, attempt: int, *, status: str = "queued", progress: dict[str, Any] | None
+) -> bool:
+    """running (this attempt) → queued (worker shutting down; a new outbox row is owed) or → paused (on request).
+    The attempt counter is kept: a graceful stop is not a lost worker."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "pause_requested": False,
+        "updated_at": now,
+        "worker": None,
+        "graceful_stops": jobs.c.graceful_stops + 1,
+    }
+    if progress is not None:
+        values["progress"] = progress
+    result = conn.execute(
+        jobs.update()
+        .where(jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == "running")
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False
+    if status == "queued":
+        conn.execute(outbox.insert().values(job_id=job_id, created_at=now))
+    return True
 
 
 def claim(conn: Connection, job_id: str, worker: str, *, stale_after_s: float) -> RowMapping | None:
@@ -92,7 +170,7 @@ def claim(conn: Connection, job_id: str, worker: str, *, stale_after_s: float) -
                 started_at=sa.func.coalesce(jobs.c.started_at, now),
                 updated_at=now,
             )
-            .returning(jobs.c.id, jobs.c.spec, jobs.c.attempts, jobs.c.name)
+            .returning(jobs.c.id, jobs.c.spec, jobs.c.attempts, jobs.c.name, jobs.c.tenant, jobs.c.graceful_stops)
         )
         .mappings()
         .first()
@@ -109,17 +187,17 @@ def heartbeat(conn: Connection, job_id: str, attempt: int) -> bool:
     return result.rowcount == 1
 
 
-def write_progress(conn: Connection, job_id: str, attempt: int, progress: dict[str, Any]) -> bool | None:
-    """Store progress for ``attempt``. Returns whether cancellation was requested, or None when the attempt no
+def write_progress(conn: Connection, job_id: str, attempt: int, progress: dict[str, Any]) -> tuple[bool, bool] | None:
+    """Store progress for ``attempt``. Returns (cancel requested, pause requested), or None when the attempt no
     longer owns the job (it was superseded or the job finished)."""
     now = utcnow()
     row = conn.execute(
         jobs.update()
         .where(jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == "running")
         .values(progress=progress, heartbeat_at=now, updated_at=now)
-        .returning(jobs.c.cancel_requested)
+        .returning(jobs.c.cancel_requested, jobs.c.pause_requested)
     ).first()
-    return None if row is None else bool(row[0])
+    return None if row is None else (bool(row[0]), bool(row[1]))
 
 
 def finish(
@@ -194,5 +272,94 @@ def list_events(conn: Connection, job_id: str, *, after: int, limit: int) -> Seq
     )
 
 
-def job_exists(conn: Connection, job_id: str) -> bool:
-    return conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is not None
+def job_exists(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
+    return conn.execute(sa.select(jobs.c.id).where(scoped(jobs.c.id == job_id, tenant))).first() is not None
+
+
+# --- the outbox and the reconciler's queries -------------------------------------------------------------------
+
+
+def mark_published(conn: Connection, job_id: str) -> None:
+    conn.execute(
+        outbox.update()
+        .where(outbox.c.job_id == job_id, outbox.c.published_at.is_(None))
+        .values(published_at=utcnow(), publish_attempts=outbox.c.publish_attempts + 1)
+    )
+
+
+def unpublished(conn: Connection, *, older_than_s: float, limit: int) -> list[str]:
+    """Job ids whose publish is still owed (the api's attempt after commit failed or has not happened yet)."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    rows = conn.execute(
+        sa.select(outbox.c.job_id)
+        .where(outbox.c.published_at.is_(None), outbox.c.created_at < cutoff)
+        .order_by(outbox.c.id)
+        .limit(limit)
+    )
+    return list(dict.fromkeys(row[0] for row in rows))
+
+
+def queued_jobs(conn: Connection, *, older_than_s: float, limit: int) -> list[str]:
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    rows = conn.execute(
+        sa.select(jobs.c.id)
+        .where(jobs.c.status == "queued", jobs.c.updated_at < cutoff)
+        .order_by(jobs.c.id)
+        .limit(limit)
+    )
+    return [row[0] for row in rows]
+
+
+def stale_running_jobs(conn: Connection, *, stale_after_s: float, limit: int) -> list[str]:
+    cutoff = utcnow() - dt.timedelta(seconds=stale_after_s)
+    rows = conn.execute(
+        sa.select(jobs.c.id)
+        .where(jobs.c.status == "running", sa.or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < cutoff))
+        .order_by(jobs.c.id)
+        .limit(limit)
+    )
+    return [row[0] for row in rows]
+
+
+def touch(conn: Connection, job_ids: Sequence[str]) -> None:
+    """Record that queued jobs were just (re)published, so the reconciler waits before looking at them again."""
+    if job_ids:
+        conn.execute(jobs.update().where(jobs.c.id.in_(job_ids), jobs.c.status == "queued").values(updated_at=utcnow()))
+
+
+# --- idempotency keys ------------------------------------------------------------------------------------------------
+
+
+def get_idempotency_key(conn: Connection, *, tenant: str, key: str) -> RowMapping | None:
+    return (
+        conn.execute(
+            sa.select(idempotency_keys).where(idempotency_keys.c.tenant == tenant, idempotency_keys.c.key == key)
+        )
+        .mappings()
+        .first()
+    )
+
+
+def insert_idempotency_key(conn: Connection, *, tenant: str, key: str, request_hash: str, job_id: str) -> None:
+    conn.execute(
+        idempotency_keys.insert().values(
+            tenant=tenant, key=key, request_hash=request_hash, job_id=job_id, created_at=utcnow()
+        )
+    )
+
+
+def lock_idempotency_key(conn: Connection, *, tenant: str, key: str) -> bool:
+    """Postgres: a transaction-scoped advisory lock on (tenant, key); False when another request holds it (the
+    original request is still in flight). Other databases serialise writers anyway: always True."""
+    if conn.dialect.name != "postgresql":
+        return True
+    acquired = conn.execute(
+        sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:name, 0))"),
+        {"name": f"{len(tenant)}:{tenant}:{key}"},
+    ).scalar_one()
+    return bool(acquired)
+
+
+def expire_idempotency_keys(conn: Connection, *, older_than_s: float) -> int:
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < cutoff)).rowcount

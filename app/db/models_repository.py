@@ -8,32 +8,51 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.db.jobs_repository import utcnow
-from app.db.tables import models
+from app.db.jobs_repository import Tenant, scoped, utcnow
+from app.db.tables import datasets, models
 
 
 def insert_model(conn: Connection, **values: Any) -> None:
     conn.execute(models.insert().values(created_at=utcnow(), **values))
 
 
-def get_model(conn: Connection, model_id: str) -> RowMapping | None:
-    return conn.execute(sa.select(models).where(models.c.id == model_id)).mappings().first()
+def get_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMapping | None:
+    return conn.execute(sa.select(models).where(scoped(models.c.id == model_id, tenant, models))).mappings().first()
 
 
-def get_model_of_job(conn: Connection, job_id: str) -> RowMapping | None:
+def get_model_of_job(conn: Connection, job_id: str, *, tenant: Tenant) -> RowMapping | None:
     return (
-        conn.execute(sa.select(models).where(models.c.source_job_id == job_id).order_by(models.c.id.desc()))
+        conn.execute(
+            sa.select(models)
+            .where(scoped(models.c.source_job_id == job_id, tenant, models))
+            .order_by(models.c.id.desc())
+        )
         .mappings()
         .first()
     )
 
 
-def list_models(conn: Connection, *, limit: int, after: str | None) -> Sequence[RowMapping]:
-    query = sa.select(models).order_by(models.c.id.desc()).limit(limit)
+def list_models(conn: Connection, *, tenant: str, limit: int, after: str | None) -> Sequence[RowMapping]:
+    query = sa.select(models).where(models.c.tenant == tenant).order_by(models.c.id.desc()).limit(limit)
     if after is not None:
         query = query.where(models.c.id < after)
     return conn.execute(query).mappings().all()
 
 
-def delete_model(conn: Connection, model_id: str) -> RowMapping | None:
-    return conn.execute(models.delete().where(models.c.id == model_id).returning(models)).mappings().first()
+def delete_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMapping | None:
+    return (
+        conn.execute(models.delete().where(scoped(models.c.id == model_id, tenant, models)).returning(models))
+        .mappings()
+        .first()
+    )
+
+
+def storage_bytes(conn: Connection, *, tenant: str) -> int:
+    """What a tenant stores: its models' and datasets' files."""
+    model_bytes = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(models.c.size_bytes), 0)).where(models.c.tenant == tenant)
+    ).scalar_one()
+    dataset_bytes = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(datasets.c.size_bytes), 0)).where(datasets.c.tenant == tenant)
+    ).scalar_one()
+    return int(model_bytes) + int(dataset_bytes)

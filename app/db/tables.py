@@ -23,6 +23,7 @@ jobs = sa.Table(
     "jobs",
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False, server_default="default"),
     sa.Column("name", sa.String(200), nullable=True),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("spec", JSONType, nullable=False),
@@ -31,6 +32,9 @@ jobs = sa.Table(
     sa.Column("error", JSONType, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("pause_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    # attempts that ended by a pause or a graceful shutdown: not counted against max_attempts
+    sa.Column("graceful_stops", sa.Integer, nullable=False, server_default="0"),
     sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
     sa.Column("worker", sa.String(200), nullable=True),
     sa.Column("heartbeat_at", Timestamp, nullable=True),
@@ -39,6 +43,7 @@ jobs = sa.Table(
     sa.Column("started_at", Timestamp, nullable=True),
     sa.Column("finished_at", Timestamp, nullable=True),
     sa.Index("ix_jobs_status_id", "status", "id"),
+    sa.Index("ix_jobs_tenant_id", "tenant", "id"),
 )
 
 job_events = sa.Table(
@@ -58,6 +63,7 @@ datasets = sa.Table(
     "datasets",
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False, server_default="default"),
     sa.Column("name", sa.String(200), nullable=True),
     sa.Column("kind", sa.String(32), nullable=False),  # text | prompt_completion | text_label | tabular
     sa.Column("format", sa.String(16), nullable=False),  # jsonl | csv
@@ -75,6 +81,7 @@ models = sa.Table(
     "models",
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False, server_default="default"),
     sa.Column("name", sa.String(200), nullable=True),
     sa.Column("kind", sa.String(16), nullable=False),  # student | uploaded
     sa.Column("task", sa.String(32), nullable=False),
@@ -89,4 +96,39 @@ models = sa.Table(
     sa.Column("source_job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Index("ix_models_source_job_id", "source_job_id"),
+)
+
+# the transactional outbox: a row per publish the broker owes; written in the job's transaction, published (and
+# marked) by the api right after commit or, failing that, by the worker's reconciler
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("published_at", Timestamp, nullable=True),
+    sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_outbox_unpublished", "published_at", "id"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("prefix", sa.String(16), nullable=False, unique=True),  # the public part of the key, for lookup
+    sa.Column("key_hash", sa.String(64), nullable=False),  # sha256 of the whole key; the key itself is never stored
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=True),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
 )

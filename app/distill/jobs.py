@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from app.distill.artifacts import ArtifactFile, load_model_dir, save_model_dir
+from app.distill.checkpoints import Checkpointer
 from app.distill.resources import JobResources
 from app.distill.spec import JobSpec
 from app.distill.training import ProgressCallback, train_classifier
@@ -28,14 +29,17 @@ def run_job_spec(
     *,
     progress: ProgressCallback | None = None,
     device: torch.device | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainedStudent:
     if spec.is_text:
         from app.distill.text.training import train_text_model
 
-        text = train_text_model(spec, resources, progress=progress, device=device)
+        text = train_text_model(spec, resources, progress=progress, device=device, checkpointer=checkpointer)
         return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), text.save)
     stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
-    tabular = train_classifier(spec, stored_teachers=stored, progress=progress, device=device)
+    tabular = train_classifier(
+        spec, stored_teachers=stored, progress=progress, device=device, checkpointer=checkpointer
+    )
 
     def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:
         return save_model_dir(tabular.student, destination, extra_config=dict(extra))  # type: ignore[arg-type]

@@ -315,6 +315,9 @@ class TrainingSpec(SpecModel):
     )
     gradient_accumulation: int = Field(1, ge=1, le=4096)
     compile: bool = Field(False, description="torch.compile the student (worth it on GPUs for long jobs).")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (also every DISTILLERY_CHECKPOINT_INTERVAL_S seconds)."
+    )
 
 
 class EvaluationSpec(SpecModel):

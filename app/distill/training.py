@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from app.distill.architectures import MLPClassifier, build_model
+from app.distill.checkpoints import Checkpointer
 from app.distill.datasets import AugmentationSampler, TabularSplit, load_dataset
 from app.distill.evaluation import evaluate_classifier
 from app.distill.losses import distillation_loss, hard_label_loss
@@ -34,7 +35,32 @@ from app.distill.teachers import TeacherEnsemble, combine_teacher_losses
 
 
 class StopRequested(Exception):
-    """Raised by a progress callback to stop training between two steps (cancellation, shutdown)."""
+    """Raised by a progress callback to stop training between two steps. ``reason``: cancel, pause or shutdown;
+    with ``checkpoint`` the loop saves a checkpoint of the step just finished before it stops (pause, shutdown)."""
+
+    def __init__(self, reason: str = "cancel", *, checkpoint: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.checkpoint = checkpoint
+
+
+def report_and_checkpoint(
+    report: ProgressCallback,
+    update: ProgressUpdate,
+    checkpointer: Checkpointer | None,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """After each optimizer step: report progress (which may stop the run), then checkpoint when due. A stop that
+    asks for it checkpoints the step just finished first, so a paused or shut-down job loses no work."""
+    try:
+        report(update)
+    except StopRequested as stop:
+        if stop.checkpoint and checkpointer is not None:
+            checkpointer.save(update.step, modules, optimizer)
+        raise
+    if checkpointer is not None and checkpointer.due(update.step):
+        checkpointer.save(update.step, modules, optimizer)
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,7 @@ def train_classifier(
     *,
     stored_teachers: Mapping[int, MLPClassifier] | None = None,
     progress: ProgressCallback | None = None,
+    checkpointer: Checkpointer | None = None,
     device: torch.device | None = None,
 ) -> TrainingOutcome:
     """Run the job ``spec`` describes and evaluate the result. Blocking; call it off any event loop."""
@@ -180,6 +207,8 @@ def train_classifier(
 
     # --- setup ---
     report(ProgressUpdate("loading", 0, 0))
+    # dropout draws from the global generator: seed it so that a job is reproducible from its spec
+    torch.manual_seed(derive_seed(training.seed, SEED_DROPOUT))
     data_seed = spec.data.seed if spec.data.seed is not None else derive_seed(training.seed, SEED_DATA)
     if not isinstance(spec.data, SyntheticData | SklearnData):
         raise ValueError("tabular classification takes synthetic or sklearn data")
@@ -203,7 +232,8 @@ def train_classifier(
     # --- train ---
     started = time.perf_counter()
     metrics: dict[str, float] = {}
-    for step in range(total_steps):
+    first_step = checkpointer.restore({"student": student}, optimizer) if checkpointer is not None else 0
+    for step in range(first_step, total_steps):
         multiplier = lr_multiplier(step, total_steps, training)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * multiplier
@@ -248,7 +278,13 @@ def train_classifier(
             "ce": ce.item(),
             "lr": optimizer.param_groups[0]["lr"],
         }
-        report(ProgressUpdate("training", step + 1, total_steps, metrics))
+        report_and_checkpoint(
+            report,
+            ProgressUpdate("training", step + 1, total_steps, metrics),
+            checkpointer,
+            {"student": student},
+            optimizer,
+        )
     train_seconds = time.perf_counter() - started
 
     # --- evaluate ---

@@ -1,4 +1,4 @@
-"""Publishing job ids to the broker, after the job row is committed."""
+"""Publishing job ids to the broker, after the job row (and its outbox row) is committed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import logging
 
 from celery import Celery
 
+from app.db import jobs_repository
+from app.db.engine import Database
 from app.queue import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
@@ -18,24 +20,24 @@ class JobDispatcher:
 
     def dispatch(self, job_id: str) -> bool:
         """Publish ``job_id``; the task id is the job id, so a duplicate publish is recognisable. Returns False (and
-        logs) when the broker is unreachable: the job stays queued in the database."""
+        logs) when the broker is unreachable: the job stays queued and its outbox row owed."""
         try:
-            self.celery.send_task(
-                RUN_JOB_TASK,
-                args=[job_id],
-                task_id=job_id,
-                queue=self.queue,
-                retry=True,
-                retry_policy={
-                    "max_retries": 2,
-                    "interval_start": 0.1,
-                    "interval_step": 0.2,
-                    "interval_max": 0.5,
-                },
-            )
-        except Exception:
-            log.exception("could not publish job %s; it stays queued", job_id)
+            self.celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=self.queue, retry=False)
+        except Exception as exc:
+            log.warning("could not publish job %s (%s: %s); the reconciler will", job_id, type(exc).__name__, exc)
             return False
+        return True
+
+    def publish_owed(self, database: Database, job_id: str) -> bool:
+        """Publish, then mark the job's outbox row published. Failures are logged, never raised: the outbox keeps
+        the debt and the reconciler pays it."""
+        if not self.dispatch(job_id):
+            return False
+        try:
+            with database.transaction() as conn:
+                jobs_repository.mark_published(conn, job_id)
+        except Exception:
+            log.warning("published job %s but could not mark its outbox row", job_id, exc_info=True)
         return True
 
     def ping(self) -> None:

@@ -3,9 +3,13 @@ to the broker only after it commits)."""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.job_reads import JobReader
@@ -19,7 +23,7 @@ from app.distill.spec import (
     UploadedData,
     check_spec,
 )
-from app.errors import Conflict, InvalidSpec, NotFound
+from app.errors import Conflict, InvalidRequest, InvalidSpec, NotFound, QuotaExceeded
 from app.ids import new_id
 from app.jobs.schemas import event_document, initial_progress, job_document
 from app.settings import Settings
@@ -49,7 +53,7 @@ def stored_model_shape(config: dict[str, Any]) -> ModelShape:
 
 
 def resolve_teachers(
-    conn: Connection, spec: JobSpec, settings: Settings
+    conn: Connection, spec: JobSpec, settings: Settings, tenant: str
 ) -> tuple[dict[int, str], dict[int, ModelShape]]:
     """Stored models the spec's teachers refer to, checked to exist now rather than fail in the worker.
     Returns (teacher index → model id to pin, teacher index → shape)."""
@@ -58,7 +62,7 @@ def resolve_teachers(
     for index, teacher in enumerate(spec.all_teachers()):
         base_loc: list[Any] = ["body", "teachers", index] if spec.teachers else ["body", "teacher"]
         if isinstance(teacher, StoredModelTeacher):
-            model = models_repository.get_model(conn, teacher.model_id)
+            model = models_repository.get_model(conn, teacher.model_id, tenant=tenant)
             if model is None:
                 raise InvalidSpec(
                     "the teacher model does not exist",
@@ -66,7 +70,7 @@ def resolve_teachers(
                 )
         elif isinstance(teacher, JobOutputTeacher):
             loc = [*base_loc, "job_id"]
-            job = jobs_repository.get_job(conn, teacher.job_id)
+            job = jobs_repository.get_job(conn, teacher.job_id, tenant=tenant)
             if job is None:
                 raise InvalidSpec(
                     "the teacher job does not exist", errors=[{"loc": loc, "msg": f"no job {teacher.job_id!r}"}]
@@ -78,7 +82,7 @@ def resolve_teachers(
                         {"loc": loc, "msg": f"job {teacher.job_id} is {job['status']}; submit once it has succeeded"}
                     ],
                 )
-            model = models_repository.get_model_of_job(conn, teacher.job_id)
+            model = models_repository.get_model_of_job(conn, teacher.job_id, tenant=tenant)
             if model is None:
                 raise InvalidSpec("the teacher job's model was deleted", errors=[{"loc": loc, "msg": "model deleted"}])
         elif isinstance(teacher, TransformersTeacher):
@@ -120,11 +124,11 @@ def transformers_teacher_shape(
     )
 
 
-def resolve_dataset(conn: Connection, spec: JobSpec) -> str | None:
+def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> str | None:
     """The kind of an uploaded dataset the spec names (404-like problems are 422s with the field)."""
     if not isinstance(spec.data, UploadedData):
         return None
-    row = datasets_repository.get_dataset(conn, spec.data.dataset_id)
+    row = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=tenant)
     if row is None:
         raise InvalidSpec(
             "the dataset does not exist",
@@ -147,9 +151,52 @@ def pinned_spec(spec: JobSpec, pins: dict[int, str]) -> dict[str, Any]:
     return stored
 
 
-def create_job(conn: Connection, spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    pins, shapes = resolve_teachers(conn, spec, settings)
-    dataset_kind = resolve_dataset(conn, spec)
+@dataclass(frozen=True)
+class Created:
+    job: dict[str, Any]
+    replayed: bool  # an earlier request with the same Idempotency-Key created it
+
+
+def request_fingerprint(spec: JobSpec) -> str:
+    """What "the same body" means for Idempotency-Key: the validated spec, canonically serialised."""
+    return hashlib.sha256(orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def create_job(
+    conn: Connection,
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    tenant: str,
+    idempotency_key: str | None = None,
+) -> Created:
+    """Validate, then insert the job with its outbox row and its first event, in the caller's transaction.
+
+    Idempotency-Key (IETF draft semantics, per tenant): the same key and body return the original job; the same
+    key with another body is a 422; a key whose first request is still in flight is a 409.
+    """
+    fingerprint = request_fingerprint(spec) if idempotency_key is not None else ""
+    if idempotency_key is not None:
+        if not jobs_repository.lock_idempotency_key(conn, tenant=tenant, key=idempotency_key):
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        previous = jobs_repository.get_idempotency_key(conn, tenant=tenant, key=idempotency_key)
+        if previous is not None:
+            if previous["request_hash"] != fingerprint:
+                raise InvalidRequest(
+                    "this Idempotency-Key was used with a different request body",
+                    errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body"}],
+                )
+            return Created(get_job(conn, previous["job_id"], tenant=tenant), replayed=True)
+    if jobs_repository.count_active(conn, tenant=tenant) >= settings.max_active_jobs_per_tenant:
+        raise QuotaExceeded(
+            f"{settings.max_active_jobs_per_tenant} jobs are already queued or running for this tenant",
+            headers={"Retry-After": "30"},
+        )
+    pins, shapes = resolve_teachers(conn, spec, settings, tenant)
+    dataset_kind = resolve_dataset(conn, spec, tenant)
     problems = check_spec(spec, spec_limits(settings), teacher_shapes=shapes, dataset_kind=dataset_kind)
     if problems:
         raise InvalidSpec(
@@ -158,31 +205,37 @@ def create_job(conn: Connection, spec: JobSpec, settings: Settings) -> dict[str,
         )
     job_id = new_id("job")
     jobs_repository.insert_job(
-        conn, job_id=job_id, name=spec.name, spec=pinned_spec(spec, pins), progress=initial_progress()
+        conn, job_id=job_id, tenant=tenant, name=spec.name, spec=pinned_spec(spec, pins), progress=initial_progress()
     )
     jobs_repository.append_events(conn, job_id, [{"type": "status", "message": "queued", "data": {"status": "queued"}}])
-    row = jobs_repository.get_job(conn, job_id)
-    assert row is not None
-    return job_document(row)
+    if idempotency_key is not None:
+        try:
+            with conn.begin_nested():
+                jobs_repository.insert_idempotency_key(
+                    conn, tenant=tenant, key=idempotency_key, request_hash=fingerprint, job_id=job_id
+                )
+        except IntegrityError as exc:  # a concurrent request won the race (databases without advisory locks)
+            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly") from exc
+    return Created(get_job(conn, job_id, tenant=tenant), replayed=False)
 
 
-def get_job(conn: Connection, job_id: str) -> dict[str, Any]:
-    row = jobs_repository.get_job(conn, job_id)
+def get_job(conn: Connection, job_id: str, *, tenant: str | None) -> dict[str, Any]:
+    row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
     return job_document(row)
 
 
-async def get_job_fast(reader: JobReader, job_id: str) -> dict[str, Any]:
+async def get_job_fast(reader: JobReader, job_id: str, *, tenant: str) -> dict[str, Any]:
     """``get_job`` for polling: JSON columns arrive pre-serialised (see app/db/job_reads.py)."""
-    row = await reader.job_row(job_id)
+    row = await reader.job_row(job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
     return job_document(row)
 
 
-def list_jobs(conn: Connection, *, status: str | None, limit: int, after: str | None) -> dict[str, Any]:
-    rows = jobs_repository.list_jobs(conn, status=status, limit=limit + 1, after=after)
+def list_jobs(conn: Connection, *, tenant: str, status: str | None, limit: int, after: str | None) -> dict[str, Any]:
+    rows = jobs_repository.list_jobs(conn, tenant=tenant, status=status, limit=limit + 1, after=after)
     return {
         "object": "list",
         "data": [job_document(row) for row in rows[:limit]],
@@ -190,25 +243,45 @@ def list_jobs(conn: Connection, *, status: str | None, limit: int, after: str | 
     }
 
 
-def cancel_job(conn: Connection, job_id: str) -> dict[str, Any]:
-    row = jobs_repository.get_job(conn, job_id)
+def cancel_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
+    row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
-    if jobs_repository.cancel_queued(conn, job_id):
+    if jobs_repository.cancel_queued(conn, job_id, tenant=tenant):
         jobs_repository.append_events(
             conn, job_id, [{"type": "status", "message": "cancelled", "data": {"status": "cancelled"}}]
         )
-    elif jobs_repository.request_cancel(conn, job_id):
+    elif jobs_repository.request_cancel(conn, job_id, tenant=tenant):
         jobs_repository.append_events(conn, job_id, [{"type": "message", "message": "cancellation requested"}])
     else:
-        current = jobs_repository.get_job(conn, job_id)
-        status = current["status"] if current is not None else row["status"]
-        raise Conflict(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
-    return get_job(conn, job_id)
+        raise Conflict(f"job {job_id} is {row['status']}; only queued, running or paused jobs can be cancelled")
+    return get_job(conn, job_id, tenant=tenant)
 
 
-def list_events(conn: Connection, job_id: str, *, after: int, limit: int) -> dict[str, Any]:
-    if not jobs_repository.job_exists(conn, job_id):
+def pause_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
+    """A running job checkpoints at its next progress write and stops as ``paused``."""
+    row = jobs_repository.get_job(conn, job_id, tenant=tenant)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    if not jobs_repository.request_pause(conn, job_id, tenant=tenant):
+        raise Conflict(f"job {job_id} is {row['status']}; only running jobs can be paused")
+    jobs_repository.append_events(conn, job_id, [{"type": "message", "message": "pause requested"}])
+    return get_job(conn, job_id, tenant=tenant)
+
+
+def resume_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
+    """paused → queued; it continues from its checkpoint. The caller publishes after commit."""
+    row = jobs_repository.get_job(conn, job_id, tenant=tenant)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    if not jobs_repository.resume(conn, job_id, tenant=tenant):
+        raise Conflict(f"job {job_id} is {row['status']}; only paused jobs can be resumed")
+    jobs_repository.append_events(conn, job_id, [{"type": "status", "message": "queued", "data": {"status": "queued"}}])
+    return get_job(conn, job_id, tenant=tenant)
+
+
+def list_events(conn: Connection, job_id: str, *, tenant: str, after: int, limit: int) -> dict[str, Any]:
+    if not jobs_repository.job_exists(conn, job_id, tenant=tenant):
         raise NotFound(f"no job {job_id!r}")
     rows = jobs_repository.list_events(conn, job_id, after=after, limit=limit + 1)
     return {

@@ -11,7 +11,8 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, st
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import DatabaseDep, ModelCacheDep, SettingsDep
+from app.datasets.service import check_storage_quota
+from app.deps import DatabaseDep, ModelCacheDep, SettingsDep, TenantDep
 from app.errors import NotFound
 from app.http import json_response
 from app.models import service
@@ -30,6 +31,7 @@ def upload_model(
     task: Annotated[Literal["causal_lm", "embedding", "text_classification"], Form()],
     db: DatabaseDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> Response:
     uploads = [(upload.filename or "", upload.file) for upload in files]
@@ -38,9 +40,13 @@ def upload_model(
     )
     try:
         with db.transaction() as conn:
+            check_storage_quota(
+                conn, tenant, sum(f.size_bytes for f in stored.files), settings.max_storage_bytes_per_tenant
+            )
             service.register_model(
                 conn,
                 model_id=stored.model_id,
+                tenant=tenant,
                 name=name,
                 kind="uploaded",
                 config=stored.config,
@@ -49,7 +55,7 @@ def upload_model(
                 evaluation=None,
                 source_job_id=None,
             )
-            document = service.get_model(conn, stored.model_id)
+            document = service.get_model(conn, stored.model_id, tenant=tenant)
     except BaseException:
         service.remove_artifact(settings.artifacts_dir, service.artifact_path_for(stored.model_id))
         raise
@@ -59,17 +65,18 @@ def upload_model(
 @router.get("", response_model=ModelList, summary="List models, newest first")
 def list_models(
     db: DatabaseDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     with db.read() as conn:
-        return json_response(service.list_models(conn, limit=limit, after=after))
+        return json_response(service.list_models(conn, tenant=tenant, limit=limit, after=after))
 
 
 @router.get("/{model_id}", response_model=Model, summary="Get a model")
-def get_model(model_id: ModelId, db: DatabaseDep) -> Response:
+def get_model(model_id: ModelId, db: DatabaseDep, tenant: TenantDep) -> Response:
     with db.read() as conn:
-        return json_response(service.get_model(conn, model_id))
+        return json_response(service.get_model(conn, model_id, tenant=tenant))
 
 
 def tar_stream(directory: FsPath, names: list[str], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
@@ -99,10 +106,11 @@ def download_model(
     model_id: ModelId,
     db: DatabaseDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     file: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     with db.read() as conn:
-        row = service.get_model_row(conn, model_id)
+        row = service.get_model_row(conn, model_id, tenant=tenant)
     directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
     names = [entry["path"] for entry in row["files"]]
     if file is not None:
@@ -118,10 +126,12 @@ def download_model(
 
 
 @router.delete("/{model_id}", summary="Delete a model and its files")
-async def delete_model(model_id: ModelId, db: DatabaseDep, settings: SettingsDep, cache: ModelCacheDep) -> Response:
+async def delete_model(
+    model_id: ModelId, db: DatabaseDep, settings: SettingsDep, cache: ModelCacheDep, tenant: TenantDep
+) -> Response:
     def delete() -> dict[str, object]:
         with db.transaction() as conn:
-            deleted = service.delete_model(conn, model_id, settings.artifacts_dir)
+            deleted = service.delete_model(conn, model_id, tenant=tenant)
         service.remove_artifact(settings.artifacts_dir, str(deleted.pop("artifact_path")))
         return deleted
 

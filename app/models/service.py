@@ -39,6 +39,7 @@ def register_model(
     conn: Connection,
     *,
     model_id: str,
+    tenant: str,
     name: str | None,
     kind: str,
     config: dict[str, Any],
@@ -53,6 +54,7 @@ def register_model(
     models_repository.insert_model(
         conn,
         id=model_id,
+        tenant=tenant,
         name=name,
         kind=kind,
         task=config["task"],
@@ -68,19 +70,19 @@ def register_model(
     )
 
 
-def get_model_row(conn: Connection, model_id: str) -> Any:
-    row = models_repository.get_model(conn, model_id)
+def get_model_row(conn: Connection, model_id: str, *, tenant: str) -> Any:
+    row = models_repository.get_model(conn, model_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no model {model_id!r}")
     return row
 
 
-def get_model(conn: Connection, model_id: str) -> dict[str, Any]:
-    return model_document(get_model_row(conn, model_id))
+def get_model(conn: Connection, model_id: str, *, tenant: str) -> dict[str, Any]:
+    return model_document(get_model_row(conn, model_id, tenant=tenant))
 
 
-def list_models(conn: Connection, *, limit: int, after: str | None) -> dict[str, Any]:
-    rows = models_repository.list_models(conn, limit=limit + 1, after=after)
+def list_models(conn: Connection, *, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
+    rows = models_repository.list_models(conn, tenant=tenant, limit=limit + 1, after=after)
     return {
         "object": "list",
         "data": [model_document(row) for row in rows[:limit]],
@@ -88,9 +90,9 @@ def list_models(conn: Connection, *, limit: int, after: str | None) -> dict[str,
     }
 
 
-def delete_model(conn: Connection, model_id: str, artifacts_root: Path) -> dict[str, Any]:
+def delete_model(conn: Connection, model_id: str, *, tenant: str) -> dict[str, Any]:
     """Delete the record; the files go once the transaction commits (the caller calls ``remove_artifact``)."""
-    row = models_repository.delete_model(conn, model_id)
+    row = models_repository.delete_model(conn, model_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no model {model_id!r}")
     return {"id": model_id, "object": "model", "deleted": True, "artifact_path": row["artifact_path"]}

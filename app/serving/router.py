@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import DatabaseDep, ModelCacheDep, SettingsDep
+from app.deps import DatabaseDep, ModelCacheDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.models import service
@@ -24,20 +24,22 @@ async def predict(
     db: DatabaseDep,
     settings: SettingsDep,
     cache: ModelCacheDep,
+    tenant: TenantDep,
 ) -> Response:
-    predictor = cache.get(model_id)
+    key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
+    predictor = cache.get(key)
     if predictor is None:
 
         def load() -> Predictor:
             with db.read() as conn:
-                row = service.get_model_row(conn, model_id)
+                row = service.get_model_row(conn, model_id, tenant=tenant)
             directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
             return load_predictor(model_id, directory, row["sha256"], row["config"])
 
-        predictor = await run_in_threadpool(cache.get_or_load, model_id, load)
+        predictor = await run_in_threadpool(cache.get_or_load, key, load)
     elif not predictor.directory.exists():
         # deleted through another api replica: stop serving it here too
-        cache.evict(model_id)
+        cache.evict(key)
         raise NotFound(f"no model {model_id!r}")
     try:
         # torch releases the GIL in the forward; the event loop keeps serving while it runs

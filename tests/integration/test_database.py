@@ -35,7 +35,7 @@ def test_migrations_match_the_table_definitions(conn: Connection) -> None:
 
 def make_job(conn: Connection) -> str:
     job_id = new_id("job")
-    jobs_repository.insert_job(conn, job_id=job_id, name=None, spec={}, progress={})
+    jobs_repository.insert_job(conn, job_id=job_id, tenant="t1", name=None, spec={}, progress={})
     return job_id
 
 
@@ -50,20 +50,21 @@ def test_claim_is_compare_and_set(conn: Connection) -> None:
     assert second is not None and second["attempts"] == 2
     assert jobs_repository.write_progress(conn, job_id, 1, {"step": 5}) is None
     assert jobs_repository.finish(conn, job_id, 1, status="succeeded") is False
-    assert jobs_repository.write_progress(conn, job_id, 2, {"step": 5}) is False
+    assert jobs_repository.write_progress(conn, job_id, 2, {"step": 5}) == (False, False)
     assert jobs_repository.finish(conn, job_id, 2, status="succeeded") is True
     assert jobs_repository.claim(conn, job_id, "w3", stale_after_s=-1) is None
 
 
 def test_cancel_paths(conn: Connection) -> None:
     queued = make_job(conn)
-    assert jobs_repository.cancel_queued(conn, queued) is True
+    assert jobs_repository.cancel_queued(conn, queued, tenant="other") is False  # another tenant's job
+    assert jobs_repository.cancel_queued(conn, queued, tenant="t1") is True
     assert jobs_repository.claim(conn, queued, "w", stale_after_s=-1) is None
     running = make_job(conn)
     jobs_repository.claim(conn, running, "w", stale_after_s=60)
-    assert jobs_repository.cancel_queued(conn, running) is False
-    assert jobs_repository.request_cancel(conn, running) is True
-    assert jobs_repository.write_progress(conn, running, 1, {}) is True
+    assert jobs_repository.cancel_queued(conn, running, tenant="t1") is False
+    assert jobs_repository.request_cancel(conn, running, tenant="t1") is True
+    assert jobs_repository.write_progress(conn, running, 1, {}) == (True, False)
 
 
 def test_event_ids_are_per_job_and_gap_free(conn: Connection) -> None:
@@ -77,9 +78,42 @@ def test_event_ids_are_per_job_and_gap_free(conn: Connection) -> None:
 
 
 def test_list_pages_newest_first(conn: Connection) -> None:
-    ids = [make_job(conn) for _ in range(5)]
-    first = jobs_repository.list_jobs(conn, status="queued", limit=2, after=None)
+    ids = sorted(make_job(conn) for _ in range(5))
+    first = jobs_repository.list_jobs(conn, tenant="t1", status="queued", limit=2, after=None)
     ours = [row["id"] for row in first]
     assert ours == sorted(ours, reverse=True)
-    after = jobs_repository.list_jobs(conn, status=None, limit=100, after=ids[2])
+    after = jobs_repository.list_jobs(conn, tenant="t1", status=None, limit=100, after=ids[2])
+    assert jobs_repository.list_jobs(conn, tenant="t2", status=None, limit=100, after=None) == []
     assert {row["id"] for row in after} >= set(ids[:2]) and ids[2] not in {row["id"] for row in after}
+
+
+def test_outbox_rows_are_owed_until_published(conn: Connection) -> None:
+    job_id = make_job(conn)
+    assert job_id in jobs_repository.unpublished(conn, older_than_s=-1, limit=100)
+    jobs_repository.mark_published(conn, job_id)
+    assert job_id not in jobs_repository.unpublished(conn, older_than_s=-1, limit=100)
+
+
+def test_pause_requeue_and_resume(conn: Connection) -> None:
+    job_id = make_job(conn)
+    jobs_repository.mark_published(conn, job_id)
+    claimed = jobs_repository.claim(conn, job_id, "w", stale_after_s=60)
+    assert claimed is not None and claimed["tenant"] == "t1"
+    assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
+    assert jobs_repository.write_progress(conn, job_id, 1, {}) == (False, True)
+    assert jobs_repository.requeue(conn, job_id, 1, status="paused", progress=None) is True
+    row = jobs_repository.get_job(conn, job_id, tenant="t1")
+    assert row is not None and row["status"] == "paused" and row["graceful_stops"] == 1
+    assert jobs_repository.resume(conn, job_id, tenant="t1") is True
+    assert job_id in jobs_repository.unpublished(conn, older_than_s=-1, limit=100)  # a new publish is owed
+    again = jobs_repository.claim(conn, job_id, "w", stale_after_s=60)
+    assert again is not None and again["attempts"] == 2 and again["attempts"] - again["graceful_stops"] == 1
+
+
+def test_idempotency_keys(conn: Connection) -> None:
+    job_id = make_job(conn)
+    assert jobs_repository.lock_idempotency_key(conn, tenant="t1", key="k") is True
+    jobs_repository.insert_idempotency_key(conn, tenant="t1", key="k", request_hash="h", job_id=job_id)
+    assert jobs_repository.get_idempotency_key(conn, tenant="t1", key="k")["job_id"] == job_id  # type: ignore[index]
+    assert jobs_repository.get_idempotency_key(conn, tenant="t2", key="k") is None
+    assert jobs_repository.expire_idempotency_keys(conn, older_than_s=-1) == 1

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from app.distill.artifacts import ArtifactFile
+from app.distill.checkpoints import Checkpointer
 from app.distill.losses import (
     chunked_distillation_loss,
     distillation_loss,
@@ -58,6 +59,7 @@ from app.distill.training import (
     build_optimizer,
     derive_seed,
     lr_multiplier,
+    report_and_checkpoint,
     select_device,
 )
 
@@ -579,6 +581,14 @@ class MicroBatches:
         self.epoch = 0
         self._iterator = text_data.batches(examples, batch_size, seed=seed, epoch=0)
 
+    def skip(self, count: int) -> None:
+        """Advance ``count`` micro-batches (to resume at a step): whole epochs are skipped arithmetically."""
+        per_epoch = max(1, math.ceil(len(self.examples) / self.batch_size))
+        self.epoch += count // per_epoch
+        self._iterator = text_data.batches(self.examples, self.batch_size, seed=self.seed, epoch=self.epoch)
+        for _ in range(count % per_epoch):
+            next(self._iterator)
+
     def next(self) -> text_data.TokenizedExamples:
         try:
             return next(self._iterator)
@@ -607,16 +617,21 @@ def run_steps(
     device: torch.device,
     report: ProgressCallback,
     stage: str,
+    checkpointer: Checkpointer | None = None,
 ) -> tuple[dict[str, float], float]:
     """The optimisation loop: warmup/decay schedule, gradient accumulation normalised over the whole step,
-    autocast where configured, clipping, a progress report per step. Returns (last metrics, seconds)."""
+    autocast where configured, clipping, a progress report per step, checkpoints (and resumption from the latest
+    one: the data stream is fast-forwarded to the step). Returns (last metrics, seconds)."""
     autocast_dtype = precision_of(spec, device)
     optimizer = build_optimizer(trainable, training)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     stream = MicroBatches(examples, training.batch_size or 16, training.seed)
+    modules = {"trainable": trainable}
+    first_step = checkpointer.restore(modules, optimizer) if checkpointer is not None else 0
+    stream.skip(first_step * training.gradient_accumulation)
     started = time.perf_counter()
     metrics: dict[str, float] = {}
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         multiplier = lr_multiplier(step, total_steps, training)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * multiplier
@@ -638,7 +653,9 @@ def run_steps(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
-        report(ProgressUpdate(stage, step + 1, total_steps, metrics))
+        report_and_checkpoint(
+            report, ProgressUpdate(stage, step + 1, total_steps, metrics), checkpointer, modules, optimizer
+        )
     model.eval()
     return metrics, time.perf_counter() - started
 
@@ -650,11 +667,16 @@ def pretrain_teachers(
     label_names: Sequence[str] | None,
     device: torch.device,
     report: ProgressCallback,
+    checkpointer: Checkpointer | None,
 ) -> dict[str, float]:
-    """Train builtin teachers that ask for it on the train split, hard labels only. Returns seconds per teacher."""
+    """Train builtin teachers that ask for it on the train split, hard labels only. Returns seconds per teacher.
+    A finished teacher is kept with the checkpoints, so a resumed attempt does not train it again (an attempt
+    interrupted during pretraining starts that stage over)."""
     seconds: dict[str, float] = {}
     for index, (teacher, spec_teacher) in enumerate(zip(teachers, spec.all_teachers(), strict=True)):
         if not isinstance(spec_teacher, BuiltinTeacher) or spec_teacher.pretrain is None:
+            continue
+        if checkpointer is not None and checkpointer.load_module(f"teacher-{index}", teacher.model):
             continue
         pretrain = spec_teacher.pretrain
         examples = tokenize(spec, train_records, teacher.tokenizer, label_names)
@@ -676,6 +698,8 @@ def pretrain_teachers(
             f"pretraining teacher {index}",
         )
         seconds[f"teacher_{index}_pretrain_seconds"] = elapsed
+        if checkpointer is not None:
+            checkpointer.save_module(f"teacher-{index}", teacher.model)
     return seconds
 
 
@@ -685,6 +709,7 @@ def train_text_model(
     *,
     progress: ProgressCallback | None = None,
     device: torch.device | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TextTrainingOutcome:
     """Run a text job and evaluate it. Blocking; call it off any event loop."""
     device = device or select_device(spec.training.device)
@@ -707,7 +732,7 @@ def train_text_model(
     teachers = [
         load_teacher(spec, index, teacher, resources, num_labels) for index, teacher in enumerate(spec.all_teachers())
     ]
-    pretrain_seconds = pretrain_teachers(spec, teachers, train_records, label_names, device, report)
+    pretrain_seconds = pretrain_teachers(spec, teachers, train_records, label_names, device, report, checkpointer)
     student, tokenizer, kept = build_student(spec, teachers, num_labels, resources)
     train_records = transfer_subset(train_records, spec.data.max_records, data_seed)
     for teacher in teachers:
@@ -750,7 +775,17 @@ def train_text_model(
 
     # --- train ---
     metrics, train_seconds = run_steps(
-        spec, objective, student, trainable, training, total_steps, train_examples, device, report, "training"
+        spec,
+        objective,
+        student,
+        trainable,
+        training,
+        total_steps,
+        train_examples,
+        device,
+        report,
+        "training",
+        checkpointer,
     )
 
     # --- evaluate ---

@@ -1,0 +1,104 @@
+"""Checkpoints: a run stopped at any step and resumed from its checkpoint ends with exactly the student an
+uninterrupted run produces (same spec, same seed), for the tabular and the text recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.distill.checkpoints import FolderCheckpointer
+from app.distill.resources import JobResources
+from app.distill.spec import JobSpec
+from app.distill.text.training import train_text_model
+from app.distill.training import ProgressUpdate, StopRequested, train_classifier
+
+TABULAR = {
+    "teacher": {"source": "builtin", "architecture": {"input_dim": 10, "hidden_dims": [50, 20], "output_dim": 5}},
+    "student": {"architecture": {"input_dim": 10, "hidden_dims": [25], "output_dim": 5, "dropout": 0.1}},
+    "data": {"source": "synthetic", "n_train": 128, "n_test": 64},
+    "augmentation": {"enabled": True, "samples_per_step": 32},
+    "training": {
+        "steps": 40,
+        "batch_size": 32,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "schedule": {"name": "cosine", "warmup_steps": 5},
+        "seed": 7,
+    },
+    "evaluation": {"latency_repeats": 1},
+}
+TEXT = {
+    "task": "causal_lm",
+    "teacher": {
+        "source": "builtin",
+        "architecture": {
+            "type": "transformer",
+            "config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 2, "n_positions": 64},
+        },
+        "pretrain": {"steps": 4, "batch_size": 4},
+    },
+    "student": {"architecture": {"type": "derived", "keep_every": 2}},
+    "data": {
+        "source": "inline",
+        "records": [{"text": f"def f{i}(x): return x * {i}"} for i in range(24)],
+        "max_length": 32,
+    },
+    "objective": {"alpha": 0.3, "features": {"weight": 0.5}},
+    "training": {"steps": 8, "batch_size": 4, "gradient_accumulation": 2, "seed": 3},
+    "evaluation": {"latency_repeats": 1, "max_examples": 4, "latency_batch_size": 2},
+}
+
+
+def stop_at(stage: str, step: int) -> Any:
+    def progress(update: ProgressUpdate) -> None:
+        if update.stage == stage and update.step == step:
+            raise StopRequested("shutdown", checkpoint=True)
+
+    return progress
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("stop_step", [1, 13, 39])
+def test_tabular_resume_equals_uninterrupted(tmp_path: Path, stop_step: int) -> None:
+    spec = JobSpec.model_validate(TABULAR)
+    reference = state(train_classifier(spec).student)
+    checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
+    with pytest.raises(StopRequested):
+        train_classifier(spec, progress=stop_at("training", stop_step), checkpointer=checkpointer)
+    assert checkpointer.latest() is not None and checkpointer.latest().name == f"step-{stop_step}"  # type: ignore[union-attr]
+    torch.manual_seed(12345)  # a resumed attempt runs in another process: its global RNG is not the first one's
+    resumed = train_classifier(spec, checkpointer=FolderCheckpointer(tmp_path / "ckpt", every_steps=1000))
+    assert_same(reference, state(resumed.student))
+
+
+def test_periodic_checkpoints_keep_only_the_latest(tmp_path: Path) -> None:
+    checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=10)
+    train_classifier(JobSpec.model_validate(TABULAR), checkpointer=checkpointer)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-40"]
+    files = {p.name for p in (tmp_path / "ckpt" / "step-40").iterdir()}
+    assert files == {"student.safetensors", "optimizer.safetensors", "state.json"}  # no pickles
+
+
+def test_text_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    spec = JobSpec.model_validate(TEXT)
+    reference = state(train_text_model(spec, JobResources()).student)
+    checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
+    with pytest.raises(StopRequested):
+        train_text_model(spec, JobResources(), progress=stop_at("training", 5), checkpointer=checkpointer)
+    assert (tmp_path / "ckpt" / "teacher-0.safetensors").exists()  # the pretrained teacher is kept
+    torch.manual_seed(999)
+    resumed = train_text_model(
+        spec, JobResources(), checkpointer=FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
+    )
+    assert_same(reference, state(resumed.student))

@@ -1,0 +1,152 @@
+"""The reconciler: Postgres is the truth, the broker only carries ids; this loop repairs the difference.
+
+Each pass (one worker at a time, by a Postgres advisory lock):
+1. pays the outbox: publishes jobs whose publish is still owed (the api's attempt after commit failed, e.g. while
+   Redis was down);
+2. re-publishes queued jobs that are missing from the broker (the broker lost them: a restart, a FLUSHALL);
+3. re-publishes running jobs whose worker stopped heart-beating, so that the next delivery takes them over and
+   resumes them from their checkpoint;
+4. expires old Idempotency-Keys.
+A duplicate publish is harmless: claiming a job is a compare-and-set on its row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.db import jobs_repository
+from app.db.engine import Database
+from app.jobs.dispatch import JobDispatcher
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECONCILER_LOCK = 0x6469_7374  # any constant shared by all workers
+
+
+def message_task_id(raw: bytes | str) -> str | None:
+    try:
+        message: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list):  # redis "unacked": [message, exchange, routing_key]
+        message = message[0] if message else None
+    headers = message.get("headers", {}) if isinstance(message, dict) else {}
+    task_id = headers.get("id")
+    return str(task_id) if task_id else None
+
+
+class BrokerInspector:
+    """Which task ids the broker holds (waiting or delivered-but-unacknowledged); None when it cannot tell."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def task_ids(self) -> set[str] | None:
+        url = self.settings.resolved_broker_url
+        try:
+            if url.startswith(("redis://", "rediss://")):
+                return self.redis_task_ids(url)
+            if url.startswith("filesystem"):
+                return self.folder_task_ids(self.settings.broker_dir / self.settings.queue_name)
+        except Exception as exc:
+            log.warning("cannot inspect the broker (%s: %s)", type(exc).__name__, exc)
+        return None
+
+    def redis_task_ids(self, url: str) -> set[str]:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            ids: set[str] = set()
+            # kombu's priority sub-queues are the queue name plus a separator and the priority step
+            names = [self.settings.queue_name] + [f"{self.settings.queue_name}\x06\x16{p}" for p in (3, 6, 9)]
+            for name in names:
+                for raw in client.lrange(name, 0, -1):
+                    task_id = message_task_id(raw)
+                    if task_id:
+                        ids.add(task_id)
+            for raw in client.hvals("unacked"):
+                task_id = message_task_id(raw)
+                if task_id:
+                    ids.add(task_id)
+            return ids
+        finally:
+            client.close()
+
+    @staticmethod
+    def folder_task_ids(folder: Path) -> set[str]:
+        ids: set[str] = set()
+        for path in folder.glob("*.msg"):
+            try:
+                task_id = message_task_id(path.read_bytes())
+            except OSError:
+                continue  # taken by a worker meanwhile
+            if task_id:
+                ids.add(task_id)
+        return ids
+
+
+class Reconciler:
+    def __init__(self, db: Database, dispatcher: JobDispatcher, settings: Settings) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.inspector = BrokerInspector(settings)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run_forever(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval_s):
+            try:
+                self.run_once()
+            except Exception as exc:
+                log.warning("reconciler pass failed (%s: %s)", type(exc).__name__, exc)
+
+    def run_once(self) -> dict[str, list[str]]:
+        """One pass; returns what it published, by reason."""
+        settings = self.settings
+        with self.db.transaction() as conn:
+            if (
+                conn.dialect.name == "postgresql"
+                and not conn.execute(
+                    sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RECONCILER_LOCK}
+                ).scalar_one()
+            ):
+                return {}
+            owed = jobs_repository.unpublished(conn, older_than_s=2.0, limit=1000)
+            queued = jobs_repository.queued_jobs(conn, older_than_s=settings.republish_after_s, limit=1000)
+            stale = jobs_repository.stale_running_jobs(conn, stale_after_s=settings.heartbeat_stale_s, limit=1000)
+            jobs_repository.expire_idempotency_keys(conn, older_than_s=settings.idempotency_retention_s)
+        in_broker = self.inspector.task_ids() if queued else set()
+        # when the broker cannot be inspected, waiting long enough stands in for "missing"
+        lost = [j for j in queued if j not in in_broker] if in_broker is not None else queued
+        published: dict[str, list[str]] = {"owed": [], "lost": [], "stale": []}
+        for reason, job_ids in (("owed", owed), ("lost", lost), ("stale", stale)):
+            for job_id in job_ids:
+                if self.dispatcher.dispatch(job_id):
+                    published[reason].append(job_id)
+        done = published["owed"] + published["lost"]
+        if done:
+            with self.db.transaction() as conn:
+                for job_id in published["owed"]:
+                    jobs_repository.mark_published(conn, job_id)
+                jobs_repository.touch(conn, done)
+        if any(published.values()):
+            log.info("reconciler published %s", {k: len(v) for k, v in published.items() if v})
+        return published
