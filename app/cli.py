@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +142,32 @@ class ApiError(Exception):
     pass
 
 
-def api_request(settings: Settings, method: str, path: str, body: Any = None) -> Any:
+def api_request(
+    settings: Settings,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    retries: int = 0,
+) -> Any:
+    """One API call; with ``retries``, connection failures are retried (safe for POST /v1/jobs only because the
+    caller sends an Idempotency-Key, which makes the retry return the job the first attempt created)."""
     import httpx
 
-    try:
-        response = httpx.request(method, settings.api_url.rstrip("/") + path, json=body, timeout=30)
-    except httpx.HTTPError as exc:
-        raise ApiError(f"cannot reach {settings.api_url}: {exc}") from exc
+    request_headers = dict(headers or {})
+    api_key = os.environ.get("DISTILLERY_API_KEY")
+    if api_key:
+        request_headers["Authorization"] = f"Bearer {api_key}"
+    for attempt in range(retries + 1):
+        try:
+            response = httpx.request(
+                method, settings.api_url.rstrip("/") + path, json=body, headers=request_headers, timeout=30
+            )
+            break
+        except httpx.HTTPError as exc:
+            if attempt == retries:
+                raise ApiError(f"cannot reach {settings.api_url}: {exc}") from exc
+            time.sleep(0.5 * 2**attempt)
     if response.status_code >= 400:
         try:
             problem = response.json()
@@ -196,7 +217,8 @@ def wait_for(settings: Settings, job_id: str, interval: float = 0.5) -> dict[str
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     spec = json.loads(Path(args.spec).read_text())
-    job = api_request(settings, "POST", "/v1/jobs", spec)
+    # one key per submission, reused by the retries: a retry after a lost response cannot create a second job
+    job = api_request(settings, "POST", "/v1/jobs", spec, headers={"Idempotency-Key": str(uuid.uuid4())}, retries=3)
     print(f"submitted {job['id']} ({job['status']})")
     if not args.wait:
         return 0
@@ -237,6 +259,35 @@ def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
     if inputs and not isinstance(inputs[0], list):
         inputs = [inputs]
     print(json.dumps(api_request(settings, "POST", f"/v1/models/{args.model_id}/predict", {"inputs": inputs})))
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Admin commands on the database itself (they need DISTILLERY_DATABASE_URL, not the api)."""
+    from app.db.engine import Database
+    from app.keys import service as keys
+
+    if args.keys_command == "generate":  # a fresh key to hand to DISTILLERY_BOOTSTRAP_API_KEY; nothing stored
+        print(f"{keys.KEY_PREFIX}{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}")
+        return 0
+    database = Database.from_url(settings.resolved_database_url, pool_size=1)
+    try:
+        with database.transaction() as conn:
+            if args.keys_command == "create":
+                created = keys.create_key(conn, tenant=args.tenant, name=args.name)
+                print(f"key {created.id} for tenant {created.tenant} (shown once, store it now):")
+                print(created.key)
+            elif args.keys_command == "list":
+                for row in keys.list_keys(conn):
+                    state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+                    print(f"{row['id']}  {row['prefix']}  tenant={row['tenant']}  {row['name'] or ''}  {state}")
+            elif not keys.revoke_key(conn, args.key):
+                print(f"no active key {args.key}", file=sys.stderr)
+                return 1
+            else:
+                print(f"revoked {args.key}")
+    finally:
+        database.dispose()
     return 0
 
 
@@ -282,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
     cancel.set_defaults(handler=cmd_cancel)
+
+    keys = commands.add_parser("keys", help="API keys (admin: talks to the database)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key for a tenant (shown once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name")
+    key_commands.add_parser("list", help="list keys (prefixes only)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke.add_argument("key")
+    key_commands.add_parser("generate", help="print a new random key, e.g. for DISTILLERY_BOOTSTRAP_API_KEY")
+    keys.set_defaults(handler=cmd_keys)
 
     predict = commands.add_parser("predict", help="predict with a model; inputs as JSON rows (or on stdin)")
     predict.add_argument("model_id")

@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(settings)
         app.state.dispatcher = JobDispatcher(celery, settings.queue_name)
         app.state.model_cache = ModelCache(settings.model_cache_size)
-        app.state.key_verifier = KeyVerifier(app.state.database)
+        app.state.key_verifier = KeyVerifier(app.state.database, settings.api_key_cache_s)
         if settings.keys_required:
             await run_in_threadpool(ensure_api_keys, app.state.database, settings)
         try:

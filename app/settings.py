@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     auth_required: bool | None = Field(
         None, description="Require API keys. Default: on in production, off otherwise (the embedded single tenant)."
     )
+    api_key_cache_s: float = Field(10.0, ge=0, description="How long a verified key is trusted without a query.")
     default_tenant: str = Field("default", description="The tenant of requests when keys are not required.")
     bootstrap_api_key: str | None = Field(
         None, description="A key (dk_<8 hex>_<secret>) the api registers at start for bootstrap_tenant (compose)."
