@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     allow_hub_downloads: bool = Field(
         False, description="Let workers download hub models not found offline (off: no network at run time)."
     )
+    allow_url_sources: bool = Field(False, description="Accept datasets by URL (POST /v1/datasets/import).")
+    url_sources_allow_private: bool = Field(
+        False, description="Let URL sources reach private addresses (air-gapped networks only; SSRF risk)."
+    )
     max_upload_bytes: int = Field(2 * 1024**3, description="Largest dataset or model upload (413 above).")
 
     # serving

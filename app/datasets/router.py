@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.datasets import service
 from app.datasets.schemas import Dataset, DatasetList
 from app.deps import DatabaseDep, SettingsDep, TenantDep
+from app.errors import InvalidRequest
 from app.http import json_response
+from app.net import fetch_to
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -43,6 +47,60 @@ def upload_dataset(
                 stored,
                 tenant=tenant,
                 name=name or file.filename,
+                max_storage_bytes=settings.max_storage_bytes_per_tenant,
+            )
+    except BaseException:
+        service.remove_dataset_files(settings.artifacts_dir, stored.artifact_path)
+        raise
+    return json_response(document, status.HTTP_201_CREATED)
+
+
+class DatasetImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=8, max_length=2000, description="http(s) URL of a JSONL or CSV file.")
+    name: str | None = Field(None, max_length=200)
+    format: Literal["jsonl", "csv"] | None = None
+    label_column: str = Field("label", max_length=200)
+
+
+@router.post(
+    "/import",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Dataset,
+    summary="Import a dataset from a URL (off unless DISTILLERY_ALLOW_URL_SOURCES)",
+)
+def import_dataset(body: DatasetImport, db: DatabaseDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    if not settings.allow_url_sources:
+        raise InvalidRequest(
+            "URL sources are disabled on this service", errors=[{"loc": ["body", "url"], "msg": "disabled"}]
+        )
+    with tempfile.TemporaryFile() as download:
+        fetch_to(
+            body.url,
+            download,
+            max_bytes=settings.max_upload_bytes,
+            allow_private=settings.url_sources_allow_private,
+            loc=["body", "url"],
+        )
+        download.seek(0)
+        stored = service.store_dataset_file(
+            settings.artifacts_dir,
+            download,
+            filename=body.url.rsplit("/", 1)[-1],
+            requested_format=body.format,
+            label_column=body.label_column,
+            max_bytes=settings.max_upload_bytes,
+            max_records=settings.max_dataset_rows,
+        )
+    try:
+        with db.transaction() as conn:
+            document = service.register_dataset(
+                conn,
+                stored,
+                tenant=tenant,
+                name=body.name,
+                provenance={"url": body.url},
                 max_storage_bytes=settings.max_storage_bytes_per_tenant,
             )
     except BaseException:

@@ -39,7 +39,7 @@ def test_dockerfile_runs_the_cli_as_non_root() -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
 def test_compose_file_validates() -> None:
-    env = {**os.environ, "POSTGRES_PASSWORD": "example"}
+    env = {**os.environ, "POSTGRES_PASSWORD": "example", "DISTILLERY_API_KEY": "dk_00000000_example"}
     for extra in ([], ["--profile", "gpu"]):
         result = subprocess.run(
             ["docker-compose", "-f", "docker-compose.yml", *extra, "config", "--quiet"],
@@ -53,7 +53,7 @@ def test_compose_file_validates() -> None:
     missing = subprocess.run(
         ["docker-compose", "-f", "docker-compose.yml", "config", "--quiet"],
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"},
+        env={k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "DISTILLERY_API_KEY")},
         capture_output=True,
         text=True,
         check=False,
