@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from psycopg_pool import PoolTimeout
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -83,6 +83,83 @@ def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[
     return 422, "validation_error", "The request is not valid", errors
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Problem",
+    "description": "RFC 9457 problem details.",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "code": {"type": "string", "description": "Stable machine-readable code."},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+ERROR_DESCRIPTIONS = {
+    "400": "Malformed request (e.g. the body is not valid JSON)",
+    "401": "Missing, unknown or revoked API key",
+    "404": "No such resource for this tenant",
+    "409": "The resource is in a state that does not allow this",
+    "413": "The request body is too large",
+    "422": "The request is not valid; `errors` lists each problem with its field path",
+    "429": "A quota is exhausted; see Retry-After",
+    "503": "A dependency (database, broker) is unreachable; retry after Retry-After",
+}
+
+
+def document_problems(openapi: dict[str, Any], operations_public: frozenset[str]) -> dict[str, Any]:
+    """Every error response in the schema is problem+json: replace FastAPI's default 422 and document the codes
+    each operation can answer (so that clients and contract tests know them)."""
+    openapi.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    openapi["components"]["schemas"].pop("HTTPValidationError", None)
+    openapi["components"]["schemas"].pop("ValidationError", None)
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in openapi.get("paths", {}).items():
+        for method, operation in operations.items():
+            codes = {"422", "503"}
+            if path not in operations_public:
+                codes.add("401")
+            if "{" in path:
+                codes.add("404")
+            if "requestBody" in operation:
+                codes |= {"400", "413"}
+            if method == "post" and (path.endswith(("/cancel", "/pause", "/resume")) or path == "/v1/jobs"):
+                codes.add("409")
+            if method == "post" and path in ("/v1/jobs", "/v1/models", "/v1/datasets", "/v1/datasets/import"):
+                codes.add("429")
+            responses = operation.setdefault("responses", {})
+            for code in sorted(codes):
+                responses[code] = {"description": ERROR_DESCRIPTIONS[code], "content": problem}
+    return openapi
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves for this path (Starlette's 405 lists only the first matching route's)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -100,13 +177,16 @@ def install_error_handlers(app: FastAPI) -> None:
             return await service_error(request, exc.__cause__)
         titles = {404: "Not found", 405: "Method not allowed"}
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return problem_response(
             request,
             exc.status_code,
             code,
             titles.get(exc.status_code, "HTTP error"),
             str(exc.detail),
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
 
     @app.exception_handler(OperationalError)
@@ -122,6 +202,18 @@ def install_error_handlers(app: FastAPI) -> None:
             "Service unavailable",
             "the database is unreachable; retry shortly",
             headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(DataError)
+    @app.exception_handler(psycopg.DataError)
+    async def unstorable_value(request: Request, exc: Exception) -> Response:
+        # e.g. a NUL character in a string, or a number beyond the column's range: the input's fault, not ours
+        return problem_response(
+            request,
+            422,
+            "unstorable_value",
+            "The request cannot be processed",
+            "the request contains a value the database cannot store (NUL characters, numbers out of range)",
         )
 
     @app.exception_handler(DBAPIError)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -15,7 +16,7 @@ from app.db import keys_repository
 from app.db.engine import Database
 from app.db.job_reads import make_job_reader
 from app.errors import Unavailable
-from app.http import BodySizeLimit, RequestMetrics, install_error_handlers
+from app.http import BodySizeLimit, RequestMetrics, document_problems, install_error_handlers
 from app.jobs.dispatch import JobDispatcher
 from app.keys.service import KeyVerifier, ensure_key
 from app.queue import make_celery
@@ -126,6 +127,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            app.openapi_schema = document_problems(schema, frozenset({"/healthz", "/readyz", "/metrics"}))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(
         BodySizeLimit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +70,8 @@ class ServiceProcess:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            # the whole process group (it has its own session): a worker's pool processes too
+            os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
 
 

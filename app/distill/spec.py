@@ -26,8 +26,14 @@ SKLEARN_DATASETS: dict[str, tuple[int, int]] = {
 }
 
 
+# bounds that keep every number storable (Postgres integer columns, JSON encoders) and every loop finite
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+
+
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent coercion ("3" → 3, 0 → False); what the schema says is what is accepted
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- architectures -------------------------------------------------------------------------------------------------
@@ -38,7 +44,7 @@ class MLPArchitecture(SpecModel):
 
     type: Literal["mlp"] = "mlp"
     input_dim: int = Field(ge=1, le=1_000_000)
-    hidden_dims: list[int] = Field(default_factory=list, max_length=64)
+    hidden_dims: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=list, max_length=64)
     output_dim: int = Field(ge=1, le=1_000_000, description="Number of classes.")
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -78,7 +84,9 @@ class DerivedArchitecture(SpecModel):
 
     type: Literal["derived"]
     keep_every: int | None = Field(None, ge=1, le=1000, description="Keep teacher blocks 0, k, 2k, …")
-    layers: list[int] | None = Field(None, min_length=1, max_length=1000, description="Teacher blocks to keep.")
+    layers: list[Annotated[int, Field(ge=0, le=10_000)]] | None = Field(
+        None, min_length=1, max_length=1000, description="Teacher blocks to keep."
+    )
 
 
 def architecture_type(value: Any) -> str:
@@ -112,7 +120,7 @@ class BuiltinTeacher(SpecModel):
 
     source: Literal["builtin"] = "builtin"
     architecture: TeacherArchitecture
-    seed: int | None = Field(None, ge=0, description="Init seed; default derived from training.seed.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Init seed; default derived from training.seed.")
     weight: float = TeacherWeight
     pretrain: TrainingSpec | None = Field(
         None,
@@ -153,7 +161,7 @@ TeacherSpec = Annotated[
 
 class StudentSpec(SpecModel):
     architecture: StudentArchitecture
-    seed: int | None = Field(None, ge=0, description="Init seed; default derived from training.seed.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Init seed; default derived from training.seed.")
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -164,9 +172,9 @@ class SyntheticData(SpecModel):
 
     source: Literal["synthetic"] = "synthetic"
     distribution: Literal["gaussian", "uniform"] = "gaussian"
-    n_train: int = Field(128, ge=1)
-    n_test: int = Field(64, ge=1)
-    seed: int | None = Field(None, ge=0, description="Data seed; default derived from training.seed.")
+    n_train: int = Field(128, ge=1, le=MAX_COUNT)
+    n_test: int = Field(64, ge=1, le=MAX_COUNT)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Data seed; default derived from training.seed.")
 
 
 class SklearnData(SpecModel):
@@ -176,7 +184,7 @@ class SklearnData(SpecModel):
     name: Literal["iris", "wine", "breast_cancer", "digits"]
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     standardize: bool = Field(True, description="Bake per-feature mean/std of the train split into the models.")
-    seed: int | None = Field(None, ge=0, description="Split seed; default derived from training.seed.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Split seed; default derived from training.seed.")
 
 
 class TextOptions(SpecModel):
@@ -186,10 +194,11 @@ class TextOptions(SpecModel):
     max_records: int | None = Field(
         None,
         ge=1,
+        le=MAX_COUNT,
         description="Distil on at most this many train records (a seeded subset: the transfer set). The held-out "
         "split and a teacher's pretraining use all records.",
     )
-    seed: int | None = Field(None, ge=0, description="Split seed; default derived from training.seed.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Split seed; default derived from training.seed.")
 
 
 class UploadedData(TextOptions):
@@ -245,6 +254,7 @@ class FeatureLossSpec(SpecModel):
 
     layer_map: dict[int, int] | None = Field(
         None,
+        strict=False,  # JSON object keys are strings: "0": 2
         description="Student block → teacher block (0-based). Default: student block i ↔ the teacher block its "
         "derived copy came from, or evenly spaced blocks.",
     )
@@ -297,18 +307,20 @@ class OptimizerSpec(SpecModel):
 
 class ScheduleSpec(SpecModel):
     name: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of lr (cosine/linear).")
 
 
 class TrainingSpec(SpecModel):
-    epochs: int | None = Field(None, ge=1, description="Passes over the train split; give epochs or steps.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    batch_size: int | None = Field(None, ge=1, description="Default: the whole train split (full batch).")
+    epochs: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Passes over the train split; give epochs or steps."
+    )
+    steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="Optimizer steps; overrides epochs.")
+    batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="Default: the whole train split (full batch).")
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     max_grad_norm: float | None = Field(None, gt=0.0)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA (teacher held in bf16), fp32 on the CPU."
@@ -316,7 +328,10 @@ class TrainingSpec(SpecModel):
     gradient_accumulation: int = Field(1, ge=1, le=4096)
     compile: bool = Field(False, description="torch.compile the student (worth it on GPUs for long jobs).")
     checkpoint_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (also every DISTILLERY_CHECKPOINT_INTERVAL_S seconds)."
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="Checkpoint every N steps (also every DISTILLERY_CHECKPOINT_INTERVAL_S seconds).",
     )
 
 

@@ -90,7 +90,7 @@ def list_events(
     job_id: JobId,
     db: DatabaseDep,
     tenant: TenantDep,
-    after: Annotated[int, Query(ge=0, description="Return events with id greater than this.")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return events with id greater than this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     with db.read() as conn:

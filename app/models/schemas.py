@@ -52,10 +52,11 @@ class PredictParameters(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[list[FiniteFloat]] | list[Annotated[str, Field(max_length=100_000)]] = Field(
-        min_length=1,
-        max_length=4096,
-        description="Tabular models: rows of features, each as wide as the model's input_dim. Text models: strings.",
+    inputs: (
+        Annotated[list[list[FiniteFloat]], Field(min_length=1, max_length=4096)]
+        | Annotated[list[Annotated[str, Field(max_length=100_000)]], Field(min_length=1, max_length=4096)]
+    ) = Field(
+        description="Tabular models: rows of features, each as wide as the model's input_dim. Text models: strings."
     )
     parameters: PredictParameters | None = None
 

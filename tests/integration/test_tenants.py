@@ -59,10 +59,12 @@ def stack(auth_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, str, 
     """(api url, alpha's key, beta's key): keys exist before the api starts, as it requires."""
     keys = new_key(auth_env, "alpha"), new_key(auth_env, "beta")
     worker = start_worker(auth_env, tmp_path / "worker.log")
-    api, base_url = start_api(auth_env, tmp_path / "api.log")
-    yield base_url, *keys
-    api.stop()
-    worker.stop()
+    try:
+        api, base_url = start_api(auth_env, tmp_path / "api.log")
+        yield base_url, *keys
+        api.stop()
+    finally:
+        worker.stop()
 
 
 def client_for(base_url: str, key: str | None) -> httpx.Client:
