@@ -12,6 +12,7 @@ student, record the result.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from app.datasets import service as datasets_service
 from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.engine import Database
 from app.distill.artifacts import describe_model_dir
@@ -287,7 +290,7 @@ class JobRunner:
     ) -> None:
         if checkpointer.latest() is not None:
             self.record_events(job_id, [{"type": "message", "message": "resuming from the latest checkpoint"}])
-        trained = run_job_spec(spec, self.resources(spec), progress=writer, checkpointer=checkpointer)
+        trained = run_job_spec(spec, self.resources(spec, tenant, job_id), progress=writer, checkpointer=checkpointer)
         model_id = new_model_id()
         directory = model_dir(self.settings.artifacts_dir, artifact_path_for(model_id))
         files = trained.save(directory, {"source_job_id": job_id})
@@ -319,7 +322,7 @@ class JobRunner:
             shutil.rmtree(directory, ignore_errors=True)  # no orphan artifact without a record
             raise
 
-    def resources(self, spec: JobSpec) -> JobResources:
+    def resources(self, spec: JobSpec, tenant: str = "default", job_id: str = "") -> JobResources:
         """Database references of the spec → files on disk (stored teachers, uploaded datasets)."""
         stored: dict[int, Path] = {}
         datasets: dict[str, Path] = {}
@@ -335,12 +338,60 @@ class JobRunner:
                 if dataset is None:
                     raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
                 datasets[spec.data.dataset_id] = self.settings.artifacts_dir / dataset["artifact_path"]
+        signature = None
+        if stored:
+            signature = describe_model_dir(next(iter(stored.values()))).get("tokenizer")
         return JobResources(
             stored_teachers=stored,
             dataset_files=datasets,
             model_roots=self.settings.model_roots,
             allow_hub=self.settings.allow_hub_downloads,
+            dataset_sink=lambda name, records, provenance: self.store_records(
+                tenant, job_id, name, records, provenance
+            ),
+            cache_sink=lambda name, cache, provenance: self.store_cache(tenant, job_id, name, cache, provenance),
+            tokenizer_signature=signature,
         )
+
+    # --- what stages make: stored as datasets of the job's tenant, with their provenance ---
+
+    def store_records(
+        self, tenant: str, job_id: str, name: str, records: list[dict[str, Any]], provenance: dict[str, Any]
+    ) -> str:
+        payload = b"".join(orjson.dumps(record) + b"\n" for record in records)
+        stored = datasets_service.store_dataset_file(
+            self.settings.artifacts_dir,
+            io.BytesIO(payload),
+            filename=f"{name}.jsonl",
+            requested_format="jsonl",
+            label_column="label",
+            max_bytes=self.settings.max_upload_bytes,
+            max_records=self.settings.max_dataset_rows,
+        )
+        return self.register(tenant, stored, name, {**provenance, "job_id": job_id})
+
+    def store_cache(self, tenant: str, job_id: str, name: str, cache: Any, provenance: dict[str, Any]) -> str:
+        stored = datasets_service.store_cache_file(self.settings.artifacts_dir, cache)
+        details = {
+            "job_id": job_id,
+            "top_k": int(cache.ids.shape[-1]),
+            "temperature": cache.temperature,
+            "tokenizer": cache.tokenizer,
+            "bytes_per_token": cache.bytes_per_trained_token(),
+        }
+        return self.register(tenant, stored, name, {**provenance, **details})
+
+    def register(self, tenant: str, stored: Any, name: str, provenance: dict[str, Any]) -> str:
+        def write() -> None:
+            with self.db.transaction() as conn:
+                datasets_service.register_dataset(conn, stored, tenant=tenant, name=name, provenance=provenance)
+
+        try:
+            retry_while_database_down(write, self.settings.db_retry_s, f"storing dataset {name}")
+        except BaseException:
+            datasets_service.remove_dataset_files(self.settings.artifacts_dir, stored.artifact_path)
+            raise
+        return str(stored.dataset_id)
 
     def record_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
         try:

@@ -15,8 +15,8 @@ class Dataset(BaseModel):
     id: str
     object: Literal["dataset"] = "dataset"
     name: str | None
-    kind: Literal["text", "prompt_completion", "text_label", "tabular"]
-    format: Literal["jsonl", "csv"]
+    kind: Literal["text", "prompt_completion", "text_label", "tabular", "logit_cache"]
+    format: Literal["jsonl", "csv", "safetensors"]
     n_records: int
     size_bytes: int
     sha256: str

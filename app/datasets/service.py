@@ -93,6 +93,24 @@ def store_dataset_file(
     )
 
 
+def store_cache_file(artifacts_root: Path, cache: Any) -> StoredDataset:
+    """A teacher-logit cache (``app.distill.text.methods.LogitCache``) as a dataset file (safetensors)."""
+    dataset_id = new_id("ds")
+    directory = artifacts_root / "datasets" / dataset_id
+    staging = artifacts_root / "datasets" / f".staging-{dataset_id}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        size = cache.save(staging / "cache.safetensors")
+        digest = hashlib.sha256((staging / "cache.safetensors").read_bytes()).hexdigest()
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    rows = int(cache.examples.input_ids.shape[0])
+    parsed = ParsedDataset(kind="logit_cache", records=[], n_records=rows)  # type: ignore[arg-type]
+    return StoredDataset(dataset_id, f"datasets/{dataset_id}/cache.safetensors", "safetensors", parsed, size, digest)
+
+
 def register_dataset(
     conn: Connection,
     stored: StoredDataset,

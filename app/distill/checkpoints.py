@@ -42,6 +42,22 @@ class Checkpointer(Protocol):
 
     def load_module(self, name: str, module: nn.Module) -> bool: ...
 
+    def stage(self, index: int) -> Checkpointer:
+        """The checkpointer of a job's stage ``index`` (its own folder)."""
+        ...
+
+    def stage_finished(self, index: int) -> bool: ...
+
+    def finish_stage(
+        self, index: int, modules: Mapping[str, nn.Module], tensors: Mapping[str, torch.Tensor], result: dict[str, Any]
+    ) -> None:
+        """Record a finished stage: its modules' weights, the tensors it hands on, its result."""
+        ...
+
+    def restore_stage(
+        self, index: int, modules: Mapping[str, nn.Module]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An optimizer's state dict split into tensors (for safetensors) and the JSON rest."""
@@ -170,3 +186,41 @@ class FolderCheckpointer:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    # --- stages ---
+
+    def stage(self, index: int) -> FolderCheckpointer:
+        return FolderCheckpointer(self.folder / f"stage-{index}", self.every_steps, self.every_seconds)
+
+    def stage_finished(self, index: int) -> bool:
+        return (self.folder / f"stage-{index}-done" / "result.json").exists()
+
+    def finish_stage(
+        self, index: int, modules: Mapping[str, nn.Module], tensors: Mapping[str, torch.Tensor], result: dict[str, Any]
+    ) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"stage-{index}-done"
+        staging = self.folder / f".staging-stage-{index}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            for name, module in modules.items():
+                save_model(module, str(staging / f"{name}.safetensors"))
+            if tensors:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "handed_on.safetensors"))
+            (staging / "result.json").write_text(json.dumps(result, default=str))
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(self.folder / f"stage-{index}", ignore_errors=True)  # its step checkpoints are done with
+
+    def restore_stage(
+        self, index: int, modules: Mapping[str, nn.Module]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        folder = self.folder / f"stage-{index}-done"
+        for name, module in modules.items():
+            load_model(module, str(folder / f"{name}.safetensors"), device=str(next(module.parameters()).device))
+        handed_on = folder / "handed_on.safetensors"
+        tensors = load_file(str(handed_on)) if handed_on.exists() else {}
+        return tensors, json.loads((folder / "result.json").read_text())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -13,3 +14,7 @@ class JobResources:
     dataset_files: Mapping[str, Path] = field(default_factory=dict)  # dataset id → stored file
     model_roots: Sequence[Path] = ()  # local folders transformers teachers may be read from
     allow_hub: bool = False  # whether hub names may be downloaded (never in tests)
+    # where stages store what they make: (name, records, provenance) → dataset id; (name, cache, provenance) → id
+    dataset_sink: Callable[[str, list[dict[str, Any]], dict[str, Any]], str] | None = None
+    cache_sink: Callable[[str, Any, dict[str, Any]], str] | None = None
+    tokenizer_signature: str | None = None  # of the teacher's tokenizer, recorded with logit caches

@@ -124,17 +124,18 @@ def transformers_teacher_shape(
     )
 
 
-def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> str | None:
-    """The kind of an uploaded dataset the spec names (404-like problems are 422s with the field)."""
+def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> tuple[str | None, str | None]:
+    """(kind, tokenizer signature for logit caches) of the dataset the spec names (a missing one is a 422)."""
     if not isinstance(spec.data, UploadedData):
-        return None
+        return None, None
     row = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=tenant)
     if row is None:
         raise InvalidSpec(
             "the dataset does not exist",
             errors=[{"loc": ["body", "data", "dataset_id"], "msg": f"no dataset {spec.data.dataset_id!r}"}],
         )
-    return str(row["kind"])
+    tokenizer = (row["provenance"] or {}).get("tokenizer") if row["kind"] == "logit_cache" else None
+    return str(row["kind"]), tokenizer
 
 
 def pinned_spec(spec: JobSpec, pins: dict[int, str]) -> dict[str, Any]:
@@ -196,8 +197,14 @@ def create_job(
             headers={"Retry-After": "30"},
         )
     pins, shapes = resolve_teachers(conn, spec, settings, tenant)
-    dataset_kind = resolve_dataset(conn, spec, tenant)
-    problems = check_spec(spec, spec_limits(settings), teacher_shapes=shapes, dataset_kind=dataset_kind)
+    dataset_kind, dataset_tokenizer = resolve_dataset(conn, spec, tenant)
+    problems = check_spec(
+        spec,
+        spec_limits(settings),
+        teacher_shapes=shapes,
+        dataset_kind=dataset_kind,
+        dataset_tokenizer=dataset_tokenizer,
+    )
     if problems:
         raise InvalidSpec(
             "the job spec cannot run",

@@ -1,18 +1,25 @@
 """Predictors and the model cache.
 
-A predictor has a small lifecycle (LitServe's shape): load once, warm up, predict on a batch, encode. The cache keeps
-the most recently used predictors per process; loading happens once per model even under concurrent requests.
+A predictor has a small lifecycle (LitServe's shape): load once, warm up, predict on a batch, encode. A batch is
+a list of requests' inputs; ``predict_batch`` runs them through one forward where the model allows it and returns one
+output per request, in order (an exception instance in place of an output fails that request only). Predictors are
+called from one inference thread per model (see ``batcher``); they hold no event-loop state.
+
+The cache keeps the most recently used loaded models per process, bounded by count and by bytes of weights.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
+import numpy as np
 import torch
+from torch import nn
 
 from app.distill.artifacts import load_model_dir
 
@@ -20,20 +27,39 @@ from app.distill.artifacts import load_model_dir
 class InputShapeError(ValueError):
     """The request's inputs do not fit the model; ``errors`` carry the field paths."""
 
-    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, message: str, errors: list[dict[str, Any]], param: str | None = None) -> None:
         super().__init__(message)
         self.errors = errors
+        self.param = param  # the request field at fault, for protocols that name one (OpenAI's ``param``)
 
 
 class Predictor(Protocol):
     model_id: str
     directory: Path
+    task: str
+    memory_bytes: int
+
+    def predict_batch(self, inputs: Sequence[Any]) -> list[Any]: ...
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
 
 
+def module_bytes(model: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (what the cache's memory budget counts)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+# --- tabular classifiers --------------------------------------------------------------------------------------------
+
+
 class StudentPredictor:
-    """A classifier student: rows of features in, classes and probabilities out."""
+    """A tabular classifier student: rows of features in, class probabilities out.
+
+    ``rows_from_json`` turns a request's rows into a float32 array (checked against the model's width);
+    ``predict_batch`` concatenates the arrays of several requests into one forward and splits the result back."""
+
+    task = "classification"
 
     def __init__(self, model_id: str, directory: Path, sha256: str) -> None:
         self.model_id = model_id
@@ -42,12 +68,13 @@ class StudentPredictor:
         self.model = load_model_dir(directory, "cpu")
         self.input_dim = self.model.architecture.input_dim
         self.num_classes = self.model.architecture.output_dim
+        self.memory_bytes = module_bytes(self.model)
         self.warmup()
 
     def warmup(self) -> None:
         self.predict_tensor(torch.zeros(1, self.input_dim))
 
-    def check(self, inputs: list[list[float]]) -> None:
+    def check(self, inputs: Sequence[Sequence[float]]) -> None:
         errors = [
             {
                 "loc": ["body", "inputs", i],
@@ -57,36 +84,117 @@ class StudentPredictor:
             if len(row) != self.input_dim
         ]
         if errors:
-            raise InputShapeError(f"inputs must be rows of {self.input_dim} values", errors[:20])
+            raise InputShapeError(f"inputs must be rows of {self.input_dim} values", errors[:20], "inputs")
+
+    def rows_from_json(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Rows of numbers (already parsed from JSON) as a float32 [N, input_dim] array."""
+        if not all(isinstance(row, list) for row in inputs):
+            raise InputShapeError(
+                "this model takes rows of numbers",
+                [{"loc": ["body", "inputs"], "msg": "expected rows of numbers"}],
+                "inputs",
+            )
+        self.check(inputs)
+        array = np.asarray(inputs, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise InputShapeError(
+                "inputs must be finite float32 values",
+                [{"loc": ["body", "inputs"], "msg": "a value is out of float32's range"}],
+                "inputs",
+            )
+        return array
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=-1)
 
+    def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
+        """[n_i, input_dim] float32 arrays → [n_i, num_classes] float32 probability arrays, one forward."""
+        arrays = cast(Sequence[np.ndarray], inputs)
+        stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        probabilities = self.predict_tensor(torch.from_numpy(stacked)).numpy()
+        outputs: list[Any] = []
+        start = 0
+        for array in arrays:
+            end = start + len(array)
+            outputs.append(probabilities[start:end])
+            start = end
+        return outputs
+
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        if not all(isinstance(row, list) for row in inputs):
-            raise InputShapeError(
-                "this model takes rows of numbers", [{"loc": ["body", "inputs"], "msg": "expected rows of numbers"}]
-            )
-        self.check(inputs)
-        probabilities = self.predict_tensor(torch.tensor(inputs, dtype=torch.float32))
-        return {
-            "object": "prediction",
-            "model_id": self.model_id,
-            "classes": probabilities.argmax(dim=-1).tolist(),
-            "probabilities": probabilities.tolist(),
-        }
+        probabilities = self.predict_batch([self.rows_from_json(inputs)])[0]
+        return prediction_document(self.model_id, probabilities)
 
 
-def text_only(inputs: list[Any]) -> list[str]:
+def prediction_document(model_id: str, probabilities: np.ndarray) -> dict[str, Any]:
+    return {
+        "object": "prediction",
+        "model_id": model_id,
+        "classes": probabilities.argmax(axis=-1).tolist(),
+        "probabilities": probabilities.tolist(),
+    }
+
+
+# --- transformers students ------------------------------------------------------------------------------------------
+
+
+def text_only(inputs: Sequence[Any]) -> list[str]:
     errors = [
         {"loc": ["body", "inputs", i], "msg": "expected a string"}
         for i, value in enumerate(inputs)
         if not isinstance(value, str)
     ]
     if errors:
-        raise InputShapeError("this model takes strings", errors[:20])
+        raise InputShapeError("this model takes strings", errors[:20], "inputs")
     return list(inputs)
+
+
+@dataclass
+class TextRequest:
+    """Texts to embed or classify. ``truncate``: cut texts over the context length (the native protocol); else
+    such a text fails the request (the OpenAI protocol, where clients expect to hear about it)."""
+
+    texts: list[str]
+    truncate: bool = True
+
+
+@dataclass
+class TextOutput:
+    """Per request: embeddings [n, H] or class probabilities [n, C], and the tokens it used."""
+
+    values: np.ndarray
+    tokens: int
+
+
+@dataclass
+class GenerationRequest:
+    """One completion. ``prompt`` or chat ``messages`` (rendered with the tokenizer's chat template).
+
+    ``on_start(prompt_tokens)`` is called once the prompt is accepted and ``on_text(delta)`` for every piece of new
+    text (both in the inference thread; streaming uses them). Setting ``cancelled`` stops the generation at the next
+    token (a client that went away, a timeout)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    on_start: Callable[[int], None] | None = None
+    on_text: Callable[[str], None] | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
+
+
+class ContextLengthExceeded(InputShapeError):
+    pass
 
 
 class TextPredictor:
@@ -102,53 +210,246 @@ class TextPredictor:
         self.task = str(config.get("task"))
         self.label_names = list(config.get("label_names") or [])
         model, tokenizer = load_saved_dir(directory, self.task)  # type: ignore[arg-type]
+        if tokenizer is None:
+            raise ValueError(f"model {model_id} has no tokenizer files; it cannot take text")
         # transformers objects are loosely typed; held as Any here
         self.model: Any = cast(Any, model)
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
-        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 512) or 512)
+        self.memory_bytes = module_bytes(self.model)
+        positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 512
+        tokenizer_limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        # tokenizers without a limit report a huge sentinel (1e30): the model's positions are the real bound
+        self.max_length = min(positions, tokenizer_limit) if 0 < tokenizer_limit < 1_000_000 else positions
+        self.hidden_size = int(getattr(self.model.config, "hidden_size", 0) or 0)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.warmup()
 
-    def encode(self, texts: list[str]) -> Any:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    def warmup(self) -> None:
+        if self.task == "causal_lm":
+            with torch.inference_mode():
+                self.model(**self.tokenizer(["warm up"], return_tensors="pt"))
+        else:
+            self.predict_batch([TextRequest(["warm up"])])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    # --- embeddings and classification: one padded forward per batch ---
+
+    def _over_length(self, requests: Sequence[TextRequest]) -> dict[int, Exception]:
+        """Requests (by index) that must not be truncated and hold a text over the context length."""
+        failures: dict[int, Exception] = {}
+        for index, request in enumerate(requests):
+            if request.truncate:
+                continue
+            lengths = [len(ids) for ids in self.tokenizer(request.texts, truncation=False)["input_ids"]]
+            too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
+            if too_long:
+                i, n = too_long[0]
+                failures[index] = ContextLengthExceeded(
+                    f"input {i} has {n} tokens; this model's maximum context length is {self.max_length} tokens",
+                    [{"loc": ["body", "input", i], "msg": f"{n} tokens > {self.max_length}"}],
+                    "input",
+                )
+        return failures
 
     @torch.inference_mode()
-    def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        texts = text_only(inputs)
-        parameters = parameters or {}
+    def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
+        if self.task == "causal_lm":
+            return [self.generate(cast(GenerationRequest, request)) for request in inputs]
+        requests = cast(Sequence[TextRequest], inputs)
+        failures = self._over_length(requests)
+        texts = [text for index, r in enumerate(requests) if index not in failures for text in r.texts]
+        values = np.zeros((0, 0), dtype=np.float32)
+        tokens: list[int] = []
+        if texts:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            tokens = batch["attention_mask"].sum(dim=1).tolist()
+            values = self._forward(batch).numpy()
+        outputs: list[Any] = []
+        start = 0
+        for index, request in enumerate(requests):
+            if index in failures:
+                outputs.append(failures[index])
+                continue
+            end = start + len(request.texts)
+            outputs.append(TextOutput(values[start:end], int(sum(tokens[start:end]))))
+            start = end
+        return outputs
+
+    def _forward(self, batch: Any) -> torch.Tensor:
         if self.task == "embedding":
             from app.distill.text.data import TokenizedExamples
             from app.distill.text.evaluation import pooled_embeddings
 
-            batch = self.encode(texts)
             examples = TokenizedExamples(batch["input_ids"], batch["attention_mask"], None, None)
-            vectors = pooled_embeddings(self.model, examples)
-            return {"object": "embeddings", "model_id": self.model_id, "embeddings": vectors.tolist()}
-        if self.task == "text_classification":
-            batch = self.encode(texts)
-            probabilities = torch.softmax(self.model(**batch).logits.float(), dim=-1)
-            classes = probabilities.argmax(dim=-1).tolist()
-            names = [self.label_names[c] if c < len(self.label_names) else str(c) for c in classes]
-            return {
-                "object": "prediction",
-                "model_id": self.model_id,
-                "classes": classes,
-                "labels": names,
-                "probabilities": probabilities.tolist(),
-            }
-        return self.complete(texts, int(parameters.get("max_new_tokens", 32)))
+            return pooled_embeddings(self.model, examples)
+        return torch.softmax(self.model(**batch).logits.float(), dim=-1)
 
-    def complete(self, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
-        """Greedy completion of each prompt (one at a time: no padding side effects)."""
-        completions = []
-        for prompt in prompts:
-            encoded = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
-            budget = max(0, min(max_new_tokens, self.max_length - encoded["input_ids"].shape[1]))
-            output = self.model.generate(
-                **encoded, max_new_tokens=budget, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+    def label_of(self, class_index: int) -> str:
+        return self.label_names[class_index] if class_index < len(self.label_names) else str(class_index)
+
+    # --- completions: one request at a time, streamed token by token ---
+
+    def render_prompt(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The prompt's token ids; ContextLengthExceeded when it (with max_tokens) cannot fit."""
+        if request.messages is not None:
+            if not self.has_chat_template:
+                raise InputShapeError(
+                    f"model {self.model_id} has no chat template; use /v1/completions with a prompt",
+                    [{"loc": ["body", "messages"], "msg": "the model has no chat template"}],
+                    "messages",
+                )
+            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            param = "messages"
+        else:
+            ids = list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+            param = "prompt"
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            ids = [bos if bos is not None else self.tokenizer.eos_token_id]
+        if len(ids) + request.max_tokens > self.max_length:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_length} tokens; the prompt has {len(ids)} and "
+                f"max_tokens asks for {request.max_tokens} more",
+                [{"loc": ["body", param], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
+                param if len(ids) > self.max_length else "max_tokens",
             )
-            new_tokens = output[0, encoded["input_ids"].shape[1] :]
-            completions.append(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
-        return {"object": "completion", "model_id": self.model_id, "completions": completions}
+        return ids, len(ids)
+
+    def generate(self, request: GenerationRequest) -> Any:
+        try:
+            ids, prompt_tokens = self.render_prompt(request)
+        except InputShapeError as exc:
+            return exc
+        if request.on_start is not None:
+            request.on_start(prompt_tokens)
+        if request.max_tokens == 0:
+            return Completion("", prompt_tokens, 0, "length")
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        stream = _TextStream(self.tokenizer, request)
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+                done = request.cancelled or stream.stopped
+                return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), done, dtype=torch.bool))
+
+        sampling: dict[str, Any] = {"do_sample": False}
+        if request.temperature > 0:
+            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
+        input_ids = torch.tensor([ids])
+        self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=request.max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id,
+            streamer=cast(BaseStreamer, stream),
+            stopping_criteria=StoppingCriteriaList([Stop()]),
+            **sampling,
+        )
+        stream.flush()
+        finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
+        return Completion(stream.text, prompt_tokens, stream.generated, finish)
+
+    def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One request without the batcher (tests, scripts): the native protocol's response document."""
+        texts = text_only(inputs)
+        if self.task == "causal_lm":
+            max_new = int((parameters or {}).get("max_new_tokens", 32))
+            completions = [
+                self.generate(GenerationRequest(prompt=text, max_tokens=self.fit_max_tokens(text, max_new)))
+                for text in texts
+            ]
+            for completion in completions:
+                if isinstance(completion, Exception):
+                    raise completion
+            return {
+                "object": "completion",
+                "model_id": self.model_id,
+                "completions": [c.text for c in completions],
+            }
+        output = self.predict_batch([TextRequest(texts)])[0]
+        return text_document(self, output)
+
+    def fit_max_tokens(self, prompt: str, wanted: int) -> int:
+        """The native protocol truncates generation at the context length instead of refusing the request."""
+        return max(0, min(wanted, self.max_length - self.count_tokens(prompt)))
+
+
+def text_document(predictor: TextPredictor, output: TextOutput) -> dict[str, Any]:
+    if predictor.task == "embedding":
+        return {"object": "embeddings", "model_id": predictor.model_id, "embeddings": output.values.tolist()}
+    classes = output.values.argmax(axis=-1).tolist()
+    return {
+        "object": "prediction",
+        "model_id": predictor.model_id,
+        "classes": classes,
+        "labels": [predictor.label_of(c) for c in classes],
+        "probabilities": output.values.tolist(),
+    }
+
+
+class _TextStream:
+    """transformers' streamer interface: receives token ids as ``generate`` makes them, turns them into text deltas
+    (holding back an incomplete UTF-8 character), applies stop strings."""
+
+    def __init__(self, tokenizer: Any, request: GenerationRequest) -> None:
+        self.tokenizer = tokenizer
+        self.request = request
+        self.tokens: list[int] = []
+        self.prompt_seen = False
+        self.text = ""  # what has been sent (or would be)
+        self.stopped = False
+        self.ended_by_eos = False
+        self.generated = 0
+        self.longest_stop = max((len(s) for s in request.stop), default=0)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.stopped:
+            return
+        new = [int(token) for token in value.reshape(-1).tolist()]
+        self.generated += len(new)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in new:
+            self.ended_by_eos = True
+            new = new[: new.index(eos)]
+        self.tokens.extend(new)
+        self._emit(final=self.ended_by_eos)
+
+    def end(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> None:
+        if self.stopped:
+            return
+        decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if decoded.endswith("\ufffd") and not final:
+            return  # the rest of a multi-byte character comes with the next token
+        if self.request.stop:
+            search_from = max(0, len(self.text) - self.longest_stop)
+            cut = min((i for s in self.request.stop if (i := decoded.find(s, search_from)) >= 0), default=-1)
+            if cut >= 0:
+                decoded = decoded[:cut]
+                self.stopped = True
+        if len(decoded) > len(self.text):
+            delta = decoded[len(self.text) :]
+            self.text = decoded
+            if self.request.on_text is not None:
+                self.request.on_text(delta)
 
 
 def load_predictor(model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:
@@ -157,49 +458,105 @@ def load_predictor(model_id: str, directory: Path, sha256: str, config: Mapping[
     return StudentPredictor(model_id, directory, sha256)
 
 
-class ModelCache:
-    """LRU of loaded predictors, bounded by count. Thread-safe; a load happens outside the cache lock but under a
-    per-model lock, so two requests for a cold model load it once and other models keep serving meanwhile."""
+# --- the cache ------------------------------------------------------------------------------------------------------
 
-    def __init__(self, capacity: int) -> None:
+T = TypeVar("T")
+
+
+class ModelCache:
+    """LRU of loaded models, bounded by count (``capacity``) and by bytes of weights (``max_bytes``, 0 = no bound;
+    an entry's size is its ``memory_bytes``). Thread-safe; a load happens outside the cache lock but under a
+    per-model lock, so two requests for a cold model load it once and other models keep serving meanwhile.
+
+    ``on_evict(entry)`` is called for every entry that leaves the cache (to stop its inference thread)."""
+
+    def __init__(self, capacity: int, max_bytes: int = 0, on_evict: Callable[[Any], None] | None = None) -> None:
         self.capacity = max(1, capacity)
-        self._entries: OrderedDict[str, Predictor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.on_evict = on_evict
+        self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
+        self.loads = 0
 
-    def get(self, model_id: str) -> Predictor | None:
+    def get(self, key: str) -> Any:
         with self._lock:
-            predictor = self._entries.get(model_id)
-            if predictor is not None:
-                self._entries.move_to_end(model_id)
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
                 self.hits += 1
-            return predictor
+            return entry
 
-    def get_or_load(self, model_id: str, load: Callable[[], Predictor]) -> Predictor:
-        predictor = self.get(model_id)
-        if predictor is not None:
-            return predictor
+    def peek(self, key: str) -> Any:
+        """The entry without counting a hit or refreshing its recency (status pages)."""
+        return self._entries.get(key)
+
+    def get_or_load(self, key: str, load: Callable[[], T]) -> T:
+        entry: T | None = self.get(key)
+        if entry is not None:
+            return entry
         with self._lock:
-            model_lock = self._loading.setdefault(model_id, threading.Lock())
+            model_lock = self._loading.setdefault(key, threading.Lock())
         with model_lock:
-            predictor = self.get(model_id)
-            if predictor is not None:
-                return predictor
+            entry = self.get(key)
+            if entry is not None:
+                return entry
             self.misses += 1
-            predictor = load()
+            entry = load()
+            self.loads += 1
+            self.put(key, entry)
             with self._lock:
-                self._entries[model_id] = predictor
-                self._entries.move_to_end(model_id)
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-                self._loading.pop(model_id, None)
-            return predictor
+                self._loading.pop(key, None)
+            return entry
 
-    def evict(self, model_id: str) -> None:
+    def put(self, key: str, entry: Any) -> None:
+        """Insert (or replace) an entry as the most recent, then evict least recent ones beyond the bounds."""
+        evicted: list[Any] = []
         with self._lock:
-            self._entries.pop(model_id, None)
+            previous = self._entries.pop(key, None)
+            if previous is not None and previous is not entry:
+                evicted.append(previous)
+            self._entries[key] = entry
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.capacity or (self.max_bytes and self.total_bytes() > self.max_bytes)
+            ):
+                _, oldest = self._entries.popitem(last=False)
+                evicted.append(oldest)
+        self._evicted(evicted)
+
+    def total_bytes(self) -> int:
+        return sum(int(getattr(entry, "memory_bytes", 0)) for entry in self._entries.values())
+
+    def evict(self, key: str) -> Any:
+        """Remove ``tenant/model_id``, or every entry of a model when given a bare model id (model ids are unique
+        across tenants). Returns the (last) removed entry or None."""
+        with self._lock:
+            if key in self._entries:
+                removed = [self._entries.pop(key)]
+            elif "/" not in key:
+                keys = [k for k in self._entries if k.rsplit("/", 1)[-1] == key]
+                removed = [self._entries.pop(k) for k in keys]
+            else:
+                removed = []
+        self._evicted(removed)
+        return removed[-1] if removed else None
+
+    def _evicted(self, entries: list[Any]) -> None:
+        if self.on_evict is not None:
+            for entry in entries:
+                self.on_evict(entry)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        self._evicted(entries)
 
     def __len__(self) -> int:
         return len(self._entries)

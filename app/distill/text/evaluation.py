@@ -42,7 +42,17 @@ def logits_of(model: nn.Module, batch: TokenizedExamples) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True).logits.float()  # type: ignore[no-any-return]
 
 
-def ensemble_logits(teachers: Sequence[tuple[nn.Module, float]], batch: TokenizedExamples) -> torch.Tensor:
+def ensemble_logits(
+    teachers: Sequence[tuple[nn.Module, float]], batch: TokenizedExamples, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The teachers' mixture; with a prompt-distillation ``context`` the teachers see it before the input and
+    causal logits are cut back to the input's positions."""
+    if context is not None:
+        from app.distill.text.methods import with_context
+
+        seen = with_context(batch, context)
+        logits = mixture_logits([logits_of(model, seen) for model, _ in teachers], [w for _, w in teachers], 1.0)
+        return logits[:, len(context) :] if logits.dim() == 3 else logits
     return mixture_logits([logits_of(model, batch) for model, _ in teachers], [w for _, w in teachers], 1.0)
 
 
@@ -107,6 +117,7 @@ def evaluate_text(
     latency_repeats: int = 10,
     retrieval_k: int = 5,
     batch_size: int = 16,
+    teacher_context: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     student.eval()
     for model, _ in teachers:
@@ -124,9 +135,9 @@ def evaluate_text(
         metrics["compression"] = metrics["teacher_params"] / metrics["student_params"]
     batches = [move(examples.batch(torch.arange(i, min(i + batch_size, n))), device) for i in range(0, n, batch_size)]
     if task == "causal_lm":
-        metrics.update(causal_metrics(student, teachers, batches))
+        metrics.update(causal_metrics(student, teachers, batches, teacher_context))
     elif task == "text_classification":
-        metrics.update(classification_metrics(student, teachers, batches))
+        metrics.update(classification_metrics(student, teachers, batches, teacher_context))
     else:
         metrics.update(embedding_metrics(student, teachers, batches, retrieval_k))
     metrics.update(
@@ -137,7 +148,10 @@ def evaluate_text(
 
 
 def causal_metrics(
-    student: nn.Module, teachers: Sequence[tuple[nn.Module, float]], batches: Sequence[TokenizedExamples]
+    student: nn.Module,
+    teachers: Sequence[tuple[nn.Module, float]],
+    batches: Sequence[TokenizedExamples],
+    context: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Perplexity over trained positions (next-token CE), token top-1 agreement and mean per-token KL."""
     tokens = 0
@@ -154,7 +168,7 @@ def causal_metrics(
         tokens += count
         student_nll += float(F.cross_entropy(s_logits, targets, reduction="sum"))
         if teachers:
-            t_logits = ensemble_logits(teachers, batch)[:, :-1][mask]
+            t_logits = ensemble_logits(teachers, batch, context)[:, :-1][mask]
             vocab = min(s_logits.shape[-1], t_logits.shape[-1])
             teacher_nll += float(F.cross_entropy(t_logits, targets, reduction="sum"))
             agree += int((s_logits[:, :vocab].argmax(-1) == t_logits[:, :vocab].argmax(-1)).sum())
@@ -171,13 +185,16 @@ def causal_metrics(
 
 
 def classification_metrics(
-    student: nn.Module, teachers: Sequence[tuple[nn.Module, float]], batches: Sequence[TokenizedExamples]
+    student: nn.Module,
+    teachers: Sequence[tuple[nn.Module, float]],
+    batches: Sequence[TokenizedExamples],
+    context: torch.Tensor | None = None,
 ) -> dict[str, float]:
     student_logits = torch.cat([logits_of(student, batch) for batch in batches])
     labels = torch.cat([batch.labels for batch in batches if batch.labels is not None])
     metrics = {"student_accuracy": float((student_logits.argmax(-1) == labels).float().mean())}
     if teachers:
-        teacher_logits = torch.cat([ensemble_logits(teachers, batch) for batch in batches])
+        teacher_logits = torch.cat([ensemble_logits(teachers, batch, context) for batch in batches])
         metrics["teacher_accuracy"] = float((teacher_logits.argmax(-1) == labels).float().mean())
         metrics["agreement"] = float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float().mean())
         metrics["kl"] = float(distillation_loss(student_logits, teacher_logits))

@@ -36,8 +36,11 @@ from app.distill.spec import (
     BuiltinTeacher,
     CorpusData,
     DerivedArchitecture,
+    GenerationSpec,
     InlineData,
     JobSpec,
+    ObjectiveSpec,
+    StageSpec,
     StoredModelTeacher,
     TeacherSpec,
     TrainingSpec,
@@ -47,11 +50,15 @@ from app.distill.spec import (
 )
 from app.distill.teachers import combine_teacher_losses, normalised
 from app.distill.text import data as text_data
+from app.distill.text import methods
 from app.distill.text import models as text_models
 from app.distill.text.evaluation import evaluate_text
+from app.distill.text.methods import LogitCache
 from app.distill.training import (
     SEED_DATA,
     SEED_DROPOUT,
+    SEED_EPOCH,
+    SEED_STEP,
     SEED_STUDENT,
     SEED_TEACHER,
     ProgressCallback,
@@ -157,7 +164,10 @@ def with_vocab(config: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
 
 
 def load_records(spec: JobSpec, resources: JobResources, seed: int) -> list[dict[str, Any]]:
-    data = spec.data
+    return load_data_records(spec.data, resources, seed)
+
+
+def load_data_records(data: Any, resources: JobResources, seed: int) -> list[dict[str, Any]]:
     if isinstance(data, UploadedData):
         parsed = text_data.parse_jsonl(resources.dataset_files[data.dataset_id].read_bytes())
         records = list(parsed.records)
@@ -189,9 +199,13 @@ def label_names_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def tokenize(
-    spec: JobSpec, records: Sequence[Mapping[str, Any]], tokenizer: Any, label_names: Sequence[str] | None
+    spec: JobSpec,
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    label_names: Sequence[str] | None,
+    data: Any = None,
 ) -> text_data.TokenizedExamples:
-    data = spec.data
+    data = data if data is not None else spec.data
     assert isinstance(data, UploadedData | CorpusData | InlineData)
     if spec.task == "causal_lm":
         return text_data.tokenize_causal_lm(records, tokenizer, max_length=data.max_length, packing=data.packing)
@@ -311,6 +325,34 @@ def default_layer_map(student_layers: int, teacher_layers: int, kept: Sequence[i
     return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
 
 
+def shifted(output: Any, offset: int) -> Any:
+    """A causal model's output with the first ``offset`` positions (the context) cut off."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            setattr(output, name, value[:, offset:])
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is not None:
+        output.hidden_states = tuple(h[:, offset:] for h in hidden)
+    return output
+
+
+def shift_labels(
+    batch: text_data.TokenizedExamples, with_context: text_data.TokenizedExamples, offset: int
+) -> text_data.TokenizedExamples:
+    """``with_context`` carrying ``batch``'s labels and loss mask moved right by ``offset`` positions."""
+    assert batch.labels is not None and batch.loss_mask is not None
+    rows = batch.labels.shape[0]
+    pad_labels = torch.full((rows, offset), -100, dtype=batch.labels.dtype, device=batch.labels.device)
+    pad_mask = torch.zeros((rows, offset), dtype=torch.bool, device=batch.loss_mask.device)
+    return text_data.TokenizedExamples(
+        input_ids=with_context.input_ids,
+        attention_mask=with_context.attention_mask,
+        labels=torch.cat([pad_labels, batch.labels], dim=1),
+        loss_mask=torch.cat([pad_mask, batch.loss_mask], dim=1),
+    )
+
+
 def hidden_width(model: nn.Module) -> int:
     config: Any = getattr(model, "config", None)
     for key in ("hidden_size", "n_embd", "d_model"):
@@ -340,19 +382,34 @@ class TextObjective:
         student: nn.Module,
         features: FeatureMatcher | None,
         alpha: float,
+        *,
+        objective: ObjectiveSpec | None = None,
+        context_ids: torch.Tensor | None = None,
+        cache: LogitCache | None = None,
+        tokenizer: Any = None,
+        seed: int = 0,
     ) -> None:
         self.spec = spec
-        self.objective = spec.objective
+        self.objective = objective or spec.objective
         self.teachers = teachers
         self.weights = normalised([t.weight for t in teachers]) if teachers else []
         self.student = student
         self.features = features
         self.alpha = alpha
+        self.context_ids = context_ids
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.method_totals: dict[str, float] = {}
         self.want_attentions = (
             features is not None
-            and spec.objective.features is not None
-            and (spec.objective.features.attention_weight > 0)
+            and self.objective.features is not None
+            and (self.objective.features.attention_weight > 0)
         )
+
+    def note(self, name: str, value: float) -> None:
+        """Method counters reported with the stage (e.g. how many batches were on-policy)."""
+        self.method_totals[name] = self.method_totals.get(name, 0.0) + value
 
     def soft(
         self,
@@ -390,24 +447,47 @@ class TextObjective:
         )
 
     def teacher_outputs(self, batch: text_data.TokenizedExamples, hidden: bool) -> list[Any]:
+        """The teachers' outputs on the batch — with the prompt-distillation context in front when there is one,
+        cut back to the student's positions (so that position t compares the same input token)."""
         outputs = []
+        seen = batch if self.context_ids is None else methods.with_context(batch, self.context_ids)
+        offset = 0 if self.context_ids is None else len(self.context_ids)
         with torch.no_grad():
             for teacher in self.teachers:
                 kwargs: dict[str, Any] = {"output_hidden_states": hidden}
                 if self.want_attentions:
                     kwargs["output_attentions"] = True
                 if self.spec.task == "causal_lm" and self.objective.chunk_size is not None:
-                    outputs.append(base_forward(teacher.model, batch.input_ids, batch.attention_mask, **kwargs))
+                    out = base_forward(teacher.model, seen.input_ids, seen.attention_mask, **kwargs)
                 else:
-                    outputs.append(
-                        teacher.model(
-                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True, **kwargs
-                        )
+                    out = teacher.model(
+                        input_ids=seen.input_ids, attention_mask=seen.attention_mask, return_dict=True, **kwargs
                     )
+                if offset and self.spec.task == "causal_lm":
+                    out = shifted(out, offset)
+                outputs.append(out)
         return outputs
 
-    def __call__(self, batch: text_data.TokenizedExamples, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self,
+        batch: text_data.TokenizedExamples,
+        normalizer: float,
+        indices: torch.Tensor | None = None,
+        step: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         task = self.spec.task
+        method_terms: dict[str, float] = {}
+        on_policy = self.objective.on_policy
+        if task == "causal_lm" and on_policy is not None and self.teachers:
+            used = methods.seeded_coin(self.seed, step, on_policy.probability)
+            method_terms["on_policy"] = float(used)
+            self.note("on_policy_batches", float(used))
+            self.note("batches", 1.0)
+            if used:
+                batch = self.student_generated(batch, on_policy, step)
+                normalizer = float(max(1, int(batch.loss_mask.sum())))  # type: ignore[union-attr]
+                method_terms["generation_length"] = normalizer / len(batch)
+                indices = None  # the cache (if any) does not cover generated text
         need_hidden = self.features is not None or task == "embedding"
         kwargs: dict[str, Any] = {"output_hidden_states": need_hidden}
         if self.want_attentions:
@@ -431,8 +511,19 @@ class TextObjective:
         else:
             terms.update(self.classification_terms(batch, student_out, teacher_outs))
 
+        if task == "causal_lm" and self.cache is not None and indices is not None and not teacher_outs:
+            terms["kd"] = self.cached_kd(batch, student_out, indices, normalizer)
         loss = (1.0 - self.alpha) * terms.get("kd", torch.zeros((), device=batch.input_ids.device))
         loss = loss + self.alpha * terms.get("ce", torch.zeros((), device=batch.input_ids.device))
+        rl = self.objective.rl
+        if task == "causal_lm" and rl is not None and self.teachers:
+            pg, stats = self.policy_gradient(batch, rl, step)
+            terms["pg"] = pg
+            loss = loss + rl.weight * pg
+            method_terms.update(stats)
+            for name, value in stats.items():
+                self.note(name, value)
+            self.note("rl_batches", 1.0)
         if self.features is not None and teacher_outs and self.objective.features is not None:
             mask = batch.attention_mask.bool()
             feature = self.features.hidden_loss(student_out.hidden_states, teacher_outs[0].hidden_states, mask)
@@ -442,7 +533,67 @@ class TextObjective:
                 attention = self.features.attention_loss(student_out.attentions, teacher_outs[0].attentions, mask)
                 terms["attention"] = attention
                 loss = loss + self.objective.features.attention_weight * attention
-        return loss, {name: float(value.detach()) for name, value in terms.items()} | {"loss": float(loss.detach())}
+        logged = {name: float(value.detach()) for name, value in terms.items()} | {"loss": float(loss.detach())}
+        return loss, logged | method_terms
+
+    # --- methods ---
+
+    def student_generated(
+        self, batch: text_data.TokenizedExamples, spec: Any, step: int
+    ) -> text_data.TokenizedExamples:
+        """GKD's on-policy batch: the batch's prompts completed by the current student (sampled)."""
+        prompts = methods.split_prompts(batch)
+        completions = methods.generate(
+            self.student,
+            prompts,
+            spec,
+            pad_token_id=pad_id(self.tokenizer),
+            eos_token_id=eos_id(self.tokenizer),
+            device=batch.input_ids.device,
+            seed=self.seed * 31 + step,
+        )
+        generated = methods.prompt_completion_batch(prompts, completions, pad_id(self.tokenizer))
+        return to_device(generated, batch.input_ids.device)
+
+    def policy_gradient(
+        self, batch: text_data.TokenizedExamples, spec: Any, step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """MiniLLM-style: the student samples completions for the batch's prompts; reward = the teacher's mean
+        log-likelihood per token of the sample (with the context, when prompt-distilling)."""
+        sampled = self.student_generated(batch, spec, step + 1_000_003)
+        assert sampled.loss_mask is not None
+        student_logp = methods.sequence_logprobs(self.student, sampled)
+        with torch.no_grad():
+            teacher_view = sampled if self.context_ids is None else methods.with_context(sampled, self.context_ids)
+            teacher_logp = methods.sequence_logprobs(
+                self.teachers[0].model,
+                teacher_view
+                if self.context_ids is None
+                else shift_labels(sampled, teacher_view, len(self.context_ids)),
+            )
+            if self.context_ids is not None:
+                teacher_logp = teacher_logp[:, len(self.context_ids) :]
+        mask = sampled.loss_mask[:, :-1].float()
+        return methods.policy_gradient_loss(student_logp, teacher_logp, mask, baseline=spec.baseline, clip=spec.clip)
+
+    def cached_kd(
+        self, batch: text_data.TokenizedExamples, student_out: Any, indices: torch.Tensor, normalizer: float
+    ) -> torch.Tensor:
+        """Forward KL against the stored top-k teacher log-probs of these rows (no teacher forward)."""
+        assert self.cache is not None
+        width = batch.input_ids.shape[1]
+        ids, values, tail = self.cache.rows(indices.cpu(), width)
+        device = batch.input_ids.device
+        return forward_kl_from_topk(
+            student_out.logits,
+            values.to(device),
+            ids.to(device),
+            tail.to(device),
+            temperature=self.cache.temperature,
+            mask=batch.loss_mask,
+            scale_by_t2=self.objective.scale_by_t2,
+            normalizer=normalizer,
+        )
 
     def causal_terms(
         self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any], normalizer: float
@@ -555,10 +706,14 @@ def text_batch_size(spec: JobSpec) -> int:
 
 
 def text_steps(spec: JobSpec, n_train: int) -> int:
-    if spec.training.steps is not None:
-        return spec.training.steps
-    per_step = text_batch_size(spec) * spec.training.gradient_accumulation
-    epochs = spec.training.epochs if spec.training.epochs is not None else 1
+    return text_steps_for(spec.training, n_train)
+
+
+def text_steps_for(training: TrainingSpec, n_train: int) -> int:
+    if training.steps is not None:
+        return training.steps
+    per_step = (training.batch_size or 16) * training.gradient_accumulation
+    epochs = training.epochs if training.epochs is not None else 1
     return max(1, epochs * math.ceil(n_train / per_step))
 
 
@@ -572,30 +727,37 @@ def to_device(batch: text_data.TokenizedExamples, device: torch.device) -> text_
 
 
 class MicroBatches:
-    """An endless stream of micro-batches: epoch after epoch of seeded shuffles."""
+    """An endless stream of (row indices, micro-batch): epoch after epoch of seeded shuffles."""
 
     def __init__(self, examples: text_data.TokenizedExamples, batch_size: int, seed: int) -> None:
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
-        self._iterator = text_data.batches(examples, batch_size, seed=seed, epoch=0)
+        self._iterator = self.epoch_batches(0)
+
+    def epoch_batches(self, epoch: int) -> Any:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_EPOCH, epoch))
+        order = torch.randperm(len(self.examples), generator=generator)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield rows, self.examples.batch(rows)
 
     def skip(self, count: int) -> None:
         """Advance ``count`` micro-batches (to resume at a step): whole epochs are skipped arithmetically."""
         per_epoch = max(1, math.ceil(len(self.examples) / self.batch_size))
         self.epoch += count // per_epoch
-        self._iterator = text_data.batches(self.examples, self.batch_size, seed=self.seed, epoch=self.epoch)
+        self._iterator = self.epoch_batches(self.epoch)
         for _ in range(count % per_epoch):
             next(self._iterator)
 
-    def next(self) -> text_data.TokenizedExamples:
+    def next(self) -> tuple[torch.Tensor, text_data.TokenizedExamples]:
         try:
-            return next(self._iterator)
+            return next(self._iterator)  # type: ignore[no-any-return]
         except StopIteration:
             self.epoch += 1
-            self._iterator = text_data.batches(self.examples, self.batch_size, seed=self.seed, epoch=self.epoch)
-            return next(self._iterator)
+            self._iterator = self.epoch_batches(self.epoch)
+            return next(self._iterator)  # type: ignore[no-any-return]
 
 
 def trained_units(spec: JobSpec, batch: text_data.TokenizedExamples) -> int:
@@ -635,14 +797,15 @@ def run_steps(
         multiplier = lr_multiplier(step, total_steps, training)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * multiplier
-        micro = [to_device(stream.next(), device) for _ in range(training.gradient_accumulation)]
+        drawn = [stream.next() for _ in range(training.gradient_accumulation)]
+        micro = [(rows, to_device(batch, device)) for rows, batch in drawn]
         # normalise by the whole accumulated step, so accumulation equals one big batch
-        normalizer = float(max(1, sum(trained_units(spec, batch) for batch in micro)))
+        normalizer = float(max(1, sum(trained_units(spec, batch) for _, batch in micro)))
         model.train()
         step_metrics: dict[str, float] = {}
-        for batch in micro:
+        for rows, batch in micro:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, terms = objective(batch, normalizer)
+                loss, terms = objective(batch, normalizer, rows, step)
             if spec.task != "causal_lm":
                 loss = loss * (len(batch) / normalizer)  # example-mean losses: weight by the micro-batch's share
             loss.backward()  # type: ignore[no-untyped-call]
@@ -703,6 +866,258 @@ def pretrain_teachers(
     return seconds
 
 
+def stored_cache(spec: JobSpec, resources: JobResources) -> LogitCache | None:
+    """A logit cache stored by an earlier job, when the spec's dataset is one: it carries its own examples."""
+    if not isinstance(spec.data, UploadedData):
+        return None
+    path = resources.dataset_files[spec.data.dataset_id]
+    return LogitCache.load(path) if path.suffix == ".safetensors" else None
+
+
+def split_cache(
+    cache: LogitCache, test_fraction: float, seed: int
+) -> tuple[text_data.TokenizedExamples, text_data.TokenizedExamples, LogitCache]:
+    """Train/held-out rows of a stored cache; the returned cache covers the train rows only."""
+    rows = list(range(len(cache.examples)))
+    train_rows, test_rows = text_data.split_records(rows, test_fraction, seed)
+    train_index, test_index = torch.tensor(train_rows), torch.tensor(test_rows)
+    train = cache.examples.batch(train_index)
+    width = cache.ids.shape[1]
+    full_train = text_data.TokenizedExamples(
+        input_ids=cache.examples.input_ids[train_index],
+        attention_mask=cache.examples.attention_mask[train_index],
+        labels=None if cache.examples.labels is None else cache.examples.labels[train_index],
+        loss_mask=None if cache.examples.loss_mask is None else cache.examples.loss_mask[train_index],
+    )
+    assert full_train.input_ids.shape[1] == width and len(train) == len(train_rows)
+    train_cache = LogitCache(
+        full_train,
+        cache.ids[train_index],
+        cache.values[train_index],
+        cache.tail[train_index],
+        cache.temperature,
+        cache.tokenizer,
+    )
+    return full_train, cache.examples.batch(test_index), train_cache
+
+
+@dataclass
+class StageState:
+    """What flows from one stage to the next: the train/held-out examples and, after a logit_cache stage (or from
+    a stored cache), the teacher's cached top-k log-probs for the train examples."""
+
+    train: text_data.TokenizedExamples
+    test: text_data.TokenizedExamples
+    cache: LogitCache | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a finished stage hands on, for a resumed job (examples, and the cache when there is one)."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, examples in (("train", self.train), ("test", self.test)):
+            for name in ("input_ids", "attention_mask", "labels", "loss_mask"):
+                value = getattr(examples, name)
+                if value is not None:
+                    out[f"{prefix}.{name}"] = value
+        if self.cache is not None:
+            out.update({"cache.ids": self.cache.ids, "cache.values": self.cache.values, "cache.tail": self.cache.tail})
+            out["cache.temperature"] = torch.tensor(self.cache.temperature)
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        for prefix in ("train", "test"):
+            if f"{prefix}.input_ids" in tensors:
+                setattr(
+                    self,
+                    prefix,
+                    text_data.TokenizedExamples(
+                        input_ids=tensors[f"{prefix}.input_ids"],
+                        attention_mask=tensors[f"{prefix}.attention_mask"],
+                        labels=tensors.get(f"{prefix}.labels"),
+                        loss_mask=tensors.get(f"{prefix}.loss_mask"),
+                    ),
+                )
+        if "cache.ids" in tensors:
+            self.cache = LogitCache(
+                self.train,
+                tensors["cache.ids"],
+                tensors["cache.values"],
+                tensors["cache.tail"],
+                float(tensors["cache.temperature"]),
+                None,
+            )
+
+
+def encode_context(teacher_prompt: str | None, tokenizer: Any) -> torch.Tensor | None:
+    """Token ids of a prompt-distillation context (no special tokens: it goes in front of the input)."""
+    if teacher_prompt is None:
+        return None
+    ids = tokenizer(teacher_prompt, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def generated_records(
+    prompts: Sequence[torch.Tensor], completions: Sequence[torch.Tensor], tokenizer: Any
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": tokenizer.decode(p, skip_special_tokens=True),
+            "completion": tokenizer.decode(c, skip_special_tokens=True),
+        }
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+def run_stage(
+    spec: JobSpec,
+    index: int,
+    stage: StageSpec,
+    state: StageState,
+    teachers: Sequence[Teacher],
+    student: Any,
+    features: FeatureMatcher | None,
+    tokenizer: Any,
+    label_names: Sequence[str] | None,
+    resources: JobResources,
+    device: torch.device,
+    report: ProgressCallback,
+    checkpointer: Checkpointer | None,
+    job_checkpointer: Checkpointer | None,
+    context_ids: torch.Tensor | None,
+) -> tuple[dict[str, Any], dict[str, float], float, int]:
+    """One stage; returns (its result record, last metrics, training seconds, steps). A finished stage is kept
+    with the checkpoints (student weights and what it produced), so a resumed job skips it."""
+    objective_spec = stage.objective or spec.objective
+    training = stage.training or spec.training
+    label = stage.name or f"{index}:{stage.kind}"
+    result: dict[str, Any] = {"index": index, "kind": stage.kind, "name": stage.name}
+    report(ProgressUpdate(f"stage {label}", 0, 0))
+    if stage.data is not None:
+        seed = derive_seed(training.seed, SEED_DATA, index + 1)
+        records = load_data_records(stage.data, resources, seed)
+        train_records, test_records = text_data.split_records(records, stage.data.test_fraction, seed)  # type: ignore[union-attr]
+        state.train = tokenize(spec, train_records, tokenizer, label_names, stage.data)
+        state.test = tokenize(spec, test_records, tokenizer, label_names, stage.data)
+        state.cache = None  # a cache belongs to the data it was made on
+    done = job_checkpointer is not None and job_checkpointer.stage_finished(index)
+    metrics: dict[str, float] = {}
+    seconds, steps = 0.0, 0
+    teacher = teachers[0] if teachers else None
+    if done:
+        assert job_checkpointer is not None
+        if stage.kind == "drop_layers" and stage.drop is not None:
+            text_models.drop_layers(student, stage.drop)  # the saved weights are of the smaller student
+        tensors, saved_result = job_checkpointer.restore_stage(index, {"student": student})
+        state.restore(tensors)
+        return {**saved_result, "resumed": True}, metrics, 0.0, 0
+    elif stage.kind == "generate":
+        assert teacher is not None
+        generation = stage.generation or GenerationSpec()
+        prompts = methods.split_prompts(state.train)
+        started = time.perf_counter()
+        completions: list[torch.Tensor] = []
+        for start in range(0, len(prompts), 16):
+            completions += methods.generate(
+                teacher.model,
+                prompts[start : start + 16],
+                generation,
+                pad_token_id=pad_id(tokenizer),
+                eos_token_id=eos_id(tokenizer),
+                device=device,
+                seed=derive_seed(training.seed, SEED_STEP, index, start),
+            )
+            report(ProgressUpdate(f"stage {label}: generating", min(start + 16, len(prompts)), len(prompts)))
+        seconds = time.perf_counter() - started
+        state.train = methods.prompt_completion_batch(prompts, completions, pad_id(tokenizer))
+        state.cache = None
+        lengths = [len(c) for c in completions]
+        result.update({"generated": len(completions), "mean_generation_length": sum(lengths) / max(1, len(lengths))})
+        if stage.save_as and resources.dataset_sink is not None:
+            result["dataset_id"] = resources.dataset_sink(
+                stage.save_as,
+                generated_records(prompts, completions, tokenizer),
+                {"kind": "teacher_generated", "generation": generation.model_dump(), "stage": index},
+            )
+    elif stage.kind == "logit_cache":
+        assert teacher is not None
+        started = time.perf_counter()
+        state.cache = methods.build_logit_cache(
+            teacher.model,
+            state.train,
+            top_k=stage.top_k,
+            temperature=objective_spec.temperature,
+            device=device,
+            tokenizer_signature=resources.tokenizer_signature,
+        )
+        seconds = time.perf_counter() - started
+        result.update({"top_k": stage.top_k, "bytes_per_token": state.cache.bytes_per_trained_token()})
+        if stage.save_as and resources.cache_sink is not None:
+            result["dataset_id"] = resources.cache_sink(stage.save_as, state.cache, {"stage": index})
+    else:
+        if stage.kind == "drop_layers":
+            assert stage.drop is not None
+            text_models.drop_layers(student, stage.drop)
+            result["layers_after"] = text_models.layer_count(student)
+            features = None
+        if stage.kind != "drop_layers" or stage.training is not None:
+            finetune = stage.kind == "finetune"
+            alpha = 1.0 if finetune or (not teachers and state.cache is None) else objective_spec.alpha
+            objective = TextObjective(
+                spec,
+                [] if finetune else teachers,
+                student,
+                None if finetune else features,
+                alpha,
+                objective=objective_spec,
+                context_ids=None if finetune else context_ids,
+                cache=None if finetune else state.cache,
+                tokenizer=tokenizer,
+                seed=training.seed,
+            )
+            trainable = nn.ModuleList([student, features]) if features is not None and not finetune else student
+            steps = text_steps_for(training, len(state.train))
+            metrics, seconds = run_steps(
+                spec,
+                objective,
+                student,
+                trainable,
+                training,
+                steps,
+                state.train,
+                device,
+                report,
+                f"stage {label}" if spec.stages else "training",
+                checkpointer,
+            )
+            result["method_metrics"] = {k: v for k, v in objective.method_totals.items()}
+    if spec.stages:
+        student.eval()
+        result["evaluation"] = evaluate_text(
+            spec.task,
+            student,
+            [(t.model, t.weight) for t in teachers],
+            state.test,
+            device,
+            max_examples=min(spec.evaluation.max_examples, 128),
+            latency_batch_size=min(8, len(state.test)),
+            latency_repeats=3,
+            retrieval_k=spec.evaluation.retrieval_k,
+            teacher_context=context_ids,
+        )
+    result.update({"steps": steps, "seconds": seconds})
+    if job_checkpointer is not None:
+        job_checkpointer.finish_stage(index, {"student": student}, state.tensors(), result)
+    return result, metrics, seconds, steps
+
+
+def pad_id(tokenizer: Any) -> int:
+    return int(text_data.resolve_pad_token_id(tokenizer))
+
+
+def eos_id(tokenizer: Any) -> int | None:
+    value = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return None if value is None else int(value)
+
+
 def train_text_model(
     spec: JobSpec,
     resources: JobResources,
@@ -723,9 +1138,12 @@ def train_text_model(
     torch.manual_seed(derive_seed(training.seed, SEED_DROPOUT))
     data_seed = getattr(spec.data, "seed", None)
     data_seed = data_seed if data_seed is not None else derive_seed(training.seed, SEED_DATA)
-    records = load_records(spec, resources, data_seed)
     assert isinstance(spec.data, UploadedData | CorpusData | InlineData)
-    train_records, test_records = text_data.split_records(records, spec.data.test_fraction, data_seed)
+    initial_cache = stored_cache(spec, resources)
+    records = [] if initial_cache is not None else load_records(spec, resources, data_seed)
+    train_records, test_records = (
+        ([], []) if initial_cache is not None else text_data.split_records(records, spec.data.test_fraction, data_seed)
+    )
     label_names = label_names_of(records) if spec.task == "text_classification" else None
     num_labels = len(label_names) if label_names is not None else None
 
@@ -740,8 +1158,11 @@ def train_text_model(
         teacher.model.eval()
         teacher.model.to(device=device, dtype=autocast_dtype or torch.float32)
     student.to(device)
-    train_examples = tokenize(spec, train_records, tokenizer, label_names)
-    test_examples = tokenize(spec, test_records, tokenizer, label_names)
+    if initial_cache is not None:
+        train_examples, test_examples, initial_cache = split_cache(initial_cache, spec.data.test_fraction, data_seed)
+    else:
+        train_examples = tokenize(spec, train_records, tokenizer, label_names)
+        test_examples = tokenize(spec, test_records, tokenizer, label_names)
 
     features: FeatureMatcher | None = None
     if spec.objective.features is not None and teachers:
@@ -766,27 +1187,39 @@ def train_text_model(
                 if setter is not None:
                     setter("eager")  # attention probabilities are only returned by the eager kernel
 
-    alpha = 1.0 if not teachers else spec.objective.alpha
-    objective = TextObjective(spec, teachers, student, features, alpha)
-    trainable = nn.ModuleList([student, features]) if features is not None else student
-    total_steps = text_steps(spec, len(train_examples))
-    if training.compile:
-        objective.student = torch.compile(student)  # type: ignore[assignment]
-
-    # --- train ---
-    metrics, train_seconds = run_steps(
-        spec,
-        objective,
-        student,
-        trainable,
-        training,
-        total_steps,
-        train_examples,
-        device,
-        report,
-        "training",
-        checkpointer,
-    )
+    # --- stages (default: one distill stage) ---
+    stages = list(spec.stages or [StageSpec(kind="distill")])
+    context_ids = encode_context(spec.objective.teacher_prompt, tokenizer)
+    state = StageState(train_examples, test_examples, cache=initial_cache)
+    stage_results: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    train_seconds = 0.0
+    total_steps = 0
+    for index, stage in enumerate(stages):
+        stage_checkpointer = checkpointer.stage(index) if checkpointer is not None else None
+        result, stage_metrics, seconds, steps = run_stage(
+            spec,
+            index,
+            stage,
+            state,
+            teachers,
+            student,
+            features,
+            tokenizer,
+            label_names,
+            resources,
+            device,
+            report,
+            stage_checkpointer,
+            checkpointer,
+            context_ids,
+        )
+        if stage.kind == "drop_layers":
+            features = None  # the layer map no longer fits the student
+        metrics = stage_metrics or metrics
+        train_seconds += seconds
+        total_steps += steps
+        stage_results.append(result)
 
     # --- evaluate ---
     report(ProgressUpdate("evaluating", total_steps, total_steps, metrics))
@@ -795,15 +1228,20 @@ def train_text_model(
         spec.task,
         student,
         [(t.model, t.weight) for t in teachers],
-        test_examples,
+        state.test,
         device,
         max_examples=spec.evaluation.max_examples,
         latency_batch_size=spec.evaluation.latency_batch_size,
         latency_repeats=spec.evaluation.latency_repeats,
         retrieval_k=spec.evaluation.retrieval_k,
+        teacher_context=context_ids,
     )
-    evaluation.update({"train_seconds": train_seconds, "steps": total_steps, "train_examples": len(train_examples)})
+    evaluation.update({"train_seconds": train_seconds, "steps": total_steps, "train_examples": len(state.train)})
     evaluation.update(pretrain_seconds)
+    if context_ids is not None:
+        evaluation["prompt_tokens_saved"] = len(context_ids)
+    if spec.stages:
+        evaluation["stages"] = stage_results
     extra: dict[str, Any] = {"task": spec.task, "format": "transformers"}
     if kept is not None:
         extra["derived_from_layers"] = kept

@@ -1,0 +1,302 @@
+"""Dynamic batching with Triton's semantics, one inference thread per loaded model.
+
+Requests are queued by the event loop (``submit``, cheap: an object and a queue put) and served by a dedicated
+thread: it takes the oldest request, then whatever else is waiting, up to ``max_batch_size`` rows, waiting at most
+``max_queue_delay_us`` after the oldest request arrived for more to come (0: no waiting, the batch is whatever is
+queued when the model becomes free). The thread runs the batch through ``run_batch`` (one forward for all rows),
+encodes each request's result and hands all of them back to the event loop with a single
+``call_soon_threadsafe``.
+
+Why a dedicated thread rather than the threadpool: the hand-off costs tens of microseconds instead of ~100, the
+batch forms naturally while the model is busy, and torch always runs on the same thread.
+
+Bounds: at most ``max_queue_size`` requests waiting or running (``QueueFull`` above: the caller answers 429 with
+Retry-After), and each request waits at most ``timeout_s`` for its result (``InferenceTimeout``). Timeouts are
+enforced by one sweep timer per batcher that runs only while requests are pending, not by a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class BatcherError(Exception):
+    """Raised to the submitter; protocol routers turn these into their own error shapes."""
+
+
+class QueueFull(BatcherError):
+    def __init__(self, model: str, pending: int, retry_after_s: int) -> None:
+        super().__init__(f"model {model!r} has {pending} requests waiting (the limit); retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class InferenceTimeout(BatcherError):
+    def __init__(self, model: str, timeout_s: float) -> None:
+        super().__init__(f"model {model!r} did not answer within {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+class BatchTooLarge(BatcherError):
+    def __init__(self, rows: int, max_batch_size: int) -> None:
+        super().__init__(f"the request has {rows} inputs; this server takes at most {max_batch_size} per request")
+        self.rows = rows
+        self.max_batch_size = max_batch_size
+
+
+class BatcherStopped(BatcherError):
+    """The model was unloaded after the caller looked it up; the caller looks it up again."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 512
+    timeout_s: float = 30.0
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it did (Prometheus in the service; nothing in unit tests)."""
+
+    def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None: ...
+
+    def request_done(self, seconds: float) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+
+class NoObserver:
+    def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        pass
+
+    def request_done(self, seconds: float) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+Encoder = Callable[[Any], Any]
+
+
+def keep(output: Any) -> Any:
+    return output
+
+
+class PendingRequest:
+    """One request in the queue: its model input, how many rows it adds to a batch, how its result is encoded (in
+    the inference thread), and the future the event loop waits on."""
+
+    __slots__ = ("cancelled", "deadline", "encode", "enqueued_at", "future", "payload", "rows", "started_at")
+
+    def __init__(
+        self, payload: Any, rows: int, encode: Encoder, future: asyncio.Future[Any], now: float, timeout_s: float
+    ) -> None:
+        self.payload = payload
+        self.rows = rows
+        self.encode = encode
+        self.future = future
+        self.enqueued_at = now
+        self.deadline = now + timeout_s
+        self.started_at = 0.0
+        # set on the event loop when the request timed out; the inference thread skips such requests (a plain
+        # attribute: the GIL makes the write visible, and a late read only costs one wasted row)
+        self.cancelled = False
+
+
+_STOP = object()
+
+RunBatch = Callable[[list[Any]], Sequence[Any]]
+
+
+class DynamicBatcher:
+    """The queue and inference thread of one loaded model. ``submit``/``stop`` are called on the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        config: BatchingConfig,
+        loop: asyncio.AbstractEventLoop,
+        observer: BatchObserver | None = None,
+        on_thread_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.config = config
+        self.loop = loop
+        self.observer = observer or NoObserver()
+        self.on_thread_start = on_thread_start
+        self.pending = 0  # waiting or running; only touched on the event loop
+        self.stopped = False
+        self.recent_request_seconds = 0.0  # moving average of compute time per request, for Retry-After
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._in_order: deque[PendingRequest] = deque()  # submit order, for the timeout sweep
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_interval = min(0.1, max(0.001, config.timeout_s / 10))
+        self._thread = threading.Thread(target=self._serve, name=f"inference-{name}", daemon=True)
+        self._thread.start()
+
+    # --- event loop side -----------------------------------------------------------------------------------------
+
+    def submit(self, payload: Any, rows: int = 1, encode: Encoder = keep) -> asyncio.Future[Any]:
+        """Queue one request; the future resolves to ``encode(output)`` or raises the request's error."""
+        if self.stopped:
+            raise BatcherStopped(self.name)
+        if rows > self.config.max_batch_size:
+            self.observer.rejected("batch_too_large")
+            raise BatchTooLarge(rows, self.config.max_batch_size)
+        if self.pending >= self.config.max_queue_size:
+            self.observer.rejected("queue_full")
+            raise QueueFull(self.name, self.pending, self.retry_after_s())
+        future = self.loop.create_future()
+        request = PendingRequest(payload, rows, encode, future, time.monotonic(), self.config.timeout_s)
+        self.pending += 1
+        self._in_order.append(request)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._sweep_interval, self._expire)
+        self._queue.put(request)
+        return future
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has drained by about half (at least 1)."""
+        return max(1, math.ceil(self.pending * self.recent_request_seconds / 2))
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread; later submits raise BatcherStopped."""
+        if not self.stopped:
+            self.stopped = True
+            self._queue.put(_STOP)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        in_order = self._in_order
+        while in_order:
+            head = in_order[0]
+            if head.future.done():
+                in_order.popleft()
+            elif head.deadline <= now:
+                in_order.popleft()
+                head.cancelled = True
+                self.pending -= 1
+                self.observer.rejected("timeout")
+                head.future.set_exception(InferenceTimeout(self.name, self.config.timeout_s))
+            else:
+                break
+        if in_order:
+            self._sweep = self.loop.call_later(self._sweep_interval, self._expire)
+
+    def _deliver(self, requests: list[PendingRequest], results: list[Any], errors: list[bool]) -> None:
+        now = time.monotonic()
+        for request, result, failed in zip(requests, results, errors, strict=True):
+            future = request.future
+            if future.done():  # timed out meanwhile (already counted), or the waiter went away
+                continue
+            self.pending -= 1
+            if failed:
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+            self.observer.request_done(now - request.enqueued_at)
+
+    # --- inference thread ----------------------------------------------------------------------------------------
+
+    def _next_batch(self, first: PendingRequest) -> tuple[list[PendingRequest], Any]:
+        """``first`` plus what else is waiting (see the module docstring); returns the batch and a request that did
+        not fit (or the stop sentinel), which starts the next one."""
+        batch = [first]
+        rows = first.rows
+        limit = self.config.max_batch_size
+        delay = self.config.max_queue_delay_us / 1e6
+        deadline = first.enqueued_at + delay
+        get_nowait = self._queue.get_nowait
+        while rows < limit:
+            try:
+                item = get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if delay <= 0 or remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP or rows + item.rows > limit:
+                return batch, item
+            batch.append(item)
+            rows += item.rows
+        return batch, None
+
+    def _serve(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
+        carried: Any = None
+        while True:
+            item = carried if carried is not None else self._queue.get()
+            if item is _STOP:
+                return
+            batch, carried = self._next_batch(item)
+            live = [request for request in batch if not request.cancelled]
+            if live:
+                try:
+                    self._run(live)
+                except BaseException:  # never let the thread die: the model would stop answering
+                    log.exception("inference thread of %s failed", self.name)
+
+    def _run(self, batch: list[PendingRequest]) -> None:
+        started = time.monotonic()
+        for request in batch:
+            request.started_at = started
+        results: list[Any]
+        errors: list[bool]
+        try:
+            outputs = self.run_batch([request.payload for request in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(batch)} requests")
+        except Exception as exc:
+            if len(batch) > 1:
+                # one bad request must not fail the others: run each alone to find it
+                outputs = []
+                for request in batch:
+                    try:
+                        outputs.extend(self.run_batch([request.payload]))
+                    except Exception as single:
+                        outputs.append(single)
+            else:
+                outputs = [exc]
+        compute_seconds = time.monotonic() - started
+        results, errors = [], []
+        for request, output in zip(batch, outputs, strict=True):
+            if isinstance(output, BaseException):
+                results.append(output)
+                errors.append(True)
+                continue
+            try:
+                results.append(request.encode(output))
+                errors.append(False)
+            except Exception as exc:
+                results.append(exc)
+                errors.append(True)
+        self.recent_request_seconds = 0.9 * self.recent_request_seconds + 0.1 * (compute_seconds / len(batch))
+        self.loop.call_soon_threadsafe(self._deliver, batch, results, errors)
+        self.observer.batch_done(
+            sum(request.rows for request in batch),
+            len(batch),
+            [started - request.enqueued_at for request in batch],
+            compute_seconds,
+        )
