@@ -86,17 +86,24 @@ def fault_kills(env: dict[str, str], client: httpx.Client, workdir: Path, kills:
     ids = [client.post("/v1/jobs", json=long_spec(f"killed-{i}")).json()["id"] for i in range(jobs)]
     rng = random.Random(0)
     done_kills = 0
+    killed: dict[str, tuple[int, int]] = {}  # job id → (attempt killed, step it had reached)
     while done_kills < kills:
-        running = [j for j in (client.get(f"/v1/jobs/{i}").json() for i in ids) if j["status"] == "running"]
-        if not running:
-            if all(client.get(f"/v1/jobs/{i}").json()["status"] in ("succeeded", "failed") for i in ids):
-                break
-            time.sleep(0.2)
-            continue
-        job = running[0]
-        if job["progress"]["step"] < 200:  # past at least one checkpoint (every 0.3 s)
+        jobs_now = [client.get(f"/v1/jobs/{i}").json() for i in ids]
+        if all(j["status"] in ("succeeded", "failed") for j in jobs_now):
+            break
+        # kill only a live attempt (not the row a dead one left "running") that has trained past a checkpoint
+        # (every 0.3 s) since it started or resumed
+        candidates = [
+            j for j in jobs_now
+            if j["status"] == "running"
+            and j["attempts"] > killed.get(j["id"], (0, 0))[0]
+            and j["progress"]["step"] > killed.get(j["id"], (0, 0))[1] + 150
+        ]
+        if not candidates:
             time.sleep(0.1)
             continue
+        job = candidates[0]
+        killed[job["id"]] = (job["attempts"], job["progress"]["step"])
         time.sleep(rng.uniform(0.0, 0.8))
         kill(worker)
         done_kills += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,16 @@ def message_task_id(raw: bytes | str) -> str | None:
 
 
 class BrokerInspector:
-    """Which task ids the broker holds (waiting or delivered-but-unacknowledged); None when it cannot tell."""
+    """Which task ids the broker holds for a live consumer; None when it cannot tell.
+
+    A message delivered but unacknowledged for longer than ``stranded_after_s`` counts as absent when its job is
+    still queued: with prefetch 1 and late acks a live worker holds only the message of the job it is running, so
+    such a message belongs to a worker that died (Redis would hand it back only after the visibility timeout).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.stranded_after_s = settings.republish_after_s
 
     def task_ids(self) -> set[str] | None:
         url = self.settings.resolved_broker_url
@@ -72,9 +79,11 @@ class BrokerInspector:
                     task_id = message_task_id(raw)
                     if task_id:
                         ids.add(task_id)
-            for raw in client.hvals("unacked"):
+            delivered: dict[Any, float] = dict(client.zrange("unacked_index", 0, -1, withscores=True))  # type: ignore[arg-type]
+            now = time.time()
+            for tag, raw in client.hgetall("unacked").items():
                 task_id = message_task_id(raw)
-                if task_id:
+                if task_id and now - float(delivered.get(tag, now)) < self.stranded_after_s:
                     ids.add(task_id)
             return ids
         finally:
