@@ -955,6 +955,20 @@ def encode_context(teacher_prompt: str | None, tokenizer: Any) -> torch.Tensor |
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_context_fits(spec: JobSpec, teachers: Sequence[Teacher], context: torch.Tensor | None) -> None:
+    """The prompt-distillation context plus the longest input must fit the teacher's position embeddings."""
+    if context is None or not teachers:
+        return
+    config: Any = getattr(teachers[0].model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = int(getattr(spec.data, "max_length", 0))
+    if limit is not None and len(context) + longest > int(limit):
+        raise ValueError(
+            f"the teacher prompt ({len(context)} tokens) plus inputs of up to {longest} tokens exceed the teacher's "
+            f"{limit} positions"
+        )
+
+
 def generated_records(
     prompts: Sequence[torch.Tensor], completions: Sequence[torch.Tensor], tokenizer: Any
 ) -> list[dict[str, Any]]:
@@ -1068,7 +1082,7 @@ def run_stage(
                 None if finetune else features,
                 alpha,
                 objective=objective_spec,
-                context_ids=None if finetune else context_ids,
+                context_ids=None if finetune else encode_context(objective_spec.teacher_prompt, tokenizer),
                 cache=None if finetune else state.cache,
                 tokenizer=tokenizer,
                 seed=training.seed,
@@ -1190,6 +1204,7 @@ def train_text_model(
     # --- stages (default: one distill stage) ---
     stages = list(spec.stages or [StageSpec(kind="distill")])
     context_ids = encode_context(spec.objective.teacher_prompt, tokenizer)
+    check_context_fits(spec, teachers, context_ids)
     state = StageState(train_examples, test_examples, cache=initial_cache)
     stage_results: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
