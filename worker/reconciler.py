@@ -110,6 +110,7 @@ class Reconciler:
         self.inspector = BrokerInspector(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stale_published: dict[str, float] = {}  # job id → when this reconciler last published it as stale
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
@@ -145,11 +146,20 @@ class Reconciler:
         in_broker = self.inspector.task_ids() if queued else set()
         # when the broker cannot be inspected, waiting long enough stands in for "missing"
         lost = [j for j in queued if j not in in_broker] if in_broker is not None else queued
+        # a stale job gets one publish per stale window: the delivery takes it over within seconds, and publishing
+        # every pass until then would only queue duplicates
+        now = time.monotonic()
+        stale = [j for j in stale if now - self._stale_published.get(j, -1e9) > settings.heartbeat_stale_s]
+        self._stale_published = {
+            j: t for j, t in self._stale_published.items() if now - t < 10 * settings.heartbeat_stale_s
+        }
         published: dict[str, list[str]] = {"owed": [], "lost": [], "stale": []}
         for reason, job_ids in (("owed", owed), ("lost", lost), ("stale", stale)):
             for job_id in job_ids:
                 if self.dispatcher.dispatch(job_id):
                     published[reason].append(job_id)
+        for job_id in published["stale"]:
+            self._stale_published[job_id] = now
         done = published["owed"] + published["lost"]
         if done:
             with self.db.transaction() as conn:

@@ -17,8 +17,6 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
         name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
     )
     def run_job(self: Any, job_id: str) -> None:
-        outcome = context.runner().run(job_id)
-        if outcome.busy_elsewhere:
-            # another worker holds it with a live heartbeat (a duplicate delivery): look again once that
-            # heartbeat would have gone stale, so a job whose worker then dies is still picked up
-            raise self.retry(countdown=context.settings.heartbeat_stale_s)
+        # a duplicate delivery of a job another worker runs (live heartbeat) is simply acknowledged: if that worker
+        # dies, its heartbeat goes stale and the reconciler publishes the job again
+        context.runner().run(job_id)
