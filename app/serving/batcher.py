@@ -204,10 +204,12 @@ class DynamicBatcher:
     def _deliver(self, requests: list[PendingRequest], results: list[Any], errors: list[bool]) -> None:
         now = time.monotonic()
         for request, result, failed in zip(requests, results, errors, strict=True):
-            future = request.future
-            if future.done():  # timed out meanwhile (already counted), or the waiter went away
+            if request.cancelled:  # timed out meanwhile: already answered and counted
                 continue
             self.pending -= 1
+            future = request.future
+            if future.done():  # the waiter went away (its task was cancelled)
+                continue
             if failed:
                 future.set_exception(result)
             else:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -95,7 +95,8 @@ class StudentPredictor:
                 "inputs",
             )
         self.check(inputs)
-        array = np.asarray(inputs, dtype=np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+            array = np.asarray(inputs, dtype=np.float32)
         if not np.isfinite(array).all():
             raise InputShapeError(
                 "inputs must be finite float32 values",
@@ -170,9 +171,9 @@ class TextOutput:
 class GenerationRequest:
     """One completion. ``prompt`` or chat ``messages`` (rendered with the tokenizer's chat template).
 
-    ``on_start(prompt_tokens)`` is called once the prompt is accepted and ``on_text(delta)`` for every piece of new
-    text (both in the inference thread; streaming uses them). Setting ``cancelled`` stops the generation at the next
-    token (a client that went away, a timeout)."""
+    ``on_start(prompt_tokens)`` is called once every prompt of the request is accepted, ``on_text(delta)`` for every
+    piece of new text (both in the inference thread; streaming uses them). Setting ``cancelled`` stops the generation
+    at the next token (a client that went away, a timeout)."""
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
@@ -180,6 +181,9 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
+    # still fit), or "truncate" the prompt as well (the native protocol)
+    overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
     on_start: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False
@@ -256,8 +260,11 @@ class TextPredictor:
 
     @torch.inference_mode()
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
+        """Embedding/classification: ``TextRequest`` → ``TextOutput``, all texts of the batch in one padded forward.
+        Causal LM: a list of ``GenerationRequest`` (a request's prompts) → a list of ``Completion``, one prompt at a
+        time (no continuous batching)."""
         if self.task == "causal_lm":
-            return [self.generate(cast(GenerationRequest, request)) for request in inputs]
+            return [self._generate_all(cast(list[GenerationRequest], prompts)) for prompts in inputs]
         requests = cast(Sequence[TextRequest], inputs)
         failures = self._over_length(requests)
         texts = [text for index, r in enumerate(requests) if index not in failures for text in r.texts]
@@ -294,8 +301,8 @@ class TextPredictor:
 
     # --- completions: one request at a time, streamed token by token ---
 
-    def render_prompt(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """The prompt's token ids; ContextLengthExceeded when it (with max_tokens) cannot fit."""
+    def render_prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids; ContextLengthExceeded when it (with max_tokens) cannot fit (see ``overflow``)."""
         if request.messages is not None:
             if not self.has_chat_template:
                 raise InputShapeError(
@@ -312,6 +319,10 @@ class TextPredictor:
         if not ids:
             bos = self.tokenizer.bos_token_id
             ids = [bos if bos is not None else self.tokenizer.eos_token_id]
+        if request.overflow == "truncate":
+            ids = ids[: self.max_length]
+        if request.overflow != "refuse" and len(ids) <= self.max_length:
+            request.max_tokens = max(0, min(request.max_tokens, self.max_length - len(ids)))
         if len(ids) + request.max_tokens > self.max_length:
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_length} tokens; the prompt has {len(ids)} and "
@@ -319,15 +330,22 @@ class TextPredictor:
                 [{"loc": ["body", param], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
                 param if len(ids) > self.max_length else "max_tokens",
             )
-        return ids, len(ids)
+        return ids
 
-    def generate(self, request: GenerationRequest) -> Any:
+    def _generate_all(self, prompts: list[GenerationRequest]) -> Any:
+        """All prompts are checked before the first token: a request fails whole, never half-way through a stream."""
         try:
-            ids, prompt_tokens = self.render_prompt(request)
+            rendered = [self.render_prompt(prompt) for prompt in prompts]
         except InputShapeError as exc:
             return exc
-        if request.on_start is not None:
-            request.on_start(prompt_tokens)
+        for prompt, ids in zip(prompts, rendered, strict=True):
+            if prompt.on_start is not None:
+                prompt.on_start(len(ids))
+        return [self.generate(prompt, ids) for prompt, ids in zip(prompts, rendered, strict=True)]
+
+    def generate(self, request: GenerationRequest, ids: list[int]) -> Completion:
+        """Generate for a prompt that ``render_prompt`` accepted (its token ids)."""
+        prompt_tokens = len(ids)
         if request.max_tokens == 0:
             return Completion("", prompt_tokens, 0, "length")
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -364,27 +382,21 @@ class TextPredictor:
         texts = text_only(inputs)
         if self.task == "causal_lm":
             max_new = int((parameters or {}).get("max_new_tokens", 32))
-            completions = [
-                self.generate(GenerationRequest(prompt=text, max_tokens=self.fit_max_tokens(text, max_new)))
-                for text in texts
-            ]
-            for completion in completions:
-                if isinstance(completion, Exception):
-                    raise completion
-            return {
-                "object": "completion",
-                "model_id": self.model_id,
-                "completions": [c.text for c in completions],
-            }
-        output = self.predict_batch([TextRequest(texts)])[0]
+            prompts = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
+            output = self.predict_batch([prompts])[0]
+        else:
+            output = self.predict_batch([TextRequest(texts)])[0]
+        if isinstance(output, Exception):
+            raise output
         return text_document(self, output)
 
-    def fit_max_tokens(self, prompt: str, wanted: int) -> int:
-        """The native protocol truncates generation at the context length instead of refusing the request."""
-        return max(0, min(wanted, self.max_length - self.count_tokens(prompt)))
 
-
-def text_document(predictor: TextPredictor, output: TextOutput) -> dict[str, Any]:
+def text_document(predictor: TextPredictor, output: Any) -> dict[str, Any]:
+    """The native protocol's response for a text model's output."""
+    if predictor.task == "causal_lm":
+        completions = cast(list[Completion], output)
+        return {"object": "completion", "model_id": predictor.model_id, "completions": [c.text for c in completions]}
+    output = cast(TextOutput, output)
     if predictor.task == "embedding":
         return {"object": "embeddings", "model_id": predictor.model_id, "embeddings": output.values.tolist()}
     classes = output.values.argmax(axis=-1).tolist()
@@ -439,17 +451,28 @@ class _TextStream:
         decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if decoded.endswith("\ufffd") and not final:
             return  # the rest of a multi-byte character comes with the next token
+        ready = len(decoded)
         if self.request.stop:
             search_from = max(0, len(self.text) - self.longest_stop)
             cut = min((i for s in self.request.stop if (i := decoded.find(s, search_from)) >= 0), default=-1)
             if cut >= 0:
-                decoded = decoded[:cut]
+                decoded, ready = decoded[:cut], cut
                 self.stopped = True
-        if len(decoded) > len(self.text):
-            delta = decoded[len(self.text) :]
-            self.text = decoded
+            elif not final:
+                ready -= self._partial_stop(decoded)
+        if ready > len(self.text):
+            delta = decoded[len(self.text) : ready]
+            self.text = decoded[:ready]
             if self.request.on_text is not None:
                 self.request.on_text(delta)
+
+    def _partial_stop(self, decoded: str) -> int:
+        """Characters at the end that could begin a stop string: held back until the next token decides."""
+        for size in range(min(self.longest_stop - 1, len(decoded)), 0, -1):
+            tail = decoded[-size:]
+            if any(stop.startswith(tail) for stop in self.request.stop):
+                return size
+        return 0
 
 
 def load_predictor(model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:

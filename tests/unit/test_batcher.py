@@ -1,0 +1,264 @@
+"""Dynamic batcher: batches form from what is waiting (Triton's semantics), bounds hold, one bad request fails
+alone, results come back encoded, and stopping drains the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from app.serving.batcher import (
+    BatcherStopped,
+    BatchingConfig,
+    BatchTooLarge,
+    DynamicBatcher,
+    InferenceTimeout,
+    QueueFull,
+)
+
+
+class Recorder:
+    """A model that records the batches it was given; ``gate`` holds the first batch until released."""
+
+    def __init__(self, hold_first: bool = False, seconds: float = 0.0) -> None:
+        self.batches: list[list[Any]] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.seconds = seconds
+        if not hold_first:
+            self.gate.set()
+
+    def __call__(self, payloads: list[Any]) -> Sequence[Any]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(payloads))
+        self.started.set()
+        self.gate.wait(5)
+        if self.seconds:
+            time.sleep(self.seconds)
+        return [payload * 10 if isinstance(payload, int) else payload for payload in payloads]
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.requests = 0
+        self.rejections: list[str] = []
+
+    def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        self.batches.append((rows, requests))
+
+    def request_done(self, seconds: float) -> None:
+        self.requests += 1
+
+    def rejected(self, reason: str) -> None:
+        self.rejections.append(reason)
+
+
+def run(test: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await test(asyncio.get_running_loop())
+
+    asyncio.run(main())
+
+
+def make(loop: asyncio.AbstractEventLoop, model: Any, observer: Any = None, **config: Any) -> DynamicBatcher:
+    return DynamicBatcher("m", model, BatchingConfig(**config), loop, observer=observer)
+
+
+async def wait_for(event: threading.Event) -> None:
+    for _ in range(500):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("timed out")
+
+
+def test_a_request_comes_back_encoded_from_the_inference_thread() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder()
+        encoded_in: list[str] = []
+
+        def encode(output: int) -> str:
+            encoded_in.append(threading.current_thread().name)
+            return f"<{output}>"
+
+        batcher = make(loop, model)
+        assert await batcher.submit(4, 1, encode) == "<40>"
+        assert encoded_in == ["inference-m"] and model.threads == {"inference-m"}
+        assert batcher.pending == 0
+        batcher.stop()
+
+    run(test)
+
+
+def test_requests_waiting_while_the_model_is_busy_form_one_batch() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder(hold_first=True)
+        observer = Observer()
+        batcher = make(loop, model, observer)
+        first = batcher.submit(1)
+        await wait_for(model.started)  # the model is busy with the first request
+        waiting = [batcher.submit(n, rows=2) for n in (2, 3, 4)]
+        model.gate.set()
+        assert await first == 10
+        assert await asyncio.gather(*waiting) == [20, 30, 40]
+        assert model.batches == [[1], [2, 3, 4]]
+        assert observer.batches == [(1, 1), (6, 3)] and observer.requests == 4
+        batcher.stop()
+
+    run(test)
+
+
+def test_a_batch_never_exceeds_max_batch_size_rows() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder(hold_first=True)
+        batcher = make(loop, model, max_batch_size=4)
+        first = batcher.submit(0)
+        await wait_for(model.started)
+        waiting = [batcher.submit(n, rows=2) for n in (1, 2, 3)]
+        model.gate.set()
+        await asyncio.gather(first, *waiting)
+        # 2 + 2 rows fill the first batch; the request that did not fit starts the next one
+        assert model.batches == [[0], [1, 2], [3]]
+        batcher.stop()
+
+    run(test)
+
+
+def test_max_queue_delay_waits_for_more_requests() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder()
+        batcher = make(loop, model, max_queue_delay_us=200_000)
+        first = batcher.submit(1)
+        await asyncio.sleep(0.02)
+        second = batcher.submit(2)
+        assert await asyncio.gather(first, second) == [10, 20]
+        assert model.batches == [[1, 2]]
+        batcher.stop()
+
+    run(test)
+
+
+def test_zero_delay_does_not_wait_for_company() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder()
+        batcher = make(loop, model, max_queue_delay_us=0)
+        started = time.monotonic()
+        assert await batcher.submit(1) == 10
+        assert time.monotonic() - started < 0.5
+        assert model.batches == [[1]]
+        batcher.stop()
+
+    run(test)
+
+
+def test_a_request_over_max_batch_size_is_refused() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        observer = Observer()
+        batcher = make(loop, Recorder(), observer, max_batch_size=8)
+        with pytest.raises(BatchTooLarge) as error:
+            batcher.submit([0] * 9, rows=9)
+        assert "9 inputs" in str(error.value) and "at most 8" in str(error.value)
+        assert observer.rejections == ["batch_too_large"] and batcher.pending == 0
+        batcher.stop()
+
+    run(test)
+
+
+def test_a_full_queue_refuses_with_retry_after() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder(hold_first=True)
+        observer = Observer()
+        batcher = make(loop, model, observer, max_queue_size=3)
+        accepted = [batcher.submit(n) for n in range(3)]
+        with pytest.raises(QueueFull) as error:
+            batcher.submit(99)
+        assert error.value.retry_after_s >= 1 and observer.rejections == ["queue_full"]
+        model.gate.set()
+        assert await asyncio.gather(*accepted) == [0, 10, 20]
+        assert await batcher.submit(5) == 50  # room again once the queue drained
+        batcher.stop()
+
+    run(test)
+
+
+def test_a_request_that_waits_too_long_times_out_and_is_skipped() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder(hold_first=True)
+        observer = Observer()
+        batcher = make(loop, model, observer, timeout_s=0.1)
+        busy = batcher.submit(1)
+        await wait_for(model.started)
+        late = batcher.submit(2)
+        for request in (busy, late):  # the running one ran past its deadline too
+            with pytest.raises(InferenceTimeout):
+                await request
+        assert batcher.pending == 0 and observer.rejections == ["timeout", "timeout"]
+        model.gate.set()
+        await asyncio.sleep(0.05)
+        assert [2] not in model.batches  # the timed-out request never reached the model
+        assert batcher.pending == 0
+        batcher.stop()
+
+    run(test)
+
+
+def test_one_bad_request_fails_alone() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        gate = threading.Event()
+        calls: list[list[Any]] = []
+
+        def model(payloads: list[Any]) -> list[Any]:
+            calls.append(list(payloads))
+            gate.wait(5)
+            if "bad" in payloads:
+                raise ValueError("bad input")
+            return [p.upper() for p in payloads]
+
+        batcher = make(loop, model)
+        first = batcher.submit("a")
+        await asyncio.sleep(0.02)
+        rest = [batcher.submit(p) for p in ("b", "bad", "c")]
+        gate.set()
+        assert await first == "A"
+        results = await asyncio.gather(*rest, return_exceptions=True)
+        assert results[0] == "B" and results[2] == "C"
+        assert isinstance(results[1], ValueError)
+        assert ["b", "bad", "c"] in calls  # tried together first, then one by one
+        batcher.stop()
+
+    run(test)
+
+
+def test_an_output_that_is_an_exception_fails_only_its_request() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        def model(payloads: list[Any]) -> list[Any]:
+            return [ValueError(f"no {p}") if p < 0 else p for p in payloads]
+
+        batcher = make(loop, model)
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(-1), return_exceptions=True)
+        assert results[0] == 1 and isinstance(results[1], ValueError)
+        batcher.stop()
+
+    run(test)
+
+
+def test_stop_finishes_queued_requests_then_refuses() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        model = Recorder(hold_first=True)
+        batcher = make(loop, model)
+        queued = [batcher.submit(n) for n in range(3)]
+        batcher.stop()
+        with pytest.raises(BatcherStopped):
+            batcher.submit(9)
+        model.gate.set()
+        assert await asyncio.gather(*queued) == [0, 10, 20]
+        await asyncio.to_thread(batcher.join, 2)
+        assert not batcher._thread.is_alive()
+
+    run(test)

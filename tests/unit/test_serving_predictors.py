@@ -1,0 +1,210 @@
+"""Predictors on batches: a batch gives what each request alone gives; text lengths, context limits, stop strings,
+streaming and chat templates behave; the cache keeps to its byte budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, ByT5Tokenizer
+
+from app.distill.architectures import build_model
+from app.distill.artifacts import save_model_dir
+from app.distill.spec import MLPArchitecture
+from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
+from app.serving.predictor import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    InputShapeError,
+    ModelCache,
+    StudentPredictor,
+    TextOutput,
+    TextPredictor,
+    TextRequest,
+    _TextStream,
+)
+
+
+@pytest.fixture
+def tabular(tmp_path: Path) -> StudentPredictor:
+    model = build_model(MLPArchitecture(input_dim=3, hidden_dims=[4], output_dim=2), seed=0)
+    save_model_dir(model, tmp_path / "m")
+    return StudentPredictor("mdl_tab", tmp_path / "m", "sha")
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    model = build_from_config(tiny_config("gpt2", vocab_size=len(tokenizer), max_positions=64), "causal_lm", seed=0)
+    folder = tmp_path_factory.mktemp("lm") / "m"
+    save_pretrained_dir(model, tokenizer, folder, extra_config={"task": "causal_lm"})
+    return TextPredictor("mdl_lm", folder, "sha", {"task": "causal_lm"})
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
+    tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_MODELS["all-MiniLM-L6-v2"]()))
+    config = tiny_config("bert", vocab_size=len(tokenizer), max_positions=32)
+    model = build_from_config(config, "embedding", seed=0)
+    folder = tmp_path_factory.mktemp("emb") / "m"
+    save_pretrained_dir(model, tokenizer, folder, extra_config={"task": "embedding"})
+    return TextPredictor("mdl_emb", folder, "sha", {"task": "embedding"})
+
+
+def test_tabular_batch_equals_requests_alone(tabular: StudentPredictor) -> None:
+    a = tabular.rows_from_json([[0.0, 1.0, 2.0]])
+    b = tabular.rows_from_json([[3.0, -1.0, 0.5], [1.0, 1.0, 1.0]])
+    together = tabular.predict_batch([a, b])
+    assert [output.shape for output in together] == [(1, 2), (2, 2)]
+    np.testing.assert_allclose(together[0], tabular.predict_batch([a])[0], rtol=1e-6)
+    np.testing.assert_allclose(together[1], tabular.predict_batch([b])[0], rtol=1e-6)
+    expected = torch.softmax(tabular.model(torch.from_numpy(b)), dim=-1).detach().numpy()
+    np.testing.assert_allclose(together[1], expected, rtol=1e-6)
+
+
+def test_tabular_rows_must_fit_float32(tabular: StudentPredictor) -> None:
+    with pytest.raises(InputShapeError) as error:
+        tabular.rows_from_json([[1e39, 0.0, 0.0]])
+    assert "float32" in str(error.value)
+    with pytest.raises(InputShapeError):
+        tabular.rows_from_json(["a", "b"])
+
+
+def test_embedding_batch_equals_requests_alone(embedder: TextPredictor) -> None:
+    short, long = TextRequest(["a cat"]), TextRequest(["a much longer sentence about dogs", "and another one"])
+    together = embedder.predict_batch([short, long])
+    alone = [embedder.predict_batch([short])[0], embedder.predict_batch([long])[0]]
+    for joint, single in zip(together, alone, strict=True):
+        assert isinstance(joint, TextOutput) and joint.tokens == single.tokens
+        np.testing.assert_allclose(joint.values, single.values, atol=1e-5)  # padding does not change a vector
+    assert together[1].values.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(together[1].values, axis=1), 1.0, atol=1e-5)
+
+
+def test_an_over_length_text_fails_only_its_request_unless_truncated(embedder: TextPredictor) -> None:
+    too_long = " ".join(["word"] * 100)  # > 32 positions
+    outputs = embedder.predict_batch([TextRequest([too_long], truncate=False), TextRequest(["fine"])])
+    assert isinstance(outputs[0], ContextLengthExceeded) and outputs[0].param == "input"
+    assert "maximum context length is 32" in str(outputs[0])
+    assert isinstance(outputs[1], TextOutput)
+    truncated = embedder.predict_batch([TextRequest([too_long], truncate=True)])[0]
+    assert isinstance(truncated, TextOutput) and truncated.tokens == 32
+
+
+def greedy_reference(predictor: TextPredictor, prompt: str, max_tokens: int) -> str:
+    ids = predictor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    output = predictor.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+    )
+    return str(predictor.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_generation_streams_the_greedy_completion(causal: TextPredictor) -> None:
+    deltas: list[str] = []
+    started: list[int] = []
+    request = GenerationRequest(prompt="def f(x):", max_tokens=6, on_text=deltas.append, on_start=started.append)
+    [completion] = causal.predict_batch([[request]])[0]
+    assert completion.text == greedy_reference(causal, "def f(x):", 6)
+    assert "".join(deltas) == completion.text
+    assert started == [completion.prompt_tokens] == [len("def f(x):") + 1]  # bytes + </s>
+    assert completion.completion_tokens <= 6
+    assert completion.finish_reason in ("length", "stop")
+
+
+def test_context_limits(causal: TextPredictor) -> None:
+    long_prompt = "x" * 80  # 81 tokens > 64 positions
+    [refused] = causal.predict_batch([[GenerationRequest(prompt=long_prompt, max_tokens=1)]])
+    assert isinstance(refused, ContextLengthExceeded) and refused.param == "prompt"
+    [too_many] = causal.predict_batch([[GenerationRequest(prompt="abc", max_tokens=100)]])
+    assert isinstance(too_many, ContextLengthExceeded) and too_many.param == "max_tokens"
+    shrunk = GenerationRequest(prompt="abc", max_tokens=100, overflow="shrink")
+    [[completion]] = causal.predict_batch([[shrunk]])
+    assert shrunk.max_tokens == 64 - 4 and completion.completion_tokens <= 60
+    [[truncated]] = causal.predict_batch([[GenerationRequest(prompt=long_prompt, max_tokens=5, overflow="truncate")]])
+    assert truncated.prompt_tokens == 64 and truncated.completion_tokens == 0
+
+
+def test_a_request_with_one_bad_prompt_fails_before_any_token(causal: TextPredictor) -> None:
+    deltas: list[str] = []
+    good = GenerationRequest(prompt="ok", max_tokens=3, on_text=deltas.append)
+    bad = GenerationRequest(prompt="y" * 80, max_tokens=3)
+    [outcome] = causal.predict_batch([[good, bad]])
+    assert isinstance(outcome, ContextLengthExceeded) and deltas == []
+
+
+def test_stop_strings_cut_the_text_across_tokens() -> None:
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    deltas: list[str] = []
+    request = GenerationRequest(prompt="p", stop=["o w", "zz"], on_text=deltas.append)
+    stream = _TextStream(tokenizer, request)
+    stream.put(torch.tensor([[1, 2]]))  # the prompt comes first and is not part of the text
+    for token in tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        stream.put(torch.tensor([token]))
+    stream.flush()
+    assert stream.text == "hell" and stream.stopped and "".join(deltas) == "hell"
+
+
+def test_a_multibyte_character_is_sent_whole() -> None:
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    deltas: list[str] = []
+    stream = _TextStream(tokenizer, GenerationRequest(prompt="p", on_text=deltas.append))
+    stream.put(torch.tensor([[1]]))
+    for token in tokenizer("é!", add_special_tokens=False)["input_ids"]:  # é is two bytes
+        stream.put(torch.tensor([token]))
+    assert deltas == ["é", "!"]
+
+
+def test_cancelled_generation_stops(causal: TextPredictor) -> None:
+    request = GenerationRequest(prompt="abc", max_tokens=40)
+
+    def cancel(_: int) -> None:
+        request.cancelled = True
+
+    request.on_start = cancel
+    [[completion]] = causal.predict_batch([[request]])
+    assert completion.completion_tokens == 1
+
+
+def test_chat_needs_a_template(causal: TextPredictor) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    [refused] = causal.predict_batch([[GenerationRequest(messages=messages, max_tokens=2)]])
+    assert isinstance(refused, InputShapeError) and "no chat template" in str(refused)
+    causal.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    causal.has_chat_template = True
+    try:
+        [[completion]] = causal.predict_batch([[GenerationRequest(messages=messages, max_tokens=2)]])
+        assert completion.prompt_tokens == len("<user>hi<assistant>")
+    finally:
+        causal.tokenizer.chat_template = None
+        causal.has_chat_template = False
+
+
+class Sized:
+    def __init__(self, memory_bytes: int) -> None:
+        self.memory_bytes = memory_bytes
+
+
+def test_cache_keeps_to_its_byte_budget_and_reports_evictions() -> None:
+    evicted: list[Any] = []
+    cache = ModelCache(capacity=10, max_bytes=100, on_evict=evicted.append)
+    a, b, c = Sized(40), Sized(40), Sized(40)
+    cache.put("t/a", a)
+    cache.put("t/b", b)
+    cache.get("t/a")  # a is now more recent than b
+    cache.put("t/c", c)
+    assert cache.keys() == ["t/a", "t/c"] and evicted == [b]
+    big = Sized(500)  # larger than the budget alone: it stays, alone
+    cache.put("t/big", big)
+    assert cache.keys() == ["t/big"] and cache.total_bytes() == 500
+
+
+def test_cache_evicts_a_model_of_any_tenant_by_its_id() -> None:
+    cache = ModelCache(capacity=10)
+    first, second = Sized(1), Sized(1)
+    cache.put("team-a/mdl_1", first)
+    cache.put("team-b/mdl_12", second)
+    assert cache.evict("mdl_1") is first
+    assert cache.keys() == ["team-b/mdl_12"]
