@@ -107,7 +107,9 @@ def build_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Opt
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     optimizer_class = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
-    return optimizer_class(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    # the fused kernel on CUDA (one launch for all parameters); the default foreach path elsewhere
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return optimizer_class(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused or None)
 
 
 def lr_multiplier(step: int, total_steps: int, training: TrainingSpec) -> float:
