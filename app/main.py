@@ -21,6 +21,7 @@ from app.jobs.dispatch import JobDispatcher
 from app.keys.service import KeyVerifier, ensure_key
 from app.queue import make_celery
 from app.serving.predictor import ModelCache
+from app.serving.protocol import document_serving_errors
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(settings)
         app.state.dispatcher = JobDispatcher(celery, settings.queue_name)
         app.state.model_cache = ModelCache(settings.model_cache_size)
+        if settings.enable_inference_api:
+            from app.serving.service import InferenceService
+
+            app.state.inference = InferenceService(settings, app.state.database, registry, app.state.model_cache)
         app.state.key_verifier = KeyVerifier(app.state.database, settings.api_key_cache_s)
         if settings.keys_required:
             await run_in_threadpool(ensure_api_keys, app.state.database, settings)
         try:
             yield
         finally:
+            if settings.enable_inference_api:
+                app.state.inference.close()
             await app.state.job_reader.close()
             app.state.database.dispose()
             celery.close()
@@ -130,7 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, object]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            app.openapi_schema = document_problems(schema, frozenset({"/healthz", "/readyz", "/metrics"}))
+            app.openapi_schema = document_serving_errors(
+                document_problems(schema, frozenset({"/healthz", "/readyz", "/metrics"}))
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

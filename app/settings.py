@@ -92,6 +92,36 @@ class Settings(BaseSettings):
 
     # serving
     model_cache_size: int = Field(16, description="Loaded models kept in memory per api process (LRU).")
+    model_cache_bytes: int = Field(
+        8 * 1024**3, ge=0, description="Bytes of weights kept loaded per api process (LRU beyond; 0 = no bound)."
+    )
+    max_batch_size: int = Field(
+        64, ge=1, description="Most rows (inputs) in one batched forward; a request with more is refused (4xx)."
+    )
+    max_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        description="How long a batch may wait for more requests (µs) after its first; 0 = batch whatever is "
+        "waiting when the model becomes free.",
+    )
+    max_queue_size: int = Field(
+        512, ge=1, description="Requests waiting or running per model; more are refused with 429 and Retry-After."
+    )
+    inference_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a request waits for its result (504 after), queueing included."
+    )
+    model_load_wait_s: float = Field(
+        60.0, ge=0, description="Longest a request waits for its model to load (503 model_loading after)."
+    )
+    inference_torch_threads: int = Field(
+        1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."
+    )
+    alias_refresh_s: float = Field(
+        2.0, gt=0, description="How often a `latest:<job name>` alias looks for a newer model."
+    )
+    max_completion_tokens: int = Field(
+        1024, ge=1, description="Largest max_tokens a completion request may ask for (400 above)."
+    )
 
     # limits that make a spec impossible to run (422 at submission)
     max_student_params: int = Field(2_000_000_000, description="Largest student accepted, in parameters.")

@@ -66,6 +66,33 @@ class Prediction(BaseModel):
     model_id: str
     classes: list[int] = Field(description="Arg-max class per input row.")
     probabilities: list[list[float]] = Field(description="Softmax probabilities per input row.")
+    labels: list[str] | None = Field(None, description="Text classifiers: the label name of each class.")
+
+
+class EmbeddingsPrediction(BaseModel):
+    object: Literal["embeddings"] = "embeddings"
+    model_id: str
+    embeddings: list[list[float]] = Field(description="One L2-normalised vector per input text.")
+
+
+class CompletionsPrediction(BaseModel):
+    object: Literal["completion"] = "completion"
+    model_id: str
+    completions: list[str] = Field(description="Greedy continuation of each prompt.")
+
+
+class ModelStatus(BaseModel):
+    object: Literal["model_status"] = "model_status"
+    id: str = Field(description="The model id the reference resolved to.")
+    reference: str = Field(description="The id or alias in the request.")
+    loaded: bool
+    was_loaded: bool | None = Field(None, description="Unload: whether the model was loaded in this process.")
+    task: str | None = None
+    memory_bytes: int | None = None
+    load_seconds: float | None = None
+    loaded_at: str | None = None
+    in_flight: int | None = None
+    batching: dict[str, Any] | None = None
 
 
 def model_document(row: Mapping[Any, Any]) -> dict[str, Any]:

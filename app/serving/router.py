@@ -1,50 +1,114 @@
-"""Native inference protocol: POST /v1/models/{id}/predict."""
+"""Native inference protocol: POST /v1/models/{ref}/predict, explicit load/unload. ``ref`` is a model id or the
+alias ``latest:<job name>``. Also mounts the KServe v2 and OpenAI-compatible routers (one include for the app)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
-from starlette.concurrency import run_in_threadpool
+import orjson
+from fastapi import APIRouter, Path, Request, Response
 
-from app.deps import DatabaseDep, ModelCacheDep, SettingsDep, TenantDep
-from app.errors import InvalidRequest, NotFound
+from app.deps import TenantDep
 from app.http import json_response
-from app.models import service
-from app.models.schemas import Prediction, PredictRequest
-from app.serving.predictor import InputShapeError, Predictor, load_predictor
+from app.models.schemas import CompletionsPrediction, EmbeddingsPrediction, ModelStatus, Prediction, PredictRequest
+from app.serving.deps import InferenceDep
+from app.serving.errors import invalid_input
+from app.serving.kserve import router as kserve_router
+from app.serving.openai_compat import router as openai_router
+from app.serving.predictor import (
+    GenerationRequest,
+    InputShapeError,
+    StudentPredictor,
+    TextPredictor,
+    TextRequest,
+    text_document,
+    text_only,
+)
+from app.serving.protocol import parse_json_body, request_body_schema
 
-router = APIRouter(prefix="/v1/models", tags=["inference"])
+ModelRef = Annotated[
+    str, Path(min_length=1, max_length=256, description="A model id, or `latest:<job name>` (newest student).")
+]
+
+native_router = APIRouter(prefix="/v1/models", tags=["inference"])
+
+NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-@router.post("/{model_id}/predict", response_model=Prediction, summary="Predict with a model")
-async def predict(
-    model_id: Annotated[str, Path(min_length=1, max_length=64)],
-    body: PredictRequest,
-    db: DatabaseDep,
-    settings: SettingsDep,
-    cache: ModelCacheDep,
-    tenant: TenantDep,
-) -> Response:
-    key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
-    predictor = cache.get(key)
-    if predictor is None:
+def encode_prediction(model_id: str, probabilities: Any) -> bytes:
+    """Runs in the inference thread: orjson writes the float32 arrays directly (shortest float32 text)."""
+    return orjson.dumps(
+        {
+            "object": "prediction",
+            "model_id": model_id,
+            "classes": probabilities.argmax(axis=-1),
+            "probabilities": probabilities,
+        },
+        option=NUMPY_JSON,
+    )
 
-        def load() -> Predictor:
-            with db.read() as conn:
-                row = service.get_model_row(conn, model_id, tenant=tenant)
-            directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
-            return load_predictor(model_id, directory, row["sha256"], row["config"])
 
-        predictor = await run_in_threadpool(cache.get_or_load, key, load)
-    elif not predictor.directory.exists():
-        # deleted through another api replica: stop serving it here too
-        cache.evict(key)
-        raise NotFound(f"no model {model_id!r}")
+def encode_text(predictor: TextPredictor, output: Any) -> bytes:
+    return orjson.dumps(text_document(predictor, output))
+
+
+@native_router.post(
+    "/{model_id}/predict",
+    response_model=Prediction | EmbeddingsPrediction | CompletionsPrediction,
+    summary="Predict with a model",
+    description="Inputs are batched with other requests to the same model (dynamic batching). Tabular models take "
+    "rows of numbers; text models take strings (embeddings, classes or greedy completions come back).",
+    openapi_extra={**request_body_schema(PredictRequest), "x-inference": True},
+)
+async def predict(model_id: ModelRef, request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
+    body = await parse_json_body(request, PredictRequest)
+    served = await inference.get(tenant, model_id)
+    predictor = served.predictor
     try:
-        # torch releases the GIL in the forward; the event loop keeps serving while it runs
-        parameters = body.parameters.model_dump() if body.parameters is not None else None
-        result = await run_in_threadpool(predictor.predict, body.inputs, parameters)
+        if isinstance(predictor, StudentPredictor):
+            rows = predictor.rows_from_json(body.inputs)
+            encoded = await inference.infer(served, rows, len(rows), partial(encode_prediction, served.model_id))
+        else:
+            assert isinstance(predictor, TextPredictor)
+            texts = text_only(body.inputs)
+            payload: Any = TextRequest(texts)
+            if predictor.task == "causal_lm":
+                max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
+                payload = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
+            encoded = await inference.infer(served, payload, len(texts), partial(encode_text, predictor))
     except InputShapeError as exc:
-        raise InvalidRequest(str(exc), errors=exc.errors) from exc
-    return json_response(result)
+        raise invalid_input(exc) from exc
+    return Response(encoded, media_type="application/json")
+
+
+@native_router.post(
+    "/{model_id}/load",
+    response_model=ModelStatus,
+    summary="Load a model into this api process",
+    description="Loads (and warms up) the model now, so that the first request does not wait for it. For "
+    "`latest:<job name>` the newest model is looked up, loaded, then the alias switches to it; if the load fails the "
+    "alias keeps serving its previous model.",
+)
+async def load_model(model_id: ModelRef, inference: InferenceDep, tenant: TenantDep) -> Response:
+    served = await inference.load(tenant, model_id)
+    return json_response(inference.status(served, model_id))
+
+
+@native_router.post(
+    "/{model_id}/unload",
+    response_model=ModelStatus,
+    summary="Unload a model from this api process",
+    description="Queued requests finish first. A later request loads the model again.",
+)
+async def unload_model(model_id: ModelRef, inference: InferenceDep, tenant: TenantDep) -> Response:
+    resolved, was_loaded = await inference.unload(tenant, model_id)
+    return json_response(
+        {"object": "model_status", "id": resolved, "reference": model_id, "loaded": False, "was_loaded": was_loaded}
+    )
+
+
+router = APIRouter()
+router.include_router(native_router)
+router.include_router(kserve_router)
+router.include_router(openai_router)

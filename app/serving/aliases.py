@@ -1,0 +1,36 @@
+"""Model references: a model id, or the automatic alias ``latest:<job name>`` (the newest student produced by a
+succeeded job of that name, for the tenant).
+
+User-set aliases (``PUT /v1/aliases/{name}``) need a table and its migration; they are not built yet (see
+docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from app.db.tables import models
+
+LATEST_PREFIX = "latest:"
+
+
+def alias_job_name(reference: str) -> str | None:
+    """The job name of a ``latest:<job name>`` reference, else None (a plain model id)."""
+    if reference.startswith(LATEST_PREFIX):
+        return reference[len(LATEST_PREFIX) :]
+    return None
+
+
+def latest_student_id(conn: Connection, *, tenant: str, job_name: str) -> str | None:
+    """The newest student model made by a job named ``job_name`` (model ids grow with creation time, and a job
+    records its student when it succeeds). Models deleted since do not count.
+
+    This single read belongs with the other model queries in ``app/db/models_repository.py``; it lives here until
+    that module (owned elsewhere) takes it."""
+    return conn.execute(
+        sa.select(models.c.id)
+        .where(models.c.tenant == tenant, models.c.name == job_name, models.c.kind == "student")
+        .order_by(models.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()

@@ -1,0 +1,118 @@
+"""Prometheus metrics of the inference path, per model (label ``model`` = the model id; aliases are resolved first).
+
+Children are bound once per loaded model so that the hot path pays an ``observe``/``inc``, not a label lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.request_seconds = Histogram(
+            "distillery_inference_request_seconds",
+            "Time from queueing a request to its result (queue + batch compute + encoding)",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.queue_seconds = Histogram(
+            "distillery_inference_queue_seconds",
+            "Time a request waited before its batch started",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.compute_seconds = Histogram(
+            "distillery_inference_compute_seconds",
+            "Time to run one batch (forward and encoding)",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_rows = Histogram(
+            "distillery_inference_batch_size", "Rows per batch", ["model"], registry=registry, buckets=BATCH_BUCKETS
+        )
+        self.batch_requests = Histogram(
+            "distillery_inference_batch_requests",
+            "Requests per batch",
+            ["model"],
+            registry=registry,
+            buckets=BATCH_BUCKETS,
+        )
+        self.in_flight = Gauge(
+            "distillery_inference_in_flight", "Requests queued or running", ["model"], registry=registry
+        )
+        self.rejected = Counter(
+            "distillery_inference_rejected",
+            "Requests refused or abandoned (queue_full, timeout, batch_too_large)",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "distillery_model_cache_hits", "Requests that found their model loaded", ["model"], registry=registry
+        )
+        self.cache_misses = Counter(
+            "distillery_model_cache_misses", "Requests that had to load their model", ["model"], registry=registry
+        )
+        self.loads = Counter(
+            "distillery_model_loads", "Model loads by outcome (loaded, failed)", ["model", "outcome"], registry=registry
+        )
+        self.load_seconds = Histogram(
+            "distillery_model_load_seconds",
+            "Time to load and warm up a model",
+            ["model"],
+            registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.unloads = Counter(
+            "distillery_model_unloads", "Models unloaded (explicit, evicted, deleted)", ["model"], registry=registry
+        )
+        self.loaded_models = Gauge("distillery_models_loaded", "Models loaded in this process", registry=registry)
+        self.loaded_bytes = Gauge(
+            "distillery_models_loaded_bytes", "Bytes of weights loaded in this process", registry=registry
+        )
+
+    def for_model(self, model_id: str, pending: Callable[[], float]) -> ModelMetrics:
+        self.in_flight.labels(model_id).set_function(pending)
+        return ModelMetrics(self, model_id)
+
+    def watch_cache(self, count: Callable[[], float], size_bytes: Callable[[], float]) -> None:
+        self.loaded_models.set_function(count)
+        self.loaded_bytes.set_function(size_bytes)
+
+
+class ModelMetrics:
+    """One model's children; also the batcher's observer."""
+
+    def __init__(self, metrics: ServingMetrics, model_id: str) -> None:
+        self.model_id = model_id
+        self.request = metrics.request_seconds.labels(model_id)
+        self.queue = metrics.queue_seconds.labels(model_id)
+        self.compute = metrics.compute_seconds.labels(model_id)
+        self.rows = metrics.batch_rows.labels(model_id)
+        self.requests = metrics.batch_requests.labels(model_id)
+        self.hits = metrics.cache_hits.labels(model_id)
+        self._rejected = metrics.rejected
+        self._in_flight = metrics.in_flight.labels(model_id)
+
+    def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        self.rows.observe(rows)
+        self.requests.observe(requests)
+        self.compute.observe(compute_seconds)
+        for seconds in queue_seconds:
+            self.queue.observe(seconds)
+
+    def request_done(self, seconds: float) -> None:
+        self.request.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_id, reason).inc()
+
+    def unloaded(self) -> None:
+        self._in_flight.set_function(lambda: 0.0)

@@ -1,0 +1,593 @@
+"""OpenAI-compatible endpoints over the same predictors and batchers.
+
+- ``POST /v1/completions`` (causal LM students; ``stream: true`` sends SSE ``data: {...}`` chunks and
+  ``data: [DONE]``), ``POST /v1/chat/completions`` (students whose tokenizer has a chat template),
+  ``POST /v1/embeddings`` (embedding students).
+- The same three plus ``GET /models`` under ``/openai/v1`` — the base URL to give an OpenAI SDK
+  (``OpenAI(base_url="http://host:8000/openai/v1")``). ``GET /v1/models`` stays the native models list.
+
+``model`` is a model id or ``latest:<job name>``; responses name the model id that answered (as OpenAI names the
+dated snapshot behind an alias). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Path, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import DatabaseDep, TenantDep
+from app.http import json_response
+from app.models import service as models_service
+from app.serving.aliases import LATEST_PREFIX
+from app.serving.deps import InferenceDep
+from app.serving.errors import InvalidInput
+from app.serving.predictor import Completion, GenerationRequest, TextOutput, TextPredictor, TextRequest
+from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
+from app.serving.service import InferenceService, ServedModel
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+ERROR_CODES = {"not_found": "model_not_found", "queue_full": "rate_limit_exceeded"}
+
+
+def openai_error_document(error: ProtocolError) -> dict[str, Any]:
+    error_type = ERROR_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error")
+    code = ERROR_CODES.get(error.code, error.code)
+    if code == "invalid_request" and "context length" in error.message:
+        code = "context_length_exceeded"
+    return {"error": {"message": error.message, "type": error_type, "param": error.param, "code": code}}
+
+
+def render_openai_error(error: ProtocolError) -> Response:
+    return Response(
+        orjson.dumps(openai_error_document(error)),
+        status_code=error.status,
+        media_type="application/json",
+        headers=error.headers,
+    )
+
+
+OpenAIRoute = protocol_route(render_openai_error)
+OPENAI = {ERROR_FORMAT_KEY: "openai"}
+INFERENCE = {**OPENAI, "x-inference": True}
+
+# --- request shapes ------------------------------------------------------------------------------------------------
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256, description="A model id or `latest:<job name>`.")]
+Stop = Annotated[str, Field(min_length=1, max_length=200)]
+PromptText = Annotated[str, Field(max_length=1_000_000)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, description="Accepted for compatibility; sampling is not seeded.")
+    user: str | None = Field(None, max_length=256)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
+        description="A prompt or a list of prompts (one choice each). Token arrays are not supported."
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Tokens to generate; default 16 (cut to what the context leaves)."
+    )
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: PromptText | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=0, description="Deprecated by OpenAI in favour of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(
+        None, ge=0, description="Tokens to generate; default: what the context leaves (up to the server limit)."
+    )
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    input: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1)]
+    ) = Field(description="A string or a list of strings (token arrays are not supported).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's width when given.")
+    user: str | None = Field(None, max_length=256)
+
+
+# --- response shapes (documentation) -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def bad_request(message: str, param: str) -> InvalidInput:
+    return InvalidInput(message, errors=[{"loc": ["body", param], "msg": message}], param=param, status=400)
+
+
+def require_task(served: ServedModel, task: str, endpoint: str) -> TextPredictor:
+    predictor = served.predictor
+    if not isinstance(predictor, TextPredictor) or predictor.task != task:
+        raise bad_request(
+            f"model {served.model_id} is a {served.record.task} model; {endpoint} needs a {task} model", "model"
+        )
+    return predictor
+
+
+def stops_of(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def max_tokens_of(requested: int | None, default: int, limit: int, param: str) -> tuple[int, Any]:
+    """(max_tokens, overflow policy): an explicit value must fit the context with the prompt (else 400, as
+    OpenAI answers); the default is cut to what the context leaves."""
+    if requested is None:
+        return min(default, limit), "shrink"
+    if requested > limit:
+        raise bad_request(f"{param} is {requested}; this server generates at most {limit} tokens", param)
+    return requested, "refuse"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def sse(document: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(document) + b"\n\n"
+
+
+def usage_of(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+ChunkMaker = Callable[[int, str | None, str | None], dict[str, Any]]
+
+
+async def stream_generation(
+    inference: InferenceService,
+    served: ServedModel,
+    requests: list[GenerationRequest],
+    chunk: ChunkMaker,
+    usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
+) -> Response:
+    """Start the generation; once its prompts are accepted (or refused: then the error is the response), stream
+    ``chunk(index, text, finish_reason)`` documents as SSE. A client that goes away stops the generation."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def post(*event: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    for index, request in enumerate(requests):
+        request.on_start = lambda _tokens: post("start")
+        request.on_text = partial(post, "text", index)
+    task = asyncio.ensure_future(inference.infer(served, requests, len(requests)))
+
+    def finished(_: Any) -> None:
+        events.put_nowait(("done",))
+        if task.cancelled() or task.exception() is not None:
+            for request in requests:
+                request.cancelled = True
+
+    task.add_done_callback(finished)
+    first = await events.get()
+    if first[0] == "done":
+        task.result()  # the request was refused: raise its error as the response
+        events.put_nowait(first)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    yield sse(chunk(event[1], event[2], None))
+                elif event[0] == "done":
+                    break
+            try:
+                completions: list[Completion] = task.result()
+            except Exception as exc:
+                yield sse(openai_error_document(protocol_error(exc)))
+                yield b"data: [DONE]\n\n"
+                return
+            for index, completion in enumerate(completions):
+                yield sse(chunk(index, None, completion.finish_reason))
+            if usage_chunk is not None:
+                yield sse(usage_chunk(usage_of(completions)))
+            yield b"data: [DONE]\n\n"
+        finally:
+            for request in requests:
+                request.cancelled = True
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# --- endpoints -------------------------------------------------------------------------------------------------------
+
+
+async def completions(body: CompletionRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+    served = await inference.get(tenant, body.model)
+    require_task(served, "causal_lm", "/v1/completions")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
+    requests = [
+        GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=stops_of(body.stop),
+            overflow=overflow,
+        )
+        for prompt in prompts
+    ]
+    completion_id, created, model = new_id("cmpl"), int(time.time()), served.model_id
+
+    def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+            return {**chunk(0, None, None), "choices": [], "usage": usage}
+
+        return await stream_generation(inference, served, requests, chunk, usage_chunk if include_usage else None)
+    results: list[Completion] = await inference.infer(served, requests, len(requests))
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                for i, c in enumerate(results)
+            ],
+            "usage": usage_of(results),
+        }
+    )
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+    served = await inference.get(tenant, body.model)
+    predictor = require_task(served, "causal_lm", "/v1/chat/completions")
+    if not predictor.has_chat_template:
+        raise bad_request(
+            f"model {served.model_id} has no chat template (its tokenizer defines none); "
+            "use /v1/completions with a prompt",
+            "model",
+        )
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise bad_request("give max_completion_tokens or max_tokens, not both", "max_tokens")
+    limit = inference.settings.max_completion_tokens
+    requested, param = (
+        (body.max_completion_tokens, "max_completion_tokens")
+        if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
+    max_tokens, overflow = max_tokens_of(requested, limit, limit, param)
+    messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+    request = GenerationRequest(
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stops_of(body.stop),
+        overflow=overflow,
+    )
+    completion_id, created, model = new_id("chatcmpl"), int(time.time()), served.model_id
+
+    def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+            return {**chunk(0, None, None), "choices": [], "usage": usage}
+
+        response = await stream_generation(inference, served, [request], chunk, usage_chunk if include_usage else None)
+        assert isinstance(response, StreamingResponse)
+        response.body_iterator = with_role_first(response.body_iterator, chunk)
+        return response
+    results: list[Completion] = await inference.infer(served, [request], 1)
+    completion = results[0]
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "logprobs": None,
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
+            "usage": usage_of(results),
+        }
+    )
+
+
+async def with_role_first(chunks: AsyncIterable[Any], chunk: ChunkMaker) -> AsyncIterator[bytes]:
+    """OpenAI's chat streams open with a chunk whose delta carries the role."""
+    opening = chunk(0, "", None)
+    opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    yield sse(opening)
+    async for part in chunks:
+        yield part
+
+
+def encode_embeddings(model_id: str, encoding_format: str, output: TextOutput) -> bytes:
+    """Runs in the inference thread."""
+    values = output.values
+    data: list[dict[str, Any]] = []
+    for index in range(len(values)):
+        row = values[index]
+        embedding: Any = row if encoding_format == "float" else base64.b64encode(row.astype("<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": output.tokens, "total_tokens": output.tokens}
+    document = {"object": "list", "data": data, "model": model_id, "usage": usage}
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def embeddings(body: EmbeddingRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+    served = await inference.get(tenant, body.model)
+    predictor = require_task(served, "embedding", "/v1/embeddings")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not all(isinstance(text, str) for text in texts):
+        raise bad_request("token arrays are not supported; send a string or a list of strings", "input")
+    if body.dimensions is not None and body.dimensions != predictor.hidden_size:
+        raise bad_request(
+            f"dimensions {body.dimensions} is not supported; this model's embeddings have {predictor.hidden_size}",
+            "dimensions",
+        )
+    encode = partial(encode_embeddings, served.model_id, body.encoding_format)
+    encoded = await inference.infer(served, TextRequest([str(t) for t in texts], truncate=False), len(texts), encode)
+    return Response(encoded, media_type="application/json")
+
+
+MAX_LISTED = 1000
+
+
+async def list_models(db: DatabaseDep, tenant: TenantDep) -> Response:
+    """The tenant's servable models (newest first, up to 1,000), then a ``latest:<job name>`` alias per job name."""
+
+    def read() -> list[dict[str, Any]]:
+        documents: list[dict[str, Any]] = []
+        after = None
+        with db.read() as conn:
+            while len(documents) < MAX_LISTED:
+                page = models_service.list_models(conn, tenant=tenant, limit=models_service.MAX_PAGE, after=after)
+                documents.extend(page["data"])
+                if not page["has_more"]:
+                    break
+                after = page["data"][-1]["id"]
+        return documents
+
+    listed: list[dict[str, Any]] = []
+    aliases: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for document in await run_in_threadpool(read):
+        created = int(_timestamp(document["created_at"]))
+        listed.append({"id": document["id"], "object": "model", "created": created, "owned_by": tenant})
+        name = document.get("name")
+        if document.get("kind") == "student" and name and name not in seen:
+            seen.add(name)
+            aliases.append({"id": f"{LATEST_PREFIX}{name}", "object": "model", "created": created, "owned_by": tenant})
+    return json_response({"object": "list", "data": listed + aliases})
+
+
+async def retrieve_model(
+    model: Annotated[str, Path(min_length=1, max_length=256)], inference: InferenceDep, tenant: TenantDep
+) -> Response:
+    record = await inference.record(tenant, model)
+    created = int(record.created_at.timestamp())
+    return json_response({"id": model, "object": "model", "created": created, "owned_by": tenant})
+
+
+def _timestamp(value: Any) -> float:
+    import datetime as dt
+
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value.timestamp())
+
+
+def _add_routes(router: APIRouter, prefix: str, *, with_models: bool) -> None:
+    router.add_api_route(
+        f"{prefix}/completions",
+        completions,
+        methods=["POST"],
+        response_model=CompletionResponse,
+        responses=STREAM_RESPONSE,
+        summary="Completions (causal LM students)",
+        openapi_extra=INFERENCE,
+    )
+    router.add_api_route(
+        f"{prefix}/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        response_model=ChatCompletionResponse,
+        responses=STREAM_RESPONSE,
+        summary="Chat completions (students whose tokenizer has a chat template)",
+        openapi_extra=INFERENCE,
+    )
+    router.add_api_route(
+        f"{prefix}/embeddings",
+        embeddings,
+        methods=["POST"],
+        response_model=EmbeddingResponse,
+        summary="Embeddings (embedding students)",
+        openapi_extra=INFERENCE,
+    )
+    if with_models:
+        router.add_api_route(
+            f"{prefix}/models",
+            list_models,
+            methods=["GET"],
+            response_model=OpenAIModelList,
+            summary="Servable models, OpenAI's list shape",
+            openapi_extra=OPENAI,
+        )
+        router.add_api_route(
+            f"{prefix}/models/{{model}}",
+            retrieve_model,
+            methods=["GET"],
+            response_model=OpenAIModel,
+            summary="One model, OpenAI's shape",
+            openapi_extra=OPENAI,
+        )
+
+
+router = APIRouter(route_class=OpenAIRoute, tags=["inference: OpenAI-compatible"])
+_add_routes(router, "/v1", with_models=False)
+_add_routes(router, "/openai/v1", with_models=True)

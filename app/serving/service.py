@@ -1,0 +1,395 @@
+"""The inference service: a model reference (id or ``latest:<job name>``) → a loaded model (cache, aliases,
+explicit load/unload) → batched inference. Every protocol router goes through it; it raises ``ServiceError`` types
+and never renders HTTP.
+
+Loading happens once per model per process (single flight on the event loop; the blocking part runs in the
+threadpool). A request for a model that is loading waits for it up to ``model_load_wait_s``, then gets
+``ModelLoading`` (503 + Retry-After). A failed load is remembered for a moment so that a broken artifact does not
+cause a load storm; an alias keeps serving its previous model when its new target fails to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.concurrency import run_in_threadpool
+
+from app.db.engine import Database
+from app.errors import NotFound, ServiceError
+from app.models import service as models_service
+from app.serving.aliases import LATEST_PREFIX, alias_job_name, latest_student_id
+from app.serving.batcher import (
+    BatcherStopped,
+    BatchingConfig,
+    BatchTooLarge,
+    DynamicBatcher,
+    Encoder,
+    InferenceTimeout,
+    keep,
+)
+from app.serving.batcher import QueueFull as BatcherQueueFull
+from app.serving.errors import InferenceTimedOut, InvalidInput, ModelUnavailable, QueueFull, invalid_input
+from app.serving.metrics import ModelMetrics, ServingMetrics
+from app.serving.predictor import InputShapeError, ModelCache, Predictor, load_predictor
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FAILED_LOAD_MEMORY_S = 2.0  # a failed load is not retried sooner than this (no load storms on a broken artifact)
+DIRECTORY_CHECK_S = 1.0  # how often a loaded model's folder is checked (deleted through another replica)
+MAX_ALIASES = 10_000
+
+
+class ModelLoading(ServiceError):
+    status = 503
+    code = "model_loading"
+    title = "Model loading"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What serving needs of a model's row: identity, task and shape facts (metadata without loading)."""
+
+    id: str
+    tenant: str
+    name: str | None
+    kind: str
+    task: str
+    format: str
+    config: dict[str, Any]
+    created_at: dt.datetime
+    sha256: str
+    artifact_path: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ModelRecord:
+        return cls(
+            id=row["id"],
+            tenant=row["tenant"],
+            name=row["name"],
+            kind=row["kind"],
+            task=row["task"],
+            format=row["format"],
+            config=dict(row["config"]),
+            created_at=row["created_at"],
+            sha256=row["sha256"],
+            artifact_path=row["artifact_path"],
+        )
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A loaded model: its predictor, its batcher (queue + inference thread) and its metrics."""
+
+    record: ModelRecord
+    predictor: Predictor
+    batcher: DynamicBatcher
+    metrics: ModelMetrics
+    load_seconds: float
+    loaded_at: dt.datetime
+    checked_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def model_id(self) -> str:
+        return self.record.id
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.predictor.memory_bytes
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.metrics.unloaded()
+
+
+@dataclass(eq=False)
+class AliasBinding:
+    model_id: str
+    checked_at: float
+    refresh: asyncio.Task[None] | None = None
+
+
+Loader = Callable[[str, Path, str, Mapping[str, Any]], Predictor]
+
+
+def batching_config(settings: Settings) -> BatchingConfig:
+    return BatchingConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        max_queue_size=settings.max_queue_size,
+        timeout_s=settings.inference_timeout_s,
+    )
+
+
+def configure_inference_threads(settings: Settings) -> None:
+    """torch's intra-op threads for inference: a few per process on purpose. Batching gives the throughput, and
+    more threads than cores only fight the event loop (and each other) for CPU."""
+    if settings.inference_torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.inference_torch_threads)
+
+
+def database_unavailable(exc: Exception) -> ModelUnavailable:
+    return ModelUnavailable(f"the database is unreachable ({type(exc).__name__}); retry shortly", headers=RETRY_2)
+
+
+RETRY_2 = {"Retry-After": "2"}
+
+
+class InferenceService:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        registry: CollectorRegistry,
+        cache: ModelCache | None = None,
+        loader: Loader = load_predictor,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.loader = loader
+        self.batching = batching_config(settings)
+        self.metrics = ServingMetrics(registry)
+        # the cache object may be shared with the models router (which evicts deleted models): configure it here
+        self.cache = cache if cache is not None else ModelCache(settings.model_cache_size)
+        self.cache.capacity = max(1, settings.model_cache_size)
+        self.cache.max_bytes = settings.model_cache_bytes
+        self.cache.on_evict = self._evicted
+        self.metrics.watch_cache(lambda: len(self.cache), self.cache.total_bytes)
+        self._loads: dict[str, asyncio.Future[ServedModel]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._aliases: dict[tuple[str, str], AliasBinding] = {}
+        configure_inference_threads(settings)
+
+    # --- references and loading -----------------------------------------------------------------------------------
+
+    async def get(self, tenant: str, reference: str) -> ServedModel:
+        """The loaded model a reference names for this tenant, loading it if needed. NotFound for unknown ids and
+        aliases (another tenant's model included)."""
+        job_name = alias_job_name(reference)
+        if job_name is None:
+            return await self._get_id(tenant, reference)
+        model_id = await self._alias_target(tenant, job_name)
+        try:
+            return await self._get_id(tenant, model_id)
+        except NotFound:  # the bound model was deleted since: look the alias up again
+            self._aliases.pop((tenant, job_name), None)
+            return await self._get_id(tenant, await self._alias_target(tenant, job_name))
+
+    def loaded(self, tenant: str, model_id: str) -> ServedModel | None:
+        served: ServedModel | None = self.cache.peek(f"{tenant}/{model_id}")
+        return served
+
+    async def _get_id(self, tenant: str, model_id: str) -> ServedModel:
+        key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
+        served: ServedModel | None = self.cache.get(key)
+        if served is not None:
+            now = time.monotonic()
+            if now - served.checked_at > DIRECTORY_CHECK_S:
+                served.checked_at = now
+                if not served.predictor.directory.exists():  # deleted through another api replica
+                    self.cache.evict(key)
+                    raise NotFound(f"no model {model_id!r}")
+            served.metrics.hits.inc()
+            return served
+        self.metrics.cache_misses.labels(model_id).inc()
+        loading = self._loads.get(key)
+        if loading is None:
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_MEMORY_S:
+                raise ModelUnavailable(failed[1], headers=RETRY_2)
+            loading = asyncio.ensure_future(self._load(tenant, model_id))
+            self._loads[key] = loading
+            loading.add_done_callback(lambda _: self._loads.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(loading), self.settings.model_load_wait_s)
+        except TimeoutError:
+            raise ModelLoading(f"model {model_id!r} is loading; retry shortly", headers={"Retry-After": "1"}) from None
+
+    async def _load(self, tenant: str, model_id: str) -> ServedModel:
+        key = f"{tenant}/{model_id}"
+        started = time.perf_counter()
+        try:
+            record, predictor = await run_in_threadpool(self._load_blocking, tenant, model_id)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            message = f"model {model_id!r} cannot be loaded: {exc}"
+            log.exception("loading %s failed", key)
+            self.metrics.loads.labels(model_id, "failed").inc()
+            self._failed[key] = (time.monotonic(), message)
+            raise ModelUnavailable(message, headers=RETRY_2) from exc
+        seconds = time.perf_counter() - started
+        self._failed.pop(key, None)
+        self.metrics.loads.labels(model_id, "loaded").inc()
+        self.metrics.load_seconds.labels(model_id).observe(seconds)
+        served = self._serve(record, predictor, seconds)
+        self.cache.put(key, served)
+        log.info("loaded %s (%s, %.0f ms)", key, record.task, seconds * 1000)
+        return served
+
+    def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor]:
+        record = self._read_record(tenant, model_id)
+        directory = models_service.model_dir(self.settings.artifacts_dir, record.artifact_path)
+        return record, self.loader(model_id, directory, record.sha256, record.config)
+
+    def _read_record(self, tenant: str, model_id: str) -> ModelRecord:
+        try:
+            with self.database.read() as conn:
+                return ModelRecord.from_row(models_service.get_model_row(conn, model_id, tenant=tenant))
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise database_unavailable(exc) from exc
+
+    def _serve(self, record: ModelRecord, predictor: Predictor, load_seconds: float) -> ServedModel:
+        batcher_box: list[DynamicBatcher] = []
+        metrics = self.metrics.for_model(record.id, lambda: float(batcher_box[0].pending) if batcher_box else 0.0)
+        batcher = DynamicBatcher(
+            record.id,
+            predictor.predict_batch,
+            self.batching,
+            asyncio.get_running_loop(),
+            observer=metrics,
+            on_thread_start=lambda: configure_inference_threads(self.settings),
+        )
+        batcher_box.append(batcher)
+        return ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))
+
+    def _evicted(self, entry: Any) -> None:
+        if isinstance(entry, ServedModel):
+            entry.close()
+            self.metrics.unloads.labels(entry.model_id).inc()
+
+    async def record(self, tenant: str, reference: str) -> ModelRecord:
+        """A model's record without loading it (metadata); NotFound as ``get``."""
+        job_name = alias_job_name(reference)
+        model_id = reference if job_name is None else await self._alias_target(tenant, job_name)
+        served = self.loaded(tenant, model_id)
+        if served is not None:
+            return served.record
+        return await run_in_threadpool(self._read_record, tenant, model_id)
+
+    async def load(self, tenant: str, reference: str) -> ServedModel:
+        """Explicit load. For an alias, its newest target is looked up now, loaded, then bound (a failed load
+        leaves the alias on its previous model and raises)."""
+        job_name = alias_job_name(reference)
+        if job_name is None:
+            return await self._get_id(tenant, reference)
+        newest = await self._latest(tenant, job_name)
+        served = await self._get_id(tenant, newest)
+        self._bind(tenant, job_name, newest)
+        return served
+
+    async def unload(self, tenant: str, reference: str) -> tuple[str, bool]:
+        """Unload from this process; returns (model id, whether it was loaded). NotFound for unknown models."""
+        job_name = alias_job_name(reference)
+        model_id = reference if job_name is None else await self._alias_target(tenant, job_name)
+        removed = self.cache.evict(f"{tenant}/{model_id}")
+        if removed is None:
+            await run_in_threadpool(self._read_record, tenant, model_id)  # NotFound when there is no such model
+        return model_id, removed is not None
+
+    # --- aliases -----------------------------------------------------------------------------------------------------
+
+    async def _latest(self, tenant: str, job_name: str) -> str:
+        def read() -> str | None:
+            try:
+                with self.database.read() as conn:
+                    return latest_student_id(conn, tenant=tenant, job_name=job_name)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise database_unavailable(exc) from exc
+
+        model_id = await run_in_threadpool(read)
+        if model_id is None:
+            raise NotFound(f"no model {LATEST_PREFIX}{job_name}: no succeeded job named {job_name!r} has a model")
+        return model_id
+
+    def _bind(self, tenant: str, job_name: str, model_id: str) -> AliasBinding:
+        binding = self._aliases.get((tenant, job_name))
+        if binding is None:
+            if len(self._aliases) >= MAX_ALIASES:
+                self._aliases.pop(next(iter(self._aliases)))
+            binding = self._aliases[(tenant, job_name)] = AliasBinding(model_id, time.monotonic())
+        binding.model_id = model_id
+        binding.checked_at = time.monotonic()
+        return binding
+
+    async def _alias_target(self, tenant: str, job_name: str) -> str:
+        """The model an alias serves now. A binding older than ``alias_refresh_s`` is checked in the background:
+        requests keep using it until a newer model has loaded (then the alias switches)."""
+        binding = self._aliases.get((tenant, job_name))
+        if binding is None:
+            return self._bind(tenant, job_name, await self._latest(tenant, job_name)).model_id
+        if time.monotonic() - binding.checked_at >= self.settings.alias_refresh_s and binding.refresh is None:
+            binding.refresh = asyncio.ensure_future(self._refresh_alias(tenant, job_name, binding))
+        return binding.model_id
+
+    async def _refresh_alias(self, tenant: str, job_name: str, binding: AliasBinding) -> None:
+        try:
+            newest = await self._latest(tenant, job_name)
+            if newest != binding.model_id:
+                await self._get_id(tenant, newest)  # load first: a failure keeps the alias where it was
+                log.info("alias %s%s of %s: %s → %s", LATEST_PREFIX, job_name, tenant, binding.model_id, newest)
+                binding.model_id = newest
+        except NotFound:
+            self._aliases.pop((tenant, job_name), None)
+        except Exception as exc:
+            log.warning("alias %s%s of %s stays on %s: %s", LATEST_PREFIX, job_name, tenant, binding.model_id, exc)
+        finally:
+            binding.checked_at = time.monotonic()
+            binding.refresh = None
+
+    # --- inference ----------------------------------------------------------------------------------------------
+
+    async def infer(self, served: ServedModel, payload: Any, rows: int = 1, encode: Encoder = keep) -> Any:
+        """Run one request through the model's batcher; returns ``encode(output)``."""
+        try:
+            future = served.batcher.submit(payload, rows, encode)
+        except BatcherStopped:  # unloaded after the caller looked it up: load it again, once
+            served = await self._get_id(served.record.tenant, served.model_id)
+            future = served.batcher.submit(payload, rows, encode)
+        except BatcherQueueFull as exc:
+            raise QueueFull(str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+        except BatchTooLarge as exc:
+            raise InvalidInput(str(exc), errors=[{"loc": ["body", "inputs"], "msg": str(exc)}], param="inputs") from exc
+        try:
+            return await future
+        except InferenceTimeout as exc:
+            raise InferenceTimedOut(str(exc)) from exc
+        except InputShapeError as exc:
+            raise invalid_input(exc) from exc
+
+    def status(self, served: ServedModel, reference: str) -> dict[str, Any]:
+        return {
+            "object": "model_status",
+            "id": served.model_id,
+            "reference": reference,
+            "loaded": True,
+            "task": served.record.task,
+            "memory_bytes": served.memory_bytes,
+            "load_seconds": round(served.load_seconds, 4),
+            "loaded_at": served.loaded_at.isoformat().replace("+00:00", "Z"),
+            "in_flight": served.batcher.pending,
+            "batching": {
+                "max_batch_size": self.batching.max_batch_size,
+                "max_queue_delay_us": self.batching.max_queue_delay_us,
+                "max_queue_size": self.batching.max_queue_size,
+                "timeout_s": self.batching.timeout_s,
+            },
+        }
+
+    def close(self) -> None:
+        for binding in self._aliases.values():
+            if binding.refresh is not None:
+                binding.refresh.cancel()
+        self.cache.clear()

@@ -1,0 +1,574 @@
+"""Serving through the real api process (Postgres, Redis, a real worker): dynamic batching, aliases and explicit
+load/unload, KServe v2, OpenAI-compatible endpoints, metrics, and bad input in each protocol's error format (after
+which the server keeps serving)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import tiny_spec, wait_for_status, wait_until
+from tests.stack import service_environment, start_api
+
+pytestmark = pytest.mark.integration
+
+ROW = [0.1 * i for i in range(10)]
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "vocab_size": 259}
+
+
+def trained_model(client: httpx.Client, name: str, seed: int = 1) -> str:
+    response = client.post("/v1/jobs", json=tiny_spec(name=name, training={"epochs": 2, "seed": seed}))
+    assert response.status_code == 201, response.text
+    done = wait_for_status(client, response.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    return str(done["result"]["model_id"])
+
+
+def upload(client: httpx.Client, folder: Path, task: str, name: str) -> str:
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir()) if p.is_file()]
+    response = client.post("/v1/models", files=files, data={"task": task, "name": name})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def embedder_folder(root: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_MODELS["all-MiniLM-L6-v2"]()))
+    model = build_from_config(tiny_config("bert", vocab_size=len(tokenizer), max_positions=64), "embedding", seed=0)
+    save_pretrained_dir(model, tokenizer, root / "embedder")
+    return root / "embedder"
+
+
+def lm_folder(root: Path, name: str, chat_template: str | None) -> Path:
+    from app.distill.text.models import build_from_config, save_pretrained_dir
+    from app.distill.text.training import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    model = build_from_config(TINY_GPT2, "causal_lm", seed=0)
+    save_pretrained_dir(model, tokenizer, root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Uploaded text models: an embedder (MiniLM's tokenizer), a causal LM with a chat template and one without."""
+    root = tmp_path_factory.mktemp("text-models")
+    with httpx.Client(base_url=api, timeout=60) as client:
+        return {
+            "embedder": upload(client, embedder_folder(root), "embedding", "serving-embedder"),
+            "chat": upload(
+                client,
+                lm_folder(root, "chat", "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"),
+                "causal_lm",
+                "serving-chat",
+            ),
+            "plain": upload(client, lm_folder(root, "plain", None), "causal_lm", "serving-plain"),
+        }
+
+
+@pytest.fixture(scope="module")
+def tabular(api: str, worker: Any) -> str:
+    with httpx.Client(base_url=api, timeout=60) as client:
+        return trained_model(client, "serving-tabular")
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    assert wanted is not None
+    return total
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["detail"]
+    return body
+
+
+def assert_kserve_error(response: httpx.Response, status: int, text: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and text in body["error"], body
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == ("invalid_request_error" if status in (400, 404) else error["type"])
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# --- native -----------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_predictions_are_batched_and_unchanged(client: httpx.Client, tabular: str) -> None:
+    rows = [[((i * 7 + j) % 11) / 5 - 1 for j in range(10)] for i in range(48)]
+    alone = [client.post(f"/v1/models/{tabular}/predict", json={"inputs": [row]}).json() for row in rows[:4]]
+    batches_before = metric(client, "distillery_inference_batch_requests_count", model=tabular)
+
+    def predict(row: list[float]) -> dict[str, Any]:
+        response = client.post(f"/v1/models/{tabular}/predict", json={"inputs": [row]})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(predict, rows))
+    for single, batched in zip(alone, together, strict=False):
+        assert single["classes"] == batched["classes"]
+        assert batched["probabilities"][0] == pytest.approx(single["probabilities"][0], abs=1e-6)
+    batches = metric(client, "distillery_inference_batch_requests_count", model=tabular) - batches_before
+    assert batches < len(rows)  # some requests shared a forward
+    assert metric(client, "distillery_inference_batch_size_sum", model=tabular) >= len(rows)
+    assert metric(client, "distillery_model_cache_hits_total", model=tabular) >= len(rows)
+    for series in (
+        "distillery_inference_request_seconds_count",
+        "distillery_inference_queue_seconds_count",
+        "distillery_inference_compute_seconds_count",
+        "distillery_model_loads_total",
+    ):
+        assert metric(client, series, model=tabular) > 0, series
+    assert f'distillery_inference_in_flight{{model="{tabular}"}}' in client.get("/metrics").text
+
+
+def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: httpx.Client, tabular: str) -> None:
+    url = f"/v1/models/{tabular}/predict"
+    cases = [
+        ({"inputs": [ROW, [1.0, 2.0]]}, 422, ["body", "inputs", 1]),  # wrong shape
+        ({"inputs": ["some", "text"]}, 422, ["body", "inputs"]),  # wrong dtype for a tabular model
+        ({"inputs": [["a"] * 10]}, 422, None),
+        ({"inputs": []}, 422, ["body", "inputs"]),  # empty batch
+        ({"inputs": [ROW] * 65}, 422, ["body", "inputs"]),  # over max_batch_size (64)
+        ({"inputs": [[1e39] * 10]}, 422, ["body", "inputs"]),  # not representable in float32
+        ({"inputs": [ROW], "extra": 1}, 422, ["body", "extra"]),
+    ]
+    for body, status, loc in cases:
+        problem = assert_problem(client.post(url, json=body), status)
+        if loc is not None:
+            assert loc in [e["loc"] for e in problem.get("errors", [])], (body, problem)
+    assert "at most 64" in assert_problem(client.post(url, json={"inputs": [ROW] * 65}), 422)["detail"]
+    malformed = client.post(url, content=b'{"inputs": [', headers={"content-type": "application/json"})
+    assert assert_problem(malformed, 400)["code"] == "malformed_json"
+    assert_problem(client.post("/v1/models/mdl_nope/predict", json={"inputs": [ROW]}), 404)
+    unknown_alias = assert_problem(client.post("/v1/models/latest:no-such-job/predict", json={"inputs": [ROW]}), 404)
+    assert "no-such-job" in unknown_alias["detail"]
+    good = client.post(url, json={"inputs": [ROW]})
+    assert good.status_code == 200 and good.json()["model_id"] == tabular
+
+
+def test_latest_alias_follows_new_jobs_and_load_unload(client: httpx.Client, worker: Any) -> None:
+    first = trained_model(client, "serving-alias", seed=1)
+    alias = "/v1/models/latest:serving-alias"
+    assert client.post(f"{alias}/predict", json={"inputs": [ROW]}).json()["model_id"] == first
+    second = trained_model(client, "serving-alias", seed=2)
+    # the alias checks for a newer model every alias_refresh_s (2 s), loads it, then switches
+    wait_until(
+        lambda: client.post(f"{alias}/predict", json={"inputs": [ROW]}).json()["model_id"] == second,
+        20,
+        0.2,
+        "the alias to switch",
+    )
+    loaded = client.post(f"{alias}/load")
+    assert loaded.status_code == 200 and loaded.json()["id"] == second and loaded.json()["loaded"] is True
+    assert loaded.json()["batching"]["max_batch_size"] == 64
+    assert client.get(f"/v2/models/{second}/ready").status_code == 200
+    unloaded = client.post(f"/v1/models/{second}/unload").json()
+    assert unloaded["loaded"] is False and unloaded["was_loaded"] is True
+    assert client.get(f"/v2/models/{second}/ready").status_code == 400
+    assert client.post(f"/v1/models/{second}/unload").json()["was_loaded"] is False
+    assert_problem(client.post("/v1/models/mdl_nope/load"), 404)
+    assert_problem(client.post("/v1/models/latest:nothing-here/unload"), 404)
+    # a request after an unload loads the model again
+    assert client.post(f"/v1/models/{second}/predict", json={"inputs": [ROW]}).status_code == 200
+
+
+def test_a_failed_load_leaves_the_alias_on_the_previous_model(
+    client: httpx.Client, worker: Any, service_env: dict[str, str]
+) -> None:
+    good = trained_model(client, "serving-failover", seed=1)
+    alias = "/v1/models/latest:serving-failover"
+    assert client.post(f"{alias}/predict", json={"inputs": [ROW]}).json()["model_id"] == good
+    broken = trained_model(client, "serving-failover", seed=2)
+    weights = Path(service_env["DISTILLERY_DATA_DIR"]) / "artifacts" / "models" / broken / "model.safetensors"
+    weights.write_bytes(b"not safetensors")  # the new version cannot load
+    failed = assert_problem(client.post(f"{alias}/load"), 503)
+    assert failed["code"] == "model_unavailable" and broken in failed["detail"]
+    deadline = time.monotonic() + 5  # past two alias refresh intervals
+    while time.monotonic() < deadline:
+        response = client.post(f"{alias}/predict", json={"inputs": [ROW]})
+        assert response.status_code == 200 and response.json()["model_id"] == good
+        time.sleep(0.25)
+
+
+# --- KServe v2 ----------------------------------------------------------------------------------------------------
+
+
+def test_kserve_v2_tabular(client: httpx.Client, tabular: str) -> None:
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2").json()["name"] == "distillery"
+    metadata = client.get(f"/v2/models/{tabular}").json()
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "classes"]
+    assert metadata["versions"] == [tabular]
+    client.post(f"/v1/models/{tabular}/load")
+    assert client.get(f"/v2/models/{tabular}/ready").json() == {"name": tabular, "ready": True}
+
+    native = client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW, ROW[::-1]]}).json()
+    tensor = {"name": "input", "shape": [2, 10], "datatype": "FP32"}
+    for data in (ROW + ROW[::-1], [ROW, ROW[::-1]]):  # flat or nested, row-major
+        response = client.post(
+            f"/v2/models/{tabular}/infer", json={"id": "req-1", "inputs": [{**tensor, "data": data}]}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model_name"] == tabular and body["id"] == "req-1"
+        probabilities, classes = body["outputs"]
+        assert probabilities["name"] == "probabilities" and probabilities["shape"] == [2, 5]
+        assert probabilities["datatype"] == "FP32" and len(probabilities["data"]) == 10
+        assert probabilities["data"] == pytest.approx([p for row in native["probabilities"] for p in row], abs=1e-6)
+        assert classes == {"name": "classes", "datatype": "INT64", "shape": [2], "data": native["classes"]}
+    only_classes = client.post(
+        f"/v2/models/{tabular}/infer",
+        json={"inputs": [{**tensor, "data": ROW * 2}], "outputs": [{"name": "classes"}]},
+    ).json()
+    assert [o["name"] for o in only_classes["outputs"]] == ["classes"]
+
+
+def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:
+    url = f"/v2/models/{tabular}/infer"
+
+    def infer(tensor: dict[str, Any], **extra: Any) -> httpx.Response:
+        base = {"name": "input", "shape": [1, 10], "datatype": "FP32", "data": ROW}
+        return client.post(url, json={"inputs": [{**base, **tensor}], **extra})
+
+    assert_kserve_error(infer({"datatype": "INT64"}), 400, "datatype INT64; the model takes FP32")
+    assert_kserve_error(infer({"shape": [1, 9], "data": ROW[:9]}), 400, "shape [1, 9]")
+    assert_kserve_error(infer({"shape": [2, 10]}), 400, "do not fill shape")
+    assert_kserve_error(infer({"shape": [0, 10], "data": []}), 400, "empty batch")
+    assert_kserve_error(infer({"data": ["a"] * 10}), 400, "must be numbers")
+    assert_kserve_error(infer({"data": [ROW, ROW[:5]], "shape": [2, 10]}), 400, "")
+    assert_kserve_error(infer({"name": "x"}), 400, "unexpected input 'x'")
+    assert_kserve_error(infer({}, outputs=[{"name": "nope"}]), 400, "unknown output 'nope'")
+    assert_kserve_error(infer({"shape": [65, 10], "data": ROW * 65}), 400, "at most 64")
+    assert_kserve_error(infer({"datatype": "FP33"}), 400, "datatype")
+    assert_kserve_error(client.post(url, json={"inputs": []}), 400, "inputs")
+    assert_kserve_error(client.post(url, content=b"{", headers={"content-type": "application/json"}), 400, "JSON")
+    missing = {"inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32", "data": ROW}]}
+    assert_kserve_error(client.post("/v2/models/mdl_nope/infer", json=missing), 404, "mdl_nope")
+    assert_kserve_error(client.post("/v2/models/latest:none/infer", json=missing), 404, "latest:none")
+    assert_kserve_error(client.get("/v2/models/mdl_nope"), 404, "mdl_nope")
+    assert_kserve_error(client.get("/v2/models/mdl_nope/ready"), 404, "mdl_nope")
+    assert infer({}).status_code == 200
+
+
+def test_kserve_v2_embeddings(client: httpx.Client, text_models: dict[str, str]) -> None:
+    embedder = text_models["embedder"]
+    metadata = client.get(f"/v2/models/{embedder}").json()
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert metadata["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 32]}]
+    body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a cat", "a dog"]}]}
+    response = client.post(f"/v2/models/{embedder}/infer", json=body)
+    assert response.status_code == 200, response.text
+    [embedding] = response.json()["outputs"]
+    assert embedding["name"] == "embedding" and embedding["shape"] == [2, 32] and len(embedding["data"]) == 64
+    native = client.post(f"/v1/models/{embedder}/predict", json={"inputs": ["a cat", "a dog"]}).json()
+    assert embedding["data"] == pytest.approx([v for row in native["embeddings"] for v in row], abs=1e-5)
+    wrong = {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    assert_kserve_error(client.post(f"/v2/models/{embedder}/infer", json=wrong), 400, "BYTES")
+    empty = {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]}
+    assert_kserve_error(client.post(f"/v2/models/{embedder}/infer", json=empty), 400, "empty batch")
+
+
+# --- OpenAI-compatible ------------------------------------------------------------------------------------------------
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    events = []
+    for line in response.text.split("\n\n"):
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_models: dict[str, str]) -> None:
+    model = text_models["plain"]
+    request = {"model": model, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    response = client.post("/v1/completions", json=request)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == model
+    [choice] = body["choices"]
+    assert choice["finish_reason"] in ("length", "stop") and choice["index"] == 0
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len("def add(a, b):") + 1  # bytes + </s>
+    assert 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    streamed = client.post(
+        "/openai/v1/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == choice["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+
+    several = client.post("/v1/completions", json={**request, "prompt": ["a", "b"]}).json()
+    assert [c["index"] for c in several["choices"]] == [0, 1]
+
+
+def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: dict[str, str]) -> None:
+    model = text_models["plain"]
+    over_limit = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 5000})
+    assert "at most 1024" in assert_openai_error(over_limit, 400, "max_tokens")["message"]
+    long_prompt = client.post("/v1/completions", json={"model": model, "prompt": "x" * 200, "max_tokens": 1})
+    error = assert_openai_error(long_prompt, 400, "prompt")
+    assert error["code"] == "context_length_exceeded" and "128" in error["message"]
+    too_much = client.post("/v1/completions", json={"model": model, "prompt": "x" * 100, "max_tokens": 100})
+    assert assert_openai_error(too_much, 400, "max_tokens")["code"] == "context_length_exceeded"
+    streamed_too_long = client.post("/v1/completions", json={"model": model, "prompt": "x" * 200, "stream": True})
+    assert_openai_error(streamed_too_long, 400, "prompt")  # refused before the stream starts
+    assert_openai_error(client.post("/v1/completions", json={"model": model}), 400, "prompt")
+    assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 2}), 400, "n")
+    unknown = client.post("/v1/completions", json={"model": "mdl_nope", "prompt": "x"})
+    assert assert_openai_error(unknown, 404)["code"] == "model_not_found"
+    unknown_alias = client.post("/v1/completions", json={"model": "latest:nope", "prompt": "x"})
+    assert assert_openai_error(unknown_alias, 404)["code"] == "model_not_found"
+    embedder = client.post("/v1/completions", json={"model": text_models["embedder"], "prompt": "x"})
+    assert "needs a causal_lm model" in assert_openai_error(embedder, 400, "model")["message"]
+    malformed = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    assert_openai_error(malformed, 400)
+    fine = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
+    assert fine.status_code == 200
+
+
+def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: dict[str, str]) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    refused = client.post("/v1/chat/completions", json={"model": text_models["plain"], "messages": messages})
+    assert "no chat template" in assert_openai_error(refused, 400, "model")["message"]
+    request = {"model": text_models["chat"], "messages": messages, "max_tokens": 5, "temperature": 0}
+    response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] == len("<system>be brief<user>hi<assistant>")
+    events = sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+    assert text == body["choices"][0]["message"]["content"]
+    too_long = client.post(
+        "/v1/chat/completions",
+        json={"model": text_models["chat"], "messages": [{"role": "user", "content": "x" * 200}]},
+    )
+    assert assert_openai_error(too_long, 400, "messages")["code"] == "context_length_exceeded"
+    both = client.post("/v1/chat/completions", json={**request, "max_completion_tokens": 3})
+    assert_openai_error(both, 400, "max_tokens")
+
+
+def test_openai_embeddings(client: httpx.Client, text_models: dict[str, str]) -> None:
+    model = text_models["embedder"]
+    single = client.post("/v1/embeddings", json={"model": model, "input": "a cat"})
+    assert single.status_code == 200, single.text
+    body = single.json()
+    assert body["object"] == "list" and body["model"] == model
+    assert len(body["data"]) == 1 and len(body["data"][0]["embedding"]) == 32
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    several = client.post(
+        "/openai/v1/embeddings", json={"model": model, "input": ["a cat", "a dog"], "encoding_format": "base64"}
+    ).json()
+    assert [d["index"] for d in several["data"]] == [0, 1]
+    decoded = struct.unpack("<32f", base64.b64decode(several["data"][0]["embedding"]))
+    assert list(decoded) == pytest.approx(body["data"][0]["embedding"], abs=1e-6)
+
+    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": []}), 400, "input")
+    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": [1, 2]}), 400, "input")
+    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": ["a"] * 65}), 400, "inputs")
+    too_long = client.post("/v1/embeddings", json={"model": model, "input": ["fine", "word " * 100]})
+    assert assert_openai_error(too_long, 400, "input")["code"] == "context_length_exceeded"
+    dims = client.post("/v1/embeddings", json={"model": model, "input": "x", "dimensions": 8})
+    assert_openai_error(dims, 400, "dimensions")
+    plain = client.post("/v1/embeddings", json={"model": text_models["plain"], "input": "x"})
+    assert_openai_error(plain, 400, "model")
+    assert client.post("/v1/embeddings", json={"model": model, "input": "still fine"}).status_code == 200
+
+
+def test_openai_model_list_is_under_its_own_prefix(
+    client: httpx.Client, text_models: dict[str, str], tabular: str
+) -> None:
+    listed = client.get("/openai/v1/models").json()
+    ids = {m["id"] for m in listed["data"]}
+    assert listed["object"] == "list" and set(text_models.values()) | {tabular} <= ids
+    assert "latest:serving-tabular" in ids
+    assert all(m["object"] == "model" and m["owned_by"] == "default" for m in listed["data"])
+    one = client.get(f"/openai/v1/models/{text_models['embedder']}").json()
+    assert one["id"] == text_models["embedder"]
+    assert_openai_error(client.get("/openai/v1/models/mdl_nope"), 404)
+    native = client.get("/v1/models").json()  # the native list keeps its shape
+    assert set(native) == {"object", "data", "has_more"} and "kind" in native["data"][0]
+
+
+def test_openapi_documents_each_protocols_error_shape(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    completions = paths["/v1/completions"]["post"]["responses"]
+    assert completions["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+    assert "text/event-stream" in completions["200"]["content"]
+    infer = paths["/v2/models/{model_name}/infer"]["post"]["responses"]
+    assert infer["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/KServeError")
+    assert {"429", "503", "504"} <= set(infer)
+    predict = paths["/v1/models/{model_id}/predict"]["post"]
+    assert {"429", "503", "504", "422"} <= set(predict["responses"])
+    assert "requestBody" in predict and "401" not in paths["/v2/health/live"]["get"]["responses"]
+
+
+# --- limits: a second api process with tight settings ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_api(
+    postgres_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Same database and artifacts; requests never wait for a load, 2 requests per model queue, 1.5 s timeout."""
+    env = service_environment(
+        postgres_url,
+        Path(service_env["DISTILLERY_DATA_DIR"]),
+        torch_threads="1",
+        model_load_wait_s="0",
+        max_queue_size="2",
+        inference_timeout_s="1.5",
+    )
+    process, base_url = start_api(env, tmp_path_factory.mktemp("strict") / "api.log")
+    yield base_url
+    process.stop()
+
+
+def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_models: dict[str, str]) -> None:
+    with httpx.Client(base_url=strict_api, timeout=60) as client:
+        # a model still loading: 503 with Retry-After in each protocol's shape, then it answers
+        loading = assert_problem(client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}), 503)
+        assert loading["code"] == "model_loading"
+        wait_until(
+            lambda: client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200,
+            30,
+            0.1,
+        )
+        lm = text_models["plain"]
+        first = client.post("/v1/completions", json={"model": lm, "prompt": "x", "max_tokens": 1})
+        assert assert_openai_error(first, 503)["code"] == "model_loading" and first.headers["Retry-After"] == "1"
+        wait_until(
+            lambda: (
+                client.post("/v1/completions", json={"model": lm, "prompt": "x", "max_tokens": 1}).status_code == 200
+            ),
+            30,
+            0.1,
+        )
+
+        # a full queue: 429 with Retry-After while long generations hold the model
+        def generate(_: int) -> httpx.Response:
+            body = {"model": lm, "prompt": "x", "max_tokens": 120, "temperature": 0}
+            return client.post("/v1/completions", json=body)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(generate, range(8)))
+        statuses = sorted(r.status_code for r in responses)
+        assert 429 in statuses, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert assert_openai_error(refused, 429)["type"] == "rate_limit_error"
+
+        # a request that waits past the timeout: 504 (queued behind long generations)
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(generate, i) for i in range(2)]
+            statuses = [future.result().status_code for future in slow]
+        assert 504 in statuses or all(s == 200 for s in statuses)  # 120 tokens may fit in 1.5 s on a fast machine
+        # the server keeps serving
+        assert client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200
+
+
+# --- tenants ---------------------------------------------------------------------------------------------------------
+
+
+def test_inference_is_tenant_scoped(postgres_url: str, service_env: dict[str, str], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.stack import ROOT
+
+    env = service_environment(
+        postgres_url, Path(service_env["DISTILLERY_DATA_DIR"]), auth_required="true", torch_threads="1"
+    )
+
+    def new_key(tenant: str) -> str:
+        output = subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        match = re.search(r"^(dk_\S+)$", output, re.MULTILINE)
+        assert match is not None
+        return match.group(1)
+
+    alpha_key, beta_key = new_key("serving-alpha"), new_key("serving-beta")
+    process, base_url = start_api(env, tmp_path / "api.log")
+    try:
+        alpha = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {alpha_key}"})
+        beta = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {beta_key}"})
+        model = upload(alpha, embedder_folder(tmp_path), "embedding", "alpha-embedder")
+        assert alpha.post(f"/v1/models/{model}/predict", json={"inputs": ["hi"]}).status_code == 200
+        tensor = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+        for method, path, body in (
+            ("POST", f"/v1/models/{model}/predict", {"inputs": ["hi"]}),
+            ("POST", f"/v1/models/{model}/load", None),
+            ("POST", f"/v1/models/{model}/unload", None),
+            ("GET", f"/v2/models/{model}", None),
+            ("GET", f"/v2/models/{model}/ready", None),
+            ("POST", f"/v2/models/{model}/infer", tensor),
+            ("POST", "/v1/embeddings", {"model": model, "input": "hi"}),
+            ("GET", f"/openai/v1/models/{model}", None),
+        ):
+            response = beta.request(method, path, json=body)
+            assert response.status_code == 404, (path, response.text)
+        assert beta.get("/openai/v1/models").json()["data"] == []
+        assert alpha.get(f"/v2/models/{model}/ready").status_code == 200  # still loaded for its owner
+        anonymous = httpx.Client(base_url=base_url, timeout=10)
+        assert anonymous.get("/v2/health/live").status_code == 200  # probes need no key
+        unauthorized = anonymous.post("/v1/embeddings", json={"model": model, "input": "hi"})
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["type"] == "authentication_error"
+        assert anonymous.post(f"/v2/models/{model}/infer", json=tensor).json().keys() == {"error"}
+        for http in (alpha, beta, anonymous):
+            http.close()
+    finally:
+        process.stop()

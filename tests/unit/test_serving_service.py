@@ -1,0 +1,225 @@
+"""The inference service on a real (SQLite) database and real artifacts: one load per model, loads that take too
+long or fail, tenant scoping, aliases that switch only once the new model has loaded, unload and eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.db.engine import Database
+from app.db.migrate import upgrade
+from app.distill.architectures import build_model
+from app.distill.artifacts import save_model_dir
+from app.distill.spec import MLPArchitecture
+from app.errors import NotFound
+from app.models import service as models_service
+from app.serving.errors import InvalidInput, ModelUnavailable
+from app.serving.predictor import Predictor, load_predictor
+from app.serving.service import InferenceService, ModelLoading
+from app.settings import Settings
+
+
+class Store:
+    """A migrated SQLite database and an artifact folder; ``add`` registers a real MLP student."""
+
+    def __init__(self, root: Path) -> None:
+        self.settings = Settings(data_dir=root, database_url=f"sqlite:///{root / 'db.sqlite'}")
+        upgrade(self.settings.resolved_database_url)
+        self.database = Database.from_url(self.settings.resolved_database_url)
+
+    def add(self, *, tenant: str = "default", name: str | None = "job", width: int = 3, seed: int = 0) -> str:
+        model_id = models_service.new_model_id()
+        directory = models_service.model_dir(self.settings.artifacts_dir, models_service.artifact_path_for(model_id))
+        model = build_model(MLPArchitecture(input_dim=width, hidden_dims=[4], output_dim=2), seed=seed)
+        files = save_model_dir(model, directory)
+        with self.database.transaction() as conn:
+            models_service.register_model(
+                conn,
+                model_id=model_id,
+                tenant=tenant,
+                name=name,
+                kind="student",
+                config={"format": "distillery.mlp/v1", "task": "classification", "input_dim": width},
+                files=files,
+                params=1,
+                evaluation=None,
+                source_job_id=None,
+            )
+        return model_id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path)
+    yield store
+    store.database.dispose()
+
+
+class CountingLoader:
+    def __init__(self, delay: float = 0.0, fail: set[str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.delay = delay
+        self.fail = fail or set()
+        self.lock = threading.Lock()
+
+    def __call__(self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:
+        with self.lock:
+            self.calls.append(model_id)
+        time.sleep(self.delay)
+        if model_id in self.fail:
+            raise OSError("weights are unreadable")
+        return load_predictor(model_id, directory, sha256, config)
+
+
+def serve(store: Store, loader: Any = load_predictor, **settings: Any) -> InferenceService:
+    merged = store.settings.model_copy(update=settings)
+    return InferenceService(merged, store.database, CollectorRegistry(), loader=loader)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+async def predict(service: InferenceService, tenant: str, reference: str, rows: list[list[float]]) -> Any:
+    served = await service.get(tenant, reference)
+    array = served.predictor.rows_from_json(rows)  # type: ignore[attr-defined]
+    return served.model_id, await service.infer(served, array, len(array))
+
+
+def test_concurrent_requests_for_a_cold_model_load_it_once(store: Store) -> None:
+    model_id = store.add()
+    loader = CountingLoader(delay=0.05)
+
+    async def test() -> None:
+        service = serve(store, loader)
+        results = await asyncio.gather(*(predict(service, "default", model_id, [[1.0, 2.0, 3.0]]) for _ in range(8)))
+        assert loader.calls == [model_id]
+        assert all(np.allclose(r[1], results[0][1]) for r in results)
+        service.close()
+
+    run(test)
+
+
+def test_a_request_does_not_wait_longer_than_model_load_wait(store: Store) -> None:
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, CountingLoader(delay=0.3), model_load_wait_s=0.0)
+        with pytest.raises(ModelLoading) as error:
+            await service.get("default", model_id)
+        assert error.value.status == 503 and error.value.headers["Retry-After"] == "1"
+        await asyncio.sleep(0.5)  # the load went on in the background
+        assert (await service.get("default", model_id)).model_id == model_id
+        service.close()
+
+    run(test)
+
+
+def test_a_failed_load_is_remembered_briefly(store: Store) -> None:
+    model_id = store.add()
+    loader = CountingLoader(fail={model_id})
+
+    async def test() -> None:
+        service = serve(store, loader)
+        for _ in range(3):
+            with pytest.raises(ModelUnavailable) as error:
+                await service.get("default", model_id)
+            assert "weights are unreadable" in error.value.detail
+        assert loader.calls == [model_id]  # no load storm on a broken artifact
+        service.close()
+
+    run(test)
+
+
+def test_another_tenants_model_is_not_found(store: Store) -> None:
+    model_id = store.add(tenant="team-a")
+
+    async def test() -> None:
+        service = serve(store)
+        assert (await service.get("team-a", model_id)).model_id == model_id
+        with pytest.raises(NotFound):
+            await service.get("team-b", model_id)  # even though team-a has it loaded
+        with pytest.raises(NotFound):
+            await service.get("team-b", "latest:job")
+        service.close()
+
+    run(test)
+
+
+def test_latest_alias_switches_once_the_new_model_has_loaded(store: Store) -> None:
+    first = store.add(name="nightly", seed=1)
+    loader = CountingLoader()
+
+    async def test() -> None:
+        service = serve(store, loader, alias_refresh_s=0.01)
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        broken = store.add(name="nightly", seed=2)
+        loader.fail.add(broken)
+        await asyncio.sleep(0.02)
+        await service.get("default", "latest:nightly")  # starts the background check
+        await asyncio.sleep(0.1)
+        # the newer model failed to load: the alias keeps serving the previous one
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        assert broken in loader.calls
+        fixed = store.add(name="nightly", seed=3)
+        await asyncio.sleep(0.02)
+        await service.get("default", "latest:nightly")
+        await asyncio.sleep(0.1)
+        assert (await service.get("default", "latest:nightly")).model_id == fixed
+        service.close()
+
+    run(test)
+
+
+def test_explicit_load_of_an_alias_binds_it_and_unload_frees_it(store: Store) -> None:
+    store.add(name="daily", seed=1)
+    newest = store.add(name="daily", seed=2)
+
+    async def test() -> None:
+        service = serve(store)
+        served = await service.load("default", "latest:daily")
+        assert served.model_id == newest and service.loaded("default", newest) is served
+        assert await service.unload("default", "latest:daily") == (newest, True)
+        assert service.loaded("default", newest) is None and served.batcher.stopped
+        assert await service.unload("default", newest) == (newest, False)
+        with pytest.raises(NotFound):
+            await service.unload("default", "mdl_missing")
+        service.close()
+
+    run(test)
+
+
+def test_an_evicted_model_keeps_answering_requests_that_already_held_it(store: Store) -> None:
+    first, second = store.add(seed=1), store.add(seed=2)
+
+    async def test() -> None:
+        service = serve(store, model_cache_size=1)
+        held = await service.get("default", first)
+        await service.get("default", second)  # evicts the first (capacity 1)
+        assert held.batcher.stopped and service.loaded("default", first) is None
+        array = held.predictor.rows_from_json([[0.0, 1.0, 2.0]])  # type: ignore[attr-defined]
+        assert (await service.infer(held, array, 1)).shape == (1, 2)  # loaded again, transparently
+        service.close()
+
+    run(test)
+
+
+def test_inputs_over_max_batch_size_are_invalid(store: Store) -> None:
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, max_batch_size=2)
+        with pytest.raises(InvalidInput) as error:
+            await predict(service, "default", model_id, [[0.0, 0.0, 0.0]] * 3)
+        assert error.value.param == "inputs" and "at most 2" in error.value.detail
+        service.close()
+
+    run(test)
