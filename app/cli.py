@@ -1,6 +1,7 @@
 """The ``distillery`` command.
 
-Service processes: ``up`` (embedded: migrations, api and one worker together), ``api``, ``worker``, ``migrate``.
+Service processes: ``up`` (embedded: migrations, api and one worker together), ``api``, ``serve`` (inference only),
+``worker``, ``migrate``.
 Client commands talk HTTP to DISTILLERY_API_URL: ``submit``, ``jobs``, ``status``, ``cancel``, ``predict``.
 """
 
@@ -56,6 +57,15 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    """An inference-only api (the jobs and datasets APIs off), so that inference scales apart from the jobs API:
+    predict, KServe v2, OpenAI-compatible endpoints, the models list and /metrics."""
+    # the app reads its settings from the environment (in each uvicorn worker too)
+    os.environ["DISTILLERY_ENABLE_JOBS_API"] = "false"
+    os.environ["DISTILLERY_ENABLE_INFERENCE_API"] = "true"
+    return cmd_api(settings, args)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -307,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int, default=1)
     api.set_defaults(handler=cmd_api)
+
+    serve = commands.add_parser("serve", help="run an inference-only api (jobs API off): scales apart from `api`")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--concurrency", type=int)

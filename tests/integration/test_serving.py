@@ -572,3 +572,47 @@ def test_inference_is_tenant_scoped(postgres_url: str, service_env: dict[str, st
             http.close()
     finally:
         process.stop()
+
+
+# --- an inference-only process ----------------------------------------------------------------------------------------
+
+
+def test_serve_is_an_inference_only_api(
+    postgres_url: str, service_env: dict[str, str], tabular: str, tmp_path: Path
+) -> None:
+    from tests.stack import ServiceProcess, free_port
+
+    env = service_environment(postgres_url, Path(service_env["DISTILLERY_DATA_DIR"]), torch_threads="1")
+    port = free_port()
+    process = ServiceProcess(["serve", "--port", str(port)], env, tmp_path / "serve.log").start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            def healthy() -> bool:
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    assert process.alive(), process.log()
+                    return False
+
+            wait_until(healthy, 30, 0.1, "serve to answer /healthz")
+            assert client.get("/v1/jobs").status_code == 404  # no jobs API here
+            assert client.post("/v1/jobs", json=tiny_spec()).status_code in (404, 405)
+            prediction = client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]})
+            assert prediction.status_code == 200 and prediction.json()["model_id"] == tabular
+            assert client.get("/v2/health/ready").json() == {"ready": True}
+            assert client.get("/v1/models").status_code == 200  # what can be served is listed
+            assert "distillery_inference_request_seconds_count" in client.get("/metrics").text
+    finally:
+        process.stop()
+
+
+def test_compose_runs_serve_as_its_own_service() -> None:
+    import yaml
+
+    from tests.stack import ROOT
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    serve = services["serve"]
+    assert serve["command"][0] == "serve" and serve["profiles"] == ["serving"]
+    assert "container_name" not in serve  # `--scale serve=N`
