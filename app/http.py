@@ -54,6 +54,8 @@ def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
             if part != "body":
                 node = None
             continue
+        if part == "[key]":  # pydantic's marker for an invalid dict key: the key itself is the last part
+            continue
         is_last = index == len(loc) - 1
         if node is not None and isinstance(part, str) and not is_last and not (isinstance(node, dict) and part in node):
             # a union tag (the value of "source", or a member type like "list[list[float]]"): one cannot descend
@@ -224,8 +226,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """413 for bodies over ``limit`` bytes: by Content-Length up front, and by counting while streaming (chunked
-    uploads), so an oversized body is never read whole into memory."""
+    """413 for bodies over ``limit`` bytes: by Content-Length before a byte is read, and by counting while streaming
+    (chunked uploads), so an oversized body is never read whole into memory. The error is raised where the body is
+    read, so that each route renders it in its own protocol (problem+json, OpenAI's or KServe's error shape)."""
 
     def __init__(
         self, app: ASGIApp, limit: int, upload_limit: int = 0, upload_paths: frozenset[str] = frozenset()
@@ -242,14 +245,16 @@ class BodySizeLimit:
         limit = self.default_limit
         if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in self.upload_paths:
             limit = self.upload_limit
+        declared = 0
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await self.reject(scope, send, limit)
-                return
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
         received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
+            if declared > limit:
+                raise PayloadTooLarge(f"request body is larger than {limit} bytes")
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -258,21 +263,6 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
-
-    async def reject(self, scope: Scope, send: Send, limit: int) -> None:
-        body = problem(
-            413,
-            PayloadTooLarge.code,
-            PayloadTooLarge.title,
-            f"request body is larger than {limit} bytes",
-            scope.get("path", ""),
-        )
-        response = Response(orjson.dumps(body), status_code=413, media_type=PROBLEM_JSON)
-        await response(scope, _empty_receive, send)
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 class RequestMetrics:

@@ -20,11 +20,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.resolved_broker_url.startswith("filesystem"):
         folder = settings.broker_dir / settings.queue_name
         folder.mkdir(parents=True, exist_ok=True)
-        (settings.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+        for sub in ("processed", "control"):
+            (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(settings.broker_dir / "processed"),
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
             "polling_interval": 0.05,
         }

@@ -94,7 +94,8 @@ def fault_kills(env: dict[str, str], client: httpx.Client, workdir: Path, kills:
         # kill only a live attempt (not the row a dead one left "running") that has trained past a checkpoint
         # (every 0.3 s) since it started or resumed
         candidates = [
-            j for j in jobs_now
+            j
+            for j in jobs_now
             if j["status"] == "running"
             and j["attempts"] > killed.get(j["id"], (0, 0))[0]
             and j["progress"]["step"] > killed.get(j["id"], (0, 0))[1] + 150

@@ -31,11 +31,18 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from app.datasets import service as datasets_service
 from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.engine import Database
-from app.distill.artifacts import describe_model_dir
+from app.distill.artifacts import describe_model_dir, tokenizer_signature
 from app.distill.checkpoints import FolderCheckpointer
 from app.distill.jobs import run_job_spec
 from app.distill.resources import JobResources
-from app.distill.spec import JobSpec, StoredModelTeacher, UploadedData
+from app.distill.spec import (
+    BuiltinTeacher,
+    JobSpec,
+    StoredModelTeacher,
+    TransformerArchitecture,
+    TransformersTeacher,
+    UploadedData,
+)
 from app.distill.training import ProgressUpdate, StopRequested
 from app.models.service import artifact_path_for, model_dir, new_model_id, register_model
 from app.settings import Settings
@@ -338,9 +345,7 @@ class JobRunner:
                 if dataset is None:
                     raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
                 datasets[spec.data.dataset_id] = self.settings.artifacts_dir / dataset["artifact_path"]
-        signature = None
-        if stored:
-            signature = describe_model_dir(next(iter(stored.values()))).get("tokenizer")
+        signature = self.teacher_tokenizer_signature(spec, stored)
         return JobResources(
             stored_teachers=stored,
             dataset_files=datasets,
@@ -352,6 +357,28 @@ class JobRunner:
             cache_sink=lambda name, cache, provenance: self.store_cache(tenant, job_id, name, cache, provenance),
             tokenizer_signature=signature,
         )
+
+    def teacher_tokenizer_signature(self, spec: JobSpec, stored: dict[int, Path]) -> str | None:
+        """The first teacher's tokenizer identity (artifacts.tokenizer_signature), recorded with the logit caches
+        it makes so that a later job with another tokenizer is refused at submission. None when unknown."""
+        teachers = spec.all_teachers()
+        if not teachers:
+            return None
+        first = teachers[0]
+        if 0 in stored:
+            signature = describe_model_dir(stored[0]).get("tokenizer")
+            return str(signature) if signature is not None else None
+        if isinstance(first, BuiltinTeacher) and isinstance(first.architecture, TransformerArchitecture):
+            return "byt5" if first.architecture.tokenizer == "bytes" else None
+        if isinstance(first, TransformersTeacher):
+            from app.distill.text.models import ModelSourceError, resolve_model_path
+
+            try:
+                path = resolve_model_path(first.model, model_roots=self.settings.model_roots, allow_hub=False)
+            except ModelSourceError:
+                return None
+            return tokenizer_signature(path)
+        return None
 
     # --- what stages make: stored as datasets of the job's tenant, with their provenance ---
 

@@ -19,6 +19,7 @@ from app.distill.spec import (
     ModelShape,
     SpecLimits,
     StoredModelTeacher,
+    TransformerArchitecture,
     TransformersTeacher,
     UploadedData,
     check_spec,
@@ -138,6 +139,24 @@ def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> tuple[str |
     return str(row["kind"]), tokenizer
 
 
+def named_student_tokenizer(spec: JobSpec, settings: Settings) -> str | None:
+    """The signature of a tokenizer the student names by reference (a path under the model roots or a name shipped
+    offline), so that a vocabulary mismatch with a teacher or a logit cache is a 422 at submission. None when the
+    student names none or it cannot be resolved here (the worker then reports it)."""
+    from app.distill.artifacts import tokenizer_signature
+    from app.distill.text.models import ModelSourceError, resolve_model_path
+
+    architecture = spec.student.architecture if spec.student is not None else None
+    reference = getattr(architecture, "tokenizer", None)
+    if not isinstance(architecture, TransformerArchitecture) or reference in (None, "bytes", "teacher"):
+        return None
+    try:
+        path = resolve_model_path(str(reference), model_roots=settings.model_roots, allow_hub=False)
+    except ModelSourceError:
+        return None
+    return tokenizer_signature(path)
+
+
 def pinned_spec(spec: JobSpec, pins: dict[int, str]) -> dict[str, Any]:
     """The spec as stored: teachers named by job are pinned to that job's model id, so that deleting or replacing
     a job's model later cannot change what this job trains against."""
@@ -204,6 +223,7 @@ def create_job(
         teacher_shapes=shapes,
         dataset_kind=dataset_kind,
         dataset_tokenizer=dataset_tokenizer,
+        student_tokenizer=named_student_tokenizer(spec, settings),
     )
     if problems:
         raise InvalidSpec(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 
@@ -147,6 +147,14 @@ def database_unavailable(exc: Exception) -> ModelUnavailable:
 RETRY_2 = {"Retry-After": "2"}
 
 
+def lookup_failed(exc: Exception, reference: str) -> Exception:
+    """A model lookup that the database refused: a value it cannot hold (a NUL character in the name) names no
+    model (404); anything else means it is unreachable (503)."""
+    if isinstance(exc, DataError):
+        return NotFound(f"no model {reference!r}")
+    return database_unavailable(exc)
+
+
 class InferenceService:
     def __init__(
         self,
@@ -249,7 +257,7 @@ class InferenceService:
             with self.database.read() as conn:
                 return ModelRecord.from_row(models_service.get_model_row(conn, model_id, tenant=tenant))
         except (DBAPIError, PoolTimeoutError) as exc:
-            raise database_unavailable(exc) from exc
+            raise lookup_failed(exc, model_id) from exc
 
     def _serve(self, record: ModelRecord, predictor: Predictor, load_seconds: float) -> ServedModel:
         batcher_box: list[DynamicBatcher] = []
@@ -307,7 +315,7 @@ class InferenceService:
                 with self.database.read() as conn:
                     return latest_student_id(conn, tenant=tenant, job_name=job_name)
             except (DBAPIError, PoolTimeoutError) as exc:
-                raise database_unavailable(exc) from exc
+                raise lookup_failed(exc, LATEST_PREFIX + job_name) from exc
 
         model_id = await run_in_threadpool(read)
         if model_id is None:

@@ -4,6 +4,7 @@ runs the long one."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ CHECKS = (
 )
 
 
-def test_schemathesis_finds_no_contract_violations(api: str) -> None:
+def test_schemathesis_finds_no_contract_violations(api: str, tmp_path: Path) -> None:
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
     result = subprocess.run(
         [
@@ -42,5 +43,8 @@ def test_schemathesis_finds_no_contract_violations(api: str) -> None:
         text=True,
         check=False,
         timeout=300,
+        cwd=tmp_path,  # its cache (.schemathesis/) stays out of the checkout
     )
-    assert result.returncode == 0, result.stdout[-6000:]
+    # the failing cases' bodies can be megabytes of one character: keep the report readable
+    report = re.sub(r"(\\u[0-9a-f]{4}){8,}", "<…>", result.stdout)
+    assert result.returncode == 0, report[-6000:]

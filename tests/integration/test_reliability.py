@@ -100,11 +100,14 @@ def test_a_killed_worker_loses_nothing_and_the_job_resumes(
     job = private_api.post("/v1/jobs", json=long_tabular(1500)).json()
     wait_for_status(private_api, job["id"], ("running",), timeout=30)
 
-    def far_enough() -> dict[str, Any] | None:
-        current: dict[str, Any] = private_api.get(f"/v1/jobs/{job['id']}").json()
-        return current if current["progress"]["step"] > 300 else None
+    checkpoint = Path(private_env["DISTILLERY_DATA_DIR"]) / "checkpoints" / job["id"] / "latest"
 
-    wait_until(far_enough, 60, 0.05, "training to pass step 300")
+    def far_enough() -> dict[str, Any] | None:
+        # past step 300 with a checkpoint written (every 0.3 s: a fast machine can reach step 300 before the first)
+        current: dict[str, Any] = private_api.get(f"/v1/jobs/{job['id']}").json()
+        return current if current["progress"]["step"] > 300 and checkpoint.is_file() else None
+
+    wait_until(far_enough, 60, 0.05, "training to pass step 300 and write a checkpoint")
     assert worker.process is not None
     os.killpg(worker.process.pid, signal.SIGKILL)  # the main process and its pool: no goodbye, no ack
     worker.process.wait()
