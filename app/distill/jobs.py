@@ -1,4 +1,7 @@
-"""The core's one entry point: a job spec (plus resolved resources) → a trained, evaluated student ready to save."""
+"""The core's one entry point: a job spec (plus resolved resources) → a trained, evaluated student ready to save.
+
+The student is saved with the serving variant its job chose (``serving_variant``, ``variants``) in its config, which
+the serving loader reads (see ``app.distill.variants``)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from app.distill.checkpoints import Checkpointer
 from app.distill.resources import JobResources
 from app.distill.spec import JobSpec
 from app.distill.training import ProgressCallback, train_classifier
+from app.distill.variants import serving_config
 
 
 @dataclass
@@ -35,13 +39,18 @@ def run_job_spec(
         from app.distill.text.training import train_text_model
 
         text = train_text_model(spec, resources, progress=progress, device=device, checkpointer=checkpointer)
-        return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), text.save)
+
+        def save_text(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:
+            return text.save(destination, {**serving_config(text.evaluation), **extra})
+
+        return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), save_text)
     stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
     tabular = train_classifier(
         spec, stored_teachers=stored, progress=progress, device=device, checkpointer=checkpointer
     )
 
     def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:
-        return save_model_dir(tabular.student, destination, extra_config=dict(extra))  # type: ignore[arg-type]
+        config = {**serving_config(tabular.evaluation), **extra}
+        return save_model_dir(tabular.student, destination, extra_config=config)  # type: ignore[arg-type]
 
     return TrainedStudent(tabular.evaluation, int(tabular.evaluation["student_params"]), save)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 Loc = tuple[str | int, ...]
 
@@ -29,6 +29,29 @@ SKLEARN_DATASETS: dict[str, tuple[int, int]] = {
 # bounds that keep every number storable (Postgres integer columns, JSON encoders) and every loop finite
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1
+INT64 = (-(2**63), 2**63 - 1)
+MAX_JSON_DEPTH = 32
+
+
+def storable_json(value: Any, depth: int = 0) -> Any:
+    """Free-form JSON in a spec (a transformers config, inline records) must fit what is stored and hashed: integers
+    within 64 bits, nesting at most MAX_JSON_DEPTH deep."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"integer {value} is outside the 64-bit range")
+    if isinstance(value, dict):
+        for item in value.values():
+            storable_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            storable_json(item, depth + 1)
+    return value
+
+
+JsonObject: TypeAlias = Annotated[dict[str, Any], AfterValidator(storable_json)]
 
 
 class SpecModel(BaseModel):
@@ -61,7 +84,7 @@ class TransformerArchitecture(SpecModel):
     """A transformers model built from a config with random init (e.g. a small GPT-2 or BERT)."""
 
     type: Literal["transformer"]
-    config: dict[str, Any] = Field(description="A transformers config: model_type plus its fields.")
+    config: JsonObject = Field(description="A transformers config: model_type plus its fields.")
     tokenizer: str = Field(
         "bytes",
         description="'bytes' (a byte-level tokenizer needing no files), 'teacher' (the teacher's), or a model "
@@ -71,11 +94,12 @@ class TransformerArchitecture(SpecModel):
 
     def parameter_estimate(self) -> int:
         """Rough parameter count from the config (embeddings + 12·h² per layer), for the size limit check."""
-        hidden = int(self.config.get("hidden_size", self.config.get("n_embd", 768)))
-        layers = int(self.config.get("num_hidden_layers", self.config.get("n_layer", 12)))
+        config: dict[str, Any] = self.config
+        hidden = int(config.get("hidden_size", config.get("n_embd", 768)))
+        layers = int(config.get("num_hidden_layers", config.get("n_layer", 12)))
         # the tokenizer fixes the vocabulary when the config leaves it out
-        vocab = int(self.config.get("vocab_size", 384 if self.tokenizer == "bytes" else 50_000))
-        intermediate = int(self.config.get("intermediate_size", self.config.get("n_inner") or 4 * hidden))
+        vocab = int(config.get("vocab_size", 384 if self.tokenizer == "bytes" else 50_000))
+        intermediate = int(config.get("intermediate_size", config.get("n_inner") or 4 * hidden))
         return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * intermediate)
 
 
@@ -221,7 +245,7 @@ class InlineData(TextOptions):
     """Records in the request itself (small sets: prompts, a handful of labelled texts)."""
 
     source: Literal["inline"]
-    records: list[dict[str, Any]] = Field(min_length=2, max_length=10_000)
+    records: list[JsonObject] = Field(min_length=2, max_length=10_000)
 
 
 DataSpec = Annotated[
@@ -373,11 +397,36 @@ class TrainingSpec(SpecModel):
     )
 
 
+VariantName = Literal["eager", "torchscript", "int8_dynamic", "onnx"]
+
+
 class EvaluationSpec(SpecModel):
     latency_batch_size: int = Field(64, ge=1, le=65_536)
     latency_repeats: int = Field(30, ge=1, le=10_000)
     max_examples: int = Field(512, ge=1, le=1_000_000, description="Text tasks: held-out examples evaluated.")
     retrieval_k: int = Field(5, ge=1, le=1000, description="Embedding task: neighbours compared for top-k overlap.")
+    variants: list[VariantName] | None = Field(
+        None,
+        max_length=8,
+        description="Serving variants measured at the end of the job (latency on the CPU, agreement with the eager "
+        "student on held-out inputs); the fastest within tolerance is recorded and served. Default: every variant "
+        "that applies; [] serves the eager student without measuring. eager is always a candidate. Causal LMs are "
+        "served eager (generation).",
+    )
+    variant_min_agreement: float = Field(
+        0.99,
+        ge=0.0,
+        le=1.0,
+        description="Classifiers: a variant is a candidate when it picks the eager student's class on at least this "
+        "share of the held-out inputs.",
+    )
+    variant_min_cosine: float = Field(
+        0.99,
+        ge=-1.0,
+        le=1.0,
+        description="Embedders: a variant is a candidate when its embedding of every held-out input has at least "
+        "this cosine similarity to the eager student's.",
+    )
 
 
 class StageSpec(SpecModel):
@@ -517,12 +566,14 @@ class SpecChecker:
         teacher_shapes: dict[int, ModelShape],
         dataset_kind: str | None,
         dataset_tokenizer: str | None = None,
+        student_tokenizer: str | None = None,
     ) -> None:
         self.spec = spec
         self.limits = limits
         self.teacher_shapes = teacher_shapes
         self.dataset_kind = dataset_kind
         self.dataset_tokenizer = dataset_tokenizer
+        self.student_tokenizer = student_tokenizer
         self.problems: list[SpecProblem] = []
 
     def add(self, loc: Loc, msg: str) -> None:
@@ -683,6 +734,9 @@ class SpecChecker:
             self.check_methods(spec.objective, ("objective",))
         if not teachers and task == "embedding":
             self.add(("teacher",), "an embedding job distils a teacher's embeddings; give a teacher")
+        variants = spec.evaluation.variants
+        if task == "causal_lm" and variants and set(variants) != {"eager"}:
+            self.add(("evaluation", "variants"), "a causal LM is served eager (generation); list no other variant")
         if task == "embedding" and spec.objective.alpha > 0:
             self.add(("objective", "alpha"), "the embedding task has no hard labels")
         if isinstance(spec.data, CorpusData) and task == "text_classification":
@@ -746,6 +800,8 @@ class SpecChecker:
                 student_tokenizer = "byt5"
             elif student.tokenizer == "teacher" and first is not None:
                 student_tokenizer = first.tokenizer
+            elif student.tokenizer != "teacher":
+                student_tokenizer = self.student_tokenizer  # a named tokenizer, when the caller could resolve it
         known = [(index, f.tokenizer) for index, f in enumerate(facts) if f is not None and f.tokenizer is not None]
         for index, signature in known[1:]:
             if signature != known[0][1]:
@@ -847,16 +903,18 @@ def check_spec(
     teacher_shapes: dict[int, ModelShape] | None = None,
     dataset_kind: str | None = None,
     dataset_tokenizer: str | None = None,
+    student_tokenizer: str | None = None,
 ) -> list[SpecProblem]:
     """Problems that make ``spec`` impossible to run; empty when it can run.
 
     ``teacher_shapes`` (index in ``all_teachers()`` → shape) describes stored teachers, which the caller looks up;
     ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
+    ``student_tokenizer`` is the signature of a tokenizer the student names by reference, when it could be resolved.
     """
     shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:
         shapes.setdefault(0, teacher_shape)
-    return SpecChecker(spec, limits, shapes, dataset_kind, dataset_tokenizer).run()
+    return SpecChecker(spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer).run()
 
 
 BuiltinTeacher.model_rebuild()

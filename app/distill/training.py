@@ -32,6 +32,7 @@ from app.distill.spec import (
     planned_steps,
 )
 from app.distill.teachers import TeacherEnsemble, combine_teacher_losses
+from app.distill.variants import choose_serving_variant, tabular_probe
 
 
 class StopRequested(Exception):
@@ -302,8 +303,12 @@ def train_classifier(
     )
     evaluation["train_seconds"] = train_seconds
     evaluation["steps"] = total_steps
+    student = student.cpu().eval()
+    evaluation.update(
+        choose_serving_variant(student, "classification", lambda: tabular_probe(split.x_test), spec.evaluation)
+    )
     return TrainingOutcome(
-        student.cpu().eval(),
+        student,
         teacher.cpu() if teacher is not None else None,
         evaluation,
         train_seconds,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from app.distill.artifacts import load_model_dir
+from app.distill.variants import apply_variant, servable
 
 
 class InputShapeError(ValueError):
@@ -44,6 +45,12 @@ class Predictor(Protocol):
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
 
 
+def recorded_variant(config: Mapping[str, Any] | None) -> str | None:
+    """The serving variant a model's config records (``serving_variant``, written by its job); None: eager."""
+    value = (config or {}).get("serving_variant")
+    return value if isinstance(value, str) else None
+
+
 def module_bytes(model: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (what the cache's memory budget counts)."""
     tensors = [*model.parameters(), *model.buffers()]
@@ -61,14 +68,20 @@ class StudentPredictor:
 
     task = "classification"
 
-    def __init__(self, model_id: str, directory: Path, sha256: str) -> None:
+    def __init__(self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any] | None = None) -> None:
         self.model_id = model_id
         self.directory = directory
         self.sha256 = sha256
         self.model = load_model_dir(directory, "cpu")
         self.input_dim = self.model.architecture.input_dim
         self.num_classes = self.model.architecture.output_dim
-        self.memory_bytes = module_bytes(self.model)
+        made = servable(self.model, self.task)
+        assert made is not None
+        # the serving variant the job chose (eager when it cannot be built here), built from the safetensors weights
+        built = apply_variant(recorded_variant(config), made)
+        self.variant = built.name
+        self.forward = built.forward
+        self.memory_bytes = module_bytes(self.model) + built.extra_bytes
         self.warmup()
 
     def warmup(self) -> None:
@@ -107,7 +120,7 @@ class StudentPredictor:
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=-1)
+        return torch.softmax(self.forward(x).float(), dim=-1)
 
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
         """[n_i, input_dim] float32 arrays → [n_i, num_classes] float32 probability arrays, one forward."""
@@ -221,6 +234,15 @@ class TextPredictor:
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
         self.memory_bytes = module_bytes(self.model)
+        # embedders and classifiers serve the variant the job chose (eager when it cannot be built here); causal LMs
+        # generate with the eager model
+        self.variant = "eager"
+        self.forward: Callable[..., torch.Tensor] | None = None
+        made = servable(self.model, self.task)
+        if made is not None:
+            built = apply_variant(recorded_variant(config), made)
+            self.variant, self.forward = built.name, built.forward
+            self.memory_bytes += built.extra_bytes
         positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 512
         tokenizer_limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         # tokenizers without a limit report a huge sentinel (1e30): the model's positions are the real bound
@@ -288,13 +310,10 @@ class TextPredictor:
         return outputs
 
     def _forward(self, batch: Any) -> torch.Tensor:
-        if self.task == "embedding":
-            from app.distill.text.data import TokenizedExamples
-            from app.distill.text.evaluation import pooled_embeddings
-
-            examples = TokenizedExamples(batch["input_ids"], batch["attention_mask"], None, None)
-            return pooled_embeddings(self.model, examples)
-        return torch.softmax(self.model(**batch).logits.float(), dim=-1)
+        """Embeddings (unit vectors) or class probabilities of a tokenized batch, through the serving variant."""
+        assert self.forward is not None
+        output = self.forward(batch["input_ids"], batch["attention_mask"]).float()
+        return output if self.task == "embedding" else torch.softmax(output, dim=-1)
 
     def label_of(self, class_index: int) -> str:
         return self.label_names[class_index] if class_index < len(self.label_names) else str(class_index)
@@ -478,7 +497,7 @@ class _TextStream:
 def load_predictor(model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:
     if config.get("format") == "transformers":
         return TextPredictor(model_id, directory, sha256, config)
-    return StudentPredictor(model_id, directory, sha256)
+    return StudentPredictor(model_id, directory, sha256, config)
 
 
 # --- the cache ------------------------------------------------------------------------------------------------------

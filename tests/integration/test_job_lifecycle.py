@@ -51,11 +51,17 @@ def test_submit_train_evaluate_and_predict(client: httpx.Client, worker: Any, se
     assert evaluation["teacher_params"] == 10 * 50 + 50 + 50 * 20 + 20 + 20 * 5 + 5
     assert evaluation["student_params"] == 10 * 25 + 25 + 25 * 5 + 5
     assert 0.0 <= evaluation["agreement"] <= 1.0 and evaluation["kl"] >= 0.0
+    # serving variants: all measured, the chosen one within tolerance
+    variants = {variant["name"]: variant for variant in evaluation["variants"]}
+    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx"]
+    assert variants[evaluation["serving_variant"]]["within_tolerance"] is True
 
     # the student is stored as safetensors + config with the recorded sha256
     model_id = done["result"]["model_id"]
     model = client.get(f"/v1/models/{model_id}").json()
     assert model["source_job_id"] == job["id"] and model["kind"] == "student"
+    assert model["config"]["serving_variant"] == evaluation["serving_variant"]
+    assert model["config"]["variants"] == evaluation["variants"]
     directory = Path(service_env["DISTILLERY_DATA_DIR"]) / "artifacts" / "models" / model_id
     import hashlib
 
@@ -107,7 +113,8 @@ def test_teacher_trained_by_the_service_then_distilled(client: httpx.Client, wor
     }
     job = submit(client, spec)
     # the stored spec pins the teacher's model id
-    assert job["spec"]["teacher"] == {"source": "model", "model_id": teacher_done["result"]["model_id"]}
+    pinned = {"source": "model", "model_id": teacher_done["result"]["model_id"], "weight": 1.0}
+    assert job["spec"]["teacher"] == pinned
     done = wait_for_status(client, job["id"], ("succeeded", "failed"))
     assert done["status"] == "succeeded", done["error"]
     evaluation = done["result"]["evaluation"]

@@ -121,6 +121,23 @@ def test_ids_are_strictly_increasing_and_prefixed() -> None:
 
 
 def test_configuration_reference_is_current() -> None:
-    from app.settings import configuration_reference
+    from app.settings import READ_BY, Settings, configuration_reference
 
+    assert set(READ_BY) == set(Settings.model_fields), "every setting says which processes read it"
     assert (EXAMPLES.parent / "docs" / "configuration.md").read_text() == configuration_reference()
+
+
+def test_free_form_json_in_a_spec_must_be_storable() -> None:
+    """A transformers config or inline records with an integer beyond 64 bits (which JSONB and the request
+    fingerprint cannot hold) or absurd nesting is a validation error with the field's path, not a server error."""
+    base = {
+        "task": "causal_lm",
+        "student": {"architecture": {"type": "transformer", "config": {"model_type": "gpt2", "n_layer": 2}}},
+        "data": {"source": "corpus", "name": "python-stdlib"},
+    }
+    JobSpec.model_validate(base)
+    for bad in ({"model_type": "gpt2", "g": [2**64]}, {"model_type": "gpt2", "deep": json.loads("[" * 40 + "]" * 40)}):
+        spec = {**base, "student": {"architecture": {"type": "transformer", "config": bad}}}
+        with pytest.raises(ValidationError) as caught:
+            JobSpec.model_validate(spec)
+        assert caught.value.errors()[0]["loc"][-1] == "config"

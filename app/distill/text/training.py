@@ -69,6 +69,7 @@ from app.distill.training import (
     report_and_checkpoint,
     select_device,
 )
+from app.distill.variants import choose_serving_variant, text_probe
 
 
 @dataclass
@@ -1266,4 +1267,5 @@ def train_text_model(
         extra["pooling"] = "mean"
         extra["normalize"] = True
     student.to("cpu")
+    evaluation.update(choose_serving_variant(student, spec.task, lambda: text_probe(state.test), spec.evaluation))
     return TextTrainingOutcome(student, tokenizer, evaluation, train_seconds, total_steps, metrics, extra)

@@ -1,0 +1,490 @@
+"""Serving variants of a student: the eager model, TorchScript, dynamic int8 and ONNX Runtime.
+
+Weights are only ever stored as safetensors, so a variant is never a file of its own: it is a deterministic
+transformation of the eager model built from the stored weights, applied once at the end of the job (to measure it)
+and again whenever the model is loaded for serving (to use it). The job measures every variant that applies on the
+CPU (where models are served) — median latency at batch 1 and 32, and agreement with the eager student on held-out
+inputs — and records the fastest one within tolerance; the serving loader applies the recorded one.
+
+| variant        | what it is                                                                                     |
+|----------------|------------------------------------------------------------------------------------------------|
+| `eager`        | the model as built (always a candidate; the fallback when another variant cannot be built)     |
+| `torchscript`  | ``torch.jit.trace`` of the eager forward on a fixed example, then ``torch.jit.freeze``         |
+| `int8_dynamic` | ``torch.ao.quantization.quantize_dynamic`` of every ``nn.Linear`` (per-channel int8 weights)   |
+| `onnx`         | an in-memory ONNX export (never written to disk) run by an onnxruntime session with one thread |
+
+What a variant serves: a tabular classifier's logits, a text classifier's logits, or an embedder's mean-pooled,
+L2-normalised embedding. Causal LMs are served eager: generation (KV cache, sampling) runs the transformers model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.distill.architectures import MLPClassifier
+from app.distill.spec import EvaluationSpec, VariantName
+
+log = logging.getLogger(__name__)
+
+VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
+# A variant costs its build at every model load (cold start): one that takes longer than this is not chosen.
+MAX_BUILD_SECONDS = 5.0
+# A variant replaces eager only when it is at least this much faster at batch 1 (not for noise-level gains).
+MIN_GAIN = 0.05
+# Latency rounds (every variant once) per batch size stop after this much time (large models get fewer samples).
+MEASURE_BUDGET_S = 0.5
+MIN_REPEATS = 10
+LATENCY_BATCH_SIZES = (1, 32)
+CAUSAL_LM_REASON = "a causal LM is served eager: generation (KV cache, sampling) runs the transformers model"
+
+Forward = Callable[..., torch.Tensor]
+
+
+class VariantUnavailable(Exception):
+    """A variant that cannot be built here (a missing package, an export the model does not support)."""
+
+
+# --- what a variant serves ------------------------------------------------------------------------------------------
+
+
+class EmbeddingForward(nn.Module):
+    """(input_ids, attention_mask) → mean-pooled, L2-normalised embeddings [B, H], as the embedder is served."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from app.distill.text.data import TokenizedExamples
+        from app.distill.text.evaluation import pooled_embeddings
+
+        return pooled_embeddings(self.model, TokenizedExamples(input_ids, attention_mask))
+
+
+class LogitsForward(nn.Module):
+    """(input_ids, attention_mask) → class logits [B, C] of a transformers sequence classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return output.logits.float()  # type: ignore[no-any-return]
+
+
+@dataclass
+class Servable:
+    """The eager forward a variant transforms, with the fixed example it is traced/exported on."""
+
+    module: nn.Module
+    output: Literal["logits", "embeddings"]
+    example: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def servable(model: nn.Module, task: str) -> Servable | None:
+    """The servable forward of a student for ``task``; None for causal LMs (served eager).
+
+    The example is fixed (not taken from data), so that the job and every later load build the same variant. Text
+    examples hold a padded row: a trace must keep the attention-mask path that padded batches need.
+    """
+    model.eval()
+    if task == "causal_lm":
+        return None
+    if task == "classification":
+        if not isinstance(model, MLPClassifier):
+            raise TypeError(f"a tabular classifier is an MLPClassifier, not {type(model).__name__}")
+        input_dim = model.architecture.input_dim
+        return Servable(
+            model,
+            "logits",
+            (torch.zeros(2, input_dim),),
+            ("inputs",),
+            {"inputs": {0: "batch"}, "output": {0: "batch"}},
+        )
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 256)
+    input_ids = torch.tensor([[1, 3, 4, 5, 2], [1, 6, 2, 0, 0]], dtype=torch.int64) % vocab
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    wrapper: nn.Module = EmbeddingForward(model) if task == "embedding" else LogitsForward(model)
+    return Servable(
+        wrapper.eval(),
+        "embeddings" if task == "embedding" else "logits",
+        (input_ids, attention_mask),
+        ("input_ids", "attention_mask"),
+        {"input_ids": axes, "attention_mask": axes, "output": {0: "batch"}},
+    )
+
+
+# --- building variants ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltVariant:
+    name: str
+    forward: Forward
+    build_seconds: float
+    extra_bytes: int = 0  # memory beyond the eager model's weights (a quantized copy, an ONNX Runtime session)
+
+
+Builder = Callable[[Servable], tuple[Forward, int]]
+
+
+def build_eager(servable: Servable) -> tuple[Forward, int]:
+    return servable.module, 0
+
+
+def build_torchscript(servable: Servable) -> tuple[Forward, int]:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the measurement is what decides
+        traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+            servable.module, servable.example, check_trace=False, strict=False
+        )
+        frozen = torch.jit.freeze(traced.eval())
+    return frozen, 0
+
+
+def build_int8_dynamic(servable: Servable) -> tuple[Forward, int]:
+    if torch.backends.quantized.engine == "none":
+        raise VariantUnavailable("this torch build has no quantized CPU kernels")
+    linears = [m for m in servable.module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise VariantUnavailable("the model has no Linear layers to quantize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        # per-output-channel weight scales: closer to the float model than one scale per tensor (on all-MiniLM-L6-v2,
+        # min cosine 0.94 instead of 0.83), at about the same speed
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        quantized = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+            copy.deepcopy(servable.module), {nn.Linear: qconfig}, dtype=torch.qint8
+        )
+    quantized.eval()
+    int8_weights = sum(m.weight.numel() for m in linears)
+    others = sum(p.numel() * p.element_size() for p in quantized.parameters())
+    return quantized, int8_weights + others
+
+
+def onnx_bytes(servable: Servable) -> bytes:
+    """The model as ONNX, in memory: the TorchScript-based exporter (fast), else the dynamo one (needs onnxscript)."""
+    names = list(servable.input_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                servable.module,
+                servable.example,
+                buffer,  # type: ignore[arg-type]  # the exporter writes to a file object too
+                dynamo=False,
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes=servable.dynamic_axes,
+                opset_version=17,
+            )
+            return buffer.getvalue()
+        except Exception as legacy:
+            try:
+                shapes = tuple(
+                    {axis: torch.export.Dim.AUTO for axis in servable.dynamic_axes.get(name, {})} for name in names
+                )
+                program = torch.onnx.export(
+                    servable.module,
+                    servable.example,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=["output"],
+                    dynamic_shapes=shapes,
+                    verbose=False,
+                )
+                if program is None:
+                    raise VariantUnavailable("the exporter returned no program") from legacy
+                return program.model_proto.SerializeToString()  # type: ignore[no-any-return]
+            except Exception as dynamo:
+                raise VariantUnavailable(
+                    f"ONNX export failed: {short(legacy)}; with dynamo: {short(dynamo)}"
+                ) from dynamo
+
+
+def build_onnx(servable: Servable) -> tuple[Forward, int]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise VariantUnavailable("onnxruntime is not installed")
+    import onnxruntime
+
+    proto = onnx_bytes(servable)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    expected = {item.name for item in session.get_inputs()}  # the exporter drops inputs the graph does not use
+    input_names = servable.input_names
+
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        feed = {
+            name: tensor.detach().cpu().contiguous().numpy()
+            for name, tensor in zip(input_names, inputs, strict=True)
+            if name in expected
+        }
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    return forward, len(proto)
+
+
+BUILDERS: dict[str, Builder] = {
+    "eager": build_eager,
+    "torchscript": build_torchscript,
+    "int8_dynamic": build_int8_dynamic,
+    "onnx": build_onnx,
+}
+
+
+def short(exc: BaseException, limit: int = 200) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def build_variant(name: str, servable: Servable, builders: Mapping[str, Builder] | None = None) -> BuiltVariant:
+    """Build variant ``name`` of ``servable``; VariantUnavailable (with the reason) when it cannot be built."""
+    builder = (builders or BUILDERS).get(name)
+    if builder is None:
+        raise VariantUnavailable(f"unknown variant {name!r}")
+    started = time.perf_counter()
+    try:
+        forward, extra = builder(servable)
+    except VariantUnavailable:
+        raise
+    except Exception as exc:
+        raise VariantUnavailable(f"building it failed: {short(exc)}") from exc
+    return BuiltVariant(name, forward, time.perf_counter() - started, extra)
+
+
+def apply_variant(name: str | None, servable: Servable) -> BuiltVariant:
+    """The serving loader's side: build the variant the job recorded (eager when none was); when it cannot be built
+    here (onnxruntime missing, an export that fails in this environment), serve eager and log a warning."""
+    wanted = name or "eager"
+    if wanted != "eager":
+        try:
+            return build_variant(wanted, servable)
+        except VariantUnavailable as exc:
+            log.warning("serving variant %s cannot be built here (%s); serving the eager model", wanted, exc)
+    return build_variant("eager", servable)
+
+
+# --- measuring and choosing -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """Held-out inputs (CPU tensors): batches to compare a variant's outputs with eager, and one input per latency
+    batch size."""
+
+    batches: list[tuple[torch.Tensor, ...]]
+    latency: Mapping[int, tuple[torch.Tensor, ...]]
+
+
+def tabular_probe(x_test: torch.Tensor, max_rows: int = 512) -> Probe | None:
+    x = x_test[:max_rows].float().cpu().contiguous()
+    if len(x) == 0:
+        return None
+    latency = {size: (x.repeat(-(-size // len(x)), 1)[:size].contiguous(),) for size in LATENCY_BATCH_SIZES}
+    return Probe([(x,), latency[1]], latency)
+
+
+def text_probe(examples: Any, max_examples: int = 32, batch_size: int = 16) -> Probe | None:
+    """``examples``: the held-out TokenizedExamples (right-padded); batches are trimmed as the serving tokenizer pads
+    them (to their longest row)."""
+    n = min(len(examples), max_examples)
+    if n == 0:
+        return None
+
+    def rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = examples.batch(index)
+        return batch.input_ids.contiguous(), batch.attention_mask.contiguous()
+
+    batches = [rows(torch.arange(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    latency = {size: rows(torch.arange(size) % n) for size in LATENCY_BATCH_SIZES}
+    return Probe([*batches, latency[1]], latency)
+
+
+def interleaved_latency(
+    forwards: Mapping[str, Forward], inputs: tuple[torch.Tensor, ...], repeats: int, budget_s: float
+) -> dict[str, float]:
+    """Median wall time (ms) of each ``forward(*inputs)``, sampled in rounds (one call of each per round) so that a
+    burst of load elsewhere on the machine slows every variant alike. After a warm-up (a traced or ONNX model's first
+    calls are slower), rounds stop at ``repeats`` or after ``budget_s`` seconds (at least one round)."""
+    for forward in forwards.values():
+        started = time.perf_counter()
+        for _ in range(3):
+            forward(*inputs)
+            if time.perf_counter() - started > budget_s / (2 * len(forwards)):
+                break
+    samples: dict[str, list[float]] = {name: [] for name in forwards}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for name, forward in forwards.items():
+            begin = time.perf_counter()
+            forward(*inputs)
+            samples[name].append((time.perf_counter() - begin) * 1000.0)
+        if time.perf_counter() - started > budget_s:
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def finite(value: float) -> float | None:
+    """JSON (and Postgres) cannot hold NaN or infinities: a non-finite measurement is recorded as null."""
+    return value if math.isfinite(value) else None
+
+
+def agreement_metrics(
+    output: str,
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    min_agreement: float,
+    min_cosine: float,
+) -> dict[str, Any]:
+    """Classifiers: share of inputs with the same class and the largest probability difference; embedders: mean and
+    least cosine similarity. ``within_tolerance`` is false for anything non-finite."""
+    candidate = candidate.float()
+    if candidate.shape != reference.shape:
+        raise ValueError(f"outputs have shape {tuple(candidate.shape)}; the eager model's {tuple(reference.shape)}")
+    if output == "logits":
+        p, q = torch.softmax(reference, dim=-1), torch.softmax(candidate, dim=-1)
+        agreement = float((p.argmax(-1) == q.argmax(-1)).float().mean())
+        max_diff = float((p - q).abs().max())
+        ok = bool(torch.isfinite(q).all()) and agreement >= min_agreement
+        return {"agreement": agreement, "max_prob_diff": finite(max_diff), "within_tolerance": ok}
+    cosine = F.cosine_similarity(reference, candidate, dim=-1)
+    cosine_min, cosine_mean = float(cosine.min()), float(cosine.mean())
+    ok = math.isfinite(cosine_min) and cosine_min >= min_cosine
+    return {"cosine_mean": finite(cosine_mean), "cosine_min": finite(cosine_min), "within_tolerance": ok}
+
+
+def choose_variant(records: Sequence[Mapping[str, Any]]) -> str:
+    """The fastest variant at batch 1 among those that apply and agree within tolerance; a variant other than eager
+    must beat eager by ``MIN_GAIN``. Eager when nothing else qualifies."""
+    eager = next((r for r in records if r["name"] == "eager"), None)
+    base = eager.get("latency_ms") if eager is not None else None
+    if base is None:
+        return "eager"
+    faster = [
+        r
+        for r in records
+        if r["name"] != "eager"
+        and r.get("applies")
+        and r.get("within_tolerance")
+        and r.get("latency_ms") is not None
+        and r["latency_ms"] <= base * (1.0 - MIN_GAIN)
+    ]
+    return str(min(faster, key=lambda r: r["latency_ms"])["name"]) if faster else "eager"
+
+
+def measure_variants(
+    servable: Servable,
+    probe: Probe,
+    *,
+    names: Sequence[str] | None = None,
+    min_agreement: float = 0.99,
+    min_cosine: float = 0.99,
+    repeats: int = MIN_REPEATS,
+    builders: Mapping[str, Builder] | None = None,
+) -> dict[str, Any]:
+    """Build each variant, compare it with eager on ``probe`` and time it; choose the serving variant.
+
+    Returns ``{"serving_variant", "variants": [record…], "variants_seconds"}``; a record is ``{"name", "applies",
+    "reason"?, "build_seconds", "latency_ms" (batch 1), "latency_ms_batch32", "agreement" and "max_prob_diff"
+    (classifiers) or "cosine_mean" and "cosine_min" (embedders), "within_tolerance"}``.
+    """
+    started = time.perf_counter()
+    wanted = list(VARIANT_NAMES if names is None else names)
+    ordered = ["eager", *dict.fromkeys(n for n in wanted if n != "eager")]
+    with torch.inference_mode():
+        reference = torch.cat([servable.module(*batch).float() for batch in probe.batches])
+    records: list[dict[str, Any]] = []
+    running: dict[str, Forward] = {}
+    for name in ordered:
+        record: dict[str, Any] = {"name": name}
+        records.append(record)
+        try:
+            built = build_variant(name, servable, builders)
+        except VariantUnavailable as exc:
+            record.update(applies=False, reason=str(exc))
+            continue
+        record["build_seconds"] = round(built.build_seconds, 4)
+        if built.build_seconds > MAX_BUILD_SECONDS:
+            record.update(
+                applies=False,
+                reason=f"building it took {built.build_seconds:.1f} s (over {MAX_BUILD_SECONDS:.0f} s, paid at "
+                "every model load)",
+            )
+            continue
+        try:
+            with torch.inference_mode():
+                outputs = torch.cat([built.forward(*batch) for batch in probe.batches])
+                record.update(agreement_metrics(servable.output, reference, outputs, min_agreement, min_cosine))
+        except Exception as exc:
+            record.update(applies=False, reason=f"running it failed: {short(exc)}")
+            continue
+        record["applies"] = True
+        running[name] = built.forward
+    by_name = {record["name"]: record for record in records}
+    with torch.inference_mode():
+        for size, inputs in probe.latency.items():
+            key = "latency_ms" if size == 1 else f"latency_ms_batch{size}"
+            timings = interleaved_latency(running, inputs, max(repeats, MIN_REPEATS), MEASURE_BUDGET_S)
+            for name, value in timings.items():
+                by_name[name][key] = finite(round(value, 5))
+    chosen = choose_variant(records)
+    return {"serving_variant": chosen, "variants": records, "variants_seconds": time.perf_counter() - started}
+
+
+def eager_only(reason: str, names: Sequence[str] = VARIANT_NAMES) -> dict[str, Any]:
+    others = [{"name": n, "applies": False, "reason": reason} for n in dict.fromkeys(names) if n != "eager"]
+    return {"serving_variant": "eager", "variants": [{"name": "eager", "applies": True}, *others]}
+
+
+def choose_serving_variant(
+    model: nn.Module, task: str, probe: Callable[[], Probe | None], evaluation: EvaluationSpec
+) -> dict[str, Any]:
+    """The end of a job: what ``evaluation.variants`` asks for, measured on the CPU (where models are served), as
+    keys for ``result.evaluation`` (and the model's config). ``model`` must be on the CPU."""
+    if task == "causal_lm":
+        return eager_only(CAUSAL_LM_REASON)
+    if evaluation.variants is not None and set(evaluation.variants) <= {"eager"}:
+        return {"serving_variant": "eager", "variants": [{"name": "eager", "applies": True}]}
+    made = servable(model, task)
+    inputs = probe()
+    if made is None or inputs is None:
+        return eager_only("no held-out inputs to measure variants on", evaluation.variants or VARIANT_NAMES)
+    return measure_variants(
+        made,
+        inputs,
+        names=evaluation.variants,
+        min_agreement=evaluation.variant_min_agreement,
+        min_cosine=evaluation.variant_min_cosine,
+        repeats=evaluation.latency_repeats,
+    )
+
+
+SERVING_KEYS = ("serving_variant", "variants")
+
+
+def serving_config(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The variant keys of a job's evaluation, for the model's stored config (what the serving loader reads)."""
+    return {key: evaluation[key] for key in SERVING_KEYS if key in evaluation}

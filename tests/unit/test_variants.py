@@ -1,0 +1,366 @@
+"""Serving variants: each builds from a tiny MLP and a tiny BERT, agrees with the eager model, is measured at the end
+of a job, the chooser picks the fastest within tolerance (never one outside it), the choice is saved with the model
+and the predictors serve it (eager when it cannot be built)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from transformers import AutoTokenizer
+
+from app.distill import variants
+from app.distill.architectures import build_model
+from app.distill.artifacts import save_model_dir
+from app.distill.jobs import run_job_spec
+from app.distill.resources import JobResources
+from app.distill.spec import EvaluationSpec, JobSpec, MLPArchitecture, SpecLimits, check_spec
+from app.distill.text.data import TokenizedExamples
+from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
+from app.distill.variants import (
+    VARIANT_NAMES,
+    Probe,
+    Servable,
+    VariantUnavailable,
+    apply_variant,
+    build_variant,
+    choose_serving_variant,
+    choose_variant,
+    measure_variants,
+    servable,
+    tabular_probe,
+    text_probe,
+)
+from app.serving.predictor import StudentPredictor, TextPredictor, TextRequest
+
+LIMITS = SpecLimits(max_student_params=100_000_000, max_steps=100_000, max_dataset_rows=1_000_000)
+
+
+def mlp() -> torch.nn.Module:
+    model = build_model(MLPArchitecture(input_dim=6, hidden_dims=[16], output_dim=4), seed=0)
+    model.set_input_normalization(torch.full((6,), 0.5), torch.full((6,), 2.0))
+    return model.eval()
+
+
+def bert(task: str = "embedding") -> torch.nn.Module:
+    config = tiny_config("bert", vocab_size=128, hidden_size=32, num_layers=2, max_positions=64)
+    return build_from_config(config, task, seed=0, num_labels=3 if task == "text_classification" else None).eval()  # type: ignore[arg-type]
+
+
+def token_batch(rows: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids of random lengths (the first row full), as a tokenizer pads a batch."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, width + 1, (rows,), generator=generator)
+    lengths[0] = width
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids = torch.randint(3, 128, (rows, width), generator=generator) * mask
+    return ids, mask
+
+
+def held_out_text(rows: int = 24, width: int = 20) -> TokenizedExamples:
+    return TokenizedExamples(*token_batch(rows, width, seed=1))
+
+
+# --- each variant builds and agrees with eager ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_each_variant_of_an_mlp_matches_eager(name: str) -> None:
+    model = mlp()
+    made = servable(model, "classification")
+    assert made is not None
+    built = build_variant(name, made)
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = torch.softmax(model(x), dim=-1)
+        for rows in (x, x[:1]):  # any batch size, not only the example's
+            got = torch.softmax(built.forward(rows).float(), dim=-1)
+            tolerance = 0.05 if name == "int8_dynamic" else 1e-5
+            assert torch.allclose(got, expected[: len(rows)], atol=tolerance), name
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("task", ["embedding", "text_classification"])
+def test_each_variant_of_a_bert_matches_eager_on_padded_batches_of_any_length(name: str, task: str) -> None:
+    model = bert(task)
+    made = servable(model, task)
+    assert made is not None and made.output == ("embeddings" if task == "embedding" else "logits")
+    built = build_variant(name, made)
+    with torch.inference_mode():
+        for ids, mask in (token_batch(6, 17), token_batch(1, 9), token_batch(3, 30, seed=2)):
+            expected, got = made.module(ids, mask), built.forward(ids, mask).float()
+            assert got.shape == expected.shape
+            if task == "embedding":
+                assert float(F.cosine_similarity(got, expected, dim=-1).min()) >= 0.99, name
+            else:
+                assert torch.equal(got.argmax(-1), expected.argmax(-1)), name
+
+
+def test_the_embedder_variant_is_the_served_embedding() -> None:
+    from app.distill.text.evaluation import pooled_embeddings
+
+    model = bert()
+    made = servable(model, "embedding")
+    assert made is not None
+    ids, mask = token_batch(4, 12)
+    with torch.inference_mode():
+        assert torch.equal(made.module(ids, mask), pooled_embeddings(model, TokenizedExamples(ids, mask)))
+
+
+def test_building_variants_leaves_the_student_untouched() -> None:
+    model = mlp()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    made = servable(model, "classification")
+    assert made is not None
+    measure_variants(made, tabular_probe(torch.randn(40, 6)) or pytest.fail("no probe"), repeats=2)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_causal_lms_are_served_eager() -> None:
+    lm = build_from_config(tiny_config("gpt2", vocab_size=64), "causal_lm", seed=0)
+    assert servable(lm, "causal_lm") is None
+    result = choose_serving_variant(lm, "causal_lm", lambda: pytest.fail("nothing to measure"), EvaluationSpec())
+    assert result["serving_variant"] == "eager"
+    assert [v["name"] for v in result["variants"]] == list(VARIANT_NAMES)
+    assert all(not v["applies"] and "generation" in v["reason"] for v in result["variants"][1:])
+
+
+def test_a_variant_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = variants.importlib.util.find_spec
+    monkeypatch.setattr(
+        variants.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
+    made = servable(mlp(), "classification")
+    assert made is not None
+    with pytest.raises(VariantUnavailable, match="onnxruntime is not installed"):
+        build_variant("onnx", made)
+    result = measure_variants(made, tabular_probe(torch.randn(20, 6)) or pytest.fail("no probe"), repeats=2)
+    onnx = next(v for v in result["variants"] if v["name"] == "onnx")
+    assert onnx == {"name": "onnx", "applies": False, "reason": "onnxruntime is not installed"}
+    assert result["serving_variant"] != "onnx"
+
+
+# --- measuring and choosing ----------------------------------------------------------------------------------------
+
+
+def test_measurement_records_latency_and_agreement_for_an_mlp() -> None:
+    made = servable(mlp(), "classification")
+    assert made is not None
+    result = measure_variants(made, tabular_probe(torch.randn(50, 6)) or pytest.fail("no probe"), repeats=3)
+    records = {v["name"]: v for v in result["variants"]}
+    assert list(records) == list(VARIANT_NAMES)
+    for record in records.values():
+        assert record["applies"] is True, record
+        assert record["latency_ms"] > 0 and record["latency_ms_batch32"] > 0
+        assert 0.0 <= record["agreement"] <= 1.0 and record["max_prob_diff"] >= 0.0
+    assert records["eager"]["agreement"] == 1.0 and records["eager"]["within_tolerance"] is True
+    assert records["torchscript"]["agreement"] == 1.0 and records["onnx"]["agreement"] == 1.0
+    assert result["serving_variant"] == choose_variant(result["variants"])
+    json.dumps(result, allow_nan=False)  # storable as it is
+
+
+def test_measurement_records_cosines_for_an_embedder() -> None:
+    model = bert()
+    result = choose_serving_variant(model, "embedding", lambda: text_probe(held_out_text()), EvaluationSpec())
+    records = {v["name"]: v for v in result["variants"]}
+    assert list(records) == list(VARIANT_NAMES)
+    for record in records.values():
+        assert record["applies"] is True, record
+        assert record["cosine_min"] >= 0.99 and record["cosine_mean"] >= record["cosine_min"] - 1e-6
+        assert record["within_tolerance"] is True
+    chosen = records[result["serving_variant"]]
+    assert chosen["within_tolerance"] and chosen["latency_ms"] <= records["eager"]["latency_ms"]
+
+
+def test_the_chooser_takes_the_fastest_within_tolerance() -> None:
+    def record(name: str, latency: float | None, ok: bool = True, applies: bool = True) -> dict[str, Any]:
+        return {"name": name, "latency_ms": latency, "within_tolerance": ok, "applies": applies}
+
+    assert choose_variant([record("eager", 1.0), record("a", 0.5), record("b", 0.2, ok=False), record("c", 0.6)]) == "a"
+    assert choose_variant([record("eager", 1.0), record("a", 0.1, applies=False), record("c", 0.6)]) == "c"
+    assert choose_variant([record("eager", 1.0), record("a", None)]) == "eager"
+    assert choose_variant([record("eager", 1.0), record("a", 0.98)]) == "eager"  # noise-level gains do not count
+    assert choose_variant([record("eager", 1.0), record("b", 0.01, ok=False)]) == "eager"
+    assert choose_variant([{"name": "eager", "applies": True}, record("a", 0.1)]) == "eager"  # eager unmeasured
+
+
+def constant_builder(output: torch.Tensor) -> variants.Builder:
+    """A variant that is very fast and wrong: it returns the same rows whatever the input."""
+
+    def build(made: Servable) -> tuple[variants.Forward, int]:
+        return (lambda *inputs: output[: len(inputs[0])]), 0
+
+    return build
+
+
+def test_a_fast_but_wrong_classifier_variant_is_never_chosen() -> None:
+    model = mlp()
+    made = servable(model, "classification")
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        eager_classes = model(x).argmax(-1)
+    rarest = int(torch.bincount(eager_classes, minlength=4).argmin())
+    wrong = F.one_hot(torch.full((512,), rarest), 4).float() * 10  # always the eager model's rarest class
+    builders = {**variants.BUILDERS, "fast_wrong": constant_builder(wrong)}
+    assert made is not None
+    result = measure_variants(
+        made, tabular_probe(x) or pytest.fail("no probe"), names=["fast_wrong"], repeats=20, builders=builders
+    )
+    records = {v["name"]: v for v in result["variants"]}
+    assert list(records) == ["eager", "fast_wrong"]
+    assert records["fast_wrong"]["applies"] and records["fast_wrong"]["within_tolerance"] is False
+    assert records["fast_wrong"]["agreement"] < 0.99
+    assert result["serving_variant"] == "eager"
+
+
+def test_a_fast_but_wrong_embedder_variant_is_never_chosen() -> None:
+    made = servable(bert(), "embedding")
+    assert made is not None
+    wrong = F.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    builders = {**variants.BUILDERS, "fast_wrong": constant_builder(wrong)}
+    probe = text_probe(held_out_text()) or pytest.fail("no probe")
+    result = measure_variants(made, probe, names=["fast_wrong", "onnx"], repeats=5, builders=builders)
+    records = {v["name"]: v for v in result["variants"]}
+    assert records["fast_wrong"]["within_tolerance"] is False and records["fast_wrong"]["cosine_min"] < 0.99
+    assert records["onnx"]["within_tolerance"] is True
+    assert result["serving_variant"] in ("eager", "onnx")
+
+
+def test_a_variant_that_fails_to_run_is_recorded_not_chosen() -> None:
+    def broken(made: Servable) -> tuple[variants.Forward, int]:
+        def forward(*inputs: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no kernel for this shape")
+
+        return forward, 0
+
+    made = servable(mlp(), "classification")
+    assert made is not None
+    probe = Probe([(torch.randn(4, 6),)], {1: (torch.randn(1, 6),)})
+    result = measure_variants(
+        made, probe, names=["broken"], repeats=2, builders={**variants.BUILDERS, "broken": broken}
+    )
+    broken_record = result["variants"][1]
+    assert broken_record["applies"] is False and "no kernel for this shape" in broken_record["reason"]
+    assert result["serving_variant"] == "eager"
+
+
+def test_an_empty_variant_list_serves_eager_without_measuring() -> None:
+    spec = EvaluationSpec(variants=[])
+    result = choose_serving_variant(mlp(), "classification", lambda: pytest.fail("nothing to measure"), spec)
+    assert result == {"serving_variant": "eager", "variants": [{"name": "eager", "applies": True}]}
+
+
+def test_only_the_listed_variants_are_measured_with_the_spec_tolerance() -> None:
+    spec = EvaluationSpec(variants=["int8_dynamic"], variant_min_agreement=1.0)
+    result = choose_serving_variant(mlp(), "classification", lambda: tabular_probe(torch.randn(64, 6)), spec)
+    assert [v["name"] for v in result["variants"]] == ["eager", "int8_dynamic"]
+    int8 = result["variants"][1]
+    assert int8["within_tolerance"] is (int8["agreement"] >= 1.0)
+
+
+# --- the spec knob -------------------------------------------------------------------------------------------------
+
+
+def job(**overrides: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "teacher": {"source": "builtin", "architecture": {"input_dim": 6, "hidden_dims": [12], "output_dim": 3}},
+        "student": {"architecture": {"input_dim": 6, "hidden_dims": [8], "output_dim": 3}},
+        "data": {"source": "synthetic", "n_train": 32, "n_test": 48},
+        "training": {"steps": 3},
+        "evaluation": {"latency_repeats": 1},
+    }
+    document.update(overrides)
+    return document
+
+
+def test_an_unknown_variant_is_rejected_with_its_path() -> None:
+    with pytest.raises(ValidationError) as error:
+        JobSpec.model_validate(job(evaluation={"variants": ["onnx", "tensorrt"]}))
+    assert [tuple(e["loc"]) for e in error.value.errors()] == [("evaluation", "variants", 1)]
+    with pytest.raises(ValidationError) as error:
+        JobSpec.model_validate(job(evaluation={"variant_min_agreement": 1.5}))
+    assert [tuple(e["loc"]) for e in error.value.errors()] == [("evaluation", "variant_min_agreement")]
+
+
+def test_a_causal_lm_job_cannot_ask_for_variants() -> None:
+    document = {
+        "task": "causal_lm",
+        "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": tiny_config("gpt2")}},
+        "student": {"architecture": {"type": "transformer", "config": tiny_config("gpt2", num_layers=1)}},
+        "data": {"source": "inline", "records": [{"text": "a b c"}, {"text": "d e f"}]},
+    }
+    assert check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["eager"]}}), LIMITS) == []
+    problems = check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["onnx"]}}), LIMITS)
+    assert [p.loc for p in problems] == [("evaluation", "variants")]
+
+
+# --- a job records its choice; serving applies it ------------------------------------------------------------------
+
+
+def test_a_job_records_the_variants_and_saves_the_choice_with_the_model(tmp_path: Path) -> None:
+    trained = run_job_spec(JobSpec.model_validate(job()), JobResources(), device=torch.device("cpu"))
+    evaluation = trained.evaluation
+    assert [v["name"] for v in evaluation["variants"]] == list(VARIANT_NAMES)
+    assert evaluation["serving_variant"] in VARIANT_NAMES and evaluation["variants_seconds"] < 10
+    trained.save(tmp_path / "m", {"source_job_id": "job_x"})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["serving_variant"] == evaluation["serving_variant"]
+    assert config["variants"] == evaluation["variants"] and config["source_job_id"] == "job_x"
+    predictor = StudentPredictor("mdl_x", tmp_path / "m", "sha", config)
+    assert predictor.variant == evaluation["serving_variant"]
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_the_tabular_predictor_serves_the_recorded_variant(tmp_path: Path, name: str) -> None:
+    model = mlp()
+    save_model_dir(model, tmp_path / "m", extra_config={"serving_variant": name})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    predictor = StudentPredictor("mdl_v", tmp_path / "m", "sha", config)
+    assert predictor.variant == name
+    rows = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    got = torch.from_numpy(predictor.predict_batch([rows.numpy()])[0])
+    with torch.inference_mode():
+        expected = torch.softmax(model(rows), dim=-1)
+    assert torch.allclose(got, expected, atol=0.05 if name == "int8_dynamic" else 1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_a_variant_that_cannot_be_built_at_load_falls_back_to_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def missing(made: Servable) -> tuple[variants.Forward, int]:
+        raise VariantUnavailable("onnxruntime is not installed")
+
+    monkeypatch.setitem(variants.BUILDERS, "onnx", missing)
+    save_model_dir(mlp(), tmp_path / "m", extra_config={"serving_variant": "onnx"})
+    with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
+        predictor = StudentPredictor("mdl_f", tmp_path / "m", "sha", {"serving_variant": "onnx"})
+    assert predictor.variant == "eager"
+    assert "onnxruntime is not installed" in caplog.text and "eager" in caplog.text
+    made = servable(mlp(), "classification")
+    assert made is not None
+    assert apply_variant("no_such_variant", made).name == "eager"
+    assert apply_variant(None, made).name == "eager"
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_the_text_predictor_serves_the_recorded_variant(tmp_path: Path, name: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_MODELS["all-MiniLM-L6-v2"]()))
+    model = build_from_config(tiny_config("bert", vocab_size=len(tokenizer), max_positions=64), "embedding", seed=0)
+    save_pretrained_dir(model, tokenizer, tmp_path / "m", extra_config={"task": "embedding"})
+    eager = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding"})
+    served = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding", "serving_variant": name})
+    assert eager.variant == "eager" and served.variant == name
+    texts = ["a short one", "a somewhat longer sentence with more words in it", "x"]
+    expected = torch.from_numpy(eager.predict_batch([TextRequest(texts)])[0].values)
+    for batch in (texts, texts[1:2]):
+        got = torch.from_numpy(served.predict_batch([TextRequest(batch)])[0].values)
+        reference = expected if len(batch) == 3 else expected[1:2]
+        assert float(F.cosine_similarity(got, reference, dim=-1).min()) >= 0.99
