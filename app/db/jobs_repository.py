@@ -170,7 +170,15 @@ def claim(conn: Connection, job_id: str, worker: str, *, stale_after_s: float) -
                 started_at=sa.func.coalesce(jobs.c.started_at, now),
                 updated_at=now,
             )
-            .returning(jobs.c.id, jobs.c.spec, jobs.c.attempts, jobs.c.name, jobs.c.tenant, jobs.c.graceful_stops)
+            .returning(
+                jobs.c.id,
+                jobs.c.spec,
+                jobs.c.attempts,
+                jobs.c.name,
+                jobs.c.tenant,
+                jobs.c.graceful_stops,
+                jobs.c.progress,
+            )
         )
         .mappings()
         .first()
