@@ -79,6 +79,7 @@ class Figures:
     second_job_wall_s: float = 0.0
     predict_ms: float = 0.0
     api_restart_to_healthy_s: float = 0.0
+    serve_to_healthy_s: float = 0.0
     scale_to_healthy_s: float = 0.0
     overlap_s: float = 0.0
     overlap_workers: list[str] = field(default_factory=list)
@@ -134,11 +135,12 @@ class ComposeProject:
             "PYTHON_IMAGE": f"{BASE}/python:3.11-bookworm",
         }
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.serve_port = free_port()
+        self.env["DISTILLERY_SERVE_PORTS"] = str(self.serve_port)
 
     def compose(self, *args: str, timeout: float = 600) -> str:
-        return run(
-            [podman_compose(), "-f", "docker-compose.yml", "-p", self.name, *args], env=self.env, timeout=timeout
-        )
+        command = [podman_compose(), "-f", "docker-compose.yml", "-p", self.name, "--profile", "serving", *args]
+        return run(command, env=self.env, timeout=timeout)
 
     def containers(self, service: str | None = None, *, all_states: bool = True) -> list[str]:
         command = ["podman", "ps", "--format", "{{.Names}}", "--filter", f"label=io.podman.compose.project={self.name}"]
@@ -294,6 +296,24 @@ def check_example_job(project: ComposeProject, figures: Figures) -> dict[str, An
     return {"job": job, "events": events, "models": models, "prediction": prediction.json()}
 
 
+def check_serve(project: ComposeProject, before: dict[str, Any], figures: Figures) -> None:
+    """The inference-only `serve` service (profile serving): same model, same prediction, no jobs API."""
+    start = time.monotonic()
+    project.compose("up", "-d", "--no-deps", "serve")
+    project.wait_healthy([project.container("serve")])
+    figures.serve_to_healthy_s = time.monotonic() - start
+    model_id = before["job"]["result"]["model_id"]
+    headers = {"Authorization": f"Bearer {project.api_key}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{project.serve_port}", headers=headers, timeout=30) as client:
+        prediction = client.post(f"/v1/models/{model_id}/predict", json={"inputs": PREDICT_INPUT})
+        jobs = client.get("/v1/jobs")
+    if prediction.status_code != 200 or prediction.json() != before["prediction"] or jobs.status_code != 404:
+        raise DeploymentCheckFailed(
+            f"serve: predict {prediction.status_code} {prediction.text}; jobs {jobs.status_code}"
+        )
+    figures.checks.append("serve (profile serving): the same prediction as the api; no jobs API (404)")
+
+
 def check_api_restart(project: ComposeProject, before: dict[str, Any], figures: Figures) -> None:
     api = project.container("api")
     start = time.monotonic()
@@ -394,6 +414,7 @@ def measure(*, cached: bool, install: bool = True, overlap_epochs: int = 400) ->
         figures.up_to_healthy_s = time.monotonic() - start
         log(f"healthy in {figures.up_to_healthy_s:.1f} s")
         before = check_example_job(project, figures)
+        check_serve(project, before, figures)
         check_api_restart(project, before, figures)
         log(f"api restarted and healthy in {figures.api_restart_to_healthy_s:.1f} s; nothing lost")
         check_two_workers(project, figures, overlap_epochs)
@@ -435,6 +456,7 @@ def table(figures: Figures) -> str:
         ("example job, created → finished (server)", f"{figures.job_server_s:.2f} s", ""),
         ("the same job again (worker warm)", f"{figures.second_job_wall_s:.2f} s", ""),
         ("first predict of the new model (loads it)", f"{figures.predict_ms:.0f} ms", ""),
+        ("`serve` (inference only) started → healthy", f"{figures.serve_to_healthy_s:.1f} s", ""),
         ("api restart → healthy", f"{figures.api_restart_to_healthy_s:.1f} s", ""),
         ("`--scale worker=2` → second worker healthy", f"{figures.scale_to_healthy_s:.1f} s", ""),
         ("two jobs running at once on two workers", f"{figures.overlap_s:.1f} s overlap", "yes"),

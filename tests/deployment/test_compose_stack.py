@@ -1,6 +1,6 @@
 """docker-compose.yml built and run for real: podman + runc + podman-compose, a local base image instead of a
-registry, the example job over HTTP, predict, an api restart, two workers at once, teardown (benchmarks/deployment.py
-does the work and says why the start-up order is driven step by step on podman 4.3).
+registry, the example job over HTTP, predict (api and serve), an api restart, two workers at once, teardown
+(benchmarks/deployment.py does the work and says why the start-up order is driven step by step on podman 4.3).
 
 Slow (minutes) and needs root: skipped unless DISTILLERY_DEPLOYMENT_TESTS=1.
 
@@ -32,4 +32,4 @@ def test_compose_stack_builds_runs_restarts_and_scales() -> None:
     assert figures.up_to_healthy_s <= 60
     assert figures.overlap_s > 0 and len(set(figures.overlap_workers)) == 2
     # every step checks itself (DeploymentCheckFailed); these are the steps that ran
-    assert len(figures.checks) == 5, figures.checks
+    assert len(figures.checks) == 6, figures.checks
