@@ -125,8 +125,11 @@ class ProgressWriter:
         attempt: int,
         interval_s: float,
         shutting_down: Callable[[], bool] = lambda: False,
+        time_limit_s: float | None = None,
     ) -> None:
         self.db = db
+        self.time_limit_s = time_limit_s
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.job_id = job_id
         self.attempt = attempt
         self.interval_s = interval_s
@@ -153,6 +156,11 @@ class ProgressWriter:
             self.last = progress_document(update, eta)
             raise StopRequested("shutdown", checkpoint=True)
         now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            self.last = progress_document(update, eta)
+            raise JobFailure(
+                "time_limit", f"the attempt ran past its time limit of {self.time_limit_s:g} s (training.time_limit_s)"
+            )
         stage_changed = update.stage != self.stage
         if not stage_changed and now - self.last_write < self.interval_s:
             return
@@ -262,7 +270,14 @@ class JobRunner:
         attempt = int(claimed["attempts"])
         spec = JobSpec.model_validate(claimed["spec"])
         checkpointer = self.checkpointer(job_id, spec)
-        writer = ProgressWriter(self.db, job_id, attempt, self.settings.progress_interval_s, self.shutting_down)
+        writer = ProgressWriter(
+            self.db,
+            job_id,
+            attempt,
+            self.settings.progress_interval_s,
+            self.shutting_down,
+            time_limit_s=spec.training.time_limit_s,
+        )
         try:
             with Heartbeat(self.db, job_id, attempt, self.settings.heartbeat_interval_s):
                 self.execute(job_id, attempt, str(claimed["tenant"]), spec, writer, checkpointer)

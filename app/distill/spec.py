@@ -388,6 +388,13 @@ class TrainingSpec(SpecModel):
         "auto", description="auto: bf16 autocast on CUDA (teacher held in bf16), fp32 on the CPU."
     )
     gradient_accumulation: int = Field(1, ge=1, le=4096)
+    time_limit_s: float | None = Field(
+        None,
+        gt=0,
+        le=366 * 24 * 3600,
+        description="Soft time limit of one attempt (seconds): past it the job stops between steps and fails with "
+        "code time_limit. The hard limit, which kills the attempt, is the worker's DISTILLERY_JOB_TIME_LIMIT_S.",
+    )
     compile: bool = Field(False, description="torch.compile the student (worth it on GPUs for long jobs).")
     checkpoint_every: int | None = Field(
         None,
@@ -495,6 +502,7 @@ class SpecLimits:
     max_student_params: int
     max_steps: int
     max_dataset_rows: int
+    max_time_limit_s: float | None = None  # the workers' hard limit: a soft limit above it could never apply
 
 
 @dataclass(frozen=True)
@@ -618,6 +626,12 @@ class SpecChecker:
         if steps > self.limits.max_steps:
             loc: Loc = ("training", "steps") if training.steps is not None else ("training", "epochs")
             self.add(loc, f"{steps:,} optimizer steps requested; the limit is {self.limits.max_steps:,}")
+        limit = self.limits.max_time_limit_s
+        if training.time_limit_s is not None and limit is not None and training.time_limit_s > limit:
+            self.add(
+                ("training", "time_limit_s"),
+                f"above the workers' hard limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S), which stops it first",
+            )
         if training.schedule.warmup_steps > steps:
             self.add(("training", "schedule", "warmup_steps"), f"warmup is longer than the {steps} steps")
 

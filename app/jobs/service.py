@@ -37,6 +37,7 @@ def spec_limits(settings: Settings) -> SpecLimits:
         max_student_params=settings.max_student_params,
         max_steps=settings.max_steps,
         max_dataset_rows=settings.max_dataset_rows,
+        max_time_limit_s=float(settings.job_time_limit_s),
     )
 
 

@@ -210,3 +210,16 @@ def test_api_restart_loses_nothing(worker: Any, service_env: dict[str, str], tmp
             assert set(ids) <= listed
     finally:
         process.stop()
+
+
+def test_a_job_past_its_time_limit_fails_with_code_time_limit(client: httpx.Client, worker: Any) -> None:
+    spec = tiny_spec(name="time-limited", training={"steps": 1_000_000, "batch_size": 32, "time_limit_s": 1.0})
+    spec["augmentation"] = {"enabled": True, "samples_per_step": 64}
+    done = wait_for_status(client, submit(client, spec)["id"], ("succeeded", "failed"), timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "time_limit", done["error"]
+    assert 0 < done["progress"]["step"] < 1_000_000
+    # a soft limit above the workers' hard limit (DISTILLERY_JOB_TIME_LIMIT_S, a day by default) could never apply
+    spec["training"]["time_limit_s"] = 7 * 24 * 3600
+    refused = client.post("/v1/jobs", json=spec)
+    assert refused.status_code == 422
+    assert ["body", "training", "time_limit_s"] in [e["loc"] for e in refused.json()["errors"]]
