@@ -102,9 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.include_router(datasets_router)
     if settings.enable_jobs_api or settings.enable_inference_api:
+        from app.models.router import aliases_router
         from app.models.router import router as models_router
 
         app.include_router(models_router)
+        app.include_router(aliases_router)
     if settings.enable_inference_api:
         from app.serving.router import router as serving_router
 

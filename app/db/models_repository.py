@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.db.jobs_repository import Tenant, scoped, utcnow
-from app.db.tables import datasets, models
+from app.db.tables import datasets, model_aliases, models
 
 
 def insert_model(conn: Connection, **values: Any) -> None:
@@ -40,6 +40,8 @@ def list_models(conn: Connection, *, tenant: str, limit: int, after: str | None)
 
 
 def delete_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMapping | None:
+    # the aliases that name it go with it (the foreign key cascades on Postgres; SQLite may not enforce it)
+    conn.execute(model_aliases.delete().where(model_aliases.c.model_id == model_id))
     return (
         conn.execute(models.delete().where(scoped(models.c.id == model_id, tenant, models)).returning(models))
         .mappings()
@@ -56,3 +58,42 @@ def storage_bytes(conn: Connection, *, tenant: str) -> int:
         sa.select(sa.func.coalesce(sa.func.sum(datasets.c.size_bytes), 0)).where(datasets.c.tenant == tenant)
     ).scalar_one()
     return int(model_bytes) + int(dataset_bytes)
+
+
+# --- user-set aliases ---------------------------------------------------------------------------------------------
+
+
+def get_alias(conn: Connection, name: str, *, tenant: str) -> RowMapping | None:
+    query = sa.select(model_aliases).where(model_aliases.c.tenant == tenant, model_aliases.c.name == name)
+    return conn.execute(query).mappings().first()
+
+
+def put_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tuple[RowMapping, bool]:
+    """Point ``name`` at ``model_id`` (create or move it); returns the row and whether it was created. The caller's
+    transaction serialises concurrent puts of one name through the primary key."""
+    now = utcnow()
+    moved = conn.execute(
+        model_aliases.update()
+        .where(model_aliases.c.tenant == tenant, model_aliases.c.name == name)
+        .values(model_id=model_id, updated_at=now)
+    )
+    created = moved.rowcount == 0
+    if created:
+        conn.execute(
+            model_aliases.insert().values(tenant=tenant, name=name, model_id=model_id, created_at=now, updated_at=now)
+        )
+    row = get_alias(conn, name, tenant=tenant)
+    assert row is not None
+    return row, created
+
+
+def list_aliases(conn: Connection, *, tenant: str, limit: int, after: str | None) -> Sequence[RowMapping]:
+    query = sa.select(model_aliases).where(model_aliases.c.tenant == tenant).order_by(model_aliases.c.name).limit(limit)
+    if after is not None:
+        query = query.where(model_aliases.c.name > after)
+    return conn.execute(query).mappings().all()
+
+
+def delete_alias(conn: Connection, name: str, *, tenant: str) -> bool:
+    deleted = conn.execute(model_aliases.delete().where(model_aliases.c.tenant == tenant, model_aliases.c.name == name))
+    return deleted.rowcount == 1

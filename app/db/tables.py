@@ -98,6 +98,19 @@ models = sa.Table(
     sa.Index("ix_models_source_job_id", "source_job_id"),
 )
 
+# user-set model aliases: a name a tenant points at one of its models (PUT /v1/aliases/{name}); wherever a model id
+# goes in an inference request the name may go instead, so clients switch versions without changing URLs
+model_aliases = sa.Table(
+    "model_aliases",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("model_id", sa.String(40), sa.ForeignKey("models.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index("ix_model_aliases_model_id", "model_id"),
+)
+
 # the transactional outbox: a row per publish the broker owes; written in the job's transaction, published (and
 # marked) by the api right after commit or, failing that, by the worker's reconciler
 outbox = sa.Table(

@@ -16,7 +16,7 @@ from app.deps import DatabaseDep, ModelCacheDep, SettingsDep, TenantDep
 from app.errors import NotFound
 from app.http import json_response
 from app.models import service
-from app.models.schemas import Model, ModelList
+from app.models.schemas import ALIAS_PATTERN, Alias, AliasList, AliasTarget, Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -138,3 +138,55 @@ async def delete_model(
     deleted = await run_in_threadpool(delete)
     cache.evict(model_id)
     return json_response(deleted)
+
+
+# --- user-set aliases: /v1/aliases ---------------------------------------------------------------------------------
+
+aliases_router = APIRouter(prefix="/v1/aliases", tags=["models"])
+
+AliasName = Annotated[
+    str,
+    Path(
+        pattern=ALIAS_PATTERN,
+        description="Letters, digits, '.', '_' and '-' (at most 100), not starting with `mdl_`. Inference requests "
+        "take it wherever they take a model id.",
+    ),
+]
+
+
+@aliases_router.put(
+    "/{name}",
+    response_model=Alias,
+    responses={201: {"model": Alias, "description": "Created"}},
+    summary="Point an alias at a model (create or move it)",
+    description="Inference requests that name the alias go to the new model once it has loaded; until then, and if "
+    "its load fails, they keep going to the previous one.",
+)
+def put_alias(name: AliasName, target: AliasTarget, db: DatabaseDep, tenant: TenantDep) -> Response:
+    with db.transaction() as conn:
+        document, created = service.set_alias(conn, name, target.model_id, tenant=tenant)
+    return json_response(document, status_code=201 if created else 200)
+
+
+@aliases_router.get("", response_model=AliasList, summary="List aliases by name")
+def list_aliases(
+    db: DatabaseDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
+    after: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
+    with db.read() as conn:
+        return json_response(service.list_aliases(conn, tenant=tenant, limit=limit, after=after))
+
+
+@aliases_router.get("/{name}", response_model=Alias, summary="Get an alias")
+def get_alias(name: AliasName, db: DatabaseDep, tenant: TenantDep) -> Response:
+    with db.read() as conn:
+        return json_response(service.get_alias(conn, name, tenant=tenant))
+
+
+@aliases_router.delete("/{name}", status_code=204, response_class=Response, summary="Delete an alias")
+def delete_alias(name: AliasName, db: DatabaseDep, tenant: TenantDep) -> Response:
+    with db.transaction() as conn:
+        service.delete_alias(conn, name, tenant=tenant)
+    return Response(status_code=204)

@@ -112,3 +112,40 @@ def model_document(row: Mapping[Any, Any]) -> dict[str, Any]:
         "config": row["config"],
         "evaluation": row["evaluation"],
     }
+
+
+# --- user-set aliases ----------------------------------------------------------------------------------------------
+
+#: an alias name: letters, digits, '.', '_' and '-', without ':' (which ``latest:<job name>`` uses); the service
+#: also refuses names starting like a model id (``mdl_``)
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class AliasTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1, max_length=64, description="The model the alias names from now on.")
+
+
+class Alias(BaseModel):
+    object: Literal["alias"] = "alias"
+    name: str
+    model_id: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class AliasList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Alias]
+    has_more: bool
+
+
+def alias_document(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "object": "alias",
+        "name": row["name"],
+        "model_id": row["model_id"],
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row["updated_at"]),
+    }

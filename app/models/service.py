@@ -17,13 +17,16 @@ from app.db import models_repository
 from app.distill.artifacts import TEXT_META_FILE, WEIGHTS_FILE, ArtifactFile, describe_model_dir, sha256_file
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
-from app.models.schemas import model_document
+from app.models.schemas import alias_document, model_document
 
 MAX_PAGE = 100
 
 
+MODEL_ID_PREFIX = "mdl_"
+
+
 def new_model_id() -> str:
-    return new_id("mdl")
+    return new_id(MODEL_ID_PREFIX.rstrip("_"))
 
 
 def artifact_path_for(model_id: str) -> str:
@@ -96,6 +99,40 @@ def delete_model(conn: Connection, model_id: str, *, tenant: str) -> dict[str, A
     if row is None:
         raise NotFound(f"no model {model_id!r}")
     return {"id": model_id, "object": "model", "deleted": True, "artifact_path": row["artifact_path"]}
+
+
+def set_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tuple[dict[str, Any], bool]:
+    """Point the tenant's alias ``name`` at one of its models; (document, created). NotFound for another tenant's
+    or a missing model."""
+    if name.startswith(MODEL_ID_PREFIX):
+        message = f"alias names cannot start with {MODEL_ID_PREFIX!r}: that is how model ids start"
+        raise InvalidRequest(message, errors=[{"loc": ["path", "name"], "msg": message}])
+    get_model_row(conn, model_id, tenant=tenant)
+    row, created = models_repository.put_alias(conn, name, model_id, tenant=tenant)
+    return alias_document(row), created
+
+
+def get_alias(conn: Connection, name: str, *, tenant: str) -> dict[str, Any]:
+    row = models_repository.get_alias(conn, name, tenant=tenant)
+    if row is None:
+        raise NotFound(f"no alias {name!r}")
+    return alias_document(row)
+
+
+def alias_target(conn: Connection, name: str, *, tenant: str) -> str | None:
+    """The model id an alias names now, or None."""
+    row = models_repository.get_alias(conn, name, tenant=tenant)
+    return None if row is None else str(row["model_id"])
+
+
+def list_aliases(conn: Connection, *, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
+    rows = models_repository.list_aliases(conn, tenant=tenant, limit=limit + 1, after=after)
+    return {"object": "list", "data": [alias_document(row) for row in rows[:limit]], "has_more": len(rows) > limit}
+
+
+def delete_alias(conn: Connection, name: str, *, tenant: str) -> None:
+    if not models_repository.delete_alias(conn, name, tenant=tenant):
+        raise NotFound(f"no alias {name!r}")
 
 
 def remove_artifact(artifacts_root: Path, artifact_path: str) -> None:

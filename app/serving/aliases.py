@@ -1,9 +1,5 @@
-"""Model references: a model id, or the automatic alias ``latest:<job name>`` (the newest student produced by a
-succeeded job of that name, for the tenant).
-
-User-set aliases (``PUT /v1/aliases/{name}``) need a table and its migration; they are not built yet (see
-docs/serving.md).
-"""
+"""Model references: a model id (``mdl_…``), the automatic alias ``latest:<job name>`` (the newest student
+produced by a succeeded job of that name, for the tenant), or a user-set alias (``PUT /v1/aliases/{name}``)."""
 
 from __future__ import annotations
 
@@ -11,8 +7,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from app.db.tables import models
+from app.models.service import MODEL_ID_PREFIX
 
 LATEST_PREFIX = "latest:"
+
+
+def is_alias(reference: str) -> bool:
+    """Whether an inference reference names an alias (``latest:<job name>`` or a user-set alias) rather than a
+    model id. User-set alias names cannot start with ``mdl_`` (app.models.schemas.ALIAS_PATTERN)."""
+    return reference.startswith(LATEST_PREFIX) or not reference.startswith(MODEL_ID_PREFIX)
 
 
 def alias_job_name(reference: str) -> str | None:

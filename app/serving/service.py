@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db.engine import Database
 from app.errors import NotFound, ServiceError
 from app.models import service as models_service
-from app.serving.aliases import LATEST_PREFIX, alias_job_name, latest_student_id
+from app.serving.aliases import alias_job_name, is_alias, latest_student_id
 from app.serving.batcher import (
     BatcherStopped,
     BatchingConfig,
@@ -185,15 +185,14 @@ class InferenceService:
     async def get(self, tenant: str, reference: str) -> ServedModel:
         """The loaded model a reference names for this tenant, loading it if needed. NotFound for unknown ids and
         aliases (another tenant's model included)."""
-        job_name = alias_job_name(reference)
-        if job_name is None:
+        if not is_alias(reference):
             return await self._get_id(tenant, reference)
-        model_id = await self._alias_target(tenant, job_name)
+        model_id = await self._alias_target(tenant, reference)
         try:
             return await self._get_id(tenant, model_id)
         except NotFound:  # the bound model was deleted since: look the alias up again
-            self._aliases.pop((tenant, job_name), None)
-            return await self._get_id(tenant, await self._alias_target(tenant, job_name))
+            self._aliases.pop((tenant, reference), None)
+            return await self._get_id(tenant, await self._alias_target(tenant, reference))
 
     def loaded(self, tenant: str, model_id: str) -> ServedModel | None:
         served: ServedModel | None = self.cache.peek(f"{tenant}/{model_id}")
@@ -280,8 +279,7 @@ class InferenceService:
 
     async def record(self, tenant: str, reference: str) -> ModelRecord:
         """A model's record without loading it (metadata); NotFound as ``get``."""
-        job_name = alias_job_name(reference)
-        model_id = reference if job_name is None else await self._alias_target(tenant, job_name)
+        model_id = await self._alias_target(tenant, reference) if is_alias(reference) else reference
         served = self.loaded(tenant, model_id)
         if served is not None:
             return served.record
@@ -290,18 +288,16 @@ class InferenceService:
     async def load(self, tenant: str, reference: str) -> ServedModel:
         """Explicit load. For an alias, its newest target is looked up now, loaded, then bound (a failed load
         leaves the alias on its previous model and raises)."""
-        job_name = alias_job_name(reference)
-        if job_name is None:
+        if not is_alias(reference):
             return await self._get_id(tenant, reference)
-        newest = await self._latest(tenant, job_name)
+        newest = await self._resolve(tenant, reference)
         served = await self._get_id(tenant, newest)
-        self._bind(tenant, job_name, newest)
+        self._bind(tenant, reference, newest)
         return served
 
     async def unload(self, tenant: str, reference: str) -> tuple[str, bool]:
         """Unload from this process; returns (model id, whether it was loaded). NotFound for unknown models."""
-        job_name = alias_job_name(reference)
-        model_id = reference if job_name is None else await self._alias_target(tenant, job_name)
+        model_id = await self._alias_target(tenant, reference) if is_alias(reference) else reference
         removed = self.cache.evict(f"{tenant}/{model_id}")
         if removed is None:
             await run_in_threadpool(self._read_record, tenant, model_id)  # NotFound when there is no such model
@@ -309,50 +305,58 @@ class InferenceService:
 
     # --- aliases -----------------------------------------------------------------------------------------------------
 
-    async def _latest(self, tenant: str, job_name: str) -> str:
+    async def _resolve(self, tenant: str, alias: str) -> str:
+        """The model an alias names in the database now: for ``latest:<job name>`` the newest student of the
+        succeeded jobs with that name, for a user-set alias the model it was pointed at."""
+        job_name = alias_job_name(alias)
+
         def read() -> str | None:
             try:
                 with self.database.read() as conn:
-                    return latest_student_id(conn, tenant=tenant, job_name=job_name)
+                    if job_name is not None:
+                        return latest_student_id(conn, tenant=tenant, job_name=job_name)
+                    return models_service.alias_target(conn, alias, tenant=tenant)
             except (DBAPIError, PoolTimeoutError) as exc:
-                raise lookup_failed(exc, LATEST_PREFIX + job_name) from exc
+                raise lookup_failed(exc, alias) from exc
 
         model_id = await run_in_threadpool(read)
         if model_id is None:
-            raise NotFound(f"no model {LATEST_PREFIX}{job_name}: no succeeded job named {job_name!r} has a model")
+            if job_name is not None:
+                raise NotFound(f"no model {alias}: no succeeded job named {job_name!r} has a model")
+            raise NotFound(f"no model or alias {alias!r}")
         return model_id
 
-    def _bind(self, tenant: str, job_name: str, model_id: str) -> AliasBinding:
-        binding = self._aliases.get((tenant, job_name))
+    def _bind(self, tenant: str, alias: str, model_id: str) -> AliasBinding:
+        binding = self._aliases.get((tenant, alias))
         if binding is None:
             if len(self._aliases) >= MAX_ALIASES:
                 self._aliases.pop(next(iter(self._aliases)))
-            binding = self._aliases[(tenant, job_name)] = AliasBinding(model_id, time.monotonic())
+            binding = self._aliases[(tenant, alias)] = AliasBinding(model_id, time.monotonic())
         binding.model_id = model_id
         binding.checked_at = time.monotonic()
         return binding
 
-    async def _alias_target(self, tenant: str, job_name: str) -> str:
+    async def _alias_target(self, tenant: str, alias: str) -> str:
         """The model an alias serves now. A binding older than ``alias_refresh_s`` is checked in the background:
-        requests keep using it until a newer model has loaded (then the alias switches)."""
-        binding = self._aliases.get((tenant, job_name))
+        requests keep using it until the model the alias names now has loaded (then the alias switches)."""
+        binding = self._aliases.get((tenant, alias))
         if binding is None:
-            return self._bind(tenant, job_name, await self._latest(tenant, job_name)).model_id
+            return self._bind(tenant, alias, await self._resolve(tenant, alias)).model_id
         if time.monotonic() - binding.checked_at >= self.settings.alias_refresh_s and binding.refresh is None:
-            binding.refresh = asyncio.ensure_future(self._refresh_alias(tenant, job_name, binding))
+            binding.refresh = asyncio.ensure_future(self._refresh_alias(tenant, alias, binding))
         return binding.model_id
 
-    async def _refresh_alias(self, tenant: str, job_name: str, binding: AliasBinding) -> None:
+    async def _refresh_alias(self, tenant: str, alias: str, binding: AliasBinding) -> None:
         try:
-            newest = await self._latest(tenant, job_name)
-            if newest != binding.model_id:
-                await self._get_id(tenant, newest)  # load first: a failure keeps the alias where it was
-                log.info("alias %s%s of %s: %s → %s", LATEST_PREFIX, job_name, tenant, binding.model_id, newest)
-                binding.model_id = newest
+            target = await self._resolve(tenant, alias)
+            if target != binding.model_id:
+                await self._get_id(tenant, target)  # load first: a failure keeps the alias where it was
+                log.info("alias %s of %s: %s → %s", alias, tenant, binding.model_id, target)
+                binding.model_id = target
         except NotFound:
-            self._aliases.pop((tenant, job_name), None)
+            self._aliases.pop((tenant, alias), None)
         except Exception as exc:
-            log.warning("alias %s%s of %s stays on %s: %s", LATEST_PREFIX, job_name, tenant, binding.model_id, exc)
+            log.warning("alias %s of %s stays on %s: %s", alias, tenant, binding.model_id, exc)
         finally:
             binding.checked_at = time.monotonic()
             binding.refresh = None

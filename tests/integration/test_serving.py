@@ -224,6 +224,41 @@ def test_a_failed_load_leaves_the_alias_on_the_previous_model(
         time.sleep(0.25)
 
 
+def test_user_alias_over_http(client: httpx.Client, worker: Any) -> None:
+    first = trained_model(client, "serving-user-alias", seed=1)
+    second = trained_model(client, "serving-user-alias-b", seed=2)
+    created = client.put("/v1/aliases/sentiment-prod", json={"model_id": first})
+    assert created.status_code == 201 and created.json()["model_id"] == first
+    assert client.get("/v1/aliases/sentiment-prod").json()["model_id"] == first
+    assert [a["name"] for a in client.get("/v1/aliases").json()["data"]] == ["sentiment-prod"]
+    # every protocol takes the alias wherever it takes a model id
+    assert client.post("/v1/models/sentiment-prod/predict", json={"inputs": [ROW]}).json()["model_id"] == first
+    infer = {"inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32", "data": ROW}]}
+    assert client.post("/v2/models/sentiment-prod/infer", json=infer).json()["model_version"] == first
+    moved = client.put("/v1/aliases/sentiment-prod", json={"model_id": second})
+    assert moved.status_code == 200 and moved.json()["model_id"] == second
+    wait_until(  # the api checks the alias every alias_refresh_s (2 s), loads the new target, then switches
+        lambda: client.post("/v1/models/sentiment-prod/predict", json={"inputs": [ROW]}).json()["model_id"] == second,
+        20,
+        0.2,
+        "the alias to move",
+    )
+    # bad names, unknown models and unknown aliases
+    for name in ("mdl_x", "a:b", "-x", "x" * 101):
+        assert_problem(client.put(f"/v1/aliases/{name}", json={"model_id": first}), 422)
+    assert_problem(client.put("/v1/aliases/other", json={"model_id": "mdl_nope"}), 404)
+    assert_problem(client.put("/v1/aliases/other", json={"model": first}), 422)
+    assert_problem(client.get("/v1/aliases/nothing-here"), 404)
+    assert_problem(client.post("/v1/models/nothing-here/predict", json={"inputs": [ROW]}), 404)
+    assert client.delete("/v1/aliases/sentiment-prod").status_code == 204
+    assert_problem(client.get("/v1/aliases/sentiment-prod"), 404)
+    assert_problem(client.delete("/v1/aliases/sentiment-prod"), 404)
+    # deleting a model deletes the aliases that name it
+    client.put("/v1/aliases/doomed", json={"model_id": first}).raise_for_status()
+    assert client.delete(f"/v1/models/{first}").status_code == 200
+    assert_problem(client.get("/v1/aliases/doomed"), 404)
+
+
 # --- KServe v2 ----------------------------------------------------------------------------------------------------
 
 

@@ -179,6 +179,44 @@ def test_latest_alias_switches_once_the_new_model_has_loaded(store: Store) -> No
     run(test)
 
 
+def test_user_alias_moves_once_its_new_target_has_loaded_and_is_tenant_scoped(store: Store) -> None:
+    first = store.add(name="a", seed=1)
+    second = store.add(name="b", seed=2)
+    other_tenant = store.add(tenant="team-b", name="c", seed=3)
+    loader = CountingLoader()
+
+    def point(name: str, model_id: str, tenant: str = "default") -> bool:
+        with store.database.transaction() as conn:
+            return models_service.set_alias(conn, name, model_id, tenant=tenant)[1]
+
+    async def test() -> None:
+        service = serve(store, loader, alias_refresh_s=0.01)
+        with pytest.raises(NotFound):
+            await service.get("default", "prod")
+        assert point("prod", first) is True
+        assert (await service.get("default", "prod")).model_id == first
+        loader.fail.add(second)
+        assert point("prod", second) is False  # moved, not created
+        await asyncio.sleep(0.02)
+        await service.get("default", "prod")  # starts the background check
+        await asyncio.sleep(0.1)
+        assert (await service.get("default", "prod")).model_id == first  # the new target failed to load
+        loader.fail.clear()
+        service._failed.clear()  # forget the failed load now rather than after FAILED_LOAD_MEMORY_S
+        await asyncio.sleep(0.02)
+        await service.get("default", "prod")
+        await asyncio.sleep(0.1)
+        assert (await service.get("default", "prod")).model_id == second
+        # another tenant's alias of the same name is its own; one cannot point an alias at another tenant's model
+        with pytest.raises(NotFound):
+            await service.get("team-b", "prod")
+        with pytest.raises(NotFound):
+            point("prod", other_tenant)
+        service.close()
+
+    run(test)
+
+
 def test_explicit_load_of_an_alias_binds_it_and_unload_frees_it(store: Store) -> None:
     store.add(name="daily", seed=1)
     newest = store.add(name="daily", seed=2)
