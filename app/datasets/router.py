@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
@@ -12,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.datasets import service
 from app.datasets.schemas import Dataset, DatasetList
 from app.deps import DatabaseDep, SettingsDep, TenantDep
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.net import fetch_to
+from app.storage import dataset_folder, store_for
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -41,6 +43,7 @@ def upload_dataset(
         max_records=settings.max_dataset_rows,
     )
     try:
+        store_for(settings).publish(dataset_folder(stored.artifact_path))
         with db.transaction() as conn:
             document = service.register_dataset(
                 conn,
@@ -50,7 +53,7 @@ def upload_dataset(
                 max_storage_bytes=settings.max_storage_bytes_per_tenant,
             )
     except BaseException:
-        service.remove_dataset_files(settings.artifacts_dir, stored.artifact_path)
+        store_for(settings).remove(dataset_folder(stored.artifact_path))
         raise
     return json_response(document, status.HTTP_201_CREATED)
 
@@ -94,6 +97,7 @@ def import_dataset(body: DatasetImport, db: DatabaseDep, settings: SettingsDep, 
             max_records=settings.max_dataset_rows,
         )
     try:
+        store_for(settings).publish(dataset_folder(stored.artifact_path))
         with db.transaction() as conn:
             document = service.register_dataset(
                 conn,
@@ -104,7 +108,7 @@ def import_dataset(body: DatasetImport, db: DatabaseDep, settings: SettingsDep, 
                 max_storage_bytes=settings.max_storage_bytes_per_tenant,
             )
     except BaseException:
-        service.remove_dataset_files(settings.artifacts_dir, stored.artifact_path)
+        store_for(settings).remove(dataset_folder(stored.artifact_path))
         raise
     return json_response(document, status.HTTP_201_CREATED)
 
@@ -130,7 +134,11 @@ def get_dataset(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep) -> Re
 def download_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     with db.read() as conn:
         row = service.get_dataset_row(conn, dataset_id, tenant=tenant)
-    path = service.dataset_file(settings.artifacts_dir, row["artifact_path"])
+    try:
+        folder = store_for(settings).ensure_local(dataset_folder(row["artifact_path"]))
+    except FileNotFoundError as exc:
+        raise NotFound(f"the file of dataset {dataset_id} is missing from the artifact store") from exc
+    path = folder / PurePosixPath(row["artifact_path"]).name
     return FileResponse(path, media_type="application/octet-stream", filename=f"{dataset_id}.{row['format']}")
 
 
@@ -138,5 +146,5 @@ def download_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsD
 def delete_dataset(dataset_id: DatasetId, db: DatabaseDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     with db.transaction() as conn:
         artifact_path = service.delete_dataset(conn, dataset_id, tenant=tenant)
-    service.remove_dataset_files(settings.artifacts_dir, artifact_path)
+    store_for(settings).remove(dataset_folder(artifact_path))
     return json_response({"id": dataset_id, "object": "dataset", "deleted": True})

@@ -17,6 +17,7 @@ from app.errors import NotFound
 from app.http import json_response
 from app.models import service
 from app.models.schemas import ALIAS_PATTERN, Alias, AliasList, AliasTarget, Model, ModelList
+from app.storage import store_for
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -39,6 +40,7 @@ def upload_model(
         settings.artifacts_dir, uploads, task=task, max_bytes=settings.max_upload_bytes
     )
     try:
+        store_for(settings).publish(service.artifact_path_for(stored.model_id))
         with db.transaction() as conn:
             check_storage_quota(
                 conn, tenant, sum(f.size_bytes for f in stored.files), settings.max_storage_bytes_per_tenant
@@ -58,6 +60,7 @@ def upload_model(
             document = service.get_model(conn, stored.model_id, tenant=tenant)
     except BaseException:
         service.remove_artifact(settings.artifacts_dir, service.artifact_path_for(stored.model_id))
+        store_for(settings).remove(service.artifact_path_for(stored.model_id))
         raise
     return json_response(document, status.HTTP_201_CREATED)
 
@@ -111,7 +114,10 @@ def download_model(
 ) -> Response:
     with db.read() as conn:
         row = service.get_model_row(conn, model_id, tenant=tenant)
-    directory = service.model_dir(settings.artifacts_dir, row["artifact_path"])
+    try:
+        directory = store_for(settings).ensure_local(row["artifact_path"])
+    except FileNotFoundError as exc:
+        raise NotFound(f"the files of model {model_id} are missing from the artifact store") from exc
     names = [entry["path"] for entry in row["files"]]
     if file is not None:
         # only names the record lists: a request can never reach outside the model folder
@@ -132,7 +138,9 @@ async def delete_model(
     def delete() -> dict[str, object]:
         with db.transaction() as conn:
             deleted = service.delete_model(conn, model_id, tenant=tenant)
-        service.remove_artifact(settings.artifacts_dir, str(deleted.pop("artifact_path")))
+        artifact_path = str(deleted.pop("artifact_path"))
+        service.remove_artifact(settings.artifacts_dir, artifact_path)
+        store_for(settings).remove(artifact_path)
         return deleted
 
     deleted = await run_in_threadpool(delete)

@@ -42,6 +42,7 @@ from app.serving.errors import InferenceTimedOut, InvalidInput, ModelUnavailable
 from app.serving.metrics import ModelMetrics, ServingMetrics
 from app.serving.predictor import InputShapeError, ModelCache, Predictor, load_predictor
 from app.settings import Settings
+from app.storage import store_for
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class InferenceService:
 
     def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor]:
         record = self._read_record(tenant, model_id)
-        directory = models_service.model_dir(self.settings.artifacts_dir, record.artifact_path)
+        directory = store_for(self.settings).ensure_local(record.artifact_path)
         return record, self.loader(model_id, directory, record.sha256, record.config)
 
     def _read_record(self, tenant: str, model_id: str) -> ModelRecord:

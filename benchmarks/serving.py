@@ -1,0 +1,516 @@
+"""The serving issue's figures: wrk from a second process on loopback, every variant in the same run.
+
+    .venv/bin/python -m benchmarks.serving                 # mlp and text, prints markdown tables
+    .venv/bin/python -m benchmarks.serving mlp --seconds 10
+    .venv/bin/python -m benchmarks.serving text
+
+Needs Postgres and Redis as in .ci/run, and `wrk`. Models are registered directly (what a job does at its end), so
+no worker competes for the CPU while wrk runs.
+
+- mlp:  the tutorial's 10-25-5 student. Distillery's /healthz (the same server's trivial endpoint) and native
+        predict at concurrency 1 and 64; the bare forward (in-process, one torch thread); a plain FastAPI app as a
+        user would write it (``def`` and ``async def`` endpoints calling the model) written below; LitServe 0.2.19
+        with its defaults and with batching on, when it is installed.
+- text: the MiniLM-derived 2-layer embedder (layers 0 and 5 of the packaged all-MiniLM-L6-v2, no training needed
+        for latency) on real sentences of 16–64 tokens: concurrency 32 with batching on vs off (max_batch_size 1),
+        and p50 at concurrency 1 vs the bare forward (tokenize + forward + pooling of one sentence, in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from tests.stack import ROOT, ServiceProcess, create_database, drop_database, free_port, service_environment, wait_until
+
+ROW = [0.1, -0.3, 0.5, 1.2, 0.0, -1.1, 0.7, 0.2, -0.4, 0.9]
+MLP_BODY = json.dumps({"inputs": [ROW]})
+
+# --- wrk ---------------------------------------------------------------------------------------------------------
+
+
+def lua_script(directory: Path, bodies: list[str]) -> Path:
+    """POST the bodies in turn (one body: the same request every time)."""
+    quoted = ",\n".join(json.dumps(body) for body in bodies)
+    path = directory / f"post-{len(bodies)}.lua"
+    path.write_text(
+        f"local bodies = {{\n{quoted}\n}}\n"
+        "local i = 0\n"
+        'local headers = {["Content-Type"] = "application/json"}\n'
+        "request = function()\n"
+        "  i = i % #bodies + 1\n"
+        '  return wrk.format("POST", nil, headers, bodies[i])\n'
+        "end\n"
+    )
+    return path
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict[str, float]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s"]
+    if script is not None:
+        command += ["-s", str(script)]
+    load_before = os.getloadavg()[0]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in output or "Socket errors" in output:
+        raise RuntimeError(f"wrk saw errors:\n{output}")
+
+    def latency(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", output)
+        assert match, output
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    assert rps, output
+    return {"rps": float(rps.group(1)), "p50": latency("50%"), "p99": latency("99%"), "load": load_before}
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes] | ServiceProcess, timeout: float = 60) -> None:
+    def healthy() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            alive = process.alive() if isinstance(process, ServiceProcess) else process.poll() is None
+            assert alive, "the server exited"
+            return False
+
+    wait_until(healthy, timeout, 0.1, url)
+
+
+# --- the stack ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def database_and_data() -> Iterator[tuple[str, Path]]:
+    url = create_database()
+    with tempfile.TemporaryDirectory(prefix="distillery-serving-") as folder:
+        try:
+            yield url, Path(folder)
+        finally:
+            drop_database(url)
+
+
+def register(url: str, data_dir: Path, save: Callable[[Path], Any], name: str) -> str:
+    """Save a model folder the way a job does and record it (tenant "default")."""
+    from app.db.engine import Database
+    from app.distill.artifacts import describe_model_dir
+    from app.models import service
+
+    model_id = service.new_model_id()
+    directory = service.model_dir(data_dir / "artifacts", service.artifact_path_for(model_id))
+    files = save(directory)
+    database = Database.from_url(url)
+    with database.transaction() as conn:
+        service.register_model(
+            conn,
+            model_id=model_id,
+            tenant="default",
+            name=name,
+            kind="student",
+            config=describe_model_dir(directory),
+            files=files,
+            params=1,
+            evaluation=None,
+            source_job_id=None,
+        )
+    database.dispose()
+    return model_id
+
+
+@contextmanager
+def distillery_api(url: str, data_dir: Path, **settings: str) -> Iterator[str]:
+    env = service_environment(url, data_dir, torch_threads="1", inference_torch_threads="1", **settings)
+    port = free_port()
+    log = data_dir / f"api-{port}.log"
+    process = ServiceProcess(["serve", "--port", str(port)], env, log).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{base}/healthz", process)
+        yield base
+    finally:
+        process.stop()
+
+
+@contextmanager
+def python_server(source: str, directory: Path, env: dict[str, str], command: list[str], health: str) -> Iterator[str]:
+    """Run a server written below from a file, on a free port (``{port}`` in the command)."""
+    path = directory / "bench_app.py"
+    path.write_text(source)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, *[part.format(port=port) for part in command]],
+        cwd=directory,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{base}{health}", process, 120)
+        yield base
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+# --- the MLP --------------------------------------------------------------------------------------------------------
+
+PLAIN_FASTAPI = """
+# What a user would write: FastAPI, the model loaded at import, one endpoint calling it.
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from app.distill.artifacts import load_model_dir
+
+torch.set_num_threads(1)
+model = load_model_dir(__import__("pathlib").Path({directory!r}))
+app = FastAPI()
+
+
+class Request(BaseModel):
+    inputs: list[list[float]]
+
+
+@app.get("/hello")
+async def hello():
+    return {{"status": "ok"}}
+
+
+@app.post("/predict")
+def predict(request: Request):
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(torch.tensor(request.inputs)), dim=-1)
+    return {{"classes": probabilities.argmax(dim=-1).tolist(), "probabilities": probabilities.tolist()}}
+
+
+@app.post("/predict-async")
+async def predict_async(request: Request):
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(torch.tensor(request.inputs)), dim=-1)
+    return {{"classes": probabilities.argmax(dim=-1).tolist(), "probabilities": probabilities.tolist()}}
+"""
+
+LITSERVE = """
+# LitServe 0.2.19: its documented LitAPI shape, the same model.
+import sys
+from pathlib import Path
+
+import litserve as ls
+import torch
+
+from app.distill.artifacts import load_model_dir
+
+
+class MLPAPI(ls.LitAPI):
+    def setup(self, device):
+        torch.set_num_threads(1)
+        self.model = load_model_dir(Path({directory!r}))
+
+    def decode_request(self, request):
+        return torch.tensor(request["inputs"], dtype=torch.float32)
+
+    def predict(self, x):
+        with torch.inference_mode():
+            return torch.softmax(self.model(x), dim=-1)
+
+    def encode_response(self, output):
+        return {{"classes": output.argmax(dim=-1).tolist(), "probabilities": output.tolist()}}
+
+
+if __name__ == "__main__":
+    batching = sys.argv[2] == "batching"
+    options = {{"max_batch_size": 64, "batch_timeout": 0.001}} if batching else {{}}
+    ls.LitServer(MLPAPI(), accelerator="cpu", **options).run(port=int(sys.argv[1]))
+"""
+
+
+def bare_forward_ms(directory: Path) -> tuple[float, float]:
+    """(forward + softmax of one row, the whole predictor path: JSON rows → array → forward → encoded bytes)."""
+    from app.serving.predictor import StudentPredictor
+    from app.serving.router import encode_prediction
+
+    torch.set_num_threads(1)
+    predictor = StudentPredictor("bench", directory, "")
+    x = torch.tensor([ROW])
+
+    def median_ms(work: Callable[[], Any], repeats: int = 3000) -> float:
+        for _ in range(200):
+            work()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    forward = median_ms(lambda: predictor.predict_tensor(x))
+    whole = median_ms(lambda: encode_prediction("bench", predictor.predict_batch([predictor.rows_from_json([ROW])])[0]))
+    return forward, whole
+
+
+def bench_mlp(seconds: float) -> list[str]:
+    from app.distill.architectures import build_model
+    from app.distill.artifacts import save_model_dir
+    from app.distill.spec import MLPArchitecture
+
+    student = build_model(MLPArchitecture(input_dim=10, hidden_dims=[25], output_dim=5), seed=0)
+    results: dict[str, dict[str, float]] = {}
+    with database_and_data() as (url, data_dir):
+        model_id = register(url, data_dir, lambda d: save_model_dir(student, d), "mlp-10-25-5")
+        directory = data_dir / "artifacts" / "models" / model_id
+        script = lua_script(data_dir, [MLP_BODY])
+        forward_ms, predictor_ms = bare_forward_ms(directory)
+
+        with distillery_api(url, data_dir) as base:
+            predict = f"{base}/v1/models/{model_id}/predict"
+            httpx.post(predict, content=MLP_BODY, headers={"content-type": "application/json"}).raise_for_status()
+            wrk(f"{base}/healthz", 64, 2)  # warm-up
+            wrk(predict, 64, 2, script)
+            for connections in (1, 64):
+                results[f"hello {connections}"] = wrk(f"{base}/healthz", connections, seconds)
+                results[f"predict {connections}"] = wrk(predict, connections, seconds, script)
+                again = wrk(f"{base}/healthz", connections, seconds)
+                first = results[f"hello {connections}"]
+                results[f"hello {connections}"] = {
+                    key: (first[key] + again[key]) / 2 for key in ("rps", "p50", "p99", "load")
+                }
+
+        command = ["-m", "uvicorn", "bench_app:app", "--port", "{port}", "--log-level", "warning", "--no-access-log"]
+        with python_server(PLAIN_FASTAPI.format(directory=str(directory)), data_dir, {}, command, "/hello") as base:
+            wrk(f"{base}/predict", 64, 2, script)
+            for connections in (1, 64):
+                results[f"plain-hello {connections}"] = wrk(f"{base}/hello", connections, seconds)
+                results[f"plain-def {connections}"] = wrk(f"{base}/predict", connections, seconds, script)
+                results[f"plain-async {connections}"] = wrk(f"{base}/predict-async", connections, seconds, script)
+
+        litserve = shutil.which("wrk") and _has_litserve()
+        if litserve:
+            for mode in ("defaults", "batching"):
+                with python_server(
+                    LITSERVE.format(directory=str(directory)),
+                    data_dir,
+                    {},
+                    ["bench_app.py", "{port}", mode],
+                    "/health",
+                ) as base:
+                    wrk(f"{base}/predict", 64, 2, script)
+                    for connections in (1, 64):
+                        results[f"litserve-{mode} {connections}"] = wrk(f"{base}/predict", connections, seconds, script)
+    return mlp_tables(results, forward_ms, predictor_ms, seconds, litserve_available=bool(litserve))
+
+
+def _has_litserve() -> bool:
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def row(label: str, result: dict[str, float]) -> str:
+    return f"| {label} | {result['rps']:,.0f} | {result['p50']:.2f} | {result['p99']:.2f} | {result['load']:.1f} |"
+
+
+def mlp_tables(
+    results: dict[str, dict[str, float]],
+    forward_ms: float,
+    predictor_ms: float,
+    seconds: float,
+    *,
+    litserve_available: bool,
+) -> list[str]:
+    labels = [
+        ("hello", "Distillery `/healthz` (trivial endpoint, same server)"),
+        ("predict", "Distillery native predict (batcher)"),
+        ("plain-hello", "plain FastAPI hello-world"),
+        ("plain-def", "plain FastAPI `def` endpoint calling the model"),
+        ("plain-async", "plain FastAPI `async def` endpoint calling the model"),
+        ("litserve-defaults", "LitServe 0.2.19, defaults"),
+        ("litserve-batching", "LitServe 0.2.19, batching (max 64, 1 ms)"),
+    ]
+    lines = [
+        f"### MLP 10-25-5 student (wrk, 1 thread, {seconds:g} s per row, keep-alive, one body)",
+        "",
+        f"Bare forward (in-process, 1 torch thread): {forward_ms * 1000:.0f} µs; the predictor's whole path for one "
+        f"row (JSON rows → array → forward → encoded JSON): {predictor_ms * 1000:.0f} µs.",
+        "",
+    ]
+    for connections in (1, 64):
+        lines += [
+            f"Concurrency {connections}:",
+            "",
+            "| server | req/s | p50 (ms) | p99 (ms) | load avg |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            row(text, results[f"{key} {connections}"]) for key, text in labels if f"{key} {connections}" in results
+        ]
+        lines.append("")
+    if not litserve_available:
+        lines += ["LitServe is not installed here (`pip install litserve==0.2.19 --no-deps pyzmq`).", ""]
+
+    hello1, predict1 = results["hello 1"], results["predict 1"]
+    hello64, predict64 = results["hello 64"], results["predict 64"]
+    overhead = predict1["p50"] - (hello1["p50"] + forward_ms)
+    goals = [
+        (
+            "overhead at c=1: predict p50 − (healthz p50 + bare forward)",
+            f"{overhead * 1000:.0f} µs",
+            "≤ 200 µs",
+            overhead <= 0.2,
+        ),
+        ("predict p99 at c=1", f"{predict1['p99']:.2f} ms", "≤ 2 ms", predict1["p99"] <= 2),
+    ]
+    plain = results.get("plain-def 64")
+    if plain:
+        ratio = predict64["rps"] / plain["rps"]
+        goals.append(("c=64 req/s vs plain `def` endpoint", f"{ratio:.2f}×", "≥ 2×", ratio >= 2))
+    lit = results.get("litserve-defaults 64")
+    if lit:
+        ratio = predict64["rps"] / lit["rps"]
+        goals.append(("c=64 req/s vs LitServe (defaults)", f"{ratio:.2f}×", "≥ 4×", ratio >= 4))
+    share = predict64["rps"] / hello64["rps"]
+    goals.append(("c=64 req/s vs hello-world (same server)", f"{share * 100:.0f} %", "≥ 70 %", share >= 0.7))
+    p99_ratio = predict64["p99"] / hello64["p99"]
+    goals.append(("c=64 p99 vs hello-world's", f"{p99_ratio:.2f}×", "≤ 1.5×", p99_ratio <= 1.5))
+    lines += ["| goal | measured | target | |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} | {'met' if ok else 'NOT met'} |" for name, value, target, ok in goals]
+    return lines
+
+
+# --- the MiniLM-derived embedder ------------------------------------------------------------------------------------
+
+
+def sentences(tokenizer: Any, count: int = 256) -> list[str]:
+    from app.distill.text.data import builtin_sentences
+
+    picked = []
+    for sentence in builtin_sentences(max_sentences=20_000):
+        if 16 <= len(tokenizer(sentence)["input_ids"]) <= 64:
+            picked.append(sentence)
+            if len(picked) == count:
+                break
+    return picked
+
+
+def bench_text(seconds: float) -> list[str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
+    from app.serving.predictor import TextPredictor, TextRequest
+
+    torch.set_num_threads(1)
+    teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModel.from_pretrained(str(teacher_dir)).eval()
+    student, kept = derive_student(teacher, layers=[0, 5])
+    student.eval()
+    texts = sentences(tokenizer)
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    bodies = [json.dumps({"inputs": [text]}) for text in texts]
+    results: dict[str, dict[str, float]] = {}
+    with database_and_data() as (url, data_dir):
+
+        def save(directory: Path) -> Any:
+            extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
+            return save_pretrained_dir(student, tokenizer, directory, extra_config=extra)
+
+        model_id = register(url, data_dir, save, "minilm-2-layers")
+        directory = data_dir / "artifacts" / "models" / model_id
+        predictor = TextPredictor(model_id, directory, "", {"task": "embedding"})
+        for text in texts[:20]:
+            predictor.predict_batch([TextRequest([text])])
+        times = []
+        for text in texts:
+            started = time.perf_counter()
+            predictor.predict_batch([TextRequest([text])])
+            times.append(time.perf_counter() - started)
+        bare_ms = statistics.median(times) * 1000
+        script = lua_script(data_dir, bodies)
+        for label, settings in (("on", {}), ("off", {"max_batch_size": "1"})):
+            with distillery_api(url, data_dir, **settings) as base:
+                predict = f"{base}/v1/models/{model_id}/predict"
+                httpx.post(predict, json={"inputs": [texts[0]]}, timeout=60).raise_for_status()
+                wrk(predict, 32, 2, script)
+                results[f"{label} 32"] = wrk(predict, 32, seconds, script)
+                if label == "on":
+                    results["on 1"] = wrk(predict, 1, seconds, script)
+    speedup = results["on 32"]["rps"] / results["off 32"]["rps"]
+    ratio = results["on 1"]["p50"] / bare_ms
+    return [
+        f"### MiniLM-derived 2-layer embedder (layers {kept} of all-MiniLM-L6-v2; {len(texts)} real sentences of "
+        f"16–64 tokens, mean {statistics.mean(lengths):.0f}; wrk, {seconds:g} s per row)",
+        "",
+        f"Bare forward (in-process, 1 torch thread, tokenize + forward + mean pooling of one sentence), median over "
+        f"the sentences: {bare_ms:.2f} ms.",
+        "",
+        "| run | req/s | p50 (ms) | p99 (ms) | load avg |",
+        "|---|---|---|---|---|",
+        row("batching on (max_batch_size 64), concurrency 32", results["on 32"]),
+        row("batching off (max_batch_size 1), concurrency 32", results["off 32"]),
+        row("batching on, concurrency 1", results["on 1"]),
+        "",
+        "| goal | measured | target | |",
+        "|---|---|---|---|",
+        f"| c=32 req/s, batching on vs off | {speedup:.2f}× | ≥ 3× | {'met' if speedup >= 3 else 'NOT met'} |",
+        f"| c=1 p50 vs bare forward | {ratio:.2f}× | ≤ 1.2× | {'met' if ratio <= 1.2 else 'NOT met'} |",
+    ]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="*", help="mlp and/or text (default: both)")
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    what = args.what or ["mlp", "text"]
+    if set(what) - {"mlp", "text"}:
+        parser.error(f"unknown: {sorted(set(what) - {'mlp', 'text'})}; choose mlp and/or text")
+    sections = [f"Machine: {machine()}", ""]
+    if "mlp" in what:
+        sections += [*bench_mlp(args.seconds), ""]
+    if "text" in what:
+        sections += [*bench_text(args.seconds), ""]
+    print("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
