@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     model_load_wait_s: float = Field(
         60.0, ge=0, description="Longest a request waits for its model to load (503 model_loading after)."
     )
+    inference_inline_max_us: int = Field(
+        100,
+        ge=0,
+        description="Models whose one-row forward takes less than this (µs, measured at load) run on the event loop "
+        "when nothing is queued for them: a hand-off to the inference thread costs more than such a forward. "
+        "0 = always the inference thread.",
+    )
     inference_torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."
     )
@@ -250,6 +257,7 @@ READ_BY: dict[str, str] = {
     "max_queue_size": API,
     "inference_timeout_s": API,
     "model_load_wait_s": API,
+    "inference_inline_max_us": API,
     "inference_torch_threads": API,
     "alias_refresh_s": API,
     "max_completion_tokens": API,

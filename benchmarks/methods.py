@@ -94,6 +94,13 @@ def row(label: str, evaluation: dict[str, Any], seconds: float) -> str:
     )
 
 
+def context_tokens(context: str) -> int:
+    from app.distill.text.training import byte_tokenizer, encode_context
+
+    ids = encode_context(context, byte_tokenizer())
+    return 0 if ids is None else int(ids.numel())
+
+
 def bench(method: str) -> list[str]:
     spec = example(method)
     method_eval, method_seconds = run(spec)
@@ -107,8 +114,6 @@ def bench(method: str) -> list[str]:
         # the baseline distils the teacher *without* the prompt; both are evaluated against the teacher *with* it
         baseline = baseline_of(spec)
         baseline_eval, baseline_seconds = run(baseline)
-        from app.distill.text.training import byte_tokenizer, encode_context
-
         context = spec["objective"]["teacher_prompt"]
         with_prompt = copy.deepcopy(baseline)
         with_prompt["training"]["steps"] = 1
@@ -126,7 +131,7 @@ def bench(method: str) -> list[str]:
             "",
             f"Agreement of the student without the prompt with the teacher with it: {method_eval['agreement']:.3f} "
             f"(target ≥ 0.9); {method_eval['prompt_tokens_saved']} prompt tokens saved per request "
-            f"(`{len(encode_context(context, byte_tokenizer()) or [])}` bytes).",
+            f"(a {context_tokens(context)}-token context, byte-level).",
         ]
         # the baseline's own evaluation compares to the teacher without prompt; re-evaluate is what matters:
         return lines

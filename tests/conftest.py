@@ -43,6 +43,7 @@ def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         progress_interval_s="0.1",
         heartbeat_interval_s="1",
         torch_threads="1",
+        inference_inline_max_us="0",  # the session's api always goes through the batcher (what its tests check)
     )
 
 

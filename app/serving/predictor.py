@@ -10,6 +10,7 @@ The cache keeps the most recently used loaded models per process, bounded by cou
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,35 @@ def module_bytes(model: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (what the cache's memory budget counts)."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+# --- grouping texts by length -------------------------------------------------------------------------------------
+
+#: the fixed cost of one forward, in tokens of compute (measured on a 2-layer MiniLM on a CPU: ~1.5 ms per call
+#: against ~0.1 ms per token): what splitting a batch in two must save in padding to be worth it
+FORWARD_OVERHEAD_TOKENS = 16
+
+
+def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into groups that minimise Σ (overhead + size × longest) over the groups: the
+    optimal partition of the sorted lengths into runs (dynamic programming, O(n²) for a batch of n ≤ a few hundred).
+    Every index appears exactly once."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j sorted texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            cost = best[i] + overhead + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 # --- tabular classifiers --------------------------------------------------------------------------------------------
@@ -293,11 +323,9 @@ class TextPredictor:
         values = np.zeros((0, 0), dtype=np.float32)
         tokens: list[int] = []
         if texts:
-            batch = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            tokens = batch["attention_mask"].sum(dim=1).tolist()
-            values = self._forward(batch).numpy()
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            tokens = [len(row) for row in ids]
+            values = self._forward_grouped(ids, tokens)
         outputs: list[Any] = []
         start = 0
         for index, request in enumerate(requests):
@@ -308,6 +336,19 @@ class TextPredictor:
             outputs.append(TextOutput(values[start:end], int(sum(tokens[start:end]))))
             start = end
         return outputs
+
+    def _forward_grouped(self, ids: list[list[int]], lengths: list[int]) -> np.ndarray:
+        """One forward per group of similar lengths (``length_groups``): a batch padded to its longest text costs
+        compute on every pad token, which on a CPU is most of it for mixed lengths."""
+        rows: np.ndarray | None = None
+        for group in length_groups(lengths, FORWARD_OVERHEAD_TOKENS):
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt")
+            values = self._forward(batch).numpy()
+            if rows is None:
+                rows = np.empty((len(ids), values.shape[1]), dtype=values.dtype)
+            rows[group] = values
+        assert rows is not None
+        return rows
 
     def _forward(self, batch: Any) -> torch.Tensor:
         """Embeddings (unit vectors) or class probabilities of a tokenized batch, through the serving variant."""

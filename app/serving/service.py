@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -40,7 +41,7 @@ from app.serving.batcher import (
 from app.serving.batcher import QueueFull as BatcherQueueFull
 from app.serving.errors import InferenceTimedOut, InvalidInput, ModelUnavailable, QueueFull, invalid_input
 from app.serving.metrics import ModelMetrics, ServingMetrics
-from app.serving.predictor import InputShapeError, ModelCache, Predictor, load_predictor
+from app.serving.predictor import InputShapeError, ModelCache, Predictor, StudentPredictor, load_predictor
 from app.settings import Settings
 from app.storage import store_for
 
@@ -99,6 +100,7 @@ class ServedModel:
     load_seconds: float
     loaded_at: dt.datetime
     checked_at: float = field(default_factory=time.monotonic)
+    inline: bool = False  # forwards so cheap that they run on the event loop when nothing is queued
 
     @property
     def model_id(self) -> str:
@@ -229,7 +231,7 @@ class InferenceService:
         key = f"{tenant}/{model_id}"
         started = time.perf_counter()
         try:
-            record, predictor = await run_in_threadpool(self._load_blocking, tenant, model_id)
+            record, predictor, inline = await run_in_threadpool(self._load_blocking, tenant, model_id)
         except ServiceError:
             raise
         except Exception as exc:
@@ -243,14 +245,31 @@ class InferenceService:
         self.metrics.loads.labels(model_id, "loaded").inc()
         self.metrics.load_seconds.labels(model_id).observe(seconds)
         served = self._serve(record, predictor, seconds)
+        served.inline = inline
         self.cache.put(key, served)
         log.info("loaded %s (%s, %.0f ms)", key, record.task, seconds * 1000)
         return served
 
-    def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor]:
+    def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor, bool]:
         record = self._read_record(tenant, model_id)
         directory = store_for(self.settings).ensure_local(record.artifact_path)
-        return record, self.loader(model_id, directory, record.sha256, record.config)
+        predictor = self.loader(model_id, directory, record.sha256, record.config)
+        return record, predictor, self._inline_eligible(predictor)
+
+    def _inline_eligible(self, predictor: Predictor) -> bool:
+        """Whether one row's forward is cheaper than ``inference_inline_max_us`` (median of a few, after warm-up).
+        Only tabular students qualify: text models tokenize, which alone takes longer."""
+        limit = self.settings.inference_inline_max_us / 1e6
+        if limit <= 0 or not isinstance(predictor, StudentPredictor):
+            return False
+        row = np.zeros((1, predictor.input_dim), dtype=np.float32)
+        timings = []
+        for attempt in range(26):
+            started = time.perf_counter()
+            predictor.predict_batch([row])
+            if attempt >= 5:
+                timings.append(time.perf_counter() - started)
+        return sorted(timings)[len(timings) // 2] < limit
 
     def _read_record(self, tenant: str, model_id: str) -> ModelRecord:
         try:
@@ -365,7 +384,12 @@ class InferenceService:
     # --- inference ----------------------------------------------------------------------------------------------
 
     async def infer(self, served: ServedModel, payload: Any, rows: int = 1, encode: Encoder = keep) -> Any:
-        """Run one request through the model's batcher; returns ``encode(output)``."""
+        """Run one request through the model's batcher; returns ``encode(output)``. A model whose forward is cheaper
+        than a thread hand-off runs right here when nothing is queued for it (under load requests queue, and the
+        batcher's thread batches them)."""
+        batcher = served.batcher
+        if served.inline and batcher.pending == 0 and not batcher.stopped and rows <= batcher.config.max_batch_size:
+            return self._infer_inline(served, payload, rows, encode)
         try:
             future = served.batcher.submit(payload, rows, encode)
         except BatcherStopped:  # unloaded after the caller looked it up: load it again, once
@@ -381,6 +405,20 @@ class InferenceService:
             raise InferenceTimedOut(str(exc)) from exc
         except InputShapeError as exc:
             raise invalid_input(exc) from exc
+
+    def _infer_inline(self, served: ServedModel, payload: Any, rows: int, encode: Encoder) -> Any:
+        started = time.monotonic()
+        try:
+            output = served.predictor.predict_batch([payload])[0]
+            if isinstance(output, BaseException):
+                raise output
+            encoded = encode(output)
+        except InputShapeError as exc:
+            raise invalid_input(exc) from exc
+        seconds = time.monotonic() - started
+        served.metrics.batch_done(rows, 1, [0.0], seconds)
+        served.metrics.request_done(seconds)
+        return encoded
 
     def status(self, served: ServedModel, reference: str) -> dict[str, Any]:
         return {

@@ -208,3 +208,29 @@ def test_cache_evicts_a_model_of_any_tenant_by_its_id() -> None:
     cache.put("team-b/mdl_12", second)
     assert cache.evict("mdl_1") is first
     assert cache.keys() == ["team-b/mdl_12"]
+
+
+def test_length_groups_partition_a_batch_to_save_padding() -> None:
+    from app.serving.predictor import length_groups
+
+    assert length_groups([], 16) == []
+    same = length_groups([20] * 12, 16)
+    assert same == [list(range(12))]  # nothing to save: one forward
+    mixed = [64, 16] * 10
+    groups = length_groups(mixed, 16)
+    assert sorted(i for g in groups for i in g) == list(range(20))  # every text exactly once
+    assert [sorted({mixed[i] for i in g}) for g in groups] == [[16], [64]]  # short ones are not padded to 64
+    # a large per-forward overhead makes one padded forward the better deal
+    assert len(length_groups(mixed, 10_000)) == 1
+    # the partition is optimal among contiguous runs of the sorted lengths (checked by brute force)
+    import itertools
+
+    lengths = [5, 9, 30, 31, 60, 7, 33]
+    cost = lambda groups: sum(16 + len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
+    ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = min(
+        cost([ordered[a:b] for a, b in itertools.pairwise([0, *cuts, len(ordered)])])
+        for r in range(len(ordered))
+        for cuts in itertools.combinations(range(1, len(ordered)), r)
+    )
+    assert cost(length_groups(lengths, 16)) == best

@@ -154,6 +154,26 @@ def test_another_tenants_model_is_not_found(store: Store) -> None:
     run(test)
 
 
+def test_a_tiny_model_runs_on_the_event_loop_when_nothing_is_queued(store: Store) -> None:
+    model_id = store.add()
+
+    async def test() -> None:
+        inline = serve(store, inference_inline_max_us=10_000)  # the 3-4-2 MLP's forward is far below 10 ms
+        batched = serve(store, inference_inline_max_us=0)
+        rows = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+        fast = await predict(inline, "default", model_id, rows)
+        slow = await predict(batched, "default", model_id, rows)
+        assert (await inline.get("default", model_id)).inline is True
+        assert (await batched.get("default", model_id)).inline is False
+        assert np.allclose(fast[1], slow[1])  # the same answer either way
+        served = await inline.get("default", model_id)
+        assert served.batcher.pending == 0 and served.metrics is not None
+        inline.close()
+        batched.close()
+
+    run(test)
+
+
 def test_latest_alias_switches_once_the_new_model_has_loaded(store: Store) -> None:
     first = store.add(name="nightly", seed=1)
     loader = CountingLoader()
