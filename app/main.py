@@ -94,6 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     app.state.registry = registry
 
+    # inference first: routes are matched in order, and predict is the hot path (its paths overlap no other route's)
+    if settings.enable_inference_api:
+        from app.serving.router import router as serving_router
+
+        app.include_router(serving_router)
     if settings.enable_jobs_api:
         from app.jobs.router import router as jobs_router
 
@@ -107,10 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.include_router(models_router)
         app.include_router(aliases_router)
-    if settings.enable_inference_api:
-        from app.serving.router import router as serving_router
-
-        app.include_router(serving_router)
 
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
