@@ -62,9 +62,18 @@ def prepare_teacher() -> Path:
     return TEACHER_DIR
 
 
+OVERRIDES: dict[str, int | None] = {"steps": None}  # --steps: every run (method and baseline) trains this many
+
+
 def example(name: str) -> dict[str, Any]:
     spec: dict[str, Any] = json.loads((ROOT / "examples" / f"{name}.json").read_text())
     spec["teacher"] = {"source": "model", "model_id": "bench-teacher"}
+    steps = OVERRIDES["steps"]
+    if steps is not None:
+        spec["training"]["steps"] = steps
+        for stage in spec.get("stages", []):
+            if stage.get("training", {}).get("steps") is not None:
+                stage["training"]["steps"] = steps
     return spec
 
 
@@ -191,11 +200,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default=METHODS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="train every run this many steps instead of the example's")
     args = parser.parse_args()
+    OVERRIDES["steps"] = args.steps
     torch.set_num_threads(args.threads)
     sections = [
         f"Machine: {machine()}, {args.threads} torch threads. Command: "
-        f"`python -m benchmarks.methods {' '.join(args.what)}`.",
+        f"`python -m benchmarks.methods {' '.join(args.what)}{f' --steps {args.steps}' if args.steps else ''}`.",
         "",
     ]
     for method in args.what:

@@ -343,7 +343,7 @@ def mlp_tables(
 ) -> list[str]:
     labels = [
         ("hello", "Distillery `/healthz` (trivial endpoint, same server)"),
-        ("predict", "Distillery native predict (batcher)"),
+        ("predict", "Distillery native predict"),
         ("plain-hello", "plain FastAPI hello-world"),
         ("plain-def", "plain FastAPI `def` endpoint calling the model"),
         ("plain-async", "plain FastAPI `async def` endpoint calling the model"),
