@@ -142,10 +142,12 @@ def test_an_unreachable_bucket_is_a_503_not_a_lost_upload(postgres_url: str, tmp
     process, base_url = start_api(env, tmp_path / "api.log")
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client:
+            before = client.get("/v1/datasets", params={"limit": 100}).json()["data"]  # the session's database
             response = client.post("/v1/datasets", files={"file": ("a.jsonl", b'{"text": "x"}\n{"text": "y"}\n')})
             assert response.status_code == 503, response.text
             assert response.json()["code"] == "artifact_store_unavailable"
-            assert client.get("/v1/datasets").json()["data"] == []  # nothing registered without its file
+            after = client.get("/v1/datasets", params={"limit": 100}).json()["data"]
+            assert after == before  # nothing registered without its file
             assert not any((tmp_path / "data" / "artifacts" / "datasets").glob("ds_*"))
     finally:
         process.stop()
