@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 import httpx
 import torch
 
+from benchmarks.foundation import machine as foundation_machine
 from tests.stack import ROOT, ServiceProcess, create_database, drop_database, free_port, service_environment, wait_until
 
 ROW = [0.1, -0.3, 0.5, 1.2, 0.0, -1.1, 0.7, 0.2, -0.4, 0.9]
@@ -480,18 +480,7 @@ def bench_text(seconds: float) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}; "
-        f"load average at start {os.getloadavg()[0]:.2f}"
-    )
+    return f"{foundation_machine()}; load average at start {os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:

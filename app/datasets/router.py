@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
@@ -12,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.datasets import service
 from app.datasets.schemas import Dataset, DatasetList
+from app.db.engine import Database
 from app.deps import DatabaseDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.net import fetch_to
+from app.settings import Settings
 from app.storage import dataset_folder, store_for
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -42,19 +44,7 @@ def upload_dataset(
         max_bytes=settings.max_upload_bytes,
         max_records=settings.max_dataset_rows,
     )
-    try:
-        store_for(settings).publish(dataset_folder(stored.artifact_path))
-        with db.transaction() as conn:
-            document = service.register_dataset(
-                conn,
-                stored,
-                tenant=tenant,
-                name=name or file.filename,
-                max_storage_bytes=settings.max_storage_bytes_per_tenant,
-            )
-    except BaseException:
-        store_for(settings).remove(dataset_folder(stored.artifact_path))
-        raise
+    document = publish_and_register(db, settings, tenant, stored, name=name or file.filename)
     return json_response(document, status.HTTP_201_CREATED)
 
 
@@ -65,6 +55,34 @@ class DatasetImport(BaseModel):
     name: str | None = Field(None, max_length=200)
     format: Literal["jsonl", "csv"] | None = None
     label_column: str = Field("label", max_length=200)
+
+
+def publish_and_register(
+    db: Database,
+    settings: Settings,
+    tenant: str,
+    stored: service.StoredDataset,
+    *,
+    name: str | None,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A stored file becomes a dataset: published to the artifact store, then its row committed (within the
+    tenant's storage quota); on any failure neither is left behind."""
+    folder = dataset_folder(stored.artifact_path)
+    try:
+        store_for(settings).publish(folder)
+        with db.transaction() as conn:
+            return service.register_dataset(
+                conn,
+                stored,
+                tenant=tenant,
+                name=name,
+                provenance=provenance,
+                max_storage_bytes=settings.max_storage_bytes_per_tenant,
+            )
+    except BaseException:
+        store_for(settings).remove(folder)
+        raise
 
 
 @router.post(
@@ -96,20 +114,7 @@ def import_dataset(body: DatasetImport, db: DatabaseDep, settings: SettingsDep, 
             max_bytes=settings.max_upload_bytes,
             max_records=settings.max_dataset_rows,
         )
-    try:
-        store_for(settings).publish(dataset_folder(stored.artifact_path))
-        with db.transaction() as conn:
-            document = service.register_dataset(
-                conn,
-                stored,
-                tenant=tenant,
-                name=body.name,
-                provenance={"url": body.url},
-                max_storage_bytes=settings.max_storage_bytes_per_tenant,
-            )
-    except BaseException:
-        store_for(settings).remove(dataset_folder(stored.artifact_path))
-        raise
+    document = publish_and_register(db, settings, tenant, stored, name=body.name, provenance={"url": body.url})
     return json_response(document, status.HTTP_201_CREATED)
 
 

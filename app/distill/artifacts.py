@@ -6,6 +6,7 @@ renamed into place, so a reader sees either the whole artifact or none of it; ev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -126,12 +127,19 @@ def describe_model_dir(directory: Path) -> dict[str, Any]:
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(Path(path))
+
+
 def tokenizer_signature(directory: Path) -> str | None:
     """An identity for the tokenizer in a model folder, to tell at submission whether two models share one: the
     sha256 of its vocabulary file, ``byt5`` for the file-less byte tokenizer, None when there is no tokenizer."""
     for name in TOKENIZER_VOCAB_FILES:
-        if (directory / name).is_file():
-            return sha256_file(directory / name)
+        path = directory / name
+        if path.is_file():
+            stat = path.stat()  # job submissions ask again and again: hash a given file version once
+            return _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     try:
         config = json.loads((directory / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
