@@ -31,14 +31,18 @@ async def get_dispatcher(request: Request) -> JobDispatcher:
     return request.app.state.dispatcher  # type: ignore[no-any-return]
 
 
+def api_key_of(authorization: str, x_api_key: str) -> str:
+    """The API key a request carries (``Authorization: Bearer <key>`` first, else ``X-API-Key``); "" for none."""
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else x_api_key.strip()
+
+
 async def get_tenant(request: Request) -> str:
     """The tenant the request acts for: from its API key (``Authorization: Bearer dk_…`` or ``X-API-Key``) when
     keys are required, else the single default tenant (the embedded mode)."""
     settings: Settings = request.app.state.settings
     if not settings.keys_required:
         return settings.default_tenant
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "").strip()
+    key = api_key_of(request.headers.get("authorization", ""), request.headers.get("x-api-key", ""))
     if not key:
         raise Unauthorized(
             "an API key is required (Authorization: Bearer dk_…)", headers={"WWW-Authenticate": "Bearer"}

@@ -293,6 +293,7 @@ class RequestMetrics:
             registry=registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -312,6 +313,12 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
-            self.requests.labels(method, template, str(status)).inc()
-            self.latency.labels(method, template).observe(time.perf_counter() - started)
+            key = (scope.get("method", ""), template, status)
+            children = self._children.get(key)
+            if children is None:  # bound once per (method, route, status): labels() takes a lock and builds keys
+                children = self._children[key] = (
+                    self.requests.labels(key[0], template, str(status)),
+                    self.latency.labels(key[0], template),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)

@@ -26,6 +26,7 @@ from app.serving.predictor import (
     text_only,
 )
 from app.serving.protocol import parse_json_body, request_body_schema
+from app.serving.service import InferenceService, ServedModel
 
 ModelRef = Annotated[
     str, Path(min_length=1, max_length=256, description="A model id, or `latest:<job name>` (newest student).")
@@ -64,22 +65,28 @@ def encode_text(predictor: TextPredictor, output: Any) -> bytes:
 async def predict(model_id: ModelRef, request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
     body = await parse_json_body(request, PredictRequest)
     served = await inference.get(tenant, model_id)
+    return Response(await run_predict(inference, served, body), media_type="application/json")
+
+
+async def run_predict(inference: InferenceService, served: ServedModel, body: PredictRequest) -> bytes:
+    """One native predict on a loaded model: the JSON response body. Shared by the route above and the ASGI fast
+    path (app/serving/fastpath.py), which calls it without FastAPI's routing and dependency resolution."""
     predictor = served.predictor
     try:
         if isinstance(predictor, StudentPredictor):
             rows = predictor.rows_from_json(body.inputs)
-            encoded = await inference.infer(served, rows, len(rows), partial(encode_prediction, served.model_id))
-        else:
-            assert isinstance(predictor, TextPredictor)
-            texts = text_only(body.inputs)
-            payload: Any = TextRequest(texts)
-            if predictor.task == "causal_lm":
-                max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
-                payload = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
-            encoded = await inference.infer(served, payload, len(texts), partial(encode_text, predictor))
+            encoded: bytes = await inference.infer(served, rows, len(rows), partial(encode_prediction, served.model_id))
+            return encoded
+        assert isinstance(predictor, TextPredictor)
+        texts = text_only(body.inputs)
+        payload: Any = TextRequest(texts)
+        if predictor.task == "causal_lm":
+            max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
+            payload = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
+        encoded = await inference.infer(served, payload, len(texts), partial(encode_text, predictor))
+        return encoded
     except InputShapeError as exc:
         raise invalid_input(exc) from exc
-    return Response(encoded, media_type="application/json")
 
 
 @native_router.post(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -101,6 +102,12 @@ class ServedModel:
     loaded_at: dt.datetime
     checked_at: float = field(default_factory=time.monotonic)
     inline: bool = False  # forwards so cheap that they run on the event loop when nothing is queued
+    # set by an inline forward and cleared by the event loop's next turn: other requests that were already ready
+    # to run (a burst) go to the batcher instead, so that they are batched rather than served one at a time
+    burst: bool = False
+
+    def _end_burst(self) -> None:
+        self.burst = False
 
     @property
     def model_id(self) -> str:
@@ -201,17 +208,33 @@ class InferenceService:
         served: ServedModel | None = self.cache.peek(f"{tenant}/{model_id}")
         return served
 
+    def ready(self, tenant: str, reference: str) -> ServedModel | None:
+        """The loaded model a reference names when it can be had without waiting (no database read, no load, no
+        alias check due), else None: the caller then goes the long way (``get``). The hot path's lookup."""
+        if is_alias(reference):
+            binding = self._aliases.get((tenant, reference))
+            if binding is None or time.monotonic() - binding.checked_at >= self.settings.alias_refresh_s:
+                return None
+            reference = binding.model_id
+        return self._hit(f"{tenant}/{reference}", reference)
+
+    def _hit(self, key: str, model_id: str) -> ServedModel | None:
+        served: ServedModel | None = self.cache.get(key)
+        if served is None:
+            return None
+        now = time.monotonic()
+        if now - served.checked_at > DIRECTORY_CHECK_S:
+            served.checked_at = now
+            if not served.predictor.directory.exists():  # deleted through another api replica
+                self.cache.evict(key)
+                raise NotFound(f"no model {model_id!r}")
+        served.metrics.hits.inc()
+        return served
+
     async def _get_id(self, tenant: str, model_id: str) -> ServedModel:
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
-        served: ServedModel | None = self.cache.get(key)
+        served = self._hit(key, model_id)
         if served is not None:
-            now = time.monotonic()
-            if now - served.checked_at > DIRECTORY_CHECK_S:
-                served.checked_at = now
-                if not served.predictor.directory.exists():  # deleted through another api replica
-                    self.cache.evict(key)
-                    raise NotFound(f"no model {model_id!r}")
-            served.metrics.hits.inc()
             return served
         self.metrics.cache_misses.labels(model_id).inc()
         loading = self._loads.get(key)
@@ -247,6 +270,7 @@ class InferenceService:
         served = self._serve(record, predictor, seconds)
         served.inline = inline
         self.cache.put(key, served)
+        gc.freeze()  # the model's objects are long-lived: keep them out of full collections (see app.main)
         log.info("loaded %s (%s, %.0f ms)", key, record.task, seconds * 1000)
         return served
 
@@ -385,10 +409,21 @@ class InferenceService:
 
     async def infer(self, served: ServedModel, payload: Any, rows: int = 1, encode: Encoder = keep) -> Any:
         """Run one request through the model's batcher; returns ``encode(output)``. A model whose forward is cheaper
-        than a thread hand-off runs right here when nothing is queued for it (under load requests queue, and the
-        batcher's thread batches them)."""
+        than a thread hand-off runs right here when nothing is queued for it and no other request was ready to run
+        in the same turn of the event loop. Under load, requests arrive in bursts (many sockets readable at once):
+        the first of a burst may run inline, the rest queue and the batcher's thread batches them. Without the burst
+        check every request of a burst would run inline one after the other, the queue would never fill, and
+        nothing would ever be batched (measured: half the throughput at concurrency 64, p99 ×20)."""
         batcher = served.batcher
-        if served.inline and batcher.pending == 0 and not batcher.stopped and rows <= batcher.config.max_batch_size:
+        if (
+            served.inline
+            and not served.burst
+            and batcher.pending == 0
+            and not batcher.stopped
+            and rows <= batcher.config.max_batch_size
+        ):
+            served.burst = True
+            asyncio.get_running_loop().call_soon(served._end_burst)
             return self._infer_inline(served, payload, rows, encode)
         try:
             future = served.batcher.submit(payload, rows, encode)

@@ -180,6 +180,50 @@ def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: h
     assert good.status_code == 200 and good.json()["model_id"] == tabular
 
 
+def test_the_fast_path_answers_as_the_route_does(client: httpx.Client, tabular: str) -> None:
+    """Native predict on a loaded model is answered by the ASGI fast path (app/serving/fastpath.py), on a model to
+    load by the FastAPI route: the same requests must get the same answers, errors included, and both count in the
+    request metrics under the route's template."""
+    url = f"/v1/models/{tabular}/predict"
+    requests: list[dict[str, Any]] = [
+        {"inputs": [ROW, ROW[::-1]]},  # fine
+        {"inputs": [ROW, [1.0, 2.0]]},  # wrong width: found after the body validated (rendered by the fast path)
+        {"inputs": [ROW], "extra": 1},  # fails validation: the fast path hands it to the route
+    ]
+
+    def answers() -> list[tuple[int, str, Any]]:
+        out = []
+        for body in requests:
+            response = client.post(url, json=body)
+            out.append((response.status_code, response.headers["content-type"], response.json()))
+        return out
+
+    def counted() -> float:
+        return metric(client, "distillery_http_requests_total", route="/v1/models/{model_id}/predict")
+
+    assert client.post(f"/v1/models/{tabular}/unload").status_code == 200
+    before = counted()
+    by_route = [answers()[0]]  # the first request loads the model through the route
+    for body in requests[1:]:  # the others would be fast now: unload before each
+        client.post(f"/v1/models/{tabular}/unload")
+        response = client.post(url, json=body)
+        by_route.append((response.status_code, response.headers["content-type"], response.json()))
+    fast = answers()
+    assert [status for status, _, _ in fast] == [200, 422, 422]
+    assert fast == by_route
+    assert counted() - before == 2 * len(requests)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted while the fast path reads
+        yield b'{"inputs": [['
+        for _ in range(40):
+            yield b"0.0, " * 13_000
+        yield b"0.0]]}"
+
+    too_large = client.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert assert_problem(too_large, 413)["code"] == "payload_too_large"
+    assert client.post(url, json={"inputs": [ROW]}).status_code == 200
+
+
 def test_latest_alias_follows_new_jobs_and_load_unload(client: httpx.Client, worker: Any) -> None:
     first = trained_model(client, "serving-alias", seed=1)
     alias = "/v1/models/latest:serving-alias"

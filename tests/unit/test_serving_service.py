@@ -174,6 +174,36 @@ def test_a_tiny_model_runs_on_the_event_loop_when_nothing_is_queued(store: Store
     run(test)
 
 
+def test_a_burst_is_batched_even_for_a_model_that_runs_inline(store: Store) -> None:
+    """Requests that are ready to run in the same turn of the event loop (many sockets readable at once): the first
+    may run inline, the others must queue so that the batcher batches them. Were each run inline in turn, the queue
+    would never fill and nothing would ever be batched. A request after the burst runs inline again."""
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, inference_inline_max_us=10_000)
+        served = await service.get("default", model_id)
+        assert served.inline
+        batches = served.metrics.requests  # the batch-requests histogram: one observation per forward
+
+        def forwards() -> float:
+            return next(s.value for s in batches.collect()[0].samples if s.name.endswith("_count"))
+
+        rows = served.predictor.rows_from_json([[1.0, 2.0, 3.0]])  # type: ignore[attr-defined]
+        before = forwards()
+        results = await asyncio.gather(*(service.infer(served, rows, 1) for _ in range(16)))
+        assert all(np.allclose(result, results[0]) for result in results)
+        assert forwards() - before < 16  # some shared a forward
+        assert forwards() - before >= 2  # the first ran alone, inline
+        await asyncio.sleep(0)  # the loop's next turn ends the burst
+        before = forwards()
+        await service.infer(served, rows, 1)
+        assert forwards() - before == 1 and served.batcher.pending == 0
+        service.close()
+
+    run(test)
+
+
 def test_latest_alias_switches_once_the_new_model_has_loaded(store: Store) -> None:
     first = store.add(name="nightly", seed=1)
     loader = CountingLoader()

@@ -1,0 +1,153 @@
+"""The hot path of native predict as plain ASGI: ``POST /v1/models/{ref}/predict`` for a model that is already
+loaded, answered without FastAPI's routing, dependency resolution and response machinery.
+
+Measured on the MLP student (docs/serving.md): FastAPI's per-request machinery cost more than reading the body,
+validating it, batching, the forward and encoding together. This middleware sits inside the body-size limit and
+the request metrics (so both apply unchanged) and takes a request only when everything it needs is at hand without
+waiting: the tenant (no key required, or a key already verified and cached), the model loaded (``ready``: no
+database read, no load, no alias check due) and a body that validates. Anything else (an unknown model, a model to
+load, an invalid body, an unverified key) goes on to the FastAPI route with the body it has read, so every error
+is rendered by the same code as before, in the same problem+json shape. Errors that arise after it took the
+request (queue full, timeout, inputs that do not fit the model, a body over the size limit) are ``ServiceError``s,
+rendered here as the app's handler renders them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.deps import api_key_of
+from app.errors import ServiceError, problem
+from app.models.schemas import PredictRequest
+
+PREFIX = "/v1/models/"
+SUFFIX = "/predict"
+ROUTE_PATH = PREFIX + "{model_id}" + SUFFIX
+MAX_REFERENCE = 256  # the route's ModelRef limit
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class NativePredictFastPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._route: Any = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reference = predict_reference(scope)
+        if reference is None:
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        inference = getattr(state, "inference", None)
+        tenant = self._tenant(state, scope)
+        try:
+            served = None if inference is None or tenant is None else inference.ready(tenant, reference)
+        except ServiceError as exc:  # the model was deleted through another replica
+            await send_problem(send, scope["path"], exc)
+            return
+        if served is None:
+            await self.app(scope, receive, send)
+            return
+        await self._predict(scope, receive, send, inference, served)
+
+    async def _predict(self, scope: Scope, receive: Receive, send: Send, inference: Any, served: Any) -> None:
+        from app.serving.router import run_predict
+
+        try:
+            raw = await read_body(receive)
+            if raw is None:  # the client went away
+                return
+            try:
+                body = PredictRequest.model_validate_json(raw)
+            except ValidationError:
+                await self.app(scope, replay(raw, receive), send)  # the route renders the errors with their paths
+                return
+            scope["route"] = self._predict_route(scope)  # what the request metrics label the request with
+            encoded = await run_predict(inference, served, body)
+        except ServiceError as exc:  # a body over the limit, queue full, timeout, inputs that do not fit the model
+            await send_problem(send, scope["path"], exc)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(encoded)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": encoded})
+
+    @staticmethod
+    def _tenant(state: Any, scope: Scope) -> str | None:
+        """The tenant when known without a database read; None sends the request the long way (which answers 401
+        for a missing or unknown key)."""
+        settings = state.settings
+        if not settings.keys_required:
+            return str(settings.default_tenant)
+        authorization = x_api_key = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                x_api_key = value.decode("latin-1")
+        key = api_key_of(authorization, x_api_key)
+        tenant: str | None = state.key_verifier.cached_tenant(key) if key else None
+        return tenant
+
+    def _predict_route(self, scope: Scope) -> Any:
+        if self._route is None:
+            self._route = next(
+                (route for route in scope["app"].routes if getattr(route, "path", None) == ROUTE_PATH), None
+            )
+        return self._route
+
+
+def predict_reference(scope: Scope) -> str | None:
+    """The model reference of a native predict request, None for any other request."""
+    path: str = scope.get("path", "")
+    if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(PREFIX) or not path.endswith(SUFFIX):
+        return None
+    reference = path[len(PREFIX) : -len(SUFFIX)]
+    if not reference or "/" in reference or len(reference) > MAX_REFERENCE:
+        return None
+    return reference
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands out the already-read body once, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def send_problem(send: Send, path: str, exc: ServiceError) -> None:
+    """The app's problem+json rendering of a ``ServiceError`` (app.http.problem_response), in plain ASGI."""
+    body = orjson.dumps(problem(exc.status, exc.code, exc.title, exc.detail, path, exc.errors))
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (exc.headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
