@@ -391,10 +391,17 @@ def mlp_tables(
     if lit:
         ratio = predict64["rps"] / lit["rps"]
         goals.append(("c=64 req/s vs LitServe (defaults)", f"{ratio:.2f}×", "≥ 4×", ratio >= 4))
-    share = predict64["rps"] / hello64["rps"]
-    goals.append(("c=64 req/s vs hello-world (same server)", f"{share * 100:.0f} %", "≥ 70 %", share >= 0.7))
-    p99_ratio = predict64["p99"] / hello64["p99"]
-    goals.append(("c=64 p99 vs hello-world's", f"{p99_ratio:.2f}×", "≤ 1.5×", p99_ratio <= 1.5))
+    # hello-world: the issue's is a plain FastAPI app; the same server's /healthz is reported beside it
+    for name, hello in (
+        ("plain FastAPI hello-world", results.get("plain-hello 64")),
+        ("/healthz, same server", hello64),
+    ):
+        if hello is None:
+            continue
+        share = predict64["rps"] / hello["rps"]
+        goals.append((f"c=64 req/s vs {name}", f"{share * 100:.0f} %", "≥ 70 %", share >= 0.7))
+        p99_ratio = predict64["p99"] / hello["p99"]
+        goals.append((f"c=64 p99 vs {name}'s", f"{p99_ratio:.2f}×", "≤ 1.5×", p99_ratio <= 1.5))
     lines += ["| goal | measured | target | |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {'met' if ok else 'NOT met'} |" for name, value, target, ok in goals]
     return lines
