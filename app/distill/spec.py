@@ -311,10 +311,16 @@ class OnPolicySpec(GenerationSpec):
 
 class RLSpec(GenerationSpec):
     """Policy-gradient distillation (MiniLLM-style): the student samples completions; the reward is the teacher's
-    mean log-likelihood per token of the sample; advantage = reward − baseline; the PG term is added to the
-    distillation loss with ``weight``."""
+    mean log-likelihood per token of the sample (minus the student's with ``reward: reverse_kl``); advantage =
+    reward − baseline; the PG term is added to the distillation loss with ``weight``."""
 
     weight: float = Field(1.0, ge=0.0, le=1000.0)
+    reward: Literal["teacher_logprob", "reverse_kl"] = Field(
+        "teacher_logprob",
+        description="teacher_logprob: the teacher's mean log-likelihood per token of the sample; reverse_kl: that "
+        "minus the student's own (log p_teacher − log q_student per token, MiniLLM's reward: the policy gradient then "
+        "estimates the reverse KL's, and the student's entropy is not rewarded away).",
+    )
     baseline: Literal["batch_mean", "none"] = "batch_mean"
     clip: float = Field(5.0, gt=0.0, le=1000.0, description="Advantages are clipped to ±clip.")
 

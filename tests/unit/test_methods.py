@@ -98,6 +98,28 @@ def test_policy_gradient_moves_toward_what_the_teacher_likes() -> None:
     assert logits[0].mean() > 0.5 > -0.5 > logits[1].mean()  # sample 0 made likelier, sample 1 less likely
 
 
+def test_reverse_kl_reward_subtracts_the_students_own_log_likelihood() -> None:
+    """MiniLLM's reward, log p_teacher − log q_student per token: golden values, and the direction it adds. Two
+    samples the teacher scores alike: the one the student already finds likelier gets the lower reward (its
+    probability is pushed down, the other's up), where the teacher-only reward cannot tell them apart."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # the first sample is two tokens long
+    teacher_logp = torch.tensor([[-1.0, -2.0, -9.0], [-1.0, -2.0, -3.0]])
+    student_logp = torch.tensor([[-0.5, -0.5, -9.0], [-2.0, -2.0, -2.0]], requires_grad=True)
+    loss, stats = methods.policy_gradient_loss(
+        student_logp, teacher_logp, mask, baseline="batch_mean", clip=5.0, reward_kind="reverse_kl"
+    )
+    rewards = torch.tensor([(-0.5 - 1.5) / 2, (1.0 + 0.0 - 1.0) / 3])  # per-sample means of teacher − student
+    assert stats["reward"] == pytest.approx(float(rewards.mean()))
+    advantage = rewards - rewards.mean()
+    expected = -(advantage * torch.tensor([-0.5, -2.0])).mean()
+    assert float(loss) == pytest.approx(float(expected))
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert student_logp.grad is not None
+    assert student_logp.grad[0, 0] > 0 > student_logp.grad[1, 0]  # sample 0 made less likely, sample 1 likelier
+    _, plain = methods.policy_gradient_loss(student_logp, teacher_logp, mask, baseline="batch_mean", clip=5.0)
+    assert plain["reward"] == pytest.approx((-1.5 - 2.0) / 2)  # the teacher-only reward of the same samples
+
+
 def test_rl_stage_reports_rewards() -> None:
     outcome = train_text_model(
         spec(objective={"rl": {"weight": 1.0, "max_new_tokens": 5}}, stages=[{"kind": "distill"}]), JobResources()

@@ -243,15 +243,25 @@ def sequence_logprobs(model: Any, batch: TokenizedExamples) -> torch.Tensor:
 
 
 def policy_gradient_loss(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, *, baseline: str, clip: float
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    baseline: str,
+    clip: float,
+    reward_kind: str = "teacher_logprob",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """REINFORCE with the teacher's mean log-likelihood per generated token as the sequence reward.
+    """REINFORCE with a sequence reward: the teacher's mean log-likelihood per generated token, or with
+    ``reward_kind="reverse_kl"`` the mean of log p_teacher − log q_student per token (MiniLLM's reward, whose policy
+    gradient estimates the gradient of −KL(q_student ‖ p_teacher); the student's own term keeps it from collapsing
+    onto the few samples the teacher likes best).
 
     student_logp/teacher_logp/mask: [N, T] over generated positions. The advantage (reward − batch mean, clipped
     to ±clip) multiplies the student's mean log-probability of its own sample; minimising the result raises the
     probability of samples the teacher finds likely (the MiniLLM direction: reverse-KL-like, mode seeking)."""
     counts = mask.sum(dim=1).clamp_min(1)
-    reward = (teacher_logp * mask).sum(dim=1) / counts
+    per_token = teacher_logp - student_logp.detach() if reward_kind == "reverse_kl" else teacher_logp
+    reward = (per_token * mask).sum(dim=1) / counts
     advantage = reward - reward.mean() if baseline == "batch_mean" else reward
     advantage = advantage.clamp(-clip, clip).detach()
     student_mean = (student_logp * mask).sum(dim=1) / counts

@@ -575,7 +575,9 @@ class TextObjective:
             if self.context_ids is not None:
                 teacher_logp = teacher_logp[:, len(self.context_ids) :]
         mask = sampled.loss_mask[:, :-1].float()
-        return methods.policy_gradient_loss(student_logp, teacher_logp, mask, baseline=spec.baseline, clip=spec.clip)
+        return methods.policy_gradient_loss(
+            student_logp, teacher_logp, mask, baseline=spec.baseline, clip=spec.clip, reward_kind=spec.reward
+        )
 
     def cached_kd(
         self, batch: text_data.TokenizedExamples, student_out: Any, indices: torch.Tensor, normalizer: float
