@@ -6,6 +6,12 @@ Tensors per task (``GET /v2/models/{name}`` says the same):
 - text classifiers: ``text`` BYTES [N] → ``probabilities``, ``classes``, ``labels`` BYTES [N];
 - causal LMs: ``text`` BYTES [N] (+ parameter ``max_tokens``) → ``text_output`` BYTES [N] (greedy).
 
+The binary tensor data extension: a request whose header ``Inference-Header-Content-Length`` gives the length of its
+JSON part carries the data of each input with ``parameters.binary_data_size`` after the JSON, in input order
+(little-endian, row-major; BYTES elements as a 4-byte length then the bytes). Outputs asked for with
+``parameters.binary_data: true`` (or all, with the request parameter ``binary_data_output: true``) come back the same
+way (``application/octet-stream``, the JSON part's length in ``Inference-Header-Content-Length``).
+
 ``{name}`` is a model id or ``latest:<job name>``; ``model_version`` in responses is the model id that answered.
 Errors are ``{"error": "..."}`` with 400 for bad requests, 404 for unknown models (the protocol's shape).
 """
@@ -34,7 +40,7 @@ from app.serving.predictor import (
     TextPredictor,
     TextRequest,
 )
-from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, parse_json_body, protocol_route, request_body_schema
+from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, parse_json_bytes, protocol_route, request_body_schema
 from app.serving.service import ModelRecord, ServedModel
 
 
@@ -66,7 +72,9 @@ class InferTensor(BaseModel):
     shape: list[Annotated[int, Field(ge=0, le=1 << 31)]] = Field(max_length=8)
     datatype: Datatype
     parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(description="Row-major, flat or nested.")
+    data: list[Any] | None = Field(
+        None, description="Row-major, flat or nested; absent when the data is binary (`parameters.binary_data_size`)."
+    )
 
 
 class RequestedOutput(BaseModel):
@@ -181,14 +189,14 @@ def single_input(body: InferRequest, expected: dict[str, Any]) -> InferTensor:
     return tensor
 
 
-def tabular_rows(tensor: InferTensor, features: int) -> np.ndarray:
+def tabular_rows(tensor: InferTensor, features: int, binary: Any = None) -> np.ndarray:
     shape = tensor.shape
     if len(shape) != 2 or shape[1] != features:
         raise bad_request(f"input {tensor.name!r} has shape {shape}; the model takes [N, {features}]")
     if shape[0] == 0:
         raise bad_request(f"input {tensor.name!r} is an empty batch (N = 0)")
     try:
-        array = np.asarray(tensor.data)
+        array = np.asarray(tensor.data if binary is None else binary)
     except ValueError:
         raise bad_request(f"input {tensor.name!r}: data is ragged") from None
     if array.dtype.kind not in "iuf":
@@ -211,17 +219,109 @@ def flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def text_values(tensor: InferTensor) -> list[str]:
+def text_values(tensor: InferTensor, binary: list[str] | None = None) -> list[str]:
     if not tensor.shape or math.prod(tensor.shape) == 0:
         raise bad_request(f"input {tensor.name!r} is an empty batch (shape {tensor.shape})")
     if len(tensor.shape) > 2 or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
         raise bad_request(f"input {tensor.name!r} has shape {tensor.shape}; the model takes [N] or [N, 1]")
-    values = flatten(tensor.data)
+    values = flatten(tensor.data or []) if binary is None else binary
     if len(values) != math.prod(tensor.shape):
         raise bad_request(f"input {tensor.name!r}: {len(values)} values do not fill shape {tensor.shape}")
     if not all(isinstance(value, str) for value in values):
         raise bad_request(f"input {tensor.name!r}: BYTES data must be strings")
     return values
+
+
+# --- the binary tensor data extension --------------------------------------------------------------------------------
+
+BINARY_HEADER = "inference-header-content-length"
+NUMERIC = {
+    "BOOL": "u1",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+
+
+def split_binary(raw: bytes, header: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a request body."""
+    if header is None:
+        return raw, b""
+    header = header.strip()
+    if not header.isdigit() or int(header) > len(raw):
+        raise bad_request(
+            f"Inference-Header-Content-Length must be the length of the JSON part (0 to {len(raw)}), got {header!r}",
+            "Inference-Header-Content-Length",
+        )
+    return raw[: int(header)], raw[int(header) :]
+
+
+def binary_inputs(body: InferRequest, blob: bytes) -> list[Any]:
+    """Each input's values decoded from the binary part (None for inputs whose data is JSON)."""
+    decoded: list[Any] = []
+    offset = 0
+    for tensor in body.inputs:
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise bad_request(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
+            decoded.append(None)
+            continue
+        if tensor.data is not None:
+            raise bad_request(f"input {tensor.name!r} has both data and parameters.binary_data_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            raise bad_request(
+                f"input {tensor.name!r}: binary_data_size {size!r} does not fit the {len(blob) - offset} bytes of "
+                "binary data left after the JSON part"
+            )
+        decoded.append(decode_binary(tensor, blob[offset : offset + size]))
+        offset += size
+    if offset != len(blob):
+        raise bad_request(f"{len(blob) - offset} bytes of binary data belong to no input (binary_data_size)")
+    return decoded
+
+
+def decode_binary(tensor: InferTensor, chunk: bytes) -> Any:
+    if tensor.datatype == "BYTES":
+        values: list[str] = []
+        position = 0
+        while position < len(chunk):
+            length = int.from_bytes(chunk[position : position + 4], "little")
+            position += 4
+            if position > len(chunk) or position + length > len(chunk):
+                raise bad_request(f"input {tensor.name!r}: BYTES element {len(values)} runs past its binary data")
+            try:
+                values.append(chunk[position : position + length].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise bad_request(f"input {tensor.name!r}: BYTES element {len(values)} is not UTF-8 text") from None
+            position += length
+        return values
+    dtype = np.dtype(NUMERIC[tensor.datatype])
+    if len(chunk) % dtype.itemsize:
+        raise bad_request(f"input {tensor.name!r}: {len(chunk)} bytes are not a whole number of {tensor.datatype}s")
+    return np.frombuffer(chunk, dtype=dtype)
+
+
+def binary_outputs(body: InferRequest) -> frozenset[str] | None:
+    """The outputs to return as binary data; None: all of them (``binary_data_output``)."""
+    if (body.parameters or {}).get("binary_data_output") is True:
+        return None
+    return frozenset(o.name for o in body.outputs or () if (o.parameters or {}).get("binary_data") is True)
+
+
+def binary_data(tensor: dict[str, Any]) -> bytes:
+    if tensor["datatype"] == "BYTES":
+        parts = [text.encode("utf-8") for text in tensor["data"]]
+        return b"".join(len(part).to_bytes(4, "little") + part for part in parts)
+    return np.ascontiguousarray(tensor["data"], dtype=NUMERIC[tensor["datatype"]]).tobytes()
 
 
 def requested_outputs(body: InferRequest, outputs: list[dict[str, Any]]) -> list[str]:
@@ -247,7 +347,7 @@ def max_tokens_of(body: InferRequest, limit: int) -> int:
 NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-def encode_infer(name: str, model_id: str, request_id: str | None, wanted: list[str], task: str, output: Any) -> bytes:
+def output_tensors(task: str, output: Any, predictor: Any) -> dict[str, dict[str, Any]]:
     tensors: dict[str, dict[str, Any]] = {}
     if isinstance(output, np.ndarray):  # tabular probabilities
         n, classes = output.shape
@@ -258,45 +358,62 @@ def encode_infer(name: str, model_id: str, request_id: str | None, wanted: list[
         if task == "embedding":
             tensors["embedding"] = {"datatype": "FP32", "shape": [n, width], "data": output.values.reshape(-1)}
         else:
+            classes = output.values.argmax(axis=-1)
             tensors["probabilities"] = {"datatype": "FP32", "shape": [n, width], "data": output.values.reshape(-1)}
-            tensors["classes"] = {"datatype": "INT64", "shape": [n], "data": output.values.argmax(axis=-1)}
+            tensors["classes"] = {"datatype": "INT64", "shape": [n], "data": classes}
+            if task == "text_classification" and isinstance(predictor, TextPredictor):
+                labels = [predictor.label_of(c) for c in classes.tolist()]
+                tensors["labels"] = {"datatype": "BYTES", "shape": [n], "data": labels}
     else:
         completions: list[Completion] = output
         texts = [completion.text for completion in completions]
         tensors["text_output"] = {"datatype": "BYTES", "shape": [len(texts)], "data": texts}
+    return tensors
+
+
+def encode_infer(
+    name: str,
+    model_id: str,
+    request_id: str | None,
+    wanted: list[str],
+    binary: frozenset[str] | None,
+    task: str,
+    predictor: Any,
+    output: Any,
+) -> bytes | tuple[bytes, int]:
+    """The response body; with binary outputs (the extension) the body and the length of its JSON part."""
+    tensors = output_tensors(task, output, predictor)
     document: dict[str, Any] = {"model_name": name, "model_version": model_id}
     if request_id is not None:
         document["id"] = request_id
-    document["outputs"] = [{"name": output_name, **tensors[output_name]} for output_name in wanted]
-    return orjson.dumps(document, option=NUMPY_JSON)
+    document["outputs"] = []
+    blobs: list[bytes] = []
+    for output_name in wanted:
+        tensor = tensors[output_name]
+        if binary is None or output_name in binary:
+            blob = binary_data(tensor)
+            blobs.append(blob)
+            tensor = {key: value for key, value in tensor.items() if key != "data"}
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+        document["outputs"].append({"name": output_name, **tensor})
+    encoded = orjson.dumps(document, option=NUMPY_JSON)
+    if not blobs:
+        return encoded
+    return encoded + b"".join(blobs), len(encoded)
 
 
-def encode_labelled(
-    predictor: TextPredictor, name: str, model_id: str, request_id: str | None, wanted: list[str], output: TextOutput
-) -> bytes:
-    """Text classifiers also answer ``labels`` (BYTES), in the order the request asked for its outputs."""
-    document = orjson.loads(
-        encode_infer(name, model_id, request_id, [w for w in wanted if w != "labels"], predictor.task, output)
-    )
-    if "labels" in wanted:
-        labels = [predictor.label_of(c) for c in output.values.argmax(axis=-1).tolist()]
-        document["outputs"].append({"name": "labels", "datatype": "BYTES", "shape": [len(labels)], "data": labels})
-        order = {name: i for i, name in enumerate(wanted)}
-        document["outputs"].sort(key=lambda tensor: order[tensor["name"]])
-    return orjson.dumps(document)
-
-
-def prepare(served: ServedModel, body: InferRequest, max_tokens_limit: int) -> tuple[Any, int, list[str]]:
+def prepare(served: ServedModel, body: InferRequest, blob: bytes, max_tokens_limit: int) -> tuple[Any, int, list[str]]:
     """The batcher payload and row count for a request, and the outputs it wants."""
     inputs, outputs = signature(served.record)
     predictor = served.predictor
     wanted = requested_outputs(body, outputs)
+    decoded = binary_inputs(body, blob)
     tensor = single_input(body, inputs[0])
     if isinstance(predictor, StudentPredictor):
-        rows = tabular_rows(tensor, predictor.input_dim)
+        rows = tabular_rows(tensor, predictor.input_dim, decoded[0])
         return rows, len(rows), wanted
     assert isinstance(predictor, TextPredictor)
-    texts = text_values(tensor)
+    texts = text_values(tensor, decoded[0])
     if predictor.task == "causal_lm":
         max_tokens = max_tokens_of(body, max_tokens_limit)
         return [GenerationRequest(prompt=text, max_tokens=max_tokens) for text in texts], len(texts), wanted
@@ -308,7 +425,7 @@ def prepare(served: ServedModel, body: InferRequest, max_tokens_limit: int) -> t
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata", openapi_extra=KSERVE)
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return {"name": "distillery", "version": request.app.version, "extensions": []}
+    return {"name": "distillery", "version": request.app.version, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live", response_model=Live, summary="The server is alive", openapi_extra=KSERVE)
@@ -358,16 +475,34 @@ async def model_ready(model_name: ModelName, inference: InferenceDep, tenant: Te
 @router.post(
     "/models/{model_name}/infer",
     response_model=InferResponse,
-    summary="Inference with JSON tensors",
+    summary="Inference with JSON or binary tensors",
+    description="JSON tensors, or the binary tensor data extension: with the header `Inference-Header-Content-Length` "
+    "the body is the JSON request (that many bytes) followed by the binary data of each input that has "
+    "`parameters.binary_data_size`; outputs with `parameters.binary_data: true` (or all, with the request parameter "
+    "`binary_data_output: true`) are returned the same way as `application/octet-stream`.",
     openapi_extra={**request_body_schema(InferRequest), **KSERVE, "x-inference": True},
 )
 async def infer(model_name: ModelName, request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
-    body = await parse_json_body(request, InferRequest)
+    json_part, blob = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
+    body = parse_json_bytes(json_part, InferRequest)
     served = await inference.get(tenant, model_name)
-    payload, rows, wanted = prepare(served, body, inference.settings.max_completion_tokens)
-    task = served.record.task
-    encode = partial(encode_infer, model_name, served.model_id, body.id, wanted, task)
-    if task == "text_classification" and isinstance(served.predictor, TextPredictor):
-        encode = partial(encode_labelled, served.predictor, model_name, served.model_id, body.id, wanted)
+    payload, rows, wanted = prepare(served, body, blob, inference.settings.max_completion_tokens)
+    encode = partial(
+        encode_infer,
+        model_name,
+        served.model_id,
+        body.id,
+        wanted,
+        binary_outputs(body),
+        served.record.task,
+        served.predictor,
+    )
     encoded = await inference.infer(served, payload, rows, encode)
+    if isinstance(encoded, tuple):
+        content, json_length = encoded
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
     return Response(encoded, media_type="application/json")

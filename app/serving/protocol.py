@@ -30,7 +30,11 @@ async def parse_json_body(request: Request, model: type[M]) -> M:
     """Read and validate a JSON body in one pydantic-core pass (no intermediate ``dict``); errors become the same
     ``RequestValidationError`` FastAPI raises, with locations under ``body``. Used on the hot inference paths, where
     FastAPI's generic body handling costs more than the model's forward."""
-    raw = await request.body()
+    return parse_json_bytes(await request.body(), model)
+
+
+def parse_json_bytes(raw: bytes, model: type[M]) -> M:
+    """``parse_json_body`` on bytes already read (a KServe binary-extension request's JSON part)."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -365,6 +365,80 @@ def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:
     assert infer({}).status_code == 200
 
 
+def binary_request(document: dict[str, Any], *blobs: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(document).encode()
+    return header + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+
+
+def split_binary_response(response: httpx.Response) -> tuple[dict[str, Any], bytes]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers["inference-header-content-length"])
+    return json.loads(response.content[:length]), response.content[length:]
+
+
+def test_kserve_v2_binary_tensor_extension(client: httpx.Client, tabular: str, text_models: dict[str, str]) -> None:
+    """The binary tensor data extension: FP32 and BYTES inputs after the JSON part, binary outputs on request; the
+    same answers as JSON tensors; bad binary framing is a 400 in KServe's error shape."""
+    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    url = f"/v2/models/{tabular}/infer"
+    rows = struct.pack("<20f", *(ROW + ROW[::-1]))
+    tensor = {"name": "input", "shape": [2, 10], "datatype": "FP32", "parameters": {"binary_data_size": len(rows)}}
+    as_json = client.post(url, json={"inputs": [{**tensor, "parameters": None, "data": ROW + ROW[::-1]}]}).json()
+
+    content, headers = binary_request({"inputs": [tensor]}, rows)  # binary in, JSON out
+    response = client.post(url, content=content, headers=headers)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json", response.text
+    assert response.json()["outputs"] == as_json["outputs"]
+
+    wanted = [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "classes"}]
+    content, headers = binary_request({"inputs": [tensor], "outputs": wanted}, rows)
+    document, blob = split_binary_response(client.post(url, content=content, headers=headers))
+    probabilities, classes = document["outputs"]
+    assert probabilities["parameters"] == {"binary_data_size": 40} and "data" not in probabilities
+    assert list(struct.unpack("<10f", blob)) == pytest.approx(as_json["outputs"][0]["data"], abs=1e-7)
+    assert classes == as_json["outputs"][1]  # not asked for as binary: JSON
+
+    content, headers = binary_request({"inputs": [tensor], "parameters": {"binary_data_output": True}}, rows)
+    document, blob = split_binary_response(client.post(url, content=content, headers=headers))
+    assert [o["parameters"]["binary_data_size"] for o in document["outputs"]] == [40, 16]
+    assert list(struct.unpack("<2q", blob[40:])) == as_json["outputs"][1]["data"]
+
+    embedder = f"/v2/models/{text_models['embedder']}/infer"
+    texts = ["a cat", "a dög"]
+    packed = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    text_tensor = {"name": "text", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(packed)}}
+    content, headers = binary_request({"inputs": [text_tensor]}, packed)
+    by_bytes = client.post(embedder, content=content, headers=headers)
+    by_json = client.post(embedder, json={"inputs": [{**text_tensor, "parameters": None, "data": texts}]})
+    assert by_bytes.status_code == 200, by_bytes.text
+    assert by_bytes.json()["outputs"][0]["data"] == pytest.approx(by_json.json()["outputs"][0]["data"], abs=1e-6)
+
+    def sent(document: dict[str, Any], blob: bytes, length: str | None = None) -> httpx.Response:
+        content, headers = binary_request(document, blob)
+        if length is not None:
+            headers["Inference-Header-Content-Length"] = length
+        return client.post(url, content=content, headers=headers)
+
+    assert_kserve_error(sent({"inputs": [tensor]}, rows[:-4]), 400, "does not fit")
+    assert_kserve_error(sent({"inputs": [tensor]}, rows + b"\0" * 4), 400, "belong to no input")
+    assert_kserve_error(sent({"inputs": [tensor]}, rows, length="999999"), 400, "Inference-Header-Content-Length")
+    assert_kserve_error(sent({"inputs": [tensor]}, rows, length="abc"), 400, "Inference-Header-Content-Length")
+    odd = {**tensor, "parameters": {"binary_data_size": 39}}
+    assert_kserve_error(sent({"inputs": [odd]}, rows[:39]), 400, "whole number")
+    both = {**tensor, "data": ROW + ROW}
+    assert_kserve_error(sent({"inputs": [both]}, rows), 400, "both data and")
+    neither = {**tensor, "parameters": None}
+    assert_kserve_error(client.post(url, json={"inputs": [neither]}), 400, "neither data nor")
+    broken = {**text_tensor, "parameters": {"binary_data_size": 6}}
+    content, headers = binary_request({"inputs": [broken]}, struct.pack("<I", 50) + b"ab")
+    assert_kserve_error(client.post(embedder, content=content, headers=headers), 400, "runs past")
+    assert sent({"inputs": [tensor]}, rows).status_code == 200  # and it keeps serving
+
+
 def test_kserve_v2_embeddings(client: httpx.Client, text_models: dict[str, str]) -> None:
     embedder = text_models["embedder"]
     metadata = client.get(f"/v2/models/{embedder}").json()
