@@ -258,7 +258,7 @@ READ_BY: dict[str, str] = {
     "inference_timeout_s": API,
     "model_load_wait_s": API,
     "inference_inline_max_us": API,
-    "inference_torch_threads": API,
+    "inference_torch_threads": f"{API}, {WORKER} (times serving variants at it)",
     "alias_refresh_s": API,
     "max_completion_tokens": API,
     "max_student_params": "api (checks specs)",

@@ -46,7 +46,12 @@ def run_job_spec(
         return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), save_text)
     stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
     tabular = train_classifier(
-        spec, stored_teachers=stored, progress=progress, device=device, checkpointer=checkpointer
+        spec,
+        stored_teachers=stored,
+        progress=progress,
+        device=device,
+        checkpointer=checkpointer,
+        serving_threads=resources.serving_threads,
     )
 
     def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:

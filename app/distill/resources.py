@@ -18,3 +18,5 @@ class JobResources:
     dataset_sink: Callable[[str, list[dict[str, Any]], dict[str, Any]], str] | None = None
     cache_sink: Callable[[str, Any, dict[str, Any]], str] | None = None
     tokenizer_signature: str | None = None  # of the teacher's tokenizer, recorded with logit caches
+    # torch threads the api serves with: serving variants are timed at this count (None: the job's own)
+    serving_threads: int | None = None

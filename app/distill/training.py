@@ -198,8 +198,10 @@ def train_classifier(
     progress: ProgressCallback | None = None,
     checkpointer: Checkpointer | None = None,
     device: torch.device | None = None,
+    serving_threads: int | None = None,
 ) -> TrainingOutcome:
-    """Run the job ``spec`` describes and evaluate the result. Blocking; call it off any event loop."""
+    """Run the job ``spec`` describes and evaluate the result. Blocking; call it off any event loop.
+    ``serving_threads``: the api's torch thread count, at which serving variants are timed."""
     device = device or select_device(spec.training.device)
     report = progress or (lambda update: None)
     training = spec.training
@@ -305,7 +307,9 @@ def train_classifier(
     evaluation["steps"] = total_steps
     student = student.cpu().eval()
     evaluation.update(
-        choose_serving_variant(student, "classification", lambda: tabular_probe(split.x_test), spec.evaluation)
+        choose_serving_variant(
+            student, "classification", lambda: tabular_probe(split.x_test), spec.evaluation, serving_threads
+        )
     )
     return TrainingOutcome(
         student,

@@ -460,10 +460,32 @@ def eager_only(reason: str, names: Sequence[str] = VARIANT_NAMES) -> dict[str, A
 
 
 def choose_serving_variant(
-    model: nn.Module, task: str, probe: Callable[[], Probe | None], evaluation: EvaluationSpec
+    model: nn.Module,
+    task: str,
+    probe: Callable[[], Probe | None],
+    evaluation: EvaluationSpec,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The end of a job: what ``evaluation.variants`` asks for, measured on the CPU (where models are served), as
-    keys for ``result.evaluation`` (and the model's config). ``model`` must be on the CPU."""
+    keys for ``result.evaluation`` (and the model's config). ``model`` must be on the CPU. ``threads``: the torch
+    thread count the api serves with; the variants are timed at it (a variant that wins with the job's threads may
+    lose with the api's), then the job's count is restored."""
+    if threads is None or threads < 1:
+        return _choose_serving_variant(model, task, probe, evaluation)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chosen = _choose_serving_variant(model, task, probe, evaluation)
+    finally:
+        torch.set_num_threads(previous)
+    if "variants_seconds" in chosen:
+        chosen["variants_threads"] = threads
+    return chosen
+
+
+def _choose_serving_variant(
+    model: nn.Module, task: str, probe: Callable[[], Probe | None], evaluation: EvaluationSpec
+) -> dict[str, Any]:
     if task == "causal_lm":
         return eager_only(CAUSAL_LM_REASON)
     if evaluation.variants is not None and set(evaluation.variants) <= {"eager"}:

@@ -265,6 +265,26 @@ def test_only_the_listed_variants_are_measured_with_the_spec_tolerance() -> None
     assert int8["within_tolerance"] is (int8["agreement"] >= 1.0)
 
 
+def test_variants_are_timed_at_the_serving_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The api serves with its own torch thread count: the variants are timed at it, then the job's is restored."""
+    seen: list[int] = []
+    measure = variants.measure_variants
+
+    def spying(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.append(torch.get_num_threads())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(variants, "measure_variants", spying)
+    before = torch.get_num_threads()
+    serving = 1 if before > 1 else 2
+    spec = EvaluationSpec(variants=["eager", "torchscript"])
+    result = choose_serving_variant(mlp(), "classification", lambda: tabular_probe(torch.randn(64, 6)), spec, serving)
+    assert seen == [serving] and torch.get_num_threads() == before
+    assert result["variants_threads"] == serving
+    choose_serving_variant(mlp(), "classification", lambda: tabular_probe(torch.randn(64, 6)), spec)
+    assert seen == [serving, before]  # without a serving count: the job's own
+
+
 # --- the spec knob -------------------------------------------------------------------------------------------------
 
 

@@ -1269,5 +1269,9 @@ def train_text_model(
         extra["pooling"] = "mean"
         extra["normalize"] = True
     student.to("cpu")
-    evaluation.update(choose_serving_variant(student, spec.task, lambda: text_probe(state.test), spec.evaluation))
+    evaluation.update(
+        choose_serving_variant(
+            student, spec.task, lambda: text_probe(state.test), spec.evaluation, resources.serving_threads
+        )
+    )
     return TextTrainingOutcome(student, tokenizer, evaluation, train_seconds, total_steps, metrics, extra)
