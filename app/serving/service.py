@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -270,7 +269,6 @@ class InferenceService:
         served = self._serve(record, predictor, seconds)
         served.inline = inline
         self.cache.put(key, served)
-        gc.freeze()  # the model's objects are long-lived: keep them out of full collections (see app.main)
         log.info("loaded %s (%s, %.0f ms)", key, record.task, seconds * 1000)
         return served
 
