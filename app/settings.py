@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         "when nothing is queued for them: a hand-off to the inference thread costs more than such a forward. "
         "0 = always the inference thread.",
     )
+    inference_device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu",
+        description="Where the api runs its models: cpu (the serving variant the job chose), cuda (the eager model on "
+        "the GPU; the api refuses to start without one) or auto (cuda when torch sees one).",
+    )
     inference_torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."
     )
@@ -258,6 +263,7 @@ READ_BY: dict[str, str] = {
     "inference_timeout_s": API,
     "model_load_wait_s": API,
     "inference_inline_max_us": API,
+    "inference_device": API,
     "inference_torch_threads": f"{API}, {WORKER} (times serving variants at it)",
     "alias_refresh_s": API,
     "max_completion_tokens": API,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from app.distill.artifacts import load_model_dir
-from app.distill.variants import apply_variant, servable
+from app.distill.variants import BuiltVariant, Servable, apply_variant, servable
 
 
 class InputShapeError(ValueError):
@@ -40,6 +40,7 @@ class Predictor(Protocol):
     directory: Path
     task: str
     memory_bytes: int
+    device: torch.device
 
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]: ...
 
@@ -90,6 +91,32 @@ def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
 # --- tabular classifiers --------------------------------------------------------------------------------------------
 
 
+CPU = torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``DISTILLERY_INFERENCE_DEVICE``: cpu, cuda (an error when there is none) or auto (cuda when there is one)."""
+    if name == "cpu":
+        return CPU
+    if name not in ("cuda", "auto"):
+        raise ValueError(f"inference device must be cpu, cuda or auto, not {name!r}")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "auto":
+        return CPU
+    raise RuntimeError("DISTILLERY_INFERENCE_DEVICE=cuda but torch sees no CUDA device")
+
+
+def place(made: Servable, config: Mapping[str, Any] | None, device: torch.device) -> BuiltVariant:
+    """The forward to serve: on the CPU the variant the job chose (eager when it cannot be built here); on a GPU the
+    eager module moved there (TorchScript, dynamic int8 and the ONNX CPU session are CPU variants, and the job timed
+    them on the CPU)."""
+    if device.type == "cpu":
+        return apply_variant(recorded_variant(config), made)
+    made.module.to(device)
+    return apply_variant("eager", made)
+
+
 class StudentPredictor:
     """A tabular classifier student: rows of features in, class probabilities out.
 
@@ -98,17 +125,25 @@ class StudentPredictor:
 
     task = "classification"
 
-    def __init__(self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        directory: Path,
+        sha256: str,
+        config: Mapping[str, Any] | None = None,
+        device: torch.device = CPU,
+    ) -> None:
         self.model_id = model_id
         self.directory = directory
         self.sha256 = sha256
+        self.device = device
         self.model = load_model_dir(directory, "cpu")
         self.input_dim = self.model.architecture.input_dim
         self.num_classes = self.model.architecture.output_dim
         made = servable(self.model, self.task)
         assert made is not None
         # the serving variant the job chose (eager when it cannot be built here), built from the safetensors weights
-        built = apply_variant(recorded_variant(config), made)
+        built = place(made, config, device)
         self.variant = built.name
         self.forward = built.forward
         self.memory_bytes = module_bytes(self.model) + built.extra_bytes
@@ -150,7 +185,7 @@ class StudentPredictor:
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.forward(x).float(), dim=-1)
+        return torch.softmax(self.forward(x.to(self.device)).float(), dim=-1).cpu()
 
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
         """[n_i, input_dim] float32 arrays → [n_i, num_classes] float32 probability arrays, one forward."""
@@ -248,9 +283,12 @@ class TextPredictor:
     """A transformers student: strings in; vectors (embedding), classes (text classification) or completions
     (causal LM) out. Loaded once; every forward under ``torch.inference_mode``."""
 
-    def __init__(self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any], device: torch.device = CPU
+    ) -> None:
         from app.distill.text.models import load_saved_dir
 
+        self.device = device
         self.model_id = model_id
         self.directory = directory
         self.sha256 = sha256
@@ -270,9 +308,11 @@ class TextPredictor:
         self.forward: Callable[..., torch.Tensor] | None = None
         made = servable(self.model, self.task)
         if made is not None:
-            built = apply_variant(recorded_variant(config), made)
+            built = place(made, config, device)
             self.variant, self.forward = built.name, built.forward
             self.memory_bytes += built.extra_bytes
+        else:
+            self.model.to(device)
         positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 512
         tokenizer_limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         # tokenizers without a limit report a huge sentinel (1e30): the model's positions are the real bound
@@ -284,7 +324,7 @@ class TextPredictor:
     def warmup(self) -> None:
         if self.task == "causal_lm":
             with torch.inference_mode():
-                self.model(**self.tokenizer(["warm up"], return_tensors="pt"))
+                self.model(**self.tokenizer(["warm up"], return_tensors="pt").to(self.device))
         else:
             self.predict_batch([TextRequest(["warm up"])])
 
@@ -353,8 +393,9 @@ class TextPredictor:
     def _forward(self, batch: Any) -> torch.Tensor:
         """Embeddings (unit vectors) or class probabilities of a tokenized batch, through the serving variant."""
         assert self.forward is not None
-        output = self.forward(batch["input_ids"], batch["attention_mask"]).float()
-        return output if self.task == "embedding" else torch.softmax(output, dim=-1)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        output = self.forward(ids, mask).float()
+        return (output if self.task == "embedding" else torch.softmax(output, dim=-1)).cpu()
 
     def label_of(self, class_index: int) -> str:
         return self.label_names[class_index] if class_index < len(self.label_names) else str(class_index)
@@ -416,12 +457,13 @@ class TextPredictor:
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
                 done = request.cancelled or stream.stopped
-                return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), done, dtype=torch.bool))
+                shape = (input_ids.shape[0],)
+                return cast(torch.BoolTensor, torch.full(shape, done, dtype=torch.bool, device=input_ids.device))
 
         sampling: dict[str, Any] = {"do_sample": False}
         if request.temperature > 0:
             sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=self.device)
         self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -535,10 +577,12 @@ class _TextStream:
         return 0
 
 
-def load_predictor(model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:
+def load_predictor(
+    model_id: str, directory: Path, sha256: str, config: Mapping[str, Any], device: torch.device = CPU
+) -> Predictor:
     if config.get("format") == "transformers":
-        return TextPredictor(model_id, directory, sha256, config)
-    return StudentPredictor(model_id, directory, sha256, config)
+        return TextPredictor(model_id, directory, sha256, config, device)
+    return StudentPredictor(model_id, directory, sha256, config, device)
 
 
 # --- the cache ------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,14 @@ from app.serving.batcher import (
 from app.serving.batcher import QueueFull as BatcherQueueFull
 from app.serving.errors import InferenceTimedOut, InvalidInput, ModelUnavailable, QueueFull, invalid_input
 from app.serving.metrics import ModelMetrics, ServingMetrics
-from app.serving.predictor import InputShapeError, ModelCache, Predictor, StudentPredictor, load_predictor
+from app.serving.predictor import (
+    InputShapeError,
+    ModelCache,
+    Predictor,
+    StudentPredictor,
+    load_predictor,
+    resolve_device,
+)
 from app.settings import Settings
 from app.storage import store_for
 
@@ -175,7 +183,9 @@ class InferenceService:
     ) -> None:
         self.settings = settings
         self.database = database
-        self.loader = loader
+        # cpu, or a GPU (DISTILLERY_INFERENCE_DEVICE): an api asked for cuda that has none refuses to start
+        self.device = resolve_device(settings.inference_device)
+        self.loader = partial(load_predictor, device=self.device) if loader is load_predictor else loader
         self.batching = batching_config(settings)
         self.metrics = ServingMetrics(registry)
         # the cache object may be shared with the models router (which evicts deleted models): configure it here
@@ -282,7 +292,7 @@ class InferenceService:
         """Whether one row's forward is cheaper than ``inference_inline_max_us`` (median of a few, after warm-up).
         Only tabular students qualify: text models tokenize, which alone takes longer."""
         limit = self.settings.inference_inline_max_us / 1e6
-        if limit <= 0 or not isinstance(predictor, StudentPredictor):
+        if limit <= 0 or not isinstance(predictor, StudentPredictor) or self.device.type != "cpu":
             return False
         row = np.zeros((1, predictor.input_dim), dtype=np.float32)
         timings = []

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from app.db.engine import Database
@@ -199,6 +200,30 @@ def test_a_burst_is_batched_even_for_a_model_that_runs_inline(store: Store) -> N
         before = forwards()
         await service.infer(served, rows, 1)
         assert forwards() - before == 1 and served.batcher.pending == 0
+        service.close()
+
+    run(test)
+
+
+def test_the_inference_device_setting(store: Store) -> None:
+    """cpu and auto serve on the CPU here (no GPU); cuda without a GPU refuses to start, with the reason."""
+    from app.serving.predictor import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot be shown")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        serve(store, inference_device="cuda")
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, inference_device="auto")
+        assert service.device.type == "cpu"
+        served = await service.get("default", model_id)
+        assert served.predictor.device.type == "cpu"
         service.close()
 
     run(test)

@@ -1,0 +1,130 @@
+"""Batching on a GPU, in-process: the serving issue's text figure where it is expected to be met, on a lent GPU.
+
+    .venv/bin/python -m benchmarks.gpu_serving                  # cuda (and the CPU for reference)
+    .venv/bin/python -m benchmarks.gpu_serving --devices cpu    # what runs here, without a GPU
+
+The MiniLM-derived 2-layer embedder of ``benchmarks.serving text`` (layers 0 and 5 of the packaged
+all-MiniLM-L6-v2, 256 real sentences of 16–64 tokens) loaded by the api's own ``TextPredictor`` on each device (what
+``DISTILLERY_INFERENCE_DEVICE`` selects), driven through the api's own ``DynamicBatcher`` by 32 concurrent clients
+on an asyncio loop, each sending one sentence at a time: requests/s with batching on (max_batch_size 64) and off
+(max_batch_size 1), and the bare forward of one sentence. No HTTP, no database (a lent GPU machine has neither wrk
+nor Postgres): this isolates what batching does on the device; ``benchmarks.serving text`` measures the whole server
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.serving.batcher import BatchingConfig, DynamicBatcher
+from app.serving.predictor import TextPredictor, TextRequest
+from benchmarks.serving import sentences
+
+
+def build_embedder(directory: Path) -> tuple[Path, list[str]]:
+    from transformers import AutoModel, AutoTokenizer
+
+    from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
+
+    teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModel.from_pretrained(str(teacher_dir)).eval()
+    student, kept = derive_student(teacher, layers=[0, 5])
+    extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
+    save_pretrained_dir(student.eval(), tokenizer, directory, extra_config=extra)
+    return directory, sentences(tokenizer)
+
+
+async def drive(predictor: TextPredictor, texts: list[str], max_batch: int, clients: int, seconds: float) -> float:
+    """Requests/s of ``clients`` concurrent senders through a batcher with ``max_batch``."""
+    config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=60)
+    batcher = DynamicBatcher(f"bench-{max_batch}", predictor.predict_batch, config, asyncio.get_running_loop())
+    done = 0
+    stop_at = 0.0
+
+    async def client(offset: int) -> None:
+        nonlocal done
+        index = offset
+        while time.perf_counter() < stop_at:
+            await batcher.submit(TextRequest([texts[index % len(texts)]]), 1)
+            done += 1
+            index += clients
+
+    stop_at = time.perf_counter() + 1.0  # warm-up
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    done = 0
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    batcher.stop()
+    return done / elapsed
+
+
+def bare_forward_ms(predictor: TextPredictor, texts: list[str]) -> float:
+    for text in texts[:20]:
+        predictor.predict_batch([TextRequest([text])])
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        predictor.predict_batch([TextRequest([text])])  # ends with the copy to the host: synchronised
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", nargs="*", default=["cuda", "cpu"])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="distillery-gpu-serving-") as folder:
+        directory, texts = build_embedder(Path(folder) / "embedder")
+        for name in args.devices:
+            if name == "cuda" and not torch.cuda.is_available():
+                print("no CUDA device: skipping cuda", flush=True)
+                continue
+            device = torch.device(name)
+            predictor = TextPredictor("bench", directory, "", {"task": "embedding"}, device)
+            bare = bare_forward_ms(predictor, texts)
+            on = asyncio.run(drive(predictor, texts, 64, args.clients, args.seconds))
+            off = asyncio.run(drive(predictor, texts, 1, args.clients, args.seconds))
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            rows.append({"device": machine(device), "bare": bare, "on": on, "off": off, "peak": peak})
+            print(rows[-1], flush=True)
+    print()
+    print(
+        f"MiniLM-derived 2-layer embedder, {len(texts)} sentences of 16–64 tokens, {args.clients} concurrent clients "
+        f"through the api's DynamicBatcher and TextPredictor, in-process, {args.seconds:g} s per row."
+    )
+    print()
+    print(
+        "| device | bare forward, 1 sentence (ms) | batching on (req/s) | batching off (req/s) | on / off | peak MiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['device']} | {row['bare']:.2f} | {row['on']:,.0f} | {row['off']:,.0f} | "
+            f"{row['on'] / row['off']:.2f}× | {row['peak']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
