@@ -266,7 +266,9 @@ def bare_forward_ms(directory: Path) -> tuple[float, float]:
         return statistics.median(times) * 1000
 
     forward = median_ms(lambda: predictor.predict_tensor(x))
-    whole = median_ms(lambda: encode_prediction("bench", predictor.predict_batch([predictor.rows_from_json([ROW])])[0]))
+    whole = median_ms(
+        lambda: encode_prediction("bench", [], predictor.predict_batch([predictor.rows_from_json([ROW])])[0])
+    )
     return forward, whole
 
 

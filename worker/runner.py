@@ -354,6 +354,7 @@ class JobRunner:
         """Database references of the spec → files on disk (stored teachers, uploaded datasets)."""
         stored: dict[int, Path] = {}
         datasets: dict[str, Path] = {}
+        columns: dict[str, list[str]] = {}
         with self.db.read() as conn:
             for index, teacher in enumerate(spec.all_teachers()):
                 if isinstance(teacher, StoredModelTeacher):
@@ -367,10 +368,13 @@ class JobRunner:
                     raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
                 folder = self.fetch(dataset_folder(dataset["artifact_path"]), f"dataset {spec.data.dataset_id}")
                 datasets[spec.data.dataset_id] = folder / Path(dataset["artifact_path"]).name
+                if dataset["columns"]:
+                    columns[spec.data.dataset_id] = list(dataset["columns"])
         signature = self.teacher_tokenizer_signature(spec, stored)
         return JobResources(
             stored_teachers=stored,
             dataset_files=datasets,
+            dataset_columns=columns,
             model_roots=self.settings.model_roots,
             allow_hub=self.settings.allow_hub_downloads,
             dataset_sink=lambda name, records, provenance: self.store_records(

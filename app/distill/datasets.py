@@ -3,11 +3,15 @@ draws fresh inputs for teacher-labelled augmentation. All tensors are float32 on
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from app.distill.spec import AugmentationSpec, SklearnData, SyntheticData
+from app.distill.spec import AugmentationSpec, SklearnData, SyntheticData, UploadedData
 
 
 @dataclass(frozen=True)
@@ -66,26 +70,64 @@ def load_sklearn(spec: SklearnData, seed: int) -> TabularSplit:
     bunch = loaders[spec.name]()
     x = torch.tensor(bunch.data, dtype=torch.float32)
     y = torch.tensor(bunch.target, dtype=torch.int64)
-    # a stratified split keeps every class in both halves, even on the 150-row iris
+    return stratified_split(x, y, spec.test_fraction, seed, standardize=spec.standardize)
+
+
+def stratified_split(
+    x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, *, standardize: bool
+) -> TabularSplit:
+    """A stratified split keeps every class in both halves, even on the 150-row iris (a class with one row goes to
+    the train half)."""
     generator = torch.Generator().manual_seed(seed)
     train_idx: list[torch.Tensor] = []
     test_idx: list[torch.Tensor] = []
     for label in torch.unique(y):
         rows = torch.nonzero(y == label).flatten()
         rows = rows[torch.randperm(len(rows), generator=generator)]
-        n_test = max(1, round(len(rows) * spec.test_fraction))
+        n_test = min(max(1, round(len(rows) * test_fraction)), len(rows) - 1)
         test_idx.append(rows[:n_test])
         train_idx.append(rows[n_test:])
     train = torch.cat(train_idx)
     test = torch.cat(test_idx)
     train = train[torch.randperm(len(train), generator=generator)]
-    if spec.standardize:
+    if standardize:
         mean = x[train].mean(dim=0)
         # constant features (digits has some) would divide by zero
         std = x[train].std(dim=0).clamp_min(1e-6)
     else:
         mean, std = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     return TabularSplit(x[train], y[train], x[test], y[test], mean, std, distribution="gaussian")
+
+
+@dataclass(frozen=True)
+class UploadedTable:
+    """A tabular CSV dataset read for training: its split and the label names (class i is ``labels[i]``)."""
+
+    split: TabularSplit
+    labels: list[str]
+
+
+def load_uploaded(spec: UploadedData, path: Path, feature_columns: Sequence[str] | None, seed: int) -> UploadedTable:
+    """A CSV uploaded with POST /v1/datasets: every column but the label is a feature (as validated at upload).
+    The label column is the one header name that is not a feature column (``feature_columns`` as recorded at
+    upload); without them, the column named ``label``. Features are standardized on the train half."""
+    from app.distill.text.data import parse_csv
+
+    raw = path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="replace")
+    header = [name.strip() for name in next(csv.reader(io.StringIO(text, newline="")), [])]
+    label_column = "label"
+    if feature_columns is not None:
+        others = [name for name in header if name not in set(feature_columns)]
+        if len(others) != 1:
+            raise ValueError(f"dataset {spec.dataset_id}: cannot tell its label column from the header {header}")
+        label_column = others[0]
+    parsed = parse_csv(raw, label_column=label_column)
+    labels = list(parsed.labels or [])
+    index = {label: i for i, label in enumerate(labels)}
+    x = torch.tensor([record["features"] for record in parsed.records], dtype=torch.float32)
+    y = torch.tensor([index[str(record["label"])] for record in parsed.records], dtype=torch.int64)
+    return UploadedTable(stratified_split(x, y, spec.test_fraction, seed, standardize=True), labels)
 
 
 def load_dataset(spec: SyntheticData | SklearnData, features: int, seed: int) -> TabularSplit:

@@ -52,10 +52,13 @@ def run_job_spec(
         device=device,
         checkpointer=checkpointer,
         serving_threads=resources.serving_threads,
+        dataset_files=resources.dataset_files,
+        dataset_columns=resources.dataset_columns,
     )
+    labels = {"label_names": tabular.label_names} if tabular.label_names is not None else {}
 
     def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:
-        config = {**serving_config(tabular.evaluation), **extra}
+        config = {**serving_config(tabular.evaluation), **labels, **extra}
         return save_model_dir(tabular.student, destination, extra_config=config)  # type: ignore[arg-type]
 
     return TrainedStudent(tabular.evaluation, int(tabular.evaluation["student_params"]), save)

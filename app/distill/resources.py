@@ -12,6 +12,8 @@ from typing import Any
 class JobResources:
     stored_teachers: Mapping[int, Path] = field(default_factory=dict)  # teacher index → artifact folder
     dataset_files: Mapping[str, Path] = field(default_factory=dict)  # dataset id → stored file
+    # dataset id → feature column names of a tabular CSV (as recorded at upload; the label column is the other one)
+    dataset_columns: Mapping[str, Sequence[str]] = field(default_factory=dict)
     model_roots: Sequence[Path] = ()  # local folders transformers teachers may be read from
     allow_hub: bool = False  # whether hub names may be downloaded (never in tests)
     # where stages store what they make: (name, records, provenance) → dataset id; (name, cache, provenance) → id

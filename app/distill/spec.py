@@ -581,6 +581,7 @@ class SpecChecker:
         dataset_kind: str | None,
         dataset_tokenizer: str | None = None,
         student_tokenizer: str | None = None,
+        dataset_dims: tuple[int, int] | None = None,
     ) -> None:
         self.spec = spec
         self.limits = limits
@@ -588,6 +589,7 @@ class SpecChecker:
         self.dataset_kind = dataset_kind
         self.dataset_tokenizer = dataset_tokenizer
         self.student_tokenizer = student_tokenizer
+        self.dataset_dims = dataset_dims
         self.problems: list[SpecProblem] = []
 
     def add(self, loc: Loc, msg: str) -> None:
@@ -649,12 +651,21 @@ class SpecChecker:
         if not isinstance(student, MLPArchitecture):
             self.add(("student", "architecture", "type"), "task classification (tabular) takes an mlp student")
             return
-        if not isinstance(spec.data, SyntheticData | SklearnData):
-            self.add(("data", "source"), "task classification (tabular) takes synthetic or sklearn data")
+        if not isinstance(spec.data, SyntheticData | SklearnData | UploadedData):
+            self.add(("data", "source"), "task classification (tabular) takes synthetic, sklearn or uploaded CSV data")
             return
         if spec.objective.features is not None:
             self.add(("objective", "features"), "feature distillation applies to transformer students")
-        features, classes = data_dims(spec.data)
+        if isinstance(spec.data, UploadedData):
+            if self.dataset_kind is not None and self.dataset_kind != "tabular":
+                self.add(
+                    ("data", "dataset_id"),
+                    f"the dataset holds {self.dataset_kind} records; task classification takes a tabular (CSV) one",
+                )
+                return
+            features, classes = self.dataset_dims or (None, None)
+        else:
+            features, classes = data_dims(spec.data)
         for index, teacher in enumerate(spec.all_teachers()):
             loc = self.teacher_loc(index)
             shape = self.teacher_shapes.get(index)
@@ -672,7 +683,7 @@ class SpecChecker:
             self.check_widths(loc, shape, student, features, classes)
         self.check_widths(("student", "architecture"), None, student, features, classes)
 
-        has_labels = classes is not None
+        has_labels = classes is not None or isinstance(spec.data, UploadedData)  # a CSV upload always has labels
         if not spec.all_teachers():
             if not has_labels:
                 self.add(("teacher",), "a job without a teacher trains on labels; its data must have labels")
@@ -924,17 +935,19 @@ def check_spec(
     dataset_kind: str | None = None,
     dataset_tokenizer: str | None = None,
     student_tokenizer: str | None = None,
+    dataset_dims: tuple[int, int] | None = None,
 ) -> list[SpecProblem]:
     """Problems that make ``spec`` impossible to run; empty when it can run.
 
     ``teacher_shapes`` (index in ``all_teachers()`` → shape) describes stored teachers, which the caller looks up;
     ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
     ``student_tokenizer`` is the signature of a tokenizer the student names by reference, when it could be resolved.
+    ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload.
     """
     shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:
         shapes.setdefault(0, teacher_shape)
-    return SpecChecker(spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer).run()
+    return SpecChecker(spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer, dataset_dims).run()
 
 
 BuiltinTeacher.model_rebuild()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from app.distill.architectures import MLPClassifier, build_model
 from app.distill.checkpoints import Checkpointer
-from app.distill.datasets import AugmentationSampler, TabularSplit, load_dataset
+from app.distill.datasets import AugmentationSampler, TabularSplit, load_dataset, load_uploaded
 from app.distill.evaluation import evaluate_classifier
 from app.distill.losses import distillation_loss, hard_label_loss
 from app.distill.spec import (
@@ -29,6 +30,7 @@ from app.distill.spec import (
     SklearnData,
     SyntheticData,
     TrainingSpec,
+    UploadedData,
     planned_steps,
 )
 from app.distill.teachers import TeacherEnsemble, combine_teacher_losses
@@ -83,6 +85,7 @@ class TrainingOutcome:
     train_seconds: float
     steps: int
     final_metrics: dict[str, float]
+    label_names: list[str] | None = None  # uploaded CSV data: class i is label_names[i]
 
 
 def derive_seed(seed: int, *salt: int) -> int:
@@ -199,6 +202,8 @@ def train_classifier(
     checkpointer: Checkpointer | None = None,
     device: torch.device | None = None,
     serving_threads: int | None = None,
+    dataset_files: Mapping[str, Path] | None = None,
+    dataset_columns: Mapping[str, Sequence[str]] | None = None,
 ) -> TrainingOutcome:
     """Run the job ``spec`` describes and evaluate the result. Blocking; call it off any event loop.
     ``serving_threads``: the api's torch thread count, at which serving variants are timed."""
@@ -215,9 +220,17 @@ def train_classifier(
     # dropout draws from the global generator: seed it so that a job is reproducible from its spec
     torch.manual_seed(derive_seed(training.seed, SEED_DROPOUT))
     data_seed = spec.data.seed if spec.data.seed is not None else derive_seed(training.seed, SEED_DATA)
-    if not isinstance(spec.data, SyntheticData | SklearnData):
-        raise ValueError("tabular classification takes synthetic or sklearn data")
-    split = load_dataset(spec.data, features, data_seed)
+    label_names: list[str] | None = None
+    if isinstance(spec.data, UploadedData):
+        path = (dataset_files or {}).get(spec.data.dataset_id)
+        if path is None:
+            raise ValueError(f"dataset {spec.data.dataset_id} was not resolved to a file")
+        table = load_uploaded(spec.data, path, (dataset_columns or {}).get(spec.data.dataset_id), data_seed)
+        split, label_names = table.split, table.labels
+    elif isinstance(spec.data, SyntheticData | SklearnData):
+        split = load_dataset(spec.data, features, data_seed)
+    else:
+        raise ValueError("tabular classification takes synthetic, sklearn or uploaded CSV data")
     teacher = prepare_teachers(spec, split, device, stored_teachers or {})
     student_seed = spec.student.seed if spec.student.seed is not None else derive_seed(training.seed, SEED_STUDENT)
     student = build_model(architecture, student_seed)
@@ -318,6 +331,7 @@ def train_classifier(
         train_seconds,
         total_steps,
         metrics,
+        label_names,
     )
 
 

@@ -126,10 +126,19 @@ def transformers_teacher_shape(
     )
 
 
-def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> tuple[str | None, str | None]:
-    """(kind, tokenizer signature for logit caches) of the dataset the spec names (a missing one is a 422)."""
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the spec check needs of the dataset a spec names."""
+
+    kind: str | None = None
+    tokenizer: str | None = None  # of a logit cache
+    dims: tuple[int, int] | None = None  # (features, classes) of a tabular CSV
+
+
+def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFacts:
+    """The facts of the dataset the spec names (a missing one is a 422)."""
     if not isinstance(spec.data, UploadedData):
-        return None, None
+        return DatasetFacts()
     row = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=tenant)
     if row is None:
         raise InvalidSpec(
@@ -137,7 +146,10 @@ def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> tuple[str |
             errors=[{"loc": ["body", "data", "dataset_id"], "msg": f"no dataset {spec.data.dataset_id!r}"}],
         )
     tokenizer = (row["provenance"] or {}).get("tokenizer") if row["kind"] == "logit_cache" else None
-    return str(row["kind"]), tokenizer
+    dims = None
+    if row["kind"] == "tabular" and row["columns"] and row["labels"]:
+        dims = (len(row["columns"]), len(row["labels"]))
+    return DatasetFacts(str(row["kind"]), tokenizer, dims)
 
 
 def named_student_tokenizer(spec: JobSpec, settings: Settings) -> str | None:
@@ -217,14 +229,15 @@ def create_job(
             headers={"Retry-After": "30"},
         )
     pins, shapes = resolve_teachers(conn, spec, settings, tenant)
-    dataset_kind, dataset_tokenizer = resolve_dataset(conn, spec, tenant)
+    dataset = resolve_dataset(conn, spec, tenant)
     problems = check_spec(
         spec,
         spec_limits(settings),
         teacher_shapes=shapes,
-        dataset_kind=dataset_kind,
-        dataset_tokenizer=dataset_tokenizer,
+        dataset_kind=dataset.kind,
+        dataset_tokenizer=dataset.tokenizer,
         student_tokenizer=named_student_tokenizer(spec, settings),
+        dataset_dims=dataset.dims,
     )
     if problems:
         raise InvalidSpec(

@@ -66,7 +66,9 @@ class Prediction(BaseModel):
     model_id: str
     classes: list[int] = Field(description="Arg-max class per input row.")
     probabilities: list[list[float]] = Field(description="Softmax probabilities per input row.")
-    labels: list[str] | None = Field(None, description="Text classifiers: the label name of each class.")
+    labels: list[str] | None = Field(
+        None, description="Text classifiers and tabular students trained on a CSV: the label of each predicted class."
+    )
 
 
 class EmbeddingsPrediction(BaseModel):

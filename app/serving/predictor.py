@@ -140,6 +140,7 @@ class StudentPredictor:
         self.model = load_model_dir(directory, "cpu")
         self.input_dim = self.model.architecture.input_dim
         self.num_classes = self.model.architecture.output_dim
+        self.label_names = [str(name) for name in (config or {}).get("label_names") or []]
         made = servable(self.model, self.task)
         assert made is not None
         # the serving variant the job chose (eager when it cannot be built here), built from the safetensors weights

@@ -37,17 +37,19 @@ native_router = APIRouter(prefix="/v1/models", tags=["inference"])
 NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-def encode_prediction(model_id: str, probabilities: Any) -> bytes:
-    """Runs in the inference thread: orjson writes the float32 arrays directly (shortest float32 text)."""
-    return orjson.dumps(
-        {
-            "object": "prediction",
-            "model_id": model_id,
-            "classes": probabilities.argmax(axis=-1),
-            "probabilities": probabilities,
-        },
-        option=NUMPY_JSON,
-    )
+def encode_prediction(model_id: str, label_names: list[str], probabilities: Any) -> bytes:
+    """Runs in the inference thread: orjson writes the float32 arrays directly (shortest float32 text). Models
+    trained on an uploaded CSV also answer the label of each class."""
+    classes = probabilities.argmax(axis=-1)
+    document: dict[str, Any] = {
+        "object": "prediction",
+        "model_id": model_id,
+        "classes": classes,
+        "probabilities": probabilities,
+    }
+    if label_names:
+        document["labels"] = [label_names[c] if c < len(label_names) else str(c) for c in classes.tolist()]
+    return orjson.dumps(document, option=NUMPY_JSON)
 
 
 def encode_text(predictor: TextPredictor, output: Any) -> bytes:
@@ -75,7 +77,8 @@ async def run_predict(inference: InferenceService, served: ServedModel, body: Pr
     try:
         if isinstance(predictor, StudentPredictor):
             rows = predictor.rows_from_json(body.inputs)
-            encoded: bytes = await inference.infer(served, rows, len(rows), partial(encode_prediction, served.model_id))
+            encode = partial(encode_prediction, served.model_id, predictor.label_names)
+            encoded: bytes = await inference.infer(served, rows, len(rows), encode)
             return encoded
         assert isinstance(predictor, TextPredictor)
         texts = text_only(body.inputs)

@@ -89,6 +89,15 @@ CASES = [
         ["body", "student", "architecture", "input_dim"],
     ),
     ("missing student", {k: v for k, v in tiny_spec().items() if k != "student"}, 422, ["body", "student"]),
+    (
+        "unusable tokenizer name",  # no filesystem can hold it: once an OS error and a 500 (found by schemathesis)
+        spec_with(
+            ["student", "architecture"],
+            {"type": "transformer", "config": {"model_type": "gpt2"}, "tokenizer": "tok\u0000enizer"},
+        ),
+        422,
+        None,
+    ),
 ]
 
 

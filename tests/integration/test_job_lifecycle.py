@@ -223,3 +223,39 @@ def test_a_job_past_its_time_limit_fails_with_code_time_limit(client: httpx.Clie
     refused = client.post("/v1/jobs", json=spec)
     assert refused.status_code == 422
     assert ["body", "training", "time_limit_s"] in [e["loc"] for e in refused.json()["errors"]]
+
+
+def test_a_tabular_job_on_an_uploaded_csv(client: httpx.Client, worker: Any, tmp_path: Path) -> None:
+    """Upload a CSV (label column named by the user, labels as names), distil on it, predict: the answer names the
+    labels. A student whose width does not fit the CSV is a 422 at submission, with the field path."""
+    from tests.unit.test_training import iris_csv
+
+    path = iris_csv(tmp_path / "iris.csv")
+    upload = client.post(
+        "/v1/datasets", files={"file": ("iris.csv", path.read_bytes(), "text/csv")}, data={"label_column": "species"}
+    )
+    assert upload.status_code == 201, upload.text
+    dataset = upload.json()
+    assert dataset["kind"] == "tabular" and dataset["labels"] == ["setosa", "versicolor", "virginica"]
+    architecture = {"type": "mlp", "input_dim": 4, "hidden_dims": [16], "output_dim": 3}
+    spec = {
+        "name": "iris-csv",
+        "teacher": {"source": "builtin", "architecture": {**architecture, "hidden_dims": [32, 16]}},
+        "student": {"architecture": architecture},
+        "data": {"source": "dataset", "dataset_id": dataset["id"], "test_fraction": 0.2},
+        "objective": {"alpha": 0.5},
+        "training": {"steps": 300, "optimizer": {"name": "adam", "lr": 0.01}, "seed": 1},
+        "evaluation": {"latency_repeats": 1},
+    }
+    wide = {**spec, "student": {"architecture": {**architecture, "input_dim": 5}}}
+    refused = client.post("/v1/jobs", json=wide)
+    assert refused.status_code == 422, refused.text
+    assert ["body", "student", "architecture", "input_dim"] in [e["loc"] for e in refused.json()["errors"]]
+    done = wait_for_status(client, submit(client, spec)["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["evaluation"]["student_accuracy"] >= 0.8
+    model_id = done["result"]["model_id"]
+    assert client.get(f"/v1/models/{model_id}").json()["config"]["label_names"] == dataset["labels"]
+    setosa = [5.1, 3.5, 1.4, 0.2]  # the first row of iris, features in the file's order
+    prediction = client.post(f"/v1/models/{model_id}/predict", json={"inputs": [setosa]}).json()
+    assert prediction["labels"] == ["setosa"] and prediction["classes"] == [0]

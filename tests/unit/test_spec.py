@@ -141,3 +141,18 @@ def test_free_form_json_in_a_spec_must_be_storable() -> None:
         with pytest.raises(ValidationError) as caught:
             JobSpec.model_validate(spec)
         assert caught.value.errors()[0]["loc"][-1] == "config"
+
+
+def test_a_tabular_job_on_an_uploaded_csv_is_checked_against_its_columns_and_labels() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "student": {"architecture": {"input_dim": 4, "hidden_dims": [8], "output_dim": 3}},
+            "data": {"source": "dataset", "dataset_id": "ds_x"},
+        }
+    )
+    limits = LIMITS
+    assert check_spec(spec, limits, dataset_kind="tabular", dataset_dims=(4, 3)) == []
+    assert check_spec(spec, limits) == []  # facts unknown (no database at hand): the worker reports a mismatch
+    wrong = locs(check_spec(spec, limits, dataset_kind="tabular", dataset_dims=(5, 2)))
+    assert ("student", "architecture", "input_dim") in wrong and ("student", "architecture", "output_dim") in wrong
+    assert locs(check_spec(spec, limits, dataset_kind="text", dataset_dims=None)) == [("data", "dataset_id")]

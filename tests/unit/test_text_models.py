@@ -597,3 +597,11 @@ def test_minilm_student(minilm: tuple[Any, Any], tmp_path: Path, selection: dict
     assert torch.allclose(embed(reloaded, reloaded_tokenizer, SENTENCES), vectors, atol=1e-6)
     assert isinstance(AutoModel.from_pretrained(tmp_path / "s"), type(teacher))
     assert AutoTokenizer.from_pretrained(tmp_path / "s")("hi")["input_ids"] == tokenizer("hi")["input_ids"]
+
+
+@pytest.mark.parametrize("reference", ["a\x00b", "a" * 5000, "x" * 300 + "/y", "\ud800"])
+def test_a_name_no_filesystem_can_hold_is_a_model_source_error(reference: str, tmp_path: Path) -> None:
+    """Found by schemathesis: such a tokenizer reference made job submission a 500 (an OS error from the path
+    check); it names no model, so it is the same error as any other unknown model."""
+    with pytest.raises(ModelSourceError):
+        resolve_model_path(reference, model_roots=[tmp_path], allow_hub=False)

@@ -149,3 +149,49 @@ def test_batch_plan_visits_every_row_once_per_epoch() -> None:
         assert sorted(rows.tolist()) == list(range(10))
     assert not torch.equal(torch.cat([plan.rows(i) for i in range(3)]), torch.cat([plan.rows(i) for i in range(3, 6)]))
     assert torch.equal(BatchPlan(10, None, 1).rows(5), torch.arange(10))
+
+
+def iris_csv(path: Any) -> Any:
+    """iris as a user would upload it: named columns, the label (a name, not an index) between the features."""
+    from sklearn.datasets import load_iris
+
+    bunch = load_iris()
+    names = ["sepal length", "sepal width", "species", "petal length", "petal width"]
+    lines = [",".join(names)]
+    for row, target in zip(bunch.data, bunch.target, strict=True):
+        cells = [f"{value:g}" for value in row]
+        lines.append(",".join([*cells[:2], str(bunch.target_names[target]), *cells[2:]]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_tabular_student_trains_on_an_uploaded_csv(tmp_path: Any) -> None:
+    """Uploaded CSV data: the label column is the one that is not a feature (whatever its name and place), labels
+    are names, features are standardized; the student learns (a teacher-less run and a distillation run)."""
+    path = iris_csv(tmp_path / "data.csv")
+    features = ["sepal length", "sepal width", "petal length", "petal width"]
+    architecture = {"input_dim": 4, "hidden_dims": [16], "output_dim": 3}
+    common: dict[str, Any] = {
+        "student": {"architecture": architecture},
+        "data": {"source": "dataset", "dataset_id": "ds_iris", "test_fraction": 0.2},
+        "training": {"steps": 300, "optimizer": {"name": "adam", "lr": 0.01}, "seed": 1},
+        "evaluation": {"latency_repeats": 1, "variants": []},
+    }
+    files = {"ds_iris": path}
+    supervised = train_classifier(
+        JobSpec.model_validate(common), dataset_files=files, dataset_columns={"ds_iris": features}
+    )
+    assert supervised.label_names == ["setosa", "versicolor", "virginica"]
+    assert supervised.evaluation["student_accuracy"] >= 0.85
+    taught = train_classifier(
+        JobSpec.model_validate({**common, "teacher": {"source": "builtin", "architecture": architecture}}),
+        dataset_files=files,
+        dataset_columns={"ds_iris": features},
+    )
+    assert taught.evaluation["agreement"] >= 0.8
+    untrained = train_classifier(
+        JobSpec.model_validate({**common, "training": {**common["training"], "steps": 1, "optimizer": {"lr": 1e-9}}}),
+        dataset_files=files,
+        dataset_columns={"ds_iris": features},
+    )
+    assert untrained.evaluation["student_accuracy"] < supervised.evaluation["student_accuracy"]

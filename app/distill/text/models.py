@@ -221,12 +221,12 @@ def resolve_model_path(reference: str, *, model_roots: Sequence[Path], allow_hub
         _check_model_folder(packaged, reference)
         return packaged
     if _looks_like_path(reference):
-        local = _resolve_local(reference, model_roots)
+        local = _resolve_local_safely(reference, model_roots)
         if local is None:
             raise ModelSourceError(f"model folder {reference!r} does not exist under the model roots", field="path")
         return local
     if model_roots:
-        local = _resolve_local(reference, model_roots)
+        local = _resolve_local_safely(reference, model_roots)
         if local is not None:
             return local
     if not allow_hub:
@@ -236,6 +236,15 @@ def resolve_model_path(reference: str, *, model_roots: Sequence[Path], allow_hub
             field="path",
         )
     return _download_from_hub(reference)
+
+
+def _resolve_local_safely(reference: str, model_roots: Sequence[Path]) -> Path | None:
+    """``_resolve_local`` for names no filesystem can hold (a NUL byte, a lone surrogate, a component over the
+    name limit): those name no folder, so they are a ModelSourceError rather than an OS error."""
+    try:
+        return _resolve_local(reference, model_roots)
+    except (ValueError, OSError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ModelSourceError(f"{reference[:80]!r} is not a usable model path: {exc}", field="path") from exc
 
 
 def _download_from_hub(repo_id: str) -> Path:
