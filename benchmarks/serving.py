@@ -37,6 +37,7 @@ import httpx
 import torch
 
 from benchmarks.foundation import machine as foundation_machine
+from benchmarks.texts import sentences
 from tests.stack import ROOT, ServiceProcess, create_database, drop_database, free_port, service_environment, wait_until
 
 ROW = [0.1, -0.3, 0.5, 1.2, 0.0, -1.1, 0.7, 0.2, -0.4, 0.9]
@@ -410,18 +411,6 @@ def mlp_tables(
 
 
 # --- the MiniLM-derived embedder ------------------------------------------------------------------------------------
-
-
-def sentences(tokenizer: Any, count: int = 256) -> list[str]:
-    from app.distill.text.data import builtin_sentences
-
-    picked = []
-    for sentence in builtin_sentences(max_sentences=20_000):
-        if 16 <= len(tokenizer(sentence)["input_ids"]) <= 64:
-            picked.append(sentence)
-            if len(picked) == count:
-                break
-    return picked
 
 
 def bench_text(seconds: float) -> list[str]:
