@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     inference_torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."
     )
+    verify_artifacts: bool = Field(
+        True,
+        description="Check every file of a stored model against its recorded size and sha256 before it is loaded "
+        "(for serving, or as a teacher): a corrupt artifact is refused, not used. Costs one read of the files per "
+        "load (about 1 s per 2 GB here).",
+    )
     alias_refresh_s: float = Field(
         2.0, gt=0, description="How often a `latest:<job name>` alias looks for a newer model."
     )
@@ -265,6 +271,7 @@ READ_BY: dict[str, str] = {
     "inference_inline_max_us": API,
     "inference_device": API,
     "inference_torch_threads": f"{API}, {WORKER} (times serving variants at it)",
+    "verify_artifacts": f"{API}, {WORKER}",
     "alias_refresh_s": API,
     "max_completion_tokens": API,
     "max_student_params": "api (checks specs)",

@@ -31,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from app.datasets import service as datasets_service
 from app.db import datasets_repository, jobs_repository, models_repository
 from app.db.engine import Database
-from app.distill.artifacts import describe_model_dir, tokenizer_signature
+from app.distill.artifacts import ArtifactError, describe_model_dir, tokenizer_signature, verify_files
 from app.distill.checkpoints import FolderCheckpointer
 from app.distill.jobs import run_job_spec
 from app.distill.resources import JobResources
@@ -362,6 +362,11 @@ class JobRunner:
                     if row is None:
                         raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
                     stored[index] = self.fetch(str(row["artifact_path"]), f"teacher model {teacher.model_id}")
+                    if self.settings.verify_artifacts:
+                        try:
+                            verify_files(stored[index], row["files"])
+                        except ArtifactError as exc:
+                            raise JobFailure("artifact_corrupt", f"teacher model {teacher.model_id}: {exc}") from exc
             if isinstance(spec.data, UploadedData):
                 dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=None)
                 if dataset is None:

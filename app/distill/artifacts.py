@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verify_files(directory: Path, files: Iterable[Mapping[str, Any]]) -> None:
+    """Check every recorded file (``{path, size_bytes, sha256}``) of an artifact folder: present, of its size, of
+    its sha256 (the size first: a truncated file is found without reading it). ArtifactError naming the first file
+    that differs; a bit flip in stored weights would otherwise be served or distilled from without a sign."""
+    for entry in files:
+        relative = str(entry["path"])
+        path = directory / relative
+        if not path.is_file():
+            raise ArtifactError(f"{relative} is missing from the stored artifact")
+        if path.stat().st_size != int(entry["size_bytes"]):
+            raise ArtifactError(
+                f"{relative} is {path.stat().st_size} bytes, not the {entry['size_bytes']} recorded: the stored "
+                "artifact is corrupt"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{relative} does not match its recorded sha256: the stored artifact is corrupt")
 
 
 def mlp_config(model: MLPClassifier, task: str = "classification") -> dict[str, Any]:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 
 from app.db.engine import Database
+from app.distill.artifacts import verify_files
 from app.errors import NotFound, ServiceError
 from app.models import service as models_service
 from app.serving.aliases import alias_job_name, is_alias, latest_student_id
@@ -80,6 +81,7 @@ class ModelRecord:
     created_at: dt.datetime
     sha256: str
     artifact_path: str
+    files: tuple[Mapping[str, Any], ...] = ()  # {path, size_bytes, sha256} of every file of the artifact
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ModelRecord:
@@ -94,6 +96,7 @@ class ModelRecord:
             created_at=row["created_at"],
             sha256=row["sha256"],
             artifact_path=row["artifact_path"],
+            files=tuple(row["files"]),
         )
 
 
@@ -285,6 +288,8 @@ class InferenceService:
     def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor, bool]:
         record = self._read_record(tenant, model_id)
         directory = store_for(self.settings).ensure_local(record.artifact_path)
+        if self.settings.verify_artifacts:
+            verify_files(directory, record.files)
         predictor = self.loader(model_id, directory, record.sha256, record.config)
         return record, predictor, self._inline_eligible(predictor)
 

@@ -169,13 +169,15 @@ def test_failing_job_ends_failed_with_a_useful_message(
     )
     # break the teacher's weights on disk while the job waits behind the blocker
     weights = Path(service_env["DISTILLERY_DATA_DIR"]) / "artifacts" / "models" / teacher_model / "model.safetensors"
-    weights.write_bytes(b"not a safetensors file")
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01  # one bit of one weight: still a valid safetensors file of the same size, so only the sha256 tells
+    weights.write_bytes(bytes(raw))
     client.post(f"/v1/jobs/{blocker['id']}/cancel")
 
     failed = wait_for_status(client, corrupt["id"], ("succeeded", "failed", "cancelled"))
     assert failed["status"] == "failed"
-    assert failed["error"]["code"] == "training_error"
-    assert "model.safetensors" in failed["error"]["message"]
+    assert failed["error"]["code"] == "artifact_corrupt"
+    assert "model.safetensors does not match its recorded sha256" in failed["error"]["message"]
     assert failed["finished_at"] is not None and failed["result"] is None
     events = client.get(f"/v1/jobs/{corrupt['id']}/events").json()["data"]
     assert events[-1]["type"] == "status" and events[-1]["level"] == "error"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.distill.architectures import build_model
-from app.distill.artifacts import ArtifactError, load_model_dir, save_model_dir
+from app.distill.artifacts import ArtifactError, load_model_dir, save_model_dir, verify_files
 from app.distill.spec import MLPArchitecture
 
 ARCH = MLPArchitecture(input_dim=10, hidden_dims=[25], output_dim=5)
@@ -70,3 +70,32 @@ def test_corrupt_or_mismatched_weights_are_rejected(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match=r"model\.safetensors"):
         load_model_dir(tmp_path / "m")
+
+
+def flip_last_byte(path: Path) -> None:
+    """One bit of the last weight changed: the file is the same size and still a valid safetensors file."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_verify_files_finds_a_flipped_bit_a_truncation_and_a_missing_file(tmp_path: Path) -> None:
+    files = [
+        {"path": f.path, "size_bytes": f.size_bytes, "sha256": f.sha256}
+        for f in save_model_dir(build_model(ARCH), tmp_path / "m")
+    ]
+    verify_files(tmp_path / "m", files)  # as written: nothing to say
+    weights = tmp_path / "m" / "model.safetensors"
+    pristine = weights.read_bytes()
+    flip_last_byte(weights)
+    load_model_dir(tmp_path / "m")  # the loader alone cannot tell: the flipped weights load
+    with pytest.raises(ArtifactError, match=r"model\.safetensors does not match its recorded sha256"):
+        verify_files(tmp_path / "m", files)
+    weights.write_bytes(pristine[:-4])
+    with pytest.raises(ArtifactError, match=rf"model\.safetensors is {len(pristine) - 4} bytes, not the"):
+        verify_files(tmp_path / "m", files)
+    weights.write_bytes(pristine)
+    verify_files(tmp_path / "m", files)
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(ArtifactError, match=r"config\.json is missing"):
+        verify_files(tmp_path / "m", files)
