@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.serving                 # mlp and text, prints markdown tables
     .venv/bin/python -m benchmarks.serving mlp --seconds 10
     .venv/bin/python -m benchmarks.serving text
+    .venv/bin/python -m benchmarks.serving text --variant bf16   # the embedder served with bf16 weights
 
 Needs Postgres and Redis as in .ci/run, and `wrk`. Models are registered directly (what a job does at its end), so
 no worker competes for the CPU while wrk runs.
@@ -413,7 +414,7 @@ def mlp_tables(
 # --- the MiniLM-derived embedder ------------------------------------------------------------------------------------
 
 
-def bench_text(seconds: float) -> list[str]:
+def bench_text(seconds: float, variant: str = "eager") -> list[str]:
     from transformers import AutoModel, AutoTokenizer
 
     from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
@@ -433,11 +434,14 @@ def bench_text(seconds: float) -> list[str]:
 
         def save(directory: Path) -> Any:
             extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
-            return save_pretrained_dir(student, tokenizer, directory, extra_config=extra)
+            return save_pretrained_dir(
+                student, tokenizer, directory, extra_config={**extra, "serving_variant": variant}
+            )
 
         model_id = register(url, data_dir, save, "minilm-2-layers")
         directory = data_dir / "artifacts" / "models" / model_id
-        predictor = TextPredictor(model_id, directory, "", {"task": "embedding"})
+        predictor = TextPredictor(model_id, directory, "", {"task": "embedding", "serving_variant": variant})
+        assert predictor.variant == variant, f"the {variant} variant cannot be built here; {predictor.variant} instead"
         for text in texts[:20]:
             predictor.predict_batch([TextRequest([text])])
         times = []
@@ -458,8 +462,9 @@ def bench_text(seconds: float) -> list[str]:
     speedup = results["on 32"]["rps"] / results["off 32"]["rps"]
     ratio = results["on 1"]["p50"] / bare_ms
     return [
-        f"### MiniLM-derived 2-layer embedder (layers {kept} of all-MiniLM-L6-v2; {len(texts)} real sentences of "
-        f"16–64 tokens, mean {statistics.mean(lengths):.0f}; wrk, {seconds:g} s per row)",
+        f"### MiniLM-derived 2-layer embedder (layers {kept} of all-MiniLM-L6-v2, served as the {variant} "
+        f"variant; {len(texts)} real sentences of 16–64 tokens, mean {statistics.mean(lengths):.0f}; wrk, "
+        f"{seconds:g} s per row)",
         "",
         f"Bare forward (in-process, 1 torch thread, tokenize + forward + mean pooling of one sentence), median over "
         f"the sentences: {bare_ms:.2f} ms.",
@@ -485,6 +490,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", help="mlp and/or text (default: both)")
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--variant", default="eager", help="text: the serving variant to register the embedder with (eager, bf16, …)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -495,7 +503,7 @@ def main() -> None:
     if "mlp" in what:
         sections += [*bench_mlp(args.seconds), ""]
     if "text" in what:
-        sections += [*bench_text(args.seconds), ""]
+        sections += [*bench_text(args.seconds, args.variant), ""]
     print("\n".join(sections))
 
 

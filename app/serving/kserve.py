@@ -1,7 +1,8 @@
 """KServe Open Inference Protocol v2 (REST, JSON tensors) over the same predictors and batchers.
 
 Tensors per task (``GET /v2/models/{name}`` says the same):
-- tabular classifiers: ``input`` FP32 [N, features] → ``probabilities`` FP32 [N, classes], ``classes`` INT64 [N];
+- tabular classifiers: ``input`` FP32 [N, features] → ``probabilities`` FP32 [N, classes], ``classes`` INT64 [N]
+  (and ``labels`` BYTES [N] for a model that names its classes: one trained on an uploaded CSV);
 - embedding students: ``text`` BYTES [N] → ``embedding`` FP32 [N, hidden];
 - text classifiers: ``text`` BYTES [N] → ``probabilities``, ``classes``, ``labels`` BYTES [N];
 - causal LMs: ``text`` BYTES [N] (+ parameter ``max_tokens``) → ``text_output`` BYTES [N] (greedy).
@@ -39,6 +40,7 @@ from app.serving.predictor import (
     TextOutput,
     TextPredictor,
     TextRequest,
+    class_labels,
 )
 from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, parse_json_bytes, protocol_route, request_body_schema
 from app.serving.service import ModelRecord, ServedModel
@@ -149,13 +151,13 @@ def signature(record: ModelRecord) -> tuple[list[dict[str, Any]], list[dict[str,
     if record.format != "transformers":
         features = int(config.get("input_dim") or config.get("architecture", {}).get("input_dim", -1))
         classes = int(config.get("num_classes") or config.get("architecture", {}).get("output_dim", -1))
-        return (
-            [{"name": "input", "datatype": "FP32", "shape": [-1, features]}],
-            [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-                {"name": "classes", "datatype": "INT64", "shape": [-1]},
-            ],
-        )
+        outputs = [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "classes", "datatype": "INT64", "shape": [-1]},
+        ]
+        if config.get("label_names"):  # a model trained on an uploaded CSV names its classes
+            outputs.append({"name": "labels", "datatype": "BYTES", "shape": [-1]})
+        return [{"name": "input", "datatype": "FP32", "shape": [-1, features]}], outputs
     text = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     if record.task == "embedding":
         return text, [{"name": "embedding", "datatype": "FP32", "shape": [-1, int(config.get("hidden_size") or -1)]}]
@@ -353,6 +355,9 @@ def output_tensors(task: str, output: Any, predictor: Any) -> dict[str, dict[str
         n, classes = output.shape
         tensors["probabilities"] = {"datatype": "FP32", "shape": [n, classes], "data": output.reshape(-1)}
         tensors["classes"] = {"datatype": "INT64", "shape": [n], "data": output.argmax(axis=-1)}
+        if getattr(predictor, "label_names", None):
+            labels = class_labels(predictor.label_names, tensors["classes"]["data"].tolist())
+            tensors["labels"] = {"datatype": "BYTES", "shape": [n], "data": labels}
     elif isinstance(output, TextOutput):
         n, width = output.values.shape
         if task == "embedding":
@@ -362,7 +367,7 @@ def output_tensors(task: str, output: Any, predictor: Any) -> dict[str, dict[str
             tensors["probabilities"] = {"datatype": "FP32", "shape": [n, width], "data": output.values.reshape(-1)}
             tensors["classes"] = {"datatype": "INT64", "shape": [n], "data": classes}
             if task == "text_classification" and isinstance(predictor, TextPredictor):
-                labels = [predictor.label_of(c) for c in classes.tolist()]
+                labels = class_labels(predictor.label_names, classes.tolist())
                 tensors["labels"] = {"datatype": "BYTES", "shape": [n], "data": labels}
     else:
         completions: list[Completion] = output

@@ -109,8 +109,8 @@ def resolve_device(name: str) -> torch.device:
 
 def place(made: Servable, config: Mapping[str, Any] | None, device: torch.device) -> BuiltVariant:
     """The forward to serve: on the CPU the variant the job chose (eager when it cannot be built here); on a GPU the
-    eager module moved there (TorchScript, dynamic int8 and the ONNX CPU session are CPU variants, and the job timed
-    them on the CPU)."""
+    eager module moved there (the job timed its variants on the CPU, and TorchScript, dynamic int8 and the ONNX
+    session are CPU variants)."""
     if device.type == "cpu":
         return apply_variant(recorded_variant(config), made)
     made.module.to(device)
@@ -203,16 +203,27 @@ class StudentPredictor:
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         probabilities = self.predict_batch([self.rows_from_json(inputs)])[0]
-        return prediction_document(self.model_id, probabilities)
+        return prediction_document(self.model_id, probabilities, self.label_names)
 
 
-def prediction_document(model_id: str, probabilities: np.ndarray) -> dict[str, Any]:
-    return {
+def class_labels(label_names: Sequence[str], classes: Sequence[int]) -> list[str]:
+    """The name of each class index; the index as text where the model names none."""
+    return [label_names[c] if c < len(label_names) else str(c) for c in classes]
+
+
+def prediction_document(model_id: str, probabilities: np.ndarray, label_names: Sequence[str] = ()) -> dict[str, Any]:
+    """The native protocol's response for a tabular model; ``labels`` when the model names its classes (a model
+    trained on an uploaded CSV)."""
+    classes = probabilities.argmax(axis=-1).tolist()
+    document: dict[str, Any] = {
         "object": "prediction",
         "model_id": model_id,
-        "classes": probabilities.argmax(axis=-1).tolist(),
+        "classes": classes,
         "probabilities": probabilities.tolist(),
     }
+    if label_names:
+        document["labels"] = class_labels(label_names, classes)
+    return document
 
 
 # --- transformers students ------------------------------------------------------------------------------------------
@@ -398,9 +409,6 @@ class TextPredictor:
         output = self.forward(ids, mask).float()
         return (output if self.task == "embedding" else torch.softmax(output, dim=-1)).cpu()
 
-    def label_of(self, class_index: int) -> str:
-        return self.label_names[class_index] if class_index < len(self.label_names) else str(class_index)
-
     # --- completions: one request at a time, streamed token by token ---
 
     def render_prompt(self, request: GenerationRequest) -> list[int]:
@@ -507,7 +515,7 @@ def text_document(predictor: TextPredictor, output: Any) -> dict[str, Any]:
         "object": "prediction",
         "model_id": predictor.model_id,
         "classes": classes,
-        "labels": [predictor.label_of(c) for c in classes],
+        "labels": class_labels(predictor.label_names, classes),
         "probabilities": output.values.tolist(),
     }
 

@@ -22,6 +22,7 @@ from app.serving.predictor import (
     StudentPredictor,
     TextPredictor,
     TextRequest,
+    class_labels,
     text_document,
     text_only,
 )
@@ -48,7 +49,7 @@ def encode_prediction(model_id: str, label_names: list[str], probabilities: Any)
         "probabilities": probabilities,
     }
     if label_names:
-        document["labels"] = [label_names[c] if c < len(label_names) else str(c) for c in classes.tolist()]
+        document["labels"] = class_labels(label_names, classes.tolist())
     return orjson.dumps(document, option=NUMPY_JSON)
 
 

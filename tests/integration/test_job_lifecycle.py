@@ -53,7 +53,7 @@ def test_submit_train_evaluate_and_predict(client: httpx.Client, worker: Any, se
     assert 0.0 <= evaluation["agreement"] <= 1.0 and evaluation["kl"] >= 0.0
     # serving variants: all measured, the chosen one within tolerance
     variants = {variant["name"]: variant for variant in evaluation["variants"]}
-    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx"]
+    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx", "bf16"]
     assert variants[evaluation["serving_variant"]]["within_tolerance"] is True
 
     # the student is stored as safetensors + config with the recorded sha256
@@ -261,3 +261,11 @@ def test_a_tabular_job_on_an_uploaded_csv(client: httpx.Client, worker: Any, tmp
     setosa = [5.1, 3.5, 1.4, 0.2]  # the first row of iris, features in the file's order
     prediction = client.post(f"/v1/models/{model_id}/predict", json={"inputs": [setosa]}).json()
     assert prediction["labels"] == ["setosa"] and prediction["classes"] == [0]
+    # KServe v2 names them too, as a BYTES output the model's metadata lists
+    metadata = client.get(f"/v2/models/{model_id}").json()
+    assert {"name": "labels", "datatype": "BYTES", "shape": [-1]} in metadata["outputs"]
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": setosa}
+    infer = client.post(f"/v2/models/{model_id}/infer", json={"inputs": [tensor]}).json()
+    outputs = {output["name"]: output for output in infer["outputs"]}
+    assert outputs["labels"] == {"name": "labels", "datatype": "BYTES", "shape": [1], "data": ["setosa"]}
+    assert outputs["classes"]["data"] == [0]

@@ -13,7 +13,7 @@ import torch
 from app.distill.architectures import build_model
 from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
-from app.serving.predictor import InputShapeError, ModelCache, StudentPredictor
+from app.serving.predictor import InputShapeError, ModelCache, StudentPredictor, class_labels
 
 
 @pytest.fixture
@@ -29,6 +29,18 @@ def test_predict_returns_classes_and_probabilities(predictor: StudentPredictor) 
     expected = torch.softmax(predictor.model(torch.tensor(rows)), dim=-1)
     assert result["classes"] == expected.argmax(-1).tolist()
     assert torch.allclose(torch.tensor(result["probabilities"]), expected)
+    assert "labels" not in result  # the model names no classes
+
+
+def test_a_model_that_names_its_classes_answers_labels(tmp_path: Path) -> None:
+    model = build_model(MLPArchitecture(input_dim=3, hidden_dims=[4], output_dim=3), seed=0)
+    save_model_dir(model, tmp_path / "m")
+    named = StudentPredictor("mdl_named", tmp_path / "m", "sha", {"label_names": ["cat", "dog"]})
+    rows = [[0.0, 1.0, 2.0], [3.0, -1.0, 0.5], [-2.0, 0.0, 4.0], [1.0, 1.0, -3.0]]
+    result = named.predict(rows)
+    names = {0: "cat", 1: "dog", 2: "2"}  # a class the model does not name answers its index
+    assert result["labels"] == [names[c] for c in result["classes"]]
+    assert class_labels(["cat", "dog"], [1, 2, 0]) == ["dog", "2", "cat"]
 
 
 def test_wrong_width_names_the_rows(predictor: StudentPredictor) -> None:
