@@ -111,8 +111,8 @@ def place(made: Servable, config: Mapping[str, Any] | None, device: torch.device
     """The forward to serve: on the CPU the variant the job chose (eager when it cannot be built here); on a GPU the
     eager module moved there (the job timed its variants on the CPU, and TorchScript, dynamic int8 and the ONNX
     session are CPU variants)."""
-    if device.type == "cpu":
-        return apply_variant(recorded_variant(config), made)
+    if device.type == "cpu":  # the predictor owns the module: bf16 converts it rather than holding a second copy
+        return apply_variant(recorded_variant(config), made, in_place=True)
     made.module.to(device)
     return apply_variant("eager", made)
 
@@ -147,7 +147,7 @@ class StudentPredictor:
         built = place(made, config, device)
         self.variant = built.name
         self.forward = built.forward
-        self.memory_bytes = module_bytes(self.model) + built.extra_bytes
+        self.memory_bytes = module_bytes(self.model) + built.extra_bytes  # after place: bf16 converts self.model
         self.warmup()
 
     def warmup(self) -> None:
@@ -313,7 +313,6 @@ class TextPredictor:
         self.model: Any = cast(Any, model)
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
-        self.memory_bytes = module_bytes(self.model)
         # embedders and classifiers serve the variant the job chose (eager when it cannot be built here); causal LMs
         # generate with the eager model
         self.variant = "eager"
@@ -322,9 +321,11 @@ class TextPredictor:
         if made is not None:
             built = place(made, config, device)
             self.variant, self.forward = built.name, built.forward
-            self.memory_bytes += built.extra_bytes
+            extra_bytes = built.extra_bytes
         else:
             self.model.to(device)
+            extra_bytes = 0
+        self.memory_bytes = module_bytes(self.model) + extra_bytes  # after place: bf16 converts self.model
         positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 512
         tokenizer_limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         # tokenizers without a limit report a huge sentinel (1e30): the model's positions are the real bound

@@ -417,6 +417,9 @@ def test_the_text_predictor_serves_the_recorded_variant(tmp_path: Path, name: st
     eager = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding"})
     served = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding", "serving_variant": name})
     assert eager.variant == "eager" and served.variant == name
+    if name == "bf16":  # the loaded weights are converted, not copied: the cache counts half of eager's bytes
+        assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16}
+        assert served.memory_bytes < 0.55 * eager.memory_bytes
     texts = ["a short one", "a somewhat longer sentence with more words in it", "x"]
     expected = torch.from_numpy(eager.predict_batch([TextRequest(texts)])[0].values)
     for batch in (texts, texts[1:2]):
