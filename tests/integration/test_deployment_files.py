@@ -25,8 +25,16 @@ def test_compose_services_use_the_cli_commands() -> None:
     assert services["worker"]["command"] == ["worker"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
-    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["capabilities"] == ["gpu"]
+    for name in ("worker-gpu", "serve-gpu"):  # the CUDA image with one GPU reserved
+        gpu = services[name]["deploy"]["resources"]["reservations"]["devices"][0]
+        assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1, name
+        assert services[name]["build"]["args"]["TORCH_VARIANT"] == "cuda", name
+        assert services[name]["image"] == "${DISTILLERY_GPU_IMAGE:-distillery:cuda}", name
+        assert services[name]["volumes"] == ["artifacts:/data"], name  # and the shared artifacts
+    assert services["worker-gpu"]["command"] == ["worker"]
+    assert services["serve-gpu"]["command"][0] == services["serve"]["command"][0] == "serve"
+    assert services["serve-gpu"]["environment"]["DISTILLERY_INFERENCE_DEVICE"] == "cuda"
+    assert services["serve-gpu"]["environment"]["DISTILLERY_BROKER_URL"] == "redis://redis:6379/0"
     assert "${POSTGRES_PASSWORD:?" in (ROOT / "docker-compose.yml").read_text()
 
 
@@ -40,7 +48,7 @@ def test_dockerfile_runs_the_cli_as_non_root() -> None:
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
 def test_compose_file_validates() -> None:
     env = {**os.environ, "POSTGRES_PASSWORD": "example", "DISTILLERY_API_KEY": "dk_00000000_example"}
-    for extra in ([], ["--profile", "gpu"]):
+    for extra in ([], ["--profile", "gpu"], ["--profile", "serving-gpu"], ["--profile", "serving"]):
         result = subprocess.run(
             ["docker-compose", "-f", "docker-compose.yml", *extra, "config", "--quiet"],
             cwd=ROOT,
