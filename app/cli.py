@@ -69,10 +69,14 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    import torch
+
+    from app.queue import worker_queues
     from worker.celery_app import create_worker_app
 
     log_setup()
     settings.check_production()
+    gpu_jobs = torch.cuda.is_available() if settings.worker_gpu_jobs is None else settings.worker_gpu_jobs
     app = create_worker_app(settings)
     app.worker_main(
         [
@@ -80,7 +84,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "--loglevel=INFO",
             f"--concurrency={args.concurrency or settings.worker_concurrency}",
             "--pool=prefork",
-            f"--queues={settings.queue_name}",
+            f"--queues={','.join(worker_queues(settings.queue_name, gpu_jobs))}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
@@ -103,7 +107,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "app.cli"]
     children = {
         "api": subprocess.Popen([*base, "api", "--host", host, "--port", port], env=env, start_new_session=True),
-        "worker": subprocess.Popen([*base, "worker"], env=env, start_new_session=True),
+        # the only worker takes GPU jobs too: with no GPU here they fail (no_gpu) rather than wait for one forever
+        "worker": subprocess.Popen(
+            [*base, "worker"], env={"DISTILLERY_WORKER_GPU_JOBS": "true", **env}, start_new_session=True
+        ),
     }
     stopping = False
 

@@ -6,6 +6,7 @@ prefetches one task at a time, and keeps no results (Postgres is the truth).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
@@ -13,6 +14,29 @@ from celery import Celery
 from app.settings import Settings
 
 RUN_JOB_TASK = "distillery.run_job"
+GPU_QUEUE_SUFFIX = ".gpu"
+
+
+def job_queue(queue_name: str, device: str | None) -> str:
+    """The queue a job is published to: ``<queue_name>.gpu`` for jobs that ask for ``cuda`` (only workers that take
+    GPU jobs consume it, so a CPU worker never picks one up), ``<queue_name>`` for ``cpu`` and ``auto`` (every worker
+    consumes it; ``auto`` runs on a GPU where the worker that takes it has one)."""
+    return queue_name + GPU_QUEUE_SUFFIX if device == "cuda" else queue_name
+
+
+def spec_device(spec: Mapping[str, Any]) -> str | None:
+    """``training.device`` of a stored job spec."""
+    training = spec.get("training")
+    return str(training.get("device")) if isinstance(training, Mapping) and training.get("device") else None
+
+
+def worker_queues(queue_name: str, gpu_jobs: bool) -> list[str]:
+    return [queue_name, queue_name + GPU_QUEUE_SUFFIX] if gpu_jobs else [queue_name]
+
+
+def all_queues(queue_name: str) -> list[str]:
+    """Every queue a job may be waiting in (what the reconciler inspects)."""
+    return worker_queues(queue_name, gpu_jobs=True)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

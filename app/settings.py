@@ -28,7 +28,11 @@ class Settings(BaseSettings):
         None,
         description="Celery broker URL (redis://host:6379/0). Default: a filesystem transport under data_dir.",
     )
-    queue_name: str = Field("distillery", description="Celery queue the api publishes to and workers consume.")
+    queue_name: str = Field(
+        "distillery",
+        description="Celery queue the api publishes to and workers consume. Jobs with training.device cuda go to "
+        "<queue_name>.gpu instead, which only workers that take GPU jobs consume.",
+    )
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
 
     # api
@@ -58,6 +62,12 @@ class Settings(BaseSettings):
 
     # worker
     worker_concurrency: int = Field(1, description="Tasks run at once per worker (one per GPU).")
+    worker_gpu_jobs: bool | None = Field(
+        None,
+        description="Whether this worker also consumes <queue_name>.gpu (jobs with training.device cuda). Default: "
+        "when torch sees a GPU. `distillery up` sets it for its one worker, so that a cuda job on a machine without "
+        "a GPU fails with code no_gpu instead of waiting for a GPU worker.",
+    )
     torch_threads: int = Field(0, description="torch intra-op threads in worker/api; 0 = leave torch's default.")
     progress_interval_s: float = Field(0.5, description="Least time between two progress writes of a running job.")
     visibility_timeout_s: int = Field(6 * 3600, description="Redis: redelivery of unacked tasks after this long.")
@@ -240,6 +250,7 @@ READ_BY: dict[str, str] = {
     "max_storage_bytes_per_tenant": "api",
     "idempotency_retention_s": "worker (reconciler purges older keys)",
     "worker_concurrency": WORKER,
+    "worker_gpu_jobs": WORKER,
     "torch_threads": "worker, api",
     "progress_interval_s": WORKER,
     "visibility_timeout_s": "api, worker",

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from app.db import jobs_repository
 from app.db.engine import Database
 from app.jobs.dispatch import JobDispatcher
+from app.queue import all_queues
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ class BrokerInspector:
         client = redis.Redis.from_url(url, socket_timeout=5)
         try:
             ids: set[str] = set()
-            # kombu's priority sub-queues are the queue name plus a separator and the priority step
-            names = [self.settings.queue_name] + [f"{self.settings.queue_name}\x06\x16{p}" for p in (3, 6, 9)]
+            # every queue a job may wait in (the GPU queue too), and kombu's priority sub-queues of each: the queue
+            # name plus a separator and the priority step
+            queues = all_queues(self.settings.queue_name)
+            names = [*queues, *(f"{queue}\x06\x16{p}" for queue in queues for p in (3, 6, 9))]
             for name in names:
                 for raw in client.lrange(name, 0, -1):
                     task_id = message_task_id(raw)
@@ -143,6 +146,7 @@ class Reconciler:
             queued = jobs_repository.queued_jobs(conn, older_than_s=settings.republish_after_s, limit=1000)
             stale = jobs_repository.stale_running_jobs(conn, stale_after_s=settings.heartbeat_stale_s, limit=1000)
             jobs_repository.expire_idempotency_keys(conn, older_than_s=settings.idempotency_retention_s)
+            devices = jobs_repository.job_devices(conn, list(dict.fromkeys([*owed, *queued, *stale])))
         in_broker = self.inspector.task_ids() if queued else set()
         # when the broker cannot be inspected, waiting long enough stands in for "missing"
         lost = [j for j in queued if j not in in_broker] if in_broker is not None else queued
@@ -156,7 +160,7 @@ class Reconciler:
         published: dict[str, list[str]] = {"owed": [], "lost": [], "stale": []}
         for reason, job_ids in (("owed", owed), ("lost", lost), ("stale", stale)):
             for job_id in job_ids:
-                if self.dispatcher.dispatch(job_id):
+                if self.dispatcher.dispatch(job_id, devices.get(job_id)):
                     published[reason].append(job_id)
         for job_id in published["stale"]:
             self._stale_published[job_id] = now

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import torch
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -315,6 +316,12 @@ class JobRunner:
         writer: ProgressWriter,
         checkpointer: FolderCheckpointer,
     ) -> None:
+        if spec.training.device == "cuda" and not torch.cuda.is_available():
+            raise JobFailure(
+                "no_gpu",
+                "the job asks for training.device cuda and this worker's torch sees no GPU; submit it with device "
+                "auto or cpu, or run a worker on a GPU (it consumes the GPU queue)",
+            )
         if checkpointer.latest() is not None:
             self.record_events(job_id, [{"type": "message", "message": "resuming from the latest checkpoint"}])
         trained = run_job_spec(spec, self.resources(spec, tenant, job_id), progress=writer, checkpointer=checkpointer)

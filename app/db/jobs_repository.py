@@ -329,6 +329,15 @@ def stale_running_jobs(conn: Connection, *, stale_after_s: float, limit: int) ->
     return [row[0] for row in rows]
 
 
+def job_devices(conn: Connection, job_ids: Sequence[str]) -> dict[str, str | None]:
+    """``training.device`` of each job (which queue it belongs in)."""
+    if not job_ids:
+        return {}
+    device = jobs.c.spec["training"]["device"].as_string()
+    rows = conn.execute(sa.select(jobs.c.id, device).where(jobs.c.id.in_(job_ids)))
+    return {row[0]: row[1] for row in rows}
+
+
 def touch(conn: Connection, job_ids: Sequence[str]) -> None:
     """Record that queued jobs were just (re)published, so the reconciler waits before looking at them again."""
     if job_ids:

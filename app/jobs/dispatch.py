@@ -8,7 +8,7 @@ from celery import Celery
 
 from app.db import jobs_repository
 from app.db.engine import Database
-from app.queue import RUN_JOB_TASK
+from app.queue import RUN_JOB_TASK, job_queue
 
 log = logging.getLogger(__name__)
 
@@ -18,20 +18,22 @@ class JobDispatcher:
         self.celery = celery
         self.queue = queue
 
-    def dispatch(self, job_id: str) -> bool:
-        """Publish ``job_id``; the task id is the job id, so a duplicate publish is recognisable. Returns False (and
-        logs) when the broker is unreachable: the job stays queued and its outbox row owed."""
+    def dispatch(self, job_id: str, device: str | None = None) -> bool:
+        """Publish ``job_id`` to the queue for its ``training.device`` (``job_queue``); the task id is the job id, so a
+        duplicate publish is recognisable. Returns False (and logs) when the broker is unreachable: the job stays
+        queued and its outbox row owed."""
+        queue = job_queue(self.queue, device)
         try:
-            self.celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=self.queue, retry=False)
+            self.celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue, retry=False)
         except Exception as exc:
             log.warning("could not publish job %s (%s: %s); the reconciler will", job_id, type(exc).__name__, exc)
             return False
         return True
 
-    def publish_owed(self, database: Database, job_id: str) -> bool:
+    def publish_owed(self, database: Database, job_id: str, device: str | None) -> bool:
         """Publish, then mark the job's outbox row published. Failures are logged, never raised: the outbox keeps
         the debt and the reconciler pays it."""
-        if not self.dispatch(job_id):
+        if not self.dispatch(job_id, device):
             return False
         try:
             with database.transaction() as conn:

@@ -12,6 +12,7 @@ from app.distill.spec import JobSpec
 from app.http import json_response
 from app.jobs import service
 from app.jobs.schemas import EventList, Job, JobList, JobStatus
+from app.queue import spec_device
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -40,7 +41,7 @@ def create_job(
         return json_response(created.job, status.HTTP_201_CREATED, headers={"Idempotent-Replayed": "true"})
     # only after the commit (the worker must find the row); if the broker is down, the outbox row stays owed and
     # the reconciler publishes it later
-    dispatcher.publish_owed(db, created.job["id"])
+    dispatcher.publish_owed(db, created.job["id"], spec.training.device)
     return json_response(created.job, status.HTTP_201_CREATED)
 
 
@@ -81,7 +82,7 @@ def pause_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep) -> Response:
 def resume_job(job_id: JobId, db: DatabaseDep, dispatcher: DispatcherDep, tenant: TenantDep) -> Response:
     with db.transaction() as conn:
         job = service.resume_job(conn, job_id, tenant=tenant)
-    dispatcher.publish_owed(db, job_id)
+    dispatcher.publish_owed(db, job_id, spec_device(job["spec"]))
     return json_response(job)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,43 @@ def test_submissions_while_the_broker_is_down_are_dispatched_later(private_env: 
                 worker.stop()
     finally:
         process.stop()
+
+
+def test_cuda_jobs_wait_in_the_gpu_queue_for_a_worker_that_takes_them(
+    private_env: dict[str, str], private_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A worker without GPU jobs never takes a cuda job (it would only fail it); the job waits in <queue>.gpu, the
+    reconciler republishes it there if the broker loses it (once, not every pass), and a worker that takes GPU jobs
+    runs it: on this machine, without a GPU, it fails with code no_gpu and says why."""
+    import torch
+
+    gpu_queue = private_env["DISTILLERY_QUEUE_NAME"] + ".gpu"
+    broker = redis.Redis.from_url(REDIS_URL)
+    cpu_worker = start_worker({**private_env, "DISTILLERY_WORKER_GPU_JOBS": "false"}, tmp_path / "cpu-worker.log")
+    try:
+        cuda = private_api.post("/v1/jobs", json=tiny_spec(name="on-gpu", training={"steps": 5, "device": "cuda"}))
+        assert cuda.status_code == 201, cuda.text
+        cpu = private_api.post("/v1/jobs", json=tiny_spec(name="on-cpu")).json()
+        assert wait_for_status(private_api, cpu["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        assert private_api.get(f"/v1/jobs/{cuda.json()['id']}").json()["status"] == "queued"
+        assert broker.llen(gpu_queue) == 1
+        broker.delete(gpu_queue)  # the broker loses it: the reconciler puts it back in the GPU queue, once
+        wait_until(lambda: broker.llen(gpu_queue) == 1, 30, 0.2, "the reconciler to republish the cuda job")
+        time.sleep(5 * float(private_env["DISTILLERY_RECONCILE_INTERVAL_S"]) + 2)
+        assert broker.llen(gpu_queue) == 1  # it sees the GPU queue: no duplicate publishes
+        assert private_api.get(f"/v1/jobs/{cuda.json()['id']}").json()["status"] == "queued"
+    finally:
+        cpu_worker.stop()
+    gpu_worker = start_worker({**private_env, "DISTILLERY_WORKER_GPU_JOBS": "true"}, tmp_path / "gpu-worker.log")
+    try:
+        done = wait_for_status(private_api, cuda.json()["id"], ("succeeded", "failed"))
+    finally:
+        gpu_worker.stop()
+    if torch.cuda.is_available():
+        assert done["status"] == "succeeded", done["error"]
+    else:
+        assert done["status"] == "failed" and done["error"]["code"] == "no_gpu"
+        assert "sees no GPU" in done["error"]["message"]
 
 
 def test_a_killed_worker_loses_nothing_and_the_job_resumes(
