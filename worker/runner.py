@@ -362,6 +362,7 @@ class JobRunner:
         stored: dict[int, Path] = {}
         datasets: dict[str, Path] = {}
         columns: dict[str, list[str]] = {}
+        recorded: dict[int, tuple[str, Any]] = {}  # teacher index → (model id, recorded files)
         with self.db.read() as conn:
             for index, teacher in enumerate(spec.all_teachers()):
                 if isinstance(teacher, StoredModelTeacher):
@@ -369,11 +370,7 @@ class JobRunner:
                     if row is None:
                         raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
                     stored[index] = self.fetch(str(row["artifact_path"]), f"teacher model {teacher.model_id}")
-                    if self.settings.verify_artifacts:
-                        try:
-                            verify_files(stored[index], row["files"])
-                        except ArtifactError as exc:
-                            raise JobFailure("artifact_corrupt", f"teacher model {teacher.model_id}: {exc}") from exc
+                    recorded[index] = (teacher.model_id, row["files"])
             if isinstance(spec.data, UploadedData):
                 dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=None)
                 if dataset is None:
@@ -382,6 +379,12 @@ class JobRunner:
                 datasets[spec.data.dataset_id] = folder / Path(dataset["artifact_path"]).name
                 if dataset["columns"]:
                     columns[spec.data.dataset_id] = list(dataset["columns"])
+        # hashed outside the read transaction: a large teacher takes seconds
+        for index, (model_id, files) in recorded.items() if self.settings.verify_artifacts else ():
+            try:
+                verify_files(stored[index], files)
+            except ArtifactError as exc:
+                raise JobFailure("artifact_corrupt", f"teacher model {model_id}: {exc}") from exc
         signature = self.teacher_tokenizer_signature(spec, stored)
         return JobResources(
             stored_teachers=stored,
