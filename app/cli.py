@@ -69,14 +69,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    import torch
-
-    from app.queue import worker_queues
+    from app.queue import takes_gpu_jobs, worker_queues
     from worker.celery_app import create_worker_app
 
     log_setup()
     settings.check_production()
-    gpu_jobs = torch.cuda.is_available() if settings.worker_gpu_jobs is None else settings.worker_gpu_jobs
     app = create_worker_app(settings)
     app.worker_main(
         [
@@ -84,7 +81,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "--loglevel=INFO",
             f"--concurrency={args.concurrency or settings.worker_concurrency}",
             "--pool=prefork",
-            f"--queues={','.join(worker_queues(settings.queue_name, gpu_jobs))}",
+            f"--queues={','.join(worker_queues(settings.queue_name, takes_gpu_jobs(settings)))}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

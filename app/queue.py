@@ -34,6 +34,15 @@ def worker_queues(queue_name: str, gpu_jobs: bool) -> list[str]:
     return [queue_name, queue_name + GPU_QUEUE_SUFFIX] if gpu_jobs else [queue_name]
 
 
+def takes_gpu_jobs(settings: Settings) -> bool:
+    """Whether this worker consumes the GPU queue: ``DISTILLERY_WORKER_GPU_JOBS``, else whether torch sees a GPU."""
+    if settings.worker_gpu_jobs is not None:
+        return settings.worker_gpu_jobs
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def all_queues(queue_name: str) -> list[str]:
     """Every queue a job may be waiting in (what the reconciler inspects)."""
     return worker_queues(queue_name, gpu_jobs=True)

@@ -17,10 +17,10 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 
 from app.db.engine import Database
 from app.jobs.dispatch import JobDispatcher
-from app.queue import make_celery
+from app.queue import make_celery, takes_gpu_jobs
 from app.settings import Settings
 from worker.reconciler import Reconciler
-from worker.runner import JobRunner, shutdown_flag
+from worker.runner import JobRunner, shutdown_flag, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def create_worker_app(settings: Settings) -> Celery:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         shutdown_flag(settings.run_dir, os.getpid()).unlink(missing_ok=True)
         database = Database.from_url(settings.resolved_database_url, pool_size=2)
-        reconciler = Reconciler(database, JobDispatcher(app, settings.queue_name), settings)
+        dispatcher = JobDispatcher(app, settings.queue_name)
+        reconciler = Reconciler(database, dispatcher, settings, name=worker_name(), gpu_jobs=takes_gpu_jobs(settings))
         reconciler.start()
         state["reconciler"] = reconciler
 

@@ -6,7 +6,9 @@ Each pass (one worker at a time, by a Postgres advisory lock):
 2. re-publishes queued jobs that are missing from the broker (the broker lost them: a restart, a FLUSHALL);
 3. re-publishes running jobs whose worker stopped heart-beating, so that the next delivery takes them over and
    resumes them from their checkpoint;
-4. expires old Idempotency-Keys.
+4. expires old Idempotency-Keys;
+5. tells a cuda job that waits while no worker taking GPU jobs has been seen lately (an event, once per job).
+Every worker's reconciler also records, each pass, that its worker is alive and whether it takes GPU jobs.
 A duplicate publish is harmless: claiming a job is a compare-and-set on its row.
 """
 
@@ -24,7 +26,7 @@ import sqlalchemy as sa
 from app.db import jobs_repository
 from app.db.engine import Database
 from app.jobs.dispatch import JobDispatcher
-from app.queue import all_queues
+from app.queue import all_queues, job_queue
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,10 +108,14 @@ class BrokerInspector:
 
 
 class Reconciler:
-    def __init__(self, db: Database, dispatcher: JobDispatcher, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, dispatcher: JobDispatcher, settings: Settings, *, name: str = "", gpu_jobs: bool = False
+    ) -> None:
         self.db = db
         self.dispatcher = dispatcher
         self.settings = settings
+        self.name = name  # the worker this reconciler runs in ("": record nothing)
+        self.gpu_jobs = gpu_jobs
         self.inspector = BrokerInspector(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -135,6 +141,8 @@ class Reconciler:
         """One pass; returns what it published, by reason."""
         settings = self.settings
         with self.db.transaction() as conn:
+            if self.name:
+                jobs_repository.worker_seen(conn, self.name, queue=settings.queue_name, gpu_jobs=self.gpu_jobs)
             if (
                 conn.dialect.name == "postgresql"
                 and not conn.execute(
@@ -147,6 +155,7 @@ class Reconciler:
             stale = jobs_repository.stale_running_jobs(conn, stale_after_s=settings.heartbeat_stale_s, limit=1000)
             jobs_repository.expire_idempotency_keys(conn, older_than_s=settings.idempotency_retention_s)
             devices = jobs_repository.job_devices(conn, list(dict.fromkeys([*owed, *queued, *stale])))
+            told = self.tell_jobs_waiting_for_a_gpu_worker(conn)
         in_broker = self.inspector.task_ids() if queued else set()
         # when the broker cannot be inspected, waiting long enough stands in for "missing"
         lost = [j for j in queued if j not in in_broker] if in_broker is not None else queued
@@ -172,4 +181,26 @@ class Reconciler:
                 jobs_repository.touch(conn, done)
         if any(published.values()):
             log.info("reconciler published %s", {k: len(v) for k, v in published.items() if v})
-        return published
+        return {**published, "told": told} if told else published
+
+    def tell_jobs_waiting_for_a_gpu_worker(self, conn: Any) -> list[str]:
+        """An event on each cuda job queued past ``republish_after_s`` while no worker that takes GPU jobs has been
+        seen for three reconciler intervals (at least 30 s): the job is not lost, it waits for one."""
+        settings = self.settings
+        waiting = jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=settings.republish_after_s, limit=1000)
+        within_s = max(3 * settings.reconcile_interval_s, 30.0)
+        if not waiting or jobs_repository.gpu_worker_seen(conn, queue=settings.queue_name, within_s=within_s):
+            return []
+        queue = job_queue(settings.queue_name, "cuda")
+        event = {
+            "type": "message",
+            "level": "warning",
+            "message": f"waiting for a worker that takes GPU jobs: none has been seen in the last {within_s:g} s; "
+            f"this cuda job stays queued in {queue} until one runs (a worker on a GPU, or "
+            "DISTILLERY_WORKER_GPU_JOBS=true)",
+            "data": {"code": jobs_repository.WAITING_FOR_GPU_WORKER, "queue": queue},
+        }
+        for job_id in waiting:
+            jobs_repository.append_events(conn, job_id, [event])
+        log.info("%d cuda job(s) wait for a worker that takes GPU jobs", len(waiting))
+        return waiting

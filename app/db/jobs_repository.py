@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.db.tables import idempotency_keys, job_events, jobs, outbox
+from app.db.tables import idempotency_keys, job_events, jobs, outbox, workers
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running", "paused")
@@ -323,6 +323,52 @@ def stale_running_jobs(conn: Connection, *, stale_after_s: float, limit: int) ->
     rows = conn.execute(
         sa.select(jobs.c.id)
         .where(jobs.c.status == "running", sa.or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < cutoff))
+        .order_by(jobs.c.id)
+        .limit(limit)
+    )
+    return [row[0] for row in rows]
+
+
+# --- workers, and cuda jobs waiting for one that takes GPU jobs -----------------------------------------------------
+
+WAITING_FOR_GPU_WORKER = "waiting_for_gpu_worker"
+
+
+def worker_seen(conn: Connection, name: str, *, queue: str, gpu_jobs: bool, forget_after_s: float = 86_400.0) -> None:
+    """Record that worker ``name`` (consuming ``queue``, and its GPU queue if ``gpu_jobs``) is alive; each worker
+    writes only its own row. Workers not seen for ``forget_after_s`` are forgotten."""
+    now = utcnow()
+    values = {"queue": queue, "gpu_jobs": gpu_jobs, "seen_at": now}
+    if conn.execute(workers.update().where(workers.c.name == name).values(**values)).rowcount == 0:
+        conn.execute(workers.insert().values(name=name, **values))
+    conn.execute(workers.delete().where(workers.c.seen_at < now - dt.timedelta(seconds=forget_after_s)))
+
+
+def gpu_worker_seen(conn: Connection, *, queue: str, within_s: float) -> bool:
+    cutoff = utcnow() - dt.timedelta(seconds=within_s)
+    query = (
+        sa.select(workers.c.name)
+        .where(workers.c.queue == queue, workers.c.gpu_jobs.is_(True), workers.c.seen_at >= cutoff)
+        .limit(1)
+    )
+    return conn.execute(query).first() is not None
+
+
+def cuda_jobs_not_yet_told(conn: Connection, *, older_than_s: float, limit: int) -> list[str]:
+    """Queued jobs that ask for cuda, queued for longer than ``older_than_s``, whose events do not yet say that they
+    wait for a GPU worker."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    told = sa.exists().where(
+        job_events.c.job_id == jobs.c.id, job_events.c.data["code"].as_string() == WAITING_FOR_GPU_WORKER
+    )
+    rows = conn.execute(
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.status == "queued",
+            jobs.c.updated_at < cutoff,
+            jobs.c.spec["training"]["device"].as_string() == "cuda",
+            ~told,
+        )
         .order_by(jobs.c.id)
         .limit(limit)
     )

@@ -124,6 +124,17 @@ outbox = sa.Table(
     sa.Index("ix_outbox_unpublished", "published_at", "id"),
 )
 
+# workers as their reconcilers last saw themselves: whether each takes GPU jobs (consumes <queue>.gpu) and when it was
+# last alive; a cuda job waiting while no GPU worker has been seen says so in its events
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("queue", sa.String(200), nullable=False),  # DISTILLERY_QUEUE_NAME: the deployment it serves
+    sa.Column("gpu_jobs", sa.Boolean, nullable=False),
+    sa.Column("seen_at", Timestamp, nullable=False),
+)
+
 api_keys = sa.Table(
     "api_keys",
     metadata,

@@ -93,9 +93,9 @@ def test_submissions_while_the_broker_is_down_are_dispatched_later(private_env: 
 def test_cuda_jobs_wait_in_the_gpu_queue_for_a_worker_that_takes_them(
     private_env: dict[str, str], private_api: httpx.Client, tmp_path: Path
 ) -> None:
-    """A worker without GPU jobs never takes a cuda job (it would only fail it); the job waits in <queue>.gpu, the
-    reconciler republishes it there if the broker loses it (once, not every pass), and a worker that takes GPU jobs
-    runs it: on this machine, without a GPU, it fails with code no_gpu and says why."""
+    """A worker without GPU jobs never takes a cuda job (it would only fail it); the job waits in <queue>.gpu, says so
+    in its events (once), the reconciler republishes it there if the broker loses it (once, not every pass), and a
+    worker that takes GPU jobs runs it: on this machine, without a GPU, it fails with code no_gpu and says why."""
     import torch
 
     gpu_queue = private_env["DISTILLERY_QUEUE_NAME"] + ".gpu"
@@ -113,6 +113,13 @@ def test_cuda_jobs_wait_in_the_gpu_queue_for_a_worker_that_takes_them(
         time.sleep(5 * float(private_env["DISTILLERY_RECONCILE_INTERVAL_S"]) + 2)
         assert broker.llen(gpu_queue) == 1  # it sees the GPU queue: no duplicate publishes
         assert private_api.get(f"/v1/jobs/{cuda.json()['id']}").json()["status"] == "queued"
+        told = [
+            event
+            for event in private_api.get(f"/v1/jobs/{cuda.json()['id']}/events").json()["data"]
+            if (event.get("data") or {}).get("code") == "waiting_for_gpu_worker"
+        ]
+        assert len(told) == 1 and told[0]["level"] == "warning", told
+        assert gpu_queue in told[0]["message"] and "DISTILLERY_WORKER_GPU_JOBS" in told[0]["message"]
     finally:
         cpu_worker.stop()
     gpu_worker = start_worker({**private_env, "DISTILLERY_WORKER_GPU_JOBS": "true"}, tmp_path / "gpu-worker.log")
