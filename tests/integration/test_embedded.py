@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.conftest import ROOT, free_port, wait_for_status, wait_until
 
@@ -51,6 +52,11 @@ def test_up_serves_a_job_end_to_end_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             model_id = done["result"]["model_id"]
             prediction = client.post(f"/v1/models/{model_id}/predict", json={"inputs": [[0.5] * 10]})
             assert prediction.status_code == 200 and len(prediction.json()["probabilities"][0]) == 5
+            # the one worker takes GPU jobs too: without a GPU a cuda job fails at once, saying why, not waits
+            cuda = client.post("/v1/jobs", json={**spec, "training": {**spec["training"], "device": "cuda"}}).json()
+            ended = wait_for_status(client, cuda["id"], ("succeeded", "failed"), timeout=60)
+            if not torch.cuda.is_available():
+                assert ended["status"] == "failed" and ended["error"]["code"] == "no_gpu", ended
         # everything lives under the data folder
         data = tmp_path / "data"
         assert (data / "distillery.db").exists()
