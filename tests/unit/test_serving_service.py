@@ -113,12 +113,20 @@ def test_a_request_does_not_wait_longer_than_model_load_wait(store: Store) -> No
     model_id = store.add()
 
     async def test() -> None:
-        service = serve(store, CountingLoader(delay=0.3), model_load_wait_s=0.0)
+        loader = CountingLoader(delay=0.3)
+        service = serve(store, loader, model_load_wait_s=0.0)
         with pytest.raises(ModelLoading) as error:
             await service.get("default", model_id)
         assert error.value.status == 503 and error.value.headers["Retry-After"] == "1"
-        await asyncio.sleep(0.5)  # the load went on in the background
-        assert (await service.get("default", model_id)).model_id == model_id
+        # the load went on in the background: it ends (0.3 s + the real load) without another request starting it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                served = await service.get("default", model_id)
+                break
+            except ModelLoading:
+                await asyncio.sleep(0.05)
+        assert served.model_id == model_id and loader.calls == [model_id]  # one load, which the first request started
         service.close()
 
     run(test)
