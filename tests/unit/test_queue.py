@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from app.db import jobs_repository
+from app.db.engine import Database
+from app.db.migrate import upgrade
 from app.queue import all_queues, job_queue, spec_device, worker_queues
 
 
@@ -21,3 +26,36 @@ def test_the_device_of_a_stored_spec() -> None:
     assert spec_device({"training": {"device": "cuda", "steps": 3}}) == "cuda"
     assert spec_device({"training": {"steps": 3}}) is None
     assert spec_device({"training": None}) is None and spec_device({}) is None
+
+
+def test_the_queries_behind_waiting_for_a_gpu_worker_on_the_embedded_database(tmp_path: Path) -> None:
+    """SQLite (`distillery up`): the reconciler's queries catch their own errors and only log them, so they are
+    exercised here directly. Postgres runs them in tests/integration/test_reliability.py."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    try:
+        with database.transaction() as conn:
+            for job_id, device in (("job_gpu", "cuda"), ("job_auto", "auto"), ("job_cpu", "cpu")):
+                jobs_repository.insert_job(
+                    conn, job_id=job_id, tenant="t", name=None, spec={"training": {"device": device}}, progress={}
+                )
+            assert jobs_repository.job_devices(conn, ["job_gpu", "job_cpu"]) == {"job_gpu": "cuda", "job_cpu": "cpu"}
+            assert jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=-1, limit=10) == ["job_gpu"]
+            assert jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=60, limit=10) == []  # not yet waited
+            event = {"type": "message", "data": {"code": jobs_repository.WAITING_FOR_GPU_WORKER}}
+            jobs_repository.append_events(conn, "job_gpu", [event])
+            assert jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=-1, limit=10) == []  # told once
+
+            assert not jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
+            jobs_repository.worker_seen(conn, "cpu-worker", queue="q", gpu_jobs=False)
+            jobs_repository.worker_seen(conn, "gpu-elsewhere", queue="other", gpu_jobs=True)
+            assert not jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
+            jobs_repository.worker_seen(conn, "gpu-worker", queue="q", gpu_jobs=True)
+            jobs_repository.worker_seen(conn, "gpu-worker", queue="q", gpu_jobs=True)  # a second pass updates
+            assert jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
+            # workers gone for longer than forget_after_s are forgotten by the next one seen
+            jobs_repository.worker_seen(conn, "cpu-worker", queue="q", gpu_jobs=False, forget_after_s=-1)
+            assert not jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
+    finally:
+        database.dispose()
