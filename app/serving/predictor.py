@@ -366,10 +366,10 @@ class TextPredictor:
     @torch.inference_mode()
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
         """Embedding/classification: ``TextRequest`` → ``TextOutput``, all texts of the batch in one padded forward.
-        Causal LM: a list of ``GenerationRequest`` (a request's prompts) → a list of ``Completion``, one prompt at a
-        time (no continuous batching)."""
+        Causal LM: a list of ``GenerationRequest`` (a request's prompts) → a list of ``Completion`` (``_generate``:
+        the greedy prompts of the whole batch in one batched generate, sampled ones one at a time)."""
         if self.task == "causal_lm":
-            return [self._generate_all(cast(list[GenerationRequest], prompts)) for prompts in inputs]
+            return self._generate(cast(Sequence[list[GenerationRequest]], inputs))
         requests = cast(Sequence[TextRequest], inputs)
         failures = self._over_length(requests)
         texts = [text for index, r in enumerate(requests) if index not in failures for text in r.texts]
@@ -443,16 +443,100 @@ class TextPredictor:
             )
         return ids
 
-    def _generate_all(self, prompts: list[GenerationRequest]) -> Any:
-        """All prompts are checked before the first token: a request fails whole, never half-way through a stream."""
-        try:
-            rendered = [self.render_prompt(prompt) for prompt in prompts]
-        except InputShapeError as exc:
-            return exc
-        for prompt, ids in zip(prompts, rendered, strict=True):
-            if prompt.on_start is not None:
-                prompt.on_start(len(ids))
-        return [self.generate(prompt, ids) for prompt, ids in zip(prompts, rendered, strict=True)]
+    def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
+        """Per request, its completions or the InputShapeError that refused it. Every prompt of a request is checked
+        before the first token: a request fails whole, never half-way through a stream. The greedy prompts of all
+        the batch's requests then generate together (``generate_batch``: a forward per token for all of them, which
+        is what multiplies a loaded server's tokens/s); sampled prompts generate one at a time, so that each
+        request's random draws stay its own."""
+        outputs: list[Any] = []
+        rendered: dict[tuple[int, int], list[int]] = {}
+        for r, prompts in enumerate(requests):
+            try:
+                ids = [self.render_prompt(prompt) for prompt in prompts]
+            except InputShapeError as exc:
+                outputs.append(exc)
+                continue
+            for k, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
+                rendered[r, k] = prompt_ids
+                if prompt.on_start is not None:
+                    prompt.on_start(len(prompt_ids))
+            outputs.append([None] * len(prompts))
+        together = [
+            key for key in rendered if requests[key[0]][key[1]].temperature <= 0 < requests[key[0]][key[1]].max_tokens
+        ]
+        if len(together) > 1:
+            done = self.generate_batch([requests[r][k] for r, k in together], [rendered[r, k] for r, k in together])
+            for (r, k), completion in zip(together, done, strict=True):
+                outputs[r][k] = completion
+        for (r, k), prompt_ids in rendered.items():
+            if outputs[r][k] is None:
+                outputs[r][k] = self.generate(requests[r][k], prompt_ids)
+        return outputs
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest], prompts: Sequence[list[int]]) -> list[Completion]:
+        """Greedy completions of several accepted prompts in one ``generate`` call: left-padded to the longest, each
+        row streamed to its own request and stopped on its own (``max_tokens``, a stop string, EOS, cancelled) while
+        the others go on."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        streams = [_TextStream(self.tokenizer, request) for request in requests]
+        for stream in streams:
+            stream.prompt_seen = True  # the batch streamer below swallows the prompt
+        width = max(len(ids) for ids in prompts)
+        pad = self._pad_id()
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        limits = [request.max_tokens for request in requests]
+
+        def finished(row: int, generated: int) -> bool:
+            stream = streams[row]
+            return generated >= limits[row] or stream.stopped or stream.ended_by_eos or stream.request.cancelled
+
+        class Rows(BaseStreamer):
+            """generate() hands over the prompt, then one token per row per step: each live row's goes to its own
+            stream (a row that has finished gets padding, which is dropped)."""
+
+            prompt = True
+
+            def put(self, value: torch.Tensor) -> None:
+                if self.prompt:
+                    self.prompt = False
+                    return
+                tokens = value.reshape(-1)
+                for row, stream in enumerate(streams):
+                    if not finished(row, stream.generated):
+                        stream.put(tokens[row : row + 1])
+
+            def end(self) -> None:
+                pass
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+                generated = input_ids.shape[1] - width  # this step's token counts, though no stream has it yet
+                done = [finished(row, generated) for row in range(len(streams))]
+                return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
+
+        self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max(limits),
+            pad_token_id=pad,
+            streamer=cast(BaseStreamer, Rows()),
+            stopping_criteria=StoppingCriteriaList([Stop()]),
+            do_sample=False,
+        )
+        completions = []
+        for stream, ids in zip(streams, prompts, strict=True):
+            stream.flush()
+            finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
+            completions.append(Completion(stream.text, len(ids), stream.generated, finish))
+        return completions
 
     def generate(self, request: GenerationRequest, ids: list[int]) -> Completion:
         """Generate for a prompt that ``render_prompt`` accepted (its token ids)."""
@@ -466,7 +550,7 @@ class TextPredictor:
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-                done = request.cancelled or stream.stopped
+                done = request.cancelled or stream.stopped or stream.ended_by_eos
                 shape = (input_ids.shape[0],)
                 return cast(torch.BoolTensor, torch.full(shape, done, dtype=torch.bool, device=input_ids.device))
 
@@ -478,9 +562,7 @@ class TextPredictor:
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=request.max_tokens,
-            pad_token_id=self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
+            pad_token_id=self._pad_id(),
             streamer=cast(BaseStreamer, stream),
             stopping_criteria=StoppingCriteriaList([Stop()]),
             **sampling,
@@ -540,7 +622,7 @@ class _TextStream:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        if self.stopped:
+        if self.stopped or self.ended_by_eos:  # a model whose generation config names no EOS goes on past it
             return
         new = [int(token) for token in value.reshape(-1).tolist()]
         self.generated += len(new)

@@ -99,7 +99,9 @@ def greedy_reference(predictor: TextPredictor, prompt: str, max_tokens: int) -> 
     output = predictor.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
     )
-    return str(predictor.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
+    tokens = output[0, ids.shape[1] :].tolist()
+    eos = predictor.tokenizer.eos_token_id
+    return str(predictor.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens))
 
 
 def test_generation_streams_the_greedy_completion(causal: TextPredictor) -> None:
@@ -112,6 +114,69 @@ def test_generation_streams_the_greedy_completion(causal: TextPredictor) -> None
     assert started == [completion.prompt_tokens] == [len("def f(x):") + 1]  # bytes + </s>
     assert completion.completion_tokens <= 6
     assert completion.finish_reason in ("length", "stop")
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
+    """The tiny LM, kept from answering EOS as its first token (which this random one otherwise does for every
+    prompt): completions with text in them, some ending in EOS later."""
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    model = build_from_config(tiny_config("gpt2", vocab_size=len(tokenizer), max_positions=64), "causal_lm", seed=3)
+    folder = tmp_path_factory.mktemp("chatty") / "m"
+    save_pretrained_dir(model, tokenizer, folder, extra_config={"task": "causal_lm"})
+    predictor = TextPredictor("mdl_chatty", folder, "sha", {"task": "causal_lm"})
+    predictor.model.generation_config.begin_suppress_tokens = [tokenizer.eos_token_id]
+    return predictor
+
+
+def test_greedy_requests_generate_together_as_they_would_alone(chatty: TextPredictor) -> None:
+    """Prompts of different lengths (left padding), different max_tokens, a stop string, EOS and a cancelled request
+    in one batch: each completion, its stream and its counts are what the request gets alone; a sampled request in
+    the same batch still runs on its own."""
+
+    def requests() -> list[list[GenerationRequest]]:
+        deltas.clear()
+
+        def streamed(index: int) -> Any:
+            return lambda text: deltas.setdefault(index, []).append(text)
+
+        cancelled = GenerationRequest(prompt="abc", max_tokens=40)
+        cancelled.on_start = lambda _: setattr(cancelled, "cancelled", True)
+        return [
+            [GenerationRequest(prompt="def f(x):", max_tokens=12, on_text=streamed(0))],
+            [GenerationRequest(prompt="a", max_tokens=3, on_text=streamed(1))],
+            [
+                GenerationRequest(prompt="the quick brown fox", max_tokens=20, stop=["\x1a" * 3], on_text=streamed(2)),
+                GenerationRequest(prompt="x = [1, 2", max_tokens=7, on_text=streamed(3)),
+            ],
+            [cancelled],
+            [GenerationRequest(prompt="zz", max_tokens=0)],
+            [GenerationRequest(prompt="sampled", max_tokens=4, temperature=0.8)],
+        ]
+
+    deltas: dict[int, list[str]] = {}
+    together = chatty.predict_batch(requests())
+    streamed_together = {index: "".join(deltas.get(index, [])) for index in range(4)}
+    alone = [chatty.predict_batch([request])[0] for request in requests()]
+    for index in (0, 1, 2, 4):
+        got, expected = together[index], alone[index]
+        assert [(c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in got] == [
+            (c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in expected
+        ]
+    assert together[0][0].completion_tokens == 12 or together[0][0].finish_reason == "stop"
+    # cancelled before its first token: alone it still makes the one token of the step that notices, batched none
+    assert together[1][0].completion_tokens <= 3 and together[3][0].completion_tokens <= 1
+    assert together[4][0].completion_tokens == 0
+    # this seed answers "\x1a" over and over: the stop string ends the row at its third token, with no text before it
+    assert (together[2][0].text, together[2][0].completion_tokens, together[2][0].finish_reason) == ("", 3, "stop")
+    assert together[2][1].text == "yyyyyyy"  # the other prompt of that request goes on
+    assert streamed_together == {
+        0: together[0][0].text,
+        1: together[1][0].text,
+        2: together[2][0].text,
+        3: together[2][1].text,
+    }
+    assert together[5][0].completion_tokens <= 4 and together[5][0].prompt_tokens == len("sampled") + 1
 
 
 def test_context_limits(causal: TextPredictor) -> None:
