@@ -22,6 +22,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,17 @@ def build_embedder(directory: Path) -> tuple[Path, list[str]]:
     return directory, sentences(tokenizer)
 
 
-async def drive(predictor: TextPredictor, texts: list[str], max_batch: int, clients: int, seconds: float) -> float:
-    """Requests/s of ``clients`` concurrent senders through a batcher with ``max_batch``."""
+async def drive(
+    predict_batch: Callable[[Any], list[Any]],
+    payload: Callable[[int], Any],
+    max_batch: int,
+    clients: int,
+    seconds: float,
+) -> float:
+    """Requests/s of ``clients`` concurrent senders through a batcher with ``max_batch``; request ``i`` of a client
+    sends ``payload(i)`` (one row each)."""
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=60)
-    batcher = DynamicBatcher(f"bench-{max_batch}", predictor.predict_batch, config, asyncio.get_running_loop())
+    batcher = DynamicBatcher(f"bench-{max_batch}", predict_batch, config, asyncio.get_running_loop())
     done = 0
     stop_at = 0.0
 
@@ -57,7 +65,7 @@ async def drive(predictor: TextPredictor, texts: list[str], max_batch: int, clie
         nonlocal done
         index = offset
         while time.perf_counter() < stop_at:
-            await batcher.submit(TextRequest([texts[index % len(texts)]]), 1)
+            await batcher.submit(payload(index), 1)
             done += 1
             index += clients
 
@@ -107,8 +115,12 @@ def main() -> None:
             device = torch.device(name)
             predictor = TextPredictor("bench", directory, "", {"task": "embedding"}, device)
             bare = bare_forward_ms(predictor, texts)
-            on = asyncio.run(drive(predictor, texts, 64, args.clients, args.seconds))
-            off = asyncio.run(drive(predictor, texts, 1, args.clients, args.seconds))
+
+            def sentence(index: int) -> TextRequest:
+                return TextRequest([texts[index % len(texts)]])
+
+            on = asyncio.run(drive(predictor.predict_batch, sentence, 64, args.clients, args.seconds))
+            off = asyncio.run(drive(predictor.predict_batch, sentence, 1, args.clients, args.seconds))
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
             rows.append({"device": machine(device), "bare": bare, "on": on, "off": off, "peak": peak})
             print(rows[-1], flush=True)

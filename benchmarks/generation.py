@@ -1,0 +1,128 @@
+"""Batched greedy generation, in-process: what generating a batch's greedy prompts together does for a causal LM.
+
+    .venv/bin/python -m benchmarks.generation                    # the CPU (and cuda where there is one)
+    .venv/bin/python -m benchmarks.generation --devices cpu --clients 16 --max-tokens 32
+
+A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
+api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
+loop, each asking for one greedy completion of ``--max-tokens`` tokens at a time (EOS suppressed, so that every
+completion has exactly that many): completions/s and generated tokens/s with batching on (max_batch_size =
+clients) and off (max_batch_size 1), and one completion alone. Needs no database, queue or web framework, so it
+runs on a bare GPU machine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import ByT5Tokenizer
+
+from app.distill.text.models import build_from_config, save_pretrained_dir, tiny_config
+from app.serving.predictor import GenerationRequest, TextPredictor
+from benchmarks.gpu_serving import drive, machine
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "The student model learns from",
+    "SELECT name, count(*) FROM jobs",
+    "import torch\nimport numpy as np\n",
+    "Knowledge distillation trains a small",
+    "for i in range(10):",
+    "The quick brown fox",
+    "class Teacher(nn.Module):",
+]
+
+
+def build_lm(directory: Path, hidden: int, layers: int) -> Path:
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    config = tiny_config(
+        "gpt2",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        max_positions=512,
+    )
+    save_pretrained_dir(
+        build_from_config(config, "causal_lm", seed=0), tokenizer, directory, extra_config={"task": "causal_lm"}
+    )
+    return directory
+
+
+def load(directory: Path, device: torch.device) -> TextPredictor:
+    predictor = TextPredictor("bench-lm", directory, "", {"task": "causal_lm"}, device)
+    predictor.model.generation_config.suppress_tokens = [predictor.tokenizer.eos_token_id]
+    return predictor
+
+
+def alone_ms(predictor: TextPredictor, max_tokens: int, repeats: int = 5) -> float:
+    times = []
+    for index in range(repeats + 1):
+        request = GenerationRequest(prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens)
+        started = time.perf_counter()
+        [completion] = predictor.predict_batch([[request]])[0]
+        times.append(time.perf_counter() - started)
+        assert completion.completion_tokens == max_tokens, completion
+    return statistics.median(times[1:]) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", nargs="*", default=["cuda", "cpu"])
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="distillery-generation-") as folder:
+        directory = build_lm(Path(folder) / "lm", args.hidden, args.layers)
+        for name in args.devices:
+            if name == "cuda" and not torch.cuda.is_available():
+                print("no CUDA device: skipping cuda", flush=True)
+                continue
+            device = torch.device(name)
+            predictor = load(directory, device)
+            params = sum(p.numel() for p in predictor.model.parameters())
+
+            def prompt(index: int) -> list[GenerationRequest]:
+                return [GenerationRequest(prompt=PROMPTS[index % len(PROMPTS)], max_tokens=args.max_tokens)]
+
+            single = alone_ms(predictor, args.max_tokens)
+            on = asyncio.run(drive(predictor.predict_batch, prompt, args.clients, args.clients, args.seconds))
+            off = asyncio.run(drive(predictor.predict_batch, prompt, 1, args.clients, args.seconds))
+            rows.append({"device": machine(device), "params": params, "alone": single, "on": on, "off": off})
+            print(rows[-1], flush=True)
+    print()
+    print(
+        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), greedy completions of "
+        f"{args.max_tokens} tokens, {args.clients} concurrent clients through the api's DynamicBatcher and "
+        f"TextPredictor, in-process, {args.seconds:g} s per row."
+    )
+    print()
+    print(
+        "| device | params | one completion alone (ms) | on: completions/s (tokens/s) | off: completions/s "
+        "(tokens/s) | on / off |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        tokens = args.max_tokens
+        print(
+            f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['alone']:.1f} | {row['on']:.1f} "
+            f"({row['on'] * tokens:,.0f}) | {row['off']:.1f} ({row['off'] * tokens:,.0f}) | "
+            f"{row['on'] / row['off']:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
