@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
+    parser.add_argument("--variant", default="eager", help="the serving variant on the CPU (eager, bf16, …)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -113,7 +114,8 @@ def main() -> None:
                 print("no CUDA device: skipping cuda", flush=True)
                 continue
             device = torch.device(name)
-            predictor = TextPredictor("bench", directory, "", {"task": "embedding"}, device)
+            config = {"task": "embedding", "serving_variant": args.variant}
+            predictor = TextPredictor("bench", directory, "", config, device)
             bare = bare_forward_ms(predictor, texts)
 
             def sentence(index: int) -> TextRequest:

@@ -410,7 +410,7 @@ class TrainingSpec(SpecModel):
     )
 
 
-VariantName = Literal["eager", "torchscript", "int8_dynamic", "onnx", "bf16"]
+VariantName = Literal["eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16"]
 
 
 class EvaluationSpec(SpecModel):

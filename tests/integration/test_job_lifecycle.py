@@ -53,7 +53,7 @@ def test_submit_train_evaluate_and_predict(client: httpx.Client, worker: Any, se
     assert 0.0 <= evaluation["agreement"] <= 1.0 and evaluation["kl"] >= 0.0
     # serving variants: all measured, the chosen one within tolerance
     variants = {variant["name"]: variant for variant in evaluation["variants"]}
-    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx", "bf16"]
+    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16"]
     assert variants[evaluation["serving_variant"]]["within_tolerance"] is True
 
     # the student is stored as safetensors + config with the recorded sha256

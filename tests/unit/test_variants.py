@@ -25,6 +25,7 @@ from app.distill.text.data import TokenizedExamples
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.distill.variants import (
     VARIANT_NAMES,
+    FrozenScript,
     Probe,
     Servable,
     VariantUnavailable,
@@ -44,7 +45,7 @@ LIMITS = SpecLimits(max_student_params=100_000_000, max_steps=100_000, max_datas
 
 
 #: the largest probability difference from eager allowed for the variants that change the arithmetic
-LOSSY = {"int8_dynamic": 0.05, "bf16": 0.05}
+LOSSY = {"int8_dynamic": 0.05, "bf16": 0.05, "torchscript_bf16": 0.05}
 
 
 def mlp() -> torch.nn.Module:
@@ -132,6 +133,52 @@ def test_the_bf16_variant_holds_bf16_weights_at_half_the_bytes_and_answers_in_fl
     ids, mask = token_batch(3, 11)
     with torch.inference_mode():
         assert built.forward(ids, mask).dtype == torch.float32
+
+
+def test_the_traced_bf16_variant_is_a_frozen_script_over_the_converted_weights() -> None:
+    """torchscript_bf16: the whole forward is one TorchScript call (no Python between the ops, so no GIL taken back
+    between them); served in place, its constants are the converted module's own bf16 weights, not a copy."""
+    model = bert()
+    made = servable(model, "embedding")
+    assert made is not None
+    built = apply_variant("torchscript_bf16", made, in_place=True)
+    assert built.name == "torchscript_bf16" and built.extra_bytes == 0
+    assert isinstance(built.forward, FrozenScript) and isinstance(built.forward.script, torch.jit.ScriptModule)
+    weights = {p.data_ptr() for p in model.parameters()}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    constants = [
+        value
+        for node in built.forward.script.graph.nodes()
+        if node.kind() == "prim::Constant" and isinstance(value := node.output().toIValue(), torch.Tensor)
+    ]
+    shared = sum(t.numel() * t.element_size() for t in constants if t.data_ptr() in weights)
+    assert shared >= 0.9 * sum(t.numel() * t.element_size() for t in constants)
+    ids, mask = token_batch(3, 11)
+    with torch.inference_mode():
+        assert built.forward(ids, mask).dtype == torch.float32
+
+
+def test_traced_variants_run_unoptimised_for_the_call_only() -> None:
+    """The graph executor's shape specialisation is off while a traced variant runs (a served model sees a new shape
+    with almost every batch) and back to what it was afterwards, also when the call fails."""
+    seen: list[bool] = []
+
+    def script(*inputs: torch.Tensor) -> torch.Tensor:
+        seen.append(torch._C._get_graph_executor_optimize())
+        if not inputs:
+            raise RuntimeError("no inputs")
+        return inputs[0]
+
+    forward = FrozenScript(script)  # type: ignore[arg-type]
+    assert torch._C._get_graph_executor_optimize() is True
+    assert torch.equal(forward(torch.ones(2)), torch.ones(2))
+    with pytest.raises(RuntimeError):
+        forward()
+    assert seen == [False, False] and torch._C._get_graph_executor_optimize() is True
+    made = servable(mlp(), "classification")
+    assert made is not None
+    for name in ("torchscript", "torchscript_bf16"):
+        assert isinstance(build_variant(name, made).forward, FrozenScript), name
 
 
 def test_building_variants_leaves_the_student_untouched() -> None:
@@ -417,7 +464,7 @@ def test_the_text_predictor_serves_the_recorded_variant(tmp_path: Path, name: st
     eager = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding"})
     served = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding", "serving_variant": name})
     assert eager.variant == "eager" and served.variant == name
-    if name == "bf16":  # the loaded weights are converted, not copied: the cache counts half of eager's bytes
+    if name in ("bf16", "torchscript_bf16"):  # the loaded weights are converted, not copied: half of eager's bytes
         assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16}
         assert served.memory_bytes < 0.55 * eager.memory_bytes
     texts = ["a short one", "a somewhat longer sentence with more words in it", "x"]
