@@ -316,6 +316,8 @@ IN_PLACE_BUILDERS: dict[str, Builder] = {
     "bf16": functools.partial(build_bf16, in_place=True),
     "torchscript_bf16": functools.partial(build_torchscript_bf16, in_place=True),
 }
+# what serves when an in-place build fails after converting the module (eager would feed float32 to bf16 weights)
+IN_PLACE_FALLBACK = {"torchscript_bf16": "bf16"}
 
 
 def short(exc: BaseException, limit: int = 200) -> str:
@@ -346,10 +348,14 @@ def apply_variant(name: str | None, servable: Servable, *, in_place: bool = Fals
     convert it rather than copy it does (bf16: half the memory of eager instead of one and a half times)."""
     wanted = name or "eager"
     if wanted != "eager":
+        builders = {**BUILDERS, **IN_PLACE_BUILDERS} if in_place else None
         try:
-            return build_variant(wanted, servable, {**BUILDERS, **IN_PLACE_BUILDERS} if in_place else None)
+            return build_variant(wanted, servable, builders)
         except VariantUnavailable as exc:
-            log.warning("serving variant %s cannot be built here (%s); serving the eager model", wanted, exc)
+            fallback = IN_PLACE_FALLBACK.get(wanted, "eager") if in_place else "eager"
+            log.warning("serving variant %s cannot be built here (%s); serving %s", wanted, exc, fallback)
+            if fallback != "eager":
+                return build_variant(fallback, servable, builders)
     return build_variant("eager", servable)
 
 

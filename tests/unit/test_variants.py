@@ -158,6 +158,29 @@ def test_the_traced_bf16_variant_is_a_frozen_script_over_the_converted_weights()
         assert built.forward(ids, mask).dtype == torch.float32
 
 
+def test_a_traced_bf16_variant_that_fails_after_converting_in_place_serves_bf16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loader's module is already bf16 when the trace fails: eager would feed float32 rows to bf16 weights."""
+
+    def failing(made: Servable) -> tuple[variants.Forward, int]:
+        raise RuntimeError("the tracer gave up")
+
+    monkeypatch.setattr(variants, "build_torchscript", failing)
+    model = mlp()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = torch.softmax(model(x), dim=-1)
+    made = servable(model, "classification")
+    assert made is not None
+    with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
+        built = apply_variant("torchscript_bf16", made, in_place=True)
+    assert built.name == "bf16" and "the tracer gave up" in caplog.text
+    with torch.inference_mode():
+        got = torch.softmax(built.forward(x), dim=-1)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.05)
+
+
 def test_traced_variants_run_unoptimised_for_the_call_only() -> None:
     """The graph executor's shape specialisation is off while a traced variant runs (a served model sees a new shape
     with almost every batch) and back to what it was afterwards, also when the call fails."""
