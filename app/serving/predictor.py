@@ -346,22 +346,36 @@ class TextPredictor:
 
     # --- embeddings and classification: one padded forward per batch ---
 
-    def _over_length(self, requests: Sequence[TextRequest]) -> dict[int, Exception]:
-        """Requests (by index) that must not be truncated and hold a text over the context length."""
+    def _tokenize(self, requests: Sequence[TextRequest]) -> tuple[list[list[int]], dict[int, Exception]]:
+        """The token ids of every text of the requests that can be served, in order, and the requests (by index)
+        that cannot: one that must not be truncated and holds a text over the context length. One tokenizer call
+        for the whole batch, without truncation so that an over-long text is seen; the over-long texts of requests
+        that may be truncated (rare) are tokenized again with truncation."""
+        texts = [text for request in requests for text in request.texts]
+        if not texts:
+            return [], {}
+        ids: list[list[int]] = self.tokenizer(texts, truncation=False)["input_ids"]
+        kept: list[list[int]] = []
         failures: dict[int, Exception] = {}
+        start = 0
         for index, request in enumerate(requests):
-            if request.truncate:
-                continue
-            lengths = [len(ids) for ids in self.tokenizer(request.texts, truncation=False)["input_ids"]]
-            too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
-            if too_long:
-                i, n = too_long[0]
+            rows = ids[start : start + len(request.texts)]
+            start += len(request.texts)
+            over = [i for i, row in enumerate(rows) if len(row) > self.max_length]
+            if over and not request.truncate:
+                i, n = over[0], len(rows[over[0]])
                 failures[index] = ContextLengthExceeded(
                     f"input {i} has {n} tokens; this model's maximum context length is {self.max_length} tokens",
                     [{"loc": ["body", "input", i], "msg": f"{n} tokens > {self.max_length}"}],
                     "input",
                 )
-        return failures
+                continue
+            if over:
+                again = self.tokenizer([request.texts[i] for i in over], truncation=True, max_length=self.max_length)
+                for i, row in zip(over, again["input_ids"], strict=True):
+                    rows[i] = row
+            kept.extend(rows)
+        return kept, failures
 
     @torch.inference_mode()
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]:
@@ -371,13 +385,10 @@ class TextPredictor:
         if self.task == "causal_lm":
             return self._generate(cast(Sequence[list[GenerationRequest]], inputs))
         requests = cast(Sequence[TextRequest], inputs)
-        failures = self._over_length(requests)
-        texts = [text for index, r in enumerate(requests) if index not in failures for text in r.texts]
+        ids, failures = self._tokenize(requests)
         values = np.zeros((0, 0), dtype=np.float32)
-        tokens: list[int] = []
-        if texts:
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-            tokens = [len(row) for row in ids]
+        tokens = [len(row) for row in ids]
+        if ids:
             values = self._forward_grouped(ids, tokens)
         outputs: list[Any] = []
         start = 0

@@ -92,6 +92,18 @@ def test_an_over_length_text_fails_only_its_request_unless_truncated(embedder: T
     assert isinstance(outputs[1], TextOutput)
     truncated = embedder.predict_batch([TextRequest([too_long], truncate=True)])[0]
     assert isinstance(truncated, TextOutput) and truncated.tokens == 32
+    # the failing text's index is the one named; the others of its batch are served as they would be alone
+    mixed = TextRequest(["fine", too_long], truncate=False)
+    cut = TextRequest([too_long, "a cat"], truncate=True)
+    outputs = embedder.predict_batch([TextRequest(["a dog"]), mixed, cut])
+    assert isinstance(outputs[1], ContextLengthExceeded) and outputs[1].errors[0]["loc"] == ["body", "input", 1]
+    for output, request in ((outputs[0], TextRequest(["a dog"])), (outputs[2], cut)):
+        alone = embedder.predict_batch([request])[0]
+        assert isinstance(output, TextOutput) and isinstance(alone, TextOutput)
+        assert output.tokens == alone.tokens
+        np.testing.assert_allclose(output.values, alone.values, atol=1e-5)
+    expected = embedder.tokenizer([too_long], truncation=True, max_length=32)["input_ids"][0]
+    assert outputs[2].tokens == len(expected) + len(embedder.tokenizer("a cat")["input_ids"])
 
 
 def greedy_reference(predictor: TextPredictor, prompt: str, max_tokens: int) -> str:
