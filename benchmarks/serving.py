@@ -425,7 +425,8 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     from transformers import AutoModel, AutoTokenizer
 
     from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
-    from app.serving.predictor import TextPredictor, TextRequest
+    from app.serving.predictor import TextPredictor
+    from benchmarks.gpu_serving import bare_forward_ms
 
     torch.set_num_threads(1)
     teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
@@ -450,16 +451,6 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
         predictor = TextPredictor(model_id, directory, "", {"task": "embedding", "serving_variant": variant})
         assert predictor.variant == variant, f"the {variant} variant cannot be built here; {predictor.variant} instead"
 
-        def bare_forward_ms() -> float:
-            for text in texts[:20]:
-                predictor.predict_batch([TextRequest([text])])
-            times = []
-            for text in texts:
-                started = time.perf_counter()
-                predictor.predict_batch([TextRequest([text])])
-                times.append(time.perf_counter() - started)
-            return statistics.median(times) * 1000
-
         script = lua_script(data_dir, bodies)
         with (
             distillery_api(url, data_dir) as on_base,
@@ -475,7 +466,7 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
                         "on 32": wrk(on, 32, seconds, script),
                         "off 32": wrk(off, 32, seconds, script),
                         "on 1": wrk(on, 1, seconds, script),
-                        "bare": bare_forward_ms(),
+                        "bare": bare_forward_ms(predictor, texts),
                     }
                 )
     for result in measured:

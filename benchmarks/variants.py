@@ -13,7 +13,6 @@ real sentences of 16–64 tokens, padded as the serving tokenizer pads a batch.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from app.distill.text.data import TokenizedExamples
 from app.distill.variants import VARIANT_NAMES, Probe, measure_variants, servable, text_probe
+from benchmarks.foundation import machine
 from benchmarks.gpu_serving import build_embedder
 
 
@@ -33,16 +33,6 @@ def probe_of(directory: Path, texts: list[str]) -> Probe:
     probe = text_probe(TokenizedExamples(batch["input_ids"], batch["attention_mask"]))
     assert probe is not None
     return probe
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -62,10 +52,7 @@ def main() -> None:
             made = servable(model, "embedding")
             assert made is not None
             results.append(measure_variants(made, probe, names=VARIANT_NAMES, repeats=30))
-    print(
-        f"MiniLM-derived 2-layer embedder, {cpu_name()}, {args.threads} torch thread(s), torch {torch.__version__}; "
-        "latency medians in ms"
-    )
+    print(f"MiniLM-derived 2-layer embedder; {machine()}; {args.threads} torch thread(s); latency medians in ms")
     for index, result in enumerate(results, 1):
         print()
         print(f"Round {index}: a job would serve `{result['serving_variant']}`")
