@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
 
@@ -42,6 +43,8 @@ class Predictor(Protocol):
     memory_bytes: int
     device: torch.device
 
+    def prepare(self, payload: Any) -> Any: ...
+
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]: ...
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
@@ -61,9 +64,13 @@ def module_bytes(model: nn.Module) -> int:
 
 # --- grouping texts by length -------------------------------------------------------------------------------------
 
-#: the fixed cost of one forward, in tokens of compute (measured on a 2-layer MiniLM on a CPU: ~1.5 ms per call
-#: against ~0.1 ms per token): what splitting a batch in two must save in padding to be worth it
+#: the fixed cost of one forward, in tokens of compute, until a loaded model has measured its own
+#: (``TextPredictor.calibrate_groups``): ~1.5 ms per call against ~0.1 ms per token for an eager 2-layer MiniLM on a CPU
 FORWARD_OVERHEAD_TOKENS = 16
+#: calibration shapes: one short row, then a batch of rows of one length
+CALIBRATION_SHORT = 8
+CALIBRATION_ROWS, CALIBRATION_LENGTH = 16, 32
+MAX_OVERHEAD_TOKENS = 4096
 
 
 def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
@@ -165,6 +172,9 @@ class StudentPredictor:
         if errors:
             raise InputShapeError(f"inputs must be rows of {self.input_dim} values", errors[:20], "inputs")
 
+    def prepare(self, payload: Any) -> Any:
+        return payload
+
     def rows_from_json(self, inputs: Sequence[Any]) -> np.ndarray:
         """Rows of numbers (already parsed from JSON) as a float32 [N, input_dim] array."""
         if not all(isinstance(row, list) for row in inputs):
@@ -247,6 +257,8 @@ class TextRequest:
 
     texts: list[str]
     truncate: bool = True
+    # the texts' token ids when the request was tokenized before it queued (``TextPredictor.prepare``)
+    ids: list[list[int]] | None = None
 
 
 @dataclass
@@ -332,6 +344,8 @@ class TextPredictor:
         self.max_length = min(positions, tokenizer_limit) if 0 < tokenizer_limit < 1_000_000 else positions
         self.hidden_size = int(getattr(self.model.config, "hidden_size", 0) or 0)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
+        self.group_overhead_tokens = FORWARD_OVERHEAD_TOKENS  # measured by warmup (calibrate_groups)
         self.warmup()
 
     def warmup(self) -> None:
@@ -340,35 +354,90 @@ class TextPredictor:
                 self.model(**self.tokenizer(["warm up"], return_tensors="pt").to(self.device))
         else:
             self.predict_batch([TextRequest(["warm up"])])
+            self.group_overhead_tokens = self.calibrate_groups()
+
+    @torch.inference_mode()
+    def calibrate_groups(self, repeats: int = 5) -> int:
+        """The fixed cost of one forward of this model and variant on this device, in tokens of compute: what
+        splitting a batch into length groups must save in padding to pay for a forward more. Fitted at load from
+        two timed shapes (one short row; a batch of equal-length rows), cost = fixed + per-token × rows × length.
+        It differs a lot between variants: measured on a 2-layer MiniLM on one CPU core, ~16 tokens eager, ~90 as
+        ``torchscript_bf16`` (AMX multiplies the per-token rate, not the per-call cost), and far more on a GPU."""
+        filler = list(self.tokenizer("warm up")["input_ids"])
+        if len(filler) < 2:
+            return FORWARD_OVERHEAD_TOKENS
+        length = min(CALIBRATION_LENGTH, self.max_length)
+        short = min(CALIBRATION_SHORT, length)
+
+        def row(n: int) -> list[int]:
+            return [filler[0], *([filler[1]] * (n - 2)), filler[-1]]
+
+        def seconds(rows: list[list[int]]) -> float:
+            ids, mask = self._pad(rows)
+            self._forward(ids, mask)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self._forward(ids, mask)
+                times.append(time.perf_counter() - started)
+            return sorted(times)[len(times) // 2]
+
+        one = seconds([row(short)])
+        many = seconds([row(length)] * CALIBRATION_ROWS)
+        per_token = (many - one) / (CALIBRATION_ROWS * length - short)
+        if per_token <= 0:  # a batch no slower than one row (a GPU, or noise): never split
+            return MAX_OVERHEAD_TOKENS
+        return int(min(MAX_OVERHEAD_TOKENS, max(0.0, one / per_token - short)))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
     # --- embeddings and classification: one padded forward per batch ---
 
+    def prepare(self, payload: Any) -> Any:
+        """On the event loop, before the request queues: an embedding or classification request is tokenized here,
+        so that the inference thread (what limits throughput under load) only pads and runs the model, while the
+        event loop, on another core, tokenizes the next requests. A request that must not be truncated and holds a
+        text over the context length fails here (ContextLengthExceeded), without queueing. A request whose texts
+        need truncating is left to the inference thread (rare). Uses a tokenizer of its own: a transformers
+        tokenizer's Rust state is not safe to share between the event loop and the inference thread."""
+        if self._loop_tokenizer is None or not isinstance(payload, TextRequest) or payload.ids is not None:
+            return payload
+        ids = [encoding.ids for encoding in self._loop_tokenizer.encode_batch(payload.texts)]
+        over = [i for i, row in enumerate(ids) if len(row) > self.max_length]
+        if over and not payload.truncate:
+            raise self._too_long(over[0], len(ids[over[0]]))
+        return payload if over else replace(payload, ids=ids)
+
+    def _too_long(self, index: int, tokens: int) -> ContextLengthExceeded:
+        return ContextLengthExceeded(
+            f"input {index} has {tokens} tokens; this model's maximum context length is {self.max_length} tokens",
+            [{"loc": ["body", "input", index], "msg": f"{tokens} tokens > {self.max_length}"}],
+            "input",
+        )
+
     def _tokenize(self, requests: Sequence[TextRequest]) -> tuple[list[list[int]], dict[int, Exception]]:
         """The token ids of every text of the requests that can be served, in order, and the requests (by index)
-        that cannot: one that must not be truncated and holds a text over the context length. One tokenizer call
-        for the whole batch, without truncation so that an over-long text is seen; the over-long texts of requests
-        that may be truncated (rare) are tokenized again with truncation."""
-        texts = [text for request in requests for text in request.texts]
-        if not texts:
+        that cannot: one that must not be truncated and holds a text over the context length. Requests tokenized
+        by ``prepare`` bring their ids; the others' texts go through one tokenizer call for the whole batch,
+        without truncation so that an over-long text is seen; the over-long texts of requests that may be
+        truncated are tokenized again with truncation."""
+        texts = [text for request in requests if request.ids is None for text in request.texts]
+        if not any(request.texts for request in requests):
             return [], {}
-        ids: list[list[int]] = self.tokenizer(texts, truncation=False)["input_ids"]
+        ids: list[list[int]] = self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
         kept: list[list[int]] = []
         failures: dict[int, Exception] = {}
         start = 0
         for index, request in enumerate(requests):
+            if request.ids is not None:
+                kept.extend(request.ids)
+                continue
             rows = ids[start : start + len(request.texts)]
             start += len(request.texts)
             over = [i for i, row in enumerate(rows) if len(row) > self.max_length]
             if over and not request.truncate:
-                i, n = over[0], len(rows[over[0]])
-                failures[index] = ContextLengthExceeded(
-                    f"input {i} has {n} tokens; this model's maximum context length is {self.max_length} tokens",
-                    [{"loc": ["body", "input", i], "msg": f"{n} tokens > {self.max_length}"}],
-                    "input",
-                )
+                failures[index] = self._too_long(over[0], len(rows[over[0]]))
                 continue
             if over:
                 again = self.tokenizer([request.texts[i] for i in over], truncation=True, max_length=self.max_length)
@@ -405,19 +474,35 @@ class TextPredictor:
         """One forward per group of similar lengths (``length_groups``): a batch padded to its longest text costs
         compute on every pad token, which on a CPU is most of it for mixed lengths."""
         rows: np.ndarray | None = None
-        for group in length_groups(lengths, FORWARD_OVERHEAD_TOKENS):
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt")
-            values = self._forward(batch).numpy()
+        for group in length_groups(lengths, self.group_overhead_tokens):
+            values = self._forward(*self._pad([ids[i] for i in group])).numpy()
             if rows is None:
                 rows = np.empty((len(ids), values.shape[1]), dtype=values.dtype)
             rows[group] = values
         assert rows is not None
         return rows
 
-    def _forward(self, batch: Any) -> torch.Tensor:
-        """Embeddings (unit vectors) or class probabilities of a tokenized batch, through the serving variant."""
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of ``rows`` padded to the longest, on the tokenizer's padding side (what
+        ``tokenizer.pad`` returns, at a fraction of its cost: it runs in the inference thread, per batch)."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:  # the tokenizer's own error says what is missing
+            batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+            return batch["input_ids"], batch["attention_mask"]
+        longest = max(len(row) for row in rows)
+        ids = np.full((len(rows), longest), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for i, row in enumerate(rows):
+            span = slice(longest - len(row), longest) if left else slice(0, len(row))
+            ids[i, span] = row
+            mask[i, span] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings (unit vectors) or class probabilities of a padded batch, through the serving variant."""
         assert self.forward is not None
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         output = self.forward(ids, mask).float()
         return (output if self.task == "embedding" else torch.softmax(output, dim=-1)).cpu()
 
@@ -594,6 +679,20 @@ class TextPredictor:
         if isinstance(output, Exception):
             raise output
         return text_document(self, output)
+
+
+def own_backend(tokenizer: Any) -> Any:
+    """An independent copy of a fast tokenizer's Rust tokenizer, without truncation or padding (what
+    ``tokenizer(texts)`` computes, special tokens included); None for a slow (Python) tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 def text_document(predictor: TextPredictor, output: Any) -> dict[str, Any]:

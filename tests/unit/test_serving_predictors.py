@@ -3,6 +3,7 @@ streaming and chat templates behave; the cache keeps to its byte budget."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.serving.predictor import (
+    MAX_OVERHEAD_TOKENS,
     ContextLengthExceeded,
     GenerationRequest,
     InputShapeError,
@@ -104,6 +106,61 @@ def test_an_over_length_text_fails_only_its_request_unless_truncated(embedder: T
         np.testing.assert_allclose(output.values, alone.values, atol=1e-5)
     expected = embedder.tokenizer([too_long], truncation=True, max_length=32)["input_ids"][0]
     assert outputs[2].tokens == len(expected) + len(embedder.tokenizer("a cat")["input_ids"])
+
+
+def test_prepare_tokenizes_before_queueing_as_the_batch_would(embedder: TextPredictor) -> None:
+    """``prepare`` runs on the event loop with a tokenizer of its own: the same ids as the model's tokenizer (after
+    that one was left with truncation on), over-long non-truncating requests fail at once, over-long truncating ones
+    are left to the inference thread; prepared and unprepared requests answer alike, alone or mixed in one batch."""
+    too_long = " ".join(["word"] * 100)
+    embedder.tokenizer(["x " * 80], truncation=True, max_length=8)  # leaves truncation state on the shared backend
+    texts = ["a cat", "héllo wörld ✓", "", "a much longer sentence about dogs"]
+    prepared = embedder.prepare(TextRequest(texts))
+    assert prepared.ids == embedder.tokenizer(texts, truncation=False)["input_ids"]
+    with pytest.raises(ContextLengthExceeded) as error:
+        embedder.prepare(TextRequest(["fine", too_long], truncate=False))
+    assert error.value.errors[0]["loc"] == ["body", "input", 1]
+    assert embedder.prepare(TextRequest([too_long], truncate=True)).ids is None
+    plain = TextRequest(["a dog", "two dogs"])
+    together = embedder.predict_batch([prepared, plain, embedder.prepare(TextRequest([too_long]))])
+    alone = embedder.predict_batch([TextRequest(texts)])[0]
+    assert isinstance(together[0], TextOutput) and isinstance(alone, TextOutput)
+    assert together[0].tokens == alone.tokens
+    np.testing.assert_allclose(together[0].values, alone.values, atol=1e-5)
+    assert isinstance(together[2], TextOutput) and together[2].tokens == 32
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_matches_the_tokenizer(embedder: TextPredictor, side: str) -> None:
+    rows = embedder.tokenizer(["a", "a much longer sentence", "two words"])["input_ids"]
+    previous = embedder.tokenizer.padding_side
+    embedder.tokenizer.padding_side = side
+    try:
+        ids, mask = embedder._pad(rows)
+        expected = embedder.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    finally:
+        embedder.tokenizer.padding_side = previous
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+
+
+def test_calibrate_groups_finds_the_fixed_cost_of_a_forward(
+    embedder: TextPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a forward costing ``fixed + per_token × rows × length`` the calibration returns fixed / per_token (in
+    tokens); a forward whose cost does not grow with the batch is never split."""
+    fixed, per_token = 0.004, 0.00005  # 80 tokens
+
+    def timed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        deadline = time.perf_counter() + fixed + per_token * ids.numel()
+        while time.perf_counter() < deadline:
+            pass
+        return torch.zeros(ids.shape[0], 4)
+
+    monkeypatch.setattr(embedder, "_forward", timed)
+    assert 70 <= embedder.calibrate_groups(repeats=3) <= 90
+    per_token = 0.0  # a GPU-like forward: the batch costs what one row costs
+    assert embedder.calibrate_groups(repeats=3) == MAX_OVERHEAD_TOKENS
+    assert embedder.group_overhead_tokens > 0  # measured at load
 
 
 def greedy_reference(predictor: TextPredictor, prompt: str, max_tokens: int) -> str:
