@@ -695,21 +695,24 @@ def own_backend(tokenizer: Any) -> Any:
     return copy
 
 
-def text_document(predictor: TextPredictor, output: Any) -> dict[str, Any]:
-    """The native protocol's response for a text model's output."""
+def text_document(predictor: TextPredictor, output: Any, arrays: bool = False) -> dict[str, Any]:
+    """The native protocol's response for a text model's output. ``arrays``: embeddings and probabilities stay
+    float32 numpy arrays (for ``orjson.OPT_SERIALIZE_NUMPY``: each value written as its shortest float32 text, half
+    the bytes of the float64 text of ``tolist()``, at half the cost)."""
     if predictor.task == "causal_lm":
         completions = cast(list[Completion], output)
         return {"object": "completion", "model_id": predictor.model_id, "completions": [c.text for c in completions]}
     output = cast(TextOutput, output)
+    values = output.values if arrays else output.values.tolist()
     if predictor.task == "embedding":
-        return {"object": "embeddings", "model_id": predictor.model_id, "embeddings": output.values.tolist()}
+        return {"object": "embeddings", "model_id": predictor.model_id, "embeddings": values}
     classes = output.values.argmax(axis=-1).tolist()
     return {
         "object": "prediction",
         "model_id": predictor.model_id,
         "classes": classes,
         "labels": class_labels(predictor.label_names, classes),
-        "probabilities": output.values.tolist(),
+        "probabilities": values,
     }
 
 

@@ -54,7 +54,8 @@ def encode_prediction(model_id: str, label_names: list[str], probabilities: Any)
 
 
 def encode_text(predictor: TextPredictor, output: Any) -> bytes:
-    return orjson.dumps(text_document(predictor, output))
+    """Runs in the inference thread, like ``encode_prediction``."""
+    return orjson.dumps(text_document(predictor, output, arrays=True), option=NUMPY_JSON)
 
 
 @native_router.post(
