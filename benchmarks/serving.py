@@ -140,7 +140,7 @@ def register(url: str, data_dir: Path, save: Callable[[Path], Any], name: str) -
 
 @contextmanager
 def distillery_api(url: str, data_dir: Path, **settings: str) -> Iterator[str]:
-    env = service_environment(url, data_dir, torch_threads="1", inference_torch_threads="1", **settings)
+    env = service_environment(url, data_dir, **{"torch_threads": "1", "inference_torch_threads": "1", **settings})
     port = free_port()
     log = data_dir / f"api-{port}.log"
     process = ServiceProcess(["serve", "--port", str(port)], env, log).start()

@@ -360,9 +360,10 @@ class TextPredictor:
     def calibrate_groups(self, repeats: int = 5) -> int:
         """The fixed cost of one forward of this model and variant on this device, in tokens of compute: what
         splitting a batch into length groups must save in padding to pay for a forward more. Fitted at load from
-        two timed shapes (one short row; a batch of equal-length rows), cost = fixed + per-token × rows × length.
-        It differs a lot between variants: measured on a 2-layer MiniLM on one CPU core, ~16 tokens eager, ~90 as
-        ``torchscript_bf16`` (AMX multiplies the per-token rate, not the per-call cost), and far more on a GPU."""
+        two timed shapes (one short row; a batch of equal-length rows; the least of ``repeats`` runs of each),
+        cost = fixed + per-token × rows × length. It differs a lot between variants: on one core of an Intel Xeon
+        with AMX, for the 2-layer MiniLM, ~45 tokens eager and ~110 as ``torchscript_bf16`` (AMX multiplies the
+        per-token rate, not the per-call cost). Where a batch costs no more than one row, it never splits."""
         filler = list(self.tokenizer("warm up")["input_ids"])
         if len(filler) < 2:
             return FORWARD_OVERHEAD_TOKENS
@@ -380,7 +381,7 @@ class TextPredictor:
                 started = time.perf_counter()
                 self._forward(ids, mask)
                 times.append(time.perf_counter() - started)
-            return sorted(times)[len(times) // 2]
+            return min(times)  # the work is the same each time: anything above the least is interference
 
         one = seconds([row(short)])
         many = seconds([row(length)] * CALIBRATION_ROWS)
@@ -403,7 +404,10 @@ class TextPredictor:
         tokenizer's Rust state is not safe to share between the event loop and the inference thread."""
         if self._loop_tokenizer is None or not isinstance(payload, TextRequest) or payload.ids is not None:
             return payload
-        ids = [encoding.ids for encoding in self._loop_tokenizer.encode_batch(payload.texts)]
+        # one text at a time: encode_batch would hand the texts to the tokenizers library's thread pool, whose
+        # threads spin for work on the core the inference thread needs
+        encode = self._loop_tokenizer.encode
+        ids = [encode(text).ids for text in payload.texts]
         over = [i for i, row in enumerate(ids) if len(row) > self.max_length]
         if over and not payload.truncate:
             raise self._too_long(over[0], len(ids[over[0]]))

@@ -282,7 +282,14 @@ class InferenceService:
         served = self._serve(record, predictor, seconds)
         served.inline = inline
         self.cache.put(key, served)
-        log.info("loaded %s (%s, %.0f ms)", key, record.task, seconds * 1000)
+        grouping = getattr(predictor, "group_overhead_tokens", None)
+        log.info(
+            "loaded %s (%s, %.0f ms%s)",
+            key,
+            record.task,
+            seconds * 1000,
+            "" if grouping is None else f"; a forward's fixed cost ≈ {grouping} tokens",
+        )
         return served
 
     def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor, bool]:
