@@ -267,6 +267,32 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workers(settings: Settings, _args: argparse.Namespace) -> int:
+    """The workers of this database as their reconcilers last recorded themselves: queue, whether each takes GPU
+    jobs, when it was last seen and whether that is recent enough to count as alive (what a cuda job waits for)."""
+    from app.db import jobs_repository
+    from app.db.engine import Database
+
+    alive_within_s = max(3 * settings.reconcile_interval_s, 30.0)  # the reconciler's own rule for a GPU worker
+    database = Database.from_url(settings.resolved_database_url, pool_size=1)
+    try:
+        with database.read() as conn:
+            rows = jobs_repository.list_workers(conn)
+    finally:
+        database.dispose()
+    if not rows:
+        print("no worker has recorded itself yet")
+        return 0
+    now = jobs_repository.utcnow()
+    for row in rows:
+        seen = row["seen_at"] if row["seen_at"].tzinfo else row["seen_at"].replace(tzinfo=now.tzinfo)
+        age = (now - seen).total_seconds()
+        state = "alive" if age <= alive_within_s else "gone"
+        jobs = "cpu+gpu jobs" if row["gpu_jobs"] else "cpu jobs"
+        print(f"{row['name']}  queue={row['queue']}  {jobs}  last seen {age:.0f} s ago  {state}")
+    return 0
+
+
 def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
     raw = args.inputs if args.inputs is not None else sys.stdin.read()
     inputs = json.loads(raw)
@@ -364,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     key_commands.add_parser("generate", help="print a new random key, e.g. for DISTILLERY_BOOTSTRAP_API_KEY")
     keys.set_defaults(handler=cmd_keys)
+
+    commands.add_parser(
+        "workers", help="list workers: queue, GPU jobs or not, last seen, alive (admin: talks to the database)"
+    ).set_defaults(handler=cmd_workers)
 
     predict = commands.add_parser("predict", help="predict with a model; inputs as JSON rows (or on stdin)")
     predict.add_argument("model_id")

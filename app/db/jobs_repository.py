@@ -344,6 +344,12 @@ def worker_seen(conn: Connection, name: str, *, queue: str, gpu_jobs: bool, forg
     conn.execute(workers.delete().where(workers.c.seen_at < now - dt.timedelta(seconds=forget_after_s)))
 
 
+def list_workers(conn: Connection) -> list[dict[str, Any]]:
+    """Every worker remembered (queue, whether it takes GPU jobs, when it was last seen), by queue then name."""
+    query = sa.select(workers).order_by(workers.c.queue, workers.c.name)
+    return [dict(row._mapping) for row in conn.execute(query)]
+
+
 def gpu_worker_seen(conn: Connection, *, queue: str, within_s: float) -> bool:
     cutoff = utcnow() - dt.timedelta(seconds=within_s)
     query = (

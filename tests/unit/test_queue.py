@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 from pathlib import Path
 
+import pytest
+
+from app.cli import cmd_workers
 from app.db import jobs_repository
 from app.db.engine import Database
 from app.db.migrate import upgrade
@@ -59,3 +64,29 @@ def test_the_queries_behind_waiting_for_a_gpu_worker_on_the_embedded_database(tm
             assert not jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
     finally:
         database.dispose()
+
+
+def test_distillery_workers_lists_each_worker_and_whether_it_is_alive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.db.tables import workers
+    from app.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = Settings(database_url=url, reconcile_interval_s=5)
+    assert cmd_workers(settings, argparse.Namespace()) == 0
+    assert "no worker has recorded itself yet" in capsys.readouterr().out
+    database = Database.from_url(url)
+    try:
+        with database.transaction() as conn:
+            jobs_repository.worker_seen(conn, "gpu-1", queue="q", gpu_jobs=True)
+            jobs_repository.worker_seen(conn, "cpu-1", queue="q", gpu_jobs=False)
+            an_hour_ago = jobs_repository.utcnow() - dt.timedelta(hours=1)
+            conn.execute(workers.update().where(workers.c.name == "cpu-1").values(seen_at=an_hour_ago))
+    finally:
+        database.dispose()
+    assert cmd_workers(settings, argparse.Namespace()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu-1  queue=q  cpu jobs  last seen 3600 s ago") and lines[0].endswith("gone")
+    assert lines[1].startswith("gpu-1  queue=q  cpu+gpu jobs  last seen 0 s ago") and lines[1].endswith("alive")
