@@ -71,6 +71,10 @@ FORWARD_OVERHEAD_TOKENS = 16
 CALIBRATION_SHORT = 8
 CALIBRATION_ROWS, CALIBRATION_LENGTH = 16, 32
 MAX_OVERHEAD_TOKENS = 4096
+#: the most characters a request may hold to be tokenized on the event loop (``TextPredictor.prepare``): the
+#: all-MiniLM tokenizer took ~20 µs for a 16–64-token sentence and 1.1 ms for 4,096 characters (899 tokens), so this
+#: holds the loop for at most ~0.3 ms
+PREPARE_MAX_CHARS = 1024
 
 
 def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
@@ -400,9 +404,13 @@ class TextPredictor:
         so that the inference thread (what limits throughput under load) only pads and runs the model, while the
         event loop, on another core, tokenizes the next requests. A request that must not be truncated and holds a
         text over the context length fails here (ContextLengthExceeded), without queueing. A request whose texts
-        need truncating is left to the inference thread (rare). Uses a tokenizer of its own: a transformers
-        tokenizer's Rust state is not safe to share between the event loop and the inference thread."""
+        need truncating is left to the inference thread (rare), and so is a request of more than
+        ``PREPARE_MAX_CHARS`` characters (tokenizing it would hold the event loop from every other request). Uses a
+        tokenizer of its own: a transformers tokenizer's Rust state is not safe to share between the event loop
+        and the inference thread."""
         if self._loop_tokenizer is None or not isinstance(payload, TextRequest) or payload.ids is not None:
+            return payload
+        if sum(len(text) for text in payload.texts) > PREPARE_MAX_CHARS:
             return payload
         # one text at a time: encode_batch would hand the texts to the tokenizers library's thread pool, whose
         # threads spin for work on the core the inference thread needs

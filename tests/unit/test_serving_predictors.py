@@ -18,6 +18,7 @@ from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
+    PREPARE_MAX_CHARS,
     ContextLengthExceeded,
     GenerationRequest,
     InputShapeError,
@@ -121,6 +122,7 @@ def test_prepare_tokenizes_before_queueing_as_the_batch_would(embedder: TextPred
         embedder.prepare(TextRequest(["fine", too_long], truncate=False))
     assert error.value.errors[0]["loc"] == ["body", "input", 1]
     assert embedder.prepare(TextRequest([too_long], truncate=True)).ids is None
+    assert embedder.prepare(TextRequest(["a" * (PREPARE_MAX_CHARS + 1)], truncate=True)).ids is None  # the thread's
     plain = TextRequest(["a dog", "two dogs"])
     together = embedder.predict_batch([prepared, plain, embedder.prepare(TextRequest([too_long]))])
     alone = embedder.predict_batch([TextRequest(texts)])[0]
