@@ -161,9 +161,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     if settings.enable_inference_api:
-        from app.serving.fastpath import NativePredictFastPath
+        from app.serving.fastpath import InferenceFastPath
 
-        app.add_middleware(NativePredictFastPath)
+        app.add_middleware(InferenceFastPath)
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(
         BodySizeLimit,

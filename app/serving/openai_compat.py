@@ -25,6 +25,7 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
 
 from app.deps import DatabaseDep, TenantDep
 from app.http import json_response
@@ -54,6 +55,19 @@ def openai_error_document(error: ProtocolError) -> dict[str, Any]:
     if code == "invalid_request" and "context length" in error.message:
         code = "context_length_exceeded"
     return {"error": {"message": error.message, "type": error_type, "param": error.param, "code": code}}
+
+
+async def send_openai_error(send: Send, exc: Exception) -> None:
+    """``render_openai_error(protocol_error(exc))`` in plain ASGI (the fast path's errors)."""
+    error = protocol_error(exc)
+    body = orjson.dumps(openai_error_document(error))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def render_openai_error(error: ProtocolError) -> Response:
@@ -481,6 +495,12 @@ def encode_embeddings(model_id: str, encoding_format: str, output: TextOutput) -
 
 async def embeddings(body: EmbeddingRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
     served = await inference.get(tenant, body.model)
+    return Response(await run_embeddings(inference, served, body), media_type="application/json")
+
+
+async def run_embeddings(inference: InferenceService, served: ServedModel, body: EmbeddingRequest) -> bytes:
+    """One embeddings request on a loaded model: the JSON response body. Shared by the route above and the ASGI
+    fast path (app/serving/fastpath.py)."""
     predictor = require_task(served, "embedding", "/v1/embeddings")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not all(isinstance(text, str) for text in texts):
@@ -491,8 +511,10 @@ async def embeddings(body: EmbeddingRequest, inference: InferenceDep, tenant: Te
             "dimensions",
         )
     encode = partial(encode_embeddings, served.model_id, body.encoding_format)
-    encoded = await inference.infer(served, TextRequest([str(t) for t in texts], truncate=False), len(texts), encode)
-    return Response(encoded, media_type="application/json")
+    encoded: bytes = await inference.infer(
+        served, TextRequest([str(t) for t in texts], truncate=False), len(texts), encode
+    )
+    return encoded
 
 
 MAX_LISTED = 1000

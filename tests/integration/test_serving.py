@@ -198,20 +198,25 @@ def test_the_fast_path_answers_as_the_route_does(client: httpx.Client, tabular: 
             out.append((response.status_code, response.headers["content-type"], response.json()))
         return out
 
-    def counted() -> float:
-        return metric(client, "distillery_http_requests_total", route="/v1/models/{model_id}/predict")
+    def counted() -> tuple[float, float]:
+        return (
+            metric(client, "distillery_http_requests_total", route="/v1/models/{model_id}/predict"),
+            metric(client, "distillery_http_requests_total", route="unmatched"),
+        )
 
     assert client.post(f"/v1/models/{tabular}/unload").status_code == 200
     before = counted()
-    by_route = [answers()[0]]  # the first request loads the model through the route
-    for body in requests[1:]:  # the others would be fast now: unload before each
+    by_route = []
+    for body in requests:  # unloaded before each: the route loads the model and answers
         client.post(f"/v1/models/{tabular}/unload")
         response = client.post(url, json=body)
         by_route.append((response.status_code, response.headers["content-type"], response.json()))
+    client.post(url, json=requests[0])  # loaded again (the last request failed validation before loading)
     fast = answers()
     assert [status for status, _, _ in fast] == [200, 422, 422]
     assert fast == by_route
-    assert counted() - before == 2 * len(requests)
+    after = counted()  # every request under the route's template, the fast path's too (none "unmatched")
+    assert (after[0] - before[0], after[1] - before[1]) == (2 * len(requests) + 1, 0)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted while the fast path reads
         yield b'{"inputs": [['
@@ -597,6 +602,55 @@ def test_openai_embeddings(client: httpx.Client, text_models: dict[str, str]) ->
     plain = client.post("/v1/embeddings", json={"model": text_models["plain"], "input": "x"})
     assert_openai_error(plain, 400, "model")
     assert client.post("/v1/embeddings", json={"model": model, "input": "still fine"}).status_code == 200
+
+
+def test_the_embeddings_fast_path_answers_as_the_route_does(client: httpx.Client, text_models: dict[str, str]) -> None:
+    """OpenAI embeddings on a loaded model are answered by the ASGI fast path, on a model to load by the FastAPI route
+    (the same split as native predict): the same requests get the same answers, errors in OpenAI's shape included,
+    and both count under the route's template."""
+    model = text_models["embedder"]
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/embeddings", {"model": model, "input": ["a cat", "a dog"]}),  # fine
+        ("/openai/v1/embeddings", {"model": model, "input": "a cat", "encoding_format": "base64"}),  # fine
+        ("/v1/embeddings", {"model": model, "input": ["fine", "word " * 100]}),  # too long: found in prepare
+        ("/v1/embeddings", {"model": model, "input": "x", "dimensions": 8}),  # found after the body validated
+        ("/v1/embeddings", {"model": model, "input": [1, 2]}),  # token arrays: found after the body validated
+        ("/v1/embeddings", {"model": model, "input": "x", "extra": 1}),  # fails validation: handed to the route
+    ]
+
+    def answer(path: str, body: dict[str, Any]) -> tuple[int, str, Any]:
+        response = client.post(path, json=body)
+        return response.status_code, response.headers["content-type"], response.json()
+
+    def counted() -> tuple[float, float]:
+        return (
+            metric(client, "distillery_http_requests_total", route="/v1/embeddings")
+            + metric(client, "distillery_http_requests_total", route="/openai/v1/embeddings"),
+            metric(client, "distillery_http_requests_total", route="unmatched"),
+        )
+
+    before = counted()
+    by_route = []
+    for path, body in requests:  # unloaded before each: the route loads the model and answers
+        assert client.post(f"/v1/models/{model}/unload").status_code == 200
+        by_route.append(answer(path, body))
+    assert client.post(f"/v1/models/{model}/load").status_code == 200  # the last request did not load it
+    fast = [answer(path, body) for path, body in requests]  # the fast path answers
+    assert [status for status, _, _ in fast] == [200, 200, 400, 400, 400, 400]
+    assert fast[2][2]["error"]["code"] == "context_length_exceeded"
+
+    def rounded(answers: list[tuple[int, str, Any]]) -> list[Any]:  # floats as text may differ in the last digit
+        out = []
+        for status, kind, document in answers:
+            if status == 200 and isinstance(document["data"][0]["embedding"], list):
+                for item in document["data"]:
+                    item["embedding"] = [round(v, 5) for v in item["embedding"]]
+            out.append((status, kind, document))
+        return out
+
+    assert rounded(fast) == rounded(by_route)
+    after = counted()  # every request under its route's template, the fast path's too (none "unmatched")
+    assert (after[0] - before[0], after[1] - before[1]) == (2 * len(requests), 0)
 
 
 def test_openai_model_list_is_under_its_own_prefix(
