@@ -1,6 +1,7 @@
-"""The hot paths of inference as plain ASGI: ``POST /v1/models/{ref}/predict`` (native) and ``POST
-/v1/embeddings`` (OpenAI, also under ``/openai/v1``) for a model that is already loaded, answered without FastAPI's
-routing, dependency resolution and response machinery.
+"""The hot paths of inference as plain ASGI: ``POST /v1/models/{ref}/predict`` (native), ``POST
+/v2/models/{name}/infer`` (KServe v2, JSON or binary tensors) and ``POST /v1/embeddings`` (OpenAI, also under
+``/openai/v1``) for a model that is already loaded, answered without FastAPI's routing, dependency resolution and
+response machinery.
 
 Measured on the MLP student (docs/serving.md): FastAPI's per-request machinery cost more than reading the body,
 validating it, batching, the forward and encoding together; on the 2-layer MiniLM embedder, OpenAI embeddings
@@ -11,8 +12,8 @@ the model loaded (``ready``: no database read, no load, no alias check due) and 
 (an unknown model, a model to load, an invalid body, an unverified key) goes on to the FastAPI route with the body it
 has read, so every error is rendered by the same code as before, in the protocol's shape. Errors that arise after it
 took the request (queue full, timeout, inputs that do not fit the model, a body over the size limit) are
-``ServiceError``s, rendered here as the route renders them: problem+json for native predict, OpenAI's
-``{"error": {...}}`` for embeddings.
+``ServiceError``s, rendered here as the route renders them: problem+json for native predict, KServe's
+``{"error": "..."}`` for infer, OpenAI's ``{"error": {...}}`` for embeddings.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ PREFIX = "/v1/models/"
 SUFFIX = "/predict"
 ROUTE_PATH = PREFIX + "{model_id}" + SUFFIX
 EMBEDDINGS_PATHS = frozenset({"/v1/embeddings", "/openai/v1/embeddings"})
+KSERVE_PREFIX = "/v2/models/"
+KSERVE_SUFFIX = "/infer"
 MAX_REFERENCE = 256  # the route's ModelRef limit
-JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class RouteTemplate:
@@ -47,6 +49,7 @@ class RouteTemplate:
 
 
 PREDICT_ROUTE = RouteTemplate(ROUTE_PATH)
+KSERVE_ROUTE = RouteTemplate(KSERVE_PREFIX + "{model_name}" + KSERVE_SUFFIX)
 EMBEDDINGS_ROUTES = {path: RouteTemplate(path) for path in EMBEDDINGS_PATHS}
 
 
@@ -57,7 +60,10 @@ class InferenceFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reference = predict_reference(scope)
         if reference is None:
-            if is_embeddings(scope):
+            model_name = path_reference(scope, KSERVE_PREFIX, KSERVE_SUFFIX)
+            if model_name is not None:
+                await self._kserve(scope, receive, send, model_name)
+            elif is_embeddings(scope):
                 await self._embeddings(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -78,6 +84,7 @@ class InferenceFastPath:
     async def _predict(self, scope: Scope, receive: Receive, send: Send, inference: Any, served: Any) -> None:
         from app.serving.router import run_predict
 
+        scope["route"] = PREDICT_ROUTE  # what the request metrics label it with (the route sets its own if handed on)
         try:
             raw = await read_body(receive)
             if raw is None:  # the client went away
@@ -87,7 +94,6 @@ class InferenceFastPath:
             except ValidationError:
                 await self.app(scope, replay(raw, receive), send)  # the route renders the errors with their paths
                 return
-            scope["route"] = PREDICT_ROUTE  # what the request metrics label the request with
             encoded = await run_predict(inference, served, body)
         except ServiceError as exc:  # a body over the limit, queue full, timeout, inputs that do not fit the model
             await send_problem(send, scope["path"], exc)
@@ -103,6 +109,7 @@ class InferenceFastPath:
         if inference is None or tenant is None:
             await self.app(scope, receive, send)
             return
+        scope["route"] = EMBEDDINGS_ROUTES[scope["path"]]
         try:
             raw = await read_body(receive)
             if raw is None:
@@ -116,12 +123,41 @@ class InferenceFastPath:
             if served is None:
                 await self.app(scope, replay(raw, receive), send)
                 return
-            scope["route"] = EMBEDDINGS_ROUTES[scope["path"]]
             encoded = await run_embeddings(inference, served, body)
         except ServiceError as exc:
             await send_openai_error(send, exc)
             return
         await send_json(send, encoded)
+
+    async def _kserve(self, scope: Scope, receive: Receive, send: Send, model_name: str) -> None:
+        from app.serving.kserve import BINARY_HEADER, InferRequest, run_infer, send_kserve_error, split_binary
+
+        state = scope["app"].state
+        inference = getattr(state, "inference", None)
+        tenant = self._tenant(state, scope)
+        if inference is None or tenant is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = KSERVE_ROUTE
+        try:
+            raw = await read_body(receive)
+            if raw is None:
+                return
+            json_part, blob = split_binary(raw, header(scope, BINARY_HEADER))  # the route's first check too
+            try:
+                body = InferRequest.model_validate_json(json_part)
+            except ValidationError:
+                await self.app(scope, replay(raw, receive), send)
+                return
+            served = inference.ready(tenant, model_name)
+            if served is None:
+                await self.app(scope, replay(raw, receive), send)
+                return
+            content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
+        except ServiceError as exc:
+            await send_kserve_error(send, exc)
+            return
+        await send_json(send, content, media_type, headers)
 
     @staticmethod
     def _tenant(state: Any, scope: Scope) -> str | None:
@@ -143,21 +179,41 @@ class InferenceFastPath:
 
 def predict_reference(scope: Scope) -> str | None:
     """The model reference of a native predict request, None for any other request."""
+    return path_reference(scope, PREFIX, SUFFIX)
+
+
+def path_reference(scope: Scope, prefix: str, suffix: str) -> str | None:
+    """The model reference of a POST to ``prefix + reference + suffix``, None for any other request."""
     path: str = scope.get("path", "")
-    if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(PREFIX) or not path.endswith(SUFFIX):
+    if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(prefix) or not path.endswith(suffix):
         return None
-    reference = path[len(PREFIX) : -len(SUFFIX)]
+    reference = path[len(prefix) : -len(suffix)]
     if not reference or "/" in reference or len(reference) > MAX_REFERENCE:
         return None
     return reference
+
+
+def header(scope: Scope, name: str) -> str | None:
+    """A request header's value (``name`` in lower case), as Starlette decodes it."""
+    wanted = name.encode("latin-1")
+    for key, value in scope["headers"]:
+        if key.lower() == wanted:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
 
 
 def is_embeddings(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") in EMBEDDINGS_PATHS
 
 
-async def send_json(send: Send, body: bytes) -> None:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+async def send_json(
+    send: Send, body: bytes, media_type: str = "application/json", extra: dict[str, str] | None = None
+) -> None:
+    headers = [
+        (b"content-type", media_type.encode("latin-1")),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (extra or {}).items()),
+    ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -28,6 +28,7 @@ import orjson
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
 
 from app.deps import TenantDep
 from app.errors import ServiceError
@@ -42,8 +43,16 @@ from app.serving.predictor import (
     TextRequest,
     class_labels,
 )
-from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, parse_json_bytes, protocol_route, request_body_schema
-from app.serving.service import ModelRecord, ServedModel
+from app.serving.protocol import (
+    ERROR_FORMAT_KEY,
+    ProtocolError,
+    parse_json_bytes,
+    protocol_error,
+    protocol_route,
+    request_body_schema,
+    send_error,
+)
+from app.serving.service import InferenceService, ModelRecord, ServedModel
 
 
 def render_kserve_error(error: ProtocolError) -> Response:
@@ -491,6 +500,15 @@ async def infer(model_name: ModelName, request: Request, inference: InferenceDep
     json_part, blob = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
     body = parse_json_bytes(json_part, InferRequest)
     served = await inference.get(tenant, model_name)
+    content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
+    return Response(content, media_type=media_type, headers=headers)
+
+
+async def run_infer(
+    inference: InferenceService, served: ServedModel, model_name: str, body: InferRequest, blob: bytes
+) -> tuple[bytes, str, dict[str, str]]:
+    """One infer request on a loaded model: (body, media type, extra headers) of the answer. Shared by the route
+    above and the ASGI fast path (app/serving/fastpath.py)."""
     payload, rows, wanted = prepare(served, body, blob, inference.settings.max_completion_tokens)
     encode = partial(
         encode_infer,
@@ -505,9 +523,11 @@ async def infer(model_name: ModelName, request: Request, inference: InferenceDep
     encoded = await inference.infer(served, payload, rows, encode)
     if isinstance(encoded, tuple):
         content, json_length = encoded
-        return Response(
-            content,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(json_length)},
-        )
-    return Response(encoded, media_type="application/json")
+        return content, "application/octet-stream", {"Inference-Header-Content-Length": str(json_length)}
+    return encoded, "application/json", {}
+
+
+async def send_kserve_error(send: Send, exc: Exception) -> None:
+    """``render_kserve_error(protocol_error(exc))`` in plain ASGI (the fast path's errors)."""
+    error = protocol_error(exc)
+    await send_error(send, error, orjson.dumps({"error": error.message}))

@@ -34,7 +34,7 @@ from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
 from app.serving.predictor import Completion, GenerationRequest, TextOutput, TextPredictor, TextRequest
-from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
+from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route, send_error
 from app.serving.service import InferenceService, ServedModel
 
 ERROR_TYPES = {
@@ -60,14 +60,7 @@ def openai_error_document(error: ProtocolError) -> dict[str, Any]:
 async def send_openai_error(send: Send, exc: Exception) -> None:
     """``render_openai_error(protocol_error(exc))`` in plain ASGI (the fast path's errors)."""
     error = protocol_error(exc)
-    body = orjson.dumps(openai_error_document(error))
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, error, orjson.dumps(openai_error_document(error)))
 
 
 def render_openai_error(error: ProtocolError) -> Response:

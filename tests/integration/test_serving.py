@@ -467,6 +467,53 @@ def test_kserve_v2_binary_tensor_extension(client: httpx.Client, tabular: str, t
     assert sent({"inputs": [tensor]}, rows).status_code == 200  # and it keeps serving
 
 
+def test_the_kserve_fast_path_answers_as_the_route_does(client: httpx.Client, tabular: str) -> None:
+    """KServe infer on a loaded model is answered by the ASGI fast path, on a model to load by the FastAPI route: the
+    same requests (JSON and binary tensors, errors in KServe's shape) get the same bytes back, and both count under
+    the route's template."""
+    url = f"/v2/models/{tabular}/infer"
+    rows = struct.pack("<10f", *ROW)
+    tensor = {"name": "input", "shape": [1, 10], "datatype": "FP32"}
+    binary = {**tensor, "parameters": {"binary_data_size": len(rows)}}
+    all_binary = {"inputs": [binary], "parameters": {"binary_data_output": True}}
+    requests: list[tuple[bytes, dict[str, str]]] = [
+        (json.dumps({"id": "a", "inputs": [{**tensor, "data": ROW}]}).encode(), {}),  # fine, JSON
+        binary_request(all_binary, rows),  # fine, binary in and out
+        (json.dumps({"inputs": [{**tensor, "shape": [1, 9], "data": ROW[:9]}]}).encode(), {}),  # found after parsing
+        binary_request({"inputs": [binary]}, rows[:-4]),  # binary framing: found after parsing
+        (binary_request({"inputs": [binary]}, rows)[0], {"Inference-Header-Content-Length": "abc"}),  # bad header
+        (json.dumps({"inputs": [{**tensor, "datatype": "FP33", "data": ROW}]}).encode(), {}),  # handed to the route
+    ]
+
+    def answer(content: bytes, headers: dict[str, str]) -> tuple[int, str, str | None, bytes]:
+        response = client.post(url, content=content, headers={"content-type": "application/json", **headers})
+        return (
+            response.status_code,
+            response.headers["content-type"],
+            response.headers.get("inference-header-content-length"),
+            response.content,
+        )
+
+    def counted() -> tuple[float, float]:
+        return (
+            metric(client, "distillery_http_requests_total", route="/v2/models/{model_name}/infer"),
+            metric(client, "distillery_http_requests_total", route="unmatched"),
+        )
+
+    before = counted()
+    by_route = []
+    for content, headers in requests:  # unloaded before each: the route loads the model and answers
+        assert client.post(f"/v1/models/{tabular}/unload").status_code == 200
+        by_route.append(answer(content, headers))
+    assert client.post(f"/v1/models/{tabular}/load").status_code == 200
+    fast = [answer(content, headers) for content, headers in requests]
+    assert [status for status, _, _, _ in fast] == [200, 200, 400, 400, 400, 400]
+    assert fast[1][1] == "application/octet-stream" and fast[1][2] is not None
+    assert fast == by_route
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (2 * len(requests), 0)
+
+
 def test_kserve_v2_embeddings(client: httpx.Client, text_models: dict[str, str]) -> None:
     embedder = text_models["embedder"]
     metadata = client.get(f"/v2/models/{embedder}").json()
