@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.deps import api_key_of
 from app.errors import ServiceError, problem
 from app.models.schemas import PredictRequest
+from app.serving.protocol import protocol_error
 
 PREFIX = "/v1/models/"
 SUFFIX = "/predict"
@@ -59,31 +60,35 @@ class InferenceFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reference = predict_reference(scope)
-        if reference is None:
-            model_name = path_reference(scope, KSERVE_PREFIX, KSERVE_SUFFIX)
-            if model_name is not None:
-                await self._kserve(scope, receive, send, model_name)
-            elif is_embeddings(scope):
-                await self._embeddings(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        model_name = None if reference is not None else path_reference(scope, KSERVE_PREFIX, KSERVE_SUFFIX)
+        if reference is None and model_name is None and not is_embeddings(scope):
+            await self.app(scope, receive, send)
             return
         state = scope["app"].state
         inference = getattr(state, "inference", None)
         tenant = self._tenant(state, scope)
+        if inference is None or tenant is None:
+            await self.app(scope, receive, send)
+        elif reference is not None:
+            await self._predict(scope, receive, send, inference, tenant, reference)
+        elif model_name is not None:
+            await self._kserve(scope, receive, send, inference, tenant, model_name)
+        else:
+            await self._embeddings(scope, receive, send, inference, tenant)
+
+    async def _predict(
+        self, scope: Scope, receive: Receive, send: Send, inference: Any, tenant: str, reference: str
+    ) -> None:
+        from app.serving.router import run_predict
+
         try:
-            served = None if inference is None or tenant is None else inference.ready(tenant, reference)
+            served = inference.ready(tenant, reference)
         except ServiceError as exc:  # the model was deleted through another replica
             await send_problem(send, scope["path"], exc)
             return
         if served is None:
             await self.app(scope, receive, send)
             return
-        await self._predict(scope, receive, send, inference, served)
-
-    async def _predict(self, scope: Scope, receive: Receive, send: Send, inference: Any, served: Any) -> None:
-        from app.serving.router import run_predict
-
         scope["route"] = PREDICT_ROUTE  # what the request metrics label it with (the route sets its own if handed on)
         try:
             raw = await read_body(receive)
@@ -98,17 +103,11 @@ class InferenceFastPath:
         except ServiceError as exc:  # a body over the limit, queue full, timeout, inputs that do not fit the model
             await send_problem(send, scope["path"], exc)
             return
-        await send_json(send, encoded)
+        await send_body(send, encoded)
 
-    async def _embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from app.serving.openai_compat import EmbeddingRequest, run_embeddings, send_openai_error
+    async def _embeddings(self, scope: Scope, receive: Receive, send: Send, inference: Any, tenant: str) -> None:
+        from app.serving.openai_compat import EmbeddingRequest, render_openai_error, run_embeddings
 
-        state = scope["app"].state
-        inference = getattr(state, "inference", None)
-        tenant = self._tenant(state, scope)
-        if inference is None or tenant is None:
-            await self.app(scope, receive, send)
-            return
         scope["route"] = EMBEDDINGS_ROUTES[scope["path"]]
         try:
             raw = await read_body(receive)
@@ -125,19 +124,15 @@ class InferenceFastPath:
                 return
             encoded = await run_embeddings(inference, served, body)
         except ServiceError as exc:
-            await send_openai_error(send, exc)
+            await render_openai_error(protocol_error(exc))(scope, receive, send)
             return
-        await send_json(send, encoded)
+        await send_body(send, encoded)
 
-    async def _kserve(self, scope: Scope, receive: Receive, send: Send, model_name: str) -> None:
-        from app.serving.kserve import BINARY_HEADER, InferRequest, run_infer, send_kserve_error, split_binary
+    async def _kserve(
+        self, scope: Scope, receive: Receive, send: Send, inference: Any, tenant: str, model_name: str
+    ) -> None:
+        from app.serving.kserve import BINARY_HEADER, InferRequest, render_kserve_error, run_infer, split_binary
 
-        state = scope["app"].state
-        inference = getattr(state, "inference", None)
-        tenant = self._tenant(state, scope)
-        if inference is None or tenant is None:
-            await self.app(scope, receive, send)
-            return
         scope["route"] = KSERVE_ROUTE
         try:
             raw = await read_body(receive)
@@ -155,9 +150,9 @@ class InferenceFastPath:
                 return
             content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
         except ServiceError as exc:
-            await send_kserve_error(send, exc)
+            await render_kserve_error(protocol_error(exc))(scope, receive, send)
             return
-        await send_json(send, content, media_type, headers)
+        await send_body(send, content, media_type=media_type, extra=headers)
 
     @staticmethod
     def _tenant(state: Any, scope: Scope) -> str | None:
@@ -206,15 +201,20 @@ def is_embeddings(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") in EMBEDDINGS_PATHS
 
 
-async def send_json(
-    send: Send, body: bytes, media_type: str = "application/json", extra: dict[str, str] | None = None
+async def send_body(
+    send: Send,
+    body: bytes,
+    *,
+    status: int = 200,
+    media_type: str = "application/json",
+    extra: dict[str, str] | None = None,
 ) -> None:
     headers = [
         (b"content-type", media_type.encode("latin-1")),
         (b"content-length", str(len(body)).encode()),
         *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (extra or {}).items()),
     ]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -246,10 +246,4 @@ def replay(body: bytes, receive: Receive) -> Receive:
 async def send_problem(send: Send, path: str, exc: ServiceError) -> None:
     """The app's problem+json rendering of a ``ServiceError`` (app.http.problem_response), in plain ASGI."""
     body = orjson.dumps(problem(exc.status, exc.code, exc.title, exc.detail, path, exc.errors))
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (exc.headers or {}).items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_body(send, body, status=exc.status, media_type="application/problem+json", extra=exc.headers)

@@ -28,7 +28,6 @@ import orjson
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Send
 
 from app.deps import TenantDep
 from app.errors import ServiceError
@@ -47,10 +46,8 @@ from app.serving.protocol import (
     ERROR_FORMAT_KEY,
     ProtocolError,
     parse_json_bytes,
-    protocol_error,
     protocol_route,
     request_body_schema,
-    send_error,
 )
 from app.serving.service import InferenceService, ModelRecord, ServedModel
 
@@ -525,9 +522,3 @@ async def run_infer(
         content, json_length = encoded
         return content, "application/octet-stream", {"Inference-Header-Content-Length": str(json_length)}
     return encoded, "application/json", {}
-
-
-async def send_kserve_error(send: Send, exc: Exception) -> None:
-    """``render_kserve_error(protocol_error(exc))`` in plain ASGI (the fast path's errors)."""
-    error = protocol_error(exc)
-    await send_error(send, error, orjson.dumps({"error": error.message}))

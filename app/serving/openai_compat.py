@@ -25,7 +25,6 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Send
 
 from app.deps import DatabaseDep, TenantDep
 from app.http import json_response
@@ -34,7 +33,7 @@ from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
 from app.serving.predictor import Completion, GenerationRequest, TextOutput, TextPredictor, TextRequest
-from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route, send_error
+from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
 from app.serving.service import InferenceService, ServedModel
 
 ERROR_TYPES = {
@@ -55,12 +54,6 @@ def openai_error_document(error: ProtocolError) -> dict[str, Any]:
     if code == "invalid_request" and "context length" in error.message:
         code = "context_length_exceeded"
     return {"error": {"message": error.message, "type": error_type, "param": error.param, "code": code}}
-
-
-async def send_openai_error(send: Send, exc: Exception) -> None:
-    """``render_openai_error(protocol_error(exc))`` in plain ASGI (the fast path's errors)."""
-    error = protocol_error(exc)
-    await send_error(send, error, orjson.dumps(openai_error_document(error)))
 
 
 def render_openai_error(error: ProtocolError) -> Response:

@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.types import Send
 
 from app.errors import PayloadTooLarge, ServiceError
 
@@ -148,17 +147,6 @@ def protocol_error(exc: Exception) -> ProtocolError:
         return ProtocolError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}", headers=headers)
     log.exception("unhandled error in an inference endpoint", exc_info=exc)
     return ProtocolError(500, "an unexpected error occurred", code="internal_error")
-
-
-async def send_error(send: Send, error: ProtocolError, body: bytes) -> None:
-    """An error answer in plain ASGI (the fast path's): ``body`` is the protocol's JSON error document."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 Renderer = Callable[[ProtocolError], Response]

@@ -87,6 +87,12 @@ def tabular(api: str, worker: Any) -> str:
         return trained_model(client, "serving-tabular")
 
 
+def route_counts(client: httpx.Client, *routes: str) -> tuple[float, float]:
+    """Requests counted under any of these route templates, and requests counted as ``unmatched``."""
+    requests = "distillery_http_requests_total"
+    return sum(metric(client, requests, route=route) for route in routes), metric(client, requests, route="unmatched")
+
+
 def metric(client: httpx.Client, name: str, **labels: str) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     total = 0.0
@@ -199,10 +205,7 @@ def test_the_fast_path_answers_as_the_route_does(client: httpx.Client, tabular: 
         return out
 
     def counted() -> tuple[float, float]:
-        return (
-            metric(client, "distillery_http_requests_total", route="/v1/models/{model_id}/predict"),
-            metric(client, "distillery_http_requests_total", route="unmatched"),
-        )
+        return route_counts(client, "/v1/models/{model_id}/predict")
 
     assert client.post(f"/v1/models/{tabular}/unload").status_code == 200
     before = counted()
@@ -495,10 +498,7 @@ def test_the_kserve_fast_path_answers_as_the_route_does(client: httpx.Client, ta
         )
 
     def counted() -> tuple[float, float]:
-        return (
-            metric(client, "distillery_http_requests_total", route="/v2/models/{model_name}/infer"),
-            metric(client, "distillery_http_requests_total", route="unmatched"),
-        )
+        return route_counts(client, "/v2/models/{model_name}/infer")
 
     before = counted()
     by_route = []
@@ -670,11 +670,7 @@ def test_the_embeddings_fast_path_answers_as_the_route_does(client: httpx.Client
         return response.status_code, response.headers["content-type"], response.json()
 
     def counted() -> tuple[float, float]:
-        return (
-            metric(client, "distillery_http_requests_total", route="/v1/embeddings")
-            + metric(client, "distillery_http_requests_total", route="/openai/v1/embeddings"),
-            metric(client, "distillery_http_requests_total", route="unmatched"),
-        )
+        return route_counts(client, "/v1/embeddings", "/openai/v1/embeddings")
 
     before = counted()
     by_route = []
