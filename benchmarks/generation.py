@@ -1,14 +1,15 @@
-"""Batched greedy generation, in-process: what generating a batch's greedy prompts together does for a causal LM.
+"""Batched generation, in-process: what generating a batch's prompts together does for a causal LM.
 
     .venv/bin/python -m benchmarks.generation                    # the CPU (and cuda where there is one)
     .venv/bin/python -m benchmarks.generation --devices cpu --clients 16 --max-tokens 32
+    .venv/bin/python -m benchmarks.generation --devices cpu --temperature 1   # sampled (OpenAI's default)
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
-loop, each asking for one greedy completion of ``--max-tokens`` tokens at a time (EOS suppressed, so that every
-completion has exactly that many): completions/s and generated tokens/s with batching on (max_batch_size =
-clients) and off (max_batch_size 1), and one completion alone. Needs no database, queue or web framework, so it
-runs on a bare GPU machine too.
+loop, each asking for one completion of ``--max-tokens`` tokens at a time (greedy, or sampled at
+``--temperature``; EOS suppressed, so that every completion has exactly that many): completions/s and generated
+tokens/s with batching on (max_batch_size = clients) and off (max_batch_size 1), and one completion alone. Needs
+no database, queue or web framework, so it runs on a bare GPU machine too.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def load(directory: Path, device: torch.device) -> TextPredictor:
     return predictor
 
 
-def alone_ms(predictor: TextPredictor, max_tokens: int, repeats: int = 5) -> float:
+def alone_ms(predictor: TextPredictor, max_tokens: int, temperature: float, repeats: int = 5) -> float:
     times = []
     for index in range(repeats + 1):
-        request = GenerationRequest(prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens)
+        request = GenerationRequest(
+            prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens, temperature=temperature
+        )
         started = time.perf_counter()
         [completion] = predictor.predict_batch([[request]])[0]
         times.append(time.perf_counter() - started)
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -96,16 +100,18 @@ def main() -> None:
             params = sum(p.numel() for p in predictor.model.parameters())
 
             def prompt(index: int) -> list[GenerationRequest]:
-                return [GenerationRequest(prompt=PROMPTS[index % len(PROMPTS)], max_tokens=args.max_tokens)]
+                prompt = PROMPTS[index % len(PROMPTS)]
+                return [GenerationRequest(prompt=prompt, max_tokens=args.max_tokens, temperature=args.temperature)]
 
-            single = alone_ms(predictor, args.max_tokens)
+            single = alone_ms(predictor, args.max_tokens, args.temperature)
             on = asyncio.run(drive(predictor.predict_batch, prompt, args.clients, args.clients, args.seconds))
             off = asyncio.run(drive(predictor.predict_batch, prompt, 1, args.clients, args.seconds))
             rows.append({"device": machine(device), "params": params, "alone": single, "on": on, "off": off})
             print(rows[-1], flush=True)
     print()
     print(
-        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), greedy completions of "
+        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), "
+        f"{'greedy' if args.temperature <= 0 else f'sampled (temperature {args.temperature:g})'} completions of "
         f"{args.max_tokens} tokens, {args.clients} concurrent clients through the api's DynamicBatcher and "
         f"TextPredictor, in-process, {args.seconds:g} s per row."
     )

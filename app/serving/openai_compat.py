@@ -82,17 +82,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
 
 
+MAX_CHOICES = 16
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices per prompt, each a completion of its own; with a seed, choice j samples with seed + j.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, description="Accepted for compatibility; sampling is not seeded.")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        lt=2**64,
+        description="Seeds the sampling: the same seed, prompt and parameters give the same completion (each prompt "
+        "draws from its own generator, whatever it is batched with). Without it each completion draws afresh.",
+    )
     user: str | None = Field(None, max_length=256)
 
 
@@ -249,6 +263,11 @@ def max_tokens_of(requested: int | None, default: int, limit: int, param: str) -
     return requested, "refuse"
 
 
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice ``choice`` of a request seeded with ``seed`` (choice 0 draws what ``n`` = 1 would)."""
+    return None if seed is None else (seed + choice) % 2**64
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -338,10 +357,12 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
+            seed=choice_seed(body.seed, choice),
             stop=stops_of(body.stop),
             overflow=overflow,
         )
-        for prompt in prompts
+        for prompt in prompts  # choices in OpenAI's order: prompt i's choice j has index i * n + j
+        for choice in range(body.n)
     ]
     completion_id, created, model = new_id("cmpl"), int(time.time()), served.model_id
 
@@ -405,14 +426,18 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
     )
     max_tokens, overflow = max_tokens_of(requested, limit, limit, param)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
-    request = GenerationRequest(
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=stops_of(body.stop),
-        overflow=overflow,
-    )
+    requests = [
+        GenerationRequest(
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=choice_seed(body.seed, choice),
+            stop=stops_of(body.stop),
+            overflow=overflow,
+        )
+        for choice in range(body.n)
+    ]
     completion_id, created, model = new_id("chatcmpl"), int(time.time()), served.model_id
 
     def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
@@ -432,12 +457,11 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {**chunk(0, None, None), "choices": [], "usage": usage}
 
-        response = await stream_generation(inference, served, [request], chunk, usage_chunk if include_usage else None)
+        response = await stream_generation(inference, served, requests, chunk, usage_chunk if include_usage else None)
         assert isinstance(response, StreamingResponse)
-        response.body_iterator = with_role_first(response.body_iterator, chunk)
+        response.body_iterator = with_role_first(response.body_iterator, chunk, body.n)
         return response
-    results: list[Completion] = await inference.infer(served, [request], 1)
-    completion = results[0]
+    results: list[Completion] = await inference.infer(served, requests, len(requests))
     return json_response(
         {
             "id": completion_id,
@@ -446,22 +470,24 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
             "model": model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": index,
                     "message": {"role": "assistant", "content": completion.text},
                     "logprobs": None,
                     "finish_reason": completion.finish_reason,
                 }
+                for index, completion in enumerate(results)
             ],
             "usage": usage_of(results),
         }
     )
 
 
-async def with_role_first(chunks: AsyncIterable[Any], chunk: ChunkMaker) -> AsyncIterator[bytes]:
-    """OpenAI's chat streams open with a chunk whose delta carries the role."""
-    opening = chunk(0, "", None)
-    opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-    yield sse(opening)
+async def with_role_first(chunks: AsyncIterable[Any], chunk: ChunkMaker, choices: int) -> AsyncIterator[bytes]:
+    """OpenAI's chat streams open with a chunk per choice whose delta carries the role."""
+    for index in range(choices):
+        opening = chunk(index, "", None)
+        opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield sse(opening)
     async for part in chunks:
         yield part
 

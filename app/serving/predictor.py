@@ -286,6 +286,7 @@ class GenerationRequest:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    seed: int | None = None  # seeds this prompt's sampling (its own generator); None: a fresh random seed
     stop: list[str] = field(default_factory=list)
     # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
     # still fit), or "truncate" the prompt as well (the native protocol)
@@ -553,10 +554,10 @@ class TextPredictor:
 
     def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
         """Per request, its completions or the InputShapeError that refused it. Every prompt of a request is checked
-        before the first token: a request fails whole, never half-way through a stream. The greedy prompts of all
-        the batch's requests then generate together (``generate_batch``: a forward per token for all of them, which
-        is what multiplies a loaded server's tokens/s); sampled prompts generate one at a time, so that each
-        request's random draws stay its own."""
+        before the first token: a request fails whole, never half-way through a stream. The prompts of all the
+        batch's requests then generate together, greedy and sampled alike (``generate_batch``: a forward per token
+        for all of them, which is what multiplies a loaded server's tokens/s); each sampled prompt draws from its
+        own generator, so its completion does not depend on what it was batched with."""
         outputs: list[Any] = []
         rendered: dict[tuple[int, int], list[int]] = {}
         for r, prompts in enumerate(requests):
@@ -565,21 +566,20 @@ class TextPredictor:
             except InputShapeError as exc:
                 outputs.append(exc)
                 continue
+            completions: list[Completion | None] = []
             for k, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
-                rendered[r, k] = prompt_ids
                 if prompt.on_start is not None:
                     prompt.on_start(len(prompt_ids))
-            outputs.append([None] * len(prompts))
-        together = [
-            key for key in rendered if requests[key[0]][key[1]].temperature <= 0 < requests[key[0]][key[1]].max_tokens
-        ]
-        if len(together) > 1:
-            done = self.generate_batch([requests[r][k] for r, k in together], [rendered[r, k] for r, k in together])
-            for (r, k), completion in zip(together, done, strict=True):
+                if prompt.max_tokens > 0:
+                    rendered[r, k] = prompt_ids
+                    completions.append(None)
+                else:
+                    completions.append(Completion("", len(prompt_ids), 0, "length"))
+            outputs.append(completions)
+        if rendered:
+            done = self.generate_batch([requests[r][k] for r, k in rendered], list(rendered.values()))
+            for (r, k), completion in zip(rendered, done, strict=True):
                 outputs[r][k] = completion
-        for (r, k), prompt_ids in rendered.items():
-            if outputs[r][k] is None:
-                outputs[r][k] = self.generate(requests[r][k], prompt_ids)
         return outputs
 
     def _pad_id(self) -> int:
@@ -587,10 +587,11 @@ class TextPredictor:
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     def generate_batch(self, requests: Sequence[GenerationRequest], prompts: Sequence[list[int]]) -> list[Completion]:
-        """Greedy completions of several accepted prompts in one ``generate`` call: left-padded to the longest, each
-        row streamed to its own request and stopped on its own (``max_tokens``, a stop string, EOS, cancelled) while
-        the others go on."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        """Completions of accepted prompts in one ``generate`` call: left-padded to the longest, each row streamed to
+        its own request and stopped on its own (``max_tokens``, a stop string, EOS, cancelled) while the others go
+        on. ``generate`` runs greedy; the rows that sample pick their token in ``RowSampler`` (which leaves greedy
+        the one choice it allows)."""
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         streams = [_TextStream(self.tokenizer, request) for request in requests]
@@ -630,6 +631,7 @@ class TextPredictor:
                 done = [finished(row, generated) for row in range(len(streams))]
                 return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
+        sampler = RowSampler(requests, self.device)
         self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -637,6 +639,7 @@ class TextPredictor:
             pad_token_id=pad,
             streamer=cast(BaseStreamer, Rows()),
             stopping_criteria=StoppingCriteriaList([Stop()]),
+            logits_processor=LogitsProcessorList([sampler]) if sampler.rows else None,
             do_sample=False,
         )
         completions = []
@@ -645,39 +648,6 @@ class TextPredictor:
             finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
             completions.append(Completion(stream.text, len(ids), stream.generated, finish))
         return completions
-
-    def generate(self, request: GenerationRequest, ids: list[int]) -> Completion:
-        """Generate for a prompt that ``render_prompt`` accepted (its token ids)."""
-        prompt_tokens = len(ids)
-        if request.max_tokens == 0:
-            return Completion("", prompt_tokens, 0, "length")
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        stream = _TextStream(self.tokenizer, request)
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-                done = request.cancelled or stream.stopped or stream.ended_by_eos
-                shape = (input_ids.shape[0],)
-                return cast(torch.BoolTensor, torch.full(shape, done, dtype=torch.bool, device=input_ids.device))
-
-        sampling: dict[str, Any] = {"do_sample": False}
-        if request.temperature > 0:
-            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
-        input_ids = torch.tensor([ids], device=self.device)
-        self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=request.max_tokens,
-            pad_token_id=self._pad_id(),
-            streamer=cast(BaseStreamer, stream),
-            stopping_criteria=StoppingCriteriaList([Stop()]),
-            **sampling,
-        )
-        stream.flush()
-        finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
-        return Completion(stream.text, prompt_tokens, stream.generated, finish)
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """One request without the batcher (tests, scripts): the native protocol's response document."""
@@ -726,6 +696,49 @@ def text_document(predictor: TextPredictor, output: Any, arrays: bool = False) -
         "labels": class_labels(predictor.label_names, classes),
         "probabilities": values,
     }
+
+
+class RowSampler:
+    """A logits processor for a batch that mixes greedy and sampled rows: each sampled row draws its next token from
+    its own ``torch.Generator`` (seeded by its request, or at random), after temperature and nucleus (top-p)
+    filtering, and is left with that one token allowed, so that ``generate``'s greedy step takes it. Greedy rows are
+    left as they are. One draw per row per step whatever the batch, so a seeded prompt gets the same completion alone
+    or batched (up to float rounding of the batched forward)."""
+
+    def __init__(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        self.rows = [row for row, request in enumerate(requests) if request.temperature > 0]
+        self.generators = []
+        for row in self.rows:
+            generator = torch.Generator(device=device)
+            seed = requests[row].seed
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+            self.generators.append(generator)
+        self.index = torch.tensor(self.rows, dtype=torch.long, device=device)
+        self.temperature = torch.tensor(
+            [requests[row].temperature for row in self.rows], dtype=torch.float32, device=device
+        ).unsqueeze(1)
+        top_p = [requests[row].top_p for row in self.rows]
+        self.top_p = (
+            torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1) if min(top_p, default=1) < 1 else None
+        )
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.index_select(0, self.index).float() / self.temperature, dim=-1)
+        if self.top_p is not None:  # keep the fewest most likely tokens whose mass reaches top_p
+            ordered, order = probs.sort(dim=-1, descending=True)
+            ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered > self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        chosen = torch.cat(
+            [torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(self.generators)]
+        )
+        picked = torch.full((len(self.rows), scores.shape[-1]), -math.inf, dtype=scores.dtype, device=scores.device)
+        picked.scatter_(1, chosen.unsqueeze(1), 0.0)
+        scores = scores.clone()
+        scores[self.index] = picked
+        return scores
 
 
 class _TextStream:

@@ -574,6 +574,36 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
     assert [c["index"] for c in several["choices"]] == [0, 1]
 
 
+def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, str]) -> None:
+    """A seed fixes a sampled completion (streamed or not, served in whatever batch); without one, or with
+    another, the draws differ; a seed out of range is a 400 in OpenAI's shape."""
+    model = text_models["plain"]
+    request = {"model": model, "prompt": "def add(a, b):", "max_tokens": 6, "temperature": 2.0}
+
+    def text(**fields: Any) -> str:
+        response = client.post("/v1/completions", json={**request, **fields})
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["text"])
+
+    seeded = text(seed=42)
+    assert text(seed=42) == seeded
+    streamed = sse_events(client.post("/v1/completions", json={**request, "seed": 42, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1] if c["choices"]) == seeded
+    assert len({seeded, *(text(seed=seed) for seed in range(6)), text(), text()}) >= 3
+    assert_openai_error(client.post("/v1/completions", json={**request, "seed": 2**64}), 400, "seed")
+
+    # n choices per prompt, in OpenAI's order (prompt i's choice j at i * n + j); seeded choice j samples with
+    # seed + j, so choice 0 is the n = 1 completion
+    several = client.post("/v1/completions", json={**request, "prompt": ["def add(a, b):", "x"], "n": 3, "seed": 41})
+    assert several.status_code == 200, several.text
+    choices = several.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3, 4, 5]
+    assert [c["text"] for c in choices[:3]] == [text(seed=41), seeded, text(seed=43)]
+    assert choices[3]["text"] == text(prompt="x", seed=41)
+    usage = several.json()["usage"]
+    assert usage["prompt_tokens"] == 3 * (len("def add(a, b):") + 1) + 3 * 2
+
+
 def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: dict[str, str]) -> None:
     model = text_models["plain"]
     over_limit = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 5000})
@@ -586,7 +616,8 @@ def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: 
     streamed_too_long = client.post("/v1/completions", json={"model": model, "prompt": "x" * 200, "stream": True})
     assert_openai_error(streamed_too_long, 400, "prompt")  # refused before the stream starts
     assert_openai_error(client.post("/v1/completions", json={"model": model}), 400, "prompt")
-    assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 2}), 400, "n")
+    assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 17}), 400, "n")
+    assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 0}), 400, "n")
     unknown = client.post("/v1/completions", json={"model": "mdl_nope", "prompt": "x"})
     assert assert_openai_error(unknown, 404)["code"] == "model_not_found"
     unknown_alias = client.post("/v1/completions", json={"model": "latest:nope", "prompt": "x"})
@@ -615,6 +646,18 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     assert events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
     assert text == body["choices"][0]["message"]["content"]
+    # n choices: each streamed under its index after a role chunk of its own, as the same request answers whole
+    sampled = {**request, "temperature": 1.5, "seed": 5, "n": 3}
+    whole = client.post("/v1/chat/completions", json=sampled).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    chunks = sse_events(client.post("/v1/chat/completions", json={**sampled, "stream": True}))[:-1]
+    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}] * 3
+    assert [c["choices"][0]["index"] for c in chunks[:3]] == [0, 1, 2]
+    streamed = [
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[3:] if c["choices"][0]["index"] == i)
+        for i in range(3)
+    ]
+    assert streamed == [c["message"]["content"] for c in whole["choices"]]
     too_long = client.post(
         "/v1/chat/completions",
         json={"model": text_models["chat"], "messages": [{"role": "user", "content": "x" * 200}]},

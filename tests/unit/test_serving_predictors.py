@@ -23,6 +23,7 @@ from app.serving.predictor import (
     GenerationRequest,
     InputShapeError,
     ModelCache,
+    RowSampler,
     StudentPredictor,
     TextOutput,
     TextPredictor,
@@ -202,8 +203,8 @@ def chatty(tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
 
 def test_greedy_requests_generate_together_as_they_would_alone(chatty: TextPredictor) -> None:
     """Prompts of different lengths (left padding), different max_tokens, a stop string, EOS and a cancelled request
-    in one batch: each completion, its stream and its counts are what the request gets alone; a sampled request in
-    the same batch still runs on its own."""
+    in one batch: each completion, its stream and its counts are what the request gets alone; a sampled request
+    generates in the same batch."""
 
     def requests() -> list[list[GenerationRequest]]:
         deltas.clear()
@@ -222,14 +223,14 @@ def test_greedy_requests_generate_together_as_they_would_alone(chatty: TextPredi
             ],
             [cancelled],
             [GenerationRequest(prompt="zz", max_tokens=0)],
-            [GenerationRequest(prompt="sampled", max_tokens=4, temperature=0.8)],
+            [GenerationRequest(prompt="sampled", max_tokens=4, temperature=0.8, seed=7)],
         ]
 
     deltas: dict[int, list[str]] = {}
     together = chatty.predict_batch(requests())
     streamed_together = {index: "".join(deltas.get(index, [])) for index in range(4)}
     alone = [chatty.predict_batch([request])[0] for request in requests()]
-    for index in (0, 1, 2, 4):
+    for index in (0, 1, 2, 4, 5):
         got, expected = together[index], alone[index]
         assert [(c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in got] == [
             (c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in expected
@@ -248,6 +249,62 @@ def test_greedy_requests_generate_together_as_they_would_alone(chatty: TextPredi
         3: together[2][1].text,
     }
     assert together[5][0].completion_tokens <= 4 and together[5][0].prompt_tokens == len("sampled") + 1
+
+
+def completions_of(predictor: TextPredictor, prompts: list[GenerationRequest]) -> list[str]:
+    return [request[0].text for request in predictor.predict_batch([[prompt] for prompt in prompts])]
+
+
+def test_sampled_requests_batch_and_a_seed_fixes_their_draws(chatty: TextPredictor) -> None:
+    """A seeded sampled prompt gets the same completion alone, again, and batched with greedy and other sampled
+    prompts; other seeds give other completions; a vanishing top_p leaves only the greedy token."""
+
+    def sampled(seed: int | None, prompt: str = "def f(x):", **fields: Any) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, max_tokens=12, temperature=1.5, seed=seed, **fields)
+
+    [alone] = completions_of(chatty, [sampled(11)])
+    assert completions_of(chatty, [sampled(11)]) == [alone]
+    mixed = completions_of(
+        chatty,
+        [
+            GenerationRequest(prompt="a longer prompt, greedy", max_tokens=9),
+            sampled(5, "x"),
+            sampled(11),
+            sampled(None, "zz", top_p=0.5),
+        ],
+    )
+    assert mixed[2] == alone
+    assert mixed[0] == completions_of(chatty, [GenerationRequest(prompt="a longer prompt, greedy", max_tokens=9)])[0]
+    assert mixed[1] == completions_of(chatty, [sampled(5, "x")])[0]
+    others = completions_of(chatty, [sampled(seed) for seed in range(20, 26)])
+    assert len({alone, *others}) >= 4  # a random tiny LM at temperature 1.5: draws differ
+    greedy = completions_of(chatty, [GenerationRequest(prompt="def f(x):", max_tokens=12)])[0]
+    assert completions_of(chatty, [sampled(seed, top_p=1e-6) for seed in (1, 2)]) == [greedy, greedy]
+
+
+def test_row_sampler_draws_from_the_tempered_nucleus() -> None:
+    """Row 0 greedy (left alone), row 1 sampled at temperature 2 over all tokens, row 2 at top_p 0.7 (the two most
+    likely tokens, 0.5 + 0.3, reach it): each sampled row ends with one allowed token, drawn with the tempered
+    (renormalised) probabilities."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    requests = [
+        GenerationRequest(prompt="g"),
+        GenerationRequest(prompt="t", temperature=2.0, seed=0),
+        GenerationRequest(prompt="p", temperature=1.0, top_p=0.7, seed=1),
+    ]
+    sampler = RowSampler(requests, torch.device("cpu"))
+    counts = torch.zeros(3, 4)
+    draws = 4000
+    for _ in range(draws):
+        scores = sampler(torch.zeros(3, 1, dtype=torch.long), logits.repeat(3, 1))
+        assert torch.equal(scores[0], logits)
+        for row in (1, 2):
+            assert int(torch.isfinite(scores[row]).sum()) == 1
+            counts[row, int(scores[row].argmax())] += 1
+    tempered = torch.softmax(logits / 2.0, dim=-1)
+    assert torch.allclose(counts[1] / draws, tempered, atol=0.03)
+    assert counts[2, 2:].sum() == 0
+    assert torch.allclose(counts[2, :2] / draws, torch.tensor([0.625, 0.375]), atol=0.03)
 
 
 def test_context_limits(causal: TextPredictor) -> None:
@@ -301,7 +358,7 @@ def test_cancelled_generation_stops(causal: TextPredictor) -> None:
 
     request.on_start = cancel
     [[completion]] = causal.predict_batch([[request]])
-    assert completion.completion_tokens == 1
+    assert completion.completion_tokens == 0  # cancelled before its first token: none made
 
 
 def test_chat_needs_a_template(causal: TextPredictor) -> None:
