@@ -26,8 +26,10 @@ import torch
 from transformers import ByT5Tokenizer
 
 from app.distill.text.models import build_from_config, save_pretrained_dir, tiny_config
-from app.serving.predictor import GenerationRequest, TextPredictor
-from benchmarks.gpu_serving import drive, machine
+from app.serving.batcher import BatchingConfig, DynamicBatcher
+from app.serving.generation import GenerationRequest
+from app.serving.predictor import TextPredictor
+from benchmarks.gpu_serving import machine
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -76,16 +78,71 @@ def alone_ms(predictor: TextPredictor, max_tokens: int, temperature: float, repe
     return statistics.median(times[1:]) * 1000
 
 
+async def drive_generation(
+    predictor: TextPredictor,
+    mode: str,
+    clients: int,
+    seconds: float,
+    lengths: list[int],
+    temperature: float,
+) -> dict[str, float]:
+    """``clients`` concurrent senders through the api's DynamicBatcher, each sending one completion at a time, its
+    i-th of ``lengths[i % len(lengths)]`` tokens. ``mode``: ``continuous`` (the engine, step by step), ``static``
+    (one ``generate`` per batch, what the api did before the engine) or ``off`` (max_batch_size 1). Completions/s,
+    tokens/s and the median latency of all completions and of the shortest kind."""
+    engine = predictor.continuous_generation() if mode == "continuous" else None
+    max_batch = 1 if mode == "off" else clients
+    config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
+    supported = predictor.continuous
+    predictor.continuous = supported and mode == "continuous"  # predict_batch's path: the engine or generate
+    batcher = DynamicBatcher(
+        f"bench-{mode}", predictor.predict_batch, config, asyncio.get_running_loop(), continuous=engine
+    )
+    latencies: list[tuple[int, float]] = []
+    stop_at = 0.0
+
+    async def client(offset: int) -> None:
+        index = offset
+        while time.perf_counter() < stop_at:
+            tokens = lengths[index % len(lengths)]
+            request = GenerationRequest(
+                prompt=PROMPTS[index % len(PROMPTS)], max_tokens=tokens, temperature=temperature
+            )
+            started = time.perf_counter()
+            [completion] = await batcher.submit([request], 1)
+            latencies.append((tokens, time.perf_counter() - started))
+            assert completion.completion_tokens == tokens, completion
+            index += clients
+
+    stop_at = time.perf_counter() + 1.0  # warm-up
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    latencies.clear()
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    batcher.stop()
+    predictor.continuous = supported
+    shortest = min(lengths)
+    return {
+        "completions": len(latencies) / elapsed,
+        "tokens": sum(tokens for tokens, _ in latencies) / elapsed,
+        "p50": statistics.median(seconds for _, seconds in latencies) * 1000,
+        "p50 shortest": statistics.median(s for tokens, s in latencies if tokens == shortest) * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", nargs="*", default=["cuda", "cpu"])
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[32], help="several: a mix, cycled per client")
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
+    parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -98,35 +155,30 @@ def main() -> None:
             device = torch.device(name)
             predictor = load(directory, device)
             params = sum(p.numel() for p in predictor.model.parameters())
-
-            def prompt(index: int) -> list[GenerationRequest]:
-                prompt = PROMPTS[index % len(PROMPTS)]
-                return [GenerationRequest(prompt=prompt, max_tokens=args.max_tokens, temperature=args.temperature)]
-
-            single = alone_ms(predictor, args.max_tokens, args.temperature)
-            on = asyncio.run(drive(predictor.predict_batch, prompt, args.clients, args.clients, args.seconds))
-            off = asyncio.run(drive(predictor.predict_batch, prompt, 1, args.clients, args.seconds))
-            rows.append({"device": machine(device), "params": params, "alone": single, "on": on, "off": off})
-            print(rows[-1], flush=True)
+            single = alone_ms(predictor, args.max_tokens[0], args.temperature)
+            for mode in args.modes:
+                result = asyncio.run(
+                    drive_generation(predictor, mode, args.clients, args.seconds, args.max_tokens, args.temperature)
+                )
+                rows.append({"device": machine(device), "params": params, "alone": single, "mode": mode, **result})
+                print(rows[-1], flush=True)
+    kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
     print()
     print(
-        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), "
-        f"{'greedy' if args.temperature <= 0 else f'sampled (temperature {args.temperature:g})'} completions of "
-        f"{args.max_tokens} tokens, {args.clients} concurrent clients through the api's DynamicBatcher and "
-        f"TextPredictor, in-process, {args.seconds:g} s per row."
+        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), {kind} completions of "
+        f"{' / '.join(map(str, args.max_tokens))} tokens, {args.clients} concurrent clients through the api's "
+        f"DynamicBatcher and TextPredictor, in-process, {args.seconds:g} s per row; one completion of "
+        f"{args.max_tokens[0]} tokens alone: {rows[0]['alone']:.1f} ms."
+        if rows
+        else "no device"
     )
     print()
-    print(
-        "| device | params | one completion alone (ms) | on: completions/s (tokens/s) | off: completions/s "
-        "(tokens/s) | on / off |"
-    )
-    print("|---|---|---|---|---|---|")
+    print("| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        tokens = args.max_tokens
         print(
-            f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['alone']:.1f} | {row['on']:.1f} "
-            f"({row['on'] * tokens:,.0f}) | {row['off']:.1f} ({row['off'] * tokens:,.0f}) | "
-            f"{row['on'] / row['off']:.2f}× |"
+            f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
+            f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} |"
         )
 
 

@@ -7,6 +7,10 @@ queued when the model becomes free). The thread runs the batch through ``run_bat
 encodes each request's result and hands all of them back to the event loop with a single
 ``call_soon_threadsafe``.
 
+A causal LM whose generation the engine takes (``Continuous``, app/serving/generation.py) is batched step by step
+instead: between decode steps the thread admits whatever is queued while the engine has rows to spare (up to
+``max_batch_size`` prompts), and each request is answered by the step that finishes it.
+
 Why a dedicated thread rather than the threadpool: the hand-off costs tens of microseconds instead of ~100, the
 batch forms naturally while the model is busy, and torch always runs on the same thread.
 
@@ -76,6 +80,27 @@ class BatchObserver(Protocol):
     def rejected(self, reason: str) -> None: ...
 
 
+class Continuous(Protocol):
+    """A model batched step by step (continuous batching): ``admit`` a request between steps (None, or the error
+    that refuses it), ``step`` while ``busy`` (the requests it finished, as (handle, output)), ``fail`` after a step
+    raised (the handles of every request it held)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def requests(self) -> int: ...
+
+    @property
+    def busy(self) -> bool: ...
+
+    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None: ...
+
+    def step(self) -> list[tuple[Any, Any]]: ...
+
+    def fail(self) -> list[Any]: ...
+
+
 class NoObserver:
     def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         pass
@@ -114,6 +139,9 @@ class PendingRequest:
         # attribute: the GIL makes the write visible, and a late read only costs one wasted row)
         self.cancelled = False
 
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
 
 _STOP = object()
 
@@ -131,9 +159,11 @@ class DynamicBatcher:
         loop: asyncio.AbstractEventLoop,
         observer: BatchObserver | None = None,
         on_thread_start: Callable[[], None] | None = None,
+        continuous: Continuous | None = None,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
+        self.continuous = continuous
         self.config = config
         self.loop = loop
         self.observer = observer or NoObserver()
@@ -247,6 +277,9 @@ class DynamicBatcher:
     def _serve(self) -> None:
         if self.on_thread_start is not None:
             self.on_thread_start()
+        if self.continuous is not None:
+            self._serve_continuous(self.continuous)
+            return
         carried: Any = None
         while True:
             item = carried if carried is not None else self._queue.get()
@@ -260,12 +293,84 @@ class DynamicBatcher:
                 except BaseException:  # never let the thread die: the model would stop answering
                     log.exception("inference thread of %s failed", self.name)
 
+    def _serve_continuous(self, engine: Continuous) -> None:
+        carried: Any = None
+        stopping = False
+        limit = self.config.max_batch_size
+        while True:
+            admitted: list[PendingRequest] = []
+            while True:  # admit what is queued while the engine has rows to spare; wait only when it is idle
+                if carried is not None:
+                    item, carried = carried, None
+                elif not engine.busy and not stopping:
+                    item = self._queue.get()
+                else:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    stopping = True
+                    continue
+                if item.cancelled:
+                    continue
+                if engine.busy and engine.rows + item.rows > limit:
+                    carried = item
+                    break
+                item.started_at = time.monotonic()
+                try:
+                    refused = engine.admit(item.payload, item, item.is_cancelled)
+                except Exception as exc:
+                    log.exception("admitting a request to %s failed", self.name)
+                    refused = exc
+                if refused is not None:
+                    self.loop.call_soon_threadsafe(self._deliver, [item], [refused], [True])
+                else:
+                    admitted.append(item)
+            if not engine.busy:
+                if stopping and carried is None:
+                    return
+                continue
+            rows, requests = engine.rows, engine.requests
+            started = time.monotonic()
+            try:
+                finished = engine.step()
+            except Exception as exc:  # a failed forward fails what the engine held, not the thread
+                log.exception("a generation step of %s failed", self.name)
+                failed: list[PendingRequest] = engine.fail()
+                self.loop.call_soon_threadsafe(self._deliver, failed, [exc] * len(failed), [True] * len(failed))
+                continue
+            compute_seconds = time.monotonic() - started
+            self.recent_request_seconds = 0.9 * self.recent_request_seconds + 0.1 * compute_seconds
+            if finished:
+                done: list[PendingRequest] = [handle for handle, _ in finished]
+                results, errors = self._encode(done, [output for _, output in finished])
+                self.loop.call_soon_threadsafe(self._deliver, done, results, errors)
+            self.observer.batch_done(
+                rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
+            )
+
+    def _encode(self, batch: list[PendingRequest], outputs: Sequence[Any]) -> tuple[list[Any], list[bool]]:
+        """Each request's encoded output, or its error (an exception among the outputs, or raised by encoding)."""
+        results: list[Any] = []
+        errors: list[bool] = []
+        for request, output in zip(batch, outputs, strict=True):
+            if isinstance(output, BaseException):
+                results.append(output)
+                errors.append(True)
+                continue
+            try:
+                results.append(request.encode(output))
+                errors.append(False)
+            except Exception as exc:
+                results.append(exc)
+                errors.append(True)
+        return results, errors
+
     def _run(self, batch: list[PendingRequest]) -> None:
         started = time.monotonic()
         for request in batch:
             request.started_at = started
-        results: list[Any]
-        errors: list[bool]
         try:
             outputs = self.run_batch([request.payload for request in batch])
             if len(outputs) != len(batch):
@@ -282,18 +387,7 @@ class DynamicBatcher:
             else:
                 outputs = [exc]
         compute_seconds = time.monotonic() - started
-        results, errors = [], []
-        for request, output in zip(batch, outputs, strict=True):
-            if isinstance(output, BaseException):
-                results.append(output)
-                errors.append(True)
-                continue
-            try:
-                results.append(request.encode(output))
-                errors.append(False)
-            except Exception as exc:
-                results.append(exc)
-                errors.append(True)
+        results, errors = self._encode(batch, outputs)
         self.recent_request_seconds = 0.9 * self.recent_request_seconds + 0.1 * (compute_seconds / len(batch))
         self.loop.call_soon_threadsafe(self._deliver, batch, results, errors)
         self.observer.batch_done(

@@ -33,9 +33,8 @@ from app.deps import TenantDep
 from app.errors import ServiceError
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput, ModelUnavailable
+from app.serving.generation import Completion, GenerationRequest
 from app.serving.predictor import (
-    Completion,
-    GenerationRequest,
     StudentPredictor,
     TextOutput,
     TextPredictor,

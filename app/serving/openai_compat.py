@@ -32,7 +32,8 @@ from app.models import service as models_service
 from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
-from app.serving.predictor import Completion, GenerationRequest, TextOutput, TextPredictor, TextRequest
+from app.serving.generation import Completion, GenerationRequest
+from app.serving.predictor import TextOutput, TextPredictor, TextRequest
 from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
 from app.serving.service import InferenceService, ServedModel
 

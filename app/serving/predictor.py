@@ -15,9 +15,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 
 from app.distill.artifacts import load_model_dir
 from app.distill.variants import BuiltVariant, Servable, apply_variant, servable
+from app.serving.generation import Completion, GenerationEngine, GenerationRequest, RowSampler, TextStream
 
 
 class InputShapeError(ValueError):
@@ -273,37 +274,6 @@ class TextOutput:
     tokens: int
 
 
-@dataclass
-class GenerationRequest:
-    """One completion. ``prompt`` or chat ``messages`` (rendered with the tokenizer's chat template).
-
-    ``on_start(prompt_tokens)`` is called once every prompt of the request is accepted, ``on_text(delta)`` for every
-    piece of new text (both in the inference thread; streaming uses them). Setting ``cancelled`` stops the generation
-    at the next token (a client that went away, a timeout)."""
-
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None  # seeds this prompt's sampling (its own generator); None: a fresh random seed
-    stop: list[str] = field(default_factory=list)
-    # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
-    # still fit), or "truncate" the prompt as well (the native protocol)
-    overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
-    on_start: Callable[[int], None] | None = None
-    on_text: Callable[[str], None] | None = None
-    cancelled: bool = False
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
-
-
 class ContextLengthExceeded(InputShapeError):
     pass
 
@@ -350,6 +320,8 @@ class TextPredictor:
         self.hidden_size = int(getattr(self.model.config, "hidden_size", 0) or 0)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
+        # whether generation is batched step by step (GenerationEngine) or in static batches (generate)
+        self.continuous = self.task == "causal_lm" and GenerationEngine.supports(self.model)
         self.group_overhead_tokens = FORWARD_OVERHEAD_TOKENS  # measured by warmup (calibrate_groups)
         self.warmup()
 
@@ -519,7 +491,7 @@ class TextPredictor:
         output = self.forward(ids, mask).float()
         return (output if self.task == "embedding" else torch.softmax(output, dim=-1)).cpu()
 
-    # --- completions: one request at a time, streamed token by token ---
+    # --- completions: streamed token by token, batched step by step (app/serving/generation.py) ---
 
     def render_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; ContextLengthExceeded when it (with max_tokens) cannot fit (see ``overflow``)."""
@@ -552,33 +524,50 @@ class TextPredictor:
             )
         return ids
 
+    def render_request(self, prompts: Sequence[GenerationRequest]) -> list[list[int]] | InputShapeError:
+        """Every prompt of a request checked before the first token (a request fails whole, never half-way through a
+        stream): their token ids, or the InputShapeError that refuses the request. Calls each ``on_start``."""
+        try:
+            ids = [self.render_prompt(prompt) for prompt in prompts]
+        except InputShapeError as exc:
+            return exc
+        for prompt, prompt_ids in zip(prompts, ids, strict=True):
+            if prompt.on_start is not None:
+                prompt.on_start(len(prompt_ids))
+        return ids
+
+    def continuous_generation(self) -> ContinuousGeneration | None:
+        """What the batcher drives to batch this model's generation step by step (None: not a causal LM, or one
+        the engine does not take, which generates in static batches through ``predict_batch``)."""
+        if self.task != "causal_lm" or not self.continuous:
+            return None
+        return ContinuousGeneration(self, GenerationEngine(self.model, self.tokenizer, self.device, self._pad_id()))
+
     def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
-        """Per request, its completions or the InputShapeError that refused it. Every prompt of a request is checked
-        before the first token: a request fails whole, never half-way through a stream. The prompts of all the
-        batch's requests then generate together, greedy and sampled alike (``generate_batch``: a forward per token
-        for all of them, which is what multiplies a loaded server's tokens/s); each sampled prompt draws from its
-        own generator, so its completion does not depend on what it was batched with."""
-        outputs: list[Any] = []
-        rendered: dict[tuple[int, int], list[int]] = {}
+        """Per request, its completions or the InputShapeError that refused it. The prompts of all the batch's
+        requests generate together, greedy and sampled alike (a forward per token for all of them, which is what
+        multiplies a loaded server's tokens/s), each leaving the batch when it is done; each sampled prompt draws
+        from its own generator, so its completion does not depend on what it was batched with."""
+        outputs: list[Any] = [None] * len(requests)
+        engine = self.continuous_generation()
+        if engine is not None:
+            for r, prompts in enumerate(requests):
+                outputs[r] = engine.admit(prompts, r, never)
+            while engine.busy:
+                for r, completions in engine.step():
+                    outputs[r] = completions
+            return outputs
+        static: dict[tuple[int, int], list[int]] = {}  # a model the engine does not take: one ``generate`` call
         for r, prompts in enumerate(requests):
-            try:
-                ids = [self.render_prompt(prompt) for prompt in prompts]
-            except InputShapeError as exc:
-                outputs.append(exc)
+            ids = self.render_request(prompts)
+            if isinstance(ids, InputShapeError):
+                outputs[r] = ids
                 continue
-            completions: list[Completion | None] = []
-            for k, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
-                if prompt.on_start is not None:
-                    prompt.on_start(len(prompt_ids))
-                if prompt.max_tokens > 0:
-                    rendered[r, k] = prompt_ids
-                    completions.append(None)
-                else:
-                    completions.append(Completion("", len(prompt_ids), 0, "length"))
-            outputs.append(completions)
-        if rendered:
-            done = self.generate_batch([requests[r][k] for r, k in rendered], list(rendered.values()))
-            for (r, k), completion in zip(rendered, done, strict=True):
+            outputs[r] = [Completion("", len(i), 0, "length") for i in ids]
+            static.update({(r, k): i for k, (p, i) in enumerate(zip(prompts, ids, strict=True)) if p.max_tokens > 0})
+        if static:
+            done = self.generate_batch([requests[r][k] for r, k in static], list(static.values()))
+            for (r, k), completion in zip(static, done, strict=True):
                 outputs[r][k] = completion
         return outputs
 
@@ -594,7 +583,7 @@ class TextPredictor:
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        streams = [_TextStream(self.tokenizer, request) for request in requests]
+        streams = [TextStream(self.tokenizer, request) for request in requests]
         for stream in streams:
             stream.prompt_seen = True  # the batch streamer below swallows the prompt
         width = max(len(ids) for ids in prompts)
@@ -663,6 +652,46 @@ class TextPredictor:
         return text_document(self, output)
 
 
+def never() -> bool:
+    return False
+
+
+class ContinuousGeneration:
+    """The batcher's side of a causal LM's ``GenerationEngine``: a request (its list of ``GenerationRequest``) is
+    checked and admitted between steps; each ``step`` returns the requests that finished, with their completions."""
+
+    def __init__(self, predictor: TextPredictor, engine: GenerationEngine) -> None:
+        self.predictor = predictor
+        self.engine = engine
+
+    @property
+    def rows(self) -> int:
+        return self.engine.rows
+
+    @property
+    def requests(self) -> int:
+        return self.engine.requests
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
+
+    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
+        """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
+        prompts = cast(list[GenerationRequest], payload)
+        ids = self.predictor.render_request(prompts)
+        if isinstance(ids, InputShapeError):
+            return ids
+        self.engine.admit(prompts, ids, handle, cancelled)
+        return None
+
+    def step(self) -> list[tuple[Any, list[Completion]]]:
+        return self.engine.step()
+
+    def fail(self) -> list[Any]:
+        return self.engine.fail()
+
+
 def own_backend(tokenizer: Any) -> Any:
     """An independent copy of a fast tokenizer's Rust tokenizer, without truncation or padding (what
     ``tokenizer(texts)`` computes, special tokens included); None for a slow (Python) tokenizer."""
@@ -696,115 +725,6 @@ def text_document(predictor: TextPredictor, output: Any, arrays: bool = False) -
         "labels": class_labels(predictor.label_names, classes),
         "probabilities": values,
     }
-
-
-class RowSampler:
-    """A logits processor for a batch that mixes greedy and sampled rows: each sampled row draws its next token from
-    its own ``torch.Generator`` (seeded by its request, or at random), after temperature and nucleus (top-p)
-    filtering, and is left with that one token allowed, so that ``generate``'s greedy step takes it. Greedy rows are
-    left as they are. One draw per row per step whatever the batch, so a seeded prompt gets the same completion alone
-    or batched (up to float rounding of the batched forward)."""
-
-    def __init__(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
-        self.rows = [row for row, request in enumerate(requests) if request.temperature > 0]
-        self.generators = []
-        for row in self.rows:
-            generator = torch.Generator(device=device)
-            seed = requests[row].seed
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
-            self.generators.append(generator)
-        self.index = torch.tensor(self.rows, dtype=torch.long, device=device)
-        self.temperature = torch.tensor(
-            [requests[row].temperature for row in self.rows], dtype=torch.float32, device=device
-        ).unsqueeze(1)
-        top_p = [requests[row].top_p for row in self.rows]
-        self.top_p = (
-            torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1) if min(top_p, default=1) < 1 else None
-        )
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.index_select(0, self.index).float() / self.temperature, dim=-1)
-        if self.top_p is not None:  # keep the fewest most likely tokens whose mass reaches top_p
-            ordered, order = probs.sort(dim=-1, descending=True)
-            ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered > self.top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
-        chosen = torch.cat(
-            [torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(self.generators)]
-        )
-        picked = torch.full((len(self.rows), scores.shape[-1]), -math.inf, dtype=scores.dtype, device=scores.device)
-        picked.scatter_(1, chosen.unsqueeze(1), 0.0)
-        scores = scores.clone()
-        scores[self.index] = picked
-        return scores
-
-
-class _TextStream:
-    """transformers' streamer interface: receives token ids as ``generate`` makes them, turns them into text deltas
-    (holding back an incomplete UTF-8 character), applies stop strings."""
-
-    def __init__(self, tokenizer: Any, request: GenerationRequest) -> None:
-        self.tokenizer = tokenizer
-        self.request = request
-        self.tokens: list[int] = []
-        self.prompt_seen = False
-        self.text = ""  # what has been sent (or would be)
-        self.stopped = False
-        self.ended_by_eos = False
-        self.generated = 0
-        self.longest_stop = max((len(s) for s in request.stop), default=0)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        if self.stopped or self.ended_by_eos:  # a model whose generation config names no EOS goes on past it
-            return
-        new = [int(token) for token in value.reshape(-1).tolist()]
-        self.generated += len(new)
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in new:
-            self.ended_by_eos = True
-            new = new[: new.index(eos)]
-        self.tokens.extend(new)
-        self._emit(final=self.ended_by_eos)
-
-    def end(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        self._emit(final=True)
-
-    def _emit(self, *, final: bool) -> None:
-        if self.stopped:
-            return
-        decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if decoded.endswith("\ufffd") and not final:
-            return  # the rest of a multi-byte character comes with the next token
-        ready = len(decoded)
-        if self.request.stop:
-            search_from = max(0, len(self.text) - self.longest_stop)
-            cut = min((i for s in self.request.stop if (i := decoded.find(s, search_from)) >= 0), default=-1)
-            if cut >= 0:
-                decoded, ready = decoded[:cut], cut
-                self.stopped = True
-            elif not final:
-                ready -= self._partial_stop(decoded)
-        if ready > len(self.text):
-            delta = decoded[len(self.text) : ready]
-            self.text = decoded[:ready]
-            if self.request.on_text is not None:
-                self.request.on_text(delta)
-
-    def _partial_stop(self, decoded: str) -> int:
-        """Characters at the end that could begin a stop string: held back until the next token decides."""
-        for size in range(min(self.longest_stop - 1, len(decoded)), 0, -1):
-            tail = decoded[-size:]
-            if any(stop.startswith(tail) for stop in self.request.stop):
-                return size
-        return 0
 
 
 def load_predictor(

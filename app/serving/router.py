@@ -14,10 +14,10 @@ from app.http import json_response
 from app.models.schemas import CompletionsPrediction, EmbeddingsPrediction, ModelStatus, Prediction, PredictRequest
 from app.serving.deps import InferenceDep
 from app.serving.errors import invalid_input
+from app.serving.generation import GenerationRequest
 from app.serving.kserve import router as kserve_router
 from app.serving.openai_compat import router as openai_router
 from app.serving.predictor import (
-    GenerationRequest,
     InputShapeError,
     StudentPredictor,
     TextPredictor,

@@ -48,6 +48,7 @@ from app.serving.predictor import (
     ModelCache,
     Predictor,
     StudentPredictor,
+    TextPredictor,
     load_predictor,
     resolve_device,
 )
@@ -332,6 +333,7 @@ class InferenceService:
             asyncio.get_running_loop(),
             observer=metrics,
             on_thread_start=lambda: configure_inference_threads(self.settings),
+            continuous=predictor.continuous_generation() if isinstance(predictor, TextPredictor) else None,
         )
         batcher_box.append(batcher)
         return ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))

@@ -262,3 +262,144 @@ def test_stop_finishes_queued_requests_then_refuses() -> None:
         assert not batcher._thread.is_alive()
 
     run(test)
+
+
+# --- continuous batching (a model batched step by step) ---------------------------------------------------------
+
+
+class Countdown:
+    """A stand-in for the generation engine: a request is a number of steps; each step takes one from every
+    request held, and a request is done (its number × 10) when it reaches 0. A payload of -1 is refused at
+    admission; ``fail_at`` makes that step raise."""
+
+    def __init__(self, step_seconds: float = 0.002, fail_at: int = -1) -> None:
+        self.held: list[list[Any]] = []  # [handle, steps left, payload, cancelled]
+        self.steps = 0
+        self.rows_per_step: list[int] = []
+        self.step_seconds = step_seconds
+        self.fail_at = fail_at
+
+    @property
+    def rows(self) -> int:
+        return len(self.held)
+
+    @property
+    def requests(self) -> int:
+        return len(self.held)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.held)
+
+    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None:
+        if payload == -1:
+            return ValueError("refused")
+        self.held.append([handle, payload, payload, cancelled])
+        return None
+
+    def step(self) -> list[tuple[Any, Any]]:
+        self.steps += 1
+        self.rows_per_step.append(len(self.held))
+        time.sleep(self.step_seconds)
+        if self.steps == self.fail_at:
+            raise RuntimeError("the forward failed")
+        done = []
+        for entry in self.held:
+            entry[1] -= 1
+        for entry in [e for e in self.held if e[1] <= 0 or e[3]()]:
+            self.held.remove(entry)
+            done.append((entry[0], entry[2] * 10))
+        return done
+
+    def fail(self) -> list[Any]:
+        handles = [entry[0] for entry in self.held]
+        self.held = []
+        return handles
+
+
+def make_continuous(loop: asyncio.AbstractEventLoop, engine: Countdown, observer: Any = None, **config: Any) -> Any:
+    def never(payloads: list[Any]) -> Sequence[Any]:
+        raise AssertionError("a continuous model is never run as a static batch")
+
+    return DynamicBatcher("m", never, BatchingConfig(**config), loop, observer=observer, continuous=engine)
+
+
+def test_continuous_a_request_joins_a_running_batch_and_leaves_when_done() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        engine = Countdown()
+        observer = Observer()
+        batcher = make_continuous(loop, engine, observer)
+        finished: list[int] = []
+
+        async def ask(steps: int) -> int:
+            result = int(await batcher.submit(steps, 1))
+            finished.append(steps)
+            return result
+
+        long = asyncio.ensure_future(ask(60))
+        while engine.steps < 5:  # the long request is generating
+            await asyncio.sleep(0.002)
+        short = await ask(3)
+        assert short == 30 and not long.done()  # answered while the long one goes on
+        assert await long == 600 and finished == [3, 60]
+        assert max(engine.rows_per_step) == 2 and engine.rows_per_step[-1] == 1
+        assert observer.requests == 2 and batcher.pending == 0
+        batcher.stop()
+        batcher.join(5)
+
+    run(test)
+
+
+def test_continuous_rows_never_exceed_max_batch_size() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        engine = Countdown()
+        batcher = make_continuous(loop, engine, max_batch_size=3)
+        results = await asyncio.gather(*(batcher.submit(steps, 1) for steps in (4, 5, 6, 2, 3, 1, 7)))
+        assert results == [40, 50, 60, 20, 30, 10, 70]
+        assert max(engine.rows_per_step) == 3
+        too_big = make_continuous(loop, Countdown(), max_batch_size=2)
+        with pytest.raises(BatchTooLarge):
+            too_big.submit(3, rows=3)
+        batcher.stop()
+        too_big.stop()
+
+    run(test)
+
+
+def test_continuous_a_refused_request_or_a_failed_step_fails_only_what_it_holds() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        engine = Countdown(fail_at=3)
+        batcher = make_continuous(loop, engine)
+        with pytest.raises(ValueError, match="refused"):
+            await batcher.submit(-1, 1)
+        held = [batcher.submit(10, 1), batcher.submit(20, 1)]
+        for future in held:
+            with pytest.raises(RuntimeError, match="the forward failed"):
+                await future
+        assert await batcher.submit(2, 1) == 20  # the thread lives on
+        assert batcher.pending == 0
+        batcher.stop()
+
+    run(test)
+
+
+def test_continuous_a_timed_out_request_leaves_the_engine_and_stop_drains() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        engine = Countdown(step_seconds=0.01)
+        batcher = make_continuous(loop, engine, timeout_s=0.05)
+        with pytest.raises(InferenceTimeout):
+            await batcher.submit(1000, 1)
+        for _ in range(100):
+            if not engine.busy:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.busy and engine.steps < 100  # dropped at the next step, not run to its end
+        running = batcher.submit(3, 1)
+        batcher.stop()
+        assert await running == 30  # stop lets what was admitted finish
+        batcher.join(5)
+        assert not batcher._thread.is_alive()
+        with pytest.raises(BatcherStopped):
+            batcher.submit(1, 1)
+
+    run(test)

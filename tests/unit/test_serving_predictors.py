@@ -3,6 +3,7 @@ streaming and chat templates behave; the cache keeps to its byte budget."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,18 @@ from app.distill.architectures import build_model
 from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
+from app.serving.batcher import BatchingConfig, DynamicBatcher
+from app.serving.generation import GenerationRequest, RowSampler, TextStream
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
     PREPARE_MAX_CHARS,
     ContextLengthExceeded,
-    GenerationRequest,
     InputShapeError,
     ModelCache,
-    RowSampler,
     StudentPredictor,
     TextOutput,
     TextPredictor,
     TextRequest,
-    _TextStream,
 )
 
 
@@ -332,7 +332,7 @@ def test_stop_strings_cut_the_text_across_tokens() -> None:
     tokenizer = ByT5Tokenizer(extra_ids=0)
     deltas: list[str] = []
     request = GenerationRequest(prompt="p", stop=["o w", "zz"], on_text=deltas.append)
-    stream = _TextStream(tokenizer, request)
+    stream = TextStream(tokenizer, request)
     stream.put(torch.tensor([[1, 2]]))  # the prompt comes first and is not part of the text
     for token in tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         stream.put(torch.tensor([token]))
@@ -343,7 +343,7 @@ def test_stop_strings_cut_the_text_across_tokens() -> None:
 def test_a_multibyte_character_is_sent_whole() -> None:
     tokenizer = ByT5Tokenizer(extra_ids=0)
     deltas: list[str] = []
-    stream = _TextStream(tokenizer, GenerationRequest(prompt="p", on_text=deltas.append))
+    stream = TextStream(tokenizer, GenerationRequest(prompt="p", on_text=deltas.append))
     stream.put(torch.tensor([[1]]))
     for token in tokenizer("é!", add_special_tokens=False)["input_ids"]:  # é is two bytes
         stream.put(torch.tensor([token]))
@@ -427,3 +427,88 @@ def test_length_groups_partition_a_batch_to_save_padding() -> None:
         for cuts in itertools.combinations(range(1, len(ordered)), r)
     )
     assert cost(length_groups(lengths, 16)) == best
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def endless(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
+    """A tiny LM of each family the engine is tested on, EOS suppressed: every completion runs to max_tokens."""
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    config = tiny_config(request.param, vocab_size=len(tokenizer), max_positions=128)
+    folder = tmp_path_factory.mktemp(f"endless-{request.param}") / "m"
+    save_pretrained_dir(
+        build_from_config(config, "causal_lm", seed=5), tokenizer, folder, extra_config={"task": "causal_lm"}
+    )
+    predictor = TextPredictor("mdl_endless", folder, "sha", {"task": "causal_lm"})
+    predictor.model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    return predictor
+
+
+def test_the_engine_generates_what_generate_does(endless: TextPredictor) -> None:
+    """Prompts of different lengths, greedy and seeded samples, through the engine (step by step, rows leaving at
+    their own max_tokens) and through one static ``generate`` call: the same completions."""
+    assert endless.continuous
+
+    def prompts() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt="def f(x):", max_tokens=12),
+            GenerationRequest(prompt="a", max_tokens=3),
+            GenerationRequest(prompt="the quick brown fox jumps", max_tokens=20, temperature=1.2, seed=3),
+            GenerationRequest(prompt="x = [1, 2", max_tokens=7, temperature=0.7, top_p=0.8, seed=4),
+        ]
+
+    engine = [request[0] for request in endless.predict_batch([[p] for p in prompts()])]
+    rendered = [endless.render_prompt(p) for p in prompts()]
+    static = endless.generate_batch(prompts(), rendered)
+    assert [(c.text, c.completion_tokens) for c in engine] == [(c.text, c.completion_tokens) for c in static]
+    assert [c.completion_tokens for c in engine] == [12, 3, 20, 7]
+
+
+def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alone(endless: TextPredictor) -> None:
+    """Continuous batching through the batcher: a short request sent while a long one generates joins the running
+    batch, is answered before the long one ends, and both completions are what each gets alone."""
+
+    def long() -> list[GenerationRequest]:
+        return [GenerationRequest(prompt="a long one", max_tokens=100)]
+
+    def short() -> list[GenerationRequest]:
+        return [GenerationRequest(prompt="short", max_tokens=3), GenerationRequest(prompt="s", max_tokens=5)]
+
+    alone_long, alone_short = endless.predict_batch([long()]), endless.predict_batch([short()])
+
+    async def main() -> None:
+        engine = endless.continuous_generation()
+        assert engine is not None
+        observer = BatchRecorder()
+        batcher = DynamicBatcher(
+            "m", endless.predict_batch, BatchingConfig(), asyncio.get_running_loop(), observer, continuous=engine
+        )
+        first = asyncio.ensure_future(batcher.submit(long(), 1))
+        for _ in range(5000):  # until the long request is generating
+            if len(observer.rows) >= 10 or first.done():
+                break
+            await asyncio.sleep(0.001)
+        assert len(observer.rows) >= 10 and not first.done()
+        second = await batcher.submit(short(), 2)
+        assert not first.done()
+        assert [(c.text, c.completion_tokens) for c in second] == [
+            (c.text, c.completion_tokens) for c in alone_short[0]
+        ]
+        assert [c.text for c in await first] == [c.text for c in alone_long[0]]
+        assert max(observer.rows) == 3 and observer.rows[-1] == 1  # joined, then left
+        batcher.stop()
+
+    asyncio.run(main())
+
+
+class BatchRecorder:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
+        self.rows.append(rows)
+
+    def request_done(self, seconds: float) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass

@@ -1,0 +1,438 @@
+"""Generation for causal-LM students: requests, streams, sampling, and the continuous-batching engine.
+
+``GenerationEngine`` batches at the level of decode steps (Orca's iteration-level scheduling, what vLLM and TGI call
+continuous batching): the inference thread admits newly queued prompts between steps, each prompt leaves the batch
+as soon as it is done (``max_tokens``, a stop string, EOS, a client gone) and its request is answered then, not when
+the longest prompt of its batch ends. The KV cache is transformers' ``DynamicCache``, left-padded: a prompt admitted
+into a running batch is prefilled on its own, and its cache joins the batch's with padding columns (masked) on the
+left of the shorter one; rows that leave are dropped from the cache, and columns that only padding still holds are
+cut off. Positions come from the attention mask, so padding never shifts a row's positions.
+
+Torch and transformers only: no web, database or queue imports (the batcher drives the engine).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+
+@dataclass
+class GenerationRequest:
+    """One completion. ``prompt`` or chat ``messages`` (rendered with the tokenizer's chat template).
+
+    ``on_start(prompt_tokens)`` is called once every prompt of the request is accepted, ``on_text(delta)`` for every
+    piece of new text (both in the inference thread; streaming uses them). Setting ``cancelled`` stops the generation
+    at the next token (a client that went away, a timeout)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # seeds this prompt's sampling (its own generator); None: a fresh random seed
+    stop: list[str] = field(default_factory=list)
+    # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
+    # still fit), or "truncate" the prompt as well (the native protocol)
+    overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
+    on_start: Callable[[int], None] | None = None
+    on_text: Callable[[str], None] | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
+
+
+def new_generator(request: GenerationRequest, device: torch.device) -> torch.Generator:
+    """The random source of one sampled prompt: seeded by its request, or at random."""
+    generator = torch.Generator(device=device)
+    if request.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(request.seed)
+    return generator
+
+
+def draw(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab]: softmax at the row's temperature [rows, 1], cut to the nucleus
+    (the fewest most likely tokens whose mass reaches the row's top_p) when ``top_p`` is given, drawn with the row's
+    own generator (one draw per row, whatever else is in the batch)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(generators)])
+
+
+def sampling_tensors(
+    requests: Sequence[GenerationRequest], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(temperature [rows, 1], top_p [rows, 1] or None when no row cuts the nucleus) of sampled requests."""
+    temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device).unsqueeze(1)
+    top_p = [r.top_p for r in requests]
+    if min(top_p, default=1.0) >= 1:
+        return temperature, None
+    return temperature, torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+class RowSampler:
+    """A logits processor for ``generate`` over a batch that mixes greedy and sampled rows (the static path, for
+    models the engine does not take): each sampled row draws its token (``draw``) and is left with that one token
+    allowed, so that ``generate``'s greedy step takes it. Greedy rows are left as they are."""
+
+    def __init__(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        self.rows = [row for row, request in enumerate(requests) if request.temperature > 0]
+        self.generators = [new_generator(requests[row], device) for row in self.rows]
+        self.index = torch.tensor(self.rows, dtype=torch.long, device=device)
+        self.temperature, self.top_p = sampling_tensors([requests[row] for row in self.rows], device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = draw(scores.index_select(0, self.index), self.temperature, self.top_p, self.generators)
+        picked = torch.full((len(self.rows), scores.shape[-1]), -math.inf, dtype=scores.dtype, device=scores.device)
+        picked.scatter_(1, chosen.unsqueeze(1), 0.0)
+        scores = scores.clone()
+        scores[self.index] = picked
+        return scores
+
+
+class TextStream:
+    """transformers' streamer interface: receives token ids as ``generate`` makes them, turns them into text deltas
+    (holding back an incomplete UTF-8 character), applies stop strings."""
+
+    def __init__(self, tokenizer: Any, request: GenerationRequest) -> None:
+        self.tokenizer = tokenizer
+        self.request = request
+        self.tokens: list[int] = []
+        self.prompt_seen = False
+        self.text = ""  # what has been sent (or would be)
+        self.stopped = False
+        self.ended_by_eos = False
+        self.generated = 0
+        self.longest_stop = max((len(s) for s in request.stop), default=0)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.stopped or self.ended_by_eos:  # a model whose generation config names no EOS goes on past it
+            return
+        new = [int(token) for token in value.reshape(-1).tolist()]
+        self.generated += len(new)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in new:
+            self.ended_by_eos = True
+            new = new[: new.index(eos)]
+        self.tokens.extend(new)
+        self._emit(final=self.ended_by_eos)
+
+    def end(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> None:
+        if self.stopped:
+            return
+        decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if decoded.endswith("\ufffd") and not final:
+            return  # the rest of a multi-byte character comes with the next token
+        ready = len(decoded)
+        if self.request.stop:
+            search_from = max(0, len(self.text) - self.longest_stop)
+            cut = min((i for s in self.request.stop if (i := decoded.find(s, search_from)) >= 0), default=-1)
+            if cut >= 0:
+                decoded, ready = decoded[:cut], cut
+                self.stopped = True
+            elif not final:
+                ready -= self._partial_stop(decoded)
+        if ready > len(self.text):
+            delta = decoded[len(self.text) : ready]
+            self.text = decoded[:ready]
+            if self.request.on_text is not None:
+                self.request.on_text(delta)
+
+    def _partial_stop(self, decoded: str) -> int:
+        """Characters at the end that could begin a stop string: held back until the next token decides."""
+        for size in range(min(self.longest_stop - 1, len(decoded)), 0, -1):
+            tail = decoded[-size:]
+            if any(stop.startswith(tail) for stop in self.request.stop):
+                return size
+        return 0
+
+
+# generation_config fields whose non-default values change how tokens are chosen; the engine applies
+# suppress_tokens and begin_suppress_tokens itself, a model that sets any of these is generated by ``generate``
+UNSUPPORTED_GENERATION_FIELDS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+}
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+@dataclass
+class Row:
+    """One prompt in the engine: its request, stream, random source, and the request it belongs to."""
+
+    request: GenerationRequest
+    stream: TextStream
+    ids: list[int]  # the prompt's token ids
+    owner: tuple[Owner, int]  # the request and this prompt's place in it
+    generator: torch.Generator | None
+
+    def finished(self) -> bool:
+        stream = self.stream
+        return (
+            stream.generated >= self.request.max_tokens
+            or stream.stopped
+            or stream.ended_by_eos
+            or self.request.cancelled
+        )
+
+    def completion(self) -> Completion:
+        self.stream.flush()
+        finish = "stop" if self.stream.stopped or self.stream.ended_by_eos else "length"
+        return Completion(self.stream.text, len(self.ids), self.stream.generated, finish)
+
+
+@dataclass
+class Batch:
+    """Rows that share a KV cache: ``mask`` [rows, columns] says which cache columns hold a row's tokens, ``tokens``
+    [rows] is each row's last chosen token, not yet in the cache."""
+
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    tokens: torch.Tensor
+
+
+class Owner:
+    """A request's rows, answered together when the last of them is done."""
+
+    def __init__(self, handle: Any, size: int, cancelled: Callable[[], bool]) -> None:
+        self.handle = handle
+        self.completions: list[Completion | None] = [None] * size
+        self.left = size
+        self.cancelled = cancelled
+
+
+class GenerationEngine:
+    """Continuous batching for one causal LM (see the module docstring). Used from one thread: the batcher's
+    inference thread calls ``admit`` for new requests and ``step`` while ``busy``; ``step`` returns the requests
+    that finished."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, pad_id: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.pad_id = pad_id
+        config = model.generation_config
+        self.suppress = list(getattr(config, "suppress_tokens", None) or [])
+        self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
+        # transformers 5.2x renamed the cache argument (``past_key_values`` → ``cache``)
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.batch: Batch | None = None
+        self.admitted: list[Row] = []
+        self.done: list[tuple[Any, list[Completion]]] = []
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether the engine generates for ``model`` as ``generate`` would: a decoder-only model whose cache is
+        made of plain ``DynamicLayer`` s (no sliding window, no quantised cache) and whose generation config asks for
+        nothing the engine does not apply (``UNSUPPORTED_GENERATION_FIELDS``)."""
+        from transformers.cache_utils import DynamicLayer
+
+        config = model.generation_config
+        for name, default in UNSUPPORTED_GENERATION_FIELDS.items():
+            if getattr(config, name, default) not in (default, None):
+                return False
+        if getattr(model.config, "is_encoder_decoder", False):
+            return False
+        try:
+            with torch.inference_mode():
+                ids = torch.ones((1, 2), dtype=torch.long, device=model.device)
+                cache = cache_of(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
+        except Exception:
+            return False
+        layers = list(getattr(cache, "layers", None) or [])
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    @property
+    def rows(self) -> int:
+        return len(self.admitted) + (len(self.batch.rows) if self.batch else 0)
+
+    @property
+    def requests(self) -> int:
+        rows = self.admitted + (self.batch.rows if self.batch else [])
+        return len({id(row.owner[0]) for row in rows})
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.admitted or self.batch or self.done)
+
+    def admit(
+        self,
+        requests: Sequence[GenerationRequest],
+        prompts: Sequence[list[int]],
+        handle: Any,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """Queue a request's accepted prompts (``render_prompt`` ids) for the next step; it is answered by the
+        ``step`` that finishes its last prompt (at once when none has a token to make)."""
+        owner = Owner(handle, len(requests), cancelled)
+        for index, (request, ids) in enumerate(zip(requests, prompts, strict=True)):
+            if request.max_tokens <= 0:
+                self._complete(owner, index, Completion("", len(ids), 0, "length"))
+                continue
+            stream = TextStream(self.tokenizer, request)
+            stream.prompt_seen = True
+            generator = new_generator(request, self.device) if request.temperature > 0 else None
+            self.admitted.append(Row(request, stream, ids, (owner, index), generator))
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Any, list[Completion]]]:
+        """One token for every row: a decode step for the running batch and a prefill for the admitted prompts;
+        returns (handle, completions) of each request whose prompts are all done."""
+        self._drop_finished()
+        if self.batch is not None:
+            self._decode(self.batch)
+        if self.admitted:
+            joining = self._prefill(self.admitted)
+            self.admitted = []
+            self.batch = joining if self.batch is None else self._merge(self.batch, joining)
+        self._drop_finished()
+        done, self.done = self.done, []
+        return done
+
+    def fail(self) -> list[Any]:
+        """Drop every row (after a failed forward); returns the handles of the requests that were in the engine."""
+        rows = self.admitted + (self.batch.rows if self.batch else [])
+        self.admitted, self.batch = [], None
+        handles = {id(row.owner[0]): row.owner[0].handle for row in rows}
+        self.done = []
+        return list(handles.values())
+
+    # --- internals -------------------------------------------------------------------------------------------------
+
+    def _complete(self, owner: Owner, index: int, completion: Completion) -> None:
+        owner.completions[index] = completion
+        owner.left -= 1
+        if owner.left == 0:
+            self.done.append((owner.handle, [c for c in owner.completions if c is not None]))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+        arguments = {self.cache_argument: cache} if cache is not None else {}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
+
+    def _prefill(self, rows: list[Row]) -> Batch:
+        prompts = [row.ids for row in rows]
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = self._forward(ids, mask, positions, None)
+        tokens = self._choose(rows, output.logits[:, -1, :])
+        return Batch(rows, cache_of(output), mask, tokens)
+
+    def _decode(self, batch: Batch) -> None:
+        positions = batch.mask.sum(-1, keepdim=True)  # the token fed now follows the row's tokens in the cache
+        mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+        output = self._forward(batch.tokens.unsqueeze(1), mask, positions, batch.cache)
+        batch.mask, batch.cache = mask, cache_of(output)
+        batch.tokens = self._choose(batch.rows, output.logits[:, -1, :])
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (greedy, or drawn), handed to its stream."""
+        logits = logits.float()
+        if self.suppress:
+            logits[:, self.suppress] = -math.inf
+        if self.begin_suppress:
+            first = [i for i, row in enumerate(rows) if row.stream.generated == 0]
+            if first:
+                rows_first = torch.tensor(first, device=logits.device).unsqueeze(1)
+                logits[rows_first, torch.tensor([self.begin_suppress], device=logits.device)] = -math.inf
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            temperature, top_p = sampling_tensors([rows[i].request for i in sampled], logits.device)
+            generators = [rows[i].generator for i in sampled]
+            tokens[index] = draw(logits.index_select(0, index), temperature, top_p, generators)  # type: ignore[arg-type]
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if not row.finished():
+                row.stream.put(torch.tensor([token]))
+        return tokens
+
+    def _drop_finished(self) -> None:
+        batch = self.batch
+        if batch is None:
+            return
+        keep = []
+        for index, row in enumerate(batch.rows):
+            owner, position = row.owner
+            if row.finished() or owner.cancelled():
+                self._complete(owner, position, row.completion())
+            else:
+                keep.append(index)
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            self.batch = None
+            return
+        kept = torch.tensor(keep, device=batch.mask.device)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.mask = batch.mask.index_select(0, kept)
+        batch.tokens = batch.tokens.index_select(0, kept)
+        used = batch.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0  # columns that only padding holds now
+        batch.mask = batch.mask[:, start:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, kept)[..., start:, :]
+            layer.values = layer.values.index_select(0, kept)[..., start:, :]
+
+    @staticmethod
+    def _merge(running: Batch, joining: Batch) -> Batch:
+        """One batch of both, the narrower left-padded to the wider (padding columns masked)."""
+        width = max(running.mask.shape[1], joining.mask.shape[1])
+
+        def left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+            if columns == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = columns
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        pads = [width - running.mask.shape[1], width - joining.mask.shape[1]]
+        for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, pads[0], -2), left_pad(theirs.keys, pads[1], -2)])
+            mine.values = torch.cat([left_pad(mine.values, pads[0], -2), left_pad(theirs.values, pads[1], -2)])
+        running.mask = torch.cat([left_pad(running.mask, pads[0], 1), left_pad(joining.mask, pads[1], 1)])
+        running.tokens = torch.cat([running.tokens, joining.tokens])
+        running.rows = running.rows + joining.rows
+        return running
