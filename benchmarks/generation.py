@@ -27,7 +27,7 @@ from transformers import ByT5Tokenizer
 
 from app.distill.text.models import build_from_config, save_pretrained_dir, tiny_config
 from app.serving.batcher import BatchingConfig, DynamicBatcher
-from app.serving.generation import GenerationRequest
+from app.serving.generation import GenerationRequest, end_of_sequence_ids
 from app.serving.predictor import TextPredictor
 from benchmarks.gpu_serving import machine
 
@@ -61,7 +61,8 @@ def build_lm(directory: Path, hidden: int, layers: int) -> Path:
 
 def load(directory: Path, device: torch.device) -> TextPredictor:
     predictor = TextPredictor("bench-lm", directory, "", {"task": "causal_lm"}, device)
-    predictor.model.generation_config.suppress_tokens = [predictor.tokenizer.eos_token_id]
+    config = predictor.model.generation_config
+    config.suppress_tokens = sorted(end_of_sequence_ids(predictor.tokenizer, config))
     return predictor
 
 

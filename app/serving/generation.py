@@ -108,13 +108,28 @@ class RowSampler:
         return scores
 
 
+def end_of_sequence_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """The tokens that end a completion: the tokenizer's EOS and every ``eos_token_id`` of the model's generation
+    config (chat models often name several, e.g. end-of-turn as well as end-of-text); ``generate`` stops on the
+    latter, so the stream must know them too."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(int(token) for token in configured)
+    return frozenset(ids)
+
+
 class TextStream:
     """transformers' streamer interface: receives token ids as ``generate`` makes them, turns them into text deltas
-    (holding back an incomplete UTF-8 character), applies stop strings."""
+    (holding back an incomplete UTF-8 character), applies stop strings and ends at an end-of-sequence token
+    (``eos_ids``; the tokenizer's EOS by default)."""
 
-    def __init__(self, tokenizer: Any, request: GenerationRequest) -> None:
+    def __init__(self, tokenizer: Any, request: GenerationRequest, eos_ids: frozenset[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.request = request
+        self.eos_ids = end_of_sequence_ids(tokenizer) if eos_ids is None else eos_ids
         self.tokens: list[int] = []
         self.prompt_seen = False
         self.text = ""  # what has been sent (or would be)
@@ -131,10 +146,10 @@ class TextStream:
             return
         new = [int(token) for token in value.reshape(-1).tolist()]
         self.generated += len(new)
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in new:
+        end = next((i for i, token in enumerate(new) if token in self.eos_ids), -1)
+        if end >= 0:
             self.ended_by_eos = True
-            new = new[: new.index(eos)]
+            new = new[:end]
         self.tokens.extend(new)
         self._emit(final=self.ended_by_eos)
 
@@ -254,6 +269,7 @@ class GenerationEngine:
         self.pad_id = pad_id
         config = model.generation_config
         self.suppress = list(getattr(config, "suppress_tokens", None) or [])
+        self.eos_ids = end_of_sequence_ids(tokenizer, config)
         self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
         # transformers 5.2x renamed the cache argument (``past_key_values`` → ``cache``)
         self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -310,7 +326,7 @@ class GenerationEngine:
             if request.max_tokens <= 0:
                 self._complete(owner, index, Completion("", len(ids), 0, "length"))
                 continue
-            stream = TextStream(self.tokenizer, request)
+            stream = TextStream(self.tokenizer, request, self.eos_ids)
             stream.prompt_seen = True
             generator = new_generator(request, self.device) if request.temperature > 0 else None
             self.admitted.append(Row(request, stream, ids, (owner, index), generator))

@@ -25,7 +25,14 @@ from torch import nn
 
 from app.distill.artifacts import load_model_dir
 from app.distill.variants import BuiltVariant, Servable, apply_variant, servable
-from app.serving.generation import Completion, GenerationEngine, GenerationRequest, RowSampler, TextStream
+from app.serving.generation import (
+    Completion,
+    GenerationEngine,
+    GenerationRequest,
+    RowSampler,
+    TextStream,
+    end_of_sequence_ids,
+)
 
 
 class InputShapeError(ValueError):
@@ -583,7 +590,8 @@ class TextPredictor:
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        streams = [TextStream(self.tokenizer, request) for request in requests]
+        eos_ids = end_of_sequence_ids(self.tokenizer, self.model.generation_config)
+        streams = [TextStream(self.tokenizer, request, eos_ids) for request in requests]
         for stream in streams:
             stream.prompt_seen = True  # the batch streamer below swallows the prompt
         width = max(len(ids) for ids in prompts)

@@ -512,3 +512,28 @@ class BatchRecorder:
 
     def rejected(self, reason: str) -> None:
         pass
+
+
+def test_an_eos_of_the_generation_config_ends_the_completion(endless: TextPredictor) -> None:
+    """Chat models name end-of-turn tokens in their generation config, besides the tokenizer's EOS: the engine and
+    the static path both end a completion there ("stop", the token counted, its text not sent)."""
+    prompt = endless.tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    made = endless.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    tokens = made[0, prompt.shape[1] :].tolist()
+    end = tokens[4]
+    config = endless.model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [saved, end]
+    try:
+        [[engine]] = endless.predict_batch([[GenerationRequest(prompt="def f(x):", max_tokens=12)]])
+        request = GenerationRequest(prompt="def f(x):", max_tokens=12)
+        [static] = endless.generate_batch([request], [endless.render_prompt(request)])
+    finally:
+        config.eos_token_id = saved
+    expected_text = endless.tokenizer.decode(tokens[: tokens.index(end)], skip_special_tokens=True)
+    for completion in (engine, static):
+        assert (completion.text, completion.completion_tokens, completion.finish_reason) == (
+            expected_text,
+            tokens.index(end) + 1,
+            "stop",
+        )
