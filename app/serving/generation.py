@@ -347,10 +347,12 @@ class GenerationEngine:
         return done
 
     def fail(self) -> list[Any]:
-        """Drop every row (after a failed forward); returns the handles of the requests that were in the engine."""
+        """Drop every row (after a failed forward); returns the handles of the requests that were in the engine,
+        those the failed step had already finished included (they fail too rather than never being answered)."""
         rows = self.admitted + (self.batch.rows if self.batch else [])
         self.admitted, self.batch = [], None
         handles = {id(row.owner[0]): row.owner[0].handle for row in rows}
+        handles.update({id(handle): handle for handle, _ in self.done})
         self.done = []
         return list(handles.values())
 

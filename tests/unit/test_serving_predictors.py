@@ -29,6 +29,7 @@ from app.serving.predictor import (
     TextOutput,
     TextPredictor,
     TextRequest,
+    never,
 )
 
 
@@ -537,3 +538,29 @@ def test_an_eos_of_the_generation_config_ends_the_completion(endless: TextPredic
             tokens.index(end) + 1,
             "stop",
         )
+
+
+def test_a_failed_step_hands_back_every_request_the_engine_held(
+    endless: TextPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a forward raises, ``fail`` returns every request, those already finished in that step included (else
+    they would never be answered), and the engine is empty and serves the next request."""
+    adapter = endless.continuous_generation()
+    assert adapter is not None
+    engine = adapter.engine
+    first, second = GenerationRequest(prompt="a", max_tokens=10), GenerationRequest(prompt="b", max_tokens=10)
+    assert adapter.admit([first], "first", never) is None and adapter.admit([second], "second", never) is None
+    assert adapter.step() == [] and adapter.rows == 2 and adapter.requests == 2
+    first.cancelled = True  # finishes at the start of the next step
+    monkeypatch.setattr(engine, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        adapter.step()
+    assert sorted(adapter.fail()) == ["first", "second"] and not adapter.busy
+    monkeypatch.undo()
+    assert adapter.admit([GenerationRequest(prompt="c", max_tokens=2)], "third", never) is None
+    finished = []
+    while adapter.busy:
+        finished += adapter.step()
+    assert [(handle, [c.completion_tokens for c in completions]) for handle, completions in finished] == [
+        ("third", [2])
+    ]
