@@ -185,7 +185,8 @@ class Reconciler:
 
     def tell_jobs_waiting_for_a_gpu_worker(self, conn: Any) -> list[str]:
         """An event on each cuda job queued past ``republish_after_s`` while no worker that takes GPU jobs has been
-        seen for three reconciler intervals (at least 30 s): the job is not lost, it waits for one."""
+        seen for three reconciler intervals (at least 30 s), and ``progress.stage`` ``waiting_for_gpu_worker``: the
+        job is not lost, it waits for one."""
         settings = self.settings
         waiting = jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=settings.republish_after_s, limit=1000)
         within_s = max(3 * settings.reconcile_interval_s, 30.0)
@@ -202,5 +203,7 @@ class Reconciler:
         }
         for job_id in waiting:
             jobs_repository.append_events(conn, job_id, [event])
+        # the job's status stays queued (it is); its progress says what it waits for, until a worker claims it
+        jobs_repository.set_stage(conn, waiting, jobs_repository.WAITING_FOR_GPU_WORKER, status="queued")
         log.info("%d cuda job(s) wait for a worker that takes GPU jobs", len(waiting))
         return waiting

@@ -255,6 +255,8 @@ class JobRunner:
                 return ClaimOutcome(False), None
             event = status_event("running", attempt=claimed["attempts"], worker=self.worker)
             jobs_repository.append_events(conn, job_id, [event])
+            if (claimed["progress"] or {}).get("stage") == jobs_repository.WAITING_FOR_GPU_WORKER:
+                jobs_repository.set_stage(conn, [job_id], "queued", status="running")  # no longer waiting
             return ClaimOutcome(True), claimed
 
     def checkpointer(self, job_id: str, spec: JobSpec) -> FolderCheckpointer:

@@ -360,6 +360,23 @@ def gpu_worker_seen(conn: Connection, *, queue: str, within_s: float) -> bool:
     return conn.execute(query).first() is not None
 
 
+def set_stage(conn: Connection, job_ids: Sequence[str], stage: str, *, status: str) -> None:
+    """Set ``progress.stage`` of those of ``job_ids`` that are still in ``status``, keeping the rest of their
+    progress. The update re-checks the status, so a job that changed status meanwhile is left alone."""
+    if not job_ids:
+        return
+    rows = conn.execute(sa.select(jobs.c.id, jobs.c.progress).where(jobs.c.id.in_(job_ids), jobs.c.status == status))
+    for job_id, progress in rows.all():
+        current = dict(progress or {})
+        if current.get("stage") == stage:
+            continue
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.status == status)
+            .values(progress={**current, "stage": stage})
+        )
+
+
 def cuda_jobs_not_yet_told(conn: Connection, *, older_than_s: float, limit: int) -> list[str]:
     """Queued jobs that ask for cuda, queued for longer than ``older_than_s``, whose events do not yet say that they
     wait for a GPU worker."""

@@ -120,6 +120,8 @@ def test_cuda_jobs_wait_in_the_gpu_queue_for_a_worker_that_takes_them(
         ]
         assert len(told) == 1 and told[0]["level"] == "warning", told
         assert gpu_queue in told[0]["message"] and "DISTILLERY_WORKER_GPU_JOBS" in told[0]["message"]
+        waiting = private_api.get(f"/v1/jobs/{cuda.json()['id']}").json()
+        assert (waiting["status"], waiting["progress"]["stage"]) == ("queued", "waiting_for_gpu_worker")
     finally:
         cpu_worker.stop()
     gpu_worker = start_worker({**private_env, "DISTILLERY_WORKER_GPU_JOBS": "true"}, tmp_path / "gpu-worker.log")
@@ -127,6 +129,7 @@ def test_cuda_jobs_wait_in_the_gpu_queue_for_a_worker_that_takes_them(
         done = wait_for_status(private_api, cuda.json()["id"], ("succeeded", "failed"))
     finally:
         gpu_worker.stop()
+    assert done["progress"]["stage"] != "waiting_for_gpu_worker"  # claimed: no longer waiting
     if torch.cuda.is_available():
         assert done["status"] == "succeeded", done["error"]
     else:

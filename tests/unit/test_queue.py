@@ -7,11 +7,13 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from app.cli import cmd_workers
 from app.db import jobs_repository
 from app.db.engine import Database
 from app.db.migrate import upgrade
+from app.db.tables import jobs
 from app.queue import all_queues, job_queue, spec_device, worker_queues
 
 
@@ -51,6 +53,12 @@ def test_the_queries_behind_waiting_for_a_gpu_worker_on_the_embedded_database(tm
             event = {"type": "message", "data": {"code": jobs_repository.WAITING_FOR_GPU_WORKER}}
             jobs_repository.append_events(conn, "job_gpu", [event])
             assert jobs_repository.cuda_jobs_not_yet_told(conn, older_than_s=-1, limit=10) == []  # told once
+            # the progress of a waiting job says so; the rest of it is kept, jobs no longer queued are left alone
+            jobs_repository.set_stage(conn, ["job_gpu", "job_cpu"], "waiting_for_gpu_worker", status="queued")
+            conn.execute(jobs.update().where(jobs.c.id == "job_cpu").values(status="running", progress={"step": 3}))
+            jobs_repository.set_stage(conn, ["job_cpu"], "waiting_for_gpu_worker", status="queued")
+            stages = dict(conn.execute(sa.select(jobs.c.id, jobs.c.progress)).all())
+            assert stages["job_gpu"] == {"stage": "waiting_for_gpu_worker"} and stages["job_cpu"] == {"step": 3}
 
             assert not jobs_repository.gpu_worker_seen(conn, queue="q", within_s=30)
             jobs_repository.worker_seen(conn, "cpu-worker", queue="q", gpu_jobs=False)
