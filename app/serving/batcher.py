@@ -77,13 +77,17 @@ class BatchObserver(Protocol):
 
     def request_done(self, seconds: float) -> None: ...
 
+    def tokens_generated(self, tokens: int, first_token_seconds: Sequence[float]) -> None:
+        """A decode step of a continuous model: the tokens it made, and the time from queueing to this step for each
+        request it admitted (whose first token it made)."""
+
     def rejected(self, reason: str) -> None: ...
 
 
 class Continuous(Protocol):
     """A model batched step by step (continuous batching): ``admit`` a request between steps (None, or the error
-    that refuses it), ``step`` while ``busy`` (the requests it finished, as (handle, output)), ``fail`` after a step
-    raised (the handles of every request it held)."""
+    that refuses it), ``step`` while ``busy`` (the requests it finished, as (handle, output or exception)), ``fail``
+    after a step raised (every request it held, as (handle, output or the error)), leaving it empty."""
 
     @property
     def rows(self) -> int: ...
@@ -94,11 +98,15 @@ class Continuous(Protocol):
     @property
     def busy(self) -> bool: ...
 
+    @property
+    def generated(self) -> int:
+        """Tokens the last step made."""
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None: ...
 
     def step(self) -> list[tuple[Any, Any]]: ...
 
-    def fail(self) -> list[Any]: ...
+    def fail(self, error: Exception) -> list[tuple[Any, Any]]: ...
 
 
 class NoObserver:
@@ -106,6 +114,9 @@ class NoObserver:
         pass
 
     def request_done(self, seconds: float) -> None:
+        pass
+
+    def tokens_generated(self, tokens: int, first_token_seconds: Sequence[float]) -> None:
         pass
 
     def rejected(self, reason: str) -> None:
@@ -144,6 +155,15 @@ class PendingRequest:
 
 
 _STOP = object()
+
+
+@dataclass
+class _Admission:
+    """The continuous loop's state between rounds: a request that did not fit yet, and whether stop() was seen."""
+
+    carried: Any = None
+    stopping: bool = False
+
 
 RunBatch = Callable[[list[Any]], Sequence[Any]]
 
@@ -294,61 +314,71 @@ class DynamicBatcher:
                     log.exception("inference thread of %s failed", self.name)
 
     def _serve_continuous(self, engine: Continuous) -> None:
-        carried: Any = None
-        stopping = False
-        limit = self.config.max_batch_size
+        state = _Admission()
         while True:
-            admitted: list[PendingRequest] = []
-            while True:  # admit what is queued while the engine has rows to spare; wait only when it is idle
-                if carried is not None:
-                    item, carried = carried, None
-                elif not engine.busy and not stopping:
-                    item = self._queue.get()
-                else:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if item is _STOP:
-                    stopping = True
-                    continue
-                if item.cancelled:
-                    continue
-                if engine.busy and engine.rows + item.rows > limit:
-                    carried = item
-                    break
-                item.started_at = time.monotonic()
-                try:
-                    refused = engine.admit(item.payload, item, item.is_cancelled)
-                except Exception as exc:
-                    log.exception("admitting a request to %s failed", self.name)
-                    refused = exc
-                if refused is not None:
-                    self.loop.call_soon_threadsafe(self._deliver, [item], [refused], [True])
-                else:
-                    admitted.append(item)
-            if not engine.busy:
-                if stopping and carried is None:
-                    return
-                continue
-            rows, requests = engine.rows, engine.requests
-            started = time.monotonic()
             try:
-                finished = engine.step()
-            except Exception as exc:  # a failed forward fails what the engine held, not the thread
-                log.exception("a generation step of %s failed", self.name)
-                failed: list[PendingRequest] = engine.fail()
-                self.loop.call_soon_threadsafe(self._deliver, failed, [exc] * len(failed), [True] * len(failed))
+                if not self._continuous_round(engine, state):
+                    return
+            except BaseException:  # never let the thread die: the model would stop answering
+                log.exception("inference thread of %s failed", self.name)
+
+    def _continuous_round(self, engine: Continuous, state: _Admission) -> bool:
+        """Admit what is queued while the engine has rows to spare (waiting only when it is idle), then one step;
+        False once stopped and drained."""
+        limit = self.config.max_batch_size
+        admitted: list[PendingRequest] = []
+        while True:
+            if state.carried is not None:
+                item, state.carried = state.carried, None
+            elif not engine.busy and not state.stopping:
+                item = self._queue.get()
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                state.stopping = True
                 continue
-            compute_seconds = time.monotonic() - started
-            self.recent_request_seconds = 0.9 * self.recent_request_seconds + 0.1 * compute_seconds
-            if finished:
-                done: list[PendingRequest] = [handle for handle, _ in finished]
-                results, errors = self._encode(done, [output for _, output in finished])
-                self.loop.call_soon_threadsafe(self._deliver, done, results, errors)
-            self.observer.batch_done(
-                rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
-            )
+            if item.cancelled:
+                continue
+            if engine.busy and engine.rows + item.rows > limit:
+                state.carried = item
+                break
+            item.started_at = time.monotonic()
+            try:
+                refused = engine.admit(item.payload, item, item.is_cancelled)
+            except Exception as exc:
+                log.exception("admitting a request to %s failed", self.name)
+                refused = exc
+            if refused is not None:
+                self.loop.call_soon_threadsafe(self._deliver, [item], [refused], [True])
+            else:
+                admitted.append(item)
+        if not engine.busy:
+            return not (state.stopping and state.carried is None)
+        rows, requests = engine.rows, engine.requests
+        started = time.monotonic()
+        try:
+            finished = engine.step()
+        except Exception as exc:  # a failed decode step fails what the engine held, not the thread
+            log.exception("a generation step of %s failed", self.name)
+            finished = engine.fail(exc)
+        ended = time.monotonic()
+        compute_seconds = ended - started
+        # reported before the answers go out, so that a client that has its completion finds it counted
+        self.observer.batch_done(
+            rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
+        )
+        self.observer.tokens_generated(engine.generated, [ended - request.enqueued_at for request in admitted])
+        if finished:
+            done: list[PendingRequest] = [handle for handle, _ in finished]
+            for request in done:  # Retry-After: a request's share of the steps it took
+                share = (ended - request.started_at) / max(1, requests)
+                self.recent_request_seconds = 0.9 * self.recent_request_seconds + 0.1 * share
+            results, errors = self._encode(done, [output for _, output in finished])
+            self.loop.call_soon_threadsafe(self._deliver, done, results, errors)
+        return True
 
     def _encode(self, batch: list[PendingRequest], outputs: Sequence[Any]) -> tuple[list[Any], list[bool]]:
         """Each request's encoded output, or its error (an exception among the outputs, or raised by encoding)."""

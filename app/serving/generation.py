@@ -72,7 +72,7 @@ def draw(
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p is not None:
         ordered, order = probs.sort(dim=-1, descending=True)
-        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered > top_p, 0.0)
+        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
     return torch.cat([torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(generators)])
 
@@ -271,11 +271,15 @@ class GenerationEngine:
         self.suppress = list(getattr(config, "suppress_tokens", None) or [])
         self.eos_ids = end_of_sequence_ids(tokenizer, config)
         self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
+        parameters = inspect.signature(model.forward).parameters
         # transformers 5.2x renamed the cache argument (``past_key_values`` → ``cache``)
-        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # logits of the last position only (a prefill would otherwise make [rows, prompt, vocab] of them)
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.batch: Batch | None = None
         self.admitted: list[Row] = []
-        self.done: list[tuple[Any, list[Completion]]] = []
+        self.done: list[tuple[Any, list[Completion] | Exception]] = []
+        self.generated = 0  # tokens the last step made
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -332,29 +336,41 @@ class GenerationEngine:
             self.admitted.append(Row(request, stream, ids, (owner, index), generator))
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Any, list[Completion]]]:
+    def step(self) -> list[tuple[Any, list[Completion] | Exception]]:
         """One token for every row: a decode step for the running batch and a prefill for the admitted prompts;
-        returns (handle, completions) of each request whose prompts are all done."""
+        returns (handle, completions) of each request whose prompts are all done, and (handle, error) of each
+        admitted request whose prefill failed (the running batch goes on: a prompt too long for the memory left
+        fails alone). A failing decode step raises: then ``fail``."""
+        self.generated = 0
         self._drop_finished()
         if self.batch is not None:
             self._decode(self.batch)
         if self.admitted:
-            joining = self._prefill(self.admitted)
-            self.admitted = []
-            self.batch = joining if self.batch is None else self._merge(self.batch, joining)
+            admitted, self.admitted = self.admitted, []
+            try:
+                joining = self._prefill(admitted)
+            except Exception as exc:
+                owners = {id(row.owner[0]): row.owner[0] for row in admitted}
+                self.done.extend((owner.handle, exc) for owner in owners.values())
+            else:
+                self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
         done, self.done = self.done, []
         return done
 
-    def fail(self) -> list[Any]:
-        """Drop every row (after a failed forward); returns the handles of the requests that were in the engine,
-        those the failed step had already finished included (they fail too rather than never being answered)."""
+    def fail(self, error: Exception) -> list[tuple[Any, list[Completion] | Exception]]:
+        """After a step raised: every request the engine held, each once, with ``error``, except those the step had
+        already finished, which keep their completions. The engine is empty afterwards."""
         rows = self.admitted + (self.batch.rows if self.batch else [])
         self.admitted, self.batch = [], None
-        handles = {id(row.owner[0]): row.owner[0].handle for row in rows}
-        handles.update({id(handle): handle for handle, _ in self.done})
+        outcomes: dict[int, tuple[Any, list[Completion] | Exception]] = {
+            id(handle): (handle, output) for handle, output in self.done
+        }
+        for row in rows:
+            handle = row.owner[0].handle
+            outcomes.setdefault(id(handle), (handle, error))
         self.done = []
-        return list(handles.values())
+        return list(outcomes.values())
 
     # --- internals -------------------------------------------------------------------------------------------------
 
@@ -366,7 +382,9 @@ class GenerationEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
         arguments = {self.cache_argument: cache} if cache is not None else {}
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
+        return self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments, **self.last_logits
+        )
 
     def _prefill(self, rows: list[Row]) -> Batch:
         prompts = [row.ids for row in rows]
@@ -405,6 +423,7 @@ class GenerationEngine:
         for row, token in zip(rows, tokens.tolist(), strict=True):
             if not row.finished():
                 row.stream.put(torch.tensor([token]))
+                self.generated += 1
         return tokens
 
     def _drop_finished(self) -> None:

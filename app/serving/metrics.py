@@ -45,6 +45,16 @@ class ServingMetrics:
             registry=registry,
             buckets=BATCH_BUCKETS,
         )
+        self.generated_tokens = Counter(
+            "distillery_generated_tokens", "Tokens generated for completions", ["model"], registry=registry
+        )
+        self.first_token_seconds = Histogram(
+            "distillery_time_to_first_token_seconds",
+            "Time from queueing a completion request to the end of the decode step that made its first token",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.in_flight = Gauge(
             "distillery_inference_in_flight", "Requests queued or running", ["model"], registry=registry
         )
@@ -98,6 +108,8 @@ class ModelMetrics:
         self.rows = metrics.batch_rows.labels(model_id)
         self.requests = metrics.batch_requests.labels(model_id)
         self.hits = metrics.cache_hits.labels(model_id)
+        self.tokens = metrics.generated_tokens.labels(model_id)
+        self.first_token = metrics.first_token_seconds.labels(model_id)
         self._rejected = metrics.rejected
         self._in_flight = metrics.in_flight.labels(model_id)
 
@@ -110,6 +122,11 @@ class ModelMetrics:
 
     def request_done(self, seconds: float) -> None:
         self.request.observe(seconds)
+
+    def tokens_generated(self, tokens: int, first_token_seconds: Sequence[float]) -> None:
+        self.tokens.inc(tokens)
+        for seconds in first_token_seconds:
+            self.first_token.observe(seconds)
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_id, reason).inc()

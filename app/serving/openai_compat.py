@@ -277,8 +277,10 @@ def sse(document: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(document) + b"\n\n"
 
 
-def usage_of(completions: list[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in completions)
+def usage_of(completions: list[Completion], choices: int = 1) -> dict[str, int]:
+    """OpenAI's usage: each prompt's tokens once, whatever its number of ``choices`` (``n``; prompt i's choices are
+    completions i * n … i * n + n - 1), and every choice's generated tokens."""
+    prompt = sum(c.prompt_tokens for c in completions[::choices])
     generated = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -292,9 +294,11 @@ async def stream_generation(
     requests: list[GenerationRequest],
     chunk: ChunkMaker,
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
+    choices: int,
 ) -> Response:
     """Start the generation; once its prompts are accepted (or refused: then the error is the response), stream
-    ``chunk(index, text, finish_reason)`` documents as SSE. A client that goes away stops the generation."""
+    ``chunk(index, text, finish_reason)`` documents as SSE. A client that goes away stops the generation.
+    ``choices``: completions per prompt (``n``)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
@@ -335,7 +339,7 @@ async def stream_generation(
             for index, completion in enumerate(completions):
                 yield sse(chunk(index, None, completion.finish_reason))
             if usage_chunk is not None:
-                yield sse(usage_chunk(usage_of(completions)))
+                yield sse(usage_chunk(usage_of(completions, choices)))
             yield b"data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -383,7 +387,8 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {**chunk(0, None, None), "choices": [], "usage": usage}
 
-        return await stream_generation(inference, served, requests, chunk, usage_chunk if include_usage else None)
+        usage = usage_chunk if include_usage else None
+        return await stream_generation(inference, served, requests, chunk, usage, body.n)
     results: list[Completion] = await inference.infer(served, requests, len(requests))
     return json_response(
         {
@@ -395,7 +400,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
                 {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                 for i, c in enumerate(results)
             ],
-            "usage": usage_of(results),
+            "usage": usage_of(results, body.n),
         }
     )
 
@@ -458,7 +463,8 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {**chunk(0, None, None), "choices": [], "usage": usage}
 
-        response = await stream_generation(inference, served, requests, chunk, usage_chunk if include_usage else None)
+        usage = usage_chunk if include_usage else None
+        response = await stream_generation(inference, served, requests, chunk, usage, body.n)
         assert isinstance(response, StreamingResponse)
         response.body_iterator = with_role_first(response.body_iterator, chunk, body.n)
         return response
@@ -478,7 +484,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
                 }
                 for index, completion in enumerate(results)
             ],
-            "usage": usage_of(results),
+            "usage": usage_of(results, body.n),
         }
     )
 

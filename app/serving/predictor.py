@@ -684,6 +684,10 @@ class ContinuousGeneration:
     def busy(self) -> bool:
         return self.engine.busy
 
+    @property
+    def generated(self) -> int:
+        return self.engine.generated
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
         """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
         prompts = cast(list[GenerationRequest], payload)
@@ -693,11 +697,11 @@ class ContinuousGeneration:
         self.engine.admit(prompts, ids, handle, cancelled)
         return None
 
-    def step(self) -> list[tuple[Any, list[Completion]]]:
+    def step(self) -> list[tuple[Any, list[Completion] | Exception]]:
         return self.engine.step()
 
-    def fail(self) -> list[Any]:
-        return self.engine.fail()
+    def fail(self, error: Exception) -> list[tuple[Any, list[Completion] | Exception]]:
+        return self.engine.fail(error)
 
 
 def own_backend(tokenizer: Any) -> Any:

@@ -547,9 +547,13 @@ def sse_events(response: httpx.Response) -> list[Any]:
 def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_models: dict[str, str]) -> None:
     model = text_models["plain"]
     request = {"model": model, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    tokens, first_tokens = "distillery_generated_tokens_total", "distillery_time_to_first_token_seconds_count"
+    counted = metric(client, tokens, model=model), metric(client, first_tokens, model=model)
     response = client.post("/v1/completions", json=request)
     assert response.status_code == 200, response.text
     body = response.json()
+    assert metric(client, tokens, model=model) == counted[0] + body["usage"]["completion_tokens"]
+    assert metric(client, first_tokens, model=model) == counted[1] + 1
     assert body["object"] == "text_completion" and body["model"] == model
     [choice] = body["choices"]
     assert choice["finish_reason"] in ("length", "stop") and choice["index"] == 0
@@ -601,7 +605,7 @@ def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, 
     assert [c["text"] for c in choices[:3]] == [text(seed=41), seeded, text(seed=43)]
     assert choices[3]["text"] == text(prompt="x", seed=41)
     usage = several.json()["usage"]
-    assert usage["prompt_tokens"] == 3 * (len("def add(a, b):") + 1) + 3 * 2
+    assert usage["prompt_tokens"] == len("def add(a, b):") + 1 + 2  # each prompt once, as OpenAI counts
 
 
 def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: dict[str, str]) -> None:
@@ -650,6 +654,7 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     sampled = {**request, "temperature": 1.5, "seed": 5, "n": 3}
     whole = client.post("/v1/chat/completions", json=sampled).json()
     assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert whole["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]  # the prompt once, whatever n
     chunks = sse_events(client.post("/v1/chat/completions", json={**sampled, "stream": True}))[:-1]
     assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}] * 3
     assert [c["choices"][0]["index"] for c in chunks[:3]] == [0, 1, 2]

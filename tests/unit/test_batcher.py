@@ -47,6 +47,8 @@ class Observer:
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []
         self.requests = 0
+        self.tokens = 0
+        self.first_tokens = 0
         self.rejections: list[str] = []
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
@@ -54,6 +56,10 @@ class Observer:
 
     def request_done(self, seconds: float) -> None:
         self.requests += 1
+
+    def tokens_generated(self, tokens: int, first_token_seconds: Sequence[float]) -> None:
+        self.tokens += tokens
+        self.first_tokens += len(first_token_seconds)
 
     def rejected(self, reason: str) -> None:
         self.rejections.append(reason)
@@ -291,6 +297,10 @@ class Countdown:
     def busy(self) -> bool:
         return bool(self.held)
 
+    @property
+    def generated(self) -> int:
+        return self.rows_per_step[-1] if self.rows_per_step else 0
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None:
         if payload == -1:
             return ValueError("refused")
@@ -311,10 +321,10 @@ class Countdown:
             done.append((entry[0], entry[2] * 10))
         return done
 
-    def fail(self) -> list[Any]:
-        handles = [entry[0] for entry in self.held]
+    def fail(self, error: Exception) -> list[tuple[Any, Any]]:
+        failed = [(entry[0], error) for entry in self.held]
         self.held = []
-        return handles
+        return failed
 
 
 def make_continuous(loop: asyncio.AbstractEventLoop, engine: Countdown, observer: Any = None, **config: Any) -> Any:
@@ -342,10 +352,11 @@ def test_continuous_a_request_joins_a_running_batch_and_leaves_when_done() -> No
         short = await ask(3)
         assert short == 30 and not long.done()  # answered while the long one goes on
         assert await long == 600 and finished == [3, 60]
+        batcher.stop()
+        batcher.join(5)  # the thread reports a step after handing its results over
         assert max(engine.rows_per_step) == 2 and engine.rows_per_step[-1] == 1
         assert observer.requests == 2 and batcher.pending == 0
-        batcher.stop()
-        batcher.join(5)
+        assert observer.tokens == sum(engine.rows_per_step) and observer.first_tokens == 2
 
     run(test)
 

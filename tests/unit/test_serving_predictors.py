@@ -495,8 +495,10 @@ def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alon
             (c.text, c.completion_tokens) for c in alone_short[0]
         ]
         assert [c.text for c in await first] == [c.text for c in alone_long[0]]
-        assert max(observer.rows) == 3 and observer.rows[-1] == 1  # joined, then left
         batcher.stop()
+        batcher.join(5)  # the thread reports a step after handing its results over
+        assert max(observer.rows) == 3 and observer.rows[-1] == 1  # joined, then left
+        assert observer.tokens == 100 + 3 + 5
 
     asyncio.run(main())
 
@@ -504,12 +506,16 @@ def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alon
 class BatchRecorder:
     def __init__(self) -> None:
         self.rows: list[int] = []
+        self.tokens = 0
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
         self.rows.append(rows)
 
     def request_done(self, seconds: float) -> None:
         pass
+
+    def tokens_generated(self, tokens: int, first_token_seconds: Any) -> None:
+        self.tokens += tokens
 
     def rejected(self, reason: str) -> None:
         pass
@@ -543,24 +549,34 @@ def test_an_eos_of_the_generation_config_ends_the_completion(endless: TextPredic
 def test_a_failed_step_hands_back_every_request_the_engine_held(
     endless: TextPredictor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a forward raises, ``fail`` returns every request, those already finished in that step included (else
-    they would never be answered), and the engine is empty and serves the next request."""
+    """A failing prefill fails only the requests it was admitting (the running batch goes on); after a failing
+    decode step ``fail`` hands back every request once, with the error, except one the step had already finished
+    (it keeps its completion), and the engine is empty and serves the next request."""
     adapter = endless.continuous_generation()
     assert adapter is not None
     engine = adapter.engine
     first, second = GenerationRequest(prompt="a", max_tokens=10), GenerationRequest(prompt="b", max_tokens=10)
     assert adapter.admit([first], "first", never) is None and adapter.admit([second], "second", never) is None
     assert adapter.step() == [] and adapter.rows == 2 and adapter.requests == 2
-    first.cancelled = True  # finishes at the start of the next step
+
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda rows: (_ for _ in ()).throw(MemoryError("prompt too long")))
+    assert adapter.admit([GenerationRequest(prompt="c" * 30, max_tokens=2)], "long", never) is None
+    [(handle, error)] = adapter.step()
+    assert handle == "long" and isinstance(error, MemoryError) and adapter.rows == 2
+    monkeypatch.setattr(engine, "_prefill", prefill)
+
+    first.cancelled = True  # finishes at the start of the next step, which then fails in its decode
     monkeypatch.setattr(engine, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):
         adapter.step()
-    assert sorted(adapter.fail()) == ["first", "second"] and not adapter.busy
+    outcomes = dict(adapter.fail(RuntimeError("out of memory")))
+    assert sorted(outcomes) == ["first", "second"] and not adapter.busy
+    assert isinstance(outcomes["second"], RuntimeError)
+    assert [c.completion_tokens for c in outcomes["first"]] == [2]  # type: ignore[union-attr]
     monkeypatch.undo()
     assert adapter.admit([GenerationRequest(prompt="c", max_tokens=2)], "third", never) is None
     finished = []
     while adapter.busy:
         finished += adapter.step()
-    assert [(handle, [c.completion_tokens for c in completions]) for handle, completions in finished] == [
-        ("third", [2])
-    ]
+    assert [(handle, [c.completion_tokens for c in done]) for handle, done in finished] == [("third", [2])]
