@@ -43,6 +43,20 @@ class GenerationRequest:
     on_start: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False
+    # log-probabilities of the chosen tokens and of the ``logprobs`` most likely ones at each step (None: none);
+    # with ``prompt_logprobs`` those of the prompt's tokens too (OpenAI's echo)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model (None for a prompt's first token, which nothing predicts),
+    and the most likely tokens of that position with theirs."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -51,6 +65,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
+    logprobs: list[TokenLogprob] | None = None  # the generated tokens' (when asked for)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's (when asked for)
 
 
 def new_generator(request: GenerationRequest, device: torch.device) -> torch.Generator:
@@ -206,6 +222,20 @@ UNSUPPORTED_GENERATION_FIELDS = {
 }
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """For each row of ``logits`` [positions, vocab]: the log-probability of ``tokens`` [positions] there, and the
+    ``top`` most likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+    best = logprobs.topk(top, dim=-1) if top > 0 else None
+    ids = best.indices.tolist() if best is not None else [[] for _ in chosen]
+    values = best.values.tolist() if best is not None else [[] for _ in chosen]
+    return [
+        TokenLogprob(int(token), float(logprob), list(zip(row_ids, row_values, strict=True)))
+        for token, logprob, row_ids, row_values in zip(tokens.tolist(), chosen, ids, values, strict=True)
+    ]
+
+
 def cache_of(output: Any) -> Any:
     """The KV cache a forward returned (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
@@ -220,6 +250,8 @@ class Row:
     ids: list[int]  # the prompt's token ids
     owner: tuple[Owner, int]  # the request and this prompt's place in it
     generator: torch.Generator | None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def finished(self) -> bool:
         stream = self.stream
@@ -233,7 +265,9 @@ class Row:
     def completion(self) -> Completion:
         self.stream.flush()
         finish = "stop" if self.stream.stopped or self.stream.ended_by_eos else "length"
-        return Completion(self.stream.text, len(self.ids), self.stream.generated, finish)
+        return Completion(
+            self.stream.text, len(self.ids), self.stream.generated, finish, self.logprobs, self.prompt_logprobs
+        )
 
 
 @dataclass
@@ -327,13 +361,15 @@ class GenerationEngine:
         ``step`` that finishes its last prompt (at once when none has a token to make)."""
         owner = Owner(handle, len(requests), cancelled)
         for index, (request, ids) in enumerate(zip(requests, prompts, strict=True)):
-            if request.max_tokens <= 0:
+            if request.max_tokens <= 0 and not request.prompt_logprobs:
                 self._complete(owner, index, Completion("", len(ids), 0, "length"))
                 continue
             stream = TextStream(self.tokenizer, request, self.eos_ids)
             stream.prompt_seen = True
             generator = new_generator(request, self.device) if request.temperature > 0 else None
-            self.admitted.append(Row(request, stream, ids, (owner, index), generator))
+            row = Row(request, stream, ids, (owner, index), generator)
+            row.logprobs = [] if request.logprobs is not None else None
+            self.admitted.append(row)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Any, list[Completion] | Exception]]:
@@ -380,11 +416,13 @@ class GenerationEngine:
         if owner.left == 0:
             self.done.append((owner.handle, [c for c in owner.completions if c is not None]))
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, all_logits: bool = False
+    ) -> Any:
         arguments = {self.cache_argument: cache} if cache is not None else {}
-        return self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments, **self.last_logits
-        )
+        if not all_logits:
+            arguments.update(self.last_logits)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
 
     def _prefill(self, rows: list[Row]) -> Batch:
         prompts = [row.ids for row in rows]
@@ -392,7 +430,14 @@ class GenerationEngine:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self._forward(ids, mask, positions, None)
+        scored = [i for i, row in enumerate(rows) if row.request.prompt_logprobs]
+        output = self._forward(ids, mask, positions, None, all_logits=bool(scored))
+        for i in scored:  # position t predicts token t + 1; the first token has nothing before it
+            row, start = rows[i], width - len(prompts[i])
+            predicted = output.logits[i, start:-1, :]
+            following = torch.tensor(prompts[i][1:], dtype=torch.long, device=predicted.device)
+            scores = token_logprobs(predicted, following, row.request.logprobs or 0)
+            row.prompt_logprobs = [TokenLogprob(prompts[i][0], None, []), *scores]
         tokens = self._choose(rows, output.logits[:, -1, :])
         return Batch(rows, cache_of(output), mask, tokens)
 
@@ -404,8 +449,11 @@ class GenerationEngine:
         batch.tokens = self._choose(batch.rows, output.logits[:, -1, :])
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token (greedy, or drawn), handed to its stream."""
+        """Each row's next token (greedy, or drawn), handed to its stream (and its log-probability, under the
+        model's own distribution, to rows that asked for them)."""
         logits = logits.float()
+        scored = [i for i, row in enumerate(rows) if row.logprobs is not None and not row.finished()]
+        raw = logits.index_select(0, torch.tensor(scored, device=logits.device)) if scored else None
         if self.suppress:
             logits[:, self.suppress] = -math.inf
         if self.begin_suppress:
@@ -420,6 +468,12 @@ class GenerationEngine:
             temperature, top_p = sampling_tensors([rows[i].request for i in sampled], logits.device)
             generators = [rows[i].generator for i in sampled]
             tokens[index] = draw(logits.index_select(0, index), temperature, top_p, generators)  # type: ignore[arg-type]
+        if raw is not None:
+            top = max(rows[i].request.logprobs or 0 for i in scored)
+            chosen = token_logprobs(raw, tokens.index_select(0, torch.tensor(scored, device=tokens.device)), top)
+            for i, entry in zip(scored, chosen, strict=True):
+                entry.top = entry.top[: rows[i].request.logprobs or 0]
+                rows[i].logprobs.append(entry)  # type: ignore[union-attr]
         for row, token in zip(rows, tokens.tolist(), strict=True):
             if not row.finished():
                 row.stream.put(torch.tensor([token]))

@@ -32,7 +32,7 @@ from app.models import service as models_service
 from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
-from app.serving.generation import Completion, GenerationRequest
+from app.serving.generation import Completion, GenerationRequest, TokenLogprob
 from app.serving.predictor import TextOutput, TextPredictor, TextRequest
 from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
 from app.serving.service import InferenceService, ServedModel
@@ -84,6 +84,7 @@ class StreamOptions(BaseModel):
 
 
 MAX_CHOICES = 16
+MAX_LOGPROBS = 5
 
 
 class SamplingFields(BaseModel):
@@ -117,6 +118,17 @@ class CompletionRequest(SamplingFields):
     )
     max_tokens: int | None = Field(
         None, ge=0, description="Tokens to generate; default 16 (cut to what the context leaves)."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log-probabilities of the generated tokens (the model's own distribution) and of this many most "
+        "likely tokens at each step. Not with stream.",
+    )
+    echo: bool = Field(
+        False,
+        description="Return the prompt before the completion (with logprobs: the prompt tokens' too). Not with stream.",
     )
 
 
@@ -167,10 +179,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -353,9 +372,17 @@ async def stream_generation(
 
 async def completions(body: CompletionRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
     served = await inference.get(tenant, body.model)
-    require_task(served, "causal_lm", "/v1/completions")
+    predictor = require_task(served, "causal_lm", "/v1/completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
+    if body.stream and (body.logprobs is not None or body.echo):
+        raise bad_request("logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
+    if body.logprobs is not None and not predictor.continuous:
+        raise bad_request(
+            f"model {served.model_id} generates through transformers' generate (its generation config asks for "
+            "what the serving engine does not apply), which does not give log-probabilities here",
+            "logprobs",
+        )
     requests = [
         GenerationRequest(
             prompt=prompt,
@@ -365,6 +392,8 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             seed=choice_seed(body.seed, choice),
             stop=stops_of(body.stop),
             overflow=overflow,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
         )
         for prompt in prompts  # choices in OpenAI's order: prompt i's choice j has index i * n + j
         for choice in range(body.n)
@@ -397,12 +426,45 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             "created": created,
             "model": model,
             "choices": [
-                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                completion_choice(predictor, i, c, prompts[i // body.n] if body.echo else "", body.logprobs)
                 for i, c in enumerate(results)
             ],
             "usage": usage_of(results, body.n),
         }
     )
+
+
+def completion_choice(
+    predictor: TextPredictor, index: int, completion: Completion, echoed: str, logprobs: int | None
+) -> dict[str, Any]:
+    """One choice of /v1/completions: ``echoed`` (the prompt, with echo) before the text, and OpenAI's legacy
+    ``logprobs`` object when they were asked for."""
+    text = echoed + completion.text
+    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
+    if logprobs is None:
+        return choice
+    entries = list(completion.prompt_logprobs or []) if echoed else []
+    tokenizer = predictor.tokenizer
+    document: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+
+    def add(entry: TokenLogprob) -> None:
+        nonlocal offset
+        document["tokens"].append(tokenizer.decode([entry.token]))
+        document["token_logprobs"].append(entry.logprob)
+        top = {tokenizer.decode([token]): value for token, value in entry.top} if entry.logprob is not None else None
+        document["top_logprobs"].append(top)
+        document["text_offset"].append(offset)
+        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
+
+    for entry in entries:
+        add(entry)
+    offset = len(echoed)  # the prompt's tokens may not spell it exactly (special tokens, partial characters)
+    for entry in completion.logprobs or []:
+        if offset >= len(text):
+            break  # the end-of-sequence token, or tokens after a stop string: not part of the text
+        add(entry)
+    return choice | {"logprobs": document}
 
 
 def message_text(message: ChatMessage) -> str:

@@ -608,6 +608,39 @@ def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, 
     assert usage["prompt_tokens"] == len("def add(a, b):") + 1 + 2  # each prompt once, as OpenAI counts
 
 
+def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: dict[str, str]) -> None:
+    """logprobs: each token with its log-probability and the top ones of its step; echo: the prompt first, its
+    tokens scored too (the first has nothing before it); max_tokens 0 scores a text (what evaluation harnesses
+    ask). Greedy tokens are the most likely of their step. Not with stream."""
+    model = text_models["plain"]
+    prompt = "def add(a, b):"
+    base = {"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
+    plain = client.post("/v1/completions", json=base).json()["choices"][0]
+    response = client.post("/v1/completions", json={**base, "logprobs": 2, "echo": True})
+    assert response.status_code == 200, response.text
+    echoed = response.json()["choices"][0]
+    assert echoed["text"] == prompt + plain["text"]
+    logprobs = echoed["logprobs"]
+    count = len(logprobs["tokens"])
+    assert count == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == len(logprobs["text_offset"])
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert count >= prompt_tokens and "".join(logprobs["tokens"]).startswith(prompt)
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(value <= 0 for value in logprobs["token_logprobs"][1:])
+    assert all(0 < len(top) <= 2 for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"]) and logprobs["text_offset"][0] == 0
+    for index in range(prompt_tokens, count):  # greedy: the chosen token is the step's most likely
+        assert logprobs["token_logprobs"][index] == pytest.approx(max(logprobs["top_logprobs"][index].values()))
+    scored = client.post("/v1/completions", json={**base, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    [only] = scored["choices"]
+    assert only["text"] == prompt and len(only["logprobs"]["tokens"]) == scored["usage"]["prompt_tokens"]
+    assert scored["usage"]["completion_tokens"] == 0
+    streamed = client.post("/v1/completions", json={**base, "logprobs": 1, "stream": True})
+    assert "stream" in assert_openai_error(streamed, 400, "logprobs")["message"]
+    assert_openai_error(client.post("/v1/completions", json={**base, "echo": True, "stream": True}), 400, "echo")
+    assert_openai_error(client.post("/v1/completions", json={**base, "logprobs": 6}), 400, "logprobs")
+
+
 def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: dict[str, str]) -> None:
     model = text_models["plain"]
     over_limit = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 5000})

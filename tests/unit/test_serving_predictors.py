@@ -580,3 +580,32 @@ def test_a_failed_step_hands_back_every_request_the_engine_held(
     while adapter.busy:
         finished += adapter.step()
     assert [(handle, [c.completion_tokens for c in done]) for handle, done in finished] == [("third", [2])]
+
+
+def test_logprobs_of_the_prompt_and_the_completion_are_the_models(endless: TextPredictor) -> None:
+    """Asked for, each generated token comes with its log-probability and the top ones of its step, and (echo) each
+    prompt token with its own: what one forward over prompt + completion gives, batched with a request that asks
+    for none."""
+    scored = GenerationRequest(prompt="def f(x):", max_tokens=6, logprobs=3, prompt_logprobs=True)
+    plain = GenerationRequest(prompt="another, longer prompt", max_tokens=4)
+    [[completion], [other]] = endless.predict_batch([[scored], [plain]])
+    assert other.logprobs is None and other.prompt_logprobs is None
+    assert completion.logprobs is not None and completion.prompt_logprobs is not None
+    prompt = endless.render_prompt(GenerationRequest(prompt="def f(x):", max_tokens=6))
+    generated = [entry.token for entry in completion.logprobs]
+    assert [entry.token for entry in completion.prompt_logprobs] == prompt and len(generated) == 6
+    with torch.inference_mode():
+        logits = endless.model(torch.tensor([prompt + generated])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    everything = prompt + generated
+    assert completion.prompt_logprobs[0].logprob is None
+    for position, entry in enumerate(completion.prompt_logprobs[1:] + completion.logprobs, start=1):
+        assert entry.token == everything[position]
+        assert entry.logprob == pytest.approx(float(expected[position - 1, entry.token]), abs=1e-4)
+        best = expected[position - 1].topk(3)
+        assert [token for token, _ in entry.top] == best.indices.tolist()
+        assert [value for _, value in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    only_prompt = GenerationRequest(prompt="abc", max_tokens=0, logprobs=0, prompt_logprobs=True)
+    [[echoed]] = endless.predict_batch([[only_prompt]])
+    assert echoed.completion_tokens == 0 and echoed.logprobs == []
+    assert echoed.prompt_logprobs is not None and len(echoed.prompt_logprobs) == echoed.prompt_tokens
