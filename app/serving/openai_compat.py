@@ -16,7 +16,7 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -149,6 +149,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    logprobs: bool = Field(False, description="Log-probabilities of the message's tokens. Not with stream.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: this many most likely tokens at each step."
+    )
     max_tokens: int | None = Field(None, ge=0, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: int | None = Field(
         None, ge=0, description="Tokens to generate; default: what the context leaves (up to the server limit)."
@@ -210,6 +214,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 
 
@@ -378,11 +383,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     if body.stream and (body.logprobs is not None or body.echo):
         raise bad_request("logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
     if body.logprobs is not None and not predictor.continuous:
-        raise bad_request(
-            f"model {served.model_id} generates through transformers' generate (its generation config asks for "
-            "what the serving engine does not apply), which does not give log-probabilities here",
-            "logprobs",
-        )
+        raise no_logprobs(served)
     requests = [
         GenerationRequest(
             prompt=prompt,
@@ -434,6 +435,30 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     )
 
 
+def scored_tokens(
+    tokenizer: Any, entries: Sequence[TokenLogprob], start: int, end: int | None
+) -> list[tuple[TokenLogprob, str, int]]:
+    """Each entry with its token's text and where it begins in the choice's text (counting from ``start``; special
+    tokens take no room); with ``end``, only those that begin before it (not the end-of-sequence token, nor tokens
+    after a stop string)."""
+    scored = []
+    offset = start
+    for entry in entries:
+        if end is not None and offset >= end:
+            break
+        scored.append((entry, tokenizer.decode([entry.token]), offset))
+        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
+    return scored
+
+
+def no_logprobs(served: ServedModel) -> InvalidInput:
+    return bad_request(
+        f"model {served.model_id} generates through transformers' generate (its generation config asks for what the "
+        "serving engine does not apply), which does not give log-probabilities here",
+        "logprobs",
+    )
+
+
 def completion_choice(
     predictor: TextPredictor, index: int, completion: Completion, echoed: str, logprobs: int | None
 ) -> dict[str, Any]:
@@ -443,28 +468,38 @@ def completion_choice(
     choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
     if logprobs is None:
         return choice
-    entries = list(completion.prompt_logprobs or []) if echoed else []
     tokenizer = predictor.tokenizer
-    document: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-
-    def add(entry: TokenLogprob) -> None:
-        nonlocal offset
-        document["tokens"].append(tokenizer.decode([entry.token]))
-        document["token_logprobs"].append(entry.logprob)
-        top = {tokenizer.decode([token]): value for token, value in entry.top} if entry.logprob is not None else None
-        document["top_logprobs"].append(top)
-        document["text_offset"].append(offset)
-        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
-
-    for entry in entries:
-        add(entry)
-    offset = len(echoed)  # the prompt's tokens may not spell it exactly (special tokens, partial characters)
-    for entry in completion.logprobs or []:
-        if offset >= len(text):
-            break  # the end-of-sequence token, or tokens after a stop string: not part of the text
-        add(entry)
+    scored = scored_tokens(tokenizer, completion.prompt_logprobs or [], 0, None) if echoed else []
+    # the prompt's tokens may not spell it exactly (special tokens, partial characters): the completion's count from
+    # where the prompt ends
+    scored += scored_tokens(tokenizer, completion.logprobs or [], len(echoed), len(text))
+    document = {
+        "tokens": [piece for _, piece, _ in scored],
+        "token_logprobs": [entry.logprob for entry, _, _ in scored],
+        "top_logprobs": [
+            None if entry.logprob is None else {tokenizer.decode([token]): value for token, value in entry.top}
+            for entry, _, _ in scored
+        ],
+        "text_offset": [offset for _, _, offset in scored],
+    }
     return choice | {"logprobs": document}
+
+
+def chat_logprobs(predictor: TextPredictor, completion: Completion) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: per generated token of the message, its text, log-probability, UTF-8 bytes and
+    the most likely tokens of its step."""
+    tokenizer = predictor.tokenizer
+
+    def described(token: int, logprob: float) -> dict[str, Any]:
+        piece = tokenizer.decode([token])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    content = [
+        described(entry.token, entry.logprob or 0.0)
+        | {"top_logprobs": [described(token, value) for token, value in entry.top]}
+        for entry, _, _ in scored_tokens(tokenizer, completion.logprobs or [], 0, len(completion.text))
+    ]
+    return {"content": content, "refusal": None}
 
 
 def message_text(message: ChatMessage) -> str:
@@ -493,6 +528,12 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         else (body.max_tokens, "max_tokens")
     )
     max_tokens, overflow = max_tokens_of(requested, limit, limit, param)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.logprobs and body.stream:
+        raise bad_request("logprobs are not supported with stream", "logprobs")
+    if body.logprobs and not predictor.continuous:
+        raise no_logprobs(served)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
     requests = [
         GenerationRequest(
@@ -503,6 +544,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
             seed=choice_seed(body.seed, choice),
             stop=stops_of(body.stop),
             overflow=overflow,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         for choice in range(body.n)
     ]
@@ -541,7 +583,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": completion.text},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(predictor, completion) if body.logprobs else None,
                     "finish_reason": completion.finish_reason,
                 }
                 for index, completion in enumerate(results)

@@ -683,6 +683,20 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     assert events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
     assert text == body["choices"][0]["message"]["content"]
+    # logprobs: the message's tokens, each with its log-probability (greedy: its step's most likely) and the top ones
+    scored = client.post("/v1/chat/completions", json={**request, "logprobs": True, "top_logprobs": 2}).json()
+    [choice] = scored["choices"]
+    assert choice["message"]["content"] == body["choices"][0]["message"]["content"]
+    content = choice["logprobs"]["content"]
+    assert len(content) <= scored["usage"]["completion_tokens"]
+    for token in content:
+        assert len(token["top_logprobs"]) == 2 and token["bytes"] == list(token["token"].encode())
+        assert token["logprob"] == pytest.approx(max(top["logprob"] for top in token["top_logprobs"]))
+    alone = client.post("/v1/chat/completions", json={**request, "top_logprobs": 2})
+    assert_openai_error(alone, 400, "top_logprobs")
+    assert_openai_error(
+        client.post("/v1/chat/completions", json={**request, "logprobs": True, "stream": True}), 400, "logprobs"
+    )
     # n choices: each streamed under its index after a role chunk of its own, as the same request answers whole
     sampled = {**request, "temperature": 1.5, "seed": 5, "n": 3}
     whole = client.post("/v1/chat/completions", json=sampled).json()
