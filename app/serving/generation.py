@@ -47,6 +47,14 @@ class GenerationRequest:
     # with ``prompt_logprobs`` those of the prompt's tokens too (OpenAI's echo)
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # OpenAI's: each generated token's logit lowered by frequency × its count so far + presence × (count > 0), and
+    # logit_bias (token id → added to its logit); the engine applies them, the static path refuses them
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def adjusts_logits(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 @dataclass
@@ -236,6 +244,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     ]
 
 
+def adjust_logits(logits: torch.Tensor, counts: torch.Tensor | None, request: GenerationRequest) -> torch.Tensor:
+    """One row's logits [vocab] after the request's logit_bias and its frequency and presence penalties on the
+    ``counts`` [vocab] of the tokens it generated so far (OpenAI's formula)."""
+    if request.logit_bias:
+        tokens = torch.tensor(list(request.logit_bias), dtype=torch.long, device=logits.device)
+        bias = torch.tensor(list(request.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, tokens, bias)
+    if counts is not None:
+        logits = logits - request.frequency_penalty * counts - request.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def cache_of(output: Any) -> Any:
     """The KV cache a forward returned (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
@@ -252,6 +272,7 @@ class Row:
     generator: torch.Generator | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    counts: torch.Tensor | None = None  # tokens generated so far, by id (for the penalties)
 
     def finished(self) -> bool:
         stream = self.stream
@@ -461,6 +482,12 @@ class GenerationEngine:
             if first:
                 rows_first = torch.tensor(first, device=logits.device).unsqueeze(1)
                 logits[rows_first, torch.tensor([self.begin_suppress], device=logits.device)] = -math.inf
+        for i, row in enumerate(rows):
+            request = row.request
+            if request.adjusts_logits():
+                if row.counts is None and (request.frequency_penalty or request.presence_penalty):
+                    row.counts = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+                logits[i] = adjust_logits(logits[i], row.counts, request)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if row.generator is not None]
         if sampled:
@@ -478,6 +505,8 @@ class GenerationEngine:
             if not row.finished():
                 row.stream.put(torch.tensor([token]))
                 self.generated += 1
+                if row.counts is not None:
+                    row.counts[token] += 1
         return tokens
 
     def _drop_finished(self) -> None:

@@ -110,6 +110,40 @@ class SamplingFields(BaseModel):
         "draws from its own generator, whatever it is batched with). Without it each completion draws afresh.",
     )
     user: str | None = Field(None, max_length=256)
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Lowers a token's logit by this × the times it was generated so far."
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Lowers a token's logit by this once it was generated."
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300, description="Token id (a string of digits) → added to that token's logit."
+    )
+
+
+def generation_controls(body: SamplingFields, predictor: TextPredictor, model_id: str) -> dict[str, Any]:
+    """The penalties and logit bias of a request as GenerationRequest fields: token ids checked against the
+    model's vocabulary; 400 for a model on the static path, which does not apply them."""
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= predictor.vocab_size:
+            raise bad_request(
+                f"logit_bias keys are token ids of this model (0 to {predictor.vocab_size - 1}); got {key!r}",
+                "logit_bias",
+            )
+        bias[int(key)] = value
+    controls = {
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "logit_bias": bias,
+    }
+    if (body.frequency_penalty or body.presence_penalty or bias) and not predictor.continuous:
+        raise bad_request(
+            f"model {model_id} generates through transformers' generate (its generation config asks for what the "
+            "serving engine does not apply), which does not apply penalties or logit_bias here",
+            "logit_bias" if bias else "frequency_penalty" if body.frequency_penalty else "presence_penalty",
+        )
+    return controls
 
 
 class CompletionRequest(SamplingFields):
@@ -384,6 +418,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
         raise bad_request("logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
     if body.logprobs is not None and not predictor.continuous:
         raise no_logprobs(served)
+    controls = generation_controls(body, predictor, served.model_id)
     requests = [
         GenerationRequest(
             prompt=prompt,
@@ -395,6 +430,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             overflow=overflow,
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
+            **controls,
         )
         for prompt in prompts  # choices in OpenAI's order: prompt i's choice j has index i * n + j
         for choice in range(body.n)
@@ -534,6 +570,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         raise bad_request("logprobs are not supported with stream", "logprobs")
     if body.logprobs and not predictor.continuous:
         raise no_logprobs(served)
+    controls = generation_controls(body, predictor, served.model_id)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
     requests = [
         GenerationRequest(
@@ -545,6 +582,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
             stop=stops_of(body.stop),
             overflow=overflow,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            **controls,
         )
         for choice in range(body.n)
     ]

@@ -325,6 +325,7 @@ class TextPredictor:
         # tokenizers without a limit report a huge sentinel (1e30): the model's positions are the real bound
         self.max_length = min(positions, tokenizer_limit) if 0 < tokenizer_limit < 1_000_000 else positions
         self.hidden_size = int(getattr(self.model.config, "hidden_size", 0) or 0)
+        self.vocab_size = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
         # whether generation is batched step by step (GenerationEngine) or in static batches (generate)

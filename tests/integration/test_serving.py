@@ -641,6 +641,21 @@ def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: 
     assert_openai_error(client.post("/v1/completions", json={**base, "logprobs": 6}), 400, "logprobs")
 
 
+def test_openai_penalties_and_logit_bias(client: httpx.Client, text_models: dict[str, str]) -> None:
+    """The defaults clients send are accepted; a logit bias steers generation (+100 on the byte "a": only a's);
+    token ids outside the vocabulary are a 400."""
+    model = text_models["plain"]
+    base = {"model": model, "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
+    assert client.post("/v1/completions", json={**base, **defaults}).status_code == 200
+    steered = client.post("/v1/completions", json={**base, "logit_bias": {"100": 100}, "presence_penalty": 0.5})
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["choices"][0]["text"] == "aaaaa"  # ByT5: byte 97 is token 100
+    for key in ("99999", "x"):
+        assert_openai_error(client.post("/v1/completions", json={**base, "logit_bias": {key: 1}}), 400, "logit_bias")
+    assert_openai_error(client.post("/v1/completions", json={**base, "frequency_penalty": 3}), 400, "frequency_penalty")
+
+
 def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: dict[str, str]) -> None:
     model = text_models["plain"]
     over_limit = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 5000})

@@ -4,6 +4,8 @@ streaming and chat templates behave; the cache keeps to its byte budget."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.serving.batcher import BatchingConfig, DynamicBatcher
-from app.serving.generation import GenerationRequest, RowSampler, TextStream
+from app.serving.generation import GenerationRequest, RowSampler, TextStream, adjust_logits
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
     PREPARE_MAX_CHARS,
@@ -417,7 +419,6 @@ def test_length_groups_partition_a_batch_to_save_padding() -> None:
     # a large per-forward overhead makes one padded forward the better deal
     assert len(length_groups(mixed, 10_000)) == 1
     # the partition is optimal among contiguous runs of the sorted lengths (checked by brute force)
-    import itertools
 
     lengths = [5, 9, 30, 31, 60, 7, 33]
     cost = lambda groups: sum(16 + len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
@@ -609,3 +610,41 @@ def test_logprobs_of_the_prompt_and_the_completion_are_the_models(endless: TextP
     [[echoed]] = endless.predict_batch([[only_prompt]])
     assert echoed.completion_tokens == 0 and echoed.logprobs == []
     assert echoed.prompt_logprobs is not None and len(echoed.prompt_logprobs) == echoed.prompt_tokens
+
+
+def test_adjust_logits_applies_openai_penalties_and_bias() -> None:
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    counts = torch.tensor([0.0, 2.0, 1.0, 0.0])
+    request = GenerationRequest(frequency_penalty=0.5, presence_penalty=1.0, logit_bias={0: 10.0, 3: -5.0})
+    assert adjust_logits(logits, counts, request).tolist() == [11.0, 0.0, 1.5, -4.5]
+    assert adjust_logits(logits, None, GenerationRequest(logit_bias={2: -3.0})).tolist() == [1.0, 2.0, 0.0, 0.5]
+
+
+def test_penalties_and_logit_bias_steer_the_engine(endless: TextPredictor) -> None:
+    """Greedy completions with penalties and a bias, batched together: each is what a plain loop gets by adjusting
+    the model's next-token logits with ``adjust_logits`` on the counts of what it generated."""
+    a, b = endless.tokenizer.convert_tokens_to_ids(["a", "b"])
+    cases = [
+        {"logit_bias": {a: 100.0, b: 100.0}, "frequency_penalty": 2.0, "presence_penalty": 2.0},
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": -1.0, "logit_bias": {b: 3.0}},
+    ]
+
+    def reference(fields: dict[str, Any]) -> list[int]:
+        request = GenerationRequest(prompt="xyz", max_tokens=6, **fields)
+        ids, made = endless.render_prompt(request), []
+        counts = torch.zeros(endless.vocab_size)
+        penalised = request.frequency_penalty or request.presence_penalty
+        for _ in range(6):
+            with torch.inference_mode():
+                logits = endless.model(torch.tensor([ids + made])).logits[0, -1].float().clone()
+                logits[endless.model.generation_config.suppress_tokens] = -math.inf
+            token = int(adjust_logits(logits, counts if penalised else None, request).argmax())
+            made.append(token)
+            counts[token] += 1
+        return made
+
+    requests = [[GenerationRequest(prompt="xyz", max_tokens=6, logprobs=0, **fields)] for fields in cases]
+    batched = [[entry.token for entry in output[0].logprobs or []] for output in endless.predict_batch(requests)]
+    assert batched == [reference(fields) for fields in cases]
+    assert set(batched[0]) <= {a, b}
