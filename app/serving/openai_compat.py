@@ -121,9 +121,12 @@ class SamplingFields(BaseModel):
     )
 
 
-def generation_controls(body: SamplingFields, predictor: TextPredictor, model_id: str) -> dict[str, Any]:
-    """The penalties and logit bias of a request as GenerationRequest fields: token ids checked against the
-    model's vocabulary; 400 for a model on the static path, which does not apply them."""
+def generation_fields(
+    body: SamplingFields, predictor: TextPredictor, model_id: str, logprobs: int | None
+) -> dict[str, Any]:
+    """The GenerationRequest fields a request's choices share: sampling, stop strings, log-probabilities, penalties
+    and logit bias (token ids checked against the model's vocabulary). 400 when a model on the static path is asked
+    for what only the engine does (log-probabilities, penalties, logit bias)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= predictor.vocab_size:
@@ -132,18 +135,32 @@ def generation_controls(body: SamplingFields, predictor: TextPredictor, model_id
                 "logit_bias",
             )
         bias[int(key)] = value
-    controls = {
+    if not predictor.continuous:
+        asked = [
+            name
+            for name, value in (
+                ("logprobs", logprobs is not None),
+                ("logit_bias", bias),
+                ("frequency_penalty", body.frequency_penalty),
+                ("presence_penalty", body.presence_penalty),
+            )
+            if value
+        ]
+        if asked:
+            raise bad_request(
+                f"model {model_id} generates through transformers' generate (its generation config asks for what "
+                f"the serving engine does not apply), which does not give {asked[0]} here",
+                asked[0],
+            )
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": stops_of(body.stop),
+        "logprobs": logprobs,
         "frequency_penalty": body.frequency_penalty,
         "presence_penalty": body.presence_penalty,
         "logit_bias": bias,
     }
-    if (body.frequency_penalty or body.presence_penalty or bias) and not predictor.continuous:
-        raise bad_request(
-            f"model {model_id} generates through transformers' generate (its generation config asks for what the "
-            "serving engine does not apply), which does not apply penalties or logit_bias here",
-            "logit_bias" if bias else "frequency_penalty" if body.frequency_penalty else "presence_penalty",
-        )
-    return controls
 
 
 class CompletionRequest(SamplingFields):
@@ -416,21 +433,15 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
     if body.stream and (body.logprobs is not None or body.echo):
         raise bad_request("logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
-    if body.logprobs is not None and not predictor.continuous:
-        raise no_logprobs(served)
-    controls = generation_controls(body, predictor, served.model_id)
+    shared = generation_fields(body, predictor, served.model_id, body.logprobs)
     requests = [
         GenerationRequest(
             prompt=prompt,
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=choice_seed(body.seed, choice),
-            stop=stops_of(body.stop),
             overflow=overflow,
-            logprobs=body.logprobs,
+            seed=choice_seed(body.seed, choice),
             prompt_logprobs=body.echo and body.logprobs is not None,
-            **controls,
+            **shared,
         )
         for prompt in prompts  # choices in OpenAI's order: prompt i's choice j has index i * n + j
         for choice in range(body.n)
@@ -485,14 +496,6 @@ def scored_tokens(
         scored.append((entry, tokenizer.decode([entry.token]), offset))
         offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
     return scored
-
-
-def no_logprobs(served: ServedModel) -> InvalidInput:
-    return bad_request(
-        f"model {served.model_id} generates through transformers' generate (its generation config asks for what the "
-        "serving engine does not apply), which does not give log-probabilities here",
-        "logprobs",
-    )
 
 
 def completion_choice(
@@ -568,21 +571,15 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if body.logprobs and body.stream:
         raise bad_request("logprobs are not supported with stream", "logprobs")
-    if body.logprobs and not predictor.continuous:
-        raise no_logprobs(served)
-    controls = generation_controls(body, predictor, served.model_id)
+    shared = generation_fields(body, predictor, served.model_id, (body.top_logprobs or 0) if body.logprobs else None)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
     requests = [
         GenerationRequest(
             messages=messages,
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=choice_seed(body.seed, choice),
-            stop=stops_of(body.stop),
             overflow=overflow,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            **controls,
+            seed=choice_seed(body.seed, choice),
+            **shared,
         )
         for choice in range(body.n)
     ]
