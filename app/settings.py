@@ -138,11 +138,12 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Longest a request waits for its model to load (503 model_loading after)."
     )
     inference_inline_max_us: int = Field(
-        100,
+        3000,
         ge=0,
-        description="Models whose one-row forward takes less than this (µs, measured at load) run on the event loop "
-        "when nothing is queued for them: a hand-off to the inference thread costs more than such a forward. "
-        "0 = always the inference thread.",
+        description="Requests whose forward is estimated (from measurements at load) at most this many µs run on the "
+        "event loop when nothing is queued for their model: at low load that saves two thread hand-offs and the "
+        "inference thread's cold start; under load requests go to the batcher. The loop is held for that long, so "
+        "other models' requests wait as much. 0 = always the inference thread; on a GPU always the thread.",
     )
     inference_device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",

@@ -64,6 +64,12 @@ class ServingMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.inline = Counter(
+            "distillery_inference_inline",
+            "Requests run on the event loop rather than the inference thread (DISTILLERY_INFERENCE_INLINE_MAX_US)",
+            ["model"],
+            registry=registry,
+        )
         self.cache_hits = Counter(
             "distillery_model_cache_hits", "Requests that found their model loaded", ["model"], registry=registry
         )
@@ -108,6 +114,7 @@ class ModelMetrics:
         self.rows = metrics.batch_rows.labels(model_id)
         self.requests = metrics.batch_requests.labels(model_id)
         self.hits = metrics.cache_hits.labels(model_id)
+        self.inline = metrics.inline.labels(model_id)
         self.tokens = metrics.generated_tokens.labels(model_id)
         self.first_token = metrics.first_token_seconds.labels(model_id)
         self._rejected = metrics.rejected

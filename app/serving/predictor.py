@@ -11,6 +11,7 @@ The cache keeps the most recently used loaded models per process, bounded by cou
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -53,6 +54,11 @@ class Predictor(Protocol):
 
     def prepare(self, payload: Any) -> Any: ...
 
+    def alone_seconds(self, payload: Any) -> float:
+        """What a prepared request's forward costs run alone, estimated from measurements taken at load (inf where
+        there is no estimate): whether it may run on the event loop (``inference_inline_max_us``)."""
+        ...
+
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any]: ...
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
@@ -73,7 +79,7 @@ def module_bytes(model: nn.Module) -> int:
 # --- grouping texts by length -------------------------------------------------------------------------------------
 
 #: the fixed cost of one forward, in tokens of compute, until a loaded model has measured its own
-#: (``TextPredictor.calibrate_groups``): ~1.5 ms per call against ~0.1 ms per token for an eager 2-layer MiniLM on a CPU
+#: (``TextPredictor.calibrate``): ~1.5 ms per call against ~0.1 ms per token for an eager 2-layer MiniLM on a CPU
 FORWARD_OVERHEAD_TOKENS = 16
 #: calibration shapes: one short row, then a batch of rows of one length
 CALIBRATION_SHORT = 8
@@ -105,6 +111,39 @@ def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
         groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """What one padded forward of a text model costs, fitted at load: a single row of ``tokens`` tokens takes
+    ``fixed + alone_per_token × tokens`` seconds; in a batch each further token costs ``batch_per_token`` (less: a
+    batch multiplies the rate of the matrix kernels). Length groups weigh the fixed cost in tokens of batched
+    compute (``overhead_tokens``): what splitting a batch must save in padding to pay for a forward more. It differs a
+    lot between variants: on one core of an Intel Xeon with AMX, for the 2-layer MiniLM, ~45 tokens eager and ~110
+    as ``torchscript_bf16`` (AMX multiplies the per-token rate, not the per-call cost)."""
+
+    fixed: float
+    alone_per_token: float
+    batch_per_token: float
+
+    @classmethod
+    def fit(cls, short: int, one: float, length: int, longer: float, rows: int, many: float) -> ForwardCost:
+        """From one row of ``short`` tokens (``one`` s), one of ``length`` (``longer``) and ``rows`` of ``length``
+        (``many``). Timing noise can make a slope negative: it is then taken as 0 (a GPU, where a batch costs about
+        what one row does)."""
+        alone_per_token = max(0.0, (longer - one) / max(1, length - short))
+        batch_per_token = max(0.0, (many - one) / max(1, rows * length - short))
+        return cls(max(0.0, one - alone_per_token * short), alone_per_token, batch_per_token)
+
+    def alone(self, rows: int, longest: int) -> float:
+        """Seconds of one forward of ``rows`` rows padded to ``longest`` tokens."""
+        tokens = rows * longest
+        return self.fixed + self.alone_per_token * longest + self.batch_per_token * (tokens - longest)
+
+    def overhead_tokens(self) -> int:
+        if self.batch_per_token <= 0:  # a batch no slower than one row: never split
+            return MAX_OVERHEAD_TOKENS
+        return int(min(MAX_OVERHEAD_TOKENS, self.fixed / self.batch_per_token))
 
 
 # --- tabular classifiers --------------------------------------------------------------------------------------------
@@ -167,10 +206,22 @@ class StudentPredictor:
         self.variant = built.name
         self.forward = built.forward
         self.memory_bytes = module_bytes(self.model) + built.extra_bytes  # after place: bf16 converts self.model
+        self.row_seconds = math.inf  # one row's forward, measured by warmup
         self.warmup()
 
     def warmup(self) -> None:
-        self.predict_tensor(torch.zeros(1, self.input_dim))
+        row = torch.zeros(1, self.input_dim)
+        timings = []
+        for attempt in range(26):
+            started = time.perf_counter()
+            self.predict_tensor(row)
+            if attempt >= 5:
+                timings.append(time.perf_counter() - started)
+        self.row_seconds = statistics.median(timings)
+
+    def alone_seconds(self, payload: Any) -> float:
+        """A tabular forward costs about the same for the few rows of a request as for one (measured at load)."""
+        return self.row_seconds
 
     def check(self, inputs: Sequence[Sequence[float]]) -> None:
         errors = [
@@ -330,7 +381,8 @@ class TextPredictor:
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
         # whether generation is batched step by step (GenerationEngine) or in static batches (generate)
         self.continuous = self.task == "causal_lm" and GenerationEngine.supports(self.model)
-        self.group_overhead_tokens = FORWARD_OVERHEAD_TOKENS  # measured by warmup (calibrate_groups)
+        self.group_overhead_tokens = FORWARD_OVERHEAD_TOKENS  # measured by warmup (calibrate)
+        self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
 
     def warmup(self) -> None:
@@ -339,19 +391,18 @@ class TextPredictor:
                 self.model(**self.tokenizer(["warm up"], return_tensors="pt").to(self.device))
         else:
             self.predict_batch([TextRequest(["warm up"])])
-            self.group_overhead_tokens = self.calibrate_groups()
+            self.cost = self.calibrate()
+            if self.cost is not None:
+                self.group_overhead_tokens = self.cost.overhead_tokens()
 
     @torch.inference_mode()
-    def calibrate_groups(self, repeats: int = 5) -> int:
-        """The fixed cost of one forward of this model and variant on this device, in tokens of compute: what
-        splitting a batch into length groups must save in padding to pay for a forward more. Fitted at load from
-        two timed shapes (one short row; a batch of equal-length rows; the least of ``repeats`` runs of each),
-        cost = fixed + per-token × rows × length. It differs a lot between variants: on one core of an Intel Xeon
-        with AMX, for the 2-layer MiniLM, ~45 tokens eager and ~110 as ``torchscript_bf16`` (AMX multiplies the
-        per-token rate, not the per-call cost). Where a batch costs no more than one row, it never splits."""
+    def calibrate(self, repeats: int = 5) -> ForwardCost | None:
+        """What a forward of this model and variant costs on this device, fitted at load from three timed shapes
+        (one short row, one longer row, a batch of longer rows; the least of ``repeats`` runs of each): see
+        ``ForwardCost``. None for a tokenizer that cannot make the rows."""
         filler = list(self.tokenizer("warm up")["input_ids"])
         if len(filler) < 2:
-            return FORWARD_OVERHEAD_TOKENS
+            return None
         length = min(CALIBRATION_LENGTH, self.max_length)
         short = min(CALIBRATION_SHORT, length)
 
@@ -369,11 +420,17 @@ class TextPredictor:
             return min(times)  # the work is the same each time: anything above the least is interference
 
         one = seconds([row(short)])
+        longer = seconds([row(length)])
         many = seconds([row(length)] * CALIBRATION_ROWS)
-        per_token = (many - one) / (CALIBRATION_ROWS * length - short)
-        if per_token <= 0:  # a batch no slower than one row (a GPU, or noise): never split
-            return MAX_OVERHEAD_TOKENS
-        return int(min(MAX_OVERHEAD_TOKENS, max(0.0, one / per_token - short)))
+        return ForwardCost.fit(short, one, length, longer, CALIBRATION_ROWS, many)
+
+    def alone_seconds(self, payload: Any) -> float:
+        """A prepared embedding or classification request (its texts tokenized on the event loop): the forward of
+        its rows padded to the longest, by the cost fitted at load. Anything else (a completion, texts the
+        inference thread must tokenize) has no estimate."""
+        if self.cost is None or not isinstance(payload, TextRequest) or not payload.ids:
+            return math.inf
+        return self.cost.alone(len(payload.ids), max(len(row) for row in payload.ids))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])

@@ -149,11 +149,10 @@ def test_pad_matches_the_tokenizer(embedder: TextPredictor, side: str) -> None:
     assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
 
 
-def test_calibrate_groups_finds_the_fixed_cost_of_a_forward(
-    embedder: TextPredictor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With a forward costing ``fixed + per_token × rows × length`` the calibration returns fixed / per_token (in
-    tokens); a forward whose cost does not grow with the batch is never split."""
+def test_calibrate_finds_the_fixed_cost_of_a_forward(embedder: TextPredictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a forward costing ``fixed + per_token × rows × length`` the fitted cost has that fixed part and slope,
+    length groups weigh the fixed cost as fixed / per_token tokens, and a request alone is estimated by the same
+    formula; a forward whose cost does not grow with the batch is never split."""
     fixed, per_token = 0.004, 0.00005  # 80 tokens
 
     def timed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -163,10 +162,28 @@ def test_calibrate_groups_finds_the_fixed_cost_of_a_forward(
         return torch.zeros(ids.shape[0], 4)
 
     monkeypatch.setattr(embedder, "_forward", timed)
-    assert 70 <= embedder.calibrate_groups(repeats=3) <= 90
+    cost = embedder.calibrate(repeats=3)
+    assert cost is not None
+    assert 70 <= cost.overhead_tokens() <= 90
+    assert cost.fixed == pytest.approx(fixed, rel=0.1)
+    assert cost.alone_per_token == pytest.approx(per_token, rel=0.25)
+    assert cost.batch_per_token == pytest.approx(per_token, rel=0.1)
+    assert cost.alone(3, 40) == pytest.approx(fixed + per_token * 120, rel=0.1)
     per_token = 0.0  # a GPU-like forward: the batch costs what one row costs
-    assert embedder.calibrate_groups(repeats=3) == MAX_OVERHEAD_TOKENS
+    cost = embedder.calibrate(repeats=3)
+    assert cost is not None and cost.overhead_tokens() == MAX_OVERHEAD_TOKENS
     assert embedder.group_overhead_tokens > 0  # measured at load
+
+
+def test_a_request_alone_is_estimated_from_its_tokens(embedder: TextPredictor) -> None:
+    """Prepared requests (tokenized on the event loop) get an estimate that grows with their padded size; requests
+    the inference thread must tokenize get none."""
+    assert embedder.cost is not None  # fitted at load
+    short = embedder.prepare(TextRequest(["a"]))
+    longer = embedder.prepare(TextRequest(["a much longer sentence than the first one, with many more words"] * 4))
+    assert 0 < embedder.alone_seconds(short) < embedder.alone_seconds(longer) < math.inf
+    assert embedder.alone_seconds(TextRequest(["not tokenized"])) == math.inf
+    assert embedder.alone_seconds(TextRequest([])) == math.inf
 
 
 def greedy_reference(predictor: TextPredictor, prompt: str, max_tokens: int) -> str:

@@ -24,7 +24,7 @@ from app.errors import NotFound
 from app.models import service as models_service
 from app.serving.errors import InvalidInput, ModelUnavailable
 from app.serving.predictor import Predictor, load_predictor
-from app.serving.service import InferenceService, ModelLoading
+from app.serving.service import CONTENDED_REQUESTS, InferenceService, ModelLoading, burst_turns
 from app.settings import Settings
 
 
@@ -169,6 +169,7 @@ def test_a_tiny_model_runs_on_the_event_loop_when_nothing_is_queued(store: Store
     async def test() -> None:
         inline = serve(store, inference_inline_max_us=10_000)  # the 3-4-2 MLP's forward is far below 10 ms
         batched = serve(store, inference_inline_max_us=0)
+        too_slow = serve(store, inference_inline_max_us=1)  # no forward takes under a microsecond
         rows = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
         fast = await predict(inline, "default", model_id, rows)
         slow = await predict(batched, "default", model_id, rows)
@@ -177,8 +178,13 @@ def test_a_tiny_model_runs_on_the_event_loop_when_nothing_is_queued(store: Store
         assert np.allclose(fast[1], slow[1])  # the same answer either way
         served = await inline.get("default", model_id)
         assert served.batcher.pending == 0 and served.metrics is not None
-        inline.close()
-        batched.close()
+        slow_served = await too_slow.get("default", model_id)
+        pending = asyncio.ensure_future(too_slow.infer(slow_served, slow_served.predictor.rows_from_json(rows), 2))  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        assert slow_served.batcher.pending == 1  # its forward is estimated over the limit: the thread runs it
+        await pending
+        for service in (inline, batched, too_slow):
+            service.close()
 
     run(test)
 
@@ -204,13 +210,101 @@ def test_a_burst_is_batched_even_for_a_model_that_runs_inline(store: Store) -> N
         assert all(np.allclose(result, results[0]) for result in results)
         assert forwards() - before < 16  # some shared a forward
         assert forwards() - before >= 2  # the first ran alone, inline
-        await asyncio.sleep(0)  # the loop's next turn ends the burst
-        before = forwards()
-        await service.infer(served, rows, 1)
-        assert forwards() - before == 1 and served.batcher.pending == 0
+        for _ in range(burst_turns(asyncio.get_running_loop())):  # the loop's next turns end the burst
+            await asyncio.sleep(0)
+        assert not served.burst
+
+        async def runs_inline() -> bool:
+            request = asyncio.ensure_future(service.infer(served, rows, 1))
+            await asyncio.sleep(0)  # an inline request is answered in its first step; a queued one is pending
+            inline = request.done()
+            assert inline or served.batcher.pending == 1
+            await request
+            return inline
+
+        # the burst found the model busy: the next requests go to the batcher even one at a time, then inline again
+        assert [await runs_inline() for _ in range(CONTENDED_REQUESTS + 1)] == [False] * CONTENDED_REQUESTS + [True]
+        # a request that becomes ready in the next turns (read by uvicorn while the inline forward ran) queues
+        assert served.burst
+        queued = asyncio.ensure_future(service.infer(served, rows, 1))
+        await asyncio.sleep(0)
+        assert served.batcher.pending == 1  # went to the batcher
+        await queued
         service.close()
 
     run(test)
+
+
+@pytest.mark.parametrize("loop_type", ["asyncio", "uvloop"])
+def test_a_request_that_arrives_during_an_inline_forward_goes_to_the_batcher(store: Store, loop_type: str) -> None:
+    """Over real sockets, on both event loops uvicorn may run (asyncio's and uvloop, which order I/O callbacks
+    differently): a protocol that starts a task per request, as uvicorn does. The first request runs inline; the
+    second, sent while that forward holds the loop, is read and run by the loop only after it: it must go to the
+    batcher (otherwise two clients would be served one at a time on the event loop). A request sent once the loop
+    has been idle runs inline again."""
+    import socket
+
+    import uvloop
+
+    model_id = store.add()
+    first_started = threading.Event()
+    inline_runs: list[int] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert type(loop).__module__.startswith(loop_type)
+        service = serve(store, inference_inline_max_us=1_000_000)
+        served = await service.get("default", model_id)
+        rows = served.predictor.rows_from_json([[1.0, 2.0, 3.0]])  # type: ignore[attr-defined]
+        predict_batch = served.predictor.predict_batch
+
+        def slow_inline(inputs: Any) -> Any:  # only inline forwards come here (the batcher holds the original)
+            first_started.set()
+            time.sleep(0.05)
+            return predict_batch(inputs)
+
+        served.predictor.predict_batch = slow_inline  # type: ignore[method-assign]
+        done: list[asyncio.Future[None]] = []
+
+        def inline_count() -> float:
+            return next(s.value for s in served.metrics.inline.collect()[0].samples if s.name.endswith("_total"))
+
+        async def handle(data: bytes) -> None:
+            before = inline_count()
+            await service.infer(served, rows, 1)
+            if inline_count() > before:
+                inline_runs.append(int(data))
+
+        class Protocol(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                done.append(loop.create_task(handle(data)))
+
+        server = await loop.create_server(Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        def client() -> None:
+            first, second, third = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
+            first.sendall(b"1")
+            assert first_started.wait(10)
+            second.sendall(b"2")  # while the first forward holds the loop
+            while len(done) < 2 or not all(task.done() for task in done):
+                time.sleep(0.01)
+            time.sleep(0.05)
+            third.sendall(b"3")
+            while len(done) < 3 or not done[2].done():
+                time.sleep(0.01)
+            for connection in (first, second, third):
+                connection.close()
+
+        await loop.run_in_executor(None, client)
+        server.close()
+        service.close()
+
+    if loop_type == "uvloop":
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
+    assert inline_runs == [1, 3]
 
 
 def test_the_inference_device_setting(store: Store) -> None:
