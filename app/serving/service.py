@@ -99,6 +99,10 @@ class ModelRecord:
         )
 
 
+#: an inline forward shorter than this ends its burst with the loop's next turn (``_infer_inline``)
+SHORT_FORWARD_S = 0.0002
+
+
 def burst_turns(loop: asyncio.AbstractEventLoop) -> int:
     """Turns of the event loop after an inline forward before a request may run inline again
     (``InferenceService.infer``): enough for a request whose bytes arrived during the forward to reach the app
@@ -473,9 +477,6 @@ class InferenceService:
             and rows <= batcher.config.max_batch_size
             and served.predictor.alone_seconds(payload) <= served.inline_max_s
         ):
-            loop = asyncio.get_running_loop()
-            served.burst = burst_turns(loop)
-            loop.call_soon(served._end_burst)
             return self._infer_inline(served, payload, rows, encode)
         try:
             future = served.batcher.submit(payload, rows, encode)
@@ -502,7 +503,14 @@ class InferenceService:
             encoded = encode(output)
         except InputShapeError as exc:
             raise invalid_input(exc) from exc
-        seconds = time.monotonic() - started
+        finally:
+            seconds = time.monotonic() - started
+            # the requests that became ready meanwhile go to the batcher (``infer``); a forward shorter than a
+            # loopback round trip rarely has one arrive during it: only the requests of its own turn count then,
+            # so that a fast client's next request is not taken for one
+            loop = asyncio.get_running_loop()
+            served.burst = 1 if seconds < SHORT_FORWARD_S else burst_turns(loop)
+            loop.call_soon(served._end_burst)
         served.metrics.inline.inc()
         served.metrics.batch_done(rows, 1, [0.0], seconds)
         served.metrics.request_done(seconds)
