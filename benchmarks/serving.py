@@ -5,6 +5,7 @@
     .venv/bin/python -m benchmarks.serving text
     .venv/bin/python -m benchmarks.serving text --variant bf16   # the embedder served with bf16 weights
     .venv/bin/python -m benchmarks.serving text --variant torchscript_bf16 --rounds 5
+    .venv/bin/python -m benchmarks.serving inline --variant torchscript_bf16 --seconds 4   # inline forwards on/off
 
 Needs Postgres and Redis as in .ci/run, and `wrk`. Models are registered directly (what a job does at its end), so
 no worker competes for the CPU while wrk runs.
@@ -18,6 +19,8 @@ no worker competes for the CPU while wrk runs.
         and p50 at concurrency 1 vs the bare forward (tokenize + forward + pooling of one sentence, in-process).
         Both servers run side by side and the rows are interleaved over ``--rounds`` rounds (median round
         reported): on a shared VM the machine's speed drifts by tens of percent between minutes.
+- inline: the same embedder on two servers side by side, one with inline forwards (the default) and one without
+        (``DISTILLERY_INFERENCE_INLINE_MAX_US=0``), at concurrency 1, 2, 4, 8 and 32 (``--concurrency``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -417,16 +421,27 @@ def mlp_tables(
 # --- the MiniLM-derived embedder ------------------------------------------------------------------------------------
 
 
-def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[str]:
-    """Both servers (batching on and off) run side by side, idle but for the one wrk drives; each round measures on
-    at c=32, off at c=32, on at c=1 and the bare forward, one after the other, so that a slow spell of the machine
-    (a shared VM's speed drifts by tens of percent over minutes) hits both sides of each ratio alike. The ratios are
-    taken per round; the median round is reported."""
+@dataclass
+class TextBench:
+    """The registered embedder, its sentences and wrk script, and the servers' predict URLs by name."""
+
+    model_id: str
+    kept: list[int]
+    texts: list[str]
+    lengths: list[int]
+    script: Path
+    predictor: Any  # an in-process TextPredictor of the same model, for the bare forward
+    urls: dict[str, str]
+
+
+@contextmanager
+def text_servers(variant: str, servers: dict[str, dict[str, str]]) -> Iterator[TextBench]:
+    """The MiniLM-derived embedder registered as ``variant``, one api per entry of ``servers`` (name → settings),
+    side by side, each warmed up (a request, then 2 s of wrk at c=32)."""
     from transformers import AutoModel, AutoTokenizer
 
     from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
     from app.serving.predictor import TextPredictor
-    from benchmarks.gpu_serving import bare_forward_ms
 
     torch.set_num_threads(1)
     teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
@@ -437,7 +452,6 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     texts = sentences(tokenizer)
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     bodies = [json.dumps({"inputs": [text]}) for text in texts]
-    measured: list[dict[str, Any]] = []
     with database_and_data() as (url, data_dir):
 
         def save(directory: Path) -> Any:
@@ -450,25 +464,37 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
         directory = data_dir / "artifacts" / "models" / model_id
         predictor = TextPredictor(model_id, directory, "", {"task": "embedding", "serving_variant": variant})
         assert predictor.variant == variant, f"the {variant} variant cannot be built here; {predictor.variant} instead"
-
         script = lua_script(data_dir, bodies)
-        with (
-            distillery_api(url, data_dir) as on_base,
-            distillery_api(url, data_dir, max_batch_size="1") as off_base,
-        ):
-            on, off = (f"{base}/v1/models/{model_id}/predict" for base in (on_base, off_base))
-            for predict in (on, off):
-                httpx.post(predict, json={"inputs": [texts[0]]}, timeout=60).raise_for_status()
-                wrk(predict, 32, 2, script)
-            for _ in range(rounds):
-                measured.append(
-                    {
-                        "on 32": wrk(on, 32, seconds, script),
-                        "off 32": wrk(off, 32, seconds, script),
-                        "on 1": wrk(on, 1, seconds, script),
-                        "bare": bare_forward_ms(predictor, texts),
-                    }
-                )
+        with ExitStack() as stack:
+            urls = {}
+            for name, settings in servers.items():
+                base = stack.enter_context(distillery_api(url, data_dir, **settings))
+                urls[name] = f"{base}/v1/models/{model_id}/predict"
+                httpx.post(urls[name], json={"inputs": [texts[0]]}, timeout=60).raise_for_status()
+                wrk(urls[name], 32, 2, script)
+            yield TextBench(model_id, list(kept), texts, lengths, script, predictor, urls)
+
+
+def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[str]:
+    """Both servers (batching on and off) run side by side, idle but for the one wrk drives; each round measures on
+    at c=32, off at c=32, on at c=1 and the bare forward, one after the other, so that a slow spell of the machine
+    (a shared VM's speed drifts by tens of percent over minutes) hits both sides of each ratio alike. The ratios are
+    taken per round; the median round is reported."""
+    from benchmarks.gpu_serving import bare_forward_ms
+
+    measured: list[dict[str, Any]] = []
+    with text_servers(variant, {"on": {}, "off": {"max_batch_size": "1"}}) as bench:
+        on, off = bench.urls["on"], bench.urls["off"]
+        kept, texts, lengths = bench.kept, bench.texts, bench.lengths
+        for _ in range(rounds):
+            measured.append(
+                {
+                    "on 32": wrk(on, 32, seconds, bench.script),
+                    "off 32": wrk(off, 32, seconds, bench.script),
+                    "on 1": wrk(on, 1, seconds, bench.script),
+                    "bare": bare_forward_ms(bench.predictor, texts),
+                }
+            )
     for result in measured:
         result["speedup"] = result["on 32"]["rps"] / result["off 32"]["rps"]
         result["ratio"] = result["on 1"]["p50"] / result["bare"]
@@ -503,6 +529,28 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     ]
 
 
+def bench_inline(seconds: float, variant: str, rounds: int, concurrency: list[int]) -> list[str]:
+    """The embedder served with inline forwards (the default ``inference_inline_max_us``) and without (0: always the
+    inference thread), side by side, rows interleaved over ``rounds`` rounds at each concurrency."""
+    rows: list[str] = []
+    with text_servers(variant, {"inline": {}, "thread": {"inference_inline_max_us": "0"}}) as bench:
+        for index in range(rounds):
+            for name, url in bench.urls.items():
+                cells = []
+                for connections in concurrency:
+                    result = wrk(url, connections, seconds, bench.script)
+                    cells.append(f"{result['rps']:,.0f} ({result['p50']:.2f} / {result['p99']:.2f})")
+                rows.append(f"| {index + 1} | {name} | " + " | ".join(cells) + " |")
+    return [
+        f"### Inline forwards on and off: the MiniLM-derived embedder as {variant} (wrk, {seconds:g} s per cell, "
+        f"{rounds} interleaved rounds; req/s (p50 / p99 ms))",
+        "",
+        "| round | server | " + " | ".join(f"c={c}" for c in concurrency) + " |",
+        "|---|---|" + "---|" * len(concurrency),
+        *rows,
+    ]
+
+
 def machine() -> str:
     return f"{foundation_machine()}; load average at start {os.getloadavg()[0]:.2f}"
 
@@ -514,18 +562,23 @@ def main() -> None:
     parser.add_argument(
         "--variant", default="eager", help="text: the serving variant to register the embedder with (eager, bf16, …)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="text: interleaved rounds (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="text, inline: interleaved rounds")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 32], help="inline: the concurrencies to measure"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     what = args.what or ["mlp", "text"]
-    if set(what) - {"mlp", "text"}:
-        parser.error(f"unknown: {sorted(set(what) - {'mlp', 'text'})}; choose mlp and/or text")
+    if set(what) - {"mlp", "text", "inline"}:
+        parser.error(f"unknown: {sorted(set(what) - {'mlp', 'text', 'inline'})}; choose mlp, text and/or inline")
     sections = [f"Machine: {machine()}", ""]
     if "mlp" in what:
         sections += [*bench_mlp(args.seconds), ""]
     if "text" in what:
         sections += [*bench_text(args.seconds, args.variant, args.rounds), ""]
+    if "inline" in what:
+        sections += [*bench_inline(args.seconds, args.variant, args.rounds, args.concurrency), ""]
     print("\n".join(sections))
 
 
