@@ -487,6 +487,18 @@ class JobRunner:
                     event = status_event(status)
                     event["message"] = message
                     jobs_repository.append_events(conn, job_id, [event])
+                    return
+                # the row is no longer this attempt's running job (cancelled, reclaimed by another worker): say so,
+                # rather than leave the stop unexplained
+                row = jobs_repository.get_job(conn, job_id, tenant=None)
+                log.warning(
+                    "job %s not %s: its row is %s (attempt %s), this worker ran attempt %s",
+                    job_id,
+                    status,
+                    row["status"] if row else "gone",
+                    row["attempts"] if row else "-",
+                    attempt,
+                )
 
         retry_while_database_down(write, self.settings.db_retry_s, f"stopping job {job_id}")
 

@@ -98,3 +98,37 @@ def test_distillery_workers_lists_each_worker_and_whether_it_is_alive(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cpu-1  queue=q  cpu jobs  last seen 3600 s ago") and lines[0].endswith("gone")
     assert lines[1].startswith("gpu-1  queue=q  cpu+gpu jobs  last seen 0 s ago") and lines[1].endswith("alive")
+
+
+def test_a_graceful_stop_that_finds_the_job_no_longer_running_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker shutting down puts its running job back in the queue; when the row is no longer that attempt's
+    running job (cancelled meanwhile, or reclaimed by another worker) nothing is written, and the log says what the
+    row holds instead of leaving the job's state unexplained."""
+    from app.settings import Settings
+    from worker.runner import JobRunner
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    try:
+        with database.transaction() as conn:
+            for job_id in ("job_running", "job_cancelled"):
+                jobs_repository.insert_job(conn, job_id=job_id, tenant="t", name=None, spec={}, progress={})
+            conn.execute(jobs.update().where(jobs.c.id == "job_running").values(status="running", attempts=1))
+            conn.execute(jobs.update().where(jobs.c.id == "job_cancelled").values(status="cancelled", attempts=1))
+        runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path))
+        with caplog.at_level("WARNING", logger="worker.runner"):
+            runner.stop_gracefully("job_running", 1, "queued", {"step": 2})
+            assert not caplog.records
+            runner.stop_gracefully("job_cancelled", 1, "queued", {"step": 2})
+        assert (
+            "job job_cancelled not queued: its row is cancelled (attempt 1), this worker ran attempt 1" in caplog.text
+        )
+        with database.read() as conn:
+            rows = {row["id"]: row for row in conn.execute(sa.select(jobs)).mappings()}
+        assert rows["job_running"]["status"] == "queued" and rows["job_running"]["progress"] == {"step": 2}
+        assert rows["job_cancelled"]["status"] == "cancelled" and rows["job_cancelled"]["progress"] == {}
+    finally:
+        database.dispose()
