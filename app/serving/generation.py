@@ -42,6 +42,8 @@ class GenerationRequest:
     overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
     on_start: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
+    # with ``logprobs``: called before ``on_text`` with the generated tokens whose text that delta covers (streaming)
+    on_logprobs: Callable[[list[ScoredToken]], None] | None = None
     cancelled: bool = False
     # log-probabilities of the chosen tokens and of the ``logprobs`` most likely ones at each step (None: none);
     # with ``prompt_logprobs`` those of the prompt's tokens too (OpenAI's echo)
@@ -65,6 +67,24 @@ class TokenLogprob:
     token: int
     logprob: float | None
     top: list[tuple[int, float]]
+
+
+#: a token's log-probabilities, its text, and where that text begins in the completion's text
+ScoredToken = tuple[TokenLogprob, str, int]
+
+
+def scored_tokens(tokenizer: Any, entries: Sequence[TokenLogprob], start: int, end: int | None) -> list[ScoredToken]:
+    """Each entry with its token's text and where it begins in the text (counting from ``start``; special tokens take
+    no room); with ``end``, only those that begin before it (not the end-of-sequence token, nor tokens after a stop
+    string). Streams and whole responses score the same way."""
+    scored = []
+    offset = start
+    for entry in entries:
+        if end is not None and offset >= end:
+            break
+        scored.append((entry, tokenizer.decode([entry.token]), offset))
+        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
+    return scored
 
 
 @dataclass
@@ -161,6 +181,11 @@ class TextStream:
         self.ended_by_eos = False
         self.generated = 0
         self.longest_stop = max((len(s) for s in request.stop), default=0)
+        # the generated tokens' log-probabilities (the engine's, appended before each ``put``) and how many of them
+        # have gone to ``on_logprobs``, up to which offset of the text
+        self.logprobs: list[TokenLogprob] | None = None
+        self.sent_logprobs = 0
+        self.logprob_offset = 0
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
@@ -198,11 +223,26 @@ class TextStream:
                 self.stopped = True
             elif not final:
                 ready -= self._partial_stop(decoded)
+        delta = ""
         if ready > len(self.text):
             delta = decoded[len(self.text) : ready]
             self.text = decoded[:ready]
-            if self.request.on_text is not None:
-                self.request.on_text(delta)
+        scored = self._newly_scored()
+        if scored and self.request.on_logprobs is not None:
+            self.request.on_logprobs(scored)
+        if (delta or scored) and self.request.on_text is not None:
+            self.request.on_text(delta)
+
+    def _newly_scored(self) -> list[ScoredToken]:
+        """The log-probabilities of the tokens that begin in the text sent so far and have not been sent."""
+        if self.logprobs is None:
+            return []
+        scored = scored_tokens(self.tokenizer, self.logprobs[self.sent_logprobs :], self.logprob_offset, len(self.text))
+        if scored:
+            entry, _, offset = scored[-1]
+            self.sent_logprobs += len(scored)
+            self.logprob_offset = offset + len(self.tokenizer.decode([entry.token], skip_special_tokens=True))
+        return scored
 
     def _partial_stop(self, decoded: str) -> int:
         """Characters at the end that could begin a stop string: held back until the next token decides."""
@@ -390,6 +430,7 @@ class GenerationEngine:
             generator = new_generator(request, self.device) if request.temperature > 0 else None
             row = Row(request, stream, ids, (owner, index), generator)
             row.logprobs = [] if request.logprobs is not None else None
+            stream.logprobs = row.logprobs
             self.admitted.append(row)
 
     @torch.inference_mode()

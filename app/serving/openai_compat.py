@@ -32,7 +32,7 @@ from app.models import service as models_service
 from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
-from app.serving.generation import Completion, GenerationRequest, TokenLogprob
+from app.serving.generation import Completion, GenerationRequest, ScoredToken, scored_tokens
 from app.serving.predictor import TextOutput, TextPredictor, TextRequest
 from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
 from app.serving.service import InferenceService, ServedModel
@@ -175,7 +175,7 @@ class CompletionRequest(SamplingFields):
         ge=0,
         le=MAX_LOGPROBS,
         description="Log-probabilities of the generated tokens (the model's own distribution) and of this many most "
-        "likely tokens at each step. Not with stream.",
+        "likely tokens at each step (with stream, each chunk carries its tokens').",
     )
     echo: bool = Field(
         False,
@@ -200,7 +200,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    logprobs: bool = Field(False, description="Log-probabilities of the message's tokens. Not with stream.")
+    logprobs: bool = Field(
+        False, description="Log-probabilities of the message's tokens (with stream, each chunk carries its tokens')."
+    )
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="With logprobs: this many most likely tokens at each step."
     )
@@ -360,7 +362,8 @@ def usage_of(completions: list[Completion], choices: int = 1) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-ChunkMaker = Callable[[int, str | None, str | None], dict[str, Any]]
+#: (choice index, text delta, finish reason, the delta's scored tokens when logprobs were asked for) → a chunk
+ChunkMaker = Callable[[int, str | None, str | None, Sequence[ScoredToken] | None], dict[str, Any]]
 
 
 async def stream_generation(
@@ -372,7 +375,8 @@ async def stream_generation(
     choices: int,
 ) -> Response:
     """Start the generation; once its prompts are accepted (or refused: then the error is the response), stream
-    ``chunk(index, text, finish_reason)`` documents as SSE. A client that goes away stops the generation.
+    ``chunk(index, text, finish_reason, scored)`` documents as SSE (``scored``: the log-probabilities of the tokens
+    the text delta covers, for requests that asked for them). A client that goes away stops the generation.
     ``choices``: completions per prompt (``n``)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -383,6 +387,8 @@ async def stream_generation(
     for index, request in enumerate(requests):
         request.on_start = lambda _tokens: post("start")
         request.on_text = partial(post, "text", index)
+        if request.logprobs is not None:
+            request.on_logprobs = partial(post, "logprobs", index)
     task = asyncio.ensure_future(inference.infer(served, requests, len(requests)))
 
     def finished(_: Any) -> None:
@@ -398,11 +404,16 @@ async def stream_generation(
         events.put_nowait(first)
 
     async def body() -> AsyncIterator[bytes]:
+        scored: dict[int, Sequence[ScoredToken]] = {}  # posted just before the text delta they belong to
         try:
             while True:
                 event = await events.get()
                 if event[0] == "text":
-                    yield sse(chunk(event[1], event[2], None))
+                    index = event[1]
+                    asked = requests[index].logprobs is not None
+                    yield sse(chunk(index, event[2], None, scored.pop(index, [] if asked else None)))
+                elif event[0] == "logprobs":
+                    scored[event[1]] = event[2]
                 elif event[0] == "done":
                     break
             try:
@@ -412,7 +423,7 @@ async def stream_generation(
                 yield b"data: [DONE]\n\n"
                 return
             for index, completion in enumerate(completions):
-                yield sse(chunk(index, None, completion.finish_reason))
+                yield sse(chunk(index, None, completion.finish_reason, None))
             if usage_chunk is not None:
                 yield sse(usage_chunk(usage_of(completions, choices)))
             yield b"data: [DONE]\n\n"
@@ -431,8 +442,8 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     predictor = require_task(served, "causal_lm", "/v1/completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
-    if body.stream and (body.logprobs is not None or body.echo):
-        raise bad_request("logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
+    if body.stream and body.echo:
+        raise bad_request("echo is not supported with stream", "echo")
     shared = generation_fields(body, predictor, served.model_id, body.logprobs)
     requests = [
         GenerationRequest(
@@ -448,8 +459,9 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     ]
     completion_id, created, model = new_id("cmpl"), int(time.time()), served.model_id
 
-    def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str | None, finish: str | None, scored: Sequence[ScoredToken] | None) -> dict[str, Any]:
+        logprobs = None if scored is None else legacy_logprobs(predictor.tokenizer, scored)
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": completion_id,
             "object": "text_completion",
@@ -462,7 +474,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-            return {**chunk(0, None, None), "choices": [], "usage": usage}
+            return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
         usage = usage_chunk if include_usage else None
         return await stream_generation(inference, served, requests, chunk, usage, body.n)
@@ -482,22 +494,6 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     )
 
 
-def scored_tokens(
-    tokenizer: Any, entries: Sequence[TokenLogprob], start: int, end: int | None
-) -> list[tuple[TokenLogprob, str, int]]:
-    """Each entry with its token's text and where it begins in the choice's text (counting from ``start``; special
-    tokens take no room); with ``end``, only those that begin before it (not the end-of-sequence token, nor tokens
-    after a stop string)."""
-    scored = []
-    offset = start
-    for entry in entries:
-        if end is not None and offset >= end:
-            break
-        scored.append((entry, tokenizer.decode([entry.token]), offset))
-        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
-    return scored
-
-
 def completion_choice(
     predictor: TextPredictor, index: int, completion: Completion, echoed: str, logprobs: int | None
 ) -> dict[str, Any]:
@@ -512,7 +508,12 @@ def completion_choice(
     # the prompt's tokens may not spell it exactly (special tokens, partial characters): the completion's count from
     # where the prompt ends
     scored += scored_tokens(tokenizer, completion.logprobs or [], len(echoed), len(text))
-    document = {
+    return choice | {"logprobs": legacy_logprobs(tokenizer, scored)}
+
+
+def legacy_logprobs(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str, Any]:
+    """/v1/completions' ``logprobs`` object for these tokens (a whole choice's, or a streamed chunk's)."""
+    return {
         "tokens": [piece for _, piece, _ in scored],
         "token_logprobs": [entry.logprob for entry, _, _ in scored],
         "top_logprobs": [
@@ -521,13 +522,17 @@ def completion_choice(
         ],
         "text_offset": [offset for _, _, offset in scored],
     }
-    return choice | {"logprobs": document}
 
 
 def chat_logprobs(predictor: TextPredictor, completion: Completion) -> dict[str, Any]:
-    """OpenAI's chat ``logprobs``: per generated token of the message, its text, log-probability, UTF-8 bytes and
-    the most likely tokens of its step."""
+    """OpenAI's chat ``logprobs`` of a whole message."""
     tokenizer = predictor.tokenizer
+    return chat_logprobs_of(tokenizer, scored_tokens(tokenizer, completion.logprobs or [], 0, len(completion.text)))
+
+
+def chat_logprobs_of(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` for these tokens (a message's, or a streamed chunk's): per token its text,
+    log-probability, UTF-8 bytes and the most likely tokens of its step."""
 
     def described(token: int, logprob: float) -> dict[str, Any]:
         piece = tokenizer.decode([token])
@@ -536,7 +541,7 @@ def chat_logprobs(predictor: TextPredictor, completion: Completion) -> dict[str,
     content = [
         described(entry.token, entry.logprob or 0.0)
         | {"top_logprobs": [described(token, value) for token, value in entry.top]}
-        for entry, _, _ in scored_tokens(tokenizer, completion.logprobs or [], 0, len(completion.text))
+        for entry, _, _ in scored
     ]
     return {"content": content, "refusal": None}
 
@@ -569,8 +574,6 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
     max_tokens, overflow = max_tokens_of(requested, limit, limit, param)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    if body.logprobs and body.stream:
-        raise bad_request("logprobs are not supported with stream", "logprobs")
     shared = generation_fields(body, predictor, served.model_id, (body.top_logprobs or 0) if body.logprobs else None)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
     requests = [
@@ -585,9 +588,10 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
     ]
     completion_id, created, model = new_id("chatcmpl"), int(time.time()), served.model_id
 
-    def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(index: int, text: str | None, finish: str | None, scored: Sequence[ScoredToken] | None) -> dict[str, Any]:
         delta: dict[str, Any] = {} if text is None else {"content": text}
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        logprobs = None if scored is None else chat_logprobs_of(predictor.tokenizer, scored)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -600,7 +604,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-            return {**chunk(0, None, None), "choices": [], "usage": usage}
+            return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
         usage = usage_chunk if include_usage else None
         response = await stream_generation(inference, served, requests, chunk, usage, body.n)
@@ -631,7 +635,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
 async def with_role_first(chunks: AsyncIterable[Any], chunk: ChunkMaker, choices: int) -> AsyncIterator[bytes]:
     """OpenAI's chat streams open with a chunk per choice whose delta carries the role."""
     for index in range(choices):
-        opening = chunk(index, "", None)
+        opening = chunk(index, "", None, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         yield sse(opening)
     async for part in chunks:

@@ -611,7 +611,7 @@ def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, 
 def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: dict[str, str]) -> None:
     """logprobs: each token with its log-probability and the top ones of its step; echo: the prompt first, its
     tokens scored too (the first has nothing before it); max_tokens 0 scores a text (what evaluation harnesses
-    ask). Greedy tokens are the most likely of their step. Not with stream."""
+    ask). Greedy tokens are the most likely of their step. Streamed, the chunks carry them; echo is not streamed."""
     model = text_models["plain"]
     prompt = "def add(a, b):"
     base = {"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
@@ -635,8 +635,19 @@ def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: 
     [only] = scored["choices"]
     assert only["text"] == prompt and len(only["logprobs"]["tokens"]) == scored["usage"]["prompt_tokens"]
     assert scored["usage"]["completion_tokens"] == 0
-    streamed = client.post("/v1/completions", json={**base, "logprobs": 1, "stream": True})
-    assert "stream" in assert_openai_error(streamed, 400, "logprobs")["message"]
+    # streamed, each chunk carries the log-probabilities of the tokens its text covers: together, the same as whole
+    whole = client.post("/v1/completions", json={**base, "logprobs": 2}).json()["choices"][0]["logprobs"]
+    events = sse_events(client.post("/v1/completions", json={**base, "logprobs": 2, "stream": True}))
+    assert events[-1] == "[DONE]"
+    texts = [e["choices"][0] for e in events[:-1] if e["choices"][0]["finish_reason"] is None]
+    assert "".join(c["text"] for c in texts) == plain["text"]
+    joined: dict[str, list[Any]] = {key: [] for key in whole}
+    for choice in texts:
+        for key in whole:
+            joined[key] += choice["logprobs"][key]
+    assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(whole["token_logprobs"])
+    assert [list(top) for top in joined["top_logprobs"]] == [list(top) for top in whole["top_logprobs"]]
     assert_openai_error(client.post("/v1/completions", json={**base, "echo": True, "stream": True}), 400, "echo")
     assert_openai_error(client.post("/v1/completions", json={**base, "logprobs": 6}), 400, "logprobs")
 
@@ -709,9 +720,15 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
         assert token["logprob"] == pytest.approx(max(top["logprob"] for top in token["top_logprobs"]))
     alone = client.post("/v1/chat/completions", json={**request, "top_logprobs": 2})
     assert_openai_error(alone, 400, "top_logprobs")
-    assert_openai_error(
-        client.post("/v1/chat/completions", json={**request, "logprobs": True, "stream": True}), 400, "logprobs"
+    # streamed: each chunk's logprobs are those of the tokens its delta covers; together, the whole message's
+    streamed = sse_events(
+        client.post("/v1/chat/completions", json={**request, "logprobs": True, "top_logprobs": 2, "stream": True})
     )
+    deltas = [e["choices"][0] for e in streamed[1:-1] if e["choices"][0]["finish_reason"] is None]
+    assert "".join(d["delta"].get("content", "") for d in deltas) == choice["message"]["content"]
+    streamed_content = [token for d in deltas for token in d["logprobs"]["content"]]
+    assert [t["token"] for t in streamed_content] == [t["token"] for t in content]
+    assert [t["logprob"] for t in streamed_content] == pytest.approx([t["logprob"] for t in content])
     # n choices: each streamed under its index after a role chunk of its own, as the same request answers whole
     sampled = {**request, "temperature": 1.5, "seed": 5, "n": 3}
     whole = client.post("/v1/chat/completions", json=sampled).json()

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.serving.batcher import BatchingConfig, DynamicBatcher
-from app.serving.generation import GenerationRequest, RowSampler, TextStream, adjust_logits
+from app.serving.generation import GenerationRequest, RowSampler, TextStream, adjust_logits, scored_tokens
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
     PREPARE_MAX_CHARS,
@@ -627,6 +628,41 @@ def test_logprobs_of_the_prompt_and_the_completion_are_the_models(endless: TextP
     [[echoed]] = endless.predict_batch([[only_prompt]])
     assert echoed.completion_tokens == 0 and echoed.logprobs == []
     assert echoed.prompt_logprobs is not None and len(echoed.prompt_logprobs) == echoed.prompt_tokens
+
+
+def test_streamed_logprobs_come_with_the_text_they_cover(endless: TextPredictor) -> None:
+    """Streaming with logprobs: before each text delta, the tokens whose text begins in it (``on_logprobs``); all
+    of them together are the whole completion's scored tokens, in order, ending where the text ends (a stop string
+    cuts both), each with the offset of its text."""
+    events: list[tuple[str, Any]] = []
+    request = GenerationRequest(
+        prompt="def f(x):",
+        max_tokens=12,
+        logprobs=2,
+        on_text=lambda delta: events.append(("text", delta)),
+        on_logprobs=lambda scored: events.append(("logprobs", scored)),
+    )
+    [[completion]] = endless.predict_batch([[request]])
+    assert completion.logprobs is not None and len(completion.text) >= 2
+    text = "".join(delta for kind, delta in events if kind == "text")
+    assert text == completion.text
+    streamed = [entry for kind, scored in events if kind == "logprobs" for entry in scored]
+    assert streamed == scored_tokens(endless.tokenizer, completion.logprobs, 0, len(completion.text))
+    for position, (kind, _) in enumerate(events):  # each batch of scored tokens goes just before its text
+        assert kind == "text" or events[position + 1][0] == "text"
+    sent = 0
+    for kind, value in events:
+        if kind == "logprobs":
+            assert all(offset <= sent + len(piece) for _, piece, offset in value) and value[0][2] >= 0
+        else:
+            sent += len(value)
+    # a stop string in the middle: the tokens after it are not sent
+    stop = completion.text[1:3]
+    events.clear()
+    [[stopped]] = endless.predict_batch([[replace(request, stop=[stop])]])
+    assert stopped.text == completion.text[: completion.text.find(stop)]
+    streamed = [entry for kind, scored in events if kind == "logprobs" for entry in scored]
+    assert streamed == scored_tokens(endless.tokenizer, stopped.logprobs or [], 0, len(stopped.text))
 
 
 def test_adjust_logits_applies_openai_penalties_and_bias() -> None:
