@@ -44,6 +44,8 @@ class GenerationRequest:
     on_text: Callable[[str], None] | None = None
     # with ``logprobs``: called before ``on_text`` with the generated tokens whose text that delta covers (streaming)
     on_logprobs: Callable[[list[ScoredToken]], None] | None = None
+    # with ``prompt_logprobs``: called with the prompt's once they are known, before any generated token (streaming)
+    on_prompt_logprobs: Callable[[list[TokenLogprob]], None] | None = None
     cancelled: bool = False
     # log-probabilities of the chosen tokens and of the ``logprobs`` most likely ones at each step (None: none);
     # with ``prompt_logprobs`` those of the prompt's tokens too (OpenAI's echo)
@@ -500,6 +502,8 @@ class GenerationEngine:
             following = torch.tensor(prompts[i][1:], dtype=torch.long, device=predicted.device)
             scores = token_logprobs(predicted, following, row.request.logprobs or 0)
             row.prompt_logprobs = [TokenLogprob(prompts[i][0], None, []), *scores]
+            if row.request.on_prompt_logprobs is not None:
+                row.request.on_prompt_logprobs(row.prompt_logprobs)
         tokens = self._choose(rows, output.logits[:, -1, :])
         return Batch(rows, cache_of(output), mask, tokens)
 

@@ -32,7 +32,7 @@ from app.models import service as models_service
 from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
-from app.serving.generation import Completion, GenerationRequest, ScoredToken, scored_tokens
+from app.serving.generation import Completion, GenerationRequest, ScoredToken, TokenLogprob, scored_tokens
 from app.serving.predictor import TextOutput, TextPredictor, TextRequest
 from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
 from app.serving.service import InferenceService, ServedModel
@@ -179,7 +179,8 @@ class CompletionRequest(SamplingFields):
     )
     echo: bool = Field(
         False,
-        description="Return the prompt before the completion (with logprobs: the prompt tokens' too). Not with stream.",
+        description="Return the prompt before the completion (with logprobs: the prompt tokens' too; streamed, as "
+        "each choice's first chunk).",
     )
 
 
@@ -373,11 +374,13 @@ async def stream_generation(
     chunk: ChunkMaker,
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
     choices: int,
+    echo: Callable[[int, Sequence[TokenLogprob] | None], dict[str, Any]] | None = None,
 ) -> Response:
     """Start the generation; once its prompts are accepted (or refused: then the error is the response), stream
     ``chunk(index, text, finish_reason, scored)`` documents as SSE (``scored``: the log-probabilities of the tokens
     the text delta covers, for requests that asked for them). A client that goes away stops the generation.
-    ``choices``: completions per prompt (``n``)."""
+    ``choices``: completions per prompt (``n``). ``echo(index, prompt_logprobs)``: each choice's first chunk, its
+    prompt (with its tokens' log-probabilities when the request asked for them, once the engine has them)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
@@ -389,6 +392,8 @@ async def stream_generation(
         request.on_text = partial(post, "text", index)
         if request.logprobs is not None:
             request.on_logprobs = partial(post, "logprobs", index)
+        if request.prompt_logprobs:
+            request.on_prompt_logprobs = partial(post, "prompt", index)
     task = asyncio.ensure_future(inference.infer(served, requests, len(requests)))
 
     def finished(_: Any) -> None:
@@ -406,9 +411,16 @@ async def stream_generation(
     async def body() -> AsyncIterator[bytes]:
         scored: dict[int, Sequence[ScoredToken]] = {}  # posted just before the text delta they belong to
         try:
+            if echo is not None:  # prompts without log-probabilities are echoed at once, the others when scored
+                for index, request in enumerate(requests):
+                    if not request.prompt_logprobs:
+                        yield sse(echo(index, None))
             while True:
                 event = await events.get()
-                if event[0] == "text":
+                if event[0] == "prompt":
+                    assert echo is not None  # prompts are scored only for echo
+                    yield sse(echo(event[1], event[2]))
+                elif event[0] == "text":
                     index = event[1]
                     asked = requests[index].logprobs is not None
                     yield sse(chunk(index, event[2], None, scored.pop(index, [] if asked else None)))
@@ -442,8 +454,6 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     predictor = require_task(served, "causal_lm", "/v1/completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
-    if body.stream and body.echo:
-        raise bad_request("echo is not supported with stream", "echo")
     shared = generation_fields(body, predictor, served.model_id, body.logprobs)
     requests = [
         GenerationRequest(
@@ -459,7 +469,13 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     ]
     completion_id, created, model = new_id("cmpl"), int(time.time()), served.model_id
 
+    def echoed(index: int) -> str:
+        return prompts[index // body.n] if body.echo else ""
+
     def chunk(index: int, text: str | None, finish: str | None, scored: Sequence[ScoredToken] | None) -> dict[str, Any]:
+        if scored is not None and body.echo:  # offsets count from the start of the echoed prompt
+            start = len(echoed(index))
+            scored = [(entry, piece, start + offset) for entry, piece, offset in scored]
         logprobs = None if scored is None else legacy_logprobs(predictor.tokenizer, scored)
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {
@@ -476,8 +492,16 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
+        def echo_chunk(index: int, prompt_logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+            document = chunk(index, echoed(index), None, None)
+            if prompt_logprobs is not None:
+                scored = scored_tokens(predictor.tokenizer, prompt_logprobs, 0, None)
+                document["choices"][0]["logprobs"] = legacy_logprobs(predictor.tokenizer, scored)
+            return document
+
         usage = usage_chunk if include_usage else None
-        return await stream_generation(inference, served, requests, chunk, usage, body.n)
+        echo = echo_chunk if body.echo else None
+        return await stream_generation(inference, served, requests, chunk, usage, body.n, echo)
     results: list[Completion] = await inference.infer(served, requests, len(requests))
     return json_response(
         {
@@ -485,10 +509,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                completion_choice(predictor, i, c, prompts[i // body.n] if body.echo else "", body.logprobs)
-                for i, c in enumerate(results)
-            ],
+            "choices": [completion_choice(predictor, i, c, echoed(i), body.logprobs) for i, c in enumerate(results)],
             "usage": usage_of(results, body.n),
         }
     )

@@ -611,7 +611,7 @@ def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, 
 def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: dict[str, str]) -> None:
     """logprobs: each token with its log-probability and the top ones of its step; echo: the prompt first, its
     tokens scored too (the first has nothing before it); max_tokens 0 scores a text (what evaluation harnesses
-    ask). Greedy tokens are the most likely of their step. Streamed, the chunks carry them; echo is not streamed."""
+    ask). Greedy tokens are the most likely of their step. Streamed, the chunks carry them (echo: the prompt first)."""
     model = text_models["plain"]
     prompt = "def add(a, b):"
     base = {"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
@@ -648,7 +648,22 @@ def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: 
     assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
     assert joined["token_logprobs"] == pytest.approx(whole["token_logprobs"])
     assert [list(top) for top in joined["top_logprobs"]] == [list(top) for top in whole["top_logprobs"]]
-    assert_openai_error(client.post("/v1/completions", json={**base, "echo": True, "stream": True}), 400, "echo")
+    # echo streamed: each choice opens with its prompt (and, with logprobs, the prompt's tokens), then as above
+    events = sse_events(client.post("/v1/completions", json={**base, "logprobs": 2, "echo": True, "stream": True}))
+    texts = [e["choices"][0] for e in events[:-1] if e["choices"][0]["finish_reason"] is None]
+    assert texts[0]["text"] == prompt and "".join(c["text"] for c in texts) == echoed["text"]
+    for key in logprobs:
+        streamed_values = [value for c in texts for value in c["logprobs"][key]]
+        if key == "token_logprobs":
+            assert streamed_values == pytest.approx(logprobs[key])
+        elif key == "top_logprobs":
+            assert [None if top is None else list(top) for top in streamed_values] == [
+                None if top is None else list(top) for top in logprobs[key]
+            ]
+        else:
+            assert streamed_values == logprobs[key], key
+    plain_echo = sse_events(client.post("/v1/completions", json={**base, "echo": True, "stream": True}))
+    assert plain_echo[0]["choices"][0]["text"] == prompt and plain_echo[0]["choices"][0]["logprobs"] is None
     assert_openai_error(client.post("/v1/completions", json={**base, "logprobs": 6}), 400, "logprobs")
 
 
