@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     max_completion_tokens: int = Field(
         1024, ge=1, description="Largest max_tokens a completion request may ask for (400 above)."
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="Continuous batching: most prompt tokens (rows × columns, padding included) per prefill forward. "
+        "Longer prompts are prefilled over several decode steps, so running completions keep getting tokens "
+        "meanwhile (chunked prefill). 0 = each prompt in one forward.",
+    )
 
     # limits that make a spec impossible to run (422 at submission)
     max_student_params: int = Field(2_000_000_000, description="Largest student accepted, in parameters.")
@@ -286,6 +293,7 @@ READ_BY: dict[str, str] = {
     "verify_artifacts": f"{API}, {WORKER}",
     "alias_refresh_s": API,
     "max_completion_tokens": API,
+    "prefill_chunk_tokens": API,
     "max_student_params": "api (checks specs)",
     "max_steps": "api (checks specs)",
     "max_dataset_rows": "api (checks specs)",

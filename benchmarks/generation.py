@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.generation                    # the CPU (and cuda where there is one)
     .venv/bin/python -m benchmarks.generation --devices cpu --clients 16 --max-tokens 32
     .venv/bin/python -m benchmarks.generation --devices cpu --temperature 1   # sampled (OpenAI's default)
+    .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --long-prompt 480 --prefill-chunks 0 64
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -10,12 +11,18 @@ loop, each asking for one completion of ``--max-tokens`` tokens at a time (greed
 ``--temperature``; EOS suppressed, so that every completion has exactly that many): completions/s and generated
 tokens/s with batching on (max_batch_size = clients) and off (max_batch_size 1), and one completion alone. Needs
 no database, queue or web framework, so it runs on a bare GPU machine too.
+
+``--long-prompt N`` adds a client that sends prompts of N bytes (one token each) for 1 token at a time, what a
+long prefill does to the others; the gaps between the others' streamed tokens (p50 / p99) tell it, for each
+``--prefill-chunks`` value of the engine (0: a prompt in one forward; k: at most k prompt tokens per forward).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -86,12 +93,16 @@ async def drive_generation(
     seconds: float,
     lengths: list[int],
     temperature: float,
+    prefill_chunk: int = 0,
+    long_prompt: int = 0,
 ) -> dict[str, float]:
     """``clients`` concurrent senders through the api's DynamicBatcher, each sending one completion at a time, its
     i-th of ``lengths[i % len(lengths)]`` tokens. ``mode``: ``continuous`` (the engine, step by step), ``static``
     (one ``generate`` per batch, what the api did before the engine) or ``off`` (max_batch_size 1). Completions/s,
-    tokens/s and the median latency of all completions and of the shortest kind."""
-    engine = predictor.continuous_generation() if mode == "continuous" else None
+    tokens/s and the median latency of all completions and of the shortest kind; the gaps between streamed tokens
+    (p50 / p99); with ``long_prompt``, one more client sending prompts of that many bytes for one token each (their
+    p50 latency; they do not count in the rest)."""
+    engine = predictor.continuous_generation(prefill_chunk) if mode == "continuous" else None
     max_batch = 1 if mode == "off" else clients
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
     supported = predictor.continuous
@@ -100,27 +111,46 @@ async def drive_generation(
         f"bench-{mode}", predictor.predict_batch, config, asyncio.get_running_loop(), continuous=engine
     )
     latencies: list[tuple[int, float]] = []
+    gaps: list[float] = []
+    long_latencies: list[float] = []
     stop_at = 0.0
 
     async def client(offset: int) -> None:
         index = offset
         while time.perf_counter() < stop_at:
             tokens = lengths[index % len(lengths)]
+            times: list[float] = []
             request = GenerationRequest(
-                prompt=PROMPTS[index % len(PROMPTS)], max_tokens=tokens, temperature=temperature
+                prompt=PROMPTS[index % len(PROMPTS)],
+                max_tokens=tokens,
+                temperature=temperature,
+                on_text=lambda _, times=times: times.append(time.perf_counter()),  # type: ignore[misc]
             )
             started = time.perf_counter()
             [completion] = await batcher.submit([request], 1)
             latencies.append((tokens, time.perf_counter() - started))
+            gaps.extend(later - earlier for earlier, later in itertools.pairwise(times))
             assert completion.completion_tokens == tokens, completion
             index += clients
 
+    async def long_client() -> None:
+        while time.perf_counter() < stop_at:
+            request = GenerationRequest(prompt="x" * long_prompt, max_tokens=1, overflow="refuse")
+            started = time.perf_counter()
+            await batcher.submit([request], 1)
+            long_latencies.append(time.perf_counter() - started)
+
+    def senders() -> list[Any]:
+        return [client(i) for i in range(clients)] + ([long_client()] if long_prompt else [])
+
     stop_at = time.perf_counter() + 1.0  # warm-up
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*senders())
     latencies.clear()
+    gaps.clear()
+    long_latencies.clear()
     started = time.perf_counter()
     stop_at = started + seconds
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*senders())
     elapsed = time.perf_counter() - started
     batcher.stop()
     predictor.continuous = supported
@@ -130,6 +160,10 @@ async def drive_generation(
         "tokens": sum(tokens for tokens, _ in latencies) / elapsed,
         "p50": statistics.median(seconds for _, seconds in latencies) * 1000,
         "p50 shortest": statistics.median(s for tokens, s in latencies if tokens == shortest) * 1000,
+        "gap p50": statistics.median(gaps) * 1000 if gaps else math.nan,
+        "gap p99": statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else math.nan,
+        "long p50": statistics.median(long_latencies) * 1000 if long_latencies else math.nan,
+        "longs": len(long_latencies) / elapsed,
     }
 
 
@@ -144,6 +178,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
+    parser.add_argument("--long-prompt", type=int, default=0, help="bytes of the extra client's prompts (0: none)")
+    parser.add_argument(
+        "--prefill-chunks", type=int, nargs="+", default=[0], help="continuous: the engine's prefill_chunk values"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -157,11 +195,24 @@ def main() -> None:
             predictor = load(directory, device)
             params = sum(p.numel() for p in predictor.model.parameters())
             single = alone_ms(predictor, args.max_tokens[0], args.temperature)
-            for mode in args.modes:
+            runs = [
+                (mode, chunk) for mode in args.modes for chunk in (args.prefill_chunks if mode == "continuous" else [0])
+            ]
+            for mode, chunk in runs:
                 result = asyncio.run(
-                    drive_generation(predictor, mode, args.clients, args.seconds, args.max_tokens, args.temperature)
+                    drive_generation(
+                        predictor,
+                        mode,
+                        args.clients,
+                        args.seconds,
+                        args.max_tokens,
+                        args.temperature,
+                        chunk,
+                        args.long_prompt,
+                    )
                 )
-                rows.append({"device": machine(device), "params": params, "alone": single, "mode": mode, **result})
+                label = f"{mode}, prefill chunk {chunk}" if mode == "continuous" and chunk else mode
+                rows.append({"device": machine(device), "params": params, "alone": single, "mode": label, **result})
                 print(rows[-1], flush=True)
     kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
     print()
@@ -169,17 +220,25 @@ def main() -> None:
         f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), {kind} completions of "
         f"{' / '.join(map(str, args.max_tokens))} tokens, {args.clients} concurrent clients through the api's "
         f"DynamicBatcher and TextPredictor, in-process, {args.seconds:g} s per row; one completion of "
-        f"{args.max_tokens[0]} tokens alone: {rows[0]['alone']:.1f} ms."
+        f"{args.max_tokens[0]} tokens alone: {rows[0]['alone']:.1f} ms"
+        + (f"; plus one client sending {args.long_prompt}-byte prompts for 1 token" if args.long_prompt else "")
+        + "."
         if rows
         else "no device"
     )
     print()
-    print("| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    long = " | long prompts/s | long p50 (ms)" if args.long_prompt else ""
+    print(
+        "| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) | "
+        f"token gap p50 / p99 (ms){long} |"
+    )
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else ""))
     for row in rows:
+        extra = f" | {row['longs']:.1f} | {row['long p50']:.0f}" if long else ""
         print(
             f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
-            f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} |"
+            f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} | "
+            f"{row['gap p50']:.1f} / {row['gap p99']:.1f}{extra} |"
         )
 
 

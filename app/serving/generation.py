@@ -6,7 +6,9 @@ as soon as it is done (``max_tokens``, a stop string, EOS, a client gone) and it
 the longest prompt of its batch ends. The KV cache is transformers' ``DynamicCache``, left-padded: a prompt admitted
 into a running batch is prefilled on its own, and its cache joins the batch's with padding columns (masked) on the
 left of the shorter one; rows that leave are dropped from the cache, and columns that only padding still holds are
-cut off. Positions come from the attention mask, so padding never shifts a row's positions.
+cut off. Positions come from the attention mask, so padding never shifts a row's positions. With ``prefill_chunk``
+the admitted prompts are prefilled a few columns per step (chunked prefill), between the running rows' decode steps,
+so that a long prompt does not hold the others' next token for its whole prefill.
 
 Torch and transformers only: no web, database or queue imports (the batcher drives the engine).
 """
@@ -344,6 +346,20 @@ class Batch:
     tokens: torch.Tensor
 
 
+@dataclass
+class Prefill:
+    """Admitted prompts being prefilled a few columns per step (``GenerationEngine.prefill_chunk``): left-padded to
+    ``ids`` [rows, width] with ``mask``; ``done`` columns are in ``cache``; ``logits`` keeps every position's logits
+    for the rows that asked for the prompt's log-probabilities (echo)."""
+
+    rows: list[Row]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: Any = None
+    done: int = 0
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
 class Owner:
     """A request's rows, answered together when the last of them is done."""
 
@@ -359,8 +375,12 @@ class GenerationEngine:
     inference thread calls ``admit`` for new requests and ``step`` while ``busy``; ``step`` returns the requests
     that finished."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, pad_id: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, pad_id: int, prefill_chunk: int = 0) -> None:
         self.model = model
+        # at most this many prompt tokens (rows × columns, padding included) per prefill forward: a long prompt is
+        # prefilled over several steps, and the running rows get a token at each of them instead of waiting for the
+        # whole prompt (chunked prefill); 0: each prompt in one forward
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.device = device
         self.pad_id = pad_id
@@ -375,6 +395,7 @@ class GenerationEngine:
         self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.batch: Batch | None = None
         self.admitted: list[Row] = []
+        self.prefilling: Prefill | None = None
         self.done: list[tuple[Any, list[Completion] | Exception]] = []
         self.generated = 0  # tokens the last step made
 
@@ -400,18 +421,22 @@ class GenerationEngine:
         layers = list(getattr(cache, "layers", None) or [])
         return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
+    def _held(self) -> list[Row]:
+        return (
+            self.admitted + (self.prefilling.rows if self.prefilling else []) + (self.batch.rows if self.batch else [])
+        )
+
     @property
     def rows(self) -> int:
-        return len(self.admitted) + (len(self.batch.rows) if self.batch else 0)
+        return len(self._held())
 
     @property
     def requests(self) -> int:
-        rows = self.admitted + (self.batch.rows if self.batch else [])
-        return len({id(row.owner[0]) for row in rows})
+        return len({id(row.owner[0]) for row in self._held()})
 
     @property
     def busy(self) -> bool:
-        return bool(self.admitted or self.batch or self.done)
+        return bool(self.admitted or self.prefilling or self.batch or self.done)
 
     def admit(
         self,
@@ -437,23 +462,31 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Any, list[Completion] | Exception]]:
-        """One token for every row: a decode step for the running batch and a prefill for the admitted prompts;
-        returns (handle, completions) of each request whose prompts are all done, and (handle, error) of each
-        admitted request whose prefill failed (the running batch goes on: a prompt too long for the memory left
-        fails alone). A failing decode step raises: then ``fail``."""
+        """One token for every running row (a decode step) and a prefill forward for the admitted prompts (all of
+        each prompt, or with ``prefill_chunk`` the next columns of the prompts being prefilled: they join the
+        running batch with their first token once their last column is in); returns (handle, completions) of each
+        request whose prompts are all done, and (handle, error) of each admitted request whose prefill failed (the
+        running batch goes on: a prompt too long for the memory left fails alone). A failing decode step raises:
+        then ``fail``."""
         self.generated = 0
         self._drop_finished()
         if self.batch is not None:
             self._decode(self.batch)
-        if self.admitted:
-            admitted, self.admitted = self.admitted, []
+        if self.prefilling is None and self.admitted:
+            self.prefilling = self._start_prefill(self.admitted)
+            self.admitted = []
+        if self.prefilling is not None:
+            prefill = self.prefilling
             try:
-                joining = self._prefill(admitted)
+                joining = self._prefill(prefill)
             except Exception as exc:
-                owners = {id(row.owner[0]): row.owner[0] for row in admitted}
+                self.prefilling = None
+                owners = {id(row.owner[0]): row.owner[0] for row in prefill.rows}
                 self.done.extend((owner.handle, exc) for owner in owners.values())
             else:
-                self.batch = joining if self.batch is None else self._merge(self.batch, joining)
+                if joining is not None:
+                    self.prefilling = None
+                    self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
         done, self.done = self.done, []
         return done
@@ -461,8 +494,8 @@ class GenerationEngine:
     def fail(self, error: Exception) -> list[tuple[Any, list[Completion] | Exception]]:
         """After a step raised: every request the engine held, each once, with ``error``, except those the step had
         already finished, which keep their completions. The engine is empty afterwards."""
-        rows = self.admitted + (self.batch.rows if self.batch else [])
-        self.admitted, self.batch = [], None
+        rows = self._held()
+        self.admitted, self.prefilling, self.batch = [], None, None
         outcomes: dict[int, tuple[Any, list[Completion] | Exception]] = {
             id(handle): (handle, output) for handle, output in self.done
         }
@@ -488,24 +521,39 @@ class GenerationEngine:
             arguments.update(self.last_logits)
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
 
-    def _prefill(self, rows: list[Row]) -> Batch:
+    def _start_prefill(self, rows: list[Row]) -> Prefill:
         prompts = [row.ids for row in rows]
         width = max(len(ids) for ids in prompts)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Prefill(rows, ids, mask)
+
+    def _prefill(self, prefill: Prefill) -> Batch | None:
+        """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is
+        in, the rows' prompt log-probabilities (those that asked) and first tokens, as a batch to join."""
+        rows, width = prefill.rows, prefill.ids.shape[1]
+        columns = width if self.prefill_chunk <= 0 else max(1, self.prefill_chunk // len(rows))
+        start, end = prefill.done, min(width, prefill.done + columns)
         scored = [i for i, row in enumerate(rows) if row.request.prompt_logprobs]
-        output = self._forward(ids, mask, positions, None, all_logits=bool(scored))
+        mask = prefill.mask[:, :end]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        output = self._forward(prefill.ids[:, start:end], mask, positions, prefill.cache, all_logits=bool(scored))
+        prefill.cache, prefill.done = cache_of(output), end
+        if scored:
+            prefill.logits.append(output.logits)
+        if end < width:
+            return None
+        logits = torch.cat(prefill.logits, dim=1) if scored else output.logits
         for i in scored:  # position t predicts token t + 1; the first token has nothing before it
-            row, start = rows[i], width - len(prompts[i])
-            predicted = output.logits[i, start:-1, :]
-            following = torch.tensor(prompts[i][1:], dtype=torch.long, device=predicted.device)
+            row, prompt = rows[i], rows[i].ids
+            predicted = logits[i, width - len(prompt) : -1, :]
+            following = torch.tensor(prompt[1:], dtype=torch.long, device=predicted.device)
             scores = token_logprobs(predicted, following, row.request.logprobs or 0)
-            row.prompt_logprobs = [TokenLogprob(prompts[i][0], None, []), *scores]
+            row.prompt_logprobs = [TokenLogprob(prompt[0], None, []), *scores]
             if row.request.on_prompt_logprobs is not None:
                 row.request.on_prompt_logprobs(row.prompt_logprobs)
-        tokens = self._choose(rows, output.logits[:, -1, :])
-        return Batch(rows, cache_of(output), mask, tokens)
+        tokens = self._choose(rows, logits[:, -1, :])
+        return Batch(rows, prefill.cache, mask, tokens)
 
     def _decode(self, batch: Batch) -> None:
         positions = batch.mask.sum(-1, keepdim=True)  # the token fed now follows the row's tokens in the cache

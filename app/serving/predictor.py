@@ -601,12 +601,14 @@ class TextPredictor:
                 prompt.on_start(len(prompt_ids))
         return ids
 
-    def continuous_generation(self) -> ContinuousGeneration | None:
+    def continuous_generation(self, prefill_chunk: int = 0) -> ContinuousGeneration | None:
         """What the batcher drives to batch this model's generation step by step (None: not a causal LM, or one
-        the engine does not take, which generates in static batches through ``predict_batch``)."""
+        the engine does not take, which generates in static batches through ``predict_batch``); ``prefill_chunk``:
+        ``GenerationEngine``'s."""
         if self.task != "causal_lm" or not self.continuous:
             return None
-        return ContinuousGeneration(self, GenerationEngine(self.model, self.tokenizer, self.device, self._pad_id()))
+        engine = GenerationEngine(self.model, self.tokenizer, self.device, self._pad_id(), prefill_chunk)
+        return ContinuousGeneration(self, engine)
 
     def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
         """Per request, its completions or the InputShapeError that refused it. The prompts of all the batch's

@@ -345,7 +345,11 @@ class InferenceService:
             asyncio.get_running_loop(),
             observer=metrics,
             on_thread_start=lambda: configure_inference_threads(self.settings),
-            continuous=predictor.continuous_generation() if isinstance(predictor, TextPredictor) else None,
+            continuous=(
+                predictor.continuous_generation(self.settings.prefill_chunk_tokens)
+                if isinstance(predictor, TextPredictor)
+                else None
+            ),
         )
         batcher_box.append(batcher)
         return ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))

@@ -21,7 +21,14 @@ from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.serving.batcher import BatchingConfig, DynamicBatcher
-from app.serving.generation import GenerationRequest, RowSampler, TextStream, adjust_logits, scored_tokens
+from app.serving.generation import (
+    Completion,
+    GenerationRequest,
+    RowSampler,
+    TextStream,
+    adjust_logits,
+    scored_tokens,
+)
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
     PREPARE_MAX_CHARS,
@@ -520,6 +527,60 @@ def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alon
         assert observer.tokens == 100 + 3 + 5
 
     asyncio.run(main())
+
+
+def test_chunked_prefill_generates_the_same_and_keeps_running_rows_going(endless: TextPredictor) -> None:
+    """With ``prefill_chunk`` a prompt is prefilled a few columns per step: the completions, greedy and seeded, and
+    the prompt's log-probabilities (echo) are those of one-forward prefills; and a row already generating gets a
+    token at every step while a long prompt admitted after it is still being prefilled."""
+
+    def prompts() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt="def f(x): return x * 2 + 1  # a longer prompt", max_tokens=6, logprobs=2),
+            GenerationRequest(prompt="a", max_tokens=4, prompt_logprobs=True, logprobs=1),
+            GenerationRequest(prompt="the quick brown fox", max_tokens=5, temperature=1.1, seed=7),
+        ]
+
+    def run(chunk: int) -> list[Completion]:
+        adapter = endless.continuous_generation(chunk)
+        assert adapter is not None
+        engine = adapter.engine
+        requests = prompts()
+        engine.admit(requests, [endless.render_prompt(r) for r in requests], "all", never)
+        steps = 0
+        finished: list[Completion] = []
+        while engine.busy:
+            steps += 1
+            for _, done in engine.step():
+                assert isinstance(done, list)
+                finished = done
+        return finished
+
+    whole, chunked = run(0), run(8)
+    assert [(c.text, c.completion_tokens) for c in chunked] == [(c.text, c.completion_tokens) for c in whole]
+    for mine, theirs in zip(chunked, whole, strict=True):
+        for field_name in ("logprobs", "prompt_logprobs"):
+            a, b = getattr(mine, field_name) or [], getattr(theirs, field_name) or []
+            assert [e.token for e in a] == [e.token for e in b]
+            assert [e.logprob for e in a[1:]] == pytest.approx([e.logprob for e in b[1:]], abs=1e-4)
+
+    # a running row keeps getting tokens while a long prompt is prefilled 4 columns per step
+    adapter = endless.continuous_generation(4)
+    assert adapter is not None
+    engine = adapter.engine
+    running = GenerationRequest(prompt="go", max_tokens=30)
+    engine.admit([running], [endless.render_prompt(running)], "running", never)
+    engine.step()  # prefilled (2 + 1 tokens: one chunk) and its first token
+    made = [engine.batch.rows[0].stream.generated if engine.batch else 0]
+    long = GenerationRequest(prompt="x" * 40, max_tokens=2)
+    engine.admit([long], [endless.render_prompt(long)], "long", never)
+    steps_to_join = 0
+    while engine.prefilling is not None or engine.admitted:
+        engine.step()
+        steps_to_join += 1
+        made.append(engine.batch.rows[0].stream.generated if engine.batch else 0)
+    assert steps_to_join == math.ceil(41 / 4)  # the prompt: 40 bytes and the closing token, 4 columns per step
+    assert made == list(range(1, steps_to_join + 2))  # one token per step throughout
 
 
 class BatchRecorder:
