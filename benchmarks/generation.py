@@ -12,16 +12,16 @@ loop, each asking for one completion of ``--max-tokens`` tokens at a time (greed
 tokens/s with batching on (max_batch_size = clients) and off (max_batch_size 1), and one completion alone. Needs
 no database, queue or web framework, so it runs on a bare GPU machine too.
 
-``--long-prompt N`` adds a client that sends prompts of N bytes (one token each) for 1 token at a time, what a
-long prefill does to the others; the gaps between the others' streamed tokens (p50 / p99) tell it, for each
-``--prefill-chunks`` value of the engine (0: a prompt in one forward; k: at most k prompt tokens per forward).
+``--long-prompt N`` adds ``--long-clients`` clients that send prompts of N bytes (one token each) for 1 token at a
+time, what long prefills do to the others; the engine's step times (p50 / p99 / max: what a running row waits
+between two tokens) tell it, for each ``--prefill-chunks`` value of the engine (0: a prompt in one forward; k: at
+most k prompt tokens per forward).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import math
 import statistics
 import tempfile
@@ -33,7 +33,7 @@ import torch
 from transformers import ByT5Tokenizer
 
 from app.distill.text.models import build_from_config, save_pretrained_dir, tiny_config
-from app.serving.batcher import BatchingConfig, DynamicBatcher
+from app.serving.batcher import BatchingConfig, DynamicBatcher, NoObserver
 from app.serving.generation import GenerationRequest, end_of_sequence_ids
 from app.serving.predictor import TextPredictor
 from benchmarks.gpu_serving import machine
@@ -86,6 +86,17 @@ def alone_ms(predictor: TextPredictor, max_tokens: int, temperature: float, repe
     return statistics.median(times[1:]) * 1000
 
 
+class StepRecorder(NoObserver):
+    """The batcher's observer: the time of each engine step (with continuous batching, what every running row
+    waits between two of its tokens)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
+        self.seconds.append(compute_seconds)
+
+
 async def drive_generation(
     predictor: TextPredictor,
     mode: str,
@@ -95,23 +106,26 @@ async def drive_generation(
     temperature: float,
     prefill_chunk: int = 0,
     long_prompt: int = 0,
+    long_clients: int = 1,
 ) -> dict[str, float]:
     """``clients`` concurrent senders through the api's DynamicBatcher, each sending one completion at a time, its
     i-th of ``lengths[i % len(lengths)]`` tokens. ``mode``: ``continuous`` (the engine, step by step), ``static``
     (one ``generate`` per batch, what the api did before the engine) or ``off`` (max_batch_size 1). Completions/s,
-    tokens/s and the median latency of all completions and of the shortest kind; the gaps between streamed tokens
-    (p50 / p99); with ``long_prompt``, one more client sending prompts of that many bytes for one token each (their
-    p50 latency; they do not count in the rest)."""
+    tokens/s and the median latency of all completions and of the shortest kind; with continuous batching the
+    engine's step times (p50 / p99 / max: what a running row waits between two tokens); with ``long_prompt``,
+    ``long_clients`` more clients sending prompts of that many bytes for one token each (their p50 latency; they
+    do not count in the rest)."""
     engine = predictor.continuous_generation(prefill_chunk) if mode == "continuous" else None
     max_batch = 1 if mode == "off" else clients
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
     supported = predictor.continuous
     predictor.continuous = supported and mode == "continuous"  # predict_batch's path: the engine or generate
+    steps = StepRecorder()
     batcher = DynamicBatcher(
-        f"bench-{mode}", predictor.predict_batch, config, asyncio.get_running_loop(), continuous=engine
+        f"bench-{mode}", predictor.predict_batch, config, asyncio.get_running_loop(), steps, continuous=engine
     )
     latencies: list[tuple[int, float]] = []
-    gaps: list[float] = []
+    gaps = steps.seconds
     long_latencies: list[float] = []
     stop_at = 0.0
 
@@ -119,17 +133,12 @@ async def drive_generation(
         index = offset
         while time.perf_counter() < stop_at:
             tokens = lengths[index % len(lengths)]
-            times: list[float] = []
             request = GenerationRequest(
-                prompt=PROMPTS[index % len(PROMPTS)],
-                max_tokens=tokens,
-                temperature=temperature,
-                on_text=lambda _, times=times: times.append(time.perf_counter()),  # type: ignore[misc]
+                prompt=PROMPTS[index % len(PROMPTS)], max_tokens=tokens, temperature=temperature
             )
             started = time.perf_counter()
             [completion] = await batcher.submit([request], 1)
             latencies.append((tokens, time.perf_counter() - started))
-            gaps.extend(later - earlier for earlier, later in itertools.pairwise(times))
             assert completion.completion_tokens == tokens, completion
             index += clients
 
@@ -141,7 +150,9 @@ async def drive_generation(
             long_latencies.append(time.perf_counter() - started)
 
     def senders() -> list[Any]:
-        return [client(i) for i in range(clients)] + ([long_client()] if long_prompt else [])
+        return [client(i) for i in range(clients)] + (
+            [long_client() for _ in range(long_clients)] if long_prompt else []
+        )
 
     stop_at = time.perf_counter() + 1.0  # warm-up
     await asyncio.gather(*senders())
@@ -160,8 +171,9 @@ async def drive_generation(
         "tokens": sum(tokens for tokens, _ in latencies) / elapsed,
         "p50": statistics.median(seconds for _, seconds in latencies) * 1000,
         "p50 shortest": statistics.median(s for tokens, s in latencies if tokens == shortest) * 1000,
-        "gap p50": statistics.median(gaps) * 1000 if gaps else math.nan,
-        "gap p99": statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else math.nan,
+        "gap p50": statistics.median(gaps) * 1000 if engine and gaps else math.nan,
+        "gap p99": statistics.quantiles(gaps, n=100)[98] * 1000 if engine and len(gaps) > 1 else math.nan,
+        "gap max": max(gaps) * 1000 if engine and gaps else math.nan,
         "long p50": statistics.median(long_latencies) * 1000 if long_latencies else math.nan,
         "longs": len(long_latencies) / elapsed,
     }
@@ -178,7 +190,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
-    parser.add_argument("--long-prompt", type=int, default=0, help="bytes of the extra client's prompts (0: none)")
+    parser.add_argument("--long-prompt", type=int, default=0, help="bytes of the extra clients' prompts (0: none)")
+    parser.add_argument("--long-clients", type=int, default=1, help="clients sending --long-prompt prompts")
     parser.add_argument(
         "--prefill-chunks", type=int, nargs="+", default=[0], help="continuous: the engine's prefill_chunk values"
     )
@@ -209,6 +222,7 @@ def main() -> None:
                         args.temperature,
                         chunk,
                         args.long_prompt,
+                        args.long_clients,
                     )
                 )
                 label = f"{mode}, prefill chunk {chunk}" if mode == "continuous" and chunk else mode
@@ -221,7 +235,11 @@ def main() -> None:
         f"{' / '.join(map(str, args.max_tokens))} tokens, {args.clients} concurrent clients through the api's "
         f"DynamicBatcher and TextPredictor, in-process, {args.seconds:g} s per row; one completion of "
         f"{args.max_tokens[0]} tokens alone: {rows[0]['alone']:.1f} ms"
-        + (f"; plus one client sending {args.long_prompt}-byte prompts for 1 token" if args.long_prompt else "")
+        + (
+            f"; plus {args.long_clients} client(s) sending {args.long_prompt}-byte prompts for 1 token"
+            if args.long_prompt
+            else ""
+        )
         + "."
         if rows
         else "no device"
@@ -230,7 +248,7 @@ def main() -> None:
     long = " | long prompts/s | long p50 (ms)" if args.long_prompt else ""
     print(
         "| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) | "
-        f"token gap p50 / p99 (ms){long} |"
+        f"step p50 / p99 / max (ms){long} |"
     )
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else ""))
     for row in rows:
@@ -238,7 +256,7 @@ def main() -> None:
         print(
             f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
             f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} | "
-            f"{row['gap p50']:.1f} / {row['gap p99']:.1f}{extra} |"
+            f"{row['gap p50']:.1f} / {row['gap p99']:.1f} / {row['gap max']:.1f}{extra} |"
         )
 
 

@@ -631,21 +631,29 @@ class GenerationEngine:
 
     @staticmethod
     def _merge(running: Batch, joining: Batch) -> Batch:
-        """One batch of both, the narrower left-padded to the wider (padding columns masked)."""
+        """One batch of both, the narrower left-padded to the wider (padding columns masked). Each cache tensor is
+        written once, into one allocation (padding columns zeroed): padding then concatenating copied a long prompt's
+        width of cache two or three times for every running row (measured: 159 ms to merge a 501-token prompt into
+        8 running rows of a 57 M-parameter LM on one CPU core)."""
         width = max(running.mask.shape[1], joining.mask.shape[1])
 
-        def left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
-            if columns == 0:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = columns
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+        def stacked(mine: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+            """``mine`` over ``theirs`` (dim 0), each right-aligned along ``dim`` in ``width`` columns."""
+            shape = list(mine.shape)
+            shape[0], shape[dim] = mine.shape[0] + theirs.shape[0], width
+            merged = mine.new_empty(shape)
+            for part, rows in ((mine, slice(0, mine.shape[0])), (theirs, slice(mine.shape[0], None))):
+                pad = width - part.shape[dim]
+                target = merged[rows]
+                target.narrow(dim, pad, part.shape[dim]).copy_(part)
+                if pad:
+                    target.narrow(dim, 0, pad).zero_()
+            return merged
 
-        pads = [width - running.mask.shape[1], width - joining.mask.shape[1]]
         for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
-            mine.keys = torch.cat([left_pad(mine.keys, pads[0], -2), left_pad(theirs.keys, pads[1], -2)])
-            mine.values = torch.cat([left_pad(mine.values, pads[0], -2), left_pad(theirs.values, pads[1], -2)])
-        running.mask = torch.cat([left_pad(running.mask, pads[0], 1), left_pad(joining.mask, pads[1], 1)])
+            mine.keys = stacked(mine.keys, theirs.keys, -2)
+            mine.values = stacked(mine.values, theirs.values, -2)
+        running.mask = stacked(running.mask, joining.mask, 1)
         running.tokens = torch.cat([running.tokens, joining.tokens])
         running.rows = running.rows + joining.rows
         return running
