@@ -102,6 +102,10 @@ class Continuous(Protocol):
     def generated(self) -> int:
         """Tokens the last step made."""
 
+    @property
+    def started(self) -> list[Any]:
+        """The handles of the requests whose first tokens the last step made (time to first token)."""
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None: ...
 
     def step(self) -> list[tuple[Any, Any]]: ...
@@ -370,7 +374,7 @@ class DynamicBatcher:
         self.observer.batch_done(
             rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
         )
-        self.observer.tokens_generated(engine.generated, [ended - request.enqueued_at for request in admitted])
+        self.observer.tokens_generated(engine.generated, [ended - request.enqueued_at for request in engine.started])
         if finished:
             done: list[PendingRequest] = [handle for handle, _ in finished]
             for request in done:  # Retry-After: a request's share of the steps it took

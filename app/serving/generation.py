@@ -398,6 +398,7 @@ class GenerationEngine:
         self.prefilling: Prefill | None = None
         self.done: list[tuple[Any, list[Completion] | Exception]] = []
         self.generated = 0  # tokens the last step made
+        self.started: list[Any] = []  # handles of the requests whose first tokens the last step made
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -468,7 +469,7 @@ class GenerationEngine:
         request whose prompts are all done, and (handle, error) of each admitted request whose prefill failed (the
         running batch goes on: a prompt too long for the memory left fails alone). A failing decode step raises:
         then ``fail``."""
-        self.generated = 0
+        self.generated, self.started = 0, []
         self._drop_finished()
         if self.batch is not None:
             self._decode(self.batch)
@@ -486,6 +487,7 @@ class GenerationEngine:
             else:
                 if joining is not None:
                     self.prefilling = None
+                    self.started = list({id(row.owner[0]): row.owner[0].handle for row in joining.rows}.values())
                     self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
         done, self.done = self.done, []

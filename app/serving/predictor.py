@@ -748,6 +748,10 @@ class ContinuousGeneration:
     def generated(self) -> int:
         return self.engine.generated
 
+    @property
+    def started(self) -> list[Any]:
+        return self.engine.started
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
         """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
         prompts = cast(list[GenerationRequest], payload)

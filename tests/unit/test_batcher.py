@@ -280,6 +280,7 @@ class Countdown:
 
     def __init__(self, step_seconds: float = 0.002, fail_at: int = -1) -> None:
         self.held: list[list[Any]] = []  # [handle, steps left, payload, cancelled]
+        self.held_at_step: list[list[Any]] = []  # what the last step held (a request it finished included)
         self.steps = 0
         self.rows_per_step: list[int] = []
         self.step_seconds = step_seconds
@@ -301,6 +302,11 @@ class Countdown:
     def generated(self) -> int:
         return self.rows_per_step[-1] if self.rows_per_step else 0
 
+    @property
+    def started(self) -> list[Any]:
+        """Requests admitted since the step before the last one make their first token in the last one."""
+        return [entry[0] for entry in self.held_at_step if entry[1] == entry[2] - 1]
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None:
         if payload == -1:
             return ValueError("refused")
@@ -310,6 +316,7 @@ class Countdown:
     def step(self) -> list[tuple[Any, Any]]:
         self.steps += 1
         self.rows_per_step.append(len(self.held))
+        self.held_at_step = list(self.held)
         time.sleep(self.step_seconds)
         if self.steps == self.fail_at:
             raise RuntimeError("the forward failed")

@@ -575,12 +575,16 @@ def test_chunked_prefill_generates_the_same_and_keeps_running_rows_going(endless
     long = GenerationRequest(prompt="x" * 40, max_tokens=2)
     engine.admit([long], [endless.render_prompt(long)], "long", never)
     steps_to_join = 0
+    started: list[list[Any]] = []
     while engine.prefilling is not None or engine.admitted:
         engine.step()
         steps_to_join += 1
         made.append(engine.batch.rows[0].stream.generated if engine.batch else 0)
+        started.append(engine.started)
     assert steps_to_join == math.ceil(41 / 4)  # the prompt: 40 bytes and the closing token, 4 columns per step
     assert made == list(range(1, steps_to_join + 2))  # one token per step throughout
+    # its first token (time to first token) comes with the step that completes its prefill, not the first one
+    assert started == [[]] * (steps_to_join - 1) + [["long"]]
 
 
 class BatchRecorder:
