@@ -381,7 +381,6 @@ class TextPredictor:
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
         # whether generation is batched step by step (GenerationEngine) or in static batches (generate)
         self.continuous = self.task == "causal_lm" and GenerationEngine.supports(self.model)
-        self.group_overhead_tokens = FORWARD_OVERHEAD_TOKENS  # measured by warmup (calibrate)
         self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
 
@@ -392,8 +391,11 @@ class TextPredictor:
         else:
             self.predict_batch([TextRequest(["warm up"])])
             self.cost = self.calibrate()
-            if self.cost is not None:
-                self.group_overhead_tokens = self.cost.overhead_tokens()
+
+    @property
+    def group_overhead_tokens(self) -> int:
+        """The fixed cost of a forward in tokens of batched compute, for length groups (assumed until measured)."""
+        return FORWARD_OVERHEAD_TOKENS if self.cost is None else self.cost.overhead_tokens()
 
     @torch.inference_mode()
     def calibrate(self, repeats: int = 5) -> ForwardCost | None:

@@ -469,19 +469,19 @@ class InferenceService:
             payload = served.predictor.prepare(payload)
         except InputShapeError as exc:
             raise invalid_input(exc) from exc
-        idle = not (batcher.pending or served.burst or served.contended)
-        if batcher.pending:
-            served.contended = CONTENDED_REQUESTS
-        elif served.contended:
-            served.contended -= 1
-        if (
-            served.inline
-            and idle
-            and not batcher.stopped
-            and rows <= batcher.config.max_batch_size
-            and served.predictor.alone_seconds(payload) <= served.inline_max_s
-        ):
-            return self._infer_inline(served, payload, rows, encode)
+        if served.inline:
+            idle = not (batcher.pending or served.burst or served.contended)
+            if batcher.pending:
+                served.contended = CONTENDED_REQUESTS
+            elif served.contended:
+                served.contended -= 1
+            if (
+                idle
+                and not batcher.stopped
+                and rows <= batcher.config.max_batch_size
+                and served.predictor.alone_seconds(payload) <= served.inline_max_s
+            ):
+                return self._infer_inline(served, payload, rows, encode)
         try:
             future = served.batcher.submit(payload, rows, encode)
         except BatcherStopped:  # unloaded after the caller looked it up: load it again, once
