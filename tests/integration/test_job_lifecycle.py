@@ -169,12 +169,16 @@ def test_failing_job_ends_failed_with_a_useful_message(
     )
     # break the teacher's weights on disk while the job waits behind the blocker
     weights = Path(service_env["DISTILLERY_DATA_DIR"]) / "artifacts" / "models" / teacher_model / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
+    original = weights.read_bytes()
+    raw = bytearray(original)
     raw[-1] ^= 0x01  # one bit of one weight: still a valid safetensors file of the same size, so only the sha256 tells
     weights.write_bytes(bytes(raw))
     client.post(f"/v1/jobs/{blocker['id']}/cancel")
 
-    failed = wait_for_status(client, corrupt["id"], ("succeeded", "failed", "cancelled"))
+    try:
+        failed = wait_for_status(client, corrupt["id"], ("succeeded", "failed", "cancelled"))
+    finally:  # a model left corrupt in the session's database would answer 503 to later tests that find it
+        weights.write_bytes(original)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "artifact_corrupt"
     assert "model.safetensors does not match its recorded sha256" in failed["error"]["message"]
