@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         "Longer prompts are prefilled over several decode steps, so running completions keep getting tokens "
         "meanwhile (chunked prefill). 0 = each prompt in one forward.",
     )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Continuous batching: memory per causal LM (on its device) for prompts' keys and values, kept so "
+        "that a later prompt beginning with the same tokens (a system prompt, few-shot examples, a conversation's "
+        "earlier turns; matched in blocks of 16 tokens) prefills only the rest (least recently used dropped first; "
+        "reported as usage.prompt_tokens_details.cached_tokens). 0 = off.",
+    )
 
     # limits that make a spec impossible to run (422 at submission)
     max_student_params: int = Field(2_000_000_000, description="Largest student accepted, in parameters.")
@@ -294,6 +302,7 @@ READ_BY: dict[str, str] = {
     "alias_refresh_s": API,
     "max_completion_tokens": API,
     "prefill_chunk_tokens": API,
+    "prefix_cache_mb": API,
     "max_student_params": "api (checks specs)",
     "max_steps": "api (checks specs)",
     "max_dataset_rows": "api (checks specs)",

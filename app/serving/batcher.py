@@ -81,6 +81,9 @@ class BatchObserver(Protocol):
         """A decode step of a continuous model: the tokens it made, and the time from queueing to this step for each
         request it admitted (whose first token it made)."""
 
+    def prompt_tokens(self, computed: int, cached: int) -> None:
+        """A continuous model's prefill, done: the prompt tokens it computed and those the prefix cache gave."""
+
     def rejected(self, reason: str) -> None: ...
 
 
@@ -106,6 +109,10 @@ class Continuous(Protocol):
     def started(self) -> list[Any]:
         """The handles of the requests whose first tokens the last step made (time to first token)."""
 
+    @property
+    def prompt_tokens(self) -> tuple[int, int]:
+        """Prompt tokens of the prefill the last step completed: (computed, taken from the prefix cache)."""
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None: ...
 
     def step(self) -> list[tuple[Any, Any]]: ...
@@ -121,6 +128,9 @@ class NoObserver:
         pass
 
     def tokens_generated(self, tokens: int, first_token_seconds: Sequence[float]) -> None:
+        pass
+
+    def prompt_tokens(self, computed: int, cached: int) -> None:
         pass
 
     def rejected(self, reason: str) -> None:
@@ -375,6 +385,9 @@ class DynamicBatcher:
             rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
         )
         self.observer.tokens_generated(engine.generated, [ended - request.enqueued_at for request in engine.started])
+        computed, cached = engine.prompt_tokens
+        if computed or cached:
+            self.observer.prompt_tokens(computed, cached)
         if finished:
             done: list[PendingRequest] = [handle for handle, _ in finished]
             for request in done:  # Retry-After: a request's share of the steps it took

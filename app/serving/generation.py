@@ -8,7 +8,10 @@ into a running batch is prefilled on its own, and its cache joins the batch's wi
 left of the shorter one; rows that leave are dropped from the cache, and columns that only padding still holds are
 cut off. Positions come from the attention mask, so padding never shifts a row's positions. With ``prefill_chunk``
 the admitted prompts are prefilled a few columns per step (chunked prefill), between the running rows' decode steps,
-so that a long prompt does not hold the others' next token for its whole prefill.
+so that a long prompt does not hold the others' next token for its whole prefill. With a ``PrefixCache`` a prompt
+that begins like an earlier one (a shared system prompt, few-shot examples, a conversation's earlier turns) starts
+from that prompt's cached keys and values and prefills only the rest; prompts repeated within one prefill (``n``
+choices) are prefilled once.
 
 Torch and transformers only: no web, database or queue imports (the batcher drives the engine).
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,6 +103,7 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
     logprobs: list[TokenLogprob] | None = None  # the generated tokens' (when asked for)
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's (when asked for)
+    cached_tokens: int = 0  # the prompt's first tokens whose keys and values came from the prefix cache
 
 
 def new_generator(request: GenerationRequest, device: torch.device) -> torch.Generator:
@@ -317,6 +322,7 @@ class Row:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     counts: torch.Tensor | None = None  # tokens generated so far, by id (for the penalties)
+    cached: int = 0  # prompt tokens taken from the prefix cache
 
     def finished(self) -> bool:
         stream = self.stream
@@ -331,7 +337,13 @@ class Row:
         self.stream.flush()
         finish = "stop" if self.stream.stopped or self.stream.ended_by_eos else "length"
         return Completion(
-            self.stream.text, len(self.ids), self.stream.generated, finish, self.logprobs, self.prompt_logprobs
+            self.stream.text,
+            len(self.ids),
+            self.stream.generated,
+            finish,
+            self.logprobs,
+            self.prompt_logprobs,
+            self.cached,
         )
 
 
@@ -348,16 +360,90 @@ class Batch:
 
 @dataclass
 class Prefill:
-    """Admitted prompts being prefilled a few columns per step (``GenerationEngine.prefill_chunk``): left-padded to
-    ``ids`` [rows, width] with ``mask``; ``done`` columns are in ``cache``; ``logits`` keeps every position's logits
-    for the rows that asked for the prompt's log-probabilities (echo)."""
+    """Admitted prompts being prefilled a few columns per step (``GenerationEngine.prefill_chunk``). Each distinct
+    prompt (``prompts``; ``source`` [rows] gives each row's, None when all differ) is a row of ``ids`` [prompts,
+    width] with ``mask``: its ``cached`` first tokens right-aligned in the first ``done`` columns, whose keys and
+    values the prefix cache gave (``cache`` starts with them), then the rest of it right-aligned in the remaining
+    columns (the masked columns in between, if any, are padding). ``done`` columns are in ``cache``; ``logits``
+    keeps every position's logits for the rows that asked for the prompt's log-probabilities (echo: no prefix is
+    reused then, so they cover the whole prompt)."""
 
     rows: list[Row]
+    prompts: list[list[int]]
+    source: torch.Tensor | None
     ids: torch.Tensor
     mask: torch.Tensor
+    cached: list[int]
     cache: Any = None
     done: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PrefixEntry:
+    ids: list[int]
+    keys: list[torch.Tensor]  # per layer, [heads, tokens, head dim]
+    values: list[torch.Tensor]
+    nbytes: int
+    digests: list[int]
+
+
+class PrefixCache:
+    """Prompts' keys and values kept after their prefill, so that a later prompt beginning with the same tokens
+    prefills only the rest (automatic prefix caching, as vLLM and SGLang call it). Prefixes match in whole blocks of
+    ``BLOCK`` tokens, up to a prompt's length less one (its last token's logits choose the first new token): each
+    block boundary's chained hash indexes the latest entry that holds it, and a hit's tokens are compared. Entries
+    are kept on the model's device; the least recently used go once they hold more than ``max_bytes``."""
+
+    BLOCK = 16
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # by id(), least recently used first
+        self.index: dict[int, PrefixEntry] = {}
+        self.nbytes = 0
+
+    @classmethod
+    def usable(cls, ids: Sequence[int]) -> int:
+        """How many of a prompt's first tokens a cache can hold or give: whole blocks, its last token excluded."""
+        return (len(ids) - 1) // cls.BLOCK * cls.BLOCK
+
+    @classmethod
+    def digests(cls, ids: Sequence[int], length: int) -> Iterator[tuple[int, int]]:
+        """(tokens, chained hash of them) at each block boundary up to ``length`` tokens."""
+        digest = 0
+        for end in range(cls.BLOCK, length + 1, cls.BLOCK):
+            digest = hash((digest, *ids[end - cls.BLOCK : end]))
+            yield end, digest
+
+    def lookup(self, ids: Sequence[int]) -> tuple[PrefixEntry | None, int]:
+        """The entry holding the longest cached prefix of ``ids``, and its length (None, 0: none)."""
+        best, length = None, 0
+        for end, digest in self.digests(ids, self.usable(ids)):
+            entry = self.index.get(digest)
+            if entry is not None:  # not stopping at a miss: an evicted entry may have taken a shorter boundary along
+                best, length = entry, end
+        if best is None or best.ids[:length] != list(ids[:length]):
+            return None, 0
+        self.entries.move_to_end(id(best))
+        return best, length
+
+    def store(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keeps ``keys`` and ``values`` (per layer, [heads, len(ids), head dim]) of the tokens ``ids``."""
+        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        if nbytes > self.max_bytes:
+            return
+        entry = PrefixEntry(ids, keys, values, nbytes, [d for _, d in self.digests(ids, len(ids))])
+        self.entries[id(entry)] = entry
+        self.nbytes += nbytes
+        for digest in entry.digests:
+            self.index[digest] = entry
+        while self.nbytes > self.max_bytes:
+            _, oldest = self.entries.popitem(last=False)
+            self.nbytes -= oldest.nbytes
+            for digest in oldest.digests:
+                if self.index.get(digest) is oldest:
+                    del self.index[digest]
 
 
 class Owner:
@@ -375,12 +461,22 @@ class GenerationEngine:
     inference thread calls ``admit`` for new requests and ``step`` while ``busy``; ``step`` returns the requests
     that finished."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, pad_id: int, prefill_chunk: int = 0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        pad_id: int,
+        prefill_chunk: int = 0,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
         self.model = model
         # at most this many prompt tokens (rows × columns, padding included) per prefill forward: a long prompt is
         # prefilled over several steps, and the running rows get a token at each of them instead of waiting for the
         # whole prompt (chunked prefill); 0: each prompt in one forward
         self.prefill_chunk = prefill_chunk
+        # prompts' keys and values kept for later prompts that begin the same way (0 bytes: none kept)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.tokenizer = tokenizer
         self.device = device
         self.pad_id = pad_id
@@ -399,6 +495,10 @@ class GenerationEngine:
         self.done: list[tuple[Any, list[Completion] | Exception]] = []
         self.generated = 0  # tokens the last step made
         self.started: list[Any] = []  # handles of the requests whose first tokens the last step made
+        # prompt tokens of the prefill the last step completed: computed, and taken from the prefix cache (each
+        # distinct prompt once)
+        self.prompt_computed = 0
+        self.prompt_cached = 0
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -470,6 +570,7 @@ class GenerationEngine:
         running batch goes on: a prompt too long for the memory left fails alone). A failing decode step raises:
         then ``fail``."""
         self.generated, self.started = 0, []
+        self.prompt_computed = self.prompt_cached = 0
         self._drop_finished()
         if self.batch is not None:
             self._decode(self.batch)
@@ -524,17 +625,67 @@ class GenerationEngine:
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
 
     def _start_prefill(self, rows: list[Row]) -> Prefill:
-        prompts = [row.ids for row in rows]
-        width = max(len(ids) for ids in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        return Prefill(rows, ids, mask)
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(row.ids), len(distinct)) for row in rows]
+        prompts = [list(p) for p in distinct]
+        reuse = self.prefixes is not None and not any(row.request.prompt_logprobs for row in rows)
+        found = [self.prefixes.lookup(p) if reuse and self.prefixes else (None, 0) for p in prompts]
+        cached = [length for _, length in found]
+        for row, prompt in zip(rows, source, strict=True):
+            row.cached = cached[prompt]
+        done = max(cached)
+        rest = max(len(p) - c for p, c in zip(prompts, cached, strict=True))
+        ids = [[self.pad_id] * (done + rest - len(p) + c) + p[c:] for p, c in zip(prompts, cached, strict=True)]
+        mask = [
+            [0] * (done - c) + [1] * c + [0] * (rest - len(p) + c) + [1] * (len(p) - c)
+            for p, c in zip(prompts, cached, strict=True)
+        ]
+        return Prefill(
+            rows,
+            prompts,
+            torch.tensor(source, device=self.device) if len(prompts) < len(rows) else None,
+            torch.tensor(ids, device=self.device),
+            torch.tensor(mask, device=self.device),
+            cached,
+            self._cached_prefixes(found, done) if done else None,
+            done,
+        )
+
+    def _cached_prefixes(self, found: list[tuple[PrefixEntry | None, int]], width: int) -> Any:
+        """A cache of ``width`` columns holding each prompt's cached prefix, right-aligned (zeros before it)."""
+        from transformers.cache_utils import DynamicCache
+
+        entry = next(e for e, _ in found if e is not None)
+        layers = []
+        for layer in range(len(entry.keys)):
+            heads, _, size = entry.keys[layer].shape
+            keys = entry.keys[layer].new_zeros((len(found), heads, width, size))
+            values = entry.values[layer].new_zeros((len(found), heads, width, entry.values[layer].shape[-1]))
+            for row, (hit, length) in enumerate(found):
+                if hit is not None:
+                    keys[row, :, width - length :] = hit.keys[layer][:, :length]
+                    values[row, :, width - length :] = hit.values[layer][:, :length]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _remember(self, prefill: Prefill) -> None:
+        """Each prompt's keys and values, for later prompts that begin the same way (what the cache did not have)."""
+        if self.prefixes is None:
+            return
+        for row, (prompt, cached) in enumerate(zip(prefill.prompts, prefill.cached, strict=True)):
+            length = PrefixCache.usable(prompt)
+            if length <= cached:
+                continue
+            columns = prefill.mask[row].nonzero().squeeze(1)[:length]
+            keys = [layer.keys[row].index_select(1, columns) for layer in prefill.cache.layers]
+            values = [layer.values[row].index_select(1, columns) for layer in prefill.cache.layers]
+            self.prefixes.store(prompt[:length], keys, values)
 
     def _prefill(self, prefill: Prefill) -> Batch | None:
         """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is
         in, the rows' prompt log-probabilities (those that asked) and first tokens, as a batch to join."""
         rows, width = prefill.rows, prefill.ids.shape[1]
-        columns = width if self.prefill_chunk <= 0 else max(1, self.prefill_chunk // len(rows))
+        columns = width if self.prefill_chunk <= 0 else max(1, self.prefill_chunk // len(prefill.prompts))
         start, end = prefill.done, min(width, prefill.done + columns)
         scored = [i for i, row in enumerate(rows) if row.request.prompt_logprobs]
         mask = prefill.mask[:, :end]
@@ -545,7 +696,15 @@ class GenerationEngine:
             prefill.logits.append(output.logits)
         if end < width:
             return None
+        self._remember(prefill)
+        self.prompt_cached = sum(prefill.cached)
+        self.prompt_computed = sum(len(p) for p in prefill.prompts) - self.prompt_cached
         logits = torch.cat(prefill.logits, dim=1) if scored else output.logits
+        mask, source = prefill.mask, prefill.source
+        if source is not None:  # each row its prompt's (prompts repeated in the prefill were computed once)
+            logits, mask = logits.index_select(0, source), mask.index_select(0, source)
+            for layer in prefill.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, source), layer.values.index_select(0, source)
         for i in scored:  # position t predicts token t + 1; the first token has nothing before it
             row, prompt = rows[i], rows[i].ids
             predicted = logits[i, width - len(prompt) : -1, :]

@@ -48,6 +48,12 @@ class ServingMetrics:
         self.generated_tokens = Counter(
             "distillery_generated_tokens", "Tokens generated for completions", ["model"], registry=registry
         )
+        self.prompt_tokens = Counter(
+            "distillery_prompt_tokens",
+            "Prompt tokens of completions, by source: computed, or cached (keys and values from the prefix cache)",
+            ["model", "source"],
+            registry=registry,
+        )
         self.first_token_seconds = Histogram(
             "distillery_time_to_first_token_seconds",
             "Time from queueing a completion request to the end of the decode step that made its first token",
@@ -117,6 +123,8 @@ class ModelMetrics:
         self.inline = metrics.inline.labels(model_id)
         self.tokens = metrics.generated_tokens.labels(model_id)
         self.first_token = metrics.first_token_seconds.labels(model_id)
+        self.computed_prompt = metrics.prompt_tokens.labels(model_id, "computed")
+        self.cached_prompt = metrics.prompt_tokens.labels(model_id, "cached")
         self._rejected = metrics.rejected
         self._in_flight = metrics.in_flight.labels(model_id)
 
@@ -134,6 +142,10 @@ class ModelMetrics:
         self.tokens.inc(tokens)
         for seconds in first_token_seconds:
             self.first_token.observe(seconds)
+
+    def prompt_tokens(self, computed: int, cached: int) -> None:
+        self.computed_prompt.inc(computed)
+        self.cached_prompt.inc(cached)
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_id, reason).inc()

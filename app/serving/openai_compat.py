@@ -231,10 +231,15 @@ class EmbeddingRequest(BaseModel):
 # --- response shapes (documentation) -------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose keys and values came from the prefix cache.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int | None = None
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -355,12 +360,18 @@ def sse(document: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(document) + b"\n\n"
 
 
-def usage_of(completions: list[Completion], choices: int = 1) -> dict[str, int]:
+def usage_of(completions: list[Completion], choices: int = 1) -> dict[str, Any]:
     """OpenAI's usage: each prompt's tokens once, whatever its number of ``choices`` (``n``; prompt i's choices are
-    completions i * n … i * n + n - 1), and every choice's generated tokens."""
+    completions i * n … i * n + n - 1), of them those the prefix cache gave, and every choice's generated tokens."""
     prompt = sum(c.prompt_tokens for c in completions[::choices])
+    cached = sum(c.cached_tokens for c in completions[::choices])
     generated = sum(c.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 #: (choice index, text delta, finish reason, the delta's scored tokens when logprobs were asked for) → a chunk
@@ -372,7 +383,7 @@ async def stream_generation(
     served: ServedModel,
     requests: list[GenerationRequest],
     chunk: ChunkMaker,
-    usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
+    usage_chunk: Callable[[dict[str, Any]], dict[str, Any]] | None,
     choices: int,
     echo: Callable[[int, Sequence[TokenLogprob] | None], dict[str, Any]] | None = None,
 ) -> Response:
@@ -489,7 +500,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+        def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
             return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
         def echo_chunk(index: int, prompt_logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
@@ -624,7 +635,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+        def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
             return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
         usage = usage_chunk if include_usage else None

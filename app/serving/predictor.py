@@ -603,13 +603,15 @@ class TextPredictor:
                 prompt.on_start(len(prompt_ids))
         return ids
 
-    def continuous_generation(self, prefill_chunk: int = 0) -> ContinuousGeneration | None:
+    def continuous_generation(self, prefill_chunk: int = 0, prefix_cache_bytes: int = 0) -> ContinuousGeneration | None:
         """What the batcher drives to batch this model's generation step by step (None: not a causal LM, or one
-        the engine does not take, which generates in static batches through ``predict_batch``); ``prefill_chunk``:
-        ``GenerationEngine``'s."""
+        the engine does not take, which generates in static batches through ``predict_batch``); ``prefill_chunk``
+        and ``prefix_cache_bytes``: ``GenerationEngine``'s."""
         if self.task != "causal_lm" or not self.continuous:
             return None
-        engine = GenerationEngine(self.model, self.tokenizer, self.device, self._pad_id(), prefill_chunk)
+        engine = GenerationEngine(
+            self.model, self.tokenizer, self.device, self._pad_id(), prefill_chunk, prefix_cache_bytes
+        )
         return ContinuousGeneration(self, engine)
 
     def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
@@ -753,6 +755,10 @@ class ContinuousGeneration:
     @property
     def started(self) -> list[Any]:
         return self.engine.started
+
+    @property
+    def prompt_tokens(self) -> tuple[int, int]:
+        return self.engine.prompt_computed, self.engine.prompt_cached
 
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
         """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""

@@ -346,7 +346,9 @@ class InferenceService:
             observer=metrics,
             on_thread_start=lambda: configure_inference_threads(self.settings),
             continuous=(
-                predictor.continuous_generation(self.settings.prefill_chunk_tokens)
+                predictor.continuous_generation(
+                    self.settings.prefill_chunk_tokens, self.settings.prefix_cache_mb * 2**20
+                )
                 if isinstance(predictor, TextPredictor)
                 else None
             ),

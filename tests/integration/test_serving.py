@@ -590,6 +590,33 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
     assert [c["index"] for c in several["choices"]] == [0, 1]
 
 
+def test_openai_usage_reports_prompt_tokens_from_the_prefix_cache(
+    client: httpx.Client, text_models: dict[str, str]
+) -> None:
+    """A prompt that begins like an earlier one (here a 40-byte instruction: two blocks of 16 byte tokens) is
+    prefilled from the cached keys and values: usage says how many prompt tokens came from the cache, the metrics
+    count them, and the completion is what the same prompt got before."""
+    model = text_models["plain"]
+    instruction = "Answer briefly; cite nothing; be exact.\n"  # 40 bytes
+    cached_tokens = "distillery_prompt_tokens_total"
+    before = metric(client, cached_tokens, model=model, source="cached")
+
+    def complete(question: str) -> dict[str, Any]:
+        request = {"model": model, "prompt": instruction + question, "max_tokens": 6, "temperature": 0}
+        response = client.post("/v1/completions", json=request)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    first = complete("Q: what is a prefix?")
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = complete("Q: what is a prefix?")
+    other = complete("Q: and a suffix?")
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}  # 61 tokens: 3 whole blocks, not the last
+    assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}  # the instruction's two blocks
+    assert again["choices"] == first["choices"]
+    assert metric(client, cached_tokens, model=model, source="cached") == before + 48 + 32
+
+
 def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, str]) -> None:
     """A seed fixes a sampled completion (streamed or not, served in whatever batch); without one, or with
     another, the draws differ; a seed out of range is a 400 in OpenAI's shape."""

@@ -61,6 +61,9 @@ class Observer:
         self.tokens += tokens
         self.first_tokens += len(first_token_seconds)
 
+    def prompt_tokens(self, computed: int, cached: int) -> None:
+        pass
+
     def rejected(self, reason: str) -> None:
         self.rejections.append(reason)
 
@@ -306,6 +309,10 @@ class Countdown:
     def started(self) -> list[Any]:
         """Requests admitted since the step before the last one make their first token in the last one."""
         return [entry[0] for entry in self.held_at_step if entry[1] == entry[2] - 1]
+
+    @property
+    def prompt_tokens(self) -> tuple[int, int]:
+        return 0, 0
 
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None:
         if payload == -1:

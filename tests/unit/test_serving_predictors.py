@@ -24,6 +24,7 @@ from app.serving.batcher import BatchingConfig, DynamicBatcher
 from app.serving.generation import (
     Completion,
     GenerationRequest,
+    PrefixCache,
     RowSampler,
     TextStream,
     adjust_logits,
@@ -587,6 +588,115 @@ def test_chunked_prefill_generates_the_same_and_keeps_running_rows_going(endless
     assert started == [[]] * (steps_to_join - 1) + [["long"]]
 
 
+SYSTEM = "You are a terse assistant. Answer in one line, no more.\n"  # 58 bytes: 3 blocks of 16 tokens cached
+
+
+def run_engine(
+    adapter: Any, admissions: list[list[GenerationRequest]], render: Any
+) -> tuple[list[list[Completion]], list[tuple[int, int]]]:
+    """Each admission admitted, then stepped until the engine is empty (so that the next finds the cache filled):
+    the completions of each, in order, and the prompt tokens (computed, cached) of each prefill."""
+    engine = adapter.engine
+    results: list[list[Completion]] = []
+    prompt_tokens: list[tuple[int, int]] = []
+    for requests in admissions:
+        engine.admit(requests, [render(r) for r in requests], len(results), never)
+        while engine.busy:
+            for _, done in engine.step():
+                assert isinstance(done, list)
+                results.append(done)
+            if adapter.prompt_tokens != (0, 0):
+                prompt_tokens.append(adapter.prompt_tokens)
+    return results, prompt_tokens
+
+
+def test_the_prefix_cache_gives_the_same_completions_and_prefills_only_the_rest(endless: TextPredictor) -> None:
+    """Prompts that begin like an earlier one start from its cached keys and values: the completions (greedy and
+    seeded) and their log-probabilities are those of an engine without the cache, whole blocks of the shared
+    beginning are reported cached and not computed, with chunked prefill too, and in a prefill that mixes a cached
+    prompt with an uncached one (padding between a row's cached prefix and the rest of it)."""
+
+    def admissions() -> list[list[GenerationRequest]]:
+        return [
+            [GenerationRequest(prompt=SYSTEM + "Q: what is 2+2?", max_tokens=6, logprobs=2)],
+            [GenerationRequest(prompt=SYSTEM + "Q: name a colour.", max_tokens=8, logprobs=2)],
+            [
+                GenerationRequest(
+                    prompt=SYSTEM + "Q: a long question about the weather?", max_tokens=5, seed=3, temperature=1.0
+                ),
+                GenerationRequest(prompt="unrelated", max_tokens=7, logprobs=1),
+            ],
+        ]
+
+    def run(cache_bytes: int, chunk: int = 0) -> tuple[list[list[Completion]], list[tuple[int, int]]]:
+        return run_engine(endless.continuous_generation(chunk, cache_bytes), admissions(), endless.render_prompt)
+
+    plain, plain_tokens = run(0)
+    lengths = [[len(endless.render_prompt(r)) for r in requests] for requests in admissions()]
+    assert plain_tokens == [(sum(n), 0) for n in lengths]
+    for chunk in (0, 8):
+        cached, cached_tokens = run(2**20, chunk)
+        assert [[(c.text, c.completion_tokens) for c in r] for r in cached] == [
+            [(c.text, c.completion_tokens) for c in r] for r in plain
+        ]
+        for mine, theirs in zip(itertools.chain(*cached), itertools.chain(*plain), strict=True):
+            assert [e.token for e in mine.logprobs or []] == [e.token for e in theirs.logprobs or []]
+            assert [e.logprob for e in mine.logprobs or []] == pytest.approx(
+                [e.logprob for e in theirs.logprobs or []], abs=1e-4
+            )
+        shared = len(SYSTEM) // PrefixCache.BLOCK * PrefixCache.BLOCK  # byte tokens: one per byte of the prompt
+        assert [[c.cached_tokens for c in r] for r in cached] == [[0], [shared], [shared, 0]]
+        assert cached_tokens == [(sum(n) - c, c) for n, c in zip(lengths, [0, shared, shared], strict=True)]
+
+
+def test_repeated_prompts_are_prefilled_once_and_echo_is_scored_in_full(endless: TextPredictor) -> None:
+    """``n`` choices of one prompt in one prefill are computed once and each drawn with its own generator (the same
+    completions as alone); a prompt that asks for its own log-probabilities (echo) is prefilled in full even when its
+    beginning is cached, and scores as without the cache."""
+    adapter = endless.continuous_generation(0, 2**20)
+    prompt = SYSTEM + "Q: and now?"
+    choices = [GenerationRequest(prompt=prompt, max_tokens=6, temperature=0.9, seed=seed) for seed in (1, 2, 3)]
+    [together], prompt_tokens = run_engine(adapter, [choices], endless.render_prompt)
+    assert prompt_tokens == [(len(endless.render_prompt(choices[0])), 0)]  # one prompt's worth, not three
+    alone = [
+        endless.predict_batch([[GenerationRequest(prompt=prompt, max_tokens=6, temperature=0.9, seed=seed)]])[0][0]
+        for seed in (1, 2, 3)
+    ]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert len({c.text for c in alone}) > 1  # the seeds do differ
+
+    def echo() -> GenerationRequest:
+        return GenerationRequest(prompt=SYSTEM + "Q: echo me", max_tokens=3, prompt_logprobs=True, logprobs=1)
+
+    [[with_cache]], _ = run_engine(adapter, [[echo()]], endless.render_prompt)
+    [[without]] = endless.predict_batch([[echo()]])
+    assert with_cache.cached_tokens == 0 and with_cache.text == without.text
+    assert [e.logprob for e in (with_cache.prompt_logprobs or [])[1:]] == pytest.approx(
+        [e.logprob for e in (without.prompt_logprobs or [])[1:]], abs=1e-4
+    )
+
+
+def test_prefix_cache_matches_whole_blocks_and_keeps_to_its_budget() -> None:
+    block = PrefixCache.BLOCK
+    layer = torch.zeros(2, 40, 4)  # [heads, tokens, head dim] of float32: 1,280 bytes per tensor
+    cache = PrefixCache(max_bytes=3 * 2 * 1280)
+    first = list(range(40))
+    assert PrefixCache.usable(first) == 32 and PrefixCache.usable(first[:17]) == 16
+    assert PrefixCache.usable(first[:16]) == 0  # the last token is never cached: its logits are needed
+    cache.store(first[:32], [layer[:, :32]], [layer[:, :32]])
+    assert cache.lookup(first)[1] == 32
+    assert cache.lookup(first[:33])[1] == 32 and cache.lookup(first[:32])[1] == 16
+    assert cache.lookup([*first[:20], 99, *first[21:]])[1] == 16  # differs in the second block
+    assert cache.lookup([1, *first[1:]]) == (None, 0)  # differs in the first token
+    for start in (100, 200, 300):  # each 2 × 1,280 bytes: the budget holds three entries
+        cache.store(list(range(start, start + 40)), [layer], [layer])
+    assert cache.lookup(first) == (None, 0) and len(cache.entries) == 3  # the least recently used went
+    assert cache.lookup(list(range(100, 141)))[1] == 2 * block
+    assert cache.nbytes == 3 * 2 * 1280
+    cache.store(list(range(1000, 1200)), [torch.zeros(2, 200, 4)], [torch.zeros(2, 200, 4)])  # over the budget alone
+    assert len(cache.entries) == 3 and cache.lookup(list(range(1000, 1100))) == (None, 0)
+
+
 class BatchRecorder:
     def __init__(self) -> None:
         self.rows: list[int] = []
@@ -600,6 +710,9 @@ class BatchRecorder:
 
     def tokens_generated(self, tokens: int, first_token_seconds: Any) -> None:
         self.tokens += tokens
+
+    def prompt_tokens(self, computed: int, cached: int) -> None:
+        pass
 
     def rejected(self, reason: str) -> None:
         pass
