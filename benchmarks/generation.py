@@ -4,6 +4,8 @@
     .venv/bin/python -m benchmarks.generation --devices cpu --clients 16 --max-tokens 32
     .venv/bin/python -m benchmarks.generation --devices cpu --temperature 1   # sampled (OpenAI's default)
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --long-prompt 480 --prefill-chunks 0 64
+    .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --shared-prefix 400 \
+        --prefix-cache-mb 0 256
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -16,6 +18,10 @@ no database, queue or web framework, so it runs on a bare GPU machine too.
 time, what long prefills do to the others; the engine's step times (p50 / p99 / max: what a running row waits
 between two tokens) tell it, for each ``--prefill-chunks`` value of the engine (0: a prompt in one forward; k: at
 most k prompt tokens per forward).
+
+``--shared-prefix N`` starts every client's prompt with the same N bytes (a system prompt, few-shot examples), for
+each ``--prefix-cache-mb`` value of the engine (0: no prefix cache); the table then gives the median time to first
+token and the share of prompt tokens the prefix cache gave (what follows the shared bytes differs in every prompt).
 """
 
 from __future__ import annotations
@@ -93,8 +99,14 @@ class StepRecorder(NoObserver):
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
+        self.computed = self.cached = 0
+
     def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
         self.seconds.append(compute_seconds)
+
+    def prompt_tokens(self, computed: int, cached: int) -> None:
+        self.computed += computed
+        self.cached += cached
 
 
 async def drive_generation(
@@ -107,6 +119,8 @@ async def drive_generation(
     prefill_chunk: int = 0,
     long_prompt: int = 0,
     long_clients: int = 1,
+    shared_prefix: int = 0,
+    prefix_cache_mb: int = 0,
 ) -> dict[str, float]:
     """``clients`` concurrent senders through the api's DynamicBatcher, each sending one completion at a time, its
     i-th of ``lengths[i % len(lengths)]`` tokens. ``mode``: ``continuous`` (the engine, step by step), ``static``
@@ -114,8 +128,9 @@ async def drive_generation(
     tokens/s and the median latency of all completions and of the shortest kind; with continuous batching the
     engine's step times (p50 / p99 / max: what a running row waits between two tokens); with ``long_prompt``,
     ``long_clients`` more clients sending prompts of that many bytes for one token each (their p50 latency; they
-    do not count in the rest)."""
-    engine = predictor.continuous_generation(prefill_chunk) if mode == "continuous" else None
+    do not count in the rest); with ``shared_prefix``, every prompt begins with the same that many bytes (the engine
+    keeps ``prefix_cache_mb`` of prompts' keys and values)."""
+    engine = predictor.continuous_generation(prefill_chunk, prefix_cache_mb * 2**20) if mode == "continuous" else None
     max_batch = 1 if mode == "off" else clients
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
     supported = predictor.continuous
@@ -127,18 +142,28 @@ async def drive_generation(
     latencies: list[tuple[int, float]] = []
     gaps = steps.seconds
     long_latencies: list[float] = []
+    first_tokens: list[float] = []
     stop_at = 0.0
+    # a system prompt's worth of varied text (not one repeated byte), the same for every client
+    prefix = ("You are a careful assistant. " * (shared_prefix // 29 + 1))[:shared_prefix]
 
     async def client(offset: int) -> None:
         index = offset
         while time.perf_counter() < stop_at:
             tokens = lengths[index % len(lengths)]
+            first: list[float] = []
             request = GenerationRequest(
-                prompt=PROMPTS[index % len(PROMPTS)], max_tokens=tokens, temperature=temperature
+                # with a shared prefix, what follows it differs from every other prompt (a user's own question)
+                prompt=(f"{prefix}[{index}] " if prefix else "") + PROMPTS[index % len(PROMPTS)],
+                max_tokens=tokens,
+                temperature=temperature,
+                on_text=lambda _, first=first: first.append(time.perf_counter()) if not first else None,
             )
             started = time.perf_counter()
             [completion] = await batcher.submit([request], 1)
             latencies.append((tokens, time.perf_counter() - started))
+            if first:
+                first_tokens.append(first[0] - started)
             assert completion.completion_tokens == tokens, completion
             index += clients
 
@@ -159,6 +184,8 @@ async def drive_generation(
     latencies.clear()
     gaps.clear()
     long_latencies.clear()
+    first_tokens.clear()
+    steps.computed = steps.cached = 0
     started = time.perf_counter()
     stop_at = started + seconds
     await asyncio.gather(*senders())
@@ -176,6 +203,8 @@ async def drive_generation(
         "gap max": max(gaps) * 1000 if engine and gaps else math.nan,
         "long p50": statistics.median(long_latencies) * 1000 if long_latencies else math.nan,
         "longs": len(long_latencies) / elapsed,
+        "ttft p50": statistics.median(first_tokens) * 1000 if first_tokens else math.nan,
+        "cached share": steps.cached / max(1, steps.cached + steps.computed),
     }
 
 
@@ -195,6 +224,14 @@ def main() -> None:
     parser.add_argument(
         "--prefill-chunks", type=int, nargs="+", default=[0], help="continuous: the engine's prefill_chunk values"
     )
+    parser.add_argument("--shared-prefix", type=int, default=0, help="bytes every prompt begins with (0: none)")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="continuous: the engine's prefix cache sizes (the api's default: 256; 0: none)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -209,9 +246,12 @@ def main() -> None:
             params = sum(p.numel() for p in predictor.model.parameters())
             single = alone_ms(predictor, args.max_tokens[0], args.temperature)
             runs = [
-                (mode, chunk) for mode in args.modes for chunk in (args.prefill_chunks if mode == "continuous" else [0])
+                (mode, chunk, cache)
+                for mode in args.modes
+                for chunk in (args.prefill_chunks if mode == "continuous" else [0])
+                for cache in (args.prefix_cache_mb if mode == "continuous" else [0])
             ]
-            for mode, chunk in runs:
+            for mode, chunk, cache in runs:
                 result = asyncio.run(
                     drive_generation(
                         predictor,
@@ -223,9 +263,15 @@ def main() -> None:
                         chunk,
                         args.long_prompt,
                         args.long_clients,
+                        args.shared_prefix,
+                        cache,
                     )
                 )
-                label = f"{mode}, prefill chunk {chunk}" if mode == "continuous" and chunk else mode
+                label = mode
+                if mode == "continuous" and chunk:
+                    label += f", prefill chunk {chunk}"
+                if mode == "continuous" and len(args.prefix_cache_mb) > 1:
+                    label += f", prefix cache {cache} MB"
                 rows.append({"device": machine(device), "params": params, "alone": single, "mode": label, **result})
                 print(rows[-1], flush=True)
     kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
@@ -240,19 +286,22 @@ def main() -> None:
             if args.long_prompt
             else ""
         )
+        + (f"; every prompt begins with the same {args.shared_prefix} bytes" if args.shared_prefix else "")
         + "."
         if rows
         else "no device"
     )
     print()
     long = " | long prompts/s | long p50 (ms)" if args.long_prompt else ""
+    shared = " | first token p50 (ms) | prompt tokens cached" if args.shared_prefix else ""
     print(
         "| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) | "
-        f"step p50 / p99 / max (ms){long} |"
+        f"step p50 / p99 / max (ms){long}{shared} |"
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else "") + ("---|---|" if shared else ""))
     for row in rows:
         extra = f" | {row['longs']:.1f} | {row['long p50']:.0f}" if long else ""
+        extra += f" | {row['ttft p50']:.0f} | {row['cached share']:.0%}" if shared else ""
         print(
             f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
             f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} | "
