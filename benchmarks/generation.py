@@ -199,7 +199,9 @@ async def drive_generation(
         "p50": statistics.median(seconds for _, seconds in latencies) * 1000,
         "p50 shortest": statistics.median(s for tokens, s in latencies if tokens == shortest) * 1000,
         "gap p50": statistics.median(gaps) * 1000 if engine and gaps else math.nan,
-        "gap p99": statistics.quantiles(gaps, n=100)[98] * 1000 if engine and len(gaps) > 1 else math.nan,
+        "gap p99": statistics.quantiles(gaps, n=100, method="inclusive")[98] * 1000
+        if engine and len(gaps) > 1
+        else math.nan,
         "gap max": max(gaps) * 1000 if engine and gaps else math.nan,
         "long p50": statistics.median(long_latencies) * 1000 if long_latencies else math.nan,
         "longs": len(long_latencies) / elapsed,
