@@ -429,21 +429,29 @@ class PrefixCache:
         return best, length
 
     def store(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Keeps ``keys`` and ``values`` (per layer, [heads, len(ids), head dim]) of the tokens ``ids``."""
+        """Keeps ``keys`` and ``values`` (per layer, [heads, len(ids), head dim]) of the tokens ``ids``; entries
+        that hold a beginning of them go (the new one answers for their blocks)."""
         nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
         if nbytes > self.max_bytes:
             return
         entry = PrefixEntry(ids, keys, values, nbytes, [d for _, d in self.digests(ids, len(ids))])
+        for digest in entry.digests:
+            held = self.index.get(digest)
+            if held is not None and len(held.ids) <= len(ids) and held.ids == ids[: len(held.ids)]:
+                self._drop(held)
         self.entries[id(entry)] = entry
         self.nbytes += nbytes
         for digest in entry.digests:
             self.index[digest] = entry
         while self.nbytes > self.max_bytes:
-            _, oldest = self.entries.popitem(last=False)
-            self.nbytes -= oldest.nbytes
-            for digest in oldest.digests:
-                if self.index.get(digest) is oldest:
-                    del self.index[digest]
+            self._drop(next(iter(self.entries.values())))
+
+    def _drop(self, entry: PrefixEntry) -> None:
+        del self.entries[id(entry)]
+        self.nbytes -= entry.nbytes
+        for digest in entry.digests:
+            if self.index.get(digest) is entry:
+                del self.index[digest]
 
 
 class Owner:
@@ -681,6 +689,21 @@ class GenerationEngine:
             values = [layer.values[row].index_select(1, columns) for layer in prefill.cache.layers]
             self.prefixes.store(prompt[:length], keys, values)
 
+    def _remember_finished(self, batch: Batch, index: int, row: Row) -> None:
+        """A finished row's prompt and completion, for a conversation's next turn (its prompt repeats them): the
+        cache holds the prompt and every chosen token but the last (an end of sequence never goes in the text)."""
+        if self.prefixes is None:
+            return
+        sequence = row.ids + row.stream.tokens
+        columns = batch.mask[index].nonzero().squeeze(1)
+        length = min(len(columns), len(sequence)) // PrefixCache.BLOCK * PrefixCache.BLOCK
+        if length <= max(row.cached, PrefixCache.usable(row.ids)):
+            return  # nothing the prompt's own entry does not hold
+        columns = columns[:length]
+        keys = [layer.keys[index].index_select(1, columns) for layer in batch.cache.layers]
+        values = [layer.values[index].index_select(1, columns) for layer in batch.cache.layers]
+        self.prefixes.store(sequence[:length], keys, values)
+
     def _prefill(self, prefill: Prefill) -> Batch | None:
         """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is
         in, the rows' prompt log-probabilities (those that asked) and first tokens, as a batch to join."""
@@ -771,6 +794,7 @@ class GenerationEngine:
         for index, row in enumerate(batch.rows):
             owner, position = row.owner
             if row.finished() or owner.cancelled():
+                self._remember_finished(batch, index, row)
                 self._complete(owner, position, row.completion())
             else:
                 keep.append(index)

@@ -676,6 +676,41 @@ def test_repeated_prompts_are_prefilled_once_and_echo_is_scored_in_full(endless:
     )
 
 
+def test_a_conversations_next_turn_reuses_the_earlier_prompt_and_answer(endless: TextPredictor) -> None:
+    """A finished completion's prompt and generated tokens are kept: a next turn whose prompt repeats them (a chat's
+    history) prefills only what is new, and gets the completion it gets without the cache; the prompt's own entry
+    gives way to the longer one."""
+    adapter = endless.continuous_generation(0, 2**20)
+    assert adapter is not None
+    first = GenerationRequest(prompt=SYSTEM + "Q: hi", max_tokens=40, logprobs=0)
+    [[answer]], _ = run_engine(adapter, [[first]], endless.render_prompt)
+    prompt = endless.render_prompt(first)
+    generated = [entry.token for entry in answer.logprobs or []]
+    # the prompt's entry, or the longer one of prompt and answer in its place (Llama's generation config ends this
+    # completion at its own EOS after a few tokens: that token is chosen, but never in the cache)
+    assert 0 < len(generated) <= 40 and len(adapter.engine.prefixes.entries) == 1
+    turn = [*prompt, *generated, *endless.render_prompt(GenerationRequest(prompt="Q: and then?"))]
+
+    def next_turn(adapter: Any) -> Completion:
+        request = GenerationRequest(prompt="(ids given)", max_tokens=6, logprobs=1)
+        adapter.engine.admit([request], [turn], "turn", never)
+        while adapter.engine.busy:
+            for _, done in adapter.engine.step():
+                assert isinstance(done, list)
+                return done[0]
+        raise AssertionError("no completion")
+
+    cached = next_turn(adapter)
+    # the cache held the prompt and every generated token but the last: whole blocks of them
+    assert cached.cached_tokens == (len(prompt) + len(generated) - 1) // PrefixCache.BLOCK * PrefixCache.BLOCK
+    assert cached.cached_tokens > PrefixCache.usable(prompt) or len(generated) < 40
+    plain = next_turn(endless.continuous_generation(0, 0))
+    assert plain.cached_tokens == 0 and (cached.text, cached.completion_tokens) == (plain.text, plain.completion_tokens)
+    assert [e.logprob for e in cached.logprobs or []] == pytest.approx(
+        [e.logprob for e in plain.logprobs or []], abs=1e-4
+    )
+
+
 def test_prefix_cache_matches_whole_blocks_and_keeps_to_its_budget() -> None:
     block = PrefixCache.BLOCK
     layer = torch.zeros(2, 40, 4)  # [heads, tokens, head dim] of float32: 1,280 bytes per tensor
@@ -695,6 +730,11 @@ def test_prefix_cache_matches_whole_blocks_and_keeps_to_its_budget() -> None:
     assert cache.nbytes == 3 * 2 * 1280
     cache.store(list(range(1000, 1200)), [torch.zeros(2, 200, 4)], [torch.zeros(2, 200, 4)])  # over the budget alone
     assert len(cache.entries) == 3 and cache.lookup(list(range(1000, 1100))) == (None, 0)
+    longer = list(range(100, 148))  # begins with the entry of range(100, 140): that one goes, not only the oldest
+    cache.store(longer, [torch.zeros(2, 48, 4)], [torch.zeros(2, 48, 4)])
+    assert [entry.ids[0] for entry in cache.entries.values()] == [300, 100]  # and 200, the oldest, for room
+    assert cache.lookup([*longer, 0])[0].ids == longer  # type: ignore[union-attr]
+    assert cache.nbytes == 2560 + 2 * 1536
 
 
 class BatchRecorder:
