@@ -11,5 +11,7 @@ timeout 420 python -m benchmarks.gpu_kd_step --steps 8 --variants ${VARIANTS:-pl
 # Serving on the GPU (each needs app.serving importable there: pydantic and friends, if the machine has them).
 timeout 180 python -m benchmarks.generation --devices cuda --seconds 5 --max-tokens 8 32 128 2>&1 | tail -8 \
   || echo "benchmarks.generation could not run here"
+timeout 120 python -m benchmarks.generation --devices cuda --modes continuous --shared-prefix 400 \
+  --prefix-cache-mb 0 256 --clients 16 --seconds 5 2>&1 | tail -4 || echo "prefix caching could not run here"
 timeout 120 python -m benchmarks.gpu_serving --devices cuda --seconds 5 2>&1 | tail -6 \
   || echo "benchmarks.gpu_serving could not run here"
