@@ -674,7 +674,11 @@ class GenerationEngine:
                     keys[row, :, width - length :] = hit.keys[layer][:, :length]
                     values[row, :, width - length :] = hit.values[layer][:, :length]
             layers.append((keys, values))
-        return DynamicCache(ddp_cache_data=layers)
+        # built empty, then given the tensors (``update`` would copy each once more)
+        cache: Any = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in layers])
+        for layer_cache, (keys, values) in zip(cache.layers, layers, strict=True):
+            layer_cache.keys, layer_cache.values = keys, values
+        return cache
 
     def _remember(self, prefill: Prefill) -> None:
         """Each prompt's keys and values, for later prompts that begin the same way (what the cache did not have)."""
