@@ -175,7 +175,8 @@ class Settings(BaseSettings):
     prefix_cache_mb: int = Field(
         256,
         ge=0,
-        description="Continuous batching: memory per causal LM (on its device) for prompts' keys and values, kept so "
+        description="Continuous batching: memory per loaded causal LM (on its device, besides the weights that "
+        "model_cache_bytes counts) for prompts' keys and values, kept so "
         "that a later prompt beginning with the same tokens (a system prompt, few-shot examples, a conversation's "
         "earlier turns; matched in blocks of 16 tokens) prefills only the rest (least recently used dropped first; "
         "reported as usage.prompt_tokens_details.cached_tokens). 0 = off.",
