@@ -95,6 +95,12 @@ class ServingMetrics:
         self.unloads = Counter(
             "distillery_model_unloads", "Models unloaded (explicit, evicted, deleted)", ["model"], registry=registry
         )
+        self.prefix_cache_bytes = Gauge(
+            "distillery_prefix_cache_bytes",
+            "Bytes of prompts' keys and values a causal LM keeps for prompts that begin the same way",
+            ["model"],
+            registry=registry,
+        )
         self.loaded_models = Gauge("distillery_models_loaded", "Models loaded in this process", registry=registry)
         self.loaded_bytes = Gauge(
             "distillery_models_loaded_bytes", "Bytes of weights loaded in this process", registry=registry
@@ -127,6 +133,8 @@ class ModelMetrics:
         self.cached_prompt = metrics.prompt_tokens.labels(model_id, "cached")
         self._rejected = metrics.rejected
         self._in_flight = metrics.in_flight.labels(model_id)
+        self._prefix_cache = metrics.prefix_cache_bytes
+        self._watches_prefix_cache = False
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         self.rows.observe(rows)
@@ -150,5 +158,11 @@ class ModelMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_id, reason).inc()
 
+    def watch_prefix_cache(self, size_bytes: Callable[[], float]) -> None:
+        self._prefix_cache.labels(self.model_id).set_function(size_bytes)
+        self._watches_prefix_cache = True
+
     def unloaded(self) -> None:
         self._in_flight.set_function(lambda: 0.0)
+        if self._watches_prefix_cache:  # the unloaded model's cache is gone with it
+            self._prefix_cache.labels(self.model_id).set_function(lambda: 0.0)

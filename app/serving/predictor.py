@@ -760,6 +760,11 @@ class ContinuousGeneration:
     def prompt_tokens(self) -> tuple[int, int]:
         return self.engine.prompt_computed, self.engine.prompt_cached
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the engine's prefix cache holds now (read from any thread: an int the inference thread updates)."""
+        return self.engine.prefixes.nbytes if self.engine.prefixes is not None else 0
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
         """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
         prompts = cast(list[GenerationRequest], payload)

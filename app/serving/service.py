@@ -338,6 +338,13 @@ class InferenceService:
     def _serve(self, record: ModelRecord, predictor: Predictor, load_seconds: float) -> ServedModel:
         batcher_box: list[DynamicBatcher] = []
         metrics = self.metrics.for_model(record.id, lambda: float(batcher_box[0].pending) if batcher_box else 0.0)
+        continuous = (
+            predictor.continuous_generation(self.settings.prefill_chunk_tokens, self.settings.prefix_cache_mb * 2**20)
+            if isinstance(predictor, TextPredictor)
+            else None
+        )
+        if continuous is not None:
+            metrics.watch_prefix_cache(lambda: float(continuous.prefix_cache_bytes))
         batcher = DynamicBatcher(
             record.id,
             predictor.predict_batch,
@@ -345,13 +352,7 @@ class InferenceService:
             asyncio.get_running_loop(),
             observer=metrics,
             on_thread_start=lambda: configure_inference_threads(self.settings),
-            continuous=(
-                predictor.continuous_generation(
-                    self.settings.prefill_chunk_tokens, self.settings.prefix_cache_mb * 2**20
-                )
-                if isinstance(predictor, TextPredictor)
-                else None
-            ),
+            continuous=continuous,
         )
         batcher_box.append(batcher)
         return ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))

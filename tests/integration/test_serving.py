@@ -615,6 +615,7 @@ def test_openai_usage_reports_prompt_tokens_from_the_prefix_cache(
     assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}  # the instruction's two blocks
     assert again["choices"] == first["choices"]
     assert metric(client, cached_tokens, model=model, source="cached") == before + 48 + 32
+    assert metric(client, "distillery_prefix_cache_bytes", model=model) > 0  # what the cache holds now
 
 
 def test_openai_sampling_is_seeded(client: httpx.Client, text_models: dict[str, str]) -> None:
