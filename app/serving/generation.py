@@ -686,12 +686,8 @@ class GenerationEngine:
             return
         for row, (prompt, cached) in enumerate(zip(prefill.prompts, prefill.cached, strict=True)):
             length = PrefixCache.usable(prompt)
-            if length <= cached:
-                continue
-            columns = prefill.mask[row].nonzero().squeeze(1)[:length]
-            keys = [layer.keys[row].index_select(1, columns) for layer in prefill.cache.layers]
-            values = [layer.values[row].index_select(1, columns) for layer in prefill.cache.layers]
-            self.prefixes.store(prompt[:length], keys, values)
+            if length > cached:
+                self._store(prefill.cache, prefill.mask, row, prompt[:length])
 
     def _remember_finished(self, batch: Batch, index: int, row: Row) -> None:
         """A finished row's prompt and completion, for a conversation's next turn (its prompt repeats them): the
@@ -699,14 +695,18 @@ class GenerationEngine:
         if self.prefixes is None:
             return
         sequence = row.ids + row.stream.tokens
-        columns = batch.mask[index].nonzero().squeeze(1)
-        length = min(len(columns), len(sequence)) // PrefixCache.BLOCK * PrefixCache.BLOCK
-        if length <= max(row.cached, PrefixCache.usable(row.ids)):
-            return  # nothing the prompt's own entry does not hold
-        columns = columns[:length]
-        keys = [layer.keys[index].index_select(1, columns) for layer in batch.cache.layers]
-        values = [layer.values[index].index_select(1, columns) for layer in batch.cache.layers]
-        self.prefixes.store(sequence[:length], keys, values)
+        length = min(int(batch.mask[index].sum()), len(sequence)) // PrefixCache.BLOCK * PrefixCache.BLOCK
+        if length > max(row.cached, PrefixCache.usable(row.ids)):  # more than the prompt's own entry holds
+            self._store(batch.cache, batch.mask, index, sequence[:length])
+
+    def _store(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
+        """Row ``row`` of ``cache`` into the prefix cache: the keys and values of its first ``len(ids)`` tokens
+        (the columns its ``mask`` marks, in order; the padding between them left out)."""
+        assert self.prefixes is not None
+        columns = mask[row].nonzero().squeeze(1)[: len(ids)]
+        keys = [layer.keys[row].index_select(1, columns) for layer in cache.layers]
+        values = [layer.values[row].index_select(1, columns) for layer in cache.layers]
+        self.prefixes.store(ids, keys, values)
 
     def _prefill(self, prefill: Prefill) -> Batch | None:
         """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is

@@ -133,8 +133,8 @@ class ModelMetrics:
         self.cached_prompt = metrics.prompt_tokens.labels(model_id, "cached")
         self._rejected = metrics.rejected
         self._in_flight = metrics.in_flight.labels(model_id)
-        self._prefix_cache = metrics.prefix_cache_bytes
-        self._watches_prefix_cache = False
+        self._prefix_cache_gauge = metrics.prefix_cache_bytes
+        self._prefix_cache: Gauge | None = None  # its child, for a model that has a prefix cache
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         self.rows.observe(rows)
@@ -159,10 +159,10 @@ class ModelMetrics:
         self._rejected.labels(self.model_id, reason).inc()
 
     def watch_prefix_cache(self, size_bytes: Callable[[], float]) -> None:
-        self._prefix_cache.labels(self.model_id).set_function(size_bytes)
-        self._watches_prefix_cache = True
+        self._prefix_cache = self._prefix_cache_gauge.labels(self.model_id)
+        self._prefix_cache.set_function(size_bytes)
 
     def unloaded(self) -> None:
         self._in_flight.set_function(lambda: 0.0)
-        if self._watches_prefix_cache:  # the unloaded model's cache is gone with it
-            self._prefix_cache.labels(self.model_id).set_function(lambda: 0.0)
+        if self._prefix_cache is not None:  # the unloaded model's cache is gone with it
+            self._prefix_cache.set_function(lambda: 0.0)
