@@ -25,6 +25,14 @@ from app.distill.text.training import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 2, "n_positions": 64}
+BERT_TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def text_spec(**overrides: Any) -> JobSpec:
@@ -174,16 +182,8 @@ def test_derived_student_starts_from_the_teacher_and_attention_maps_match() -> N
 
 
 def test_embedding_and_classification_jobs_run() -> None:
-    bert = {
-        "model_type": "bert",
-        "hidden_size": 32,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
     common = {
-        "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": bert}},
+        "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": BERT_TINY}},
         "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
         "training": {"steps": 3, "batch_size": 4},
         "evaluation": {"latency_repeats": 1, "max_examples": 8, "latency_batch_size": 2, "retrieval_k": 2},
@@ -211,3 +211,61 @@ def test_embedding_and_classification_jobs_run() -> None:
     )
     assert classifier.extra_config["label_names"] == ["no", "yes"]
     assert {"agreement", "student_accuracy", "teacher_accuracy"} <= set(classifier.evaluation)
+
+
+def embedding_run(monkeypatch: pytest.MonkeyPatch, cache_bytes: int, **overrides: Any) -> tuple[list[Any], int, Any]:
+    """An embedding job with two teachers on sentences of mixed lengths: (per-step metrics, teacher forward
+    calls, outcome), with the precomputed-targets budget set to ``cache_bytes``."""
+    from app.distill.text import training as text_training
+
+    monkeypatch.setattr(text_training, "TARGET_CACHE_MAX_BYTES", cache_bytes)
+    calls = []
+    original = TextObjective.teacher_outputs
+
+    def counted(self: TextObjective, batch: Any, hidden: bool) -> list[Any]:
+        calls.append(len(batch))
+        return original(self, batch, hidden)
+
+    monkeypatch.setattr(TextObjective, "teacher_outputs", counted)
+    teacher = {"source": "builtin", "architecture": {"type": "transformer", "config": BERT_TINY}}
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "near", "river", "bank"]
+    sentences = [{"text": " ".join(words[: 2 + i % 11]) + f" {i}"} for i in range(40)]
+    spec: dict[str, Any] = {
+        "task": "embedding",
+        "teachers": [{**teacher, "seed": 1}, {**teacher, "seed": 2, "weight": 3.0}],
+        "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
+        "data": {"source": "inline", "records": sentences, "max_length": 16, "test_fraction": 0.2},
+        "training": {"steps": 6, "batch_size": 4},
+        "evaluation": {"latency_repeats": 1, "max_examples": 8, "latency_batch_size": 2, "retrieval_k": 2},
+    }
+    spec.update(overrides)
+    steps: list[Any] = []
+    outcome = train_text_model(JobSpec.model_validate(spec), JobResources(), progress=steps.append)
+    training = [update.metrics for update in steps if update.stage == "training"]
+    return training, len(calls), outcome
+
+
+def test_embedding_targets_are_computed_once_and_train_as_per_batch_teacher_forwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    per_batch, per_batch_calls, baseline = embedding_run(monkeypatch, 0)
+    cached, cached_calls, outcome = embedding_run(monkeypatch, 1 << 30)
+    # 32 train sentences: one length-sorted forward per teacher pass, against one per step
+    assert per_batch_calls == 6 and cached_calls == 1
+    assert len(per_batch) == len(cached) == 6
+    for before, after in zip(per_batch, cached, strict=True):
+        for name in ("kd", "mse", "cosine_distance", "loss"):
+            assert after[name] == pytest.approx(before[name], rel=1e-4, abs=1e-6), name
+    assert outcome.evaluation["cosine_similarity"] == pytest.approx(baseline.evaluation["cosine_similarity"], abs=1e-5)
+
+
+def test_embedding_targets_are_not_precomputed_when_a_batch_needs_more_of_the_teacher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # feature matching needs every batch's hidden states; too small a budget keeps the per-batch forwards
+    _, calls, _ = embedding_run(monkeypatch, 1 << 30, objective={"features": {"weight": 1.0}})
+    assert calls == 6
+    _, calls, _ = embedding_run(monkeypatch, 32 * 32 * 4 * 2 - 1)
+    assert calls == 6
+    _, calls, _ = embedding_run(monkeypatch, 32 * 32 * 4 * 2)
+    assert calls == 1

@@ -373,6 +373,13 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
 
 
+# Teachers' pooled embeddings of a stage's train examples are computed once, before its steps, when they take at
+# most this much memory (float32, every teacher); above it each batch runs the teachers as it comes.
+TARGET_CACHE_MAX_BYTES = 1 << 30
+# Examples per teacher forward when the targets are computed up front (sorted by length, so little padding).
+TARGET_BATCH_ROWS = 64
+
+
 class TextObjective:
     """The loss of one micro-batch for the job's task; returns (loss, logged terms)."""
 
@@ -402,6 +409,8 @@ class TextObjective:
         self.tokenizer = tokenizer
         self.seed = seed
         self.method_totals: dict[str, float] = {}
+        # the teachers' pooled embeddings of the stage's train examples [teachers, N, H] (``precompute_targets``)
+        self.targets: torch.Tensor | None = None
         self.want_attentions = (
             features is not None
             and self.objective.features is not None
@@ -446,6 +455,34 @@ class TextObjective:
             normalizer=normalizer,
             allow_vocab_padding=True,
         )
+
+    def precompute_targets(
+        self, examples: text_data.TokenizedExamples, device: torch.device, autocast_dtype: torch.dtype | None
+    ) -> bool:
+        """An embedding job's targets are the teachers' pooled embeddings, which do not change while the student
+        trains (teachers are frozen, in eval mode): compute them once for every train example, in batches of similar
+        lengths, instead of a teacher forward per micro-batch padded to its longest example (every epoch). Not when
+        a batch needs more of the teachers than their embeddings (feature matching, attention maps, a prompt
+        context) or the targets would take over ``TARGET_CACHE_MAX_BYTES``. Returns whether they were computed."""
+        if self.spec.task != "embedding" or not self.teachers or self.alpha >= 1.0 or len(examples) == 0:
+            return False
+        if self.features is not None or self.want_attentions or self.context_ids is not None:
+            return False
+        hidden = [int(getattr(t.model.config, "hidden_size", 0) or 0) for t in self.teachers]
+        if len(set(hidden)) != 1 or hidden[0] <= 0:
+            return False
+        if len(self.teachers) * len(examples) * hidden[0] * 4 > TARGET_CACHE_MAX_BYTES:
+            return False
+        targets = torch.empty(len(self.teachers), len(examples), hidden[0], device=device)
+        order = torch.argsort(examples.attention_mask.sum(dim=1), stable=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            for start in range(0, len(order), TARGET_BATCH_ROWS):
+                rows = order[start : start + TARGET_BATCH_ROWS]
+                batch = to_device(examples.batch(rows), device)
+                for index, out in enumerate(self.teacher_outputs(batch, hidden=True)):
+                    targets[index, rows.to(device)] = mean_pool(out.last_hidden_state.float(), batch.attention_mask)
+        self.targets = targets
+        return True
 
     def teacher_outputs(self, batch: text_data.TokenizedExamples, hidden: bool) -> list[Any]:
         """The teachers' outputs on the batch — with the prompt-distillation context in front when there is one,
@@ -500,7 +537,10 @@ class TextObjective:
             student_out = self.student(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True, **kwargs
             )
-        teacher_outs = self.teacher_outputs(batch, need_hidden) if self.teachers and self.alpha < 1.0 else []
+        precomputed = task == "embedding" and self.targets is not None and indices is not None
+        teacher_outs = (
+            self.teacher_outputs(batch, need_hidden) if self.teachers and self.alpha < 1.0 and not precomputed else []
+        )
         if self.features is not None and not teacher_outs and self.teachers:
             teacher_outs = self.teacher_outputs(batch, True)
 
@@ -508,7 +548,12 @@ class TextObjective:
         if task == "causal_lm":
             terms.update(self.causal_terms(batch, student_out, teacher_outs, normalizer))
         elif task == "embedding":
-            terms.update(self.embedding_terms(batch, student_out, teacher_outs))
+            if precomputed:
+                assert self.targets is not None and indices is not None
+                targets = list(self.targets[:, indices.to(self.targets.device)])
+            else:
+                targets = [mean_pool(out.last_hidden_state.float(), batch.attention_mask) for out in teacher_outs]
+            terms.update(self.embedding_terms(batch, student_out, targets))
         else:
             terms.update(self.classification_terms(batch, student_out, teacher_outs))
 
@@ -680,13 +725,13 @@ class TextObjective:
         return terms
 
     def embedding_terms(
-        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any]
+        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_embeddings: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """MSE and cosine distance between the student's pooled embeddings and each teacher's ([B, H] each)."""
         student_embedding = mean_pool(student_out.last_hidden_state.float(), batch.attention_mask)
         mse = torch.zeros((), device=student_embedding.device)
         cosine = torch.zeros((), device=student_embedding.device)
-        for weight, out in zip(self.weights, teacher_outs, strict=True):
-            teacher_embedding = mean_pool(out.last_hidden_state.float(), batch.attention_mask)
+        for weight, teacher_embedding in zip(self.weights, teacher_embeddings, strict=True):
             mse = mse + weight * F.mse_loss(student_embedding, teacher_embedding)
             cosine = cosine + weight * (1.0 - F.cosine_similarity(student_embedding, teacher_embedding, dim=-1)).mean()
         kd = self.objective.embedding_mse_weight * mse + self.objective.embedding_cosine_weight * cosine
@@ -791,6 +836,7 @@ def run_steps(
     optimizer = build_optimizer(trainable, training)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     stream = MicroBatches(examples, training.batch_size or 16, training.seed)
+    objective.precompute_targets(examples, device, autocast_dtype)
     modules = {"trainable": trainable}
     first_step = checkpointer.restore(modules, optimizer) if checkpointer is not None else 0
     stream.skip(first_step * training.gradient_accumulation)
