@@ -23,6 +23,7 @@ from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pre
 from app.serving.batcher import BatchingConfig, DynamicBatcher
 from app.serving.generation import (
     Completion,
+    GenerationEngine,
     GenerationRequest,
     PrefixCache,
     RowSampler,
@@ -919,3 +920,78 @@ def test_penalties_and_logit_bias_steer_the_engine(endless: TextPredictor) -> No
     batched = [[entry.token for entry in output[0].logprobs or []] for output in endless.predict_batch(requests)]
     assert batched == [reference(fields) for fields in cases]
     assert set(batched[0]) <= {a, b}
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"repetition_penalty": 1.8},
+        {"repetition_penalty": 0.3},
+        {"no_repeat_ngram_size": 2},
+        {"bad_words_ids": "the first tokens greedy chooses"},
+        {"sequence_bias": [[[120], 4.0], [[32, 97], 3.0]]},
+        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "min_new_tokens": 9},
+    ],
+    ids=["penalty", "reward", "ngram", "bad-words", "sequence-bias", "combined"],
+)
+def test_the_engine_applies_the_generation_configs_token_rules_as_generate_does(
+    endless: TextPredictor, rules: dict[str, Any]
+) -> None:
+    """A student whose generation config sets a repetition penalty (Qwen's do), n-gram blocking, bad words, a
+    sequence bias or a minimum length stays on the engine, which applies them per row as ``generate`` does: the same
+    completions, greedy and seeded, and not those the model gives without them."""
+
+    def prompts() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt="aaaa aaaa aaaa", max_tokens=14),
+            GenerationRequest(prompt="def f(x): return x", max_tokens=10),
+            GenerationRequest(prompt="the cat sat on the", max_tokens=16, temperature=1.1, seed=8),
+            GenerationRequest(prompt="x", max_tokens=6, temperature=0.6, top_p=0.9, seed=2),
+        ]
+
+    def engine_texts() -> list[str]:
+        return [request[0].text for request in endless.predict_batch([[p] for p in prompts()])]
+
+    config = endless.model.generation_config
+    plain = engine_texts()
+    if rules.get("bad_words_ids"):  # banned: what greedy chooses first, and a token after the one it chooses next
+        ids = [endless.tokenizer(text[:2], add_special_tokens=False)["input_ids"] for text in plain[:2]]
+        rules = {"bad_words_ids": [ids[0][:1], ids[1][:1], [*ids[0][1:2], ids[1][0]]]}
+    saved = {name: getattr(config, name, None) for name in rules}
+    for name, value in rules.items():
+        setattr(config, name, value)
+    try:
+        assert GenerationEngine.supports(endless.model)
+        engine = engine_texts()
+        static = [c.text for c in endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])]
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+    assert engine == static
+    assert engine != plain
+
+
+def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor) -> None:
+    """``min_new_tokens`` and ``min_length`` (prompt + completion) keep every end-of-sequence token from being chosen
+    until the completion is long enough, in the engine as in ``generate``: with an end token the model would choose
+    first (a sequence bias), the completion is the 6 tokens it must have, then the end (7 tokens counted)."""
+    end = endless.tokenizer("~", add_special_tokens=False)["input_ids"][0]
+    config = endless.model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id, config.sequence_bias = [saved, end], [[[end], 100.0]]
+    try:
+        request = GenerationRequest(prompt="def f(x):", max_tokens=12)
+        [[unbounded]] = endless.predict_batch([[request]])
+        assert unbounded.completion_tokens == 1
+        for rules in ({"min_new_tokens": 6}, {"min_length": len(endless.render_prompt(request)) + 6}):
+            for name, value in rules.items():
+                setattr(config, name, value)
+            try:
+                [[engine]] = endless.predict_batch([[request]])
+                [static] = endless.generate_batch([request], [endless.render_prompt(request)])
+            finally:
+                config.min_new_tokens, config.min_length = None, 0
+            assert (engine.completion_tokens, engine.finish_reason) == (static.completion_tokens, "stop") == (7, "stop")
+            assert engine.text == static.text
+    finally:
+        config.eos_token_id, config.sequence_bias = saved, None
