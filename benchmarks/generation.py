@@ -207,6 +207,8 @@ async def drive_generation(
         "longs": len(long_latencies) / elapsed,
         "ttft p50": statistics.median(first_tokens) * 1000 if first_tokens else math.nan,
         "cached share": steps.cached / max(1, steps.cached + steps.computed),
+        # what the prefix cache holds at the end: with blocks shared, the common beginning once
+        "cache MB": engine.prefix_cache_bytes / 2**20 if engine is not None else 0.0,
     }
 
 
@@ -295,15 +297,15 @@ def main() -> None:
     )
     print()
     long = " | long prompts/s | long p50 (ms)" if args.long_prompt else ""
-    shared = " | first token p50 (ms) | prompt tokens cached" if args.shared_prefix else ""
+    shared = " | first token p50 (ms) | prompt tokens cached | prefix cache held (MB)" if args.shared_prefix else ""
     print(
         "| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) | "
         f"step p50 / p99 / max (ms){long}{shared} |"
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else "") + ("---|---|" if shared else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else "") + ("---|---|---|" if shared else ""))
     for row in rows:
         extra = f" | {row['longs']:.1f} | {row['long p50']:.0f}" if long else ""
-        extra += f" | {row['ttft p50']:.0f} | {row['cached share']:.0%}" if shared else ""
+        extra += f" | {row['ttft p50']:.0f} | {row['cached share']:.0%} | {row['cache MB']:.1f}" if shared else ""
         print(
             f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
             f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} | "

@@ -423,27 +423,32 @@ class Prefill:
 
 
 @dataclass
-class PrefixEntry:
-    ids: list[int]
-    keys: list[torch.Tensor]  # per layer, [heads, tokens, head dim]
+class PrefixBlock:
+    """``PrefixCache.BLOCK`` tokens of a cached prefix: their ids, the digest of the block before them (None for a
+    prompt's first block), and their keys and values (per layer, [heads, BLOCK, head dim])."""
+
+    ids: tuple[int, ...]
+    parent: int | None
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
     nbytes: int
-    digests: list[int]
 
 
 class PrefixCache:
     """Prompts' keys and values kept after their prefill, so that a later prompt beginning with the same tokens
-    prefills only the rest (automatic prefix caching, as vLLM and SGLang call it). Prefixes match in whole blocks of
-    ``BLOCK`` tokens, up to a prompt's length less one (its last token's logits choose the first new token): each
-    block boundary's chained hash indexes the latest entry that holds it, and a hit's tokens are compared. Entries
-    are kept on the model's device; the least recently used go once they hold more than ``max_bytes``."""
+    prefills only the rest (automatic prefix caching, as vLLM and SGLang call it). Kept in blocks of ``BLOCK`` tokens,
+    each indexed by the chained hash of every token up to its end, so prompts that begin alike (a system prompt,
+    few-shot examples, a conversation's turns) share the blocks they have in common instead of each holding a copy.
+    A prompt's cached prefix is the longest chain of blocks that begins it (each block's tokens and parent checked),
+    up to its length less one (its last token's logits choose the first new token). Blocks are kept on the model's
+    device; the least recently used go once they hold more than ``max_bytes``, a chain's last blocks before its
+    first (a chain is touched from its end to its beginning), so what is left of a chain is still a chain."""
 
     BLOCK = 16
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # by id(), least recently used first
-        self.index: dict[int, PrefixEntry] = {}
+        self.blocks: OrderedDict[int, PrefixBlock] = OrderedDict()  # by digest, least recently used first
         self.nbytes = 0
 
     @classmethod
@@ -459,42 +464,62 @@ class PrefixCache:
             digest = hash((digest, *ids[end - cls.BLOCK : end]))
             yield end, digest
 
-    def lookup(self, ids: Sequence[int]) -> tuple[PrefixEntry | None, int]:
-        """The entry holding the longest cached prefix of ``ids``, and its length (None, 0: none)."""
-        best, length = None, 0
-        for end, digest in self.digests(ids, self.usable(ids)):
-            entry = self.index.get(digest)
-            if entry is not None:  # not stopping at a miss: an evicted entry may have taken a shorter boundary along
-                best, length = entry, end
-        if best is None or best.ids[:length] != list(ids[:length]):
-            return None, 0
-        self.entries.move_to_end(id(best))
-        return best, length
+    def _chain(self, ids: Sequence[int], length: int) -> list[tuple[int, PrefixBlock]]:
+        """The cached blocks that begin ``ids`` (up to ``length`` tokens), with their digests, in order."""
+        chain: list[tuple[int, PrefixBlock]] = []
+        parent = None
+        for end, digest in self.digests(ids, length):
+            block = self.blocks.get(digest)
+            if block is None or block.parent != parent or block.ids != tuple(ids[end - self.BLOCK : end]):
+                break
+            chain.append((digest, block))
+            parent = digest
+        return chain
 
-    def store(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Keeps ``keys`` and ``values`` (per layer, [heads, len(ids), head dim]) of the tokens ``ids``; entries
-        that hold a beginning of them go (the new one answers for their blocks)."""
-        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
-        if nbytes > self.max_bytes:
-            return
-        entry = PrefixEntry(ids, keys, values, nbytes, [d for _, d in self.digests(ids, len(ids))])
-        for digest in entry.digests:
-            held = self.index.get(digest)
-            if held is not None and len(held.ids) <= len(ids) and held.ids == ids[: len(held.ids)]:
-                self._drop(held)
-        self.entries[id(entry)] = entry
-        self.nbytes += nbytes
-        for digest in entry.digests:
-            self.index[digest] = entry
-        while self.nbytes > self.max_bytes:
-            self._drop(next(iter(self.entries.values())))
+    def _touch(self, digests: Sequence[int]) -> None:
+        for digest in reversed(digests):  # the chain's first block the most recently used: evicted last
+            self.blocks.move_to_end(digest)
 
-    def _drop(self, entry: PrefixEntry) -> None:
-        del self.entries[id(entry)]
-        self.nbytes -= entry.nbytes
-        for digest in entry.digests:
-            if self.index.get(digest) is entry:
-                del self.index[digest]
+    def lookup(self, ids: Sequence[int]) -> list[PrefixBlock]:
+        """The blocks of the longest cached prefix of ``ids`` (usable tokens only), in order; [] for none."""
+        chain = self._chain(ids, self.usable(ids))
+        self._touch([digest for digest, _ in chain])
+        return [block for _, block in chain]
+
+    def held(self, ids: Sequence[int]) -> int:
+        """How many of the first tokens of ``ids`` (whole blocks) the cache holds."""
+        return len(self._chain(ids, len(ids))) * self.BLOCK
+
+    def store(self, ids: Sequence[int], start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keeps the blocks of ``ids`` (whole blocks) from token ``start`` on, whose keys and values ``keys`` and
+        ``values`` hold (per layer, [heads, len(ids) - start, head dim]); the blocks before ``start`` are those
+        ``held`` found."""
+        digests = [digest for _, digest in self.digests(ids, len(ids))]
+        parent = digests[start // self.BLOCK - 1] if start else None
+        block_bytes = sum(t[:, : self.BLOCK].numel() * t.element_size() for t in (*keys, *values))
+        # a prefix longer than the whole budget keeps its first blocks (the likeliest shared), not the others' place
+        fits = start // self.BLOCK + self.max_bytes // max(1, block_bytes)
+        digests = digests[:fits]
+        for index in range(start // self.BLOCK, len(digests)):
+            first = index * self.BLOCK
+            columns = slice(first - start, first - start + self.BLOCK)
+            block_keys = [k[:, columns].clone() for k in keys]  # not views: an evicted block frees its memory
+            block_values = [v[:, columns].clone() for v in values]
+            nbytes = sum(t.numel() * t.element_size() for t in (*block_keys, *block_values))
+            self._drop(digests[index])
+            self.blocks[digests[index]] = PrefixBlock(
+                tuple(ids[first : first + self.BLOCK]), parent, block_keys, block_values, nbytes
+            )
+            self.nbytes += nbytes
+            parent = digests[index]
+        self._touch(digests)
+        while self.nbytes > self.max_bytes and self.blocks:
+            self._drop(next(iter(self.blocks)))
+
+    def _drop(self, digest: int) -> None:
+        block = self.blocks.pop(digest, None)
+        if block is not None:
+            self.nbytes -= block.nbytes
 
 
 class Owner:
@@ -681,8 +706,8 @@ class GenerationEngine:
         source = [distinct.setdefault(tuple(row.ids), len(distinct)) for row in rows]
         prompts = [list(p) for p in distinct]
         reuse = self.prefixes is not None and not any(row.request.prompt_logprobs for row in rows)
-        found = [self.prefixes.lookup(p) if reuse and self.prefixes else (None, 0) for p in prompts]
-        cached = [length for _, length in found]
+        found = [self.prefixes.lookup(p) if reuse and self.prefixes else [] for p in prompts]
+        cached = [len(blocks) * PrefixCache.BLOCK for blocks in found]
         for row, prompt in zip(rows, source, strict=True):
             row.cached = cached[prompt]
         done = max(cached)
@@ -703,20 +728,22 @@ class GenerationEngine:
             done,
         )
 
-    def _cached_prefixes(self, found: list[tuple[PrefixEntry | None, int]], width: int) -> Any:
-        """A cache of ``width`` columns holding each prompt's cached prefix, right-aligned (zeros before it)."""
+    def _cached_prefixes(self, found: list[list[PrefixBlock]], width: int) -> Any:
+        """A cache of ``width`` columns holding each prompt's cached prefix (its blocks, in order), right-aligned
+        (zeros before it)."""
         from transformers.cache_utils import DynamicCache
 
-        entry = next(e for e, _ in found if e is not None)
+        first = next(blocks[0] for blocks in found if blocks)
         layers = []
-        for layer in range(len(entry.keys)):
-            heads, _, size = entry.keys[layer].shape
-            keys = entry.keys[layer].new_zeros((len(found), heads, width, size))
-            values = entry.values[layer].new_zeros((len(found), heads, width, entry.values[layer].shape[-1]))
-            for row, (hit, length) in enumerate(found):
-                if hit is not None:
-                    keys[row, :, width - length :] = hit.keys[layer][:, :length]
-                    values[row, :, width - length :] = hit.values[layer][:, :length]
+        for layer in range(len(first.keys)):
+            heads, _, size = first.keys[layer].shape
+            keys = first.keys[layer].new_zeros((len(found), heads, width, size))
+            values = first.values[layer].new_zeros((len(found), heads, width, first.values[layer].shape[-1]))
+            for row, blocks in enumerate(found):
+                if blocks:
+                    length = len(blocks) * PrefixCache.BLOCK
+                    keys[row, :, width - length :] = torch.cat([b.keys[layer] for b in blocks], dim=1)
+                    values[row, :, width - length :] = torch.cat([b.values[layer] for b in blocks], dim=1)
             layers.append((keys, values))
         # built empty, then given the tensors (``update`` would copy each once more)
         cache: Any = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in layers])
@@ -745,12 +772,16 @@ class GenerationEngine:
 
     def _store(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
         """Row ``row`` of ``cache`` into the prefix cache: the keys and values of its first ``len(ids)`` tokens
-        (the columns its ``mask`` marks, in order; the padding between them left out)."""
+        (the columns its ``mask`` marks, in order; the padding between them left out), except the blocks the prefix
+        cache already holds."""
         assert self.prefixes is not None
-        columns = mask[row].nonzero().squeeze(1)[: len(ids)]
+        held = self.prefixes.held(ids)
+        if held >= len(ids):
+            return
+        columns = mask[row].nonzero().squeeze(1)[held : len(ids)]
         keys = [layer.keys[row].index_select(1, columns) for layer in cache.layers]
         values = [layer.values[row].index_select(1, columns) for layer in cache.layers]
-        self.prefixes.store(ids, keys, values)
+        self.prefixes.store(ids, held, keys, values)
 
     def _prefill(self, prefill: Prefill) -> Batch | None:
         """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is

@@ -689,7 +689,8 @@ def test_a_conversations_next_turn_reuses_the_earlier_prompt_and_answer(endless:
     generated = [entry.token for entry in answer.logprobs or []]
     # the prompt's entry, or the longer one of prompt and answer in its place (Llama's generation config ends this
     # completion at its own EOS after a few tokens: that token is chosen, but never in the cache)
-    assert 0 < len(generated) <= 40 and len(adapter.engine.prefixes.entries) == 1
+    assert 0 < len(generated) <= 40
+    held = len(adapter.engine.prefixes.blocks) * PrefixCache.BLOCK  # one chain: the prompt's blocks and the answer's
     turn = [*prompt, *generated, *endless.render_prompt(GenerationRequest(prompt="Q: and then?"))]
 
     def next_turn(adapter: Any) -> Completion:
@@ -704,6 +705,7 @@ def test_a_conversations_next_turn_reuses_the_earlier_prompt_and_answer(endless:
     cached = next_turn(adapter)
     # the cache held the prompt and every generated token but the last: whole blocks of them
     assert cached.cached_tokens == (len(prompt) + len(generated) - 1) // PrefixCache.BLOCK * PrefixCache.BLOCK
+    assert cached.cached_tokens == held
     assert cached.cached_tokens > PrefixCache.usable(prompt) or len(generated) < 40
     plain = next_turn(endless.continuous_generation(0, 0))
     assert plain.cached_tokens == 0 and (cached.text, cached.completion_tokens) == (plain.text, plain.completion_tokens)
@@ -712,30 +714,49 @@ def test_a_conversations_next_turn_reuses_the_earlier_prompt_and_answer(endless:
     )
 
 
-def test_prefix_cache_matches_whole_blocks_and_keeps_to_its_budget() -> None:
+def test_prefix_cache_matches_whole_blocks_shares_them_and_keeps_to_its_budget() -> None:
     block = PrefixCache.BLOCK
-    layer = torch.zeros(2, 40, 4)  # [heads, tokens, head dim] of float32: 1,280 bytes per tensor
-    cache = PrefixCache(max_bytes=3 * 2 * 1280)
+
+    def kv(tokens: int) -> list[torch.Tensor]:  # one layer, [heads, tokens, head dim] of float32: 512 bytes a block
+        return [torch.arange(2 * tokens * 4, dtype=torch.float32).reshape(2, tokens, 4)]
+
+    cache = PrefixCache(max_bytes=5 * 2 * 512)  # five blocks of keys and values
     first = list(range(40))
     assert PrefixCache.usable(first) == 32 and PrefixCache.usable(first[:17]) == 16
     assert PrefixCache.usable(first[:16]) == 0  # the last token is never cached: its logits are needed
-    cache.store(first[:32], [layer[:, :32]], [layer[:, :32]])
-    assert cache.lookup(first)[1] == 32
-    assert cache.lookup(first[:33])[1] == 32 and cache.lookup(first[:32])[1] == 16
-    assert cache.lookup([*first[:20], 99, *first[21:]])[1] == 16  # differs in the second block
-    assert cache.lookup([1, *first[1:]]) == (None, 0)  # differs in the first token
-    for start in (100, 200, 300):  # each 2 × 1,280 bytes: the budget holds three entries
-        cache.store(list(range(start, start + 40)), [layer], [layer])
-    assert cache.lookup(first) == (None, 0) and len(cache.entries) == 3  # the least recently used went
-    assert cache.lookup(list(range(100, 141)))[1] == 2 * block
-    assert cache.nbytes == 3 * 2 * 1280
-    cache.store(list(range(1000, 1200)), [torch.zeros(2, 200, 4)], [torch.zeros(2, 200, 4)])  # over the budget alone
-    assert len(cache.entries) == 3 and cache.lookup(list(range(1000, 1100))) == (None, 0)
-    longer = list(range(100, 148))  # begins with the entry of range(100, 140): that one goes, not only the oldest
-    cache.store(longer, [torch.zeros(2, 48, 4)], [torch.zeros(2, 48, 4)])
-    assert [entry.ids[0] for entry in cache.entries.values()] == [300, 100]  # and 200, the oldest, for room
-    assert cache.lookup([*longer, 0])[0].ids == longer  # type: ignore[union-attr]
-    assert cache.nbytes == 2560 + 2 * 1536
+    cache.store(first[:32], 0, kv(32), kv(32))
+    assert len(cache.lookup(first)) == 2 and cache.held(first) == 32
+    assert len(cache.lookup(first[:33])) == 2 and len(cache.lookup(first[:32])) == 1
+    assert len(cache.lookup([*first[:20], 99, *first[21:]])) == 1  # differs in the second block
+    assert cache.lookup([1, *first[1:]]) == []  # differs in the first token
+    blocks = cache.lookup(first)
+    assert torch.equal(torch.cat([b.keys[0] for b in blocks], dim=1), kv(32)[0])  # each block its own columns
+
+    # a prompt that shares the first block stores only its second: the first is the same block for both
+    other = [*first[:16], *range(500, 516)]
+    assert cache.held(other) == 16
+    cache.store(other, 16, kv(16), kv(16))
+    assert cache.nbytes == 3 * 1024
+    assert cache.lookup([*other, 0])[0] is cache.lookup(first)[0]
+    assert len(cache.lookup([*other, 0])) == 2
+
+    # over the budget the least recently used blocks go, a chain's last blocks before its first: first's second
+    # block (first was looked up last, but other's chain was touched after it when stored)
+    cache.lookup([*other, 0])
+    cache.store(list(range(100, 148)), 0, kv(48), kv(48))  # three blocks: six in all, one over
+    assert cache.nbytes == 5 * 1024
+    assert len(cache.lookup(first)) == 1 and len(cache.lookup([*other, 0])) == 2
+    assert len(cache.lookup(list(range(100, 149)))) == 3
+
+    # a chain loses its last blocks first: what is left of it still begins prompts
+    chains = PrefixCache(max_bytes=4 * 2 * 512)
+    chains.store(list(range(48)), 0, kv(48), kv(48))
+    chains.store(list(range(100, 132)), 0, kv(32), kv(32))  # five blocks: one goes
+    assert len(chains.lookup(list(range(49)))) == 2 and len(chains.lookup(list(range(100, 133)))) == 2
+
+    # a prefix longer than the whole budget keeps its first blocks, not the others' room
+    cache.store(list(range(1000, 1160)), 0, kv(160), kv(160))  # ten blocks
+    assert cache.nbytes <= 5 * 1024 and cache.held(list(range(1000, 1160))) == 5 * block
 
 
 class BatchRecorder:
