@@ -590,6 +590,10 @@ class GenerationEngine:
                 return False
         if getattr(model.config, "is_encoder_decoder", False):
             return False
+        try:  # a rule transformers cannot build (malformed bad words, say) fails in ``generate`` too: left to it
+            TokenRules(config, frozenset())
+        except Exception:
+            return False
         try:
             with torch.inference_mode():
                 ids = torch.ones((1, 2), dtype=torch.long, device=model.device)

@@ -992,6 +992,16 @@ def test_the_engine_applies_the_generation_configs_token_rules_as_generate_does(
     assert engine != plain
 
 
+def test_a_rule_transformers_cannot_build_leaves_the_model_to_generate(endless: TextPredictor) -> None:
+    config = endless.model.generation_config
+    config.bad_words_ids = [[-1]]
+    try:
+        assert not GenerationEngine.supports(endless.model)
+    finally:
+        config.bad_words_ids = None
+    assert GenerationEngine.supports(endless.model)
+
+
 def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor) -> None:
     """``min_new_tokens`` and ``min_length`` (prompt + completion) keep every end-of-sequence token from being chosen
     until the completion is long enough, in the engine as in ``generate``: with an end token the model would choose
