@@ -6,6 +6,7 @@
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --long-prompt 480 --prefill-chunks 0 64
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --shared-prefix 400 \
         --prefix-cache-mb 0 256
+    .venv/bin/python -m benchmarks.generation --devices cpu --repetition-penalty 1.05 --max-tokens 8 32 128
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -22,6 +23,9 @@ most k prompt tokens per forward).
 ``--shared-prefix N`` starts every client's prompt with the same N bytes (a system prompt, few-shot examples), for
 each ``--prefix-cache-mb`` value of the engine (0: no prefix cache); the table then gives the median time to first
 token and the share of prompt tokens the prefix cache gave (what follows the shared bytes differs in every prompt).
+
+``--repetition-penalty P`` sets the model's generation config as Qwen2.5's instruct models ship it (1.05): the engine
+applies it per row (before 2026-12-02 such a model was served by the static path only).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from transformers import ByT5Tokenizer
 
 from app.distill.text.models import build_from_config, save_pretrained_dir, tiny_config
 from app.serving.batcher import BatchingConfig, DynamicBatcher, NoObserver
-from app.serving.generation import GenerationRequest, end_of_sequence_ids
+from app.serving.generation import GenerationEngine, GenerationRequest, end_of_sequence_ids
 from app.serving.predictor import TextPredictor
 from benchmarks.gpu_serving import machine
 
@@ -223,6 +227,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="the model's generation config's (1: none)"
+    )
     parser.add_argument("--long-prompt", type=int, default=0, help="bytes of the extra clients' prompts (0: none)")
     parser.add_argument("--long-clients", type=int, default=1, help="clients sending --long-prompt prompts")
     parser.add_argument(
@@ -247,6 +254,9 @@ def main() -> None:
                 continue
             device = torch.device(name)
             predictor = load(directory, device)
+            if args.repetition_penalty != 1.0:
+                predictor.model.generation_config.repetition_penalty = args.repetition_penalty
+                predictor.continuous = GenerationEngine.supports(predictor.model)  # as a load with it would decide
             params = sum(p.numel() for p in predictor.model.parameters())
             single = alone_ms(predictor, args.max_tokens[0], args.temperature)
             runs = [
@@ -291,6 +301,7 @@ def main() -> None:
             else ""
         )
         + (f"; every prompt begins with the same {args.shared_prefix} bytes" if args.shared_prefix else "")
+        + (f"; the model's repetition penalty {args.repetition_penalty:g}" if args.repetition_penalty != 1 else "")
         + "."
         if rows
         else "no device"

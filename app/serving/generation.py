@@ -274,52 +274,69 @@ UNSUPPORTED_GENERATION_FIELDS = {
 
 
 class TokenRules:
-    """The generation config's rules on which tokens may come next, applied as ``generate`` applies them, each row on
-    its own tokens (its prompt and what it generated so far; no padding): ``repetition_penalty`` (CTRL's: a logit of
-    a token already seen divided by the penalty when positive, multiplied when negative), ``no_repeat_ngram_size``,
-    ``bad_words_ids``, ``sequence_bias`` (transformers' own processors, in ``generate``'s order), then
-    ``min_length`` (prompt + generated) and ``min_new_tokens``, which hold the end-of-sequence tokens back.
-    ``renormalize_logits`` changes no choice (a softmax does not see a shift) and is not applied."""
+    """The generation config's rules on which tokens may come next, applied as ``generate`` applies them and in its
+    order, each row on its own tokens (its prompt and what it generated so far; no padding): ``sequence_bias``,
+    ``repetition_penalty`` (CTRL's: the logit of a token the row has seen divided by the penalty when positive,
+    multiplied when negative; vectorised over the rows with a per-row mask of the tokens seen), ``no_repeat_ngram_size``
+    and ``bad_words_ids`` (transformers' own processors, per row), then ``min_length`` (prompt + generated) and
+    ``min_new_tokens``, which hold the end-of-sequence tokens back. ``renormalize_logits`` changes no choice (a softmax
+    does not see a shift) and is not applied."""
 
     def __init__(self, config: Any, eos_ids: frozenset[int]) -> None:
         from transformers.generation.logits_process import (
             LogitsProcessor,
             NoBadWordsLogitsProcessor,
             NoRepeatNGramLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
             SequenceBiasLogitsProcessor,
         )
 
-        self.processors: list[LogitsProcessor] = []
+        self.before: list[LogitsProcessor] = []  # per row, before the penalty
         if getattr(config, "sequence_bias", None) is not None:
-            self.processors.append(SequenceBiasLogitsProcessor(config.sequence_bias))
+            self.before.append(SequenceBiasLogitsProcessor(config.sequence_bias))
         penalty = getattr(config, "repetition_penalty", None)
-        if penalty is not None and penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(float(penalty)))
+        self.penalty = float(penalty) if penalty is not None and penalty != 1.0 else None
+        self.after: list[LogitsProcessor] = []  # per row, after it
         ngram = getattr(config, "no_repeat_ngram_size", None)
         if ngram:
-            self.processors.append(NoRepeatNGramLogitsProcessor(int(ngram)))
+            self.after.append(NoRepeatNGramLogitsProcessor(int(ngram)))
         if getattr(config, "bad_words_ids", None) is not None:
-            self.processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, sorted(eos_ids) or None))
+            self.after.append(NoBadWordsLogitsProcessor(config.bad_words_ids, sorted(eos_ids) or None))
         self.min_length = int(getattr(config, "min_length", 0) or 0)
         self.min_new_tokens = int(getattr(config, "min_new_tokens", 0) or 0)
         self.eos = sorted(eos_ids)
 
     def __bool__(self) -> bool:
-        return bool(self.processors) or (bool(self.eos) and (self.min_length > 0 or self.min_new_tokens > 0))
+        holds_eos = bool(self.eos) and (self.min_length > 0 or self.min_new_tokens > 0)
+        return bool(self.before or self.after) or self.penalty is not None or holds_eos
 
     def apply(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
         """In place on ``logits`` [rows, vocab], the next token's of each row."""
+        self._each_row(self.before, rows, logits)
+        if self.penalty is not None:
+            for row in rows:
+                if row.seen is None:  # the prompt's tokens, then each chosen token as it comes (``_choose``)
+                    row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                    row.seen[torch.tensor(row.ids, dtype=torch.long, device=logits.device)] = True
+            seen = torch.stack([row.seen for row in rows if row.seen is not None])
+            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits.copy_(torch.where(seen, penalised, logits))
+        self._each_row(self.after, rows, logits)
+        if self.eos:
+            for i, row in enumerate(rows):
+                generated = row.stream.generated
+                if len(row.ids) + generated < self.min_length or generated < self.min_new_tokens:
+                    logits[i, self.eos] = -math.inf
+
+    @staticmethod
+    def _each_row(processors: Sequence[Any], rows: Sequence[Row], logits: torch.Tensor) -> None:
+        if not processors:
+            return
         for i, row in enumerate(rows):
-            if self.processors:
-                seen = torch.tensor([row.ids + row.stream.tokens], dtype=torch.long, device=logits.device)
-                scores = logits[i : i + 1]
-                for processor in self.processors:
-                    scores = processor(seen, scores)
-                logits[i] = scores[0]
-            generated = row.stream.generated
-            if self.eos and (len(row.ids) + generated < self.min_length or generated < self.min_new_tokens):
-                logits[i, self.eos] = -math.inf
+            tokens = torch.tensor([row.ids + row.stream.tokens], dtype=torch.long, device=logits.device)
+            scores = logits[i : i + 1]
+            for processor in processors:
+                scores = processor(tokens, scores)
+            logits[i] = scores[0]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
@@ -365,6 +382,7 @@ class Row:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     counts: torch.Tensor | None = None  # tokens generated so far, by id (for the penalties)
+    seen: torch.Tensor | None = None  # [vocab] bool: the tokens of its prompt and completion (repetition penalty)
     cached: int = 0  # prompt tokens taken from the prefix cache
 
     def finished(self) -> bool:
@@ -869,6 +887,8 @@ class GenerationEngine:
                 self.generated += 1
                 if row.counts is not None:
                     row.counts[token] += 1
+                if row.seen is not None:
+                    row.seen[token] = True
         return tokens
 
     def _drop_finished(self) -> None:
