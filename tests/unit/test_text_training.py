@@ -213,9 +213,11 @@ def test_embedding_and_classification_jobs_run() -> None:
     assert {"agreement", "student_accuracy", "teacher_accuracy"} <= set(classifier.evaluation)
 
 
-def embedding_run(monkeypatch: pytest.MonkeyPatch, cache_bytes: int, **overrides: Any) -> tuple[list[Any], int, Any]:
-    """An embedding job with two teachers on sentences of mixed lengths: (per-step metrics, teacher forward
-    calls, outcome), with the precomputed-targets budget set to ``cache_bytes``."""
+def target_run(
+    monkeypatch: pytest.MonkeyPatch, cache_bytes: int, task: str = "embedding", **overrides: Any
+) -> tuple[list[Any], int, Any]:
+    """An embedding or text-classification job with two teachers on sentences of mixed lengths: (per-step metrics,
+    teacher forward calls, outcome), with the precomputed-targets budget set to ``cache_bytes``."""
     from app.distill.text import training as text_training
 
     monkeypatch.setattr(text_training, "TARGET_CACHE_MAX_BYTES", cache_bytes)
@@ -229,15 +231,21 @@ def embedding_run(monkeypatch: pytest.MonkeyPatch, cache_bytes: int, **overrides
     monkeypatch.setattr(TextObjective, "teacher_outputs", counted)
     teacher = {"source": "builtin", "architecture": {"type": "transformer", "config": BERT_TINY}}
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "near", "river", "bank"]
-    sentences = [{"text": " ".join(words[: 2 + i % 11]) + f" {i}"} for i in range(40)]
+    sentences = [{"text": " ".join(words[: 2 + i % 11]) + f" {i}", "label": "abc"[i % 3]} for i in range(40)]
+    if task == "embedding":
+        sentences = [{"text": record["text"]} for record in sentences]
     spec: dict[str, Any] = {
-        "task": "embedding",
+        "task": task,
         "teachers": [{**teacher, "seed": 1}, {**teacher, "seed": 2, "weight": 3.0}],
         "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
         "data": {"source": "inline", "records": sentences, "max_length": 16, "test_fraction": 0.2},
         "training": {"steps": 6, "batch_size": 4},
         "evaluation": {"latency_repeats": 1, "max_examples": 8, "latency_batch_size": 2, "retrieval_k": 2},
     }
+    if task != "embedding":  # teachers trained on the labels first: logits that tell the sentences apart
+        spec["objective"] = {"alpha": 0.3, "temperature": 2.0}
+        pretrain = {"steps": 30, "batch_size": 8, "optimizer": {"lr": 0.003}}
+        spec["teachers"] = [{**t, "pretrain": pretrain} for t in spec["teachers"]]
     spec.update(overrides)
     steps: list[Any] = []
     outcome = train_text_model(JobSpec.model_validate(spec), JobResources(), progress=steps.append)
@@ -245,27 +253,36 @@ def embedding_run(monkeypatch: pytest.MonkeyPatch, cache_bytes: int, **overrides
     return training, len(calls), outcome
 
 
-def test_embedding_targets_are_computed_once_and_train_as_per_batch_teacher_forwards(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("task", "terms", "figure"),
+    [
+        ("embedding", ("kd", "mse", "cosine_distance", "loss"), "cosine_similarity"),
+        ("text_classification", ("kd", "ce", "loss"), "agreement"),
+    ],
+)
+def test_teacher_targets_are_computed_once_and_train_as_per_batch_teacher_forwards(
+    monkeypatch: pytest.MonkeyPatch, task: str, terms: tuple[str, ...], figure: str
 ) -> None:
-    per_batch, per_batch_calls, baseline = embedding_run(monkeypatch, 0)
-    cached, cached_calls, outcome = embedding_run(monkeypatch, 1 << 30)
-    # 32 train sentences: one length-sorted forward per teacher pass, against one per step
-    assert per_batch_calls == 6 and cached_calls == 1
+    per_batch, per_batch_calls, baseline = target_run(monkeypatch, 0, task)
+    cached, cached_calls, outcome = target_run(monkeypatch, 1 << 30, task)
+    # 32 train sentences: one length-sorted forward per teacher pass, against one per step (the budget of 0 learns
+    # that from the first batch)
+    assert per_batch_calls == 1 + 6 and cached_calls == 1
     assert len(per_batch) == len(cached) == 6
     for before, after in zip(per_batch, cached, strict=True):
-        for name in ("kd", "mse", "cosine_distance", "loss"):
+        for name in terms:
             assert after[name] == pytest.approx(before[name], rel=1e-4, abs=1e-6), name
-    assert outcome.evaluation["cosine_similarity"] == pytest.approx(baseline.evaluation["cosine_similarity"], abs=1e-5)
+    assert outcome.evaluation[figure] == pytest.approx(baseline.evaluation[figure], abs=1e-5)
 
 
-def test_embedding_targets_are_not_precomputed_when_a_batch_needs_more_of_the_teacher(
+def test_teacher_targets_are_not_precomputed_when_a_batch_needs_more_of_the_teacher(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # feature matching needs every batch's hidden states; too small a budget keeps the per-batch forwards
-    _, calls, _ = embedding_run(monkeypatch, 1 << 30, objective={"features": {"weight": 1.0}})
+    # feature matching needs every batch's hidden states
+    _, calls, _ = target_run(monkeypatch, 1 << 30, objective={"features": {"weight": 1.0}})
     assert calls == 6
-    _, calls, _ = embedding_run(monkeypatch, 32 * 32 * 4 * 2 - 1)
-    assert calls == 6
-    _, calls, _ = embedding_run(monkeypatch, 32 * 32 * 4 * 2)
+    # too small a budget for 2 teachers × 32 sentences × 32 floats: per-batch forwards after the first batch
+    _, calls, _ = target_run(monkeypatch, 32 * 32 * 4 * 2 - 1)
+    assert calls == 1 + 6
+    _, calls, _ = target_run(monkeypatch, 32 * 32 * 4 * 2)
     assert calls == 1

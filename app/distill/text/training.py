@@ -409,7 +409,8 @@ class TextObjective:
         self.tokenizer = tokenizer
         self.seed = seed
         self.method_totals: dict[str, float] = {}
-        # the teachers' pooled embeddings of the stage's train examples [teachers, N, H] (``precompute_targets``)
+        # the teachers' pooled embeddings or class logits of the stage's train examples [teachers, N, width]
+        # (``precompute_targets``)
         self.targets: torch.Tensor | None = None
         self.want_attentions = (
             features is not None
@@ -459,30 +460,40 @@ class TextObjective:
     def precompute_targets(
         self, examples: text_data.TokenizedExamples, device: torch.device, autocast_dtype: torch.dtype | None
     ) -> bool:
-        """An embedding job's targets are the teachers' pooled embeddings, which do not change while the student
-        trains (teachers are frozen, in eval mode): compute them once for every train example, in batches of similar
-        lengths, instead of a teacher forward per micro-batch padded to its longest example (every epoch). Not when
-        a batch needs more of the teachers than their embeddings (feature matching, attention maps, a prompt
-        context) or the targets would take over ``TARGET_CACHE_MAX_BYTES``. Returns whether they were computed."""
-        if self.spec.task != "embedding" or not self.teachers or self.alpha >= 1.0 or len(examples) == 0:
+        """An embedding or text-classification job's targets are, per example, the teachers' pooled embeddings or
+        class logits, which do not change while the student trains (teachers are frozen, in eval mode): compute them
+        once for every train example, in batches of similar lengths, instead of a teacher forward per micro-batch
+        padded to its longest example (every epoch). Not when a batch needs more of the teachers (feature matching,
+        attention maps, a prompt context) or the targets would take over ``TARGET_CACHE_MAX_BYTES``. Returns whether
+        they were computed."""
+        if self.spec.task not in ("embedding", "text_classification") or not self.teachers or self.alpha >= 1.0:
             return False
-        if self.features is not None or self.want_attentions or self.context_ids is not None:
+        if self.features is not None or self.want_attentions or self.context_ids is not None or not len(examples):
             return False
-        hidden = [int(getattr(t.model.config, "hidden_size", 0) or 0) for t in self.teachers]
-        if len(set(hidden)) != 1 or hidden[0] <= 0:
-            return False
-        if len(self.teachers) * len(examples) * hidden[0] * 4 > TARGET_CACHE_MAX_BYTES:
-            return False
-        targets = torch.empty(len(self.teachers), len(examples), hidden[0], device=device)
+        targets: torch.Tensor | None = None
         order = torch.argsort(examples.attention_mask.sum(dim=1), stable=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             for start in range(0, len(order), TARGET_BATCH_ROWS):
                 rows = order[start : start + TARGET_BATCH_ROWS]
                 batch = to_device(examples.batch(rows), device)
-                for index, out in enumerate(self.teacher_outputs(batch, hidden=True)):
-                    targets[index, rows.to(device)] = mean_pool(out.last_hidden_state.float(), batch.attention_mask)
+                outs = self.teacher_outputs(batch, hidden=self.spec.task == "embedding")
+                made = [self.target_of(out, batch) for out in outs]
+                if targets is None:
+                    if len({t.shape[-1] for t in made}) != 1:
+                        return False
+                    if len(made) * len(examples) * made[0].shape[-1] * 4 > TARGET_CACHE_MAX_BYTES:
+                        return False
+                    targets = torch.empty(len(made), len(examples), made[0].shape[-1], device=device)
+                targets[:, rows.to(device)] = torch.stack(made)
         self.targets = targets
-        return True
+        return targets is not None
+
+    def target_of(self, out: Any, batch: text_data.TokenizedExamples) -> torch.Tensor:
+        """What a teacher's output on ``batch`` gives an embedding or classification loss, per example [B, width]:
+        its mean-pooled last hidden state, or its class logits (float32)."""
+        if self.spec.task == "embedding":
+            return mean_pool(out.last_hidden_state.float(), batch.attention_mask)
+        return out.logits.float()  # type: ignore[no-any-return]
 
     def teacher_outputs(self, batch: text_data.TokenizedExamples, hidden: bool) -> list[Any]:
         """The teachers' outputs on the batch — with the prompt-distillation context in front when there is one,
@@ -537,7 +548,7 @@ class TextObjective:
             student_out = self.student(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True, **kwargs
             )
-        precomputed = task == "embedding" and self.targets is not None and indices is not None
+        precomputed = self.targets is not None and indices is not None
         teacher_outs = (
             self.teacher_outputs(batch, need_hidden) if self.teachers and self.alpha < 1.0 and not precomputed else []
         )
@@ -547,15 +558,16 @@ class TextObjective:
         terms: dict[str, torch.Tensor] = {}
         if task == "causal_lm":
             terms.update(self.causal_terms(batch, student_out, teacher_outs, normalizer))
-        elif task == "embedding":
+        else:
             if precomputed:
                 assert self.targets is not None and indices is not None
                 targets = list(self.targets[:, indices.to(self.targets.device)])
             else:
-                targets = [mean_pool(out.last_hidden_state.float(), batch.attention_mask) for out in teacher_outs]
-            terms.update(self.embedding_terms(batch, student_out, targets))
-        else:
-            terms.update(self.classification_terms(batch, student_out, teacher_outs))
+                targets = [self.target_of(out, batch) for out in teacher_outs]
+            if task == "embedding":
+                terms.update(self.embedding_terms(batch, student_out, targets))
+            else:
+                terms.update(self.classification_terms(batch, student_out, targets))
 
         if task == "causal_lm" and self.cache is not None and indices is not None and not teacher_outs:
             terms["kd"] = self.cached_kd(batch, student_out, indices, normalizer)
@@ -707,14 +719,16 @@ class TextObjective:
         return total
 
     def classification_terms(
-        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_outs: Sequence[Any]
+        self, batch: text_data.TokenizedExamples, student_out: Any, teacher_logits: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """KD against each teacher's class logits ([B, C] each; combined as the objective says) and the hard-label
+        loss."""
         logits = student_out.logits
         terms: dict[str, torch.Tensor] = {}
-        if teacher_outs:
+        if teacher_logits:
             terms["kd"] = combine_teacher_losses(
                 logits,
-                [out.logits for out in teacher_outs],
+                list(teacher_logits),
                 self.weights,
                 self.objective.teacher_combine,
                 self.objective.temperature,
