@@ -19,6 +19,7 @@ Torch and transformers only: no web, database or queue imports (the batcher driv
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -278,9 +279,9 @@ class TokenRules:
     order, each row on its own tokens (its prompt and what it generated so far; no padding): ``sequence_bias``,
     ``repetition_penalty`` (CTRL's: the logit of a token the row has seen divided by the penalty when positive,
     multiplied when negative; vectorised over the rows with a per-row mask of the tokens seen), ``no_repeat_ngram_size``
-    and ``bad_words_ids`` (transformers' own processors, per row), then ``min_length`` (prompt + generated) and
-    ``min_new_tokens``, which hold the end-of-sequence tokens back. ``renormalize_logits`` changes no choice (a softmax
-    does not see a shift) and is not applied."""
+    and ``bad_words_ids`` (transformers' own processors, per row), then ``min_length`` (prompt + generated) or
+    ``min_new_tokens`` (which replaces it, as in ``generate``), which hold the end-of-sequence tokens back.
+    ``renormalize_logits`` changes no choice (a softmax does not see a shift) and is not applied."""
 
     def __init__(self, config: Any, eos_ids: frozenset[int]) -> None:
         from transformers.generation.logits_process import (
@@ -299,10 +300,13 @@ class TokenRules:
         ngram = getattr(config, "no_repeat_ngram_size", None)
         if ngram:
             self.after.append(NoRepeatNGramLogitsProcessor(int(ngram)))
-        if getattr(config, "bad_words_ids", None) is not None:
-            self.after.append(NoBadWordsLogitsProcessor(config.bad_words_ids, sorted(eos_ids) or None))
-        self.min_length = int(getattr(config, "min_length", 0) or 0)
+        if getattr(config, "bad_words_ids", None) is not None:  # a bad word that is the config's EOS is let through
+            configured = getattr(config, "eos_token_id", None)
+            eos = [configured] if isinstance(configured, int) else list(configured or [])
+            self.after.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos or None))
+        # generate replaces min_length by prompt + min_new_tokens when both are set
         self.min_new_tokens = int(getattr(config, "min_new_tokens", 0) or 0)
+        self.min_length = 0 if self.min_new_tokens else int(getattr(config, "min_length", 0) or 0)
         self.eos = sorted(eos_ids)
 
     def __bool__(self) -> bool:
@@ -442,11 +446,12 @@ class Prefill:
 
 @dataclass
 class PrefixBlock:
-    """``PrefixCache.BLOCK`` tokens of a cached prefix: their ids, the digest of the block before them (None for a
-    prompt's first block), and their keys and values (per layer, [heads, BLOCK, head dim])."""
+    """``PrefixCache.BLOCK`` tokens of a cached prefix: their ids, the serial number of the block before them (None
+    for a prompt's first block), its own, and their keys and values (per layer, [heads, BLOCK, head dim])."""
 
     ids: tuple[int, ...]
     parent: int | None
+    serial: int
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     nbytes: int
@@ -468,6 +473,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.blocks: OrderedDict[int, PrefixBlock] = OrderedDict()  # by digest, least recently used first
         self.nbytes = 0
+        self.serials = itertools.count()
 
     @classmethod
     def usable(cls, ids: Sequence[int]) -> int:
@@ -483,7 +489,9 @@ class PrefixCache:
             yield end, digest
 
     def _chain(self, ids: Sequence[int], length: int) -> list[tuple[int, PrefixBlock]]:
-        """The cached blocks that begin ``ids`` (up to ``length`` tokens), with their digests, in order."""
+        """The cached blocks that begin ``ids`` (up to ``length`` tokens), with their digests, in order: each block's
+        tokens are compared, and its parent must be the very block found before it (a serial number, not a digest:
+        a block stored under a colliding digest does not adopt the children of the one it replaced)."""
         chain: list[tuple[int, PrefixBlock]] = []
         parent = None
         for end, digest in self.digests(ids, length):
@@ -491,7 +499,7 @@ class PrefixCache:
             if block is None or block.parent != parent or block.ids != tuple(ids[end - self.BLOCK : end]):
                 break
             chain.append((digest, block))
-            parent = digest
+            parent = block.serial
         return chain
 
     def _touch(self, digests: Sequence[int]) -> None:
@@ -508,16 +516,20 @@ class PrefixCache:
         """How many of the first tokens of ``ids`` (whole blocks) the cache holds."""
         return len(self._chain(ids, len(ids))) * self.BLOCK
 
+    def blocks_fitting(self, token_bytes: int) -> int:
+        """How many blocks of keys and values of ``token_bytes`` per token the budget holds (all blocks counted)."""
+        return self.max_bytes // max(1, token_bytes * self.BLOCK)
+
     def store(self, ids: Sequence[int], start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Keeps the blocks of ``ids`` (whole blocks) from token ``start`` on, whose keys and values ``keys`` and
         ``values`` hold (per layer, [heads, len(ids) - start, head dim]); the blocks before ``start`` are those
-        ``held`` found."""
+        ``held`` found (the caller keeps ``ids`` to ``blocks_fitting`` blocks: a prefix longer than the budget keeps
+        its first ones, the likeliest shared)."""
+        chain = self._chain(ids, start)
+        if len(chain) * self.BLOCK != start:  # what was held is gone (evicted since ``held``): nothing to hang on
+            return
+        parent = chain[-1][1].serial if chain else None
         digests = [digest for _, digest in self.digests(ids, len(ids))]
-        parent = digests[start // self.BLOCK - 1] if start else None
-        block_bytes = sum(t[:, : self.BLOCK].numel() * t.element_size() for t in (*keys, *values))
-        # a prefix longer than the whole budget keeps its first blocks (the likeliest shared), not the others' place
-        fits = start // self.BLOCK + self.max_bytes // max(1, block_bytes)
-        digests = digests[:fits]
         for index in range(start // self.BLOCK, len(digests)):
             first = index * self.BLOCK
             columns = slice(first - start, first - start + self.BLOCK)
@@ -525,11 +537,12 @@ class PrefixCache:
             block_values = [v[:, columns].clone() for v in values]
             nbytes = sum(t.numel() * t.element_size() for t in (*block_keys, *block_values))
             self._drop(digests[index])
+            serial = next(self.serials)
             self.blocks[digests[index]] = PrefixBlock(
-                tuple(ids[first : first + self.BLOCK]), parent, block_keys, block_values, nbytes
+                tuple(ids[first : first + self.BLOCK]), parent, serial, block_keys, block_values, nbytes
             )
             self.nbytes += nbytes
-            parent = digests[index]
+            parent = serial
         self._touch(digests)
         while self.nbytes > self.max_bytes and self.blocks:
             self._drop(next(iter(self.blocks)))
@@ -795,15 +808,21 @@ class GenerationEngine:
     def _store(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
         """Row ``row`` of ``cache`` into the prefix cache: the keys and values of its first ``len(ids)`` tokens
         (the columns its ``mask`` marks, in order; the padding between them left out), except the blocks the prefix
-        cache already holds."""
+        cache already holds, and no more blocks than its budget holds."""
         assert self.prefixes is not None
-        held = self.prefixes.held(ids)
-        if held >= len(ids):
+        layers = cache.layers
+        token_bytes = sum(
+            (layer.keys[row, :, :1].numel() + layer.values[row, :, :1].numel()) * layer.keys.element_size()
+            for layer in layers
+        )
+        length = min(len(ids), self.prefixes.blocks_fitting(token_bytes) * PrefixCache.BLOCK)
+        held = self.prefixes.held(ids[:length])
+        if held >= length:
             return
-        columns = mask[row].nonzero().squeeze(1)[held : len(ids)]
-        keys = [layer.keys[row].index_select(1, columns) for layer in cache.layers]
-        values = [layer.values[row].index_select(1, columns) for layer in cache.layers]
-        self.prefixes.store(ids, held, keys, values)
+        columns = mask[row].nonzero().squeeze(1)[held:length]
+        keys = [layer.keys[row].index_select(1, columns) for layer in layers]
+        values = [layer.values[row].index_select(1, columns) for layer in layers]
+        self.prefixes.store(ids[:length], held, keys, values)
 
     def _prefill(self, prefill: Prefill) -> Batch | None:
         """The next columns of ``prefill`` into its cache (all of them without ``prefill_chunk``); once the last is

@@ -714,6 +714,24 @@ def test_a_conversations_next_turn_reuses_the_earlier_prompt_and_answer(endless:
     )
 
 
+def test_the_engine_keeps_no_more_prefix_blocks_than_its_budget_holds(endless: TextPredictor) -> None:
+    measured = endless.continuous_generation(0, 2**30)
+    assert measured is not None
+    prompt = GenerationRequest(prompt=SYSTEM * 2 + "Q: and?", max_tokens=1)  # 127 tokens: 7 usable blocks
+    run_engine(measured, [[prompt]], endless.render_prompt)
+    blocks = len(measured.engine.prefixes.blocks)
+    assert blocks == 7
+    block_bytes = measured.prefix_cache_bytes // blocks
+    small = endless.continuous_generation(0, 2 * block_bytes + block_bytes // 2)  # room for two and a half
+    assert small is not None
+    [[completion]], _ = run_engine(small, [[prompt]], endless.render_prompt)
+    assert (
+        small.prefix_cache_bytes == 2 * block_bytes and small.engine.prefixes.held(endless.render_prompt(prompt)) == 32
+    )
+    [[again]], _ = run_engine(small, [[prompt]], endless.render_prompt)
+    assert again.cached_tokens == 32 and again.text == completion.text
+
+
 def test_prefix_cache_matches_whole_blocks_shares_them_and_keeps_to_its_budget() -> None:
     block = PrefixCache.BLOCK
 
@@ -754,9 +772,15 @@ def test_prefix_cache_matches_whole_blocks_shares_them_and_keeps_to_its_budget()
     chains.store(list(range(100, 132)), 0, kv(32), kv(32))  # five blocks: one goes
     assert len(chains.lookup(list(range(49)))) == 2 and len(chains.lookup(list(range(100, 133)))) == 2
 
-    # a prefix longer than the whole budget keeps its first blocks, not the others' room
+    # the engine stores no more blocks than the budget holds (``blocks_fitting``); a longer chain stored anyway keeps
+    # its first blocks
+    assert cache.blocks_fitting(2 * 4 * 4 * 2) == 5  # per token: 2 heads × 4 floats of 4 bytes, keys and values
     cache.store(list(range(1000, 1160)), 0, kv(160), kv(160))  # ten blocks
-    assert cache.nbytes <= 5 * 1024 and cache.held(list(range(1000, 1160))) == 5 * block
+    assert cache.nbytes == 5 * 1024 and cache.held(list(range(1000, 1160))) == 5 * block
+
+    # a store whose held beginning was evicted meanwhile keeps nothing (its blocks would hang on nothing)
+    cache.store([*range(2000, 2016), *range(1000, 1016)], 16, kv(16), kv(16))
+    assert cache.held([*range(2000, 2016), *range(1000, 1016)]) == 0 and cache.nbytes == 5 * 1024
 
 
 class BatchRecorder:
@@ -1014,7 +1038,13 @@ def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor)
         request = GenerationRequest(prompt="def f(x):", max_tokens=12)
         [[unbounded]] = endless.predict_batch([[request]])
         assert unbounded.completion_tokens == 1
-        for rules in ({"min_new_tokens": 6}, {"min_length": len(endless.render_prompt(request)) + 6}):
+        prompt = len(endless.render_prompt(request))
+        # min_new_tokens replaces min_length in generate: 6 new tokens, not prompt + 20 in all
+        for rules in (
+            {"min_new_tokens": 6},
+            {"min_length": prompt + 6},
+            {"min_length": prompt + 20, "min_new_tokens": 6},
+        ):
             for name, value in rules.items():
                 setattr(config, name, value)
             try:

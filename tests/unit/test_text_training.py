@@ -239,7 +239,7 @@ def target_run(
         "teachers": [{**teacher, "seed": 1}, {**teacher, "seed": 2, "weight": 3.0}],
         "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
         "data": {"source": "inline", "records": sentences, "max_length": 16, "test_fraction": 0.2},
-        "training": {"steps": 6, "batch_size": 4},
+        "training": {"steps": 10, "batch_size": 4},
         "evaluation": {"latency_repeats": 1, "max_examples": 8, "latency_batch_size": 2, "retrieval_k": 2},
     }
     if task != "embedding":  # teachers trained on the labels first: logits that tell the sentences apart
@@ -265,10 +265,10 @@ def test_teacher_targets_are_computed_once_and_train_as_per_batch_teacher_forwar
 ) -> None:
     per_batch, per_batch_calls, baseline = target_run(monkeypatch, 0, task)
     cached, cached_calls, outcome = target_run(monkeypatch, 1 << 30, task)
-    # 32 train sentences: one length-sorted forward per teacher pass, against one per step (the budget of 0 learns
-    # that from the first batch)
-    assert per_batch_calls == 1 + 6 and cached_calls == 1
-    assert len(per_batch) == len(cached) == 6
+    # 32 train sentences, 10 steps of 4: the targets in 8 length-sorted batches of 4, against one teacher forward
+    # per step (the budget of 0 learns that it is too small from the first batch)
+    assert per_batch_calls == 1 + 10 and cached_calls == 8
+    assert len(per_batch) == len(cached) == 10
     for before, after in zip(per_batch, cached, strict=True):
         for name in terms:
             assert after[name] == pytest.approx(before[name], rel=1e-4, abs=1e-6), name
@@ -280,9 +280,43 @@ def test_teacher_targets_are_not_precomputed_when_a_batch_needs_more_of_the_teac
 ) -> None:
     # feature matching needs every batch's hidden states
     _, calls, _ = target_run(monkeypatch, 1 << 30, objective={"features": {"weight": 1.0}})
+    assert calls == 10
+    # a stage that draws fewer rows than there are examples (6 steps of 4 < 32): per-batch forwards are cheaper
+    _, calls, _ = target_run(monkeypatch, 1 << 30, training={"steps": 6, "batch_size": 4})
     assert calls == 6
     # too small a budget for 2 teachers × 32 sentences × 32 floats: per-batch forwards after the first batch
     _, calls, _ = target_run(monkeypatch, 32 * 32 * 4 * 2 - 1)
-    assert calls == 1 + 6
+    assert calls == 1 + 10
     _, calls, _ = target_run(monkeypatch, 32 * 32 * 4 * 2)
-    assert calls == 1
+    assert calls == 8
+
+
+def test_computing_teacher_targets_reports_progress_and_can_be_stopped() -> None:
+    from app.distill.training import StopRequested
+
+    updates: list[Any] = []
+
+    def cancel_at_third(update: Any) -> None:
+        updates.append(update)
+        if update.stage == "training: teacher targets" and update.step == 3:
+            raise StopRequested("cancel")
+
+    teacher = {"source": "builtin", "architecture": {"type": "transformer", "config": BERT_TINY}}
+    spec = JobSpec.model_validate(
+        {
+            "task": "embedding",
+            "teacher": teacher,
+            "student": {"architecture": {"type": "derived", "layers": [0, 3]}},
+            "data": {
+                "source": "inline",
+                "records": [{"text": f"sentence {i} " * (1 + i % 5)} for i in range(40)],
+                "test_fraction": 0.2,
+            },
+            "training": {"steps": 10, "batch_size": 4},
+        }
+    )
+    with pytest.raises(StopRequested):
+        train_text_model(spec, JobResources(), progress=cancel_at_third)
+    targets = [u for u in updates if u.stage == "training: teacher targets"]
+    assert [(u.step, u.total_steps) for u in targets] == [(1, 8), (2, 8), (3, 8)]
+    assert not any(u.stage == "training" for u in updates)  # stopped before the first step

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,8 +376,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 # Teachers' pooled embeddings of a stage's train examples are computed once, before its steps, when they take at
 # most this much memory (float32, every teacher); above it each batch runs the teachers as it comes.
 TARGET_CACHE_MAX_BYTES = 1 << 30
-# Examples per teacher forward when the targets are computed up front (sorted by length, so little padding).
-TARGET_BATCH_ROWS = 64
 
 
 class TextObjective:
@@ -458,26 +456,36 @@ class TextObjective:
         )
 
     def precompute_targets(
-        self, examples: text_data.TokenizedExamples, device: torch.device, autocast_dtype: torch.dtype | None
+        self,
+        examples: text_data.TokenizedExamples,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        *,
+        rows_drawn: int,
+        batch_rows: int,
+        report: Callable[[int, int], None] = lambda done, total: None,
     ) -> bool:
         """An embedding or text-classification job's targets are, per example, the teachers' pooled embeddings or
         class logits, which do not change while the student trains (teachers are frozen, in eval mode): compute them
-        once for every train example, in batches of similar lengths, instead of a teacher forward per micro-batch
-        padded to its longest example (every epoch). Not when a batch needs more of the teachers (feature matching,
-        attention maps, a prompt context) or the targets would take over ``TARGET_CACHE_MAX_BYTES``. Returns whether
-        they were computed."""
+        once for every train example, in batches of ``batch_rows`` similar lengths, instead of a teacher forward per
+        micro-batch padded to its longest example (every epoch). Only when the steps left draw at least every
+        example once (``rows_drawn``), and not when a batch needs more of the teachers (feature matching, attention
+        maps, a prompt context) or the targets would take over ``TARGET_CACHE_MAX_BYTES``. ``report(done, total)``
+        after each batch (it may stop the run: a cancel or pause). Returns whether they were computed."""
         if self.spec.task not in ("embedding", "text_classification") or not self.teachers or self.alpha >= 1.0:
             return False
-        if self.features is not None or self.want_attentions or self.context_ids is not None or not len(examples):
+        if self.features is not None or self.want_attentions or self.context_ids is not None:
+            return False
+        if not len(examples) or rows_drawn < len(examples):
             return False
         targets: torch.Tensor | None = None
         order = torch.argsort(examples.attention_mask.sum(dim=1), stable=True)
+        batches = math.ceil(len(order) / max(1, batch_rows))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            for start in range(0, len(order), TARGET_BATCH_ROWS):
-                rows = order[start : start + TARGET_BATCH_ROWS]
+            for index in range(batches):
+                rows = order[index * batch_rows : (index + 1) * batch_rows]
                 batch = to_device(examples.batch(rows), device)
-                outs = self.teacher_outputs(batch, hidden=self.spec.task == "embedding")
-                made = [self.target_of(out, batch) for out in outs]
+                made = [self.target_of(out, batch) for out in self.teacher_outputs(batch, hidden=False)]
                 if targets is None:
                     if len({t.shape[-1] for t in made}) != 1:
                         return False
@@ -485,6 +493,7 @@ class TextObjective:
                         return False
                     targets = torch.empty(len(made), len(examples), made[0].shape[-1], device=device)
                 targets[:, rows.to(device)] = torch.stack(made)
+                report(index + 1, batches)
         self.targets = targets
         return targets is not None
 
@@ -850,11 +859,18 @@ def run_steps(
     optimizer = build_optimizer(trainable, training)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     stream = MicroBatches(examples, training.batch_size or 16, training.seed)
-    objective.precompute_targets(examples, device, autocast_dtype)
     modules = {"trainable": trainable}
     first_step = checkpointer.restore(modules, optimizer) if checkpointer is not None else 0
     stream.skip(first_step * training.gradient_accumulation)
     started = time.perf_counter()
+    objective.precompute_targets(
+        examples,
+        device,
+        autocast_dtype,
+        rows_drawn=(total_steps - first_step) * training.gradient_accumulation * stream.batch_size,
+        batch_rows=stream.batch_size,
+        report=lambda done, total: report(ProgressUpdate(f"{stage}: teacher targets", done, total, {})),
+    )
     metrics: dict[str, float] = {}
     for step in range(first_step, total_steps):
         multiplier = lr_multiplier(step, total_steps, training)
