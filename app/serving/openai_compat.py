@@ -148,8 +148,9 @@ def generation_fields(
         ]
         if asked:
             raise bad_request(
-                f"model {model_id} generates through transformers' generate (its generation config asks for what "
-                f"the serving engine does not apply), which does not give {asked[0]} here",
+                f"model {model_id} generates through transformers' generate (its cache or its generation config "
+                f"is one the serving engine does not take: a sliding window, forced tokens), which does not give "
+                f"{asked[0]} here",
                 asked[0],
             )
     return {

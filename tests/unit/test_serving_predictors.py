@@ -1056,3 +1056,29 @@ def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor)
             assert engine.text == static.text
     finally:
         config.eos_token_id, config.sequence_bias = saved, None
+
+
+def test_a_model_on_the_static_path_refuses_what_only_the_engine_gives(causal: TextPredictor) -> None:
+    """OpenAI requests for log-probabilities, penalties or a logit bias to a model the engine does not take (a
+    sliding-window cache, forced tokens) are a 400 naming the field; sampling alone is served."""
+    from types import SimpleNamespace
+
+    from app.serving.errors import InvalidInput
+    from app.serving.openai_compat import CompletionRequest, generation_fields
+
+    static = SimpleNamespace(continuous=False, vocab_size=causal.vocab_size)
+    for asked, param in (
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1.0}, "presence_penalty"),
+        ({"logit_bias": {"5": 2.0}}, "logit_bias"),
+    ):
+        body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **asked})
+        with pytest.raises(InvalidInput) as refused:
+            generation_fields(body, static, "m", None)  # type: ignore[arg-type]
+        assert refused.value.param == param and refused.value.status == 400
+        assert "does not give" in str(refused.value)
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "temperature": 0.7})
+    with pytest.raises(InvalidInput):
+        generation_fields(body, static, "m", 2)  # type: ignore[arg-type]
+    assert generation_fields(body, static, "m", None)["temperature"] == 0.7  # type: ignore[arg-type]
+    assert generation_fields(body, causal, "m", 2)["logprobs"] == 2  # the engine gives them
