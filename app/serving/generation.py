@@ -162,6 +162,29 @@ class RowSampler:
         return scores
 
 
+class RowAdjuster:
+    """A logits processor for ``generate`` (the static path): each row whose request asks for them gets OpenAI's
+    frequency and presence penalties on the tokens it generated so far (``input_ids`` past the prompt's ``width``
+    columns) and its ``logit_bias`` (``adjust_logits``, as the engine applies them, after the generation config's
+    own processors and before ``RowSampler``)."""
+
+    def __init__(self, requests: Sequence[GenerationRequest], width: int) -> None:
+        self.requests = list(requests)
+        self.rows = [row for row, request in enumerate(requests) if request.adjusts_logits()]
+        self.width = width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for row in self.rows:
+            request = self.requests[row]
+            counts = None
+            if request.frequency_penalty or request.presence_penalty:
+                generated = input_ids[row, self.width :]
+                counts = torch.bincount(generated, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+            scores[row] = adjust_logits(scores[row], counts, request)
+        return scores
+
+
 def end_of_sequence_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
     """The tokens that end a completion: the tokenizer's EOS and every ``eos_token_id`` of the model's generation
     config (chat models often name several, e.g. end-of-turn as well as end-of-text); ``generate`` stops on the

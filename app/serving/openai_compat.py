@@ -126,7 +126,7 @@ def generation_fields(
 ) -> dict[str, Any]:
     """The GenerationRequest fields a request's choices share: sampling, stop strings, log-probabilities, penalties
     and logit bias (token ids checked against the model's vocabulary). 400 when a model on the static path is asked
-    for what only the engine does (log-probabilities, penalties, logit bias)."""
+    for log-probabilities (only the engine gives them; penalties and logit bias are applied on both paths)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= predictor.vocab_size:
@@ -135,24 +135,12 @@ def generation_fields(
                 "logit_bias",
             )
         bias[int(key)] = value
-    if not predictor.continuous:
-        asked = [
-            name
-            for name, value in (
-                ("logprobs", logprobs is not None),
-                ("logit_bias", bias),
-                ("frequency_penalty", body.frequency_penalty),
-                ("presence_penalty", body.presence_penalty),
-            )
-            if value
-        ]
-        if asked:
-            raise bad_request(
-                f"model {model_id} generates through transformers' generate (its cache or its generation config "
-                f"is one the serving engine does not take: a sliding window, forced tokens), which does not give "
-                f"{asked[0]} here",
-                asked[0],
-            )
+    if not predictor.continuous and logprobs is not None:
+        raise bad_request(
+            f"model {model_id} generates through transformers' generate (its cache or its generation config is one "
+            "the serving engine does not take: a sliding window, forced tokens), which does not give logprobs here",
+            "logprobs",
+        )
     return {
         "temperature": body.temperature,
         "top_p": body.top_p,

@@ -30,6 +30,7 @@ from app.serving.generation import (
     Completion,
     GenerationEngine,
     GenerationRequest,
+    RowAdjuster,
     RowSampler,
     TextStream,
     end_of_sequence_ids,
@@ -649,8 +650,8 @@ class TextPredictor:
     def generate_batch(self, requests: Sequence[GenerationRequest], prompts: Sequence[list[int]]) -> list[Completion]:
         """Completions of accepted prompts in one ``generate`` call: left-padded to the longest, each row streamed to
         its own request and stopped on its own (``max_tokens``, a stop string, EOS, cancelled) while the others go
-        on. ``generate`` runs greedy; the rows that sample pick their token in ``RowSampler`` (which leaves greedy
-        the one choice it allows)."""
+        on. ``generate`` runs greedy; OpenAI's penalties and logit bias are applied in ``RowAdjuster`` and the rows
+        that sample pick their token in ``RowSampler`` (which leaves greedy the one choice it allows)."""
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
@@ -692,7 +693,8 @@ class TextPredictor:
                 done = [finished(row, generated) for row in range(len(streams))]
                 return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
-        sampler = RowSampler(requests, self.device)
+        adjuster, sampler = RowAdjuster(requests, width), RowSampler(requests, self.device)
+        processors = [processor for processor in (adjuster, sampler) if processor.rows]
         self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -700,7 +702,7 @@ class TextPredictor:
             pad_token_id=pad,
             streamer=cast(BaseStreamer, Rows()),
             stopping_criteria=StoppingCriteriaList([Stop()]),
-            logits_processor=LogitsProcessorList([sampler]) if sampler.rows else None,
+            logits_processor=LogitsProcessorList(processors) if processors else None,
             do_sample=False,
         )
         completions = []

@@ -1058,27 +1058,49 @@ def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor)
         config.eos_token_id, config.sequence_bias = saved, None
 
 
-def test_a_model_on_the_static_path_refuses_what_only_the_engine_gives(causal: TextPredictor) -> None:
-    """OpenAI requests for log-probabilities, penalties or a logit bias to a model the engine does not take (a
-    sliding-window cache, forced tokens) are a 400 naming the field; sampling alone is served."""
+def test_a_model_on_the_static_path_refuses_logprobs_only(causal: TextPredictor) -> None:
+    """OpenAI requests for log-probabilities to a model the engine does not take (a sliding-window cache, forced
+    tokens) are a 400 naming the field; penalties, a logit bias and sampling are served there too."""
     from types import SimpleNamespace
 
     from app.serving.errors import InvalidInput
     from app.serving.openai_compat import CompletionRequest, generation_fields
 
     static = SimpleNamespace(continuous=False, vocab_size=causal.vocab_size)
-    for asked, param in (
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -1.0}, "presence_penalty"),
-        ({"logit_bias": {"5": 2.0}}, "logit_bias"),
-    ):
-        body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **asked})
-        with pytest.raises(InvalidInput) as refused:
-            generation_fields(body, static, "m", None)  # type: ignore[arg-type]
-        assert refused.value.param == param and refused.value.status == 400
-        assert "does not give" in str(refused.value)
-    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "temperature": 0.7})
-    with pytest.raises(InvalidInput):
+    body = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "temperature": 0.7, "frequency_penalty": 0.5, "logit_bias": {"5": 2.0}}
+    )
+    with pytest.raises(InvalidInput) as refused:
         generation_fields(body, static, "m", 2)  # type: ignore[arg-type]
-    assert generation_fields(body, static, "m", None)["temperature"] == 0.7  # type: ignore[arg-type]
+    assert refused.value.param == "logprobs" and refused.value.status == 400
+    assert "does not give logprobs" in str(refused.value)
+    fields = generation_fields(body, static, "m", None)  # type: ignore[arg-type]
+    assert (fields["temperature"], fields["frequency_penalty"], fields["logit_bias"]) == (0.7, 0.5, {5: 2.0})
     assert generation_fields(body, causal, "m", 2)["logprobs"] == 2  # the engine gives them
+
+
+def test_the_static_path_applies_penalties_and_logit_bias_as_the_engine_does(endless: TextPredictor) -> None:
+    """OpenAI's frequency and presence penalties and logit bias on the static path (one ``generate`` call, rows of
+    different prompt lengths, greedy and seeded): the same completions as the engine's, and not those without."""
+    a, b = endless.tokenizer.convert_tokens_to_ids(["a", "b"])
+    # a prompt that holds what the model goes on with: penalising its tokens (not only the generated) would show
+    liked = endless.predict_batch([[GenerationRequest(prompt="the quick brown", max_tokens=6)]])[0][0].text
+
+    def prompts(adjusted: bool = True) -> list[GenerationRequest]:
+        cases: list[dict[str, Any]] = [
+            {"logit_bias": {a: 100.0, b: 100.0}, "frequency_penalty": 2.0, "presence_penalty": 2.0},
+            {"frequency_penalty": 1.5},
+            {"presence_penalty": -1.0, "logit_bias": {b: 3.0}, "temperature": 0.9, "seed": 4},
+            {"frequency_penalty": 0.8, "temperature": 1.2, "seed": 7},
+        ]
+        texts = ["xyz", "the quick brown" + liked, "a", "def f(x):"]
+        return [
+            GenerationRequest(prompt=text, max_tokens=8, **(fields if adjusted else {}))
+            for text, fields in zip(texts, cases, strict=True)
+        ]
+
+    engine = [output[0].text for output in endless.predict_batch([[p] for p in prompts()])]
+    static = [c.text for c in endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])]
+    plain = [c.text for c in endless.generate_batch(prompts(False), [endless.render_prompt(p) for p in prompts()])]
+    assert static == engine
+    assert static[:2] != plain[:2] and set(static[0]) <= {"a", "b"}
