@@ -122,11 +122,11 @@ class SamplingFields(BaseModel):
 
 
 def generation_fields(
-    body: SamplingFields, predictor: TextPredictor, model_id: str, logprobs: int | None
+    body: SamplingFields, predictor: TextPredictor, model_id: str, logprobs: int | None, stream: bool = False
 ) -> dict[str, Any]:
     """The GenerationRequest fields a request's choices share: sampling, stop strings, log-probabilities, penalties
     and logit bias (token ids checked against the model's vocabulary). 400 when a model on the static path is asked
-    for log-probabilities (only the engine gives them; penalties and logit bias are applied on both paths)."""
+    for streamed log-probabilities (it scores a completion once it is whole; the engine scores token by token)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= predictor.vocab_size:
@@ -135,10 +135,11 @@ def generation_fields(
                 "logit_bias",
             )
         bias[int(key)] = value
-    if not predictor.continuous and logprobs is not None:
+    if not predictor.continuous and logprobs is not None and stream:
         raise bad_request(
             f"model {model_id} generates through transformers' generate (its cache or its generation config is one "
-            "the serving engine does not take: a sliding window, forced tokens), which does not give logprobs here",
+            "the serving engine does not take: a sliding window, forced tokens), which scores a completion once it "
+            "is whole: ask for logprobs without stream",
             "logprobs",
         )
     return {
@@ -454,7 +455,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
     predictor = require_task(served, "causal_lm", "/v1/completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
-    shared = generation_fields(body, predictor, served.model_id, body.logprobs)
+    shared = generation_fields(body, predictor, served.model_id, body.logprobs, body.stream)
     requests = [
         GenerationRequest(
             prompt=prompt,
@@ -595,7 +596,8 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
     max_tokens, overflow = max_tokens_of(requested, limit, limit, param)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    shared = generation_fields(body, predictor, served.model_id, (body.top_logprobs or 0) if body.logprobs else None)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    shared = generation_fields(body, predictor, served.model_id, logprobs, body.stream)
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
     requests = [
         GenerationRequest(

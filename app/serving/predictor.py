@@ -33,7 +33,9 @@ from app.serving.generation import (
     RowAdjuster,
     RowSampler,
     TextStream,
+    TokenLogprob,
     end_of_sequence_ids,
+    token_logprobs,
 )
 
 
@@ -695,7 +697,7 @@ class TextPredictor:
 
         adjuster, sampler = RowAdjuster(requests, width), RowSampler(requests, self.device)
         processors = [processor for processor in (adjuster, sampler) if processor.rows]
-        self.model.generate(
+        output = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=max(limits),
@@ -705,12 +707,39 @@ class TextPredictor:
             logits_processor=LogitsProcessorList(processors) if processors else None,
             do_sample=False,
         )
+        sequences = output.sequences if hasattr(output, "sequences") else output
         completions = []
-        for stream, ids in zip(streams, prompts, strict=True):
+        for row, (stream, ids) in enumerate(zip(streams, prompts, strict=True)):
             stream.flush()
             finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
-            completions.append(Completion(stream.text, len(ids), stream.generated, finish))
+            completion = Completion(stream.text, len(ids), stream.generated, finish)
+            request = stream.request
+            if request.logprobs is not None or request.prompt_logprobs:
+                generated = sequences[row, width : width + stream.generated].tolist()
+                completion.logprobs, completion.prompt_logprobs = self._score(ids, generated, request)
+            completions.append(completion)
         return completions
+
+    @torch.inference_mode()
+    def _score(
+        self, prompt: list[int], generated: list[int], request: GenerationRequest
+    ) -> tuple[list[TokenLogprob] | None, list[TokenLogprob] | None]:
+        """A static-path completion's log-probabilities (``logprobs``) and its prompt's (echo), under the model's own
+        distribution, from one forward over the prompt and the completion (``generate`` does not keep the raw
+        logits of the rows that want them; the engine scores from its own forwards). Not streamed: the api refuses
+        streamed logprobs for such models."""
+        ids = torch.tensor([prompt + generated], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+        top = request.logprobs or 0
+        chosen = None
+        if request.logprobs is not None:
+            following = torch.tensor(generated, dtype=torch.long, device=self.device)
+            chosen = token_logprobs(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], following, top)
+        scored = None
+        if request.prompt_logprobs:
+            following = torch.tensor(prompt[1:], dtype=torch.long, device=self.device)
+            scored = [TokenLogprob(prompt[0], None, []), *token_logprobs(logits[: len(prompt) - 1], following, top)]
+        return chosen, scored
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """One request without the batcher (tests, scripts): the native protocol's response document."""

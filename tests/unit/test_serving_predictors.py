@@ -1058,9 +1058,10 @@ def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor)
         config.eos_token_id, config.sequence_bias = saved, None
 
 
-def test_a_model_on_the_static_path_refuses_logprobs_only(causal: TextPredictor) -> None:
-    """OpenAI requests for log-probabilities to a model the engine does not take (a sliding-window cache, forced
-    tokens) are a 400 naming the field; penalties, a logit bias and sampling are served there too."""
+def test_a_model_on_the_static_path_refuses_streamed_logprobs_only(causal: TextPredictor) -> None:
+    """OpenAI requests for streamed log-probabilities to a model the engine does not take (a sliding-window cache,
+    forced tokens) are a 400 naming the field: it scores a completion once it is whole. Logprobs without stream,
+    penalties, a logit bias and sampling are served there too."""
     from types import SimpleNamespace
 
     from app.serving.errors import InvalidInput
@@ -1071,12 +1072,41 @@ def test_a_model_on_the_static_path_refuses_logprobs_only(causal: TextPredictor)
         {"model": "m", "prompt": "hi", "temperature": 0.7, "frequency_penalty": 0.5, "logit_bias": {"5": 2.0}}
     )
     with pytest.raises(InvalidInput) as refused:
-        generation_fields(body, static, "m", 2)  # type: ignore[arg-type]
+        generation_fields(body, static, "m", 2, stream=True)  # type: ignore[arg-type]
     assert refused.value.param == "logprobs" and refused.value.status == 400
-    assert "does not give logprobs" in str(refused.value)
-    fields = generation_fields(body, static, "m", None)  # type: ignore[arg-type]
-    assert (fields["temperature"], fields["frequency_penalty"], fields["logit_bias"]) == (0.7, 0.5, {5: 2.0})
-    assert generation_fields(body, causal, "m", 2)["logprobs"] == 2  # the engine gives them
+    assert "without stream" in str(refused.value)
+    fields = generation_fields(body, static, "m", 2)  # type: ignore[arg-type]
+    assert (fields["logprobs"], fields["frequency_penalty"], fields["logit_bias"]) == (2, 0.5, {5: 2.0})
+    assert generation_fields(body, static, "m", None, stream=True)["temperature"] == 0.7  # type: ignore[arg-type]
+    assert generation_fields(body, causal, "m", 2, stream=True)["logprobs"] == 2  # the engine streams them
+
+
+def test_the_static_path_scores_completions_and_prompts_as_the_engine_does(endless: TextPredictor) -> None:
+    """``logprobs`` and echo's prompt log-probabilities on the static path (one forward over prompt + completion
+    after ``generate``): the same tokens, log-probabilities and alternatives as the engine gives, greedy and seeded,
+    prompts of different lengths in one batch."""
+
+    def prompts() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt="def f(x):", max_tokens=7, logprobs=2, prompt_logprobs=True),
+            GenerationRequest(prompt="a", max_tokens=4, logprobs=0),
+            GenerationRequest(prompt="the quick brown fox", max_tokens=9, temperature=1.1, seed=5, logprobs=3),
+            GenerationRequest(prompt="xyz", max_tokens=5),
+        ]
+
+    engine = [output[0] for output in endless.predict_batch([[p] for p in prompts()])]
+    static = endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])
+    assert [c.text for c in static] == [c.text for c in engine]
+    for mine, theirs in zip(static, engine, strict=True):
+        for got, expected in ((mine.logprobs, theirs.logprobs), (mine.prompt_logprobs, theirs.prompt_logprobs)):
+            assert (got is None) == (expected is None)
+            if got is None or expected is None:
+                continue
+            assert [e.token for e in got] == [e.token for e in expected]
+            assert [e.logprob for e in got] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+            assert [[t for t, _ in e.top] for e in got] == [[t for t, _ in e.top] for e in expected]
+    assert len(static[0].logprobs or []) == 7 and len(static[0].prompt_logprobs or []) == static[0].prompt_tokens
+    assert static[3].logprobs is None and static[3].prompt_logprobs is None
 
 
 def test_the_static_path_applies_penalties_and_logit_bias_as_the_engine_does(endless: TextPredictor) -> None:
