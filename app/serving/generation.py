@@ -380,6 +380,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     ]
 
 
+def prompt_scores(predicted: torch.Tensor, prompt: Sequence[int], top: int) -> list[TokenLogprob]:
+    """A prompt's log-probabilities (echo): ``predicted`` [len(prompt) - 1, vocab] are the logits of its positions
+    but the last (position t predicts token t + 1); its first token has nothing before it."""
+    following = torch.tensor(prompt[1:], dtype=torch.long, device=predicted.device)
+    return [TokenLogprob(prompt[0], None, []), *token_logprobs(predicted, following, top)]
+
+
 def adjust_logits(logits: torch.Tensor, counts: torch.Tensor | None, request: GenerationRequest) -> torch.Tensor:
     """One row's logits [vocab] after the request's logit_bias and its frequency and presence penalties on the
     ``counts`` [vocab] of the tokens it generated so far (OpenAI's formula)."""
@@ -873,10 +880,9 @@ class GenerationEngine:
                 layer.keys, layer.values = layer.keys.index_select(0, source), layer.values.index_select(0, source)
         for i in scored:  # position t predicts token t + 1; the first token has nothing before it
             row, prompt = rows[i], rows[i].ids
-            predicted = logits[i, width - len(prompt) : -1, :]
-            following = torch.tensor(prompt[1:], dtype=torch.long, device=predicted.device)
-            scores = token_logprobs(predicted, following, row.request.logprobs or 0)
-            row.prompt_logprobs = [TokenLogprob(prompt[0], None, []), *scores]
+            row.prompt_logprobs = prompt_scores(
+                logits[i, width - len(prompt) : -1, :], prompt, row.request.logprobs or 0
+            )
             if row.request.on_prompt_logprobs is not None:
                 row.request.on_prompt_logprobs(row.prompt_logprobs)
         tokens = self._choose(rows, logits[:, -1, :])

@@ -35,6 +35,7 @@ from app.serving.generation import (
     TextStream,
     TokenLogprob,
     end_of_sequence_ids,
+    prompt_scores,
     token_logprobs,
 )
 
@@ -735,10 +736,7 @@ class TextPredictor:
         if request.logprobs is not None:
             following = torch.tensor(generated, dtype=torch.long, device=self.device)
             chosen = token_logprobs(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], following, top)
-        scored = None
-        if request.prompt_logprobs:
-            following = torch.tensor(prompt[1:], dtype=torch.long, device=self.device)
-            scored = [TokenLogprob(prompt[0], None, []), *token_logprobs(logits[: len(prompt) - 1], following, top)]
+        scored = prompt_scores(logits[: len(prompt) - 1], prompt, top) if request.prompt_logprobs else None
         return chosen, scored
 
     def predict(self, inputs: list[Any], parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:

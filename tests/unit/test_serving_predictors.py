@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -472,6 +473,16 @@ def endless(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return predictor
 
 
+def engine_and_static(
+    predictor: TextPredictor, prompts: Callable[[], list[GenerationRequest]]
+) -> tuple[list[Completion], list[Completion]]:
+    """The completions of ``prompts()``, each a request of its own through the engine, and all in one static
+    ``generate`` call."""
+    engine = [output[0] for output in predictor.predict_batch([[p] for p in prompts()])]
+    static = predictor.generate_batch(prompts(), [predictor.render_prompt(p) for p in prompts()])
+    return engine, static
+
+
 def test_the_engine_generates_what_generate_does(endless: TextPredictor) -> None:
     """Prompts of different lengths, greedy and seeded samples, through the engine (step by step, rows leaving at
     their own max_tokens) and through one static ``generate`` call: the same completions."""
@@ -485,9 +496,7 @@ def test_the_engine_generates_what_generate_does(endless: TextPredictor) -> None
             GenerationRequest(prompt="x = [1, 2", max_tokens=7, temperature=0.7, top_p=0.8, seed=4),
         ]
 
-    engine = [request[0] for request in endless.predict_batch([[p] for p in prompts()])]
-    rendered = [endless.render_prompt(p) for p in prompts()]
-    static = endless.generate_batch(prompts(), rendered)
+    engine, static = engine_and_static(endless, prompts)
     assert [(c.text, c.completion_tokens) for c in engine] == [(c.text, c.completion_tokens) for c in static]
     assert [c.completion_tokens for c in engine] == [12, 3, 20, 7]
 
@@ -994,11 +1003,8 @@ def test_the_engine_applies_the_generation_configs_token_rules_as_generate_does(
             GenerationRequest(prompt="x", max_tokens=6, temperature=0.6, top_p=0.9, seed=2),
         ]
 
-    def engine_texts() -> list[str]:
-        return [request[0].text for request in endless.predict_batch([[p] for p in prompts()])]
-
     config = endless.model.generation_config
-    plain = engine_texts()
+    plain = [output[0].text for output in endless.predict_batch([[p] for p in prompts()])]
     if rules.get("bad_words_ids"):  # banned: what greedy chooses first, and a token after the one it chooses next
         ids = [endless.tokenizer(text[:2], add_special_tokens=False)["input_ids"] for text in plain[:2]]
         rules = {"bad_words_ids": [ids[0][:1], ids[1][:1], [*ids[0][1:2], ids[1][0]]]}
@@ -1007,13 +1013,12 @@ def test_the_engine_applies_the_generation_configs_token_rules_as_generate_does(
         setattr(config, name, value)
     try:
         assert GenerationEngine.supports(endless.model)
-        engine = engine_texts()
-        static = [c.text for c in endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])]
+        engine, static = engine_and_static(endless, prompts)
     finally:
         for name, value in saved.items():
             setattr(config, name, value)
-    assert engine == static
-    assert engine != plain
+    assert [c.text for c in engine] == [c.text for c in static]
+    assert [c.text for c in engine] != plain
 
 
 def test_a_rule_transformers_cannot_build_leaves_the_model_to_generate(endless: TextPredictor) -> None:
@@ -1094,8 +1099,7 @@ def test_the_static_path_scores_completions_and_prompts_as_the_engine_does(endle
             GenerationRequest(prompt="xyz", max_tokens=5),
         ]
 
-    engine = [output[0] for output in endless.predict_batch([[p] for p in prompts()])]
-    static = endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])
+    engine, static = engine_and_static(endless, prompts)
     assert [c.text for c in static] == [c.text for c in engine]
     for mine, theirs in zip(static, engine, strict=True):
         for got, expected in ((mine.logprobs, theirs.logprobs), (mine.prompt_logprobs, theirs.prompt_logprobs)):
@@ -1129,8 +1133,8 @@ def test_the_static_path_applies_penalties_and_logit_bias_as_the_engine_does(end
             for text, fields in zip(texts, cases, strict=True)
         ]
 
-    engine = [output[0].text for output in endless.predict_batch([[p] for p in prompts()])]
-    static = [c.text for c in endless.generate_batch(prompts(), [endless.render_prompt(p) for p in prompts()])]
+    engine, both = engine_and_static(endless, prompts)
+    static = [c.text for c in both]
     plain = [c.text for c in endless.generate_batch(prompts(False), [endless.render_prompt(p) for p in prompts()])]
-    assert static == engine
+    assert static == [c.text for c in engine]
     assert static[:2] != plain[:2] and set(static[0]) <= {"a", "b"}
