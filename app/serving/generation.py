@@ -404,6 +404,49 @@ def cache_of(output: Any) -> Any:
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+def cache_layers(model: Any) -> list[Any]:
+    """The layers of the cache ``model`` makes for itself (one forward over two tokens); none if it fails or makes
+    a cache without layers (transformers before 4.56)."""
+    try:
+        with torch.inference_mode():
+            ids = torch.ones((1, 2), dtype=torch.long, device=model.device)
+            cache = cache_of(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
+    except Exception:
+        return []
+    return list(getattr(cache, "layers", None) or [])
+
+
+def sliding_window(model: Any, layers: Sequence[Any]) -> int | None:
+    """The window of a model whose every cache layer is a ``DynamicSlidingWindowLayer`` of the same window (Mistral
+    v0.1: 4096 tokens) and whose attention takes a 4D additive mask as given (sdpa, eager); None otherwise."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None
+    if not layers or not all(type(layer) is DynamicSlidingWindowLayer for layer in layers):
+        return None
+    windows = {int(layer.sliding_window) for layer in layers}
+    return windows.pop() if len(windows) == 1 else None
+
+
+def window_mask(mask: torch.Tensor, queries: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask [rows, 1, queries, columns] of a sliding-window model for the last ``queries``
+    columns of ``mask`` [rows, columns] (1: the column holds one of the row's tokens): each attends to the row's
+    tokens up to its own column and less than ``window`` tokens back, counted in the row's tokens, not in columns
+    (the engine's rows have padding columns before them and, in a prefill from the prefix cache, between their
+    cached prefix and the rest; ``generate``, with no padding inside a row, counts the same). A query column that
+    is padding is never read; it may attend to every column, so that no row of the softmax is empty."""
+    count = mask.cumsum(-1)  # the row's tokens up to and including each column
+    columns = mask.shape[1]
+    query_columns = torch.arange(columns - queries, columns, device=mask.device)
+    causal = torch.arange(columns, device=mask.device)[None, :] <= query_columns[:, None]  # [queries, columns]
+    near = count[:, columns - queries :, None] - count[:, None, :] < window  # [rows, queries, columns]
+    allowed = causal[None] & near & mask.bool()[:, None, :]
+    allowed |= ~allowed.any(-1, keepdim=True)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
 @dataclass
 class Row:
     """One prompt in the engine: its request, stream, random source, and the request it belongs to."""
@@ -622,6 +665,10 @@ class GenerationEngine:
         self.eos_ids = end_of_sequence_ids(tokenizer, config)
         self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
         self.rules = TokenRules(config, self.eos_ids)
+        # a sliding-window model attends to each row's last ``window`` tokens: the engine keeps full caches (its
+        # joins, padding and prefix blocks work on them) and counts the window in the mask (``window_mask``)
+        windowed = getattr(model.config, "sliding_window", None) is not None
+        self.window = sliding_window(model, cache_layers(model)) if windowed else None
         parameters = inspect.signature(model.forward).parameters
         # transformers 5.2x renamed the cache argument (``past_key_values`` → ``cache``)
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -641,8 +688,10 @@ class GenerationEngine:
     @staticmethod
     def supports(model: Any) -> bool:
         """Whether the engine generates for ``model`` as ``generate`` would: a decoder-only model whose cache is
-        made of plain ``DynamicLayer`` s (no sliding window, no quantised cache) and whose generation config asks for
-        nothing the engine does not apply (``UNSUPPORTED_GENERATION_FIELDS``)."""
+        made of plain ``DynamicLayer`` s, or of sliding-window layers of one window (Mistral v0.1's; see
+        ``sliding_window``), and whose generation config asks for nothing the engine does not apply
+        (``UNSUPPORTED_GENERATION_FIELDS``). Hybrid caches (some layers full, some sliding) and quantised ones are
+        left to ``generate``."""
         from transformers.cache_utils import DynamicLayer
 
         config = model.generation_config
@@ -655,14 +704,10 @@ class GenerationEngine:
             TokenRules(config, frozenset())
         except Exception:
             return False
-        try:
-            with torch.inference_mode():
-                ids = torch.ones((1, 2), dtype=torch.long, device=model.device)
-                cache = cache_of(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
-        except Exception:
-            return False
-        layers = list(getattr(cache, "layers", None) or [])
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        layers = cache_layers(model)
+        return bool(layers) and (
+            all(type(layer) is DynamicLayer for layer in layers) or sliding_window(model, layers) is not None
+        )
 
     def _held(self) -> list[Row]:
         return (
@@ -761,10 +806,17 @@ class GenerationEngine:
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, all_logits: bool = False
     ) -> Any:
+        attention: torch.Tensor = mask
+        if self.window is not None:
+            if cache is None:  # full layers (the model would make sliding ones): the window is in the mask
+                from transformers.cache_utils import DynamicCache
+
+                cache = DynamicCache()
+            attention = window_mask(mask, ids.shape[1], self.window, self.model.dtype)
         arguments = {self.cache_argument: cache} if cache is not None else {}
         if not all_logits:
             arguments.update(self.last_logits)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
+        return self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **arguments)
 
     def _start_prefill(self, rows: list[Row]) -> Prefill:
         distinct: dict[tuple[int, ...], int] = {}

@@ -31,6 +31,7 @@ from app.serving.generation import (
     TextStream,
     adjust_logits,
     scored_tokens,
+    window_mask,
 )
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
@@ -1064,8 +1065,8 @@ def test_a_minimum_length_holds_the_end_of_sequence_back(endless: TextPredictor)
 
 
 def test_a_model_on_the_static_path_refuses_streamed_logprobs_only(causal: TextPredictor) -> None:
-    """OpenAI requests for streamed log-probabilities to a model the engine does not take (a sliding-window cache,
-    forced tokens) are a 400 naming the field: it scores a completion once it is whole. Logprobs without stream,
+    """OpenAI requests for streamed log-probabilities to a model the engine does not take (a hybrid full/sliding
+    cache, forced tokens) are a 400 naming the field: it scores a completion once it is whole. Logprobs without stream,
     penalties, a logit bias and sampling are served there too."""
     from types import SimpleNamespace
 
@@ -1138,3 +1139,87 @@ def test_the_static_path_applies_penalties_and_logit_bias_as_the_engine_does(end
     plain = [c.text for c in endless.generate_batch(prompts(False), [endless.render_prompt(p) for p in prompts()])]
     assert static == [c.text for c in engine]
     assert static[:2] != plain[:2] and set(static[0]) <= {"a", "b"}
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory: pytest.TempPathFactory) -> TextPredictor:
+    """A tiny Mistral LM that attends to its last 8 tokens only (a sliding window, as Mistral v0.1's 4096 tokens),
+    EOS suppressed: every completion runs to max_tokens. (transformers 5 will not load a byte-level slow tokenizer
+    for a Mistral model: it tries to convert it; the packaged MiniLM's fast WordPiece tokenizer loads.)"""
+    tokenizer = AutoTokenizer.from_pretrained(str(PACKAGED_MODELS["all-MiniLM-L6-v2"]()))
+    config = {
+        **tiny_config("llama", vocab_size=len(tokenizer), max_positions=256),
+        "model_type": "mistral",
+        "sliding_window": 8,
+    }
+    folder = tmp_path_factory.mktemp("windowed") / "m"
+    save_pretrained_dir(
+        build_from_config(config, "causal_lm", seed=6), tokenizer, folder, extra_config={"task": "causal_lm"}
+    )
+    predictor = TextPredictor("mdl_windowed", folder, "sha", {"task": "causal_lm"})
+    predictor.model.generation_config.suppress_tokens = [tokenizer.sep_token_id, tokenizer.pad_token_id]
+    return predictor
+
+
+def test_a_sliding_window_model_is_batched_continuously_as_generate_does(windowed: TextPredictor) -> None:
+    """A sliding-window model runs on the engine (full caches, the window counted per row in the mask): prompts
+    longer than the window and completions that run past it, left-padded together, with chunked prefill, and from
+    the prefix cache in a prefill that leaves padding inside a row (a cached prefix, then the rest): the same
+    completions, greedy and seeded, as ``generate`` gives each prompt alone; and the window binds (without it the
+    model completes otherwise)."""
+    assert windowed.continuous
+
+    system = SYSTEM * 3  # ~50 tokens: 3 blocks of 16 cached
+
+    def admissions() -> list[list[GenerationRequest]]:
+        return [
+            [GenerationRequest(prompt=system + "Q: what is 2+2?", max_tokens=12, logprobs=1)],
+            [
+                GenerationRequest(prompt=system + "Q: a colour?", max_tokens=10, temperature=1.0, seed=3, logprobs=1),
+                GenerationRequest(
+                    prompt="an unrelated prompt, rather longer than the rest of the first one, so that the row of "
+                    "the cached prompt has padding between its cached prefix and the rest of it",
+                    max_tokens=9,
+                    logprobs=1,
+                ),
+                GenerationRequest(prompt="short", max_tokens=14, logprobs=1),
+            ],
+        ]
+
+    requests = list(itertools.chain(*admissions()))
+    first, second = (windowed.render_prompt(r) for r in requests[:2])
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    shared = common // PrefixCache.BLOCK * PrefixCache.BLOCK
+    assert shared == 48 and len(windowed.render_prompt(requests[2])) - (len(second) - shared) > 8
+    alone = [windowed.generate_batch([r], [windowed.render_prompt(r)])[0] for r in requests]
+    for chunk, cache_bytes in ((0, 0), (8, 0), (0, 2**20), (8, 2**20)):
+        adapter = windowed.continuous_generation(chunk, cache_bytes)
+        assert adapter is not None and adapter.engine.window == 8
+        results, _ = run_engine(adapter, admissions(), windowed.render_prompt)
+        for mine, theirs in zip(itertools.chain(*results), alone, strict=True):
+            assert mine.text == theirs.text, (chunk, cache_bytes)
+            assert [e.logprob for e in mine.logprobs or []] == pytest.approx(
+                [e.logprob for e in theirs.logprobs or []], abs=1e-4
+            ), (chunk, cache_bytes)
+        if cache_bytes:  # the second admission's first prompt started from the first's blocks
+            assert [[c.cached_tokens for c in r] for r in results] == [[0], [shared, 0, 0]]
+
+    windowed.model.config.sliding_window = None
+    try:
+        unwindowed = [windowed.generate_batch([r], [windowed.render_prompt(r)])[0].text for r in requests]
+    finally:
+        windowed.model.config.sliding_window = 8
+    assert unwindowed != [c.text for c in alone]
+
+
+def test_window_mask_counts_the_window_in_each_rows_tokens() -> None:
+    """Row 0: two padding columns, then 5 tokens; row 1: 2 tokens, 2 padding columns (between a cached prefix and
+    the rest), 3 tokens. With a window of 3, the last column attends to the row's last 3 tokens, whatever columns
+    they are in; a padding query column attends to something (no empty softmax row)."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1, 1]])
+    allowed = window_mask(mask, 2, 3, torch.float32)[:, 0] == 0  # [rows, queries, columns]
+    assert allowed[0, 1].tolist() == [False, False, False, False, True, True, True]
+    assert allowed[0, 0].tolist() == [False, False, False, True, True, True, False]
+    assert allowed[1, 1].tolist() == [False, False, False, False, True, True, True]
+    assert allowed[1, 0].tolist() == [False, True, False, False, True, True, False]
+    assert window_mask(torch.tensor([[0, 0, 1]]), 3, 3, torch.float32)[0, 0, :2].eq(0).any(-1).all()
