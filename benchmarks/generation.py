@@ -7,6 +7,7 @@
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --shared-prefix 400 \
         --prefix-cache-mb 0 256
     .venv/bin/python -m benchmarks.generation --devices cpu --repetition-penalty 1.05 --max-tokens 8 32 128
+    .venv/bin/python -m benchmarks.generation --devices cpu --sliding-window 64 --max-tokens 8 32 128
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -26,6 +27,9 @@ token and the share of prompt tokens the prefix cache gave (what follows the sha
 
 ``--repetition-penalty P`` sets the model's generation config as Qwen2.5's instruct models ship it (1.05): the engine
 applies it per row (before 2026-12-02 such a model was served by the static path only).
+
+``--sliding-window N`` builds a Mistral-shaped LM that attends to its last N tokens (Mistral v0.1: 4096), which the
+engine batches continuously since the last session of 2026-12-02 (before, the static path only).
 """
 
 from __future__ import annotations
@@ -60,16 +64,29 @@ PROMPTS = [
 ]
 
 
-def build_lm(directory: Path, hidden: int, layers: int) -> Path:
-    tokenizer = ByT5Tokenizer(extra_ids=0)
+def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0) -> Path:
+    """A GPT-2-shaped LM with a byte vocabulary; with ``sliding_window``, a Mistral-shaped one attending to its last
+    that many tokens (with the packaged MiniLM's WordPiece tokenizer: transformers 5 will not load a byte-level slow
+    tokenizer for a Mistral model)."""
+    if sliding_window:
+        from transformers import AutoTokenizer
+
+        from app.distill.text.models import PACKAGED_MODELS
+
+        tokenizer: Any = AutoTokenizer.from_pretrained(str(PACKAGED_MODELS["all-MiniLM-L6-v2"]()))
+        family = "llama"
+    else:
+        tokenizer, family = ByT5Tokenizer(extra_ids=0), "gpt2"
     config = tiny_config(
-        "gpt2",
+        family,  # type: ignore[arg-type]
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         num_layers=layers,
         num_heads=hidden // 64,
         max_positions=512,
     )
+    if sliding_window:
+        config.update(model_type="mistral", sliding_window=sliding_window)
     save_pretrained_dir(
         build_from_config(config, "causal_lm", seed=0), tokenizer, directory, extra_config={"task": "causal_lm"}
     )
@@ -224,6 +241,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[32], help="several: a mix, cycled per client")
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--sliding-window", type=int, default=0, help="a Mistral-shaped LM with this window instead (0: GPT-2-shaped)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
@@ -247,7 +267,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="distillery-generation-") as folder:
-        directory = build_lm(Path(folder) / "lm", args.hidden, args.layers)
+        directory = build_lm(Path(folder) / "lm", args.hidden, args.layers, args.sliding_window)
         for name in args.devices:
             if name == "cuda" and not torch.cuda.is_available():
                 print("no CUDA device: skipping cuda", flush=True)
@@ -291,7 +311,13 @@ def main() -> None:
     kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
     print()
     print(
-        f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary), {kind} completions of "
+        (
+            f"Mistral-shaped LM (sliding window {args.sliding_window} tokens, {args.layers} × {args.hidden}, random "
+            "weights, MiniLM's WordPiece vocabulary)"
+            if args.sliding_window
+            else f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary)"
+        )
+        + f", {kind} completions of "
         f"{' / '.join(map(str, args.max_tokens))} tokens, {args.clients} concurrent clients through the api's "
         f"DynamicBatcher and TextPredictor, in-process, {args.seconds:g} s per row; one completion of "
         f"{args.max_tokens[0]} tokens alone: {rows[0]['alone']:.1f} ms"
