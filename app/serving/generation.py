@@ -24,7 +24,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -404,6 +404,11 @@ def cache_of(output: Any) -> Any:
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+def cache_argument(model: Any) -> str:
+    """The name of ``model.forward``'s cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_layers(model: Any) -> list[Any]:
     """The layers of the cache ``model`` makes for itself (one forward over two tokens); none if it fails or makes
     a cache without layers (transformers before 4.56)."""
@@ -416,32 +421,69 @@ def cache_layers(model: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
-def sliding_window(model: Any, layers: Sequence[Any]) -> int | None:
-    """The window of a model whose every cache layer is a ``DynamicSlidingWindowLayer`` of the same window (Mistral
-    v0.1: 4096 tokens) and whose attention takes a 4D additive mask as given (sdpa, eager); None otherwise."""
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+class WindowLayout(NamedTuple):
+    """How a sliding-window model attends: ``window`` tokens back in its sliding layers; ``hybrid``: some layers
+    attend to everything (Gemma 2/3, Qwen2 with ``layer_types``), so the model takes a mask per layer type."""
+
+    window: int
+    hybrid: bool
+
+
+def window_layout(model: Any, layers: Sequence[Any]) -> WindowLayout | None:
+    """The layout of a model whose cache layers are sliding-window layers of one window (Mistral v0.1: 4096 tokens),
+    or those and full layers as its config's ``layer_types`` say (a hybrid, which must take a mask per layer type:
+    checked by a forward), with an attention that takes a 4D additive mask as given (sdpa, eager); None otherwise
+    (no sliding layer, several windows, another layer kind or attention)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return None
-    if not layers or not all(type(layer) is DynamicSlidingWindowLayer for layer in layers):
+    kinds = [type(layer) for layer in layers]
+    if DynamicSlidingWindowLayer not in kinds or not set(kinds) <= {DynamicLayer, DynamicSlidingWindowLayer}:
         return None
-    windows = {int(layer.sliding_window) for layer in layers}
-    return windows.pop() if len(windows) == 1 else None
+    windows = {int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer}
+    if len(windows) != 1:
+        return None
+    layout = WindowLayout(windows.pop(), DynamicLayer in kinds)
+    if layout.hybrid:
+        expected = ["sliding_attention" if kind is DynamicSlidingWindowLayer else "full_attention" for kind in kinds]
+        if list(getattr(model.config, "layer_types", None) or []) != expected:
+            return None
+        try:  # the model must take a mask per layer type as given (transformers 5's hybrid models do)
+            with torch.inference_mode():
+                ids = torch.ones((1, 2), dtype=torch.long, device=model.device)
+                masks = layout_masks(layout, torch.ones_like(ids), 2, model.dtype)
+                model(input_ids=ids, attention_mask=masks, use_cache=True, **{cache_argument(model): DynamicCache()})
+        except Exception:
+            return None
+    return layout
 
 
-def window_mask(mask: torch.Tensor, queries: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+def layout_masks(
+    layout: WindowLayout, mask: torch.Tensor, queries: int, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask(s) a model of ``layout`` is given for the last ``queries`` columns of ``mask``: one 4D
+    mask, or one per layer type for a hybrid."""
+    sliding = window_mask(mask, queries, layout.window, dtype)
+    if not layout.hybrid:
+        return sliding
+    return {"sliding_attention": sliding, "full_attention": window_mask(mask, queries, None, dtype)}
+
+
+def window_mask(mask: torch.Tensor, queries: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask [rows, 1, queries, columns] of a sliding-window model for the last ``queries``
     columns of ``mask`` [rows, columns] (1: the column holds one of the row's tokens): each attends to the row's
-    tokens up to its own column and less than ``window`` tokens back, counted in the row's tokens, not in columns
-    (the engine's rows have padding columns before them and, in a prefill from the prefix cache, between their
+    tokens up to its own column and less than ``window`` tokens back (None: all), counted in the row's tokens, not in
+    columns (the engine's rows have padding columns before them and, in a prefill from the prefix cache, between their
     cached prefix and the rest; ``generate``, with no padding inside a row, counts the same). A query column that
     is padding is never read; it may attend to every column, so that no row of the softmax is empty."""
     count = mask.cumsum(-1)  # the row's tokens up to and including each column
     columns = mask.shape[1]
     query_columns = torch.arange(columns - queries, columns, device=mask.device)
     causal = torch.arange(columns, device=mask.device)[None, :] <= query_columns[:, None]  # [queries, columns]
-    near = count[:, columns - queries :, None] - count[:, None, :] < window  # [rows, queries, columns]
-    allowed = causal[None] & near & mask.bool()[:, None, :]
+    allowed = causal[None] & mask.bool()[:, None, :]  # [rows, queries, columns]
+    if window is not None:
+        allowed &= count[:, columns - queries :, None] - count[:, None, :] < window
     allowed |= ~allowed.any(-1, keepdim=True)
     additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
     return additive.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
@@ -665,13 +707,12 @@ class GenerationEngine:
         self.eos_ids = end_of_sequence_ids(tokenizer, config)
         self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
         self.rules = TokenRules(config, self.eos_ids)
-        # a sliding-window model attends to each row's last ``window`` tokens: the engine keeps full caches (its
-        # joins, padding and prefix blocks work on them) and counts the window in the mask (``window_mask``)
+        # a sliding-window model attends to each row's last ``window`` tokens in its sliding layers: the engine keeps
+        # full caches (its joins, padding and prefix blocks work on them) and counts the window in the mask
         windowed = getattr(model.config, "sliding_window", None) is not None
-        self.window = sliding_window(model, cache_layers(model)) if windowed else None
+        self.layout = window_layout(model, cache_layers(model)) if windowed else None
         parameters = inspect.signature(model.forward).parameters
-        # transformers 5.2x renamed the cache argument (``past_key_values`` → ``cache``)
-        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_argument = cache_argument(model)
         # logits of the last position only (a prefill would otherwise make [rows, prompt, vocab] of them)
         self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.batch: Batch | None = None
@@ -688,10 +729,10 @@ class GenerationEngine:
     @staticmethod
     def supports(model: Any) -> bool:
         """Whether the engine generates for ``model`` as ``generate`` would: a decoder-only model whose cache is
-        made of plain ``DynamicLayer`` s, or of sliding-window layers of one window (Mistral v0.1's; see
-        ``sliding_window``), and whose generation config asks for nothing the engine does not apply
-        (``UNSUPPORTED_GENERATION_FIELDS``). Hybrid caches (some layers full, some sliding) and quantised ones are
-        left to ``generate``."""
+        made of plain ``DynamicLayer`` s, or of sliding-window layers of one window, alone (Mistral v0.1's) or
+        with full ones (Gemma 2/3's; see ``window_layout``), and whose generation config asks for nothing the engine
+        does not apply (``UNSUPPORTED_GENERATION_FIELDS``). Other caches (quantised, chunked attention) are left to
+        ``generate``."""
         from transformers.cache_utils import DynamicLayer
 
         config = model.generation_config
@@ -706,7 +747,7 @@ class GenerationEngine:
             return False
         layers = cache_layers(model)
         return bool(layers) and (
-            all(type(layer) is DynamicLayer for layer in layers) or sliding_window(model, layers) is not None
+            all(type(layer) is DynamicLayer for layer in layers) or window_layout(model, layers) is not None
         )
 
     def _held(self) -> list[Row]:
@@ -806,13 +847,13 @@ class GenerationEngine:
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, all_logits: bool = False
     ) -> Any:
-        attention: torch.Tensor = mask
-        if self.window is not None:
+        attention: torch.Tensor | dict[str, torch.Tensor] = mask
+        if self.layout is not None:
             if cache is None:  # full layers (the model would make sliding ones): the window is in the mask
                 from transformers.cache_utils import DynamicCache
 
                 cache = DynamicCache()
-            attention = window_mask(mask, ids.shape[1], self.window, self.model.dtype)
+            attention = layout_masks(self.layout, mask, ids.shape[1], self.model.dtype)
         arguments = {self.cache_argument: cache} if cache is not None else {}
         if not all_logits:
             arguments.update(self.last_logits)

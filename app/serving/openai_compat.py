@@ -138,8 +138,8 @@ def generation_fields(
     if not predictor.continuous and logprobs is not None and stream:
         raise bad_request(
             f"model {model_id} generates through transformers' generate (its cache or its generation config is one "
-            "the serving engine does not take: full and sliding-window layers mixed, forced tokens), which scores a "
-            "completion once it is whole: ask for logprobs without stream",
+            "the serving engine does not take: chunked attention, forced tokens), which scores a completion once it "
+            "is whole: ask for logprobs without stream",
             "logprobs",
         )
     return {
