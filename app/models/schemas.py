@@ -94,6 +94,12 @@ class ModelStatus(BaseModel):
     load_seconds: float | None = None
     loaded_at: str | None = None
     in_flight: int | None = None
+    variant: str | None = Field(None, description="The serving variant the model runs as (eager, bf16, …).")
+    generation: dict[str, Any] | None = Field(
+        None,
+        description="Causal LMs: `batching` `continuous` (with `prefill_chunk_tokens`, `prefix_cache_bytes`, "
+        "`sliding_window`, `hybrid_attention`) or `static` with the `reason` the engine does not take the model.",
+    )
     batching: dict[str, Any] | None = None
 
 

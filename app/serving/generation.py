@@ -728,27 +728,36 @@ class GenerationEngine:
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """Whether the engine generates for ``model`` as ``generate`` would: a decoder-only model whose cache is
-        made of plain ``DynamicLayer`` s, or of sliding-window layers of one window, alone (Mistral v0.1's) or
-        with full ones (Gemma 2/3's; see ``window_layout``), and whose generation config asks for nothing the engine
-        does not apply (``UNSUPPORTED_GENERATION_FIELDS``). Other caches (quantised, chunked attention) are left to
+        """Whether the engine generates for ``model`` as ``generate`` would (``unsupported`` says why not)."""
+        return GenerationEngine.unsupported(model) is None
+
+    @staticmethod
+    def unsupported(model: Any) -> str | None:
+        """Why the engine does not take ``model`` (None: it does). It takes a decoder-only model whose cache is made
+        of plain ``DynamicLayer`` s, or of sliding-window layers of one window, alone (Mistral v0.1's) or with full
+        ones (Gemma 2/3's; see ``window_layout``), and whose generation config asks for nothing the engine does not
+        apply (``UNSUPPORTED_GENERATION_FIELDS``). Other caches (quantised, chunked attention) are left to
         ``generate``."""
         from transformers.cache_utils import DynamicLayer
 
         config = model.generation_config
         for name, default in UNSUPPORTED_GENERATION_FIELDS.items():
             if getattr(config, name, default) not in (default, None):
-                return False
+                return f"its generation config sets {name}, which the engine does not apply"
         if getattr(model.config, "is_encoder_decoder", False):
-            return False
+            return "it is an encoder-decoder model"
         try:  # a rule transformers cannot build (malformed bad words, say) fails in ``generate`` too: left to it
             TokenRules(config, frozenset())
-        except Exception:
-            return False
+        except Exception as exc:
+            return f"transformers cannot build its generation config's token rules ({type(exc).__name__})"
         layers = cache_layers(model)
-        return bool(layers) and (
-            all(type(layer) is DynamicLayer for layer in layers) or window_layout(model, layers) is not None
-        )
+        if not layers:
+            return "its forward makes no layered KV cache (transformers before 4.56, or a custom model)"
+        if all(type(layer) is DynamicLayer for layer in layers) or window_layout(model, layers) is not None:
+            return None
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        attention = getattr(model.config, "_attn_implementation", None)
+        return f"its KV cache ({', '.join(kinds)} layers, {attention} attention) is not one the engine keeps"
 
     def _held(self) -> list[Row]:
         return (

@@ -383,8 +383,9 @@ class TextPredictor:
         self.vocab_size = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
-        # whether generation is batched step by step (GenerationEngine) or in static batches (generate)
-        self.continuous = self.task == "causal_lm" and GenerationEngine.supports(self.model)
+        # whether generation is batched step by step (GenerationEngine) or in static batches (generate), and why not
+        self.static_reason = GenerationEngine.unsupported(self.model) if self.task == "causal_lm" else None
+        self.continuous = self.task == "causal_lm" and self.static_reason is None
         self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
 
@@ -606,6 +607,23 @@ class TextPredictor:
             if prompt.on_start is not None:
                 prompt.on_start(len(prompt_ids))
         return ids
+
+    def generation_status(self, continuous: object) -> dict[str, Any] | None:
+        """How a causal LM generates (None for other tasks): step by step (``continuous``, its batcher's
+        ``ContinuousGeneration``: the engine's settings and the sliding window it applies) or in static batches,
+        and why."""
+        if self.task != "causal_lm":
+            return None
+        if not isinstance(continuous, ContinuousGeneration):
+            return {"batching": "static", "reason": self.static_reason or "continuous batching is off"}
+        engine = continuous.engine
+        return {
+            "batching": "continuous",
+            "prefill_chunk_tokens": engine.prefill_chunk,
+            "prefix_cache_bytes": engine.prefixes.max_bytes if engine.prefixes is not None else 0,
+            "sliding_window": engine.layout.window if engine.layout is not None else None,
+            "hybrid_attention": engine.layout is not None and engine.layout.hybrid,
+        }
 
     def continuous_generation(self, prefill_chunk: int = 0, prefix_cache_bytes: int = 0) -> ContinuousGeneration | None:
         """What the batcher drives to batch this model's generation step by step (None: not a causal LM, or one

@@ -311,12 +311,14 @@ class InferenceService:
         served.inline_max_s = self.settings.inference_inline_max_us / 1e6 if self.device.type == "cpu" else 0.0
         self.cache.put(key, served)
         grouping = getattr(predictor, "group_overhead_tokens", None)
+        static = getattr(predictor, "static_reason", None)
         log.info(
-            "loaded %s (%s, %.0f ms%s)",
+            "loaded %s (%s, %.0f ms%s%s)",
             key,
             record.task,
             seconds * 1000,
             "" if grouping is None else f"; a forward's fixed cost ≈ {grouping} tokens",
+            "" if static is None else f"; generates in static batches: {static}",
         )
         return served
 
@@ -534,6 +536,12 @@ class InferenceService:
             "load_seconds": round(served.load_seconds, 4),
             "loaded_at": served.loaded_at.isoformat().replace("+00:00", "Z"),
             "in_flight": served.batcher.pending,
+            "variant": getattr(served.predictor, "variant", None),
+            "generation": (
+                served.predictor.generation_status(served.batcher.continuous)
+                if isinstance(served.predictor, TextPredictor)
+                else None
+            ),
             "batching": {
                 "max_batch_size": self.batching.max_batch_size,
                 "max_queue_delay_us": self.batching.max_queue_delay_us,

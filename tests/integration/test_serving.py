@@ -258,6 +258,19 @@ def test_latest_alias_follows_new_jobs_and_load_unload(client: httpx.Client, wor
     assert client.post(f"/v1/models/{second}/predict", json={"inputs": [ROW]}).status_code == 200
 
 
+def test_load_says_how_a_model_is_served(client: httpx.Client, text_models: dict[str, str]) -> None:
+    """The load response names the serving variant and, for a causal LM, how it generates: batched step by step,
+    with the engine's prefill chunk and prefix cache, or in static batches and why."""
+    lm = client.post(f"/v1/models/{text_models['plain']}/load")
+    assert lm.status_code == 200, lm.text
+    generation = lm.json()["generation"]
+    assert lm.json()["variant"] == "eager" and generation["batching"] == "continuous"
+    assert generation["prefill_chunk_tokens"] > 0 and generation["prefix_cache_bytes"] > 0
+    assert generation["sliding_window"] is None and generation["hybrid_attention"] is False
+    embedder = client.post(f"/v1/models/{text_models['embedder']}/load").json()
+    assert embedder["variant"] == "eager" and embedder["generation"] is None
+
+
 def test_a_failed_load_leaves_the_alias_on_the_previous_model(
     client: httpx.Client, worker: Any, service_env: dict[str, str]
 ) -> None:

@@ -1240,3 +1240,38 @@ def test_window_mask_counts_the_window_in_each_rows_tokens() -> None:
     assert allowed[1, 1].tolist() == [False, False, False, False, True, True, True]
     assert allowed[1, 0].tolist() == [False, True, False, False, True, True, False]
     assert window_mask(torch.tensor([[0, 0, 1]]), 3, 3, torch.float32)[0, 0, :2].eq(0).any(-1).all()
+
+
+def test_the_engine_says_why_it_does_not_take_a_model(causal: TextPredictor, windowed: TextPredictor) -> None:
+    """``unsupported`` names what sends a model to the static path (a forced token, a rule transformers cannot
+    build); a plain or sliding-window model has no reason, and its status says how the engine runs it."""
+    config = causal.model.generation_config
+    assert GenerationEngine.unsupported(causal.model) is None
+    config.forced_bos_token_id = 5
+    try:
+        reason = GenerationEngine.unsupported(causal.model)
+        assert reason is not None and "forced_bos_token_id" in reason
+    finally:
+        config.forced_bos_token_id = None
+    config.bad_words_ids = [[-1]]  # a negative token id: transformers refuses to build the rule
+    try:
+        reason = GenerationEngine.unsupported(causal.model)
+        assert reason is not None and "token rules" in reason
+    finally:
+        config.bad_words_ids = None
+    assert GenerationEngine.unsupported(windowed.model) is None
+    status = windowed.generation_status(windowed.continuous_generation(16, 2**20))
+    layout = windowed.continuous_generation().engine.layout  # type: ignore[union-attr]
+    assert status == {
+        "batching": "continuous",
+        "prefill_chunk_tokens": 16,
+        "prefix_cache_bytes": 2**20,
+        "sliding_window": 8,
+        "hybrid_attention": layout is not None and layout.hybrid,
+    }
+    windowed.static_reason = "a reason"
+    try:
+        assert windowed.generation_status(None) == {"batching": "static", "reason": "a reason"}
+    finally:
+        windowed.static_reason = None
+
