@@ -1274,4 +1274,3 @@ def test_the_engine_says_why_it_does_not_take_a_model(causal: TextPredictor, win
         assert windowed.generation_status(None) == {"batching": "static", "reason": "a reason"}
     finally:
         windowed.static_reason = None
-
