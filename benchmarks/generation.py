@@ -8,6 +8,7 @@
         --prefix-cache-mb 0 256
     .venv/bin/python -m benchmarks.generation --devices cpu --repetition-penalty 1.05 --max-tokens 8 32 128
     .venv/bin/python -m benchmarks.generation --devices cpu --sliding-window 64 --max-tokens 8 32 128
+    .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --variants eager bf16 bf16 eager
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -27,6 +28,9 @@ token and the share of prompt tokens the prefix cache gave (what follows the sha
 
 ``--repetition-penalty P`` sets the model's generation config as Qwen2.5's instruct models ship it (1.05): the engine
 applies it per row (before 2026-12-02 such a model was served by the static path only).
+
+``--variants eager bf16`` loads the LM as each serving variant in turn (``bf16``: its weights in bfloat16, what a job
+that lists it records when it agrees; CPU only, as the api serves it).
 
 ``--sliding-window N`` builds a Mistral-shaped LM that attends to its last N tokens (Mistral v0.1: 4096), which the
 engine batches continuously since the last session of 2026-12-02 (before, the static path only).
@@ -93,8 +97,9 @@ def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0)
     return directory
 
 
-def load(directory: Path, device: torch.device) -> TextPredictor:
-    predictor = TextPredictor("bench-lm", directory, "", {"task": "causal_lm"}, device)
+def load(directory: Path, device: torch.device, variant: str = "eager") -> TextPredictor:
+    """The LM as the api loads it, as ``variant`` (what its job recorded: eager, or bf16 on the CPU)."""
+    predictor = TextPredictor("bench-lm", directory, "", {"task": "causal_lm", "serving_variant": variant}, device)
     config = predictor.model.generation_config
     config.suppress_tokens = sorted(end_of_sequence_ids(predictor.tokenizer, config))
     return predictor
@@ -244,6 +249,9 @@ def main() -> None:
     parser.add_argument(
         "--sliding-window", type=int, default=0, help="a Mistral-shaped LM with this window instead (0: GPT-2-shaped)"
     )
+    parser.add_argument(
+        "--variants", nargs="+", default=["eager"], help="serving variants to load the LM as, one after the other"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled (top_p 1)")
     parser.add_argument("--modes", nargs="+", default=["continuous", "static", "off"])
@@ -273,41 +281,42 @@ def main() -> None:
                 print("no CUDA device: skipping cuda", flush=True)
                 continue
             device = torch.device(name)
-            predictor = load(directory, device)
-            if args.repetition_penalty != 1.0:
-                predictor.model.generation_config.repetition_penalty = args.repetition_penalty
-                predictor.continuous = GenerationEngine.supports(predictor.model)  # as a load with it would decide
-            params = sum(p.numel() for p in predictor.model.parameters())
-            single = alone_ms(predictor, args.max_tokens[0], args.temperature)
-            runs = [
-                (mode, chunk, cache)
-                for mode in args.modes
-                for chunk in (args.prefill_chunks if mode == "continuous" else [0])
-                for cache in (args.prefix_cache_mb if mode == "continuous" else [0])
-            ]
-            for mode, chunk, cache in runs:
-                result = asyncio.run(
-                    drive_generation(
-                        predictor,
-                        mode,
-                        args.clients,
-                        args.seconds,
-                        args.max_tokens,
-                        args.temperature,
-                        chunk,
-                        args.long_prompt,
-                        args.long_clients,
-                        args.shared_prefix,
-                        cache,
+            for variant in args.variants:
+                predictor = load(directory, device, variant)
+                if args.repetition_penalty != 1.0:
+                    predictor.model.generation_config.repetition_penalty = args.repetition_penalty
+                    predictor.continuous = GenerationEngine.supports(predictor.model)  # as a load with it would decide
+                params = sum(p.numel() for p in predictor.model.parameters())
+                single = alone_ms(predictor, args.max_tokens[0], args.temperature)
+                runs = [
+                    (mode, chunk, cache)
+                    for mode in args.modes
+                    for chunk in (args.prefill_chunks if mode == "continuous" else [0])
+                    for cache in (args.prefix_cache_mb if mode == "continuous" else [0])
+                ]
+                for mode, chunk, cache in runs:
+                    result = asyncio.run(
+                        drive_generation(
+                            predictor,
+                            mode,
+                            args.clients,
+                            args.seconds,
+                            args.max_tokens,
+                            args.temperature,
+                            chunk,
+                            args.long_prompt,
+                            args.long_clients,
+                            args.shared_prefix,
+                            cache,
+                        )
                     )
-                )
-                label = mode
-                if mode == "continuous" and chunk:
-                    label += f", prefill chunk {chunk}"
-                if mode == "continuous" and len(args.prefix_cache_mb) > 1:
-                    label += f", prefix cache {cache} MB"
-                rows.append({"device": machine(device), "params": params, "alone": single, "mode": label, **result})
-                print(rows[-1], flush=True)
+                    label = mode if len(args.variants) == 1 else f"{mode}, {predictor.variant}"
+                    if mode == "continuous" and chunk:
+                        label += f", prefill chunk {chunk}"
+                    if mode == "continuous" and len(args.prefix_cache_mb) > 1:
+                        label += f", prefix cache {cache} MB"
+                    rows.append({"device": machine(device), "params": params, "alone": single, "mode": label, **result})
+                    print(rows[-1], flush=True)
     kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
     print()
     print(

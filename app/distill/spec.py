@@ -423,8 +423,8 @@ class EvaluationSpec(SpecModel):
         max_length=8,
         description="Serving variants measured at the end of the job (latency on the CPU, agreement with the eager "
         "student on held-out inputs); the fastest within tolerance is recorded and served. Default: every variant "
-        "that applies; [] serves the eager student without measuring. eager is always a candidate. Causal LMs are "
-        "served eager (generation).",
+        "that applies; [] serves the eager student without measuring. eager is always a candidate. For causal LMs "
+        "only eager and bf16 apply (compared on next-token logits).",
     )
     variant_min_agreement: float = Field(
         0.99,
@@ -766,8 +766,11 @@ class SpecChecker:
         if not teachers and task == "embedding":
             self.add(("teacher",), "an embedding job distils a teacher's embeddings; give a teacher")
         variants = spec.evaluation.variants
-        if task == "causal_lm" and variants and set(variants) != {"eager"}:
-            self.add(("evaluation", "variants"), "a causal LM is served eager (generation); list no other variant")
+        if task == "causal_lm" and variants and not set(variants) <= {"eager", "bf16"}:
+            self.add(
+                ("evaluation", "variants"),
+                "a causal LM generates with the transformers model itself: only eager and bf16 apply",
+            )
         if task == "embedding" and spec.objective.alpha > 0:
             self.add(("objective", "alpha"), "the embedding task has no hard labels")
         if isinstance(spec.data, CorpusData) and task == "text_classification":

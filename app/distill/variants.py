@@ -18,7 +18,9 @@ slower than eager at batch 1); the serving loader applies the recorded one.
 | `torchscript_bf16` | `bf16` traced and frozen: no Python between the ops, and the forward runs without the GIL  |
 
 What a variant serves: a tabular classifier's logits, a text classifier's logits, or an embedder's mean-pooled,
-L2-normalised embedding. Causal LMs are served eager: generation (KV cache, sampling) runs the transformers model.
+L2-normalised embedding. A causal LM generates with the transformers model itself, so only `eager` and `bf16` (its
+weights converted) apply to it, and `bf16` is measured only when the job lists it; they are compared on the
+next-token logits of each held-out text's last positions.
 """
 
 from __future__ import annotations
@@ -54,7 +56,15 @@ MIN_GAIN = 0.05
 MEASURE_BUDGET_S = 0.5
 MIN_REPEATS = 10
 LATENCY_BATCH_SIZES = (1, 32)
-CAUSAL_LM_REASON = "a causal LM is served eager: generation (KV cache, sampling) runs the transformers model"
+# a causal LM generates with the transformers model itself (KV cache, sampling): a variant must stay that model
+CAUSAL_LM_VARIANTS = ("eager", "bf16")
+CAUSAL_LM_REASON = "a causal LM generates with the transformers model itself: only eager and bf16 apply"
+CAUSAL_LM_DEFAULT = (
+    "a causal LM is served eager unless its job lists bf16 in evaluation.variants (then bf16 is measured); the other "
+    "variants do not apply: generation runs the transformers model itself"
+)
+# next-token positions compared per held-out text (its last ones): a causal LM's logits are [tokens, vocab]
+CAUSAL_LM_POSITIONS = 8
 
 Forward = Callable[..., torch.Tensor]
 
@@ -90,6 +100,22 @@ class LogitsForward(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         return output.logits.float()  # type: ignore[no-any-return]
+
+
+class NextTokenForward(nn.Module):
+    """(input_ids, attention_mask) → a causal LM's next-token logits at each row's last real positions [positions,
+    vocab] (what a variant of it is compared on: generation picks from them). Rows are right-padded."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        # each text's last CAUSAL_LM_POSITIONS real positions (the vocabulary makes every position's logits large)
+        count = attention_mask.cumsum(-1)
+        last = attention_mask.bool() & (count > count[:, -1:] - CAUSAL_LM_POSITIONS)
+        return output.logits[last].float()  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -573,25 +599,44 @@ def choose_serving_variant(
     return chosen
 
 
+def lm_servable(model: nn.Module) -> Servable:
+    """What a causal LM's variants are measured on: its next-token logits (``NextTokenForward``)."""
+    model.eval()
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 256)
+    input_ids = torch.tensor([[1, 3, 4, 5, 2], [1, 6, 2, 0, 0]], dtype=torch.int64) % vocab
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
+    example = (input_ids, attention_mask)
+    return Servable(NextTokenForward(model).eval(), "logits", example, ("input_ids", "attention_mask"))
+
+
 def _choose_serving_variant(
     model: nn.Module, task: str, probe: Callable[[], Probe | None], evaluation: EvaluationSpec
 ) -> dict[str, Any]:
-    if task == "causal_lm":
-        return eager_only(CAUSAL_LM_REASON)
     if evaluation.variants is not None and set(evaluation.variants) <= {"eager"}:
         return {"serving_variant": "eager", "variants": [{"name": "eager", "applies": True}]}
-    made = servable(model, task)
+    wanted = list(evaluation.variants if evaluation.variants is not None else VARIANT_NAMES)
+    if task == "causal_lm" and "bf16" not in (evaluation.variants or []):  # measured only when asked for
+        return eager_only(CAUSAL_LM_DEFAULT, wanted)
+    made = lm_servable(model) if task == "causal_lm" else servable(model, task)
     inputs = probe()
     if made is None or inputs is None:
-        return eager_only("no held-out inputs to measure variants on", evaluation.variants or VARIANT_NAMES)
-    return measure_variants(
+        return eager_only("no held-out inputs to measure variants on", wanted)
+    names = [name for name in wanted if name in CAUSAL_LM_VARIANTS] if task == "causal_lm" else wanted
+    measured = measure_variants(
         made,
         inputs,
-        names=evaluation.variants,
+        names=names,
         min_agreement=evaluation.variant_min_agreement,
         min_cosine=evaluation.variant_min_cosine,
         repeats=evaluation.latency_repeats,
     )
+    if task == "causal_lm":  # the variants that do not apply, listed with the reason
+        measured["variants"] += [
+            {"name": name, "applies": False, "reason": CAUSAL_LM_REASON}
+            for name in dict.fromkeys(wanted)
+            if name not in CAUSAL_LM_VARIANTS
+        ]
+    return measured
 
 
 SERVING_KEYS = ("serving_variant", "variants")

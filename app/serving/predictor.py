@@ -363,7 +363,7 @@ class TextPredictor:
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
         # embedders and classifiers serve the variant the job chose (eager when it cannot be built here); causal LMs
-        # generate with the eager model
+        # generate with the transformers model itself: eager, or on the CPU its weights in bf16 (``bf16``)
         self.variant = "eager"
         self.forward: Callable[..., torch.Tensor] | None = None
         made = servable(self.model, self.task)
@@ -372,6 +372,9 @@ class TextPredictor:
             self.variant, self.forward = built.name, built.forward
             extra_bytes = built.extra_bytes
         else:
+            if device.type == "cpu" and recorded_variant(config) == "bf16":
+                self.model.to(torch.bfloat16)
+                self.variant = "bf16"
             self.model.to(device)
             extra_bytes = 0
         self.memory_bytes = module_bytes(self.model) + extra_bytes  # after place: bf16 converts self.model

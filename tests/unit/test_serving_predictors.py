@@ -1274,3 +1274,33 @@ def test_the_engine_says_why_it_does_not_take_a_model(causal: TextPredictor, win
         assert windowed.generation_status(None) == {"batching": "static", "reason": "a reason"}
     finally:
         windowed.static_reason = None
+
+
+def test_a_causal_lm_whose_job_chose_bf16_generates_in_bf16(tmp_path: Path) -> None:
+    """A causal LM recorded with ``serving_variant: bf16`` is loaded with its weights in bf16 (half the memory) and
+    still batched step by step: the engine's completions and log-probabilities are ``generate``'s on that model."""
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    config = tiny_config("llama", vocab_size=len(tokenizer), max_positions=128)
+    model = build_from_config(config, "causal_lm", seed=5)
+    with torch.no_grad():  # peaked next-token distributions, so that bf16 rounding (which moves with the padding)
+        model.lm_head.weight.mul_(40)  # changes no argmax or draw between the engine and generate
+    extra = {"task": "causal_lm", "serving_variant": "bf16"}
+    save_pretrained_dir(model, tokenizer, tmp_path / "m", extra_config=extra)
+    predictor = TextPredictor("mdl_bf16", tmp_path / "m", "sha", extra)
+    eager = TextPredictor("mdl_eager", tmp_path / "m", "sha", {"task": "causal_lm"})
+    assert predictor.variant == "bf16" and predictor.model.dtype == torch.bfloat16 and predictor.continuous
+    assert eager.variant == "eager" and predictor.memory_bytes * 2 == eager.memory_bytes
+    predictor.model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+
+    def prompts() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt="def f(x):", max_tokens=9, logprobs=1),
+            GenerationRequest(prompt="the quick brown fox", max_tokens=5, temperature=1.1, seed=2, logprobs=1),
+        ]
+
+    engine, static = engine_and_static(predictor, prompts)
+    assert [c.text for c in engine] == [c.text for c in static] and [c.completion_tokens for c in engine] == [9, 5]
+    for mine, theirs in zip(engine, static, strict=True):
+        assert [e.logprob for e in mine.logprobs or []] == pytest.approx(
+            [e.logprob for e in theirs.logprobs or []], abs=0.05
+        )

@@ -214,13 +214,31 @@ def test_building_variants_leaves_the_student_untouched() -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_causal_lms_are_served_eager() -> None:
-    lm = build_from_config(tiny_config("gpt2", vocab_size=64), "causal_lm", seed=0)
+def test_a_causal_lm_is_served_eager_unless_its_job_asks_for_bf16() -> None:
+    """By default a causal LM's job measures nothing (generation runs the transformers model itself); listing bf16
+    measures eager and bf16 on next-token logits (each text's last positions) and lists the variants that cannot
+    apply with the reason."""
+    lm = build_from_config(tiny_config("llama", vocab_size=128), "causal_lm", seed=0)
     assert servable(lm, "causal_lm") is None
     result = choose_serving_variant(lm, "causal_lm", lambda: pytest.fail("nothing to measure"), EvaluationSpec())
     assert result["serving_variant"] == "eager"
     assert [v["name"] for v in result["variants"]] == list(VARIANT_NAMES)
-    assert all(not v["applies"] and "generation" in v["reason"] for v in result["variants"][1:])
+    assert all(not v["applies"] and "bf16" in v["reason"] for v in result["variants"][1:])
+
+    asked = EvaluationSpec(variants=["bf16", "onnx"], latency_repeats=2)
+    result = choose_serving_variant(lm, "causal_lm", lambda: text_probe(held_out_text(), max_examples=8), asked)
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert list(by_name) == ["eager", "bf16", "onnx"]
+    assert by_name["eager"]["applies"] and by_name["eager"]["agreement"] == 1.0
+    assert by_name["bf16"]["applies"] and 0.5 < by_name["bf16"]["agreement"] <= 1.0
+    assert by_name["bf16"]["max_prob_diff"] < LOSSY["bf16"] and by_name["bf16"]["latency_ms"] > 0
+    assert not by_name["onnx"]["applies"] and "only eager and bf16" in by_name["onnx"]["reason"]
+    assert result["serving_variant"] in {"eager", "bf16"}
+    # what was compared: the last 8 real positions of each of the 8 texts (right-padded, 2 to 20 tokens)
+    probe = text_probe(held_out_text(), max_examples=8) or pytest.fail("no probe")
+    compared = variants.lm_servable(lm).module(*probe.batches[0])
+    lengths = probe.batches[0][1].sum(-1)
+    assert compared.shape == (int(lengths.clamp(max=variants.CAUSAL_LM_POSITIONS).sum()), 128)
 
 
 def test_a_variant_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,7 +436,7 @@ def test_an_unknown_variant_is_rejected_with_its_path() -> None:
     assert [tuple(e["loc"]) for e in error.value.errors()] == [("evaluation", "variant_min_agreement")]
 
 
-def test_a_causal_lm_job_cannot_ask_for_variants() -> None:
+def test_a_causal_lm_job_can_ask_for_bf16_only() -> None:
     document = {
         "task": "causal_lm",
         "teacher": {"source": "builtin", "architecture": {"type": "transformer", "config": tiny_config("gpt2")}},
@@ -426,8 +444,9 @@ def test_a_causal_lm_job_cannot_ask_for_variants() -> None:
         "data": {"source": "inline", "records": [{"text": "a b c"}, {"text": "d e f"}]},
     }
     assert check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["eager"]}}), LIMITS) == []
-    problems = check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["onnx"]}}), LIMITS)
-    assert [p.loc for p in problems] == [("evaluation", "variants")]
+    assert check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["bf16"]}}), LIMITS) == []
+    problems = check_spec(JobSpec.model_validate({**document, "evaluation": {"variants": ["bf16", "onnx"]}}), LIMITS)
+    assert [p.loc for p in problems] == [("evaluation", "variants")] and "only eager and bf16" in problems[0].msg
 
 
 # --- a job records its choice; serving applies it ------------------------------------------------------------------
