@@ -2,17 +2,23 @@
 
     .venv/bin/python -m benchmarks.variants             # every variant, 1 torch thread (the api's default)
     .venv/bin/python -m benchmarks.variants --rounds 3  # the measurement three times (the choice is a timing)
+    .venv/bin/python -m benchmarks.variants --job examples/tiny-lm.json   # a causal LM job asking for bf16
 
 The MiniLM-derived 2-layer embedder of ``benchmarks.serving text`` (layers 0 and 5 of the packaged
 all-MiniLM-L6-v2) through ``app.distill.variants.measure_variants``, exactly as a job's end runs it: each variant's
 cosine to the eager student on 32 held-out sentences (plus one alone), its median latency at batch 1 and batch 32
 (alternating rounds), ``speedup`` and the variant a job would serve. The held-out sentences are the benchmark's
 real sentences of 16–64 tokens, padded as the serving tokenizer pads a batch.
+
+``--job FILE`` runs a causal LM job spec in-process instead (the worker's own code: training, evaluation, then the
+variants), with ``evaluation.variants`` set to ``["bf16"]``, and prints what it recorded: eager and bf16 compared
+on next-token distributions at the last positions of held-out texts, timed on full forwards at batch 1 and 32.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,12 +41,41 @@ def probe_of(directory: Path, texts: list[str]) -> Probe:
     return probe
 
 
+def lm_job(path: Path, threads: int) -> None:
+    from app.distill.jobs import run_job_spec
+    from app.distill.resources import JobResources
+    from app.distill.spec import JobSpec
+
+    document = json.loads(path.read_text())
+    document.setdefault("evaluation", {})["variants"] = ["bf16"]
+    spec = JobSpec.model_validate(document)
+    trained = run_job_spec(spec, JobResources(serving_threads=threads), device=torch.device("cpu"))
+    evaluation = trained.evaluation
+    print(f'{path} with evaluation.variants ["bf16"]; {machine()}; variants timed with {threads} torch thread(s)')
+    print(f"\nThe job serves `{evaluation['serving_variant']}`\n")
+    print("| variant | batch 1 (ms) | batch 32 (ms) | speedup | next-token agreement | max prob diff | within |")
+    print("|---|---|---|---|---|---|---|")
+    for record in evaluation["variants"]:
+        if not record.get("applies"):
+            print(f"| `{record['name']}` | not measured: {record.get('reason', '')} | | | | | |")
+            continue
+        print(
+            f"| `{record['name']}` | {record['latency_ms']:.2f} | {record['latency_ms_batch32']:.1f} | "
+            f"{record.get('speedup') or 0:.2f} | {record['agreement']:.4f} | {record['max_prob_diff']:.4f} | "
+            f"{record['within_tolerance']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1, help="measure this many times (a fresh build each time)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the api's default: 1)")
+    parser.add_argument("--job", help="a causal LM job spec to run in-process with variants [bf16] instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.job:
+        lm_job(Path(args.job), args.threads)
+        return
     from transformers import AutoModel
 
     results: list[dict[str, Any]] = []
