@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +54,33 @@ def lm_job(path: Path, threads: int) -> None:
     evaluation = trained.evaluation
     print(f'{path} with evaluation.variants ["bf16"]; {machine()}; variants timed with {threads} torch thread(s)')
     print(f"\nThe job serves `{evaluation['serving_variant']}`\n")
-    print("| variant | batch 1 (ms) | batch 32 (ms) | speedup | next-token agreement | max prob diff | within |")
-    print("|---|---|---|---|---|---|---|")
-    for record in evaluation["variants"]:
+    print_variants(
+        evaluation["variants"],
+        {
+            "next-token agreement": lambda r: f"{r['agreement']:.4f}",
+            "max prob diff": lambda r: f"{r['max_prob_diff']:.4f}",
+            "within": lambda r: str(r["within_tolerance"]),
+        },
+    )
+
+
+def print_variants(records: list[dict[str, Any]], columns: dict[str, Callable[[dict[str, Any]], str]]) -> None:
+    """A markdown table of a job's variant records: latency at batch 1 and 32, speedup, then ``columns``."""
+    headers = ["variant", "batch 1 (ms)", "batch 32 (ms)", "speedup", *columns]
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for record in records:
         if not record.get("applies"):
-            print(f"| `{record['name']}` | not measured: {record.get('reason', '')} | | | | | |")
+            print(f"| `{record['name']}` | not measured: {record.get('reason', '')} |" + " |" * (len(headers) - 2))
             continue
-        print(
-            f"| `{record['name']}` | {record['latency_ms']:.2f} | {record['latency_ms_batch32']:.1f} | "
-            f"{record.get('speedup') or 0:.2f} | {record['agreement']:.4f} | {record['max_prob_diff']:.4f} | "
-            f"{record['within_tolerance']} |"
-        )
+        cells = [
+            f"`{record['name']}`",
+            f"{record['latency_ms']:.2f}",
+            f"{record['latency_ms_batch32']:.1f}",
+            f"{record.get('speedup') or 0:.2f}",
+            *(cell(record) for cell in columns.values()),
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -92,16 +109,13 @@ def main() -> None:
         print()
         print(f"Round {index}: a job would serve `{result['serving_variant']}`")
         print()
-        print("| variant | batch 1 (ms) | batch 32 (ms) | speedup | cosine min | build (s) |")
-        print("|---|---|---|---|---|---|")
-        for record in result["variants"]:
-            if not record.get("applies"):
-                print(f"| `{record['name']}` | not built: {record.get('reason', '')} | | | | |")
-                continue
-            print(
-                f"| `{record['name']}` | {record['latency_ms']:.2f} | {record['latency_ms_batch32']:.1f} | "
-                f"{record.get('speedup') or 0:.2f} | {record['cosine_min']:.5f} | {record['build_seconds']:.2f} |"
-            )
+        print_variants(
+            result["variants"],
+            {
+                "cosine min": lambda r: f"{r['cosine_min']:.5f}",
+                "build (s)": lambda r: f"{r['build_seconds']:.2f}",
+            },
+        )
 
 
 if __name__ == "__main__":
