@@ -691,6 +691,8 @@ class GenerationEngine:
         pad_id: int,
         prefill_chunk: int = 0,
         prefix_cache_bytes: int = 0,
+        *,
+        layout: WindowLayout | None,
     ) -> None:
         self.model = model
         # at most this many prompt tokens (rows × columns, padding included) per prefill forward: a long prompt is
@@ -707,10 +709,10 @@ class GenerationEngine:
         self.eos_ids = end_of_sequence_ids(tokenizer, config)
         self.begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
         self.rules = TokenRules(config, self.eos_ids)
-        # a sliding-window model attends to each row's last ``window`` tokens in its sliding layers: the engine keeps
-        # full caches (its joins, padding and prefix blocks work on them) and counts the window in the mask
-        windowed = getattr(model.config, "sliding_window", None) is not None
-        self.layout = window_layout(model, cache_layers(model)) if windowed else None
+        # a sliding-window model (``fit``'s layout) attends to each row's last ``window`` tokens in its sliding
+        # layers: the engine keeps full caches (its joins, padding and prefix blocks work on them) and counts the
+        # window in the mask
+        self.layout = layout
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = cache_argument(model)
         # logits of the last position only (a prefill would otherwise make [rows, prompt, vocab] of them)
@@ -733,31 +735,39 @@ class GenerationEngine:
 
     @staticmethod
     def unsupported(model: Any) -> str | None:
-        """Why the engine does not take ``model`` (None: it does). It takes a decoder-only model whose cache is made
-        of plain ``DynamicLayer`` s, or of sliding-window layers of one window, alone (Mistral v0.1's) or with full
-        ones (Gemma 2/3's; see ``window_layout``), and whose generation config asks for nothing the engine does not
-        apply (``UNSUPPORTED_GENERATION_FIELDS``). Other caches (quantised, chunked attention) are left to
-        ``generate``."""
+        """Why the engine does not take ``model`` (None: it does; see ``fit``)."""
+        return GenerationEngine.fit(model)[0]
+
+    @staticmethod
+    def fit(model: Any) -> tuple[str | None, WindowLayout | None]:
+        """Why the engine does not take ``model`` (None: it does), and the sliding-window layout it runs it with
+        (None: full attention). It takes a decoder-only model whose cache is made of plain ``DynamicLayer`` s, or of
+        sliding-window layers of one window, alone (Mistral v0.1's) or with full ones (Gemma 2/3's; see
+        ``window_layout``), and whose generation config asks for nothing the engine does not apply
+        (``UNSUPPORTED_GENERATION_FIELDS``). Other caches (quantised, chunked attention) are left to ``generate``.
+        Probes the model with forwards of two tokens: called once per load."""
         from transformers.cache_utils import DynamicLayer
 
         config = model.generation_config
         for name, default in UNSUPPORTED_GENERATION_FIELDS.items():
             if getattr(config, name, default) not in (default, None):
-                return f"its generation config sets {name}, which the engine does not apply"
+                return f"its generation config sets {name}, which the engine does not apply", None
         if getattr(model.config, "is_encoder_decoder", False):
-            return "it is an encoder-decoder model"
+            return "it is an encoder-decoder model", None
         try:  # a rule transformers cannot build (malformed bad words, say) fails in ``generate`` too: left to it
             TokenRules(config, frozenset())
         except Exception as exc:
-            return f"transformers cannot build its generation config's token rules ({type(exc).__name__})"
+            return f"transformers cannot build its generation config's token rules ({type(exc).__name__})", None
         layers = cache_layers(model)
         if not layers:
-            return "its forward makes no layered KV cache (transformers before 4.56, or a custom model)"
-        if all(type(layer) is DynamicLayer for layer in layers) or window_layout(model, layers) is not None:
-            return None
+            return "its forward makes no layered KV cache (transformers before 4.56, or a custom model)", None
+        full = all(type(layer) is DynamicLayer for layer in layers)
+        layout = None if full else window_layout(model, layers)
+        if full or layout is not None:
+            return None, layout
         kinds = sorted({type(layer).__name__ for layer in layers})
         attention = getattr(model.config, "_attn_implementation", None)
-        return f"its KV cache ({', '.join(kinds)} layers, {attention} attention) is not one the engine keeps"
+        return f"its KV cache ({', '.join(kinds)} layers, {attention} attention) is not one the engine keeps", None
 
     def _held(self) -> list[Row]:
         return (

@@ -386,8 +386,9 @@ class TextPredictor:
         self.vocab_size = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
-        # whether generation is batched step by step (GenerationEngine) or in static batches (generate), and why not
-        self.static_reason = GenerationEngine.unsupported(self.model) if self.task == "causal_lm" else None
+        # whether generation is batched step by step (GenerationEngine, with the sliding window it applies) or in
+        # static batches (generate), and why not
+        self.static_reason, self.layout = GenerationEngine.fit(self.model) if self.task == "causal_lm" else (None, None)
         self.continuous = self.task == "causal_lm" and self.static_reason is None
         self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
@@ -635,7 +636,13 @@ class TextPredictor:
         if self.task != "causal_lm" or not self.continuous:
             return None
         engine = GenerationEngine(
-            self.model, self.tokenizer, self.device, self._pad_id(), prefill_chunk, prefix_cache_bytes
+            self.model,
+            self.tokenizer,
+            self.device,
+            self._pad_id(),
+            prefill_chunk,
+            prefix_cache_bytes,
+            layout=self.layout,
         )
         return ContinuousGeneration(self, engine)
 
