@@ -147,8 +147,14 @@ class Settings(BaseSettings):
     )
     inference_device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",
-        description="Where the api runs its models: cpu (the serving variant the job chose), cuda (the eager model on "
-        "the GPU; the api refuses to start without one) or auto (cuda when torch sees one).",
+        description="Where the api runs its models: cpu (the serving variant the job chose), cuda (the model on the "
+        "GPU in inference_gpu_dtype; the api refuses to start without one) or auto (cuda when torch sees one).",
+    )
+    inference_gpu_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The weights' dtype when models are served on a GPU: bfloat16 (half the memory, the tensor cores' "
+        "rate; outputs still float32), float32 (as trained), or auto = bfloat16 where the GPU has it (Ampere and "
+        "later), else float32. Ignored on the CPU, where the job's measured variant decides.",
     )
     inference_torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."
@@ -298,6 +304,7 @@ READ_BY: dict[str, str] = {
     "model_load_wait_s": API,
     "inference_inline_max_us": API,
     "inference_device": API,
+    "inference_gpu_dtype": API,
     "inference_torch_threads": f"{API}, {WORKER} (times serving variants at it)",
     "verify_artifacts": f"{API}, {WORKER}",
     "alias_refresh_s": API,

@@ -30,7 +30,8 @@ token and the share of prompt tokens the prefix cache gave (what follows the sha
 applies it per row (before 2026-12-02 such a model was served by the static path only).
 
 ``--variants eager bf16`` loads the LM as each serving variant in turn (``bf16``: its weights in bfloat16, what a job
-that lists it records when it agrees; CPU only, as the api serves it).
+that lists it records when it agrees, and on a GPU what the api serves by default, ``DISTILLERY_INFERENCE_GPU_DTYPE``
+auto).
 
 ``--sliding-window N`` builds a Mistral-shaped LM that attends to its last N tokens (Mistral v0.1: 4096), which the
 engine batches continuously since the last session of 2026-12-02 (before, the static path only).
@@ -98,10 +99,12 @@ def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0)
 
 
 def load(directory: Path, device: torch.device, variant: str = "eager") -> TextPredictor:
-    """The LM as the api loads it, as ``variant`` (what its job recorded: eager, or bf16 on the CPU)."""
-    predictor = TextPredictor("bench-lm", directory, "", {"task": "causal_lm", "serving_variant": variant}, device)
-    config = predictor.model.generation_config
-    config.suppress_tokens = sorted(end_of_sequence_ids(predictor.tokenizer, config))
+    """The LM as the api loads it, as ``variant``: eager or bf16 (on the CPU what its job recorded, on a GPU what
+    ``DISTILLERY_INFERENCE_GPU_DTYPE`` gives)."""
+    config = {"task": "causal_lm", "serving_variant": variant}
+    predictor = TextPredictor("bench-lm", directory, "", config, device, gpu_variant=variant)
+    generation = predictor.model.generation_config
+    generation.suppress_tokens = sorted(end_of_sequence_ids(predictor.tokenizer, generation))
     return predictor
 
 

@@ -21,11 +21,13 @@ python3 -c "import torch, transformers, pydantic; print('torch', torch.__version
 transformers.__version__, 'pydantic', pydantic.VERSION, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Serving first: never run on a GPU yet (the KD step below was measured on an H100 on 2026-11-27).
-timeout 150 python3 -m benchmarks.generation --devices cuda --seconds 5 --max-tokens 8 32 128 2>&1 | tail -8 \
+timeout 150 python3 -m benchmarks.generation --devices cuda --seconds 5 --max-tokens 8 32 128 --variants bf16 eager \
+  2>&1 | tail -12 \
   || echo "benchmarks.generation could not run here"
 timeout 100 python3 -m benchmarks.generation --devices cuda --modes continuous --shared-prefix 400 \
-  --prefix-cache-mb 0 256 --clients 16 --seconds 5 2>&1 | tail -4 || echo "prefix caching could not run here"
-timeout 100 python3 -m benchmarks.gpu_serving --devices cuda --seconds 5 "${EMBEDDER[@]}" 2>&1 | tail -6 \
+  --prefix-cache-mb 0 256 --clients 16 --seconds 5 --variants bf16 2>&1 | tail -4 || echo "prefix caching could not run here"
+timeout 100 python3 -m benchmarks.gpu_serving --devices cuda --seconds 5 --variants bf16 eager "${EMBEDDER[@]}" \
+  2>&1 | tail -7 \
   || echo "benchmarks.gpu_serving could not run here"
 timeout 300 python3 -m benchmarks.gpu_kd_step --steps 8 --variants ${VARIANTS:-plain,chunked,chunked-compile} 2>&1 \
   | tail -12

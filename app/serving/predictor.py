@@ -169,14 +169,33 @@ def resolve_device(name: str) -> torch.device:
     raise RuntimeError("DISTILLERY_INFERENCE_DEVICE=cuda but torch sees no CUDA device")
 
 
-def place(made: Servable, config: Mapping[str, Any] | None, device: torch.device) -> BuiltVariant:
-    """The forward to serve: on the CPU the variant the job chose (eager when it cannot be built here); on a GPU the
-    eager module moved there (the job timed its variants on the CPU, and TorchScript, dynamic int8 and the ONNX
-    session are CPU variants)."""
-    if device.type == "cpu":  # the predictor owns the module: bf16 converts it rather than holding a second copy
+GPU_DTYPES = {"float32": "eager", "bfloat16": "bf16"}
+
+
+def resolve_gpu_variant(dtype: str, bf16_supported: Callable[[], bool] = torch.cuda.is_bf16_supported) -> str:
+    """``DISTILLERY_INFERENCE_GPU_DTYPE`` → what a GPU serves: float32 → ``eager``; bfloat16 → ``bf16`` (the weights
+    converted; an error on a GPU without bf16); auto → ``bf16`` where the GPU has it (Ampere and later), else eager.
+    The job's recorded variant is a CPU measurement and does not decide on a GPU."""
+    if dtype == "auto":
+        return "bf16" if bf16_supported() else "eager"
+    if dtype not in GPU_DTYPES:
+        raise ValueError(f"inference GPU dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    if dtype == "bfloat16" and not bf16_supported():
+        raise RuntimeError("DISTILLERY_INFERENCE_GPU_DTYPE=bfloat16 but this GPU has no bfloat16")
+    return GPU_DTYPES[dtype]
+
+
+def place(
+    made: Servable, config: Mapping[str, Any] | None, device: torch.device, gpu_variant: str = "eager"
+) -> BuiltVariant:
+    """The forward to serve, built from a module the predictor owns (bf16 converts it rather than holding a second
+    copy): on the CPU the variant the job chose (eager when it cannot be built here); on a GPU the module moved
+    there, as ``gpu_variant`` (eager or bf16, from ``resolve_gpu_variant``: the job timed its variants on the CPU,
+    and TorchScript, dynamic int8 and the ONNX session are CPU variants)."""
+    if device.type == "cpu":
         return apply_variant(recorded_variant(config), made, in_place=True)
     made.module.to(device)
-    return apply_variant("eager", made)
+    return apply_variant(gpu_variant, made, in_place=True)
 
 
 class StudentPredictor:
@@ -194,6 +213,7 @@ class StudentPredictor:
         sha256: str,
         config: Mapping[str, Any] | None = None,
         device: torch.device = CPU,
+        gpu_variant: str = "eager",
     ) -> None:
         self.model_id = model_id
         self.directory = directory
@@ -206,7 +226,7 @@ class StudentPredictor:
         made = servable(self.model, self.task)
         assert made is not None
         # the serving variant the job chose (eager when it cannot be built here), built from the safetensors weights
-        built = place(made, config, device)
+        built = place(made, config, device, gpu_variant)
         self.variant = built.name
         self.forward = built.forward
         self.memory_bytes = module_bytes(self.model) + built.extra_bytes  # after place: bf16 converts self.model
@@ -345,7 +365,13 @@ class TextPredictor:
     (causal LM) out. Loaded once; every forward under ``torch.inference_mode``."""
 
     def __init__(
-        self, model_id: str, directory: Path, sha256: str, config: Mapping[str, Any], device: torch.device = CPU
+        self,
+        model_id: str,
+        directory: Path,
+        sha256: str,
+        config: Mapping[str, Any],
+        device: torch.device = CPU,
+        gpu_variant: str = "eager",
     ) -> None:
         from app.distill.text.models import load_saved_dir
 
@@ -363,18 +389,19 @@ class TextPredictor:
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
         # embedders and classifiers serve the variant the job chose (eager when it cannot be built here); causal LMs
-        # generate with the transformers model itself: eager, or on the CPU its weights in bf16 (``bf16``)
-        self.variant = "eager"
+        # generate with the transformers model itself: eager, or its weights in bf16 (``bf16``) where the job chose
+        # that (CPU) or the api's GPU dtype says so
         self.forward: Callable[..., torch.Tensor] | None = None
         made = servable(self.model, self.task)
         if made is not None:
-            built = place(made, config, device)
+            built = place(made, config, device, gpu_variant)
             self.variant, self.forward = built.name, built.forward
             extra_bytes = built.extra_bytes
         else:
-            if device.type == "cpu" and recorded_variant(config) == "bf16":
+            chosen = recorded_variant(config) if device.type == "cpu" else gpu_variant
+            self.variant = "bf16" if chosen == "bf16" else "eager"
+            if self.variant == "bf16":
                 self.model.to(torch.bfloat16)
-                self.variant = "bf16"
             self.model.to(device)
             extra_bytes = 0
         self.memory_bytes = module_bytes(self.model) + extra_bytes  # after place: bf16 converts self.model
@@ -874,11 +901,16 @@ def text_document(predictor: TextPredictor, output: Any, arrays: bool = False) -
 
 
 def load_predictor(
-    model_id: str, directory: Path, sha256: str, config: Mapping[str, Any], device: torch.device = CPU
+    model_id: str,
+    directory: Path,
+    sha256: str,
+    config: Mapping[str, Any],
+    device: torch.device = CPU,
+    gpu_variant: str = "eager",
 ) -> Predictor:
     if config.get("format") == "transformers":
-        return TextPredictor(model_id, directory, sha256, config, device)
-    return StudentPredictor(model_id, directory, sha256, config, device)
+        return TextPredictor(model_id, directory, sha256, config, device, gpu_variant)
+    return StudentPredictor(model_id, directory, sha256, config, device, gpu_variant)
 
 
 # --- the cache ------------------------------------------------------------------------------------------------------

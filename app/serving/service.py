@@ -49,6 +49,7 @@ from app.serving.predictor import (
     TextPredictor,
     load_predictor,
     resolve_device,
+    resolve_gpu_variant,
 )
 from app.settings import Settings
 from app.storage import store_for
@@ -216,7 +217,13 @@ class InferenceService:
         self.database = database
         # cpu, or a GPU (DISTILLERY_INFERENCE_DEVICE): an api asked for cuda that has none refuses to start
         self.device = resolve_device(settings.inference_device)
-        self.loader = partial(load_predictor, device=self.device) if loader is load_predictor else loader
+        # on a GPU, bf16 or float32 weights (DISTILLERY_INFERENCE_GPU_DTYPE); on the CPU the job's variant decides
+        self.gpu_variant = resolve_gpu_variant(settings.inference_gpu_dtype) if self.device.type == "cuda" else "eager"
+        self.loader = (
+            partial(load_predictor, device=self.device, gpu_variant=self.gpu_variant)
+            if loader is load_predictor
+            else loader
+        )
         self.batching = batching_config(settings)
         self.metrics = ServingMetrics(registry)
         # the cache object may be shared with the models router (which evicts deleted models): configure it here

@@ -343,6 +343,37 @@ def test_the_inference_device_setting(store: Store) -> None:
     run(test)
 
 
+def test_the_gpu_dtype_setting(store: Store) -> None:
+    """On a GPU the weights' dtype is the api's setting (auto: bf16 where the GPU has it), not the job's CPU
+    measurement; on the CPU the setting changes nothing."""
+    from app.serving.predictor import resolve_gpu_variant
+
+    def has(bf16: bool) -> Callable[[], bool]:
+        return lambda: bf16
+
+    assert resolve_gpu_variant("auto", has(True)) == "bf16"
+    assert resolve_gpu_variant("auto", has(False)) == "eager"  # a V100 or T4: float32, not a silent fp16
+    assert resolve_gpu_variant("float32", has(True)) == "eager"
+    assert resolve_gpu_variant("bfloat16", has(True)) == "bf16"
+    with pytest.raises(RuntimeError, match="no bfloat16"):
+        resolve_gpu_variant("bfloat16", has(False))
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        resolve_gpu_variant("float16", has(True))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU's case cannot be shown")
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, inference_device="auto", inference_gpu_dtype="bfloat16")
+        assert service.gpu_variant == "eager"
+        served = await service.get("default", model_id)
+        assert served.predictor.variant == "eager"  # what the job recorded (nothing): the setting is for GPUs
+        assert next(served.predictor.model.parameters()).dtype == torch.float32
+        service.close()
+
+    run(test)
+
+
 def test_latest_alias_switches_once_the_new_model_has_loaded(store: Store) -> None:
     first = store.add(name="nightly", seed=1)
     loader = CountingLoader()
