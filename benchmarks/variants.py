@@ -12,7 +12,8 @@ real sentences of 16–64 tokens, padded as the serving tokenizer pads a batch.
 
 ``--job FILE`` runs a causal LM job spec in-process instead (the worker's own code: training, evaluation, then the
 variants), with ``evaluation.variants`` set to ``["bf16"]``, and prints what it recorded: eager and bf16 compared
-on next-token distributions at the last positions of held-out texts, timed on full forwards at batch 1 and 32.
+on next-token distributions at the last positions of held-out texts, timed on a prefill and 8 decode steps at batch 1
+and 32 (before 2026-12-02's last session: one full forward).
 """
 
 from __future__ import annotations

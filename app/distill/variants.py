@@ -20,7 +20,7 @@ slower than eager at batch 1); the serving loader applies the recorded one.
 What a variant serves: a tabular classifier's logits, a text classifier's logits, or an embedder's mean-pooled,
 L2-normalised embedding. A causal LM generates with the transformers model itself, so only `eager` and `bf16` (its
 weights converted) apply to it, and `bf16` is measured only when the job lists it; they are compared on the
-next-token logits of each held-out text's last positions.
+next-token logits of each held-out text's last positions and timed on a prefill and decode steps, as generation runs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import nn
 
 from app.distill.architectures import MLPClassifier
 from app.distill.spec import EvaluationSpec, VariantName
+from app.distill.text.models import cache_argument, cache_of, last_logits
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +104,50 @@ class LogitsForward(nn.Module):
 
 
 class NextTokenForward(nn.Module):
-    """(input_ids, attention_mask) → a causal LM's next-token logits at each row's last real positions [positions,
-    vocab] (what a variant of it is compared on: generation picks from them). Rows are right-padded."""
+    """(input_ids, attention_mask) → a causal LM's next-token logits at each row's last ``CAUSAL_LM_POSITIONS`` real
+    positions [positions, vocab], computed the way generation computes them: the right-padded rows moved to the right
+    edge (left padding, as the serving engine batches prompts), one prefill forward of all but the last
+    ``CAUSAL_LM_POSITIONS`` columns into the model's KV cache, then one decode step per remaining column. So a
+    variant is compared on the logits a completion picks from, through the cached path, and timed on what a short
+    completion costs (a prefill and decode steps), not on one full forward."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.cache_argument = cache_argument(model)
+        self.last_logits = last_logits(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        # each text's last CAUSAL_LM_POSITIONS real positions (the vocabulary makes every position's logits large)
-        count = attention_mask.cumsum(-1)
-        last = attention_mask.bool() & (count > count[:, -1:] - CAUSAL_LM_POSITIONS)
-        return output.logits[last].float()  # type: ignore[no-any-return]
+        width = input_ids.shape[1]
+        columns = torch.arange(width, device=input_ids.device)
+        # each row rolled right by its padding: real tokens end at the last column
+        index = (columns - (width - attention_mask.sum(-1, keepdim=True))) % width
+        ids, mask = input_ids.gather(1, index), attention_mask.gather(1, index)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        split = max(0, width - CAUSAL_LM_POSITIONS)
+        cache = None
+        if split:
+            output = self.model(
+                input_ids=ids[:, :split],
+                attention_mask=mask[:, :split],
+                position_ids=positions[:, :split],
+                use_cache=True,
+                **self.last_logits,
+            )
+            cache = cache_of(output)
+        steps = []
+        for column in range(split, width):
+            given = {self.cache_argument: cache} if cache is not None else {}
+            output = self.model(
+                input_ids=ids[:, column : column + 1],
+                attention_mask=mask[:, : column + 1],
+                position_ids=positions[:, column : column + 1],
+                use_cache=True,
+                **given,
+            )
+            cache = cache_of(output)
+            steps.append(output.logits[:, -1])
+        return torch.stack(steps, 1)[mask[:, split:].bool()].float()
 
 
 @dataclass

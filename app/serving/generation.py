@@ -18,7 +18,6 @@ Torch and transformers only: no web, database or queue imports (the batcher driv
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 from collections import OrderedDict
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
+
+from app.distill.text.models import cache_argument, cache_of, last_logits
 
 
 @dataclass
@@ -399,16 +400,6 @@ def adjust_logits(logits: torch.Tensor, counts: torch.Tensor | None, request: Ge
     return logits
 
 
-def cache_of(output: Any) -> Any:
-    """The KV cache a forward returned (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
-def cache_argument(model: Any) -> str:
-    """The name of ``model.forward``'s cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def cache_layers(model: Any) -> list[Any]:
     """The layers of the cache ``model`` makes for itself (one forward over two tokens); none if it fails or makes
     a cache without layers (transformers before 4.56)."""
@@ -713,10 +704,8 @@ class GenerationEngine:
         # layers: the engine keeps full caches (its joins, padding and prefix blocks work on them) and counts the
         # window in the mask
         self.layout = layout
-        parameters = inspect.signature(model.forward).parameters
         self.cache_argument = cache_argument(model)
-        # logits of the last position only (a prefill would otherwise make [rows, prompt, vocab] of them)
-        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        self.last_logits = last_logits(model)
         self.batch: Batch | None = None
         self.admitted: list[Row] = []
         self.prefilling: Prefill | None = None

@@ -241,6 +241,28 @@ def test_a_causal_lm_is_served_eager_unless_its_job_asks_for_bf16() -> None:
     assert compared.shape == (int(lengths.clamp(max=variants.CAUSAL_LM_POSITIONS).sum()), 128)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_causal_lm_is_compared_and_timed_through_prefill_and_decode_steps(family: str) -> None:
+    """``NextTokenForward`` runs the rows as generation does (left-padded, a prefill into the KV cache, then one
+    decode step per position) and gives what one full forward of each text alone gives at its last 8 positions:
+    rows shorter than 8 tokens, longer ones, and learned absolute positions (gpt2) included."""
+    lm = build_from_config(tiny_config(family, vocab_size=128), "causal_lm", seed=0).eval()  # type: ignore[arg-type]
+    ids, mask = token_batch(6, 20, seed=3)
+    ids[1:3, :], mask[1:3, :] = 0, 0
+    ids[1, :5], mask[1, :5] = torch.arange(3, 8), 1  # 5 tokens: fewer than the 8 positions compared
+    ids[2, :9], mask[2, :9] = torch.arange(3, 12), 1  # 9 tokens: a one-column prefill
+    with torch.inference_mode():
+        stepped = variants.NextTokenForward(lm)(ids, mask)
+        alone = [
+            lm(input_ids=row[m.bool()][None]).logits[0, -variants.CAUSAL_LM_POSITIONS :] for row, m in zip(ids, mask)
+        ]
+    assert torch.allclose(stepped, torch.cat(alone), atol=1e-4)
+    short = variants.NextTokenForward(lm)(ids[:, :6], mask[:, :6])  # no prefill at all: every column a step
+    with torch.inference_mode():
+        alone = [lm(input_ids=row[m.bool()][None]).logits[0] for row, m in zip(ids[:, :6], mask[:, :6])]
+    assert torch.allclose(short, torch.cat(alone), atol=1e-4)
+
+
 def test_a_variant_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     real = variants.importlib.util.find_spec
     monkeypatch.setattr(

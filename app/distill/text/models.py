@@ -12,6 +12,7 @@ BERT/MiniLM, Llama/Qwen2/Mistral and GPT-NeoX, as bare models or with their LM /
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -735,3 +736,19 @@ def mean_pooled_embeddings(model: PreTrainedModel, input_ids: Tensor, attention_
     summed = (hidden.to(torch.float32) * weights).sum(dim=1)  # [B, H]
     counts = weights.sum(dim=1).clamp(min=1e-9)  # [B, 1]; an all-padding row gives 0, not NaN
     return F.normalize(summed / counts, p=2, dim=-1)
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def cache_argument(model: Any) -> str:
+    """The name of ``model.forward``'s cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def last_logits(model: Any) -> dict[str, int]:
+    """The argument that makes ``model`` return the logits of the last position only, where it takes one (a prefill
+    would otherwise make [rows, prompt, vocab] of them)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
