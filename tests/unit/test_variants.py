@@ -251,16 +251,18 @@ def test_a_causal_lm_is_compared_and_timed_through_prefill_and_decode_steps(fami
     ids[1:3, :], mask[1:3, :] = 0, 0
     ids[1, :5], mask[1, :5] = torch.arange(3, 8), 1  # 5 tokens: fewer than the 8 positions compared
     ids[2, :9], mask[2, :9] = torch.arange(3, 12), 1  # 9 tokens: a one-column prefill
+
+    def alone(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each text's logits at its last 8 positions, from one forward of the text alone."""
+        rows = [lm(input_ids=row[keep.bool()][None]).logits[0] for row, keep in zip(ids, mask, strict=True)]
+        return torch.cat([logits[-variants.CAUSAL_LM_POSITIONS :] for logits in rows])
+
     with torch.inference_mode():
-        stepped = variants.NextTokenForward(lm)(ids, mask)
-        alone = [
-            lm(input_ids=row[m.bool()][None]).logits[0, -variants.CAUSAL_LM_POSITIONS :] for row, m in zip(ids, mask)
-        ]
-    assert torch.allclose(stepped, torch.cat(alone), atol=1e-4)
-    short = variants.NextTokenForward(lm)(ids[:, :6], mask[:, :6])  # no prefill at all: every column a step
-    with torch.inference_mode():
-        alone = [lm(input_ids=row[m.bool()][None]).logits[0] for row, m in zip(ids[:, :6], mask[:, :6])]
-    assert torch.allclose(short, torch.cat(alone), atol=1e-4)
+        assert torch.allclose(variants.NextTokenForward(lm)(ids, mask), alone(ids, mask), atol=1e-4)
+        # 6 columns: no prefill at all, every column a decode step
+        assert torch.allclose(
+            variants.NextTokenForward(lm)(ids[:, :6], mask[:, :6]), alone(ids[:, :6], mask[:, :6]), atol=1e-4
+        )
 
 
 def test_a_variant_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
