@@ -213,7 +213,6 @@ class StudentPredictor:
         sha256: str,
         config: Mapping[str, Any] | None = None,
         device: torch.device = CPU,
-        gpu_variant: str = "eager",
     ) -> None:
         self.model_id = model_id
         self.directory = directory
@@ -226,7 +225,9 @@ class StudentPredictor:
         made = servable(self.model, self.task)
         assert made is not None
         # the serving variant the job chose (eager when it cannot be built here), built from the safetensors weights
-        built = place(made, config, device, gpu_variant)
+        # on a GPU float32 whatever DISTILLERY_INFERENCE_GPU_DTYPE says: a tabular MLP's forward is kernel launches
+        # there, which bf16 would not shorten, and its rows would lose precision
+        built = place(made, config, device)
         self.variant = built.name
         self.forward = built.forward
         self.memory_bytes = module_bytes(self.model) + built.extra_bytes  # after place: bf16 converts self.model
@@ -910,7 +911,7 @@ def load_predictor(
 ) -> Predictor:
     if config.get("format") == "transformers":
         return TextPredictor(model_id, directory, sha256, config, device, gpu_variant)
-    return StudentPredictor(model_id, directory, sha256, config, device, gpu_variant)
+    return StudentPredictor(model_id, directory, sha256, config, device)
 
 
 # --- the cache ------------------------------------------------------------------------------------------------------
