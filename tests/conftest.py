@@ -33,6 +33,16 @@ def postgres_url() -> Iterator[str]:
     drop_database(url)
 
 
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    """A database of one test's own, for a test that runs workers of its own queue: every worker's reconciler
+    publishes the owed and lost jobs of its database to its own queue, so in the session's database the session's
+    worker would take a requeued job of that test (and leave it waiting while busy)."""
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
 @pytest.fixture(scope="session")
 def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     model_root = tmp_path_factory.mktemp("model-root")

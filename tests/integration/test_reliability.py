@@ -23,11 +23,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def private_env(postgres_url: str, service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """A queue, data folder and fast reconciler of this test's own (the session's worker never sees its jobs)."""
+def private_env(own_database: str, tmp_path: Path) -> dict[str, str]:
+    """A database, queue, data folder and fast reconciler of this test's own: no other worker sees its jobs."""
     return service_environment(
-        postgres_url,
-        Path(service_env["DISTILLERY_DATA_DIR"]),  # shared: the models table is shared too
+        own_database,
+        tmp_path / "data",
         progress_interval_s="0.1",
         heartbeat_interval_s="0.5",
         heartbeat_stale_s="3",

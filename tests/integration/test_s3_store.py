@@ -54,10 +54,10 @@ def keys(endpoint: str) -> list[str]:
 
 @pytest.fixture
 def two_machines(
-    postgres_url: str, s3_endpoint: str, tmp_path: Path
+    own_database: str, s3_endpoint: str, tmp_path: Path
 ) -> Iterator[tuple[httpx.Client, dict[str, Path], ServiceProcess]]:
     api_env = service_environment(
-        postgres_url,
+        own_database,
         tmp_path / "api-machine",
         artifact_store="s3",
         s3_bucket=BUCKET,
