@@ -24,9 +24,9 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ from benchmarks.foundation import machine
 from tests.stack import (
     REDIS_URL,
     ROOT,
+    SCHEMATHESIS_CHECKS,
     ServiceProcess,
     create_database,
     drop_database,
+    schemathesis,
     service_environment,
     start_api,
     start_worker,
@@ -204,42 +206,27 @@ def fault_idempotency(client: httpx.Client, creates: int, keys: int) -> list[str
     ]
 
 
-def fault_schemathesis(base_url: str, workdir: Path, examples: int) -> list[str]:
-    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
-    checks = (
-        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
-        "response_headers_conformance"
-    )
-    result = subprocess.run(
-        [
-            st,
-            "run",
-            f"{base_url}/openapi.json",
-            "--checks",
-            checks,
-            "-n",
-            str(examples),
-            "--phases",
-            "coverage,fuzzing",
-            "--max-time",
-            "400",
-            "--seed",
-            "1",
-            "--report",
-            "ndjson",
-            "--report-dir",
-            str(workdir / "st"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
+def fault_schemathesis(
+    base_url: str,
+    workdir: Path,
+    examples: int,
+    extra: Sequence[str] = ("--max-time", "400"),
+    hooks: str | None = None,
+    models: Sequence[str] = (),
+    label: str = "the OpenAPI schema",
+) -> list[str]:
+    """schemathesis over ``base_url``'s schema (``extra``: more CLI options; ``hooks`` and ``models``: as
+    ``tests.stack.schemathesis`` takes them); one markdown row: how many cases, and the failures if any. The whole
+    output is kept in ``workdir``/schemathesis.out."""
+    report = ["--seed", "1", "--report", "ndjson", "--report-dir", str(workdir / "st")]
+    result = schemathesis(base_url, ROOT, examples, *report, *extra, hooks=hooks, models=models)
     summary = result.stdout[result.stdout.rfind("Test cases:") :].strip().splitlines()
     generated = next((line.strip() for line in summary[1:3] if "generated" in line), "?")
     failures = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("❌")]
+    (workdir / "schemathesis.out").write_text(result.stdout + result.stderr)
+    checks = SCHEMATHESIS_CHECKS.replace(",", ", ")
     return [
-        f"| schemathesis over the OpenAPI schema (coverage + fuzzing; checks: {checks.replace(',', ', ')}) | "
+        f"| schemathesis over {label} (coverage + fuzzing; checks: {checks}) | "
         f"{generated}; {'no failures' if not failures else '; '.join(failures)} |"
     ]
 

@@ -4,12 +4,15 @@ of its own, `distillery worker` and `distillery api` processes. No mocks, no eag
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +149,37 @@ def wait_for_status(
         return job if job["status"] in statuses else None
 
     return wait_until(reached, timeout, 0.02, f"job {job_id} to reach {statuses}")  # type: ignore[no-any-return]
+
+
+#: schemathesis's checks: no server errors, and every response as the OpenAPI schema documents it
+SCHEMATHESIS_CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance"
+)
+
+
+def schemathesis(
+    base_url: str,
+    cwd: Path,
+    examples: int,
+    *options: str,
+    hooks: str | None = None,
+    models: Sequence[str] = (),
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``st run`` over ``base_url``'s OpenAPI schema (coverage and fuzzing phases, ``examples`` per operation, more
+    ``options``), run in ``cwd`` (its cache, .schemathesis/, stays out of the checkout); ``hooks``: a module of this
+    checkout for ``SCHEMATHESIS_HOOKS``, given ``models`` as ``DISTILLERY_FUZZ_MODELS``."""
+    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
+    command = [st, "run", f"{base_url}/openapi.json", "--checks", SCHEMATHESIS_CHECKS, "-n", str(examples)]
+    command += ["--phases", "coverage,fuzzing", "--no-color", *options]
+    env = dict(os.environ)
+    if hooks:
+        env.update(SCHEMATHESIS_HOOKS=hooks, PYTHONPATH=str(ROOT), DISTILLERY_FUZZ_MODELS=",".join(models))
+    return subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd, env=env, timeout=timeout)
+
+
+def readable_report(report: str) -> str:
+    """A schemathesis report with runs of escaped characters cut (a failing case's body can be megabytes of one
+    character)."""
+    return re.sub(r"(\\u[0-9a-f]{4}){8,}", "<…>", report)

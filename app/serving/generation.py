@@ -29,6 +29,9 @@ import torch
 
 from app.distill.text.models import cache_argument, cache_of, last_logits
 
+#: sampling temperatures under this are greedy (see GenerationRequest)
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class GenerationRequest:
@@ -64,6 +67,12 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a temperature this small samples the most likely token anyway, and logits divided by one under ~1e-38
+        # (0 in float32) are inf and NaN: such a request is greedy
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     def adjusts_logits(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
@@ -122,12 +131,15 @@ def draw(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab]: softmax at the row's temperature [rows, 1], cut to the nucleus
-    (the fewest most likely tokens whose mass reaches the row's top_p) when ``top_p`` is given, drawn with the row's
-    own generator (one draw per row, whatever else is in the batch)."""
+    (the fewest most likely tokens whose mass reaches the row's top_p; at least the most likely one, whatever the
+    top_p: 1e-300 is 0 in float32) when ``top_p`` is given, drawn with the row's own generator (one draw per row,
+    whatever else is in the batch)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p is not None:
         ordered, order = probs.sort(dim=-1, descending=True)
-        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)
+        beyond = ordered.cumsum(dim=-1) - ordered >= top_p
+        beyond[:, 0] = False
+        ordered = ordered.masked_fill(beyond, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
     return torch.cat([torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(generators)])
 

@@ -91,7 +91,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or under 1e-5) = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(
         1,
@@ -301,9 +301,23 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
-STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+# with "stream": true, a text/event-stream of events (OpenAPI 3.1 has no itemSchema, so the schema is one event's, as
+# the OpenAPI 3.2 text gives the HTML standard's event): each ``data`` a JSON chunk, the last one "[DONE]"
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'A JSON chunk (a completion or chat.completion.chunk object), or "[DONE]" at the end.',
+            "contentMediaType": "application/json",
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
 }
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 # --- helpers -------------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from tests.conftest import tiny_spec, wait_for_status, wait_until
-from tests.stack import service_environment, start_api
+from tests.serving_fuzz_hooks import SERVING_PATHS
+from tests.stack import readable_report, schemathesis, service_environment, start_api
 
 pytestmark = pytest.mark.integration
 
@@ -1087,3 +1088,17 @@ def test_compose_runs_serve_as_its_own_service() -> None:
     serve = services["serve"]
     assert serve["command"][0] == "serve" and serve["profiles"] == ["serving"]
     assert "container_name" not in serve  # `--scale serve=N`
+
+
+def test_schemathesis_with_the_served_models_finds_no_contract_violations(
+    api: str, text_models: dict[str, str], tabular: str, tmp_path: Path
+) -> None:
+    """The contract test over the serving endpoints, with every model reference (path or body) drawn from the models
+    this api serves, an alias of one, and two unknown names: the generated requests reach the predictors, the
+    batcher and the generation engine, and none gets a server error or a response the schema does not document."""
+    with httpx.Client(base_url=api, timeout=30) as client:
+        client.put("/v1/aliases/fuzzed", json={"model_id": text_models["chat"]}).raise_for_status()
+    models = [*text_models.values(), tabular, "fuzzed", "mdl_unknown", "no-such-alias"]
+    options = ["--include-path-regex", SERVING_PATHS, "--max-time", "90", "--seed", "7"]
+    result = schemathesis(api, tmp_path, 10, *options, hooks="tests.serving_fuzz_hooks", models=models, timeout=300)
+    assert result.returncode == 0, readable_report(result.stdout)[-6000:]

@@ -312,6 +312,11 @@ def test_sampled_requests_batch_and_a_seed_fixes_their_draws(chatty: TextPredict
     assert len({alone, *others}) >= 4  # a random tiny LM at temperature 1.5: draws differ
     greedy = completions_of(chatty, [GenerationRequest(prompt="def f(x):", max_tokens=12)])[0]
     assert completions_of(chatty, [sampled(seed, top_p=1e-6) for seed in (1, 2)]) == [greedy, greedy]
+    # a top_p that float32 rounds to 0 (found by schemathesis: a 500 before) still keeps the most likely token
+    assert completions_of(chatty, [sampled(3, top_p=3.45e-308)]) == [greedy]
+    # so does a temperature that float32 rounds to 0 (the same: a 500 before)
+    tiny = GenerationRequest(prompt="def f(x):", max_tokens=12, temperature=6e-201, seed=3)
+    assert completions_of(chatty, [tiny]) == [greedy]
 
 
 def test_row_sampler_draws_from_the_tempered_nucleus() -> None:
