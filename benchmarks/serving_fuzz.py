@@ -9,12 +9,13 @@ LM with a chat template and one without, and an alias; the hooks in ``tests/serv
 ids (and a few unknown ones) into every path parameter and every body's ``model``, so the generated bodies reach
 the native, KServe v2 and OpenAI-compatible handlers, the batcher and the generation engine. Checks: no server
 error, status codes, content types, response schemas and headers as the OpenAPI document says. Prints a markdown
-table row per run.
+table row; schemathesis's whole report (schemathesis.out) and the api's log are kept in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100, help="examples per operation")
     parser.add_argument("--max-time", type=int, default=600, help="seconds schemathesis may run")
+    parser.add_argument(
+        "--out", type=Path, default=Path("/tmp/distillery-serving-fuzz"), help="where its report and api log are kept"
+    )
     args = parser.parse_args()
     from app.distill.architectures import build_model
     from app.distill.artifacts import save_model_dir
@@ -58,7 +62,10 @@ def main() -> None:
             extra = ["--include-path-regex", SERVING_PATHS, "--max-time", str(args.max_time)]
             hooks = "tests.serving_fuzz_hooks"
             label = "the serving endpoints with real models"
-            rows = fault_schemathesis(base, root, args.examples, extra, hooks, references, label)
+            args.out.mkdir(parents=True, exist_ok=True)
+            rows = fault_schemathesis(base, args.out, args.examples, extra, hooks, references, label)
+        for log in data_dir.glob("api-*.log"):  # the server's side of any failure
+            shutil.copy(log, args.out / log.name)
     print(f"Machine: {machine()}. Command: `python -m benchmarks.serving_fuzz --examples {args.examples}`.")
     print()
     print("| check | result |")
