@@ -26,7 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,14 +212,14 @@ def fault_schemathesis(
     examples: int,
     extra: Sequence[str] = ("--max-time", "400"),
     hooks: str | None = None,
-    models: Sequence[str] = (),
+    references: Mapping[str, Sequence[str]] | None = None,
     label: str = "the OpenAPI schema",
 ) -> list[str]:
-    """schemathesis over ``base_url``'s schema (``extra``: more CLI options; ``hooks`` and ``models``: as
+    """schemathesis over ``base_url``'s schema (``extra``: more CLI options; ``hooks`` and ``references``: as
     ``tests.stack.schemathesis`` takes them); one markdown row: how many cases, and the failures if any. The whole
     output is kept in ``workdir``/schemathesis.out."""
     report = ["--seed", "1", "--report", "ndjson", "--report-dir", str(workdir / "st")]
-    result = schemathesis(base_url, ROOT, examples, *report, *extra, hooks=hooks, models=models)
+    result = schemathesis(base_url, ROOT, examples, *report, *extra, hooks=hooks, references=references)
     summary = result.stdout[result.stdout.rfind("Test cases:") :].strip().splitlines()
     generated = next((line.strip() for line in summary[1:3] if "generated" in line), "?")
     failures = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("❌")]

@@ -15,6 +15,7 @@ table row; schemathesis's whole report (schemathesis.out) and the api's log are 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,16 +25,39 @@ import httpx
 from benchmarks.faults import fault_schemathesis
 from benchmarks.foundation import machine
 from benchmarks.serving import database_and_data, distillery_api, register
+from tests.conftest import tiny_spec
 from tests.integration.test_serving import embedder_folder, lm_folder, upload
 from tests.serving_fuzz_hooks import SERVING_PATHS
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
 
 
+def stored_jobs_and_datasets(client: httpx.Client, model_id: str) -> dict[str, list[str]]:
+    """Three queued jobs (one of them cancelled), two uploaded datasets, a second alias (of ``model_id``); with
+    unknown ids beside."""
+    jobs = [client.post("/v1/jobs", json=tiny_spec(name=f"fuzz-{i}")).json()["id"] for i in range(3)]
+    client.post(f"/v1/jobs/{jobs[2]}/cancel").raise_for_status()
+    lines = b"".join(json.dumps({"text": f"sentence number {i}"}).encode() + b"\n" for i in range(20))
+    datasets = [client.post("/v1/datasets", files={"file": (f"fuzz-{i}.jsonl", lines)}).json()["id"] for i in range(2)]
+    client.put("/v1/aliases/fuzz-other", json={"model_id": model_id}).raise_for_status()
+    return {
+        "job_id": [*jobs, "job_unknown"],
+        "dataset_id": [*datasets, "ds_unknown"],
+        "name": ["fuzz-alias", "fuzz-other", "no-such-alias"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100, help="examples per operation")
     parser.add_argument("--max-time", type=int, default=600, help="seconds schemathesis may run")
+    parser.add_argument(
+        "--whole-api",
+        action="store_true",
+        help="every operation (jobs, datasets, models, aliases too), with queued jobs and uploaded datasets of the "
+        "api's own as the references (no worker runs: the jobs stay queued until the fuzzer cancels, pauses or "
+        "resumes them)",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("/tmp/distillery-serving-fuzz"), help="where its report and api log are kept"
     )
@@ -58,15 +82,22 @@ def main() -> None:
                 client.put("/v1/aliases/fuzz-alias", json={"model_id": ids["chat"]}).raise_for_status()
                 for model_id in ids.values():
                     client.post(f"/v1/models/{model_id}/load").raise_for_status()
-            references = [*ids.values(), "fuzz-alias", "fuzz-chat", "mdl_unknown", "no-such-alias"]
-            extra = ["--include-path-regex", SERVING_PATHS, "--max-time", str(args.max_time)]
+                references = {"model_id": [*ids.values(), "fuzz-alias", "fuzz-chat", "mdl_unknown", "no-such-alias"]}
+                if args.whole_api:
+                    references.update(stored_jobs_and_datasets(client, ids["tabular"]))
+            extra = ["--max-time", str(args.max_time)]
+            if args.whole_api:
+                label = "every operation with real models, jobs, datasets and aliases"
+            else:
+                extra += ["--include-path-regex", SERVING_PATHS]
+                label = "the serving endpoints with real models"
             hooks = "tests.serving_fuzz_hooks"
-            label = "the serving endpoints with real models"
             args.out.mkdir(parents=True, exist_ok=True)
             rows = fault_schemathesis(base, args.out, args.examples, extra, hooks, references, label)
         for log in data_dir.glob("api-*.log"):  # the server's side of any failure
             shutil.copy(log, args.out / log.name)
-    print(f"Machine: {machine()}. Command: `python -m benchmarks.serving_fuzz --examples {args.examples}`.")
+    flags = " --whole-api" if args.whole_api else ""
+    print(f"Machine: {machine()}. Command: `python -m benchmarks.serving_fuzz --examples {args.examples}{flags}`.")
     print()
     print("| check | result |")
     print("|---|---|")

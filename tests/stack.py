@@ -3,6 +3,7 @@ of its own, `distillery worker` and `distillery api` processes. No mocks, no eag
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,18 +165,22 @@ def schemathesis(
     examples: int,
     *options: str,
     hooks: str | None = None,
-    models: Sequence[str] = (),
+    references: Mapping[str, Sequence[str]] | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``st run`` over ``base_url``'s OpenAPI schema (coverage and fuzzing phases, ``examples`` per operation, more
     ``options``), run in ``cwd`` (its cache, .schemathesis/, stays out of the checkout); ``hooks``: a module of this
-    checkout for ``SCHEMATHESIS_HOOKS``, given ``models`` as ``DISTILLERY_FUZZ_MODELS``."""
+    checkout for ``SCHEMATHESIS_HOOKS``, given ``references`` (parameter name → values) as JSON in
+    ``DISTILLERY_FUZZ_REFERENCES``."""
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
     command = [st, "run", f"{base_url}/openapi.json", "--checks", SCHEMATHESIS_CHECKS, "-n", str(examples)]
     command += ["--phases", "coverage,fuzzing", "--no-color", *options]
     env = dict(os.environ)
     if hooks:
-        env.update(SCHEMATHESIS_HOOKS=hooks, PYTHONPATH=str(ROOT), DISTILLERY_FUZZ_MODELS=",".join(models))
+        env.update(SCHEMATHESIS_HOOKS=hooks, PYTHONPATH=str(ROOT))
+        env["DISTILLERY_FUZZ_REFERENCES"] = json.dumps(
+            {key: list(values) for key, values in (references or {}).items()}
+        )
     return subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd, env=env, timeout=timeout)
 
 

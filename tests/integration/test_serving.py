@@ -1098,7 +1098,8 @@ def test_schemathesis_with_the_served_models_finds_no_contract_violations(
     batcher and the generation engine, and none gets a server error or a response the schema does not document."""
     with httpx.Client(base_url=api, timeout=30) as client:
         client.put("/v1/aliases/fuzzed", json={"model_id": text_models["chat"]}).raise_for_status()
-    models = [*text_models.values(), tabular, "fuzzed", "mdl_unknown", "no-such-alias"]
+    references = {"model_id": [*text_models.values(), tabular, "fuzzed", "mdl_unknown", "no-such-alias"]}
     options = ["--include-path-regex", SERVING_PATHS, "--max-time", "90", "--seed", "7"]
-    result = schemathesis(api, tmp_path, 10, *options, hooks="tests.serving_fuzz_hooks", models=models, timeout=300)
+    hooks = "tests.serving_fuzz_hooks"
+    result = schemathesis(api, tmp_path, 10, *options, hooks=hooks, references=references, timeout=300)
     assert result.returncode == 0, readable_report(result.stdout)[-6000:]
