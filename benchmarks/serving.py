@@ -143,11 +143,12 @@ def register(url: str, data_dir: Path, save: Callable[[Path], Any], name: str) -
 
 
 @contextmanager
-def distillery_api(url: str, data_dir: Path, **settings: str) -> Iterator[str]:
+def distillery_api(url: str, data_dir: Path, command: str = "serve", **settings: str) -> Iterator[str]:
+    """``distillery serve`` (inference only), or with ``command="api"`` the whole api, on a free port."""
     env = service_environment(url, data_dir, **{"torch_threads": "1", "inference_torch_threads": "1", **settings})
     port = free_port()
     log = data_dir / f"api-{port}.log"
-    process = ServiceProcess(["serve", "--port", str(port)], env, log).start()
+    process = ServiceProcess([command, "--port", str(port)], env, log).start()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(f"{base}/healthz", process)

@@ -71,7 +71,8 @@ def main() -> None:
         root = Path(folder)
         tabular_id = register(url, data_dir, lambda d: save_model_dir(tabular, d), "fuzz-tabular")
         # short completions: the fuzzer asks for the most tokens it may, n times over
-        with distillery_api(url, data_dir, max_completion_tokens="32") as base:
+        command = "api" if args.whole_api else "serve"
+        with distillery_api(url, data_dir, command, max_completion_tokens="32") as base:
             with httpx.Client(base_url=base, timeout=60) as client:
                 ids = {
                     "tabular": tabular_id,
