@@ -34,7 +34,8 @@ that lists it records when it agrees, and on a GPU what the api serves by defaul
 auto).
 
 ``--sliding-window N`` builds a Mistral-shaped LM that attends to its last N tokens (Mistral v0.1: 4096), which the
-engine batches continuously since the last session of 2026-12-02 (before, the static path only).
+engine batches continuously (before the last sessions of 2026-12-02, the static path only) and keeps its sliding
+layers' cache a window wide (the table's KV cache peak: what the running rows held at most).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +125,17 @@ def alone_ms(predictor: TextPredictor, max_tokens: int, temperature: float, repe
 
 class StepRecorder(NoObserver):
     """The batcher's observer: the time of each engine step (with continuous batching, what every running row
-    waits between two of its tokens)."""
+    waits between two of its tokens) and the most bytes the engine's KV cache held after one (``kv_bytes``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv_bytes: Callable[[], int] = lambda: 0) -> None:
         self.seconds: list[float] = []
-
+        self.kv_bytes = kv_bytes
+        self.kv_peak = 0
         self.computed = self.cached = 0
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
         self.seconds.append(compute_seconds)
+        self.kv_peak = max(self.kv_peak, self.kv_bytes())
 
     def prompt_tokens(self, computed: int, cached: int) -> None:
         self.computed += computed
@@ -164,7 +168,7 @@ async def drive_generation(
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
     supported = predictor.continuous
     predictor.continuous = supported and mode == "continuous"  # predict_batch's path: the engine or generate
-    steps = StepRecorder()
+    steps = StepRecorder((lambda: engine.kv_cache_bytes) if engine is not None else (lambda: 0))
     batcher = DynamicBatcher(
         f"bench-{mode}", predictor.predict_batch, config, asyncio.get_running_loop(), steps, continuous=engine
     )
@@ -214,7 +218,7 @@ async def drive_generation(
     gaps.clear()
     long_latencies.clear()
     first_tokens.clear()
-    steps.computed = steps.cached = 0
+    steps.computed = steps.cached = steps.kv_peak = 0
     started = time.perf_counter()
     stop_at = started + seconds
     await asyncio.gather(*senders())
@@ -238,6 +242,8 @@ async def drive_generation(
         "cached share": steps.cached / max(1, steps.cached + steps.computed),
         # what the prefix cache holds at the end: with blocks shared, the common beginning once
         "cache MB": engine.prefix_cache_bytes / 2**20 if engine is not None else 0.0,
+        # the running rows' keys and values at their most (the engine's batch and prefill after a step)
+        "kv MB": steps.kv_peak / 2**20 if engine is not None else math.nan,
     }
 
 
@@ -349,16 +355,16 @@ def main() -> None:
     shared = " | first token p50 (ms) | prompt tokens cached | prefix cache held (MB)" if args.shared_prefix else ""
     print(
         "| device | params | batching | completions/s | tokens/s | p50 (ms) | p50 of the shortest (ms) | "
-        f"step p50 / p99 / max (ms){long}{shared} |"
+        f"step p50 / p99 / max (ms) | KV cache peak (MB){long}{shared} |"
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if long else "") + ("---|---|---|" if shared else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if long else "") + ("---|---|---|" if shared else ""))
     for row in rows:
         extra = f" | {row['longs']:.1f} | {row['long p50']:.0f}" if long else ""
         extra += f" | {row['ttft p50']:.0f} | {row['cached share']:.0%} | {row['cache MB']:.1f}" if shared else ""
         print(
             f"| {row['device']} | {row['params'] / 1e6:.1f} M | {row['mode']} | {row['completions']:.1f} | "
             f"{row['tokens']:,.0f} | {row['p50']:.0f} | {row['p50 shortest']:.0f} | "
-            f"{row['gap p50']:.1f} / {row['gap p99']:.1f} / {row['gap max']:.1f}{extra} |"
+            f"{row['gap p50']:.1f} / {row['gap p99']:.1f} / {row['gap max']:.1f} | {row['kv MB']:.1f}{extra} |"
         )
 
 

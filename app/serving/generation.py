@@ -6,7 +6,9 @@ as soon as it is done (``max_tokens``, a stop string, EOS, a client gone) and it
 the longest prompt of its batch ends. The KV cache is transformers' ``DynamicCache``, left-padded: a prompt admitted
 into a running batch is prefilled on its own, and its cache joins the batch's with padding columns (masked) on the
 left of the shorter one; rows that leave are dropped from the cache, and columns that only padding still holds are
-cut off. Positions come from the attention mask, so padding never shifts a row's positions. With ``prefill_chunk``
+cut off. Positions are counted in each row's tokens, so padding never shifts a row's positions. A sliding-window
+model's sliding layers lose the columns no row's window reaches any more (``GenerationEngine._crop``), so their
+memory and attention stay a window wide however long the completions run. With ``prefill_chunk``
 the admitted prompts are prefilled a few columns per step (chunked prefill), between the running rows' decode steps,
 so that a long prompt does not hold the others' next token for its whole prefill. With a ``PrefixCache`` a prompt
 that begins like an earlier one (a shared system prompt, few-shot examples, a conversation's earlier turns) starts
@@ -424,6 +426,13 @@ def cache_layers(model: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the keys and values a ``DynamicCache`` holds."""
+    return sum(
+        tensor.numel() * tensor.element_size() for layer in cache.layers for tensor in (layer.keys, layer.values)
+    )
+
+
 class WindowLayout(NamedTuple):
     """How a sliding-window model attends: ``window`` tokens back in its sliding layers; ``hybrid``: some layers
     attend to everything (Gemma 2/3, Qwen2 with ``layer_types``), so the model takes a mask per layer type."""
@@ -463,11 +472,12 @@ def window_layout(model: Any, layers: Sequence[Any]) -> WindowLayout | None:
 
 
 def layout_masks(
-    layout: WindowLayout, mask: torch.Tensor, queries: int, dtype: torch.dtype
+    layout: WindowLayout, mask: torch.Tensor, queries: int, dtype: torch.dtype, cropped: int = 0
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The attention mask(s) a model of ``layout`` is given for the last ``queries`` columns of ``mask``: one 4D
-    mask, or one per layer type for a hybrid."""
-    sliding = window_mask(mask, queries, layout.window, dtype)
+    mask, or one per layer type for a hybrid, whose sliding layers lack the first ``cropped`` columns of ``mask``
+    (their mask lacks them too)."""
+    sliding = window_mask(mask, queries, layout.window, dtype)[..., cropped:]
     if not layout.hybrid:
         return sliding
     return {"sliding_attention": sliding, "full_attention": window_mask(mask, queries, None, dtype)}
@@ -533,12 +543,17 @@ class Row:
 @dataclass
 class Batch:
     """Rows that share a KV cache: ``mask`` [rows, columns] says which cache columns hold a row's tokens, ``tokens``
-    [rows] is each row's last chosen token, not yet in the cache."""
+    [rows] is each row's last chosen token, not yet in the cache, ``lengths`` [rows] how many tokens each row has
+    had in the cache (the position of the token fed next; more than ``mask`` holds once a window cropped the row).
+    A hybrid sliding-window model's sliding layers hold the last columns only: they lack the first ``cropped``
+    columns of ``mask``, which its full layers hold (``GenerationEngine._crop``)."""
 
     rows: list[Row]
     cache: Any
     mask: torch.Tensor
     tokens: torch.Tensor
+    lengths: torch.Tensor
+    cropped: int = 0
 
 
 @dataclass
@@ -716,6 +731,11 @@ class GenerationEngine:
         # layers: the engine keeps full caches (its joins, padding and prefix blocks work on them) and counts the
         # window in the mask
         self.layout = layout
+        # the cache layers a window crops: None for every layer (not hybrid: the batch's mask is cropped with them)
+        self.sliding: frozenset[int] | None = None
+        if layout is not None and layout.hybrid:
+            kinds = list(model.config.layer_types)
+            self.sliding = frozenset(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
         self.cache_argument = cache_argument(model)
         self.last_logits = last_logits(model)
         self.batch: Batch | None = None
@@ -728,6 +748,8 @@ class GenerationEngine:
         # distinct prompt once)
         self.prompt_computed = 0
         self.prompt_cached = 0
+        # bytes of keys and values the running batch and the prefill hold after the last step (read from any thread)
+        self.kv_bytes = 0
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -839,6 +861,11 @@ class GenerationEngine:
                     self.started = list({id(row.owner[0]): row.owner[0].handle for row in joining.rows}.values())
                     self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
+        if self.batch is not None:
+            self._crop(self.batch)
+        self.kv_bytes = sum(
+            cache_bytes(held.cache) for held in (self.batch, self.prefilling) if held is not None and held.cache
+        )
         done, self.done = self.done, []
         return done
 
@@ -847,6 +874,7 @@ class GenerationEngine:
         already finished, which keep their completions. The engine is empty afterwards."""
         rows = self._held()
         self.admitted, self.prefilling, self.batch = [], None, None
+        self.kv_bytes = 0
         outcomes: dict[int, tuple[Any, list[Completion] | Exception]] = {
             id(handle): (handle, output) for handle, output in self.done
         }
@@ -865,7 +893,13 @@ class GenerationEngine:
             self.done.append((owner.handle, [c for c in owner.completions if c is not None]))
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, all_logits: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        all_logits: bool = False,
+        cropped: int = 0,
     ) -> Any:
         attention: torch.Tensor | dict[str, torch.Tensor] = mask
         if self.layout is not None:
@@ -873,7 +907,7 @@ class GenerationEngine:
                 from transformers.cache_utils import DynamicCache
 
                 cache = DynamicCache()
-            attention = layout_masks(self.layout, mask, ids.shape[1], self.model.dtype)
+            attention = layout_masks(self.layout, mask, ids.shape[1], self.model.dtype, cropped)
         arguments = {self.cache_argument: cache} if cache is not None else {}
         if not all_logits:
             arguments.update(self.last_logits)
@@ -943,15 +977,19 @@ class GenerationEngine:
         cache holds the prompt and every chosen token but the last (an end of sequence never goes in the text)."""
         if self.prefixes is None:
             return
+        held = int(batch.mask[index, batch.cropped :].sum())
+        if held < int(batch.lengths[index]):  # a window cropped its first tokens
+            return
         sequence = row.ids + row.stream.tokens
-        length = min(int(batch.mask[index].sum()), len(sequence)) // PrefixCache.BLOCK * PrefixCache.BLOCK
+        length = min(held, len(sequence)) // PrefixCache.BLOCK * PrefixCache.BLOCK
         if length > max(row.cached, PrefixCache.usable(row.ids)):  # more than the prompt's own entry holds
-            self._store(batch.cache, batch.mask, index, sequence[:length])
+            self._store(batch.cache, batch.mask, index, sequence[:length], batch.cropped)
 
-    def _store(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
+    def _store(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int], cropped: int = 0) -> None:
         """Row ``row`` of ``cache`` into the prefix cache: the keys and values of its first ``len(ids)`` tokens
         (the columns its ``mask`` marks, in order; the padding between them left out), except the blocks the prefix
-        cache already holds, and no more blocks than its budget holds."""
+        cache already holds, and no more blocks than its budget holds. A hybrid's cropped layers lack the first
+        ``cropped`` columns of ``mask`` (none of the row's)."""
         assert self.prefixes is not None
         layers = cache.layers
         token_bytes = sum(
@@ -963,8 +1001,12 @@ class GenerationEngine:
         if held >= length:
             return
         columns = mask[row].nonzero().squeeze(1)[held:length]
-        keys = [layer.keys[row].index_select(1, columns) for layer in layers]
-        values = [layer.values[row].index_select(1, columns) for layer in layers]
+        shifted = [
+            columns - cropped if cropped and self.sliding is not None and index in self.sliding else columns
+            for index in range(len(layers))
+        ]
+        keys = [layer.keys[row].index_select(1, at) for layer, at in zip(layers, shifted, strict=True)]
+        values = [layer.values[row].index_select(1, at) for layer, at in zip(layers, shifted, strict=True)]
         self.prefixes.store(ids[:length], held, keys, values)
 
     def _prefill(self, prefill: Prefill) -> Batch | None:
@@ -999,13 +1041,13 @@ class GenerationEngine:
             if row.request.on_prompt_logprobs is not None:
                 row.request.on_prompt_logprobs(row.prompt_logprobs)
         tokens = self._choose(rows, logits[:, -1, :])
-        return Batch(rows, prefill.cache, mask, tokens)
+        return Batch(rows, prefill.cache, mask, tokens, mask.sum(-1))
 
     def _decode(self, batch: Batch) -> None:
-        positions = batch.mask.sum(-1, keepdim=True)  # the token fed now follows the row's tokens in the cache
+        positions = batch.lengths.unsqueeze(1)  # the token fed now follows the row's tokens
         mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-        output = self._forward(batch.tokens.unsqueeze(1), mask, positions, batch.cache)
-        batch.mask, batch.cache = mask, cache_of(output)
+        output = self._forward(batch.tokens.unsqueeze(1), mask, positions, batch.cache, cropped=batch.cropped)
+        batch.mask, batch.cache, batch.lengths = mask, cache_of(output), batch.lengths + 1
         batch.tokens = self._choose(batch.rows, output.logits[:, -1, :])
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
@@ -1073,22 +1115,52 @@ class GenerationEngine:
         batch.rows = [batch.rows[i] for i in keep]
         batch.mask = batch.mask.index_select(0, kept)
         batch.tokens = batch.tokens.index_select(0, kept)
+        batch.lengths = batch.lengths.index_select(0, kept)
         used = batch.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0  # columns that only padding holds now
         batch.mask = batch.mask[:, start:]
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, kept)[..., start:, :]
-            layer.values = layer.values.index_select(0, kept)[..., start:, :]
+        for index, layer in enumerate(batch.cache.layers):
+            cut = max(0, start - self._lacks(batch, index))
+            layer.keys = layer.keys.index_select(0, kept)[..., cut:, :]
+            layer.values = layer.values.index_select(0, kept)[..., cut:, :]
+        batch.cropped = max(0, batch.cropped - start)
 
-    @staticmethod
-    def _merge(running: Batch, joining: Batch) -> Batch:
+    def _lacks(self, batch: Batch, layer: int) -> int:
+        """How many of the first columns of ``batch.mask`` cache layer ``layer`` lacks (a hybrid's cropped layers)."""
+        return batch.cropped if self.sliding is not None and layer in self.sliding else 0
+
+    def _crop(self, batch: Batch) -> None:
+        """Drop from the sliding layers the columns no row's window reaches any more: the token fed next attends to
+        its row's last ``window - 1`` tokens in them (``window_mask``). Without full layers the mask loses them too;
+        a hybrid's full layers keep them (``batch.cropped``). The cut tensors are views: the next decode step's
+        concatenation copies only what is kept."""
+        if self.layout is None:
+            return
+        mask = batch.mask
+        after = mask.flip(-1).cumsum(-1).flip(-1)  # the row's tokens in each column and after it
+        reached = (mask.bool() & (after < self.layout.window)).any(dim=0).nonzero()
+        start = min(int(reached[0]) if len(reached) else mask.shape[1], mask.shape[1] - 1)
+        if start <= batch.cropped:
+            return
+        if self.sliding is None:
+            batch.mask = mask[:, start:]
+        for index, layer in enumerate(batch.cache.layers):
+            if self.sliding is None or index in self.sliding:
+                cut = start - batch.cropped
+                layer.keys, layer.values = layer.keys[..., cut:, :], layer.values[..., cut:, :]
+        if self.sliding is not None:
+            batch.cropped = start
+
+    def _merge(self, running: Batch, joining: Batch) -> Batch:
         """One batch of both, the narrower left-padded to the wider (padding columns masked). Each cache tensor is
         written once, into one allocation (padding columns zeroed): padding then concatenating copied a long prompt's
         width of cache two or three times for every running row (measured: 159 ms to merge a 501-token prompt into
-        8 running rows of a 57 M-parameter LM on one CPU core)."""
-        width = max(running.mask.shape[1], joining.mask.shape[1])
+        8 running rows of a 57 M-parameter LM on one CPU core). A hybrid's cropped layers (the running batch's:
+        a prefill is never cropped) take the wider of theirs and the joining rows'."""
+        full = max(running.mask.shape[1], joining.mask.shape[1])
+        narrow = max(running.mask.shape[1] - running.cropped, joining.mask.shape[1] - joining.cropped)
 
-        def stacked(mine: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+        def stacked(mine: torch.Tensor, theirs: torch.Tensor, dim: int, width: int = full) -> torch.Tensor:
             """``mine`` over ``theirs`` (dim 0), each right-aligned along ``dim`` in ``width`` columns."""
             shape = list(mine.shape)
             shape[0], shape[dim] = mine.shape[0] + theirs.shape[0], width
@@ -1101,10 +1173,13 @@ class GenerationEngine:
                     target.narrow(dim, 0, pad).zero_()
             return merged
 
-        for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
-            mine.keys = stacked(mine.keys, theirs.keys, -2)
-            mine.values = stacked(mine.values, theirs.values, -2)
+        for index, (mine, theirs) in enumerate(zip(running.cache.layers, joining.cache.layers, strict=True)):
+            width = narrow if self._lacks(running, index) else full
+            mine.keys = stacked(mine.keys, theirs.keys, -2, width)
+            mine.values = stacked(mine.values, theirs.values, -2, width)
         running.mask = stacked(running.mask, joining.mask, 1)
         running.tokens = torch.cat([running.tokens, joining.tokens])
+        running.lengths = torch.cat([running.lengths, joining.lengths])
+        running.cropped = full - narrow
         running.rows = running.rows + joining.rows
         return running

@@ -101,6 +101,12 @@ class ServingMetrics:
             ["model"],
             registry=registry,
         )
+        self.kv_cache_bytes = Gauge(
+            "distillery_kv_cache_bytes",
+            "Bytes of keys and values a causal LM's running completions hold (its batch's and prefill's KV cache)",
+            ["model"],
+            registry=registry,
+        )
         self.loaded_models = Gauge("distillery_models_loaded", "Models loaded in this process", registry=registry)
         self.loaded_bytes = Gauge(
             "distillery_models_loaded_bytes", "Bytes of weights loaded in this process", registry=registry
@@ -133,8 +139,8 @@ class ModelMetrics:
         self.cached_prompt = metrics.prompt_tokens.labels(model_id, "cached")
         self._rejected = metrics.rejected
         self._in_flight = metrics.in_flight.labels(model_id)
-        self._prefix_cache_gauge = metrics.prefix_cache_bytes
-        self._prefix_cache: Gauge | None = None  # its child, for a model that has a prefix cache
+        self._cache_gauges = (metrics.prefix_cache_bytes, metrics.kv_cache_bytes)
+        self._caches: list[Gauge] = []  # their children, for a causal LM on the engine
 
     def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         self.rows.observe(rows)
@@ -158,11 +164,13 @@ class ModelMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_id, reason).inc()
 
-    def watch_prefix_cache(self, size_bytes: Callable[[], float]) -> None:
-        self._prefix_cache = self._prefix_cache_gauge.labels(self.model_id)
-        self._prefix_cache.set_function(size_bytes)
+    def watch_caches(self, prefix_bytes: Callable[[], float], kv_bytes: Callable[[], float]) -> None:
+        """A causal LM's prefix cache and running KV cache, in bytes."""
+        self._caches = [gauge.labels(self.model_id) for gauge in self._cache_gauges]
+        for child, size_bytes in zip(self._caches, (prefix_bytes, kv_bytes), strict=True):
+            child.set_function(size_bytes)
 
     def unloaded(self) -> None:
         self._in_flight.set_function(lambda: 0.0)
-        if self._prefix_cache is not None:  # the unloaded model's cache is gone with it
-            self._prefix_cache.set_function(lambda: 0.0)
+        for child in self._caches:  # the unloaded model's caches are gone with it
+            child.set_function(lambda: 0.0)

@@ -850,6 +850,11 @@ class ContinuousGeneration:
         """Bytes the engine's prefix cache holds now (read from any thread: an int the inference thread updates)."""
         return self.engine.prefixes.nbytes if self.engine.prefixes is not None else 0
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of keys and values the running completions hold after the engine's last step (any thread)."""
+        return self.engine.kv_bytes
+
     def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
         """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
         prompts = cast(list[GenerationRequest], payload)

@@ -353,7 +353,7 @@ class InferenceService:
             else None
         )
         if continuous is not None:
-            metrics.watch_prefix_cache(lambda: float(continuous.prefix_cache_bytes))
+            metrics.watch_caches(lambda: float(continuous.prefix_cache_bytes), lambda: float(continuous.kv_cache_bytes))
         batcher = DynamicBatcher(
             record.id,
             predictor.predict_batch,

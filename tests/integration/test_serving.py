@@ -630,6 +630,7 @@ def test_openai_usage_reports_prompt_tokens_from_the_prefix_cache(
     assert again["choices"] == first["choices"]
     assert metric(client, cached_tokens, model=model, source="cached") == before + 48 + 32
     assert metric(client, "distillery_prefix_cache_bytes", model=model) > 0  # what the cache holds now
+    assert f'distillery_kv_cache_bytes{{model="{model}"}} 0.0' in client.get("/metrics").text  # none running
     assert client.post(f"/v1/models/{model}/unload").status_code == 200
     assert metric(client, "distillery_prefix_cache_bytes", model=model) == 0  # gone with the model
     assert complete("Q: and a suffix?")["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # reloaded, empty

@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer
+from transformers.cache_utils import DynamicCache
 
 from app.distill.architectures import build_model
 from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
-from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
+from app.distill.text.models import (
+    PACKAGED_MODELS,
+    build_from_config,
+    cache_argument,
+    save_pretrained_dir,
+    tiny_config,
+)
 from app.serving.batcher import BatchingConfig, DynamicBatcher
 from app.serving.generation import (
     Completion,
@@ -29,6 +36,7 @@ from app.serving.generation import (
     PrefixCache,
     RowSampler,
     TextStream,
+    WindowLayout,
     adjust_logits,
     scored_tokens,
     window_mask,
@@ -865,7 +873,7 @@ def test_a_failed_step_hands_back_every_request_the_engine_held(
     monkeypatch.setattr(engine, "_prefill", prefill)
 
     first.cancelled = True  # finishes at the start of the next step, which then fails in its decode
-    monkeypatch.setattr(engine, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(engine, "_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):
         adapter.step()
     outcomes = dict(adapter.fail(RuntimeError("out of memory")))
@@ -1232,6 +1240,85 @@ def test_a_sliding_window_model_is_batched_continuously_as_generate_does(windowe
     finally:
         windowed.model.config.sliding_window = 8
     assert unwindowed != [c.text for c in alone]
+
+
+def test_a_windows_cache_stays_a_window_wide(windowed: TextPredictor) -> None:
+    """The sliding layers keep only the columns the next token's window reaches (23 of a 24-token window, where
+    a 39-token prompt and a 30-token completion would need 68); a hybrid's full layers keep every column. Rows
+    cropped and not, a long prompt and a short one joining a running batch whose sliding layers are cropped: the
+    same completions as ``generate`` gives each prompt alone. A row that finishes uncropped in a cropped batch stores
+    its blocks in the prefix cache: the keys and values of a fresh forward of those tokens; a cropped one stores
+    none (its first tokens' keys are gone). The engine's ``kv_bytes`` (the api's gauge) is what the cache holds."""
+    window = 24
+    model = windowed.model
+    hybrid = windowed.layout is not None and windowed.layout.hybrid
+    kinds = list(model.config.layer_types) if hybrid else []
+    sliding = [i for i in range(model.config.num_hidden_layers) if not hybrid or kinds[i] == "sliding_attention"]
+    first = [
+        GenerationRequest(prompt=SYSTEM * 2 + "Q: tell me a story.", max_tokens=30),
+        GenerationRequest(prompt="once", max_tokens=40),  # cropped: its blocks are gone when it finishes
+    ]
+    joining = [
+        GenerationRequest(prompt="hi there", max_tokens=16, temperature=1.0, seed=5),  # ~20 tokens: never cropped
+        GenerationRequest(prompt=SYSTEM + "Q: and a poem?", max_tokens=20),
+    ]
+    model.config.sliding_window = window
+    try:
+        alone = [windowed.generate_batch([r], [windowed.render_prompt(r)])[0] for r in first + joining]
+        engine = GenerationEngine(
+            model,
+            windowed.tokenizer,
+            windowed.device,
+            windowed._pad_id(),
+            0,
+            2**20,
+            layout=WindowLayout(window, hybrid),
+        )
+        engine.admit(first, [windowed.render_prompt(r) for r in first], "first", never)
+        once = engine.admitted[1]
+        done: dict[str, list[Completion]] = {}
+        short = None
+        steps = cropped = 0
+        while engine.busy:
+            if steps == 8:
+                engine.admit(joining, [windowed.render_prompt(r) for r in joining], "joining", never)
+                short = engine.admitted[0]
+            for handle, completions in engine.step():
+                assert isinstance(completions, list)
+                done[handle] = completions
+            steps += 1
+            batch = engine.batch
+            if batch is None:
+                continue
+            width = batch.mask.shape[1]
+            held = 0  # bytes
+            for index, layer in enumerate(batch.cache.layers):
+                expected = width - batch.cropped if index in sliding else width
+                assert layer.keys.shape[-2] == layer.values.shape[-2] == expected
+                if index in sliding:
+                    assert expected <= window - 1
+                held += (layer.keys.numel() + layer.values.numel()) * 4
+            assert engine.kv_bytes == held or engine.prefilling is not None  # what the gauge reports
+            if hybrid:
+                cropped = max(cropped, batch.cropped)
+                assert width == int(batch.lengths.max())  # the full layers keep the longest row whole
+        assert not hybrid or cropped > 40
+        assert engine.kv_bytes == 0  # nothing running
+        assert short is not None and engine.prefixes is not None
+        sequence = short.ids + short.stream.tokens
+        [block] = engine.prefixes.lookup(sequence)  # the prompt alone is under a block: stored when it finished
+        assert engine.prefixes.lookup(once.ids + once.stream.tokens) == []
+        with torch.inference_mode():
+            ids = torch.tensor([sequence[: PrefixCache.BLOCK]], device=windowed.device)
+            fresh = DynamicCache()  # full layers, as the engine keeps them
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_argument(model): fresh})
+    finally:
+        model.config.sliding_window = 8
+    for stored, layer in zip(block.keys, fresh.layers, strict=True):
+        assert torch.allclose(stored, layer.keys[0], atol=1e-5)
+    mine = done["first"] + done["joining"]
+    assert [c.text for c in mine] == [c.text for c in alone]
+    assert [c.completion_tokens for c in mine] == [30, 40, 16, 20]
 
 
 def test_window_mask_counts_the_window_in_each_rows_tokens() -> None:
