@@ -8,6 +8,8 @@
         --prefix-cache-mb 0 256
     .venv/bin/python -m benchmarks.generation --devices cpu --repetition-penalty 1.05 --max-tokens 8 32 128
     .venv/bin/python -m benchmarks.generation --devices cpu --sliding-window 64 --max-tokens 8 32 128
+    .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --sliding-window 64 --full-every 6 \
+        --max-tokens 400
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --variants eager bf16 bf16 eager
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
@@ -35,7 +37,8 @@ auto).
 
 ``--sliding-window N`` builds a Mistral-shaped LM that attends to its last N tokens (Mistral v0.1: 4096), which the
 engine batches continuously (before the last sessions of 2026-12-02, the static path only) and keeps its sliding
-layers' cache a window wide (the table's KV cache peak: what the running rows held at most).
+layers' cache a window wide (the table's KV cache peak: what the running rows held at most). ``--full-every 6``
+makes it a Gemma-3-like hybrid (five sliding layers to one full one), whose full layers keep every column.
 """
 
 from __future__ import annotations
@@ -71,10 +74,11 @@ PROMPTS = [
 ]
 
 
-def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0) -> Path:
+def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0, full_every: int = 0) -> Path:
     """A GPT-2-shaped LM with a byte vocabulary; with ``sliding_window``, a Mistral-shaped one attending to its last
     that many tokens (with the packaged MiniLM's WordPiece tokenizer: transformers 5 will not load a byte-level slow
-    tokenizer for a Mistral model)."""
+    tokenizer for a Mistral model), and with ``full_every`` a hybrid whose every ``full_every``-th layer attends to
+    everything (Gemma 3: 6, five sliding layers to one full; built as Qwen2 with ``layer_types``)."""
     if sliding_window:
         from transformers import AutoTokenizer
 
@@ -92,7 +96,10 @@ def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0)
         num_heads=hidden // 64,
         max_positions=512,
     )
-    if sliding_window:
+    if sliding_window and full_every:
+        kinds = ["full_attention" if (i + 1) % full_every == 0 else "sliding_attention" for i in range(layers)]
+        config.update(model_type="qwen2", use_sliding_window=True, sliding_window=sliding_window, layer_types=kinds)
+    elif sliding_window:
         config.update(model_type="mistral", sliding_window=sliding_window)
     save_pretrained_dir(
         build_from_config(config, "causal_lm", seed=0), tokenizer, directory, extra_config={"task": "causal_lm"}
@@ -259,6 +266,9 @@ def main() -> None:
         "--sliding-window", type=int, default=0, help="a Mistral-shaped LM with this window instead (0: GPT-2-shaped)"
     )
     parser.add_argument(
+        "--full-every", type=int, default=0, help="with --sliding-window: every N-th layer full (Gemma 3: 6; 0: none)"
+    )
+    parser.add_argument(
         "--variants", nargs="+", default=["eager"], help="serving variants to load the LM as, one after the other"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the api's default: 1)")
@@ -284,7 +294,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="distillery-generation-") as folder:
-        directory = build_lm(Path(folder) / "lm", args.hidden, args.layers, args.sliding_window)
+        directory = build_lm(Path(folder) / "lm", args.hidden, args.layers, args.sliding_window, args.full_every)
         for name in args.devices:
             if name == "cuda" and not torch.cuda.is_available():
                 print("no CUDA device: skipping cuda", flush=True)
@@ -330,7 +340,8 @@ def main() -> None:
     print()
     print(
         (
-            f"Mistral-shaped LM (sliding window {args.sliding_window} tokens, {args.layers} × {args.hidden}, random "
+            f"{'Mistral' if not args.full_every else f'hybrid (every {args.full_every}th layer full)'}-shaped LM "
+            f"(sliding window {args.sliding_window} tokens, {args.layers} × {args.hidden}, random "
             "weights, MiniLM's WordPiece vocabulary)"
             if args.sliding_window
             else f"GPT-2-shaped LM ({args.layers} × {args.hidden}, random weights, byte vocabulary)"

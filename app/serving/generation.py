@@ -864,7 +864,9 @@ class GenerationEngine:
         if self.batch is not None:
             self._crop(self.batch)
         self.kv_bytes = sum(
-            cache_bytes(held.cache) for held in (self.batch, self.prefilling) if held is not None and held.cache
+            cache_bytes(held.cache)
+            for held in (self.batch, self.prefilling)
+            if held is not None and held.cache is not None
         )
         done, self.done = self.done, []
         return done
