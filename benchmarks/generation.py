@@ -78,7 +78,8 @@ def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0,
     """A GPT-2-shaped LM with a byte vocabulary; with ``sliding_window``, a Mistral-shaped one attending to its last
     that many tokens (with the packaged MiniLM's WordPiece tokenizer: transformers 5 will not load a byte-level slow
     tokenizer for a Mistral model), and with ``full_every`` a hybrid whose every ``full_every``-th layer attends to
-    everything (Gemma 3: 6, five sliding layers to one full; built as Qwen2 with ``layer_types``)."""
+    everything (Gemma 3: 6, five sliding layers to one full; a Gemma 3 text model: transformers 5 loads the MiniLM
+    tokenizer for it as saved, where for Qwen2 it would load a Qwen2Tokenizer)."""
     if sliding_window:
         from transformers import AutoTokenizer
 
@@ -98,7 +99,13 @@ def build_lm(directory: Path, hidden: int, layers: int, sliding_window: int = 0,
     )
     if sliding_window and full_every:
         kinds = ["full_attention" if (i + 1) % full_every == 0 else "sliding_attention" for i in range(layers)]
-        config.update(model_type="qwen2", use_sliding_window=True, sliding_window=sliding_window, layer_types=kinds)
+        config.update(
+            model_type="gemma3_text",
+            sliding_window=sliding_window,
+            layer_types=kinds,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+        )
     elif sliding_window:
         config.update(model_type="mistral", sliding_window=sliding_window)
     save_pretrained_dir(
@@ -340,7 +347,7 @@ def main() -> None:
     print()
     print(
         (
-            f"{'Mistral' if not args.full_every else f'hybrid (every {args.full_every}th layer full)'}-shaped LM "
+            f"{'Mistral' if not args.full_every else f'Gemma-3 (every {args.full_every}th layer full)'}-shaped LM "
             f"(sliding window {args.sliding_window} tokens, {args.layers} × {args.hidden}, random "
             "weights, MiniLM's WordPiece vocabulary)"
             if args.sliding_window
