@@ -179,6 +179,16 @@ class Settings(BaseSettings):
         "Longer prompts are prefilled over several decode steps, so running completions keep getting tokens "
         "meanwhile (chunked prefill). 0 = each prompt in one forward.",
     )
+    max_batch_total_tokens: int = Field(
+        0,
+        ge=0,
+        description="Continuous batching: most tokens (rows × columns, padding included) a causal LM's KV cache may "
+        "come to hold: each running prompt counted as wide as the widest prompt + max_tokens, as TGI's "
+        "max_batch_total_tokens. A completion request that does not fit beside the running ones waits in the queue "
+        "until enough of them finish; one that does not fit alone is refused (400). Bounds the KV cache's memory "
+        "(bytes per token: 2 × layers × KV heads × head size × the dtype's bytes). 0 = no bound (max_batch_size "
+        "prompts).",
+    )
     prefix_cache_mb: int = Field(
         256,
         ge=0,
@@ -312,6 +322,7 @@ READ_BY: dict[str, str] = {
     "max_completion_tokens": API,
     "prefill_chunk_tokens": API,
     "prefix_cache_mb": API,
+    "max_batch_total_tokens": API,
     "max_student_params": "api (checks specs)",
     "max_steps": "api (checks specs)",
     "max_dataset_rows": "api (checks specs)",

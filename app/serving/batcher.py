@@ -9,7 +9,8 @@ encodes each request's result and hands all of them back to the event loop with 
 
 A causal LM whose generation the engine takes (``Continuous``, app/serving/generation.py) is batched step by step
 instead: between decode steps the thread admits whatever is queued while the engine has rows to spare (up to
-``max_batch_size`` prompts), and each request is answered by the step that finishes it.
+``max_batch_size`` prompts) and room (``Continuous.admit`` answers ``NOT_YET`` for a request that fits only once
+running ones finish: it waits at the head of the queue), and each request is answered by the step that finishes it.
 
 Why a dedicated thread rather than the threadpool: the hand-off costs tens of microseconds instead of ~100, the
 batch forms naturally while the model is busy, and torch always runs on the same thread.
@@ -88,8 +89,9 @@ class BatchObserver(Protocol):
 
 
 class Continuous(Protocol):
-    """A model batched step by step (continuous batching): ``admit`` a request between steps (None, or the error
-    that refuses it), ``step`` while ``busy`` (the requests it finished, as (handle, output or exception)), ``fail``
+    """A model batched step by step (continuous batching): ``admit`` a request between steps (None, the error that
+    refuses it, or ``NOT_YET``: asked again after the next step, nothing behind it admitted first), ``step`` while
+    ``busy`` (the requests it finished, as (handle, output or exception)), ``fail``
     after a step raised (every request it held, as (handle, output or the error)), leaving it empty."""
 
     @property
@@ -113,7 +115,7 @@ class Continuous(Protocol):
     def prompt_tokens(self) -> tuple[int, int]:
         """Prompt tokens of the prefill the last step completed: (computed, taken from the prefix cache)."""
 
-    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | None: ...
+    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> BaseException | NotYet | None: ...
 
     def step(self) -> list[tuple[Any, Any]]: ...
 
@@ -169,6 +171,13 @@ class PendingRequest:
 
 
 _STOP = object()
+
+
+class NotYet:
+    """``Continuous.admit``'s answer for a request that does not fit beside the running ones but will alone."""
+
+
+NOT_YET = NotYet()
 
 
 @dataclass
@@ -365,6 +374,9 @@ class DynamicBatcher:
             except Exception as exc:
                 log.exception("admitting a request to %s failed", self.name)
                 refused = exc
+            if refused is NOT_YET:
+                state.carried = item
+                break
             if refused is not None:
                 self.loop.call_soon_threadsafe(self._deliver, [item], [refused], [True])
             else:

@@ -809,6 +809,15 @@ class GenerationEngine:
     def busy(self) -> bool:
         return bool(self.admitted or self.prefilling or self.batch or self.done)
 
+    def batch_tokens(self, joining: Sequence[tuple[Sequence[int], GenerationRequest]] = ()) -> int:
+        """The most tokens (rows × columns, padding included) the KV cache could come to hold for the prompts the
+        engine holds and ``joining`` (ids, request): every row as wide as the widest prompt + ``max_tokens``, as
+        in a left-padded batch (TGI's ``max_batch_total_tokens`` with padding). Conservative: a window crops
+        sliding layers, and rows leave as they finish."""
+        spans = [len(row.ids) + row.request.max_tokens for row in self._held()]
+        spans += [len(ids) + request.max_tokens for ids, request in joining]
+        return len(spans) * max(spans, default=0)
+
     def admit(
         self,
         requests: Sequence[GenerationRequest],

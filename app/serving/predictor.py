@@ -26,6 +26,7 @@ from torch import nn
 
 from app.distill.artifacts import load_model_dir
 from app.distill.variants import BuiltVariant, Servable, apply_variant, servable
+from app.serving.batcher import NOT_YET, NotYet
 from app.serving.generation import (
     Completion,
     GenerationEngine,
@@ -361,6 +362,17 @@ class ContextLengthExceeded(InputShapeError):
     pass
 
 
+class BatchTokensExceeded(InputShapeError):
+    """A completion request that alone needs more of the KV cache than ``max_batch_total_tokens`` allows."""
+
+    def __init__(self, needed: int, budget: int, param: str) -> None:
+        message = (
+            f"the request needs {needed} tokens of KV cache (its prompts × the longest prompt + max_tokens); this "
+            f"server holds at most {budget} per batch: ask for fewer max_tokens, fewer choices or a shorter prompt"
+        )
+        super().__init__(message, [{"loc": ["body", param], "msg": message}], param)
+
+
 class TextPredictor:
     """A transformers student: strings in; vectors (embedding), classes (text classification) or completions
     (causal LM) out. Loaded once; every forward under ``torch.inference_mode``."""
@@ -653,14 +665,17 @@ class TextPredictor:
             "batching": "continuous",
             "prefill_chunk_tokens": engine.prefill_chunk,
             "prefix_cache_bytes": engine.prefixes.max_bytes if engine.prefixes is not None else 0,
+            "max_batch_total_tokens": continuous.max_batch_total_tokens,
             "sliding_window": engine.layout.window if engine.layout is not None else None,
             "hybrid_attention": engine.layout is not None and engine.layout.hybrid,
         }
 
-    def continuous_generation(self, prefill_chunk: int = 0, prefix_cache_bytes: int = 0) -> ContinuousGeneration | None:
+    def continuous_generation(
+        self, prefill_chunk: int = 0, prefix_cache_bytes: int = 0, max_batch_total_tokens: int = 0
+    ) -> ContinuousGeneration | None:
         """What the batcher drives to batch this model's generation step by step (None: not a causal LM, or one
         the engine does not take, which generates in static batches through ``predict_batch``); ``prefill_chunk``
-        and ``prefix_cache_bytes``: ``GenerationEngine``'s."""
+        and ``prefix_cache_bytes``: ``GenerationEngine``'s; ``max_batch_total_tokens``: ``ContinuousGeneration``'s."""
         if self.task != "causal_lm" or not self.continuous:
             return None
         engine = GenerationEngine(
@@ -672,7 +687,7 @@ class TextPredictor:
             prefix_cache_bytes,
             layout=self.layout,
         )
-        return ContinuousGeneration(self, engine)
+        return ContinuousGeneration(self, engine, max_batch_total_tokens)
 
     def _generate(self, requests: Sequence[list[GenerationRequest]]) -> list[Any]:
         """Per request, its completions or the InputShapeError that refused it. The prompts of all the batch's
@@ -815,11 +830,17 @@ def never() -> bool:
 
 class ContinuousGeneration:
     """The batcher's side of a causal LM's ``GenerationEngine``: a request (its list of ``GenerationRequest``) is
-    checked and admitted between steps; each ``step`` returns the requests that finished, with their completions."""
+    checked and admitted between steps; each ``step`` returns the requests that finished, with their completions.
+    With ``max_batch_total_tokens`` (0: no bound) a request is admitted only while the engine's ``batch_tokens``
+    stays within it: one that does not fit beside the running requests waits (``NOT_YET``) until enough of them
+    finish, one that does not fit alone is refused (``BatchTokensExceeded``)."""
 
-    def __init__(self, predictor: TextPredictor, engine: GenerationEngine) -> None:
+    def __init__(self, predictor: TextPredictor, engine: GenerationEngine, max_batch_total_tokens: int = 0) -> None:
         self.predictor = predictor
         self.engine = engine
+        self.max_batch_total_tokens = max_batch_total_tokens
+        # the request told NOT_YET, and its prompts' ids (rendered once: rendering reports each prompt's length)
+        self.waiting: tuple[Any, list[list[int]]] | None = None
 
     @property
     def rows(self) -> int:
@@ -855,12 +876,26 @@ class ContinuousGeneration:
         """Bytes of keys and values the running completions hold after the engine's last step (any thread)."""
         return self.engine.kv_bytes
 
-    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | None:
-        """None when admitted; the error that refuses the request otherwise (before any of its tokens)."""
+    def admit(self, payload: Any, handle: Any, cancelled: Callable[[], bool]) -> InputShapeError | NotYet | None:
+        """None when admitted; ``NOT_YET`` when it fits only once running requests finish; the error that refuses
+        the request otherwise (before any of its tokens)."""
         prompts = cast(list[GenerationRequest], payload)
-        ids = self.predictor.render_request(prompts)
+        if self.waiting is not None and self.waiting[0] is handle:
+            ids: list[list[int]] | InputShapeError = self.waiting[1]
+        else:
+            ids = self.predictor.render_request(prompts)
+        self.waiting = None
         if isinstance(ids, InputShapeError):
             return ids
+        budget = self.max_batch_total_tokens
+        if budget:
+            joining = list(zip(ids, prompts, strict=True))
+            alone = len(joining) * max(len(i) + p.max_tokens for i, p in joining)
+            if alone > budget:
+                return BatchTokensExceeded(alone, budget, "max_tokens")
+            if self.engine.batch_tokens(joining) > budget and self.engine.rows:
+                self.waiting = (handle, ids)
+                return NOT_YET
         self.engine.admit(prompts, ids, handle, cancelled)
         return None
 

@@ -348,7 +348,11 @@ class InferenceService:
         batcher_box: list[DynamicBatcher] = []
         metrics = self.metrics.for_model(record.id, lambda: float(batcher_box[0].pending) if batcher_box else 0.0)
         continuous = (
-            predictor.continuous_generation(self.settings.prefill_chunk_tokens, self.settings.prefix_cache_mb * 2**20)
+            predictor.continuous_generation(
+                self.settings.prefill_chunk_tokens,
+                self.settings.prefix_cache_mb * 2**20,
+                self.settings.max_batch_total_tokens,
+            )
             if isinstance(predictor, TextPredictor)
             else None
         )

@@ -931,7 +931,8 @@ def test_openapi_documents_each_protocols_error_shape(client: httpx.Client) -> N
 def strict_api(
     postgres_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """Same database and artifacts; requests never wait for a load, 2 requests per model queue, 1.5 s timeout."""
+    """Same database and artifacts; requests never wait for a load, 2 requests per model queue, 1.5 s timeout, a
+    causal LM's KV cache bounded to 256 tokens (two 128-token rows)."""
     env = service_environment(
         postgres_url,
         Path(service_env["DISTILLERY_DATA_DIR"]),
@@ -939,6 +940,7 @@ def strict_api(
         model_load_wait_s="0",
         max_queue_size="2",
         inference_timeout_s="1.5",
+        max_batch_total_tokens="256",
     )
     process, base_url = start_api(env, tmp_path_factory.mktemp("strict") / "api.log")
     yield base_url
@@ -984,6 +986,12 @@ def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_mode
             slow = [pool.submit(generate, i) for i in range(2)]
             statuses = [future.result().status_code for future in slow]
         assert 504 in statuses or all(s == 200 for s in statuses)  # 120 tokens may fit in 1.5 s on a fast machine
+        # three choices of 101 tokens need 303 tokens of KV cache: over the budget alone, a 400 naming max_tokens
+        assert client.post(f"/v1/models/{lm}/load").json()["generation"]["max_batch_total_tokens"] == 256
+        body = {"model": lm, "prompt": "x", "max_tokens": 100, "n": 3}
+        over = assert_openai_error(client.post("/v1/completions", json=body), 400)
+        assert over["param"] == "max_tokens" and "256" in over["message"], over
+        assert client.post("/v1/completions", json={**body, "n": 2}).status_code == 200  # 202 fits
         # the server keeps serving
         assert client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200
 

@@ -554,6 +554,70 @@ def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alon
     asyncio.run(main())
 
 
+def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_never_will(
+    endless: TextPredictor,
+) -> None:
+    """``max_batch_total_tokens``: with room for two rows as wide as a running 40-token completion, a request of two
+    prompts waits until it ends (its prompts rendered once however long it waits) and a one-prompt request queued
+    behind it, which would fit, does not overtake it; both then run together. The engine never holds more than the
+    budget. A request that needs more than the budget alone is refused with ``max_tokens`` named; one that fits
+    alone runs. Every completion is what it is unbounded."""
+
+    def request(prompt: str, max_tokens: int, starts: list[int] | None = None) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=prompt, max_tokens=max_tokens, on_start=starts.append if starts is not None else None
+        )
+
+    long = [request("a long one", 40)]
+    span = len(endless.render_prompt(long[0])) + 40  # the widest row
+    budget = 2 * span
+    rendered: list[int] = [0]
+
+    def pair() -> list[GenerationRequest]:
+        return [request("x", 5, rendered), request("yz", 7)]
+
+    alone = [endless.predict_batch([r])[0] for r in ([request("a long one", 40)], pair(), [request("q", 6)])]
+    rendered.clear()
+
+    class Recorder(BatchRecorder):
+        def __init__(self, engine: Any) -> None:
+            super().__init__()
+            self.engine = engine
+            self.held: list[int] = []
+
+        def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
+            super().batch_done(rows, requests, queue_seconds, compute_seconds)
+            self.held.append(self.engine.engine.batch_tokens())  # on the inference thread, after the step
+
+    async def main() -> None:
+        engine = endless.continuous_generation(0, 0, budget)
+        assert engine is not None
+        observer = Recorder(engine)
+        batcher = DynamicBatcher(
+            "m", endless.predict_batch, BatchingConfig(), asyncio.get_running_loop(), observer, continuous=engine
+        )
+        first = asyncio.ensure_future(batcher.submit(long, 1))
+        for _ in range(5000):  # until the long request is generating
+            if len(observer.rows) >= 3 or first.done():
+                break
+            await asyncio.sleep(0.001)
+        assert len(observer.rows) >= 3 and not first.done()
+        second = asyncio.ensure_future(batcher.submit(pair(), 2))
+        third = asyncio.ensure_future(batcher.submit([request("q", 6)], 1))
+        with pytest.raises(InputShapeError) as refused:
+            await batcher.submit([request("too long by far", budget)], 1)
+        assert refused.value.param == "max_tokens" and str(budget) in str(refused.value)
+        results = [await first, await second, await third]
+        batcher.stop()
+        batcher.join(5)
+        assert [[c.text for c in r] for r in results] == [[c.text for c in r] for r in alone]
+        assert rendered == [len(endless.render_prompt(request("x", 5)))]  # rendered once
+        assert observer.rows[:40] == [1] * 40 and max(observer.rows) == 3  # alone, then the three together
+        assert 0 < max(observer.held) <= budget
+
+    asyncio.run(main())
+
+
 def test_chunked_prefill_generates_the_same_and_keeps_running_rows_going(endless: TextPredictor) -> None:
     """With ``prefill_chunk`` a prompt is prefilled a few columns per step: the completions, greedy and seeded, and
     the prompt's log-probabilities (echo) are those of one-forward prefills; and a row already generating gets a
@@ -1352,12 +1416,13 @@ def test_the_engine_says_why_it_does_not_take_a_model(causal: TextPredictor, win
     finally:
         config.bad_words_ids = None
     assert GenerationEngine.unsupported(windowed.model) is None
-    status = windowed.generation_status(windowed.continuous_generation(16, 2**20))
+    status = windowed.generation_status(windowed.continuous_generation(16, 2**20, 4096))
     layout = windowed.continuous_generation().engine.layout  # type: ignore[union-attr]
     assert status == {
         "batching": "continuous",
         "prefill_chunk_tokens": 16,
         "prefix_cache_bytes": 2**20,
+        "max_batch_total_tokens": 4096,
         "sliding_window": 8,
         "hybrid_attention": layout is not None and layout.hybrid,
     }
