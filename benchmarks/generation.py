@@ -11,6 +11,8 @@
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --sliding-window 64 --full-every 6 \
         --max-tokens 400
     .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --variants eager bf16 bf16 eager
+    .venv/bin/python -m benchmarks.generation --devices cpu --modes continuous --max-tokens 128 \
+        --max-batch-total-tokens 0 1024
 
 A GPT-2-shaped causal LM (random weights, byte-level vocabulary; the size of a small distilled student) loaded by the
 api's own ``TextPredictor``, driven through the api's own ``DynamicBatcher`` by concurrent clients on an asyncio
@@ -39,6 +41,9 @@ auto).
 engine batches continuously (before the last sessions of 2026-12-02, the static path only) and keeps its sliding
 layers' cache a window wide (the table's KV cache peak: what the running rows held at most). ``--full-every 6``
 makes it a Gemma-3-like hybrid (five sliding layers to one full one), whose full layers keep every column.
+
+``--max-batch-total-tokens 0 1024`` runs the engine without a KV-cache token budget and with one of 1,024 tokens
+(``DISTILLERY_MAX_BATCH_TOTAL_TOKENS``: a request that does not fit beside the running ones waits).
 """
 
 from __future__ import annotations
@@ -168,6 +173,7 @@ async def drive_generation(
     long_clients: int = 1,
     shared_prefix: int = 0,
     prefix_cache_mb: int = 0,
+    max_batch_total_tokens: int = 0,
 ) -> dict[str, float]:
     """``clients`` concurrent senders through the api's DynamicBatcher, each sending one completion at a time, its
     i-th of ``lengths[i % len(lengths)]`` tokens. ``mode``: ``continuous`` (the engine, step by step), ``static``
@@ -176,8 +182,13 @@ async def drive_generation(
     engine's step times (p50 / p99 / max: what a running row waits between two tokens); with ``long_prompt``,
     ``long_clients`` more clients sending prompts of that many bytes for one token each (their p50 latency; they
     do not count in the rest); with ``shared_prefix``, every prompt begins with the same that many bytes (the engine
-    keeps ``prefix_cache_mb`` of prompts' keys and values)."""
-    engine = predictor.continuous_generation(prefill_chunk, prefix_cache_mb * 2**20) if mode == "continuous" else None
+    keeps ``prefix_cache_mb`` of prompts' keys and values); ``max_batch_total_tokens``: the api's KV-cache token
+    budget (0: none)."""
+    engine = (
+        predictor.continuous_generation(prefill_chunk, prefix_cache_mb * 2**20, max_batch_total_tokens)
+        if mode == "continuous"
+        else None
+    )
     max_batch = 1 if mode == "off" else clients
     config = BatchingConfig(max_batch_size=max_batch, max_queue_size=4 * clients, timeout_s=300)
     supported = predictor.continuous
@@ -297,6 +308,13 @@ def main() -> None:
         default=[256],
         help="continuous: the engine's prefix cache sizes (the api's default: 256; 0: none)",
     )
+    parser.add_argument(
+        "--max-batch-total-tokens",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="continuous: KV-cache token budgets (DISTILLERY_MAX_BATCH_TOTAL_TOKENS; 0, the default: none)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -315,12 +333,13 @@ def main() -> None:
                 params = sum(p.numel() for p in predictor.model.parameters())
                 single = alone_ms(predictor, args.max_tokens[0], args.temperature)
                 runs = [
-                    (mode, chunk, cache)
+                    (mode, chunk, cache, budget)
                     for mode in args.modes
                     for chunk in (args.prefill_chunks if mode == "continuous" else [0])
                     for cache in (args.prefix_cache_mb if mode == "continuous" else [0])
+                    for budget in (args.max_batch_total_tokens if mode == "continuous" else [0])
                 ]
-                for mode, chunk, cache in runs:
+                for mode, chunk, cache, budget in runs:
                     result = asyncio.run(
                         drive_generation(
                             predictor,
@@ -334,6 +353,7 @@ def main() -> None:
                             args.long_clients,
                             args.shared_prefix,
                             cache,
+                            budget,
                         )
                     )
                     label = mode if len(args.variants) == 1 else f"{mode}, {predictor.variant}"
@@ -341,6 +361,8 @@ def main() -> None:
                         label += f", prefill chunk {chunk}"
                     if mode == "continuous" and len(args.prefix_cache_mb) > 1:
                         label += f", prefix cache {cache} MB"
+                    if mode == "continuous" and len(args.max_batch_total_tokens) > 1:
+                        label += f", token budget {budget or 'none'}"
                     rows.append({"device": machine(device), "params": params, "alone": single, "mode": label, **result})
                     print(rows[-1], flush=True)
     kind = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature:g})"
