@@ -98,7 +98,7 @@ class ModelStatus(BaseModel):
     generation: dict[str, Any] | None = Field(
         None,
         description="Causal LMs: `batching` `continuous` (with `prefill_chunk_tokens`, `prefix_cache_bytes`, "
-        "`max_batch_total_tokens`, "
+        "`max_batch_total_tokens`, `kv_cache_bytes_per_token`, "
         "`sliding_window`, `hybrid_attention`) or `static` with the `reason` the engine does not take the model.",
     )
     batching: dict[str, Any] | None = None

@@ -426,6 +426,13 @@ def cache_layers(model: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
+def kv_token_bytes(model: Any) -> int:
+    """Bytes of keys and values one token adds to ``model``'s KV cache, all layers together (from the cache of a
+    two-token forward, in the model's dtype): what sizes a token budget (``max_batch_total_tokens``) in memory."""
+    layers = cache_layers(model)
+    return int(sum((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in layers)) // 2
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes of the keys and values a ``DynamicCache`` holds."""
     return sum(

@@ -36,6 +36,7 @@ from app.serving.generation import (
     TextStream,
     TokenLogprob,
     end_of_sequence_ids,
+    kv_token_bytes,
     prompt_scores,
     token_logprobs,
 )
@@ -430,6 +431,7 @@ class TextPredictor:
         # static batches (generate), and why not
         self.static_reason, self.layout = GenerationEngine.fit(self.model) if self.task == "causal_lm" else (None, None)
         self.continuous = self.task == "causal_lm" and self.static_reason is None
+        self.kv_token_bytes = kv_token_bytes(self.model) if self.continuous else 0
         self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
 
@@ -666,6 +668,7 @@ class TextPredictor:
             "prefill_chunk_tokens": engine.prefill_chunk,
             "prefix_cache_bytes": engine.prefixes.max_bytes if engine.prefixes is not None else 0,
             "max_batch_total_tokens": continuous.max_batch_total_tokens,
+            "kv_cache_bytes_per_token": self.kv_token_bytes,
             "sliding_window": engine.layout.window if engine.layout is not None else None,
             "hybrid_attention": engine.layout is not None and engine.layout.hybrid,
         }

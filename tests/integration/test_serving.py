@@ -987,7 +987,9 @@ def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_mode
             statuses = [future.result().status_code for future in slow]
         assert 504 in statuses or all(s == 200 for s in statuses)  # 120 tokens may fit in 1.5 s on a fast machine
         # three choices of 101 tokens need 303 tokens of KV cache: over the budget alone, a 400 naming max_tokens
-        assert client.post(f"/v1/models/{lm}/load").json()["generation"]["max_batch_total_tokens"] == 256
+        generation = client.post(f"/v1/models/{lm}/load").json()["generation"]
+        # TINY_GPT2: 2 layers × keys and values × 32 wide × float32
+        assert generation["max_batch_total_tokens"] == 256 and generation["kv_cache_bytes_per_token"] == 2 * 2 * 32 * 4
         body = {"model": lm, "prompt": "x", "max_tokens": 100, "n": 3}
         over = assert_openai_error(client.post("/v1/completions", json=body), 400)
         assert over["param"] == "max_tokens" and "256" in over["message"], over

@@ -1417,12 +1417,17 @@ def test_the_engine_says_why_it_does_not_take_a_model(causal: TextPredictor, win
         config.bad_words_ids = None
     assert GenerationEngine.unsupported(windowed.model) is None
     status = windowed.generation_status(windowed.continuous_generation(16, 2**20, 4096))
+    config = windowed.model.config
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert config.num_hidden_layers == 4
     layout = windowed.continuous_generation().engine.layout  # type: ignore[union-attr]
     assert status == {
         "batching": "continuous",
         "prefill_chunk_tokens": 16,
         "prefix_cache_bytes": 2**20,
         "max_batch_total_tokens": 4096,
+        # keys and values of every layer, float32: 4 layers × 2 × KV heads × head size × 4 bytes
+        "kv_cache_bytes_per_token": 4 * 2 * windowed.model.config.num_key_value_heads * head_size * 4,
         "sliding_window": 8,
         "hybrid_attention": layout is not None and layout.hybrid,
     }
