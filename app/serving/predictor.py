@@ -642,16 +642,19 @@ class TextPredictor:
             )
         return ids
 
-    def render_request(self, prompts: Sequence[GenerationRequest]) -> list[list[int]] | InputShapeError:
+    def render_request(
+        self, prompts: Sequence[GenerationRequest], accepted: bool = True
+    ) -> list[list[int]] | InputShapeError:
         """Every prompt of a request checked before the first token (a request fails whole, never half-way through a
-        stream): their token ids, or the InputShapeError that refuses the request. Calls each ``on_start``."""
+        stream): their token ids, or the InputShapeError that refuses the request. ``accepted``: calls each
+        ``on_start`` (a streamed response starts then); False leaves that to the caller (``accept``), which has
+        more to check."""
         try:
             ids = [self.render_prompt(prompt) for prompt in prompts]
         except InputShapeError as exc:
             return exc
-        for prompt, prompt_ids in zip(prompts, ids, strict=True):
-            if prompt.on_start is not None:
-                prompt.on_start(len(prompt_ids))
+        if accepted:
+            accept(prompts, ids)
         return ids
 
     def generation_status(self, continuous: object) -> dict[str, Any] | None:
@@ -831,6 +834,13 @@ def never() -> bool:
     return False
 
 
+def accept(prompts: Sequence[GenerationRequest], ids: Sequence[list[int]]) -> None:
+    """Each prompt's ``on_start``, with its length: the request is accepted (a streamed response starts)."""
+    for prompt, prompt_ids in zip(prompts, ids, strict=True):
+        if prompt.on_start is not None:
+            prompt.on_start(len(prompt_ids))
+
+
 class ContinuousGeneration:
     """The batcher's side of a causal LM's ``GenerationEngine``: a request (its list of ``GenerationRequest``) is
     checked and admitted between steps; each ``step`` returns the requests that finished, with their completions.
@@ -886,7 +896,7 @@ class ContinuousGeneration:
         if self.waiting is not None and self.waiting[0] is handle:
             ids: list[list[int]] | InputShapeError = self.waiting[1]
         else:
-            ids = self.predictor.render_request(prompts)
+            ids = self.predictor.render_request(prompts, accepted=False)
         self.waiting = None
         if isinstance(ids, InputShapeError):
             return ids
@@ -899,6 +909,7 @@ class ContinuousGeneration:
             if self.engine.batch_tokens(joining) > budget and self.engine.rows:
                 self.waiting = (handle, ids)
                 return NOT_YET
+        accept(prompts, ids)
         self.engine.admit(prompts, ids, handle, cancelled)
         return None
 

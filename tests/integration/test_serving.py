@@ -993,6 +993,8 @@ def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_mode
         body = {"model": lm, "prompt": "x", "max_tokens": 100, "n": 3}
         over = assert_openai_error(client.post("/v1/completions", json=body), 400)
         assert over["param"] == "max_tokens" and "256" in over["message"], over
+        streamed = assert_openai_error(client.post("/v1/completions", json={**body, "stream": True}), 400)
+        assert streamed["param"] == "max_tokens"  # refused before the stream starts
         assert client.post("/v1/completions", json={**body, "n": 2}).status_code == 200  # 202 fits
         # the server keeps serving
         assert client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200

@@ -555,17 +555,21 @@ def test_a_request_admitted_mid_generation_finishes_first_with_what_it_gets_alon
 
 
 def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_never_will(
-    endless: TextPredictor,
+    endless: TextPredictor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``max_batch_total_tokens``: with room for two rows as wide as a running 40-token completion, a request of two
-    prompts waits until it ends (its prompts rendered once however long it waits) and a one-prompt request queued
-    behind it, which would fit, does not overtake it; both then run together. The engine never holds more than the
-    budget. A request that needs more than the budget alone is refused with ``max_tokens`` named; one that fits
-    alone runs. Every completion is what it is unbounded."""
+    prompts waits until it ends (its prompts rendered once however long it waits, and accepted — a streamed
+    response started — only when admitted) and a one-prompt request queued behind it, which would fit, does not
+    overtake it; both then run together. The engine never holds more than the budget. A request that needs more than
+    the budget alone is refused with ``max_tokens`` named, never accepted; one that fits alone runs. Every completion
+    is what it is unbounded."""
+    steps: list[int] = []  # the decode steps done, read when a request is accepted
 
     def request(prompt: str, max_tokens: int, starts: list[int] | None = None) -> GenerationRequest:
         return GenerationRequest(
-            prompt=prompt, max_tokens=max_tokens, on_start=starts.append if starts is not None else None
+            prompt=prompt,
+            max_tokens=max_tokens,
+            on_start=(lambda _: starts.append(len(steps))) if starts is not None else None,
         )
 
     long = [request("a long one", 40)]
@@ -578,6 +582,14 @@ def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_ne
 
     alone = [endless.predict_batch([r])[0] for r in ([request("a long one", 40)], pair(), [request("q", 6)])]
     rendered.clear()
+    renders: list[str] = []
+    render_prompt = endless.render_prompt
+
+    def counted(prompt: GenerationRequest) -> list[int]:
+        renders.append(str(prompt.prompt))
+        return render_prompt(prompt)
+
+    monkeypatch.setattr(endless, "render_prompt", counted)
 
     class Recorder(BatchRecorder):
         def __init__(self, engine: Any) -> None:
@@ -587,6 +599,7 @@ def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_ne
 
         def batch_done(self, rows: int, requests: int, queue_seconds: Any, compute_seconds: float) -> None:
             super().batch_done(rows, requests, queue_seconds, compute_seconds)
+            steps.append(rows)
             self.held.append(self.engine.engine.batch_tokens())  # on the inference thread, after the step
 
     async def main() -> None:
@@ -604,14 +617,16 @@ def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_ne
         assert len(observer.rows) >= 3 and not first.done()
         second = asyncio.ensure_future(batcher.submit(pair(), 2))
         third = asyncio.ensure_future(batcher.submit([request("q", 6)], 1))
+        never_started: list[int] = []
         with pytest.raises(InputShapeError) as refused:
-            await batcher.submit([request("too long by far", budget)], 1)
+            await batcher.submit([request("too long by far", budget, never_started)], 1)
+        assert never_started == []
         assert refused.value.param == "max_tokens" and str(budget) in str(refused.value)
         results = [await first, await second, await third]
         batcher.stop()
         batcher.join(5)
         assert [[c.text for c in r] for r in results] == [[c.text for c in r] for r in alone]
-        assert rendered == [len(endless.render_prompt(request("x", 5)))]  # rendered once
+        assert renders.count("x") == 1 and len(rendered) == 1 and rendered[0] >= 40  # after the long one's 40 steps
         assert observer.rows[:40] == [1] * 40 and max(observer.rows) == 3  # alone, then the three together
         assert 0 < max(observer.held) <= budget
 
