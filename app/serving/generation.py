@@ -426,6 +426,28 @@ def cache_layers(model: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
+def compact_rows(mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """``mask`` [rows, columns] and ``cache`` with each row's tokens moved together, right-aligned, in as many columns
+    as the longest row has tokens (the cache's tensors replaced; the new mask returned). A prefill from the prefix
+    cache leaves padding inside a row (its cached prefix, then the rest right-aligned beside a longer uncached
+    prompt): without this every step would attend over those columns and the batch would hold them until the row
+    left. Rows already so (no prefix reused) are left as they are, at no copy."""
+    lengths = mask.sum(-1)
+    columns, width = mask.shape[1], int(lengths.max())
+    place = torch.arange(columns, device=mask.device)
+    if width == columns and torch.equal(mask.bool(), place[None, :] >= (columns - lengths)[:, None]):
+        return mask
+    # padding first (in column order), then the row's tokens in order; keep the last ``width``
+    order = torch.argsort(place[None, :] + mask * columns, dim=-1, stable=True)[:, columns - width :]
+
+    def gathered(tensor: torch.Tensor) -> torch.Tensor:  # [rows, heads, columns, size]
+        return tensor.gather(2, order[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1]))
+
+    for layer in cache.layers:
+        layer.keys, layer.values = gathered(layer.keys), gathered(layer.values)
+    return mask.gather(1, order)
+
+
 def kv_token_bytes(model: Any) -> int:
     """Bytes of keys and values one token adds to ``model``'s KV cache, all layers together (from the cache of a
     two-token forward, in the model's dtype): what sizes a token budget (``max_batch_total_tokens``) in memory."""
@@ -1059,6 +1081,7 @@ class GenerationEngine:
             if row.request.on_prompt_logprobs is not None:
                 row.request.on_prompt_logprobs(row.prompt_logprobs)
         tokens = self._choose(rows, logits[:, -1, :])
+        mask = compact_rows(mask, prefill.cache)
         return Batch(rows, prefill.cache, mask, tokens, mask.sum(-1))
 
     def _decode(self, batch: Batch) -> None:

@@ -752,6 +752,43 @@ def test_the_prefix_cache_gives_the_same_completions_and_prefills_only_the_rest(
         assert cached_tokens == [(sum(n) - c, c) for n, c in zip(lengths, [0, shared, shared], strict=True)]
 
 
+def test_a_prefill_from_the_prefix_cache_leaves_no_padding_inside_a_row(endless: TextPredictor) -> None:
+    """A cached prompt prefilled beside a longer uncached one has padding between its cached prefix and the rest
+    in the prefill; once the prefill is done the rows are compacted: the batch is as wide as its longest row, each
+    row's tokens together at the right; the completions and log-probabilities are an uncached engine's."""
+
+    def pair() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt=SYSTEM + "Q: and?", max_tokens=6, logprobs=1),
+            GenerationRequest(
+                prompt="an unrelated prompt, longer than what follows the cached part of the other", max_tokens=6
+            ),
+        ]
+
+    prompts = [endless.render_prompt(r) for r in pair()]
+    [plain], _ = run_engine(endless.continuous_generation(), [pair()], endless.render_prompt)
+    adapter = endless.continuous_generation(0, 2**20)
+    engine = adapter.engine
+    run_engine(adapter, [[GenerationRequest(prompt=SYSTEM + "Q: hi?", max_tokens=3)]], endless.render_prompt)
+    requests = pair()
+    engine.admit(requests, prompts, "pair", never)
+    engine.step()  # the prefill, whole (no chunks)
+    cached = [row.cached for row in engine.batch.rows]  # type: ignore[union-attr]
+    assert cached[0] >= 32 and cached[1] == 0 and len(prompts[1]) > len(prompts[0]) - cached[0]  # padding inside
+    width = max(len(p) for p in prompts)
+    mask = engine.batch.mask  # type: ignore[union-attr]
+    assert mask.tolist() == [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    assert all(layer.keys.shape[2] == width for layer in engine.batch.cache.layers)  # type: ignore[union-attr]
+    done: list[Completion] = []
+    while engine.busy:
+        for _, completions in engine.step():
+            done += completions  # type: ignore[arg-type]
+    assert [c.text for c in done] == [c.text for c in plain]
+    assert [e.logprob for e in done[0].logprobs or []] == pytest.approx(
+        [e.logprob for e in plain[0].logprobs or []], abs=1e-4
+    )
+
+
 def test_repeated_prompts_are_prefilled_once_and_echo_is_scored_in_full(endless: TextPredictor) -> None:
     """``n`` choices of one prompt in one prefill are computed once and each drawn with its own generator (the same
     completions as alone); a prompt that asks for its own log-probabilities (echo) is prefilled in full even when its
