@@ -426,6 +426,12 @@ def cache_layers(model: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
+def padded_tokens(prompts: Sequence[tuple[Sequence[int], GenerationRequest]]) -> int:
+    """Tokens (rows × columns) of a left-padded KV cache of these prompts (ids, request) once each has its
+    ``max_tokens``: every row as wide as the widest prompt + ``max_tokens``."""
+    return len(prompts) * max((len(ids) + request.max_tokens for ids, request in prompts), default=0)
+
+
 def compact_rows(mask: torch.Tensor, cache: Any) -> torch.Tensor:
     """``mask`` [rows, columns] and ``cache`` with each row's tokens moved together, right-aligned, in as many columns
     as the longest row has tokens (the cache's tensors replaced; the new mask returned). A prefill from the prefix
@@ -843,9 +849,7 @@ class GenerationEngine:
         engine holds and ``joining`` (ids, request): every row as wide as the widest prompt + ``max_tokens``, as
         in a left-padded batch (TGI's ``max_batch_total_tokens`` with padding). Conservative: a window crops
         sliding layers, and rows leave as they finish."""
-        spans = [len(row.ids) + row.request.max_tokens for row in self._held()]
-        spans += [len(ids) + request.max_tokens for ids, request in joining]
-        return len(spans) * max(spans, default=0)
+        return padded_tokens([(row.ids, row.request) for row in self._held()] + list(joining))
 
     def admit(
         self,
@@ -1041,10 +1045,7 @@ class GenerationEngine:
         if held >= length:
             return
         columns = mask[row].nonzero().squeeze(1)[held:length]
-        shifted = [
-            columns - cropped if cropped and self.sliding is not None and index in self.sliding else columns
-            for index in range(len(layers))
-        ]
+        shifted = [columns - self._lacks(cropped, index) for index in range(len(layers))]
         keys = [layer.keys[row].index_select(1, at) for layer, at in zip(layers, shifted, strict=True)]
         values = [layer.values[row].index_select(1, at) for layer, at in zip(layers, shifted, strict=True)]
         self.prefixes.store(ids[:length], held, keys, values)
@@ -1161,14 +1162,15 @@ class GenerationEngine:
         start = int(used[0]) if len(used) else 0  # columns that only padding holds now
         batch.mask = batch.mask[:, start:]
         for index, layer in enumerate(batch.cache.layers):
-            cut = max(0, start - self._lacks(batch, index))
+            cut = max(0, start - self._lacks(batch.cropped, index))
             layer.keys = layer.keys.index_select(0, kept)[..., cut:, :]
             layer.values = layer.values.index_select(0, kept)[..., cut:, :]
         batch.cropped = max(0, batch.cropped - start)
 
-    def _lacks(self, batch: Batch, layer: int) -> int:
-        """How many of the first columns of ``batch.mask`` cache layer ``layer`` lacks (a hybrid's cropped layers)."""
-        return batch.cropped if self.sliding is not None and layer in self.sliding else 0
+    def _lacks(self, cropped: int, layer: int) -> int:
+        """How many of the first columns of a batch's mask cache layer ``layer`` lacks when the batch's sliding layers
+        are ``cropped`` (a hybrid's: ``Batch.cropped``)."""
+        return cropped if self.sliding is not None and layer in self.sliding else 0
 
     def _crop(self, batch: Batch) -> None:
         """Drop from the sliding layers the columns no row's window reaches any more: the token fed next attends to
@@ -1215,7 +1217,7 @@ class GenerationEngine:
             return merged
 
         for index, (mine, theirs) in enumerate(zip(running.cache.layers, joining.cache.layers, strict=True)):
-            width = narrow if self._lacks(running, index) else full
+            width = narrow if self._lacks(running.cropped, index) else full
             mine.keys = stacked(mine.keys, theirs.keys, -2, width)
             mine.values = stacked(mine.values, theirs.values, -2, width)
         running.mask = stacked(running.mask, joining.mask, 1)

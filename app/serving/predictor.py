@@ -37,6 +37,7 @@ from app.serving.generation import (
     TokenLogprob,
     end_of_sequence_ids,
     kv_token_bytes,
+    padded_tokens,
     prompt_scores,
     token_logprobs,
 )
@@ -431,6 +432,7 @@ class TextPredictor:
         # static batches (generate), and why not
         self.static_reason, self.layout = GenerationEngine.fit(self.model) if self.task == "causal_lm" else (None, None)
         self.continuous = self.task == "causal_lm" and self.static_reason is None
+        # measured here, beside fit's probe (a two-token forward, before the batcher runs the model)
         self.kv_token_bytes = kv_token_bytes(self.model) if self.continuous else 0
         self.cost: ForwardCost | None = None  # measured by warmup (calibrate)
         self.warmup()
@@ -903,7 +905,7 @@ class ContinuousGeneration:
         budget = self.max_batch_total_tokens
         if budget:
             joining = list(zip(ids, prompts, strict=True))
-            alone = len(joining) * max(len(i) + p.max_tokens for i, p in joining)
+            alone = padded_tokens(joining)
             if alone > budget:
                 return BatchTokensExceeded(alone, budget, "max_tokens")
             if self.engine.batch_tokens(joining) > budget and self.engine.rows:
