@@ -118,7 +118,11 @@ def progress_document(update: ProgressUpdate, eta_seconds: float | None) -> dict
 class ProgressWriter:
     """Progress callback for the training loops: writes at most every ``interval_s`` (and at every stage
     change); raises ``StopRequested`` for a cancel, a pause or a shutdown and ``AttemptSuperseded`` when fenced
-    off. A write that finds the database down is skipped (training goes on)."""
+    off. A write that finds the database down is skipped (training goes on).
+
+    ``resumed`` is the progress the job was claimed with: until this attempt reports a count of its own (the
+    ``loading`` stage has none), its writes carry that step forward rather than report step 0 — a resumed job
+    paused or stopped while it loads still shows where it left off."""
 
     def __init__(
         self,
@@ -128,8 +132,10 @@ class ProgressWriter:
         interval_s: float,
         shutting_down: Callable[[], bool] = lambda: False,
         time_limit_s: float | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         self.db = db
+        self.carried = resumed if resumed and int(resumed.get("step") or 0) > 0 else None
         self.time_limit_s = time_limit_s
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.job_id = job_id
@@ -152,21 +158,29 @@ class ProgressWriter:
         per_step = (now - started) / max(1, update.step - first_step)
         return per_step * (update.total_steps - update.step)
 
+    def document(self, update: ProgressUpdate, eta: float | None) -> dict[str, Any]:
+        document = progress_document(update, eta)
+        if update.total_steps:
+            self.carried = None  # counting on its own from here
+        elif self.carried is not None:
+            document.update({key: self.carried.get(key, document[key]) for key in ("step", "total_steps", "fraction")})
+        return document
+
     def __call__(self, update: ProgressUpdate) -> None:
         eta = self.eta(update)
         if self.shutting_down():
-            self.last = progress_document(update, eta)
+            self.last = self.document(update, eta)
             raise StopRequested("shutdown", checkpoint=True)
         now = time.monotonic()
         if self.deadline is not None and now > self.deadline:
-            self.last = progress_document(update, eta)
+            self.last = self.document(update, eta)
             raise JobFailure(
                 "time_limit", f"the attempt ran past its time limit of {self.time_limit_s:g} s (training.time_limit_s)"
             )
         stage_changed = update.stage != self.stage
         if not stage_changed and now - self.last_write < self.interval_s:
             return
-        self.last = progress_document(update, eta)
+        self.last = self.document(update, eta)
         events: list[dict[str, Any]] = []
         if stage_changed:
             events.append({"type": "message", "message": f"stage: {update.stage}", "data": {"stage": update.stage}})
@@ -281,6 +295,7 @@ class JobRunner:
             self.settings.progress_interval_s,
             self.shutting_down,
             time_limit_s=spec.training.time_limit_s,
+            resumed=claimed["progress"],
         )
         try:
             with Heartbeat(self.db, job_id, attempt, self.settings.heartbeat_interval_s):

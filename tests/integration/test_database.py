@@ -4,6 +4,8 @@ end, so nothing leaks between tests."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -12,8 +14,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from app.db import jobs_repository
+from app.db.engine import Database
 from app.db.tables import metadata
+from app.distill.training import ProgressUpdate, StopRequested
 from app.ids import new_id
+from worker.runner import ProgressWriter
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +113,63 @@ def test_pause_requeue_and_resume(conn: Connection) -> None:
     assert job_id in jobs_repository.unpublished(conn, older_than_s=-1, limit=100)  # a new publish is owed
     again = jobs_repository.claim(conn, job_id, "w", stale_after_s=60)
     assert again is not None and again["attempts"] == 2 and again["attempts"] - again["graceful_stops"] == 1
+
+
+class OneConnection:
+    """The worker's ``Database`` over the test's connection: its transactions are the test's, rolled back."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        yield self.conn
+
+
+def test_a_resumed_job_paused_while_it_loads_keeps_its_step(conn: Connection) -> None:
+    # seen in CI: a job stopped at step 25, resumed, and paused before the new attempt had trained reported step 0
+    job_id = make_job(conn)
+    jobs_repository.claim(conn, job_id, "w1", stale_after_s=60)
+    stored = {"stage": "training", "step": 25, "total_steps": 3000, "fraction": 0.008333, "metrics": {"loss": 1.5}}
+    assert jobs_repository.write_progress(conn, job_id, 1, stored) == (False, False)
+    assert jobs_repository.requeue(conn, job_id, 1, progress=None) is True
+    claimed = jobs_repository.claim(conn, job_id, "w2", stale_after_s=60)
+    assert claimed is not None and claimed["progress"]["step"] == 25
+    assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
+    db = cast(Database, OneConnection(conn))
+    writer = ProgressWriter(db, job_id, 2, 60.0, lambda: False, resumed=dict(claimed["progress"]))
+    with pytest.raises(StopRequested) as stop:
+        writer(ProgressUpdate("loading", 0, 0))
+    assert stop.value.reason == "pause"
+    expected: dict[str, Any] = {"stage": "loading", "step": 25, "total_steps": 3000, "fraction": 0.008333}
+    row = jobs_repository.get_job(conn, job_id, tenant="t1")
+    assert row is not None and {key: row["progress"][key] for key in expected} == expected
+    assert writer.last is not None and {key: writer.last[key] for key in expected} == expected
+    assert jobs_repository.requeue(conn, job_id, 2, status="paused", progress=writer.last) is True
+    assert jobs_repository.resume(conn, job_id, tenant="t1") is True
+    again = jobs_repository.claim(conn, job_id, "w3", stale_after_s=60)
+    assert again is not None and again["progress"]["step"] == 25
+
+    def stored_step() -> int:
+        row = jobs_repository.get_job(conn, job_id, tenant="t1")
+        assert row is not None
+        return int(row["progress"]["step"])
+
+    writer = ProgressWriter(db, job_id, 3, 0.0, lambda: False, resumed=dict(again["progress"]))
+    writer(ProgressUpdate("loading", 0, 0))
+    assert stored_step() == 25
+    # once the attempt counts on its own, its count shows (a checkpoint older than the stored step: work redone)
+    writer(ProgressUpdate("training", 20, 3000))
+    assert stored_step() == 20
+    writer(ProgressUpdate("stage b", 0, 0))
+    assert stored_step() == 0
+    # a first attempt (claimed with the initial progress) reports its own step 0 while it loads
+    other = make_job(conn)
+    first = jobs_repository.claim(conn, other, "w1", stale_after_s=60)
+    assert first is not None
+    ProgressWriter(db, other, 1, 0.0, lambda: False, resumed=dict(first["progress"]))(ProgressUpdate("loading", 0, 0))
+    row = jobs_repository.get_job(conn, other, tenant="t1")
+    assert row is not None and row["progress"]["step"] == 0 and row["progress"]["stage"] == "loading"
 
 
 def test_idempotency_keys(conn: Connection) -> None:
