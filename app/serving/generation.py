@@ -53,6 +53,9 @@ class GenerationRequest:
     # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
     # still fit), or "truncate" the prompt as well (the native protocol)
     overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
+    # where the request set ``max_tokens``, for the errors that name it: ("max_tokens",) in OpenAI's completions,
+    # ("max_completion_tokens",) in its chat when given, ("parameters", "max_new_tokens") in the native predict
+    max_tokens_field: tuple[str, ...] = ("max_tokens",)
     on_start: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
     # with ``logprobs``: called before ``on_text`` with the generated tokens whose text that delta covers (streaming)

@@ -426,7 +426,9 @@ def prepare(served: ServedModel, body: InferRequest, blob: bytes, max_tokens_lim
     texts = text_values(tensor, decoded[0])
     if predictor.task == "causal_lm":
         max_tokens = max_tokens_of(body, max_tokens_limit)
-        return [GenerationRequest(prompt=text, max_tokens=max_tokens) for text in texts], len(texts), wanted
+        field = ("parameters", "max_tokens")
+        requests = [GenerationRequest(prompt=text, max_tokens=max_tokens, max_tokens_field=field) for text in texts]
+        return requests, len(texts), wanted
     return TextRequest(texts, truncate=True), len(texts), wanted
 
 

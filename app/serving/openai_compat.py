@@ -618,6 +618,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
             messages=messages,
             max_tokens=max_tokens,
             overflow=overflow,
+            max_tokens_field=(param,),
             seed=choice_seed(body.seed, choice),
             **shared,
         )

@@ -367,12 +367,22 @@ class ContextLengthExceeded(InputShapeError):
 class BatchTokensExceeded(InputShapeError):
     """A completion request that alone needs more of the KV cache than ``max_batch_total_tokens`` allows."""
 
-    def __init__(self, needed: int, budget: int, param: str) -> None:
+    def __init__(self, needed: int, budget: int, field: tuple[str, ...]) -> None:
         message = (
-            f"the request needs {needed} tokens of KV cache (its prompts × the longest prompt + max_tokens); this "
-            f"server holds at most {budget} per batch: ask for fewer max_tokens, fewer choices or a shorter prompt"
+            f"the request needs {needed} tokens of KV cache (its prompts × the longest prompt + {field[-1]}); this "
+            f"server holds at most {budget} per batch: ask for fewer {field[-1]}, fewer choices or a shorter prompt"
         )
-        super().__init__(message, [{"loc": ["body", param], "msg": message}], param)
+        super().__init__(message, [{"loc": ["body", *field], "msg": message}], field[-1])
+
+
+def native_completions(texts: list[str], max_new_tokens: int) -> list[GenerationRequest]:
+    """The native predict's completions: greedy, the prompt truncated to fit (its errors name
+    ``parameters.max_new_tokens``)."""
+    field = ("parameters", "max_new_tokens")
+    return [
+        GenerationRequest(prompt=text, max_tokens=max_new_tokens, overflow="truncate", max_tokens_field=field)
+        for text in texts
+    ]
 
 
 class TextPredictor:
@@ -636,11 +646,12 @@ class TextPredictor:
         if request.overflow != "refuse" and len(ids) <= self.max_length:
             request.max_tokens = max(0, min(request.max_tokens, self.max_length - len(ids)))
         if len(ids) + request.max_tokens > self.max_length:
+            at_fault = (param,) if len(ids) > self.max_length else request.max_tokens_field
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_length} tokens; the prompt has {len(ids)} and "
-                f"max_tokens asks for {request.max_tokens} more",
-                [{"loc": ["body", param], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
-                param if len(ids) > self.max_length else "max_tokens",
+                f"{request.max_tokens_field[-1]} asks for {request.max_tokens} more",
+                [{"loc": ["body", *at_fault], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
+                at_fault[-1],
             )
         return ids
 
@@ -822,8 +833,7 @@ class TextPredictor:
         """One request without the batcher (tests, scripts): the native protocol's response document."""
         texts = text_only(inputs)
         if self.task == "causal_lm":
-            max_new = int((parameters or {}).get("max_new_tokens", 32))
-            prompts = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
+            prompts = native_completions(texts, int((parameters or {}).get("max_new_tokens", 32)))
             output = self.predict_batch([prompts])[0]
         else:
             output = self.predict_batch([TextRequest(texts)])[0]
@@ -907,7 +917,7 @@ class ContinuousGeneration:
             joining = list(zip(ids, prompts, strict=True))
             alone = padded_tokens(joining)
             if alone > budget:
-                return BatchTokensExceeded(alone, budget, "max_tokens")
+                return BatchTokensExceeded(alone, budget, prompts[0].max_tokens_field)
             if self.engine.batch_tokens(joining) > budget and self.engine.rows:
                 self.waiting = (handle, ids)
                 return NOT_YET

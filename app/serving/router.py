@@ -14,7 +14,6 @@ from app.http import json_response
 from app.models.schemas import CompletionsPrediction, EmbeddingsPrediction, ModelStatus, Prediction, PredictRequest
 from app.serving.deps import InferenceDep
 from app.serving.errors import invalid_input
-from app.serving.generation import GenerationRequest
 from app.serving.kserve import router as kserve_router
 from app.serving.openai_compat import router as openai_router
 from app.serving.predictor import (
@@ -23,6 +22,7 @@ from app.serving.predictor import (
     TextPredictor,
     TextRequest,
     class_labels,
+    native_completions,
     text_document,
     text_only,
 )
@@ -87,7 +87,7 @@ async def run_predict(inference: InferenceService, served: ServedModel, body: Pr
         payload: Any = TextRequest(texts)
         if predictor.task == "causal_lm":
             max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
-            payload = [GenerationRequest(prompt=text, max_tokens=max_new, overflow="truncate") for text in texts]
+            payload = native_completions(texts, max_new)
         encoded = await inference.infer(served, payload, len(texts), partial(encode_text, predictor))
         return encoded
     except InputShapeError as exc:

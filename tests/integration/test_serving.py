@@ -822,6 +822,9 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     assert assert_openai_error(too_long, 400, "messages")["code"] == "context_length_exceeded"
     both = client.post("/v1/chat/completions", json={**request, "max_completion_tokens": 3})
     assert_openai_error(both, 400, "max_tokens")
+    # 35 prompt tokens + 120 > 128 positions: the error names the field the request set
+    over = {"model": text_models["chat"], "messages": messages, "max_completion_tokens": 120}
+    assert assert_openai_error(client.post("/v1/chat/completions", json=over), 400, "max_completion_tokens")
 
 
 def test_openai_embeddings(client: httpx.Client, text_models: dict[str, str]) -> None:
@@ -996,6 +999,11 @@ def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_mode
         streamed = assert_openai_error(client.post("/v1/completions", json={**body, "stream": True}), 400)
         assert streamed["param"] == "max_tokens"  # refused before the stream starts
         assert client.post("/v1/completions", json={**body, "n": 2}).status_code == 200  # 202 fits
+        # the native predict names its own field (three rows × 2 + 120 tokens)
+        native = {"inputs": ["x", "y", "z"], "parameters": {"max_new_tokens": 120}}
+        refused = client.post(f"/v1/models/{lm}/predict", json=native)
+        assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["errors"][0]["loc"] == ["body", "parameters", "max_new_tokens"], refused.json()
         # the server keeps serving
         assert client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200
 

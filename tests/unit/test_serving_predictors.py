@@ -358,6 +358,11 @@ def test_context_limits(causal: TextPredictor) -> None:
     assert isinstance(refused, ContextLengthExceeded) and refused.param == "prompt"
     [too_many] = causal.predict_batch([[GenerationRequest(prompt="abc", max_tokens=100)]])
     assert isinstance(too_many, ContextLengthExceeded) and too_many.param == "max_tokens"
+    assert too_many.errors[0]["loc"] == ["body", "max_tokens"]
+    native = GenerationRequest(prompt="abc", max_tokens=100, max_tokens_field=("parameters", "max_new_tokens"))
+    [named] = causal.predict_batch([[native]])
+    assert isinstance(named, ContextLengthExceeded) and named.param == "max_new_tokens"
+    assert named.errors[0]["loc"] == ["body", "parameters", "max_new_tokens"] and "max_new_tokens asks" in str(named)
     shrunk = GenerationRequest(prompt="abc", max_tokens=100, overflow="shrink")
     [[completion]] = causal.predict_batch([[shrunk]])
     assert shrunk.max_tokens == 64 - 4 and completion.completion_tokens <= 60
