@@ -5,7 +5,8 @@ Tensors per task (``GET /v2/models/{name}`` says the same):
   (and ``labels`` BYTES [N] for a model that names its classes: one trained on an uploaded CSV);
 - embedding students: ``text`` BYTES [N] → ``embedding`` FP32 [N, hidden];
 - text classifiers: ``text`` BYTES [N] → ``probabilities``, ``classes``, ``labels`` BYTES [N];
-- causal LMs: ``text`` BYTES [N] (+ parameter ``max_tokens``) → ``text_output`` BYTES [N] (greedy).
+- causal LMs: ``text`` BYTES [N] (+ parameter ``max_tokens``, or ``max_new_tokens``; 16 by default) →
+  ``text_output`` BYTES [N] (greedy).
 
 The binary tensor data extension: a request whose header ``Inference-Header-Content-Length`` gives the length of its
 JSON part carries the data of each input with ``parameters.binary_data_size`` after the JSON, in input order
@@ -342,11 +343,18 @@ def requested_outputs(body: InferRequest, outputs: list[dict[str, Any]]) -> list
     return wanted
 
 
-def max_tokens_of(body: InferRequest, limit: int) -> int:
-    value = (body.parameters or {}).get("max_tokens", 16)
+def max_tokens_of(body: InferRequest, limit: int) -> tuple[int, str]:
+    """The completion length a causal LM's request asks for and the parameter that set it: ``max_tokens`` or
+    ``max_new_tokens`` (the native predict's and transformers' name for it), 16 when neither is given."""
+    parameters = body.parameters or {}
+    given = [name for name in ("max_tokens", "max_new_tokens") if name in parameters]
+    if len(given) > 1:
+        raise bad_request("give parameter max_tokens or max_new_tokens, not both", "parameters")
+    name = given[0] if given else "max_tokens"
+    value = parameters.get(name, 16)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise bad_request(f"parameter max_tokens must be an integer from 0 to {limit}", "parameters")
-    return value
+        raise bad_request(f"parameter {name} must be an integer from 0 to {limit}", "parameters")
+    return value, name
 
 
 # --- model output → response (runs in the inference thread) ----------------------------------------------------------
@@ -425,8 +433,8 @@ def prepare(served: ServedModel, body: InferRequest, blob: bytes, max_tokens_lim
     assert isinstance(predictor, TextPredictor)
     texts = text_values(tensor, decoded[0])
     if predictor.task == "causal_lm":
-        max_tokens = max_tokens_of(body, max_tokens_limit)
-        field = ("parameters", "max_tokens")
+        max_tokens, name = max_tokens_of(body, max_tokens_limit)
+        field = ("parameters", name)
         requests = [GenerationRequest(prompt=text, max_tokens=max_tokens, max_tokens_field=field) for text in texts]
         return requests, len(texts), wanted
     return TextRequest(texts, truncate=True), len(texts), wanted

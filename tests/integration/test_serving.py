@@ -53,21 +53,32 @@ def embedder_folder(root: Path) -> Path:
     return root / "embedder"
 
 
-def lm_folder(root: Path, name: str, chat_template: str | None) -> Path:
+def lm_folder(root: Path, name: str, chat_template: str | None, lively: bool = False) -> Path:
+    """A tiny GPT-2 on bytes. Its random weights answer every prompt greedily with the end of sequence at once;
+    ``lively``'s never do (the special tokens' embeddings zeroed, the others scaled up): greedy "hello" makes "ooo…"
+    and "xyz" "\\x04\\x04…", as many as asked for."""
+    import torch
+
     from app.distill.text.models import build_from_config, save_pretrained_dir
     from app.distill.text.training import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    model = build_from_config(TINY_GPT2, "causal_lm", seed=0)
+    model = build_from_config(TINY_GPT2, "causal_lm", seed=1 if lively else 0)
+    if lively:
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight  # tied to the output layer
+            embeddings[: len(tokenizer.all_special_ids)] = 0
+            embeddings.mul_(20)
     save_pretrained_dir(model, tokenizer, root / name)
     return root / name
 
 
 @pytest.fixture(scope="module")
 def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Uploaded text models: an embedder (MiniLM's tokenizer), a causal LM with a chat template and one without."""
+    """Uploaded text models: an embedder (MiniLM's tokenizer), a causal LM with a chat template, one without and one
+    whose greedy completions are not empty (``lm_folder``'s ``lively``)."""
     root = tmp_path_factory.mktemp("text-models")
     with httpx.Client(base_url=api, timeout=60) as client:
         return {
@@ -79,6 +90,7 @@ def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                 "serving-chat",
             ),
             "plain": upload(client, lm_folder(root, "plain", None), "causal_lm", "serving-plain"),
+            "lively": upload(client, lm_folder(root, "lively", None, lively=True), "causal_lm", "serving-lively"),
         }
 
 
@@ -556,6 +568,40 @@ def test_kserve_v2_embeddings(client: httpx.Client, text_models: dict[str, str])
     assert_kserve_error(client.post(f"/v2/models/{embedder}/infer", json=wrong), 400, "BYTES")
     empty = {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]}
     assert_kserve_error(client.post(f"/v2/models/{embedder}/infer", json=empty), 400, "empty batch")
+
+
+def test_kserve_v2_completions(client: httpx.Client, text_models: dict[str, str]) -> None:
+    model = text_models["lively"]
+    metadata = client.get(f"/v2/models/{model}").json()
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert metadata["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+    url = f"/v2/models/{model}/infer"
+    prompts = ["hello", "xyz"]
+    body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": prompts}]}
+    response = client.post(url, json={**body, "parameters": {"max_tokens": 6}})
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    assert output["name"] == "text_output" and output["datatype"] == "BYTES" and output["shape"] == [2]
+    texts = output["data"]
+    assert [len(text) for text in texts] == [6, 6] and texts[0] != texts[1]  # one byte per token
+    # greedy: the text the other protocols make from the same prompts
+    native = client.post(f"/v1/models/{model}/predict", json={"inputs": prompts, "parameters": {"max_new_tokens": 6}})
+    assert native.json()["completions"] == texts
+    for prompt, text in zip(prompts, texts, strict=True):
+        greedy = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        assert client.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == text
+    # max_new_tokens means the same; 16 tokens when neither is given
+    assert client.post(url, json={**body, "parameters": {"max_new_tokens": 6}}).json()["outputs"][0]["data"] == texts
+    longer = client.post(url, json=body).json()["outputs"][0]["data"]
+    assert [len(text) for text in longer] == [16, 16] and [t[:6] for t in longer] == texts
+    both = {**body, "parameters": {"max_tokens": 6, "max_new_tokens": 6}}
+    assert_kserve_error(client.post(url, json=both), 400, "not both")
+    assert_kserve_error(client.post(url, json={**body, "parameters": {"max_new_tokens": -1}}), 400, "max_new_tokens")
+    assert_kserve_error(client.post(url, json={**body, "parameters": {"max_tokens": "6"}}), 400, "max_tokens")
+    # a prompt over the 128-token context: refused, and the server keeps serving
+    too_long = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 200]}]}
+    assert_kserve_error(client.post(url, json=too_long), 400, "context length")
+    assert client.post(url, json={**body, "parameters": {"max_tokens": 6}}).json()["outputs"][0] == output
 
 
 # --- OpenAI-compatible ------------------------------------------------------------------------------------------------
