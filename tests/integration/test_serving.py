@@ -85,7 +85,12 @@ def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             "embedder": upload(client, embedder_folder(root), "embedding", "serving-embedder"),
             "chat": upload(
                 client,
-                lm_folder(root, "chat", "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"),
+                lm_folder(
+                    root,
+                    "chat",
+                    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>",
+                    lively=True,
+                ),
                 "causal_lm",
                 "serving-chat",
             ),
@@ -617,8 +622,8 @@ def sse_events(response: httpx.Response) -> list[Any]:
 
 
 def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_models: dict[str, str]) -> None:
-    model = text_models["plain"]
-    request = {"model": model, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    model = text_models["lively"]
+    request = {"model": model, "prompt": "hello", "max_tokens": 8, "temperature": 0}
     tokens, first_tokens = "distillery_generated_tokens_total", "distillery_time_to_first_token_seconds_count"
     counted = metric(client, tokens, model=model), metric(client, first_tokens, model=model)
     response = client.post("/v1/completions", json=request)
@@ -628,10 +633,10 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
     assert metric(client, first_tokens, model=model) == counted[1] + 1
     assert body["object"] == "text_completion" and body["model"] == model
     [choice] = body["choices"]
-    assert choice["finish_reason"] in ("length", "stop") and choice["index"] == 0
+    assert choice["finish_reason"] == "length" and choice["index"] == 0 and len(choice["text"]) == 8
     usage = body["usage"]
-    assert usage["prompt_tokens"] == len("def add(a, b):") + 1  # bytes + </s>
-    assert 0 < usage["completion_tokens"] <= 8
+    assert usage["prompt_tokens"] == len("hello") + 1  # bytes + </s>
+    assert usage["completion_tokens"] == 8
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
     streamed = client.post(
@@ -656,7 +661,7 @@ def test_openai_usage_reports_prompt_tokens_from_the_prefix_cache(
     """A prompt that begins like an earlier one (here a 40-byte instruction: two blocks of 16 byte tokens) is
     prefilled from the cached keys and values: usage says how many prompt tokens came from the cache, the metrics
     count them, and the completion is what the same prompt got before."""
-    model = text_models["plain"]
+    model = text_models["lively"]
     instruction = "Answer briefly; cite nothing; be exact.\n"  # 40 bytes
     cached_tokens = "distillery_prompt_tokens_total"
     before = metric(client, cached_tokens, model=model, source="cached")
@@ -716,10 +721,11 @@ def test_openai_completion_logprobs_and_echo(client: httpx.Client, text_models: 
     """logprobs: each token with its log-probability and the top ones of its step; echo: the prompt first, its
     tokens scored too (the first has nothing before it); max_tokens 0 scores a text (what evaluation harnesses
     ask). Greedy tokens are the most likely of their step. Streamed, the chunks carry them (echo: the prompt first)."""
-    model = text_models["plain"]
-    prompt = "def add(a, b):"
+    model = text_models["lively"]
+    prompt = "hello"
     base = {"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
     plain = client.post("/v1/completions", json=base).json()["choices"][0]
+    assert len(plain["text"]) == 5  # one byte per token, none of them the end of sequence
     response = client.post("/v1/completions", json={**base, "logprobs": 2, "echo": True})
     assert response.status_code == 200, response.text
     echoed = response.json()["choices"][0]
@@ -822,6 +828,7 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     body = response.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant"
+    assert len(body["choices"][0]["message"]["content"]) == 5 and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["prompt_tokens"] == len("<system>be brief<user>hi<assistant>")
     events = sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
