@@ -891,7 +891,7 @@ class GenerationEngine:
             self._decode(self.batch)
         if self.prefilling is None and self.admitted:
             self.prefilling = self._start_prefill(self.admitted)
-            self.admitted = []
+            self.admitted = self.admitted[len(self.prefilling.rows) :]
         if self.prefilling is not None:
             prefill = self.prefilling
             try:
@@ -960,17 +960,33 @@ class GenerationEngine:
             arguments.update(self.last_logits)
         return self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **arguments)
 
-    def _start_prefill(self, rows: list[Row]) -> Prefill:
+    def _start_prefill(self, admitted: list[Row]) -> Prefill:
+        """A prefill of the first admitted rows whose layout is no wider than their longest prompt (the rest wait
+        for the next prefill, in order): a prompt whose prefix is cached holds it in the first ``done`` columns and
+        its other tokens in the last ones, so beside a prompt with a longer uncached part the prefill would be wider
+        than any prompt — more KV cache than ``batch_tokens`` counts — and is split instead."""
+        # a prompt that asks for its own log-probabilities is prefilled whole, and so is every admitted one with it
+        reuse = self.prefixes is not None and not any(row.request.prompt_logprobs for row in admitted)
+        lookups: dict[tuple[int, ...], list[PrefixBlock]] = {}
+        rows: list[Row] = []
+        done = rest = longest = 0
+        for row in admitted:
+            key = tuple(row.ids)
+            if key not in lookups:
+                lookups[key] = self.prefixes.lookup(row.ids) if reuse and self.prefixes else []
+            cached_here = len(lookups[key]) * PrefixCache.BLOCK
+            wider = max(done, cached_here), max(rest, len(row.ids) - cached_here), max(longest, len(row.ids))
+            if rows and wider[0] + wider[1] > wider[2]:
+                break
+            rows.append(row)
+            done, rest, longest = wider
         distinct: dict[tuple[int, ...], int] = {}
         source = [distinct.setdefault(tuple(row.ids), len(distinct)) for row in rows]
         prompts = [list(p) for p in distinct]
-        reuse = self.prefixes is not None and not any(row.request.prompt_logprobs for row in rows)
-        found = [self.prefixes.lookup(p) if reuse and self.prefixes else [] for p in prompts]
+        found = [lookups[tuple(p)] for p in prompts]
         cached = [len(blocks) * PrefixCache.BLOCK for blocks in found]
         for row, prompt in zip(rows, source, strict=True):
             row.cached = cached[prompt]
-        done = max(cached)
-        rest = max(len(p) - c for p, c in zip(prompts, cached, strict=True))
         ids = [[self.pad_id] * (done + rest - len(p) + c) + p[c:] for p, c in zip(prompts, cached, strict=True)]
         mask = [
             [0] * (done - c) + [1] * c + [0] * (rest - len(p) + c) + [1] * (len(p) - c)

@@ -38,6 +38,7 @@ from app.serving.generation import (
     TextStream,
     WindowLayout,
     adjust_logits,
+    kv_token_bytes,
     scored_tokens,
     window_mask,
 )
@@ -758,28 +759,30 @@ def test_the_prefix_cache_gives_the_same_completions_and_prefills_only_the_rest(
 
 
 def test_a_prefill_from_the_prefix_cache_leaves_no_padding_inside_a_row(endless: TextPredictor) -> None:
-    """A cached prompt prefilled beside a longer uncached one has padding between its cached prefix and the rest
-    in the prefill; once the prefill is done the rows are compacted: the batch is as wide as its longest row, each
-    row's tokens together at the right; the completions and log-probabilities are an uncached engine's."""
+    """A prompt with a short cached prefix and a short rest, prefilled beside one with a longer cached prefix and a
+    longer rest, has padding between its cached prefix and the rest in the prefill; once the prefill is done the
+    rows are compacted: the batch is as wide as its longest row, each row's tokens together at the right; the
+    completions and log-probabilities are an uncached engine's."""
+    other = "0123456789abcdef"  # one block of 16 byte tokens
 
     def pair() -> list[GenerationRequest]:
         return [
-            GenerationRequest(prompt=SYSTEM + "Q: and?", max_tokens=6, logprobs=1),
-            GenerationRequest(
-                prompt="an unrelated prompt, longer than what follows the cached part of the other", max_tokens=6
-            ),
+            GenerationRequest(prompt=SYSTEM + "Q: and what?", max_tokens=6, logprobs=1),
+            GenerationRequest(prompt=other + "XY", max_tokens=6),
         ]
 
     prompts = [endless.render_prompt(r) for r in pair()]
     [plain], _ = run_engine(endless.continuous_generation(), [pair()], endless.render_prompt)
     adapter = endless.continuous_generation(0, 2**20)
     engine = adapter.engine
-    run_engine(adapter, [[GenerationRequest(prompt=SYSTEM + "Q: hi?", max_tokens=3)]], endless.render_prompt)
+    warm = [GenerationRequest(prompt=SYSTEM + "Q: hi?", max_tokens=3), GenerationRequest(prompt=other + "ghij")]
+    run_engine(adapter, [warm], endless.render_prompt)
     requests = pair()
     engine.admit(requests, prompts, "pair", never)
-    engine.step()  # the prefill, whole (no chunks)
+    engine.step()  # the prefill, whole (no chunks), both rows in it
     cached = [row.cached for row in engine.batch.rows]  # type: ignore[union-attr]
-    assert cached[0] >= 32 and cached[1] == 0 and len(prompts[1]) > len(prompts[0]) - cached[0]  # padding inside
+    rests = [len(p) - c for p, c in zip(prompts, cached, strict=True)]
+    assert cached == [48, 16] and rests[1] < rests[0]  # the second row: padding between its prefix and its rest
     width = max(len(p) for p in prompts)
     mask = engine.batch.mask  # type: ignore[union-attr]
     assert mask.tolist() == [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
@@ -792,6 +795,47 @@ def test_a_prefill_from_the_prefix_cache_leaves_no_padding_inside_a_row(endless:
     assert [e.logprob for e in done[0].logprobs or []] == pytest.approx(
         [e.logprob for e in plain[0].logprobs or []], abs=1e-4
     )
+
+
+def test_a_cached_prompt_and_a_longer_uncached_one_are_prefilled_apart(endless: TextPredictor) -> None:
+    """Together, a prompt whose long prefix is cached and one whose uncached part is longer than the other's rest
+    would make a prefill wider than either prompt (the cached prefix, then the longest rest): more KV cache than the
+    token budget counts (rows × the widest prompt + max_tokens). They are prefilled one after the other, in order;
+    the cache never holds more than that count, through a chunked prefill too; the completions are an uncached
+    engine's."""
+
+    def pair() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt=SYSTEM + "Q: and?", max_tokens=6, logprobs=1),
+            GenerationRequest(
+                prompt="an unrelated prompt, longer than what follows the cached part of the other", max_tokens=6
+            ),
+        ]
+
+    prompts = [endless.render_prompt(r) for r in pair()]
+    [plain], _ = run_engine(endless.continuous_generation(), [pair()], endless.render_prompt)
+    token_bytes = kv_token_bytes(endless.model)
+    for chunk in (0, 32):
+        adapter = endless.continuous_generation(chunk, 2**20)
+        engine = adapter.engine
+        run_engine(adapter, [[GenerationRequest(prompt=SYSTEM + "Q: hi?", max_tokens=3)]], endless.render_prompt)
+        engine.admit(pair(), prompts, "pair", never)
+        engine.step()
+        held = engine.prefilling.rows if engine.prefilling is not None else engine.batch.rows  # type: ignore[union-attr]
+        assert [row.ids for row in held] == [prompts[0]] and held[0].cached == 48
+        assert [row.ids for row in engine.admitted] == [prompts[1]]  # waits for the next prefill
+        assert len(prompts[1]) > len(prompts[0]) - 48  # together: 48 cached columns + 75 others, wider than 75
+        assert engine.kv_bytes <= engine.batch_tokens() * token_bytes
+        done: list[Completion] = []
+        while engine.busy:
+            counted = engine.batch_tokens()  # what the engine holds before the step
+            for _, completions in engine.step():
+                done += completions  # type: ignore[arg-type]
+            assert engine.kv_bytes <= counted * token_bytes
+        assert [c.text for c in done] == [c.text for c in plain]
+        assert [e.logprob for e in done[0].logprobs or []] == pytest.approx(
+            [e.logprob for e in plain[0].logprobs or []], abs=1e-4
+        )
 
 
 def test_repeated_prompts_are_prefilled_once_and_echo_is_scored_in_full(endless: TextPredictor) -> None:
