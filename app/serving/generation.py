@@ -732,6 +732,7 @@ class Owner:
         self.completions: list[Completion | None] = [None] * size
         self.left = size
         self.cancelled = cancelled
+        self.started = False  # its first rows have made their first tokens (a request's prompts can be prefilled apart)
 
 
 class GenerationEngine:
@@ -903,7 +904,10 @@ class GenerationEngine:
             else:
                 if joining is not None:
                     self.prefilling = None
-                    self.started = list({id(row.owner[0]): row.owner[0].handle for row in joining.rows}.values())
+                    owners = {id(row.owner[0]): row.owner[0] for row in joining.rows if not row.owner[0].started}
+                    self.started = [owner.handle for owner in owners.values()]
+                    for owner in owners.values():
+                        owner.started = True
                     self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
         if self.batch is not None:

@@ -826,12 +826,15 @@ def test_a_cached_prompt_and_a_longer_uncached_one_are_prefilled_apart(endless: 
         assert [row.ids for row in engine.admitted] == [prompts[1]]  # waits for the next prefill
         assert len(prompts[1]) > len(prompts[0]) - 48  # together: 48 cached columns + 75 others, wider than 75
         assert engine.kv_bytes <= engine.batch_tokens() * token_bytes
+        started = list(engine.started)
         done: list[Completion] = []
         while engine.busy:
             counted = engine.batch_tokens()  # what the engine holds before the step
             for _, completions in engine.step():
                 done += completions  # type: ignore[arg-type]
             assert engine.kv_bytes <= counted * token_bytes
+            started += engine.started
+        assert started == ["pair"]  # its first token once (time to first token), though prefilled in two parts
         assert [c.text for c in done] == [c.text for c in plain]
         assert [e.logprob for e in done[0].logprobs or []] == pytest.approx(
             [e.logprob for e in plain[0].logprobs or []], abs=1e-4
