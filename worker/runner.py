@@ -305,12 +305,10 @@ class JobRunner:
             if stop.reason == "cancel":
                 self.end(job_id, attempt, "cancelled", progress=writer.last)
                 checkpointer.remove()
-            else:  # pause or shutdown: the checkpoint stays for the next attempt
-                # stopped before this attempt trained past where the last one left off (e.g. while loading): keep
-                # the stored progress rather than report step 0 (the checkpoint keeps the work either way)
-                resumed_at = int((claimed["progress"] or {}).get("step") or 0)
-                progress = writer.last if writer.last is not None and writer.last["step"] >= resumed_at else None
-                self.stop_gracefully(job_id, attempt, "paused" if stop.reason == "pause" else "queued", progress)
+            else:  # pause or shutdown: the checkpoint stays for the next attempt; the progress is the writer's last
+                # (a resumed attempt's carries the step it resumed at until it counts its own: ProgressWriter)
+                status = "paused" if stop.reason == "pause" else "queued"
+                self.stop_gracefully(job_id, attempt, status, writer.last)
         except AttemptSuperseded:
             log.warning("job %s attempt %s was superseded; dropping its work", job_id, attempt)
         except JobFailure as exc:
