@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -151,16 +152,25 @@ def document_problems(openapi: dict[str, Any], operations_public: frozenset[str]
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
-    """Every method some route serves for this path (Starlette's 405 lists only the first matching route's)."""
+    """Every method some route serves for this path: each method tried against the routes (Starlette's 405 lists
+    only the first matching route's, and FastAPI's included routers do not expose their routes' methods)."""
     from starlette.routing import Match
 
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches({**scope, "method": "GET"})
-        route_methods = getattr(route, "methods", None)
-        if match != Match.NONE and route_methods:
-            methods |= set(route_methods)
-    return sorted(methods)
+    return [
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)
+    ]
+
+
+#: renders an HTTP error (status, code, message, headers) in a protocol's own shape
+ProtocolErrorRenderer = Callable[[int, str, str, dict[str, str]], Response]
+
+
+def route_errors_by_prefix(app: FastAPI, prefixes: tuple[str, ...], render: ProtocolErrorRenderer) -> None:
+    """Render the 404 (no such route) and 405 of paths that begin with one of ``prefixes`` with ``render``: a KServe
+    or OpenAI client that asks for a path this server lacks gets an error it can read, not problem+json."""
+    app.state.protocol_errors = [*getattr(app.state, "protocol_errors", []), (prefixes, render)]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -183,6 +193,10 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+        renderers: list[tuple[tuple[str, ...], ProtocolErrorRenderer]] = getattr(app.state, "protocol_errors", [])
+        for prefixes, render in renderers:
+            if request.url.path.startswith(prefixes):
+                return render(exc.status_code, code, str(exc.detail), headers)
         return problem_response(
             request,
             exc.status_code,

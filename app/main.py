@@ -137,6 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.serving.router import router as serving_router
 
         app.include_router(serving_router)
+        from app.serving.router import route_protocol_errors
+
+        route_protocol_errors(app)
     if settings.enable_jobs_api:
         from app.jobs.router import router as jobs_router
 

@@ -123,7 +123,7 @@ class InferenceFastPath:
                 await self.app(scope, replay(raw, receive), send)
                 return
             encoded = await run_embeddings(inference, served, body)
-        except ServiceError as exc:
+        except Exception as exc:  # ServiceError, or a bug: the protocol's error shape either way (a 500 is logged)
             await render_openai_error(protocol_error(exc))(scope, receive, send)
             return
         await send_body(send, encoded)
@@ -149,7 +149,7 @@ class InferenceFastPath:
                 await self.app(scope, replay(raw, receive), send)
                 return
             content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
-        except ServiceError as exc:
+        except Exception as exc:  # as in ``_embeddings``
             await render_kserve_error(protocol_error(exc))(scope, receive, send)
             return
         await send_body(send, content, media_type=media_type, extra=headers)

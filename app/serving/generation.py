@@ -50,12 +50,15 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None  # seeds this prompt's sampling (its own generator); None: a fresh random seed
     stop: list[str] = field(default_factory=list)
-    # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), "shrink" max_tokens (the prompt must
-    # still fit), or "truncate" the prompt as well (the native protocol)
-    overflow: Literal["refuse", "shrink", "truncate"] = "refuse"
+    # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), or "shrink" max_tokens (the prompt must
+    # still fit)
+    overflow: Literal["refuse", "shrink"] = "refuse"
     # where the request set ``max_tokens``, for the errors that name it: ("max_tokens",) in OpenAI's completions,
     # ("max_completion_tokens",) in its chat when given, ("parameters", "max_new_tokens") in the native predict
     max_tokens_field: tuple[str, ...] = ("max_tokens",)
+    # where the request set the prompt, for the errors that name it (empty: "prompt" or "messages"; the native
+    # predict's ("inputs", i))
+    prompt_field: tuple[str | int, ...] = ()
     on_start: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
     # with ``logprobs``: called before ``on_text`` with the generated tokens whose text that delta covers (streaming)
@@ -97,17 +100,50 @@ class TokenLogprob:
 ScoredToken = tuple[TokenLogprob, str, int]
 
 
-def scored_tokens(tokenizer: Any, entries: Sequence[TokenLogprob], start: int, end: int | None) -> list[ScoredToken]:
-    """Each entry with its token's text and where it begins in the text (counting from ``start``; special tokens take
-    no room); with ``end``, only those that begin before it (not the end-of-sequence token, nor tokens after a stop
-    string). Streams and whole responses score the same way."""
+class TextOffsets:
+    """Where each token's text begins in a text, token after token (special tokens take no room). A byte-level
+    tokenizer splits a multi-byte character over several tokens, each of which decodes alone to U+FFFD (GPT-2's) or
+    to nothing (ByT5's): those tokens all begin where the character does, and the character counts once, when its
+    last byte comes. (Counting each token's own decoding instead put every later token one character further per
+    split character, and dropped the last tokens of a non-English completion as beyond its text.)"""
+
+    MAX_PENDING = 8  # tokens held for one character at most (UTF-8 has 4 bytes; a model may emit invalid ones)
+
+    def __init__(self, tokenizer: Any, start: int) -> None:
+        self.tokenizer = tokenizer
+        self.offset = start  # where the next token begins
+        self.pending: list[int] = []  # tokens of a character that is not complete yet (they begin at ``offset``)
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+
+    def advance(self, token: int) -> None:
+        run = [*self.pending, token]
+        piece = self.tokenizer.decode(run, skip_special_tokens=True)
+        incomplete = piece.endswith("\ufffd") or (not piece and token not in self.special)
+        if incomplete and len(run) < self.MAX_PENDING:
+            self.pending = run
+        else:
+            self.offset += len(piece)
+            self.pending = []
+
+
+def scored_tokens(
+    tokenizer: Any,
+    entries: Sequence[TokenLogprob],
+    start: int,
+    end: int | None,
+    offsets: TextOffsets | None = None,
+) -> list[ScoredToken]:
+    """Each entry with its token's text and where it begins in the text (counting from ``start``; see
+    ``TextOffsets``); with ``end``, only those that begin before it (not the end-of-sequence token, nor tokens after a
+    stop string). ``offsets``: a stream's, to go on from the tokens it scored before (``start`` is then its own).
+    Streams and whole responses score the same way."""
+    offsets = offsets or TextOffsets(tokenizer, start)
     scored = []
-    offset = start
     for entry in entries:
-        if end is not None and offset >= end:
+        if end is not None and offsets.offset >= end:
             break
-        scored.append((entry, tokenizer.decode([entry.token]), offset))
-        offset += len(tokenizer.decode([entry.token], skip_special_tokens=True))
+        scored.append((entry, tokenizer.decode([entry.token]), offsets.offset))
+        offsets.advance(entry.token)
     return scored
 
 
@@ -236,7 +272,7 @@ class TextStream:
         # have gone to ``on_logprobs``, up to which offset of the text
         self.logprobs: list[TokenLogprob] | None = None
         self.sent_logprobs = 0
-        self.logprob_offset = 0
+        self.offsets = TextOffsets(tokenizer, 0)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
@@ -288,11 +324,9 @@ class TextStream:
         """The log-probabilities of the tokens that begin in the text sent so far and have not been sent."""
         if self.logprobs is None:
             return []
-        scored = scored_tokens(self.tokenizer, self.logprobs[self.sent_logprobs :], self.logprob_offset, len(self.text))
-        if scored:
-            entry, _, offset = scored[-1]
-            self.sent_logprobs += len(scored)
-            self.logprob_offset = offset + len(self.tokenizer.decode([entry.token], skip_special_tokens=True))
+        unsent = self.logprobs[self.sent_logprobs :]
+        scored = scored_tokens(self.tokenizer, unsent, 0, len(self.text), self.offsets)
+        self.sent_logprobs += len(scored)
         return scored
 
     def _partial_stop(self, decoded: str) -> int:

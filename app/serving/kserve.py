@@ -264,7 +264,8 @@ def split_binary(raw: bytes, header: str | None) -> tuple[bytes, bytes]:
     if header is None:
         return raw, b""
     header = header.strip()
-    if not header.isdigit() or int(header) > len(raw):
+    # ASCII digits only (``isdigit`` also takes "²", which ``int`` refuses), and no longer than the body's length
+    if not (header.isascii() and header.isdigit()) or len(header) > len(str(len(raw))) or int(header) > len(raw):
         raise bad_request(
             f"Inference-Header-Content-Length must be the length of the JSON part (0 to {len(raw)}), got {header!r}",
             "Inference-Header-Content-Length",
@@ -285,7 +286,9 @@ def binary_inputs(body: InferRequest, blob: bytes) -> list[Any]:
             continue
         if tensor.data is not None:
             raise bad_request(f"input {tensor.name!r} has both data and parameters.binary_data_size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(blob):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad_request(f"input {tensor.name!r}: binary_data_size must be a whole number of bytes, got {size!r}")
+        if offset + size > len(blob):
             raise bad_request(
                 f"input {tensor.name!r}: binary_data_size {size!r} does not fit the {len(blob) - offset} bytes of "
                 "binary data left after the JSON part"

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +34,14 @@ from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
 from app.serving.generation import Completion, GenerationRequest, ScoredToken, TokenLogprob, scored_tokens
 from app.serving.predictor import TextOutput, TextPredictor, TextRequest
-from app.serving.protocol import ERROR_FORMAT_KEY, ProtocolError, protocol_error, protocol_route
+from app.serving.protocol import (
+    ERROR_FORMAT_KEY,
+    ProtocolError,
+    parse_json_body,
+    protocol_error,
+    protocol_route,
+    request_body_schema,
+)
 from app.serving.service import InferenceService, ServedModel
 
 ERROR_TYPES = {
@@ -100,7 +107,7 @@ class SamplingFields(BaseModel):
         description="Choices per prompt, each a completion of its own; with a seed, choice j samples with seed + j.",
     )
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true (400 otherwise).")
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     seed: int | None = Field(
         None,
@@ -127,9 +134,12 @@ def generation_fields(
     """The GenerationRequest fields a request's choices share: sampling, stop strings, log-probabilities, penalties
     and logit bias (token ids checked against the model's vocabulary). 400 when a model on the static path is asked
     for streamed log-probabilities (it scores a completion once it is whole; the engine scores token by token)."""
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= predictor.vocab_size:
+        # ASCII digits only: ``isdigit`` also takes "²" (which ``int`` refuses) and "١" (which it reads as 1)
+        if not (key.isascii() and key.isdigit()) or len(key) > 12 or int(key) >= predictor.vocab_size:
             raise bad_request(
                 f"logit_bias keys are token ids of this model (0 to {predictor.vocab_size - 1}); got {key!r}",
                 "logit_bias",
@@ -172,6 +182,9 @@ class CompletionRequest(SamplingFields):
         description="Return the prompt before the completion (with logprobs: the prompt tokens' too; streamed, as "
         "each choice's first chunk).",
     )
+    # what OpenAI's SDKs and proxies may send with their default values: those values are accepted, others refused
+    suffix: str | None = Field(None, max_length=1000, description="Not supported: null or absent only.")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only equal to n (no server-side ranking).")
 
 
 class TextPart(BaseModel):
@@ -187,6 +200,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: PromptText | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_call_id: str | None = Field(None, max_length=256, description="A tool message's (handed to the template).")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -200,6 +220,9 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=0, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: int | None = Field(
         None, ge=0, description="Tokens to generate; default: what the context leaves (up to the server limit)."
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "text"} only: structured outputs (json_object, json_schema) are not supported.'
     )
 
 
@@ -351,6 +374,13 @@ def max_tokens_of(requested: int | None, default: int, limit: int, param: str) -
     return requested, "refuse"
 
 
+def usage_option(body: SamplingFields) -> tuple[bool, dict[str, None]]:
+    """Whether a streamed request asked for a last chunk with its usage, and what every other chunk then carries
+    (OpenAI: ``"usage": null``)."""
+    include = body.stream and body.stream_options is not None and body.stream_options.include_usage
+    return include, {"usage": None} if include else {}
+
+
 def choice_seed(seed: int | None, choice: int) -> int | None:
     """The seed of choice ``choice`` of a request seeded with ``seed`` (choice 0 draws what ``n`` = 1 would)."""
     return None if seed is None else (seed + choice) % 2**64
@@ -390,6 +420,8 @@ async def stream_generation(
     usage_chunk: Callable[[dict[str, Any]], dict[str, Any]] | None,
     choices: int,
     echo: Callable[[int, Sequence[TokenLogprob] | None], dict[str, Any]] | None = None,
+    *,
+    rows_field: str,
 ) -> Response:
     """Start the generation; once its prompts are accepted (or refused: then the error is the response), stream
     ``chunk(index, text, finish_reason, scored)`` documents as SSE (``scored``: the log-probabilities of the tokens
@@ -409,7 +441,7 @@ async def stream_generation(
             request.on_logprobs = partial(post, "logprobs", index)
         if request.prompt_logprobs:
             request.on_prompt_logprobs = partial(post, "prompt", index)
-    task = asyncio.ensure_future(inference.infer(served, requests, len(requests)))
+    task = asyncio.ensure_future(inference.infer(served, requests, len(requests), rows_field=rows_field))
 
     def finished(_: Any) -> None:
         events.put_nowait(("done",))
@@ -464,10 +496,15 @@ async def stream_generation(
 # --- endpoints -------------------------------------------------------------------------------------------------------
 
 
-async def completions(body: CompletionRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+async def completions(request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
+    body = await parse_json_body(request, CompletionRequest)
     served = await inference.get(tenant, body.model)
     predictor = require_task(served, "causal_lm", "/v1/completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if body.suffix is not None:
+        raise bad_request("suffix is not supported (insertion needs a model trained for it)", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of is supported only equal to n (no server-side ranking of choices)", "best_of")
     max_tokens, overflow = max_tokens_of(body.max_tokens, 16, inference.settings.max_completion_tokens, "max_tokens")
     shared = generation_fields(body, predictor, served.model_id, body.logprobs, body.stream)
     requests = [
@@ -483,6 +520,7 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
         for choice in range(body.n)
     ]
     completion_id, created, model = new_id("cmpl"), int(time.time()), served.model_id
+    include_usage, null_usage = usage_option(body)
 
     def echoed(index: int) -> str:
         return prompts[index // body.n] if body.echo else ""
@@ -499,10 +537,9 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
             "created": created,
             "model": model,
             "choices": [choice],
-        }
+        } | null_usage
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
             return {**chunk(0, None, None, None), "choices": [], "usage": usage}
@@ -516,8 +553,8 @@ async def completions(body: CompletionRequest, inference: InferenceDep, tenant: 
 
         usage = usage_chunk if include_usage else None
         echo = echo_chunk if body.echo else None
-        return await stream_generation(inference, served, requests, chunk, usage, body.n, echo)
-    results: list[Completion] = await inference.infer(served, requests, len(requests))
+        return await stream_generation(inference, served, requests, chunk, usage, body.n, echo, rows_field="prompt")
+    results: list[Completion] = await inference.infer(served, requests, len(requests), rows_field="prompt")
     return json_response(
         {
             "id": completion_id,
@@ -590,7 +627,8 @@ def message_text(message: ChatMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+async def chat_completions(request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
+    body = await parse_json_body(request, ChatCompletionRequest)
     served = await inference.get(tenant, body.model)
     predictor = require_task(served, "causal_lm", "/v1/chat/completions")
     if not predictor.has_chat_template:
@@ -612,7 +650,13 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     shared = generation_fields(body, predictor, served.model_id, logprobs, body.stream)
-    messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(f"response_format {body.response_format.type} is not supported; only text", "response_format")
+    messages = [
+        {"role": m.role, "content": message_text(m)}
+        | {key: value for key, value in (("name", m.name), ("tool_call_id", m.tool_call_id)) if value is not None}
+        for m in body.messages
+    ]
     requests = [
         GenerationRequest(
             messages=messages,
@@ -625,6 +669,7 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
         for choice in range(body.n)
     ]
     completion_id, created, model = new_id("chatcmpl"), int(time.time()), served.model_id
+    include_usage, null_usage = usage_option(body)
 
     def chunk(index: int, text: str | None, finish: str | None, scored: Sequence[ScoredToken] | None) -> dict[str, Any]:
         delta: dict[str, Any] = {} if text is None else {"content": text}
@@ -636,20 +681,19 @@ async def chat_completions(body: ChatCompletionRequest, inference: InferenceDep,
             "created": created,
             "model": model,
             "choices": [choice],
-        }
+        } | null_usage
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
             return {**chunk(0, None, None, None), "choices": [], "usage": usage}
 
         usage = usage_chunk if include_usage else None
-        response = await stream_generation(inference, served, requests, chunk, usage, body.n)
+        response = await stream_generation(inference, served, requests, chunk, usage, body.n, rows_field="n")
         assert isinstance(response, StreamingResponse)
         response.body_iterator = with_role_first(response.body_iterator, chunk, body.n)
         return response
-    results: list[Completion] = await inference.infer(served, requests, len(requests))
+    results: list[Completion] = await inference.infer(served, requests, len(requests), rows_field="n")
     return json_response(
         {
             "id": completion_id,
@@ -693,7 +737,8 @@ def encode_embeddings(model_id: str, encoding_format: str, output: TextOutput) -
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def embeddings(body: EmbeddingRequest, inference: InferenceDep, tenant: TenantDep) -> Response:
+async def embeddings(request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
+    body = await parse_json_body(request, EmbeddingRequest)
     served = await inference.get(tenant, body.model)
     return Response(await run_embeddings(inference, served, body), media_type="application/json")
 
@@ -712,7 +757,7 @@ async def run_embeddings(inference: InferenceService, served: ServedModel, body:
         )
     encode = partial(encode_embeddings, served.model_id, body.encoding_format)
     encoded: bytes = await inference.infer(
-        served, TextRequest([str(t) for t in texts], truncate=False), len(texts), encode
+        served, TextRequest([str(t) for t in texts], truncate=False), len(texts), encode, rows_field="input"
     )
     return encoded
 
@@ -772,7 +817,7 @@ def _add_routes(router: APIRouter, prefix: str, *, with_models: bool) -> None:
         response_model=CompletionResponse,
         responses=STREAM_RESPONSE,
         summary="Completions (causal LM students)",
-        openapi_extra=INFERENCE,
+        openapi_extra={**INFERENCE, **request_body_schema(CompletionRequest)},
     )
     router.add_api_route(
         f"{prefix}/chat/completions",
@@ -781,7 +826,7 @@ def _add_routes(router: APIRouter, prefix: str, *, with_models: bool) -> None:
         response_model=ChatCompletionResponse,
         responses=STREAM_RESPONSE,
         summary="Chat completions (students whose tokenizer has a chat template)",
-        openapi_extra=INFERENCE,
+        openapi_extra={**INFERENCE, **request_body_schema(ChatCompletionRequest)},
     )
     router.add_api_route(
         f"{prefix}/embeddings",
@@ -789,7 +834,7 @@ def _add_routes(router: APIRouter, prefix: str, *, with_models: bool) -> None:
         methods=["POST"],
         response_model=EmbeddingResponse,
         summary="Embeddings (embedding students)",
-        openapi_extra=INFERENCE,
+        openapi_extra={**INFERENCE, **request_body_schema(EmbeddingRequest)},
     )
     if with_models:
         router.add_api_route(

@@ -376,12 +376,19 @@ class BatchTokensExceeded(InputShapeError):
 
 
 def native_completions(texts: list[str], max_new_tokens: int) -> list[GenerationRequest]:
-    """The native predict's completions: greedy, the prompt truncated to fit (its errors name
-    ``parameters.max_new_tokens``)."""
+    """The native predict's completions: greedy, at most ``max_new_tokens`` each (fewer where the context ends
+    sooner); a prompt over the context length is refused (422 at ``inputs[i]``: a prompt cut to fit would be
+    continued from its middle), and the token budget's refusal names ``parameters.max_new_tokens``."""
     field = ("parameters", "max_new_tokens")
     return [
-        GenerationRequest(prompt=text, max_tokens=max_new_tokens, overflow="truncate", max_tokens_field=field)
-        for text in texts
+        GenerationRequest(
+            prompt=text,
+            max_tokens=max_new_tokens,
+            overflow="shrink",
+            max_tokens_field=field,
+            prompt_field=("inputs", i),
+        )
+        for i, text in enumerate(texts)
     ]
 
 
@@ -632,7 +639,16 @@ class TextPredictor:
                     [{"loc": ["body", "messages"], "msg": "the model has no chat template"}],
                     "messages",
                 )
-            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            from jinja2 import TemplateError
+
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as exc:  # the template refuses the conversation (a system turn, turns out of order)
+                raise InputShapeError(
+                    f"model {self.model_id}'s chat template refuses these messages: {exc}",
+                    [{"loc": ["body", "messages"], "msg": str(exc)}],
+                    "messages",
+                ) from None
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             param = "messages"
         else:
@@ -641,17 +657,22 @@ class TextPredictor:
         if not ids:
             bos = self.tokenizer.bos_token_id
             ids = [bos if bos is not None else self.tokenizer.eos_token_id]
-        if request.overflow == "truncate":
-            ids = ids[: self.max_length]
-        if request.overflow != "refuse" and len(ids) <= self.max_length:
-            request.max_tokens = max(0, min(request.max_tokens, self.max_length - len(ids)))
+        if len(ids) > self.max_length:  # whatever max_tokens is (the client may not have set it)
+            at: tuple[str | int, ...] = request.prompt_field or (param,)
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_length} tokens; the prompt has {len(ids)}",
+                [{"loc": ["body", *at], "msg": f"{len(ids)} tokens > {self.max_length}"}],
+                str(at[0]),
+            )
+        if request.overflow == "shrink":
+            request.max_tokens = min(request.max_tokens, self.max_length - len(ids))
         if len(ids) + request.max_tokens > self.max_length:
-            at_fault = (param,) if len(ids) > self.max_length else request.max_tokens_field
+            field = request.max_tokens_field
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_length} tokens; the prompt has {len(ids)} and "
-                f"{request.max_tokens_field[-1]} asks for {request.max_tokens} more",
-                [{"loc": ["body", *at_fault], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
-                at_fault[-1],
+                f"{field[-1]} asks for {request.max_tokens} more",
+                [{"loc": ["body", *field], "msg": f"{len(ids)} + {request.max_tokens} tokens > {self.max_length}"}],
+                field[-1],
             )
         return ids
 

@@ -7,6 +7,7 @@ request validation errors) in their route class, so that one set of error types 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from copy import deepcopy
@@ -38,10 +39,7 @@ def parse_json_bytes(raw: bytes, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        try:
-            document = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            document = None
+        document = json_document(raw)
         errors = []
         seen: set[tuple[Any, ...]] = set()
         for error in exc.errors(include_url=False):
@@ -52,6 +50,18 @@ def parse_json_bytes(raw: bytes, model: type[M]) -> M:
         if not raw:
             errors = [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
         raise RequestValidationError(errors, body=document) from None
+
+
+def json_document(raw: bytes) -> Any:
+    """The JSON document of a body that failed validation, to place its errors in (None: not JSON). The standard
+    library's parser where orjson's refuses: it reads ``NaN`` and ``Infinity``, which pydantic reads too."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+            return None
 
 
 def document_path(loc: tuple[Any, ...], document: Any) -> list[Any]:
@@ -123,7 +133,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, bo
     param = None
     for error in errors[:5]:
         loc = tuple(error.get("loc", ()))
-        if loc[:1] == ("body",):
+        if error.get("type") == "json_invalid":  # the body as a whole (FastAPI's loc holds a character position)
+            loc = ()
+        elif loc[:1] == ("body",):
             loc = tuple(document_path(loc[1:], exc.body))
         path = ".".join(str(part) for part in loc)
         param = param or path or None

@@ -7,14 +7,16 @@ from functools import partial
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Request, Response
 
 from app.deps import TenantDep
-from app.http import json_response
+from app.http import ProtocolErrorRenderer, json_response, route_errors_by_prefix
 from app.models.schemas import CompletionsPrediction, EmbeddingsPrediction, ModelStatus, Prediction, PredictRequest
 from app.serving.deps import InferenceDep
 from app.serving.errors import invalid_input
+from app.serving.kserve import render_kserve_error
 from app.serving.kserve import router as kserve_router
+from app.serving.openai_compat import render_openai_error
 from app.serving.openai_compat import router as openai_router
 from app.serving.predictor import (
     InputShapeError,
@@ -26,7 +28,7 @@ from app.serving.predictor import (
     text_document,
     text_only,
 )
-from app.serving.protocol import parse_json_body, request_body_schema
+from app.serving.protocol import ProtocolError, Renderer, parse_json_body, request_body_schema
 from app.serving.service import InferenceService, ServedModel
 
 ModelRef = Annotated[
@@ -124,3 +126,23 @@ router = APIRouter()
 router.include_router(native_router)
 router.include_router(kserve_router)
 router.include_router(openai_router)
+
+
+#: paths of the protocols that have error shapes of their own (the native ones, under /v1/models, keep problem+json)
+KSERVE_PATHS = ("/v2",)
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/", "/v1/embeddings", "/openai/")
+
+
+def http_errors_as(render: Renderer) -> ProtocolErrorRenderer:
+    def rendered(status: int, code: str, message: str, headers: dict[str, str]) -> Response:
+        code = "unknown_url" if code == "not_found" else code  # a path, not a model (OpenAI's model_not_found)
+        return render(ProtocolError(status, message, code=code, headers=headers))
+
+    return rendered
+
+
+def route_protocol_errors(app: FastAPI) -> None:
+    """A path under a protocol's prefix that no route serves (KServe's versioned paths, say), or a method it does not
+    take, is answered in that protocol's error shape."""
+    route_errors_by_prefix(app, KSERVE_PATHS, http_errors_as(render_kserve_error))
+    route_errors_by_prefix(app, OPENAI_PATHS, http_errors_as(render_openai_error))

@@ -461,8 +461,11 @@ class InferenceService:
 
     # --- inference ----------------------------------------------------------------------------------------------
 
-    async def infer(self, served: ServedModel, payload: Any, rows: int = 1, encode: Encoder = keep) -> Any:
-        """Run one request through the model's batcher; returns ``encode(output)``.
+    async def infer(
+        self, served: ServedModel, payload: Any, rows: int = 1, encode: Encoder = keep, *, rows_field: str = "inputs"
+    ) -> Any:
+        """Run one request through the model's batcher; returns ``encode(output)``. ``rows_field``: the request's
+        field that a request of more rows than ``max_batch_size`` is refused at.
 
         A request whose forward is estimated at most ``inference_inline_max_us`` runs right here, on the event loop,
         when nothing is queued for its model and no other request became ready while the last inline forward ran.
@@ -506,7 +509,8 @@ class InferenceService:
         except BatcherQueueFull as exc:
             raise QueueFull(str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
         except BatchTooLarge as exc:
-            raise InvalidInput(str(exc), errors=[{"loc": ["body", "inputs"], "msg": str(exc)}], param="inputs") from exc
+            error = {"loc": ["body", rows_field], "msg": str(exc)}
+            raise InvalidInput(str(exc), errors=[error], param=rows_field) from exc
         try:
             return await future
         except InferenceTimeout as exc:

@@ -77,8 +77,9 @@ def lm_folder(root: Path, name: str, chat_template: str | None, lively: bool = F
 
 @pytest.fixture(scope="module")
 def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Uploaded text models: an embedder (MiniLM's tokenizer), a causal LM with a chat template, one without and one
-    whose greedy completions are not empty (``lm_folder``'s ``lively``)."""
+    """Uploaded text models: an embedder (MiniLM's tokenizer), a causal LM with a chat template, one whose template
+    refuses a system turn, one without a template and one whose greedy completions are not empty (``lm_folder``'s
+    ``lively``)."""
     root = tmp_path_factory.mktemp("text-models")
     with httpx.Client(base_url=api, timeout=60) as client:
         return {
@@ -95,6 +96,18 @@ def text_models(api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                 "serving-chat",
             ),
             "plain": upload(client, lm_folder(root, "plain", None), "causal_lm", "serving-plain"),
+            # a template that refuses a conversation, as Gemma's refuses a system turn
+            "strict-chat": upload(
+                client,
+                lm_folder(
+                    root,
+                    "strict-chat",
+                    "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>",
+                ),
+                "causal_lm",
+                "serving-strict-chat",
+            ),
             "lively": upload(client, lm_folder(root, "lively", None, lively=True), "causal_lm", "serving-lively"),
         }
 
@@ -197,6 +210,9 @@ def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: h
     assert "at most 64" in assert_problem(client.post(url, json={"inputs": [ROW] * 65}), 422)["detail"]
     malformed = client.post(url, content=b'{"inputs": [', headers={"content-type": "application/json"})
     assert assert_problem(malformed, 400)["code"] == "malformed_json"
+    # NaN is JSON to Python's parser and pydantic's, not to orjson's: the errors are still placed in the document
+    not_finite = client.post(url, content=b'{"inputs": [[NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9]]}')
+    assert ["body", "inputs", 0, 0] in [e["loc"] for e in assert_problem(not_finite, 422)["errors"]]
     assert_problem(client.post("/v1/models/mdl_nope/predict", json={"inputs": [ROW]}), 404)
     unknown_alias = assert_problem(client.post("/v1/models/latest:no-such-job/predict", json={"inputs": [ROW]}), 404)
     assert "no-such-job" in unknown_alias["detail"]
@@ -436,6 +452,12 @@ def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:
     assert_kserve_error(client.post("/v2/models/latest:none/infer", json=missing), 404, "latest:none")
     assert_kserve_error(client.get("/v2/models/mdl_nope"), 404, "mdl_nope")
     assert_kserve_error(client.get("/v2/models/mdl_nope/ready"), 404, "mdl_nope")
+    # paths and methods this server lacks answer in KServe's shape too (model versions are not served)
+    assert_kserve_error(client.post(f"/v2/models/{tabular}/versions/1/infer", json=missing), 404, "Not Found")
+    wrong_method = client.get(url)
+    assert_kserve_error(wrong_method, 405, "Method Not Allowed")
+    assert wrong_method.headers["allow"] == "POST"
+    assert_kserve_error(infer({"parameters": {"binary_data_size": "40"}, "data": None}), 400, "whole number")
     assert infer({}).status_code == 200
 
 
@@ -522,16 +544,18 @@ def test_the_kserve_fast_path_answers_as_the_route_does(client: httpx.Client, ta
     tensor = {"name": "input", "shape": [1, 10], "datatype": "FP32"}
     binary = {**tensor, "parameters": {"binary_data_size": len(rows)}}
     all_binary = {"inputs": [binary], "parameters": {"binary_data_output": True}}
-    requests: list[tuple[bytes, dict[str, str]]] = [
+    requests: list[tuple[bytes, dict[str, Any]]] = [
         (json.dumps({"id": "a", "inputs": [{**tensor, "data": ROW}]}).encode(), {}),  # fine, JSON
         binary_request(all_binary, rows),  # fine, binary in and out
         (json.dumps({"inputs": [{**tensor, "shape": [1, 9], "data": ROW[:9]}]}).encode(), {}),  # found after parsing
         binary_request({"inputs": [binary]}, rows[:-4]),  # binary framing: found after parsing
         (binary_request({"inputs": [binary]}, rows)[0], {"Inference-Header-Content-Length": "abc"}),  # bad header
+        (binary_request({"inputs": [binary]}, rows)[0], {"Inference-Header-Content-Length": b"\xb2"}),  # "²"
+        (binary_request({"inputs": [binary]}, rows)[0], {"Inference-Header-Content-Length": "9" * 5000}),
         (json.dumps({"inputs": [{**tensor, "datatype": "FP33", "data": ROW}]}).encode(), {}),  # handed to the route
     ]
 
-    def answer(content: bytes, headers: dict[str, str]) -> tuple[int, str, str | None, bytes]:
+    def answer(content: bytes, headers: dict[str, Any]) -> tuple[int, str, str | None, bytes]:
         response = client.post(url, content=content, headers={"content-type": "application/json", **headers})
         return (
             response.status_code,
@@ -550,7 +574,8 @@ def test_the_kserve_fast_path_answers_as_the_route_does(client: httpx.Client, ta
         by_route.append(answer(content, headers))
     assert client.post(f"/v1/models/{tabular}/load").status_code == 200
     fast = [answer(content, headers) for content, headers in requests]
-    assert [status for status, _, _, _ in fast] == [200, 200, 400, 400, 400, 400]
+    assert [status for status, _, _, _ in fast] == [200, 200, 400, 400, 400, 400, 400, 400]
+    assert all(json.loads(content)["error"] for status, _, _, content in fast if status == 400)  # KServe's shape
     assert fast[1][1] == "application/octet-stream" and fast[1][2] is not None
     assert fast == by_route
     after = counted()
@@ -590,8 +615,15 @@ def test_kserve_v2_completions(client: httpx.Client, text_models: dict[str, str]
     texts = output["data"]
     assert [len(text) for text in texts] == [6, 6] and texts[0] != texts[1]  # one byte per token
     # greedy: the text the other protocols make from the same prompts
-    native = client.post(f"/v1/models/{model}/predict", json={"inputs": prompts, "parameters": {"max_new_tokens": 6}})
+    predict = f"/v1/models/{model}/predict"
+    native = client.post(predict, json={"inputs": prompts, "parameters": {"max_new_tokens": 6}})
     assert native.json()["completions"] == texts
+    # the native predict refuses a prompt over the 128-token context too (cut to fit, it would be continued from its
+    # middle) and names the input; its max_new_tokens is at most, cut where the context ends
+    unfit = client.post(predict, json={"inputs": [prompts[0], "x" * 200]})
+    assert ["body", "inputs", 1] in [e["loc"] for e in assert_problem(unfit, 422)["errors"]]
+    near_end = client.post(predict, json={"inputs": ["x" * 120], "parameters": {"max_new_tokens": 50}})
+    assert near_end.status_code == 200 and len(near_end.json()["completions"][0]) <= 128 - 121
     for prompt, text in zip(prompts, texts, strict=True):
         greedy = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
         assert client.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == text
@@ -650,6 +682,9 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == choice["text"]
     assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # OpenAI: null on the others
+    without = sse_events(client.post("/v1/completions", json={**request, "stream": True}))
+    assert all("usage" not in c for c in without[:-1])
 
     several = client.post("/v1/completions", json={**request, "prompt": ["a", "b"]}).json()
     assert [c["index"] for c in several["choices"]] == [0, 1]
@@ -787,7 +822,7 @@ def test_openai_penalties_and_logit_bias(client: httpx.Client, text_models: dict
     steered = client.post("/v1/completions", json={**base, "logit_bias": {"100": 100}, "presence_penalty": 0.5})
     assert steered.status_code == 200, steered.text
     assert steered.json()["choices"][0]["text"] == "aaaaa"  # ByT5: byte 97 is token 100
-    for key in ("99999", "x"):
+    for key in ("99999", "x", "\u00b2", "9" * 5000, "\u0661"):  # "²" and "١" are digits to str.isdigit
         assert_openai_error(client.post("/v1/completions", json={**base, "logit_bias": {key: 1}}), 400, "logit_bias")
     assert_openai_error(client.post("/v1/completions", json={**base, "frequency_penalty": 3}), 400, "frequency_penalty")
 
@@ -812,8 +847,22 @@ def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: 
     assert assert_openai_error(unknown_alias, 404)["code"] == "model_not_found"
     embedder = client.post("/v1/completions", json={"model": text_models["embedder"], "prompt": "x"})
     assert "needs a causal_lm model" in assert_openai_error(embedder, 400, "model")["message"]
-    malformed = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
-    assert_openai_error(malformed, 400)
+    too_many = client.post("/v1/completions", json={"model": model, "prompt": ["x"] * 33, "n": 2, "max_tokens": 1})
+    assert "at most 64" in assert_openai_error(too_many, 400, "prompt")["message"]
+    for garbled in (b"{", b'{"model": "x"} trailing'):
+        malformed = client.post("/v1/completions", content=garbled, headers={"content-type": "application/json"})
+        error = assert_openai_error(malformed, 400)
+        assert error["code"] == "malformed_json" and error["param"] is None and "JSON" in error["message"], error
+    # fields OpenAI's clients send with their defaults are accepted; other values are refused by name
+    for field, value in (("suffix", None), ("best_of", 1), ("stream_options", None)):
+        accepted = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1, field: value})
+        assert accepted.status_code == 200, (field, accepted.text)
+    for field, value in (("suffix", "end"), ("best_of", 2), ("stream_options", {"include_usage": True})):
+        refused = client.post("/v1/completions", json={"model": model, "prompt": "x", field: value})
+        assert_openai_error(refused, 400, field)
+    # paths and methods this server lacks answer in OpenAI's shape
+    assert assert_openai_error(client.get("/v1/completions"), 405)["code"] == "method_not_allowed"
+    assert assert_openai_error(client.post("/openai/v1/responses", json={}), 404)["code"] == "unknown_url"
     fine = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
     assert fine.status_code == 200
 
@@ -822,6 +871,18 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     refused = client.post("/v1/chat/completions", json={"model": text_models["plain"], "messages": messages})
     assert "no chat template" in assert_openai_error(refused, 400, "model")["message"]
+    strict = {"model": text_models["strict-chat"], "max_tokens": 3}
+    for stream in (False, True):  # the template's own refusal is the client's error, not the server's
+        no_system = client.post("/v1/chat/completions", json={**strict, "messages": messages, "stream": stream})
+        assert "System role not supported" in assert_openai_error(no_system, 400, "messages")["message"]
+    assert client.post("/v1/chat/completions", json={**strict, "messages": messages[1:]}).status_code == 200
+    # what OpenAI's clients send: a text response format, a tool turn with its call id; structured outputs refused
+    text_format = {**strict, "messages": messages[1:], "response_format": {"type": "text"}}
+    assert client.post("/v1/chat/completions", json=text_format).status_code == 200
+    tool_turn = [*messages[1:], {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    assert client.post("/v1/chat/completions", json={**strict, "messages": tool_turn}).status_code == 200
+    as_json = {**text_format, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
+    assert_openai_error(client.post("/v1/chat/completions", json=as_json), 400, "response_format")
     request = {"model": text_models["chat"], "messages": messages, "max_tokens": 5, "temperature": 0}
     response = client.post("/v1/chat/completions", json=request)
     assert response.status_code == 200, response.text
@@ -897,7 +958,7 @@ def test_openai_embeddings(client: httpx.Client, text_models: dict[str, str]) ->
 
     assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": []}), 400, "input")
     assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": [1, 2]}), 400, "input")
-    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": ["a"] * 65}), 400, "inputs")
+    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": ["a"] * 65}), 400, "input")
     too_long = client.post("/v1/embeddings", json={"model": model, "input": ["fine", "word " * 100]})
     assert assert_openai_error(too_long, 400, "input")["code"] == "context_length_exceeded"
     dims = client.post("/v1/embeddings", json={"model": model, "input": "x", "dimensions": 8})
@@ -919,10 +980,15 @@ def test_the_embeddings_fast_path_answers_as_the_route_does(client: httpx.Client
         ("/v1/embeddings", {"model": model, "input": "x", "dimensions": 8}),  # found after the body validated
         ("/v1/embeddings", {"model": model, "input": [1, 2]}),  # token arrays: found after the body validated
         ("/v1/embeddings", {"model": model, "input": "x", "extra": 1}),  # fails validation: handed to the route
+        # JSON under another content type (curl -d sends a form's): read as JSON both ways, as native predict does
+        ("/v1/embeddings", {"model": model, "input": "a cat", "content-type": "application/x-www-form-urlencoded"}),
+        ("/v1/embeddings", {"model": model, "input": "a cat", "content-type": "text/plain"}),
     ]
 
     def answer(path: str, body: dict[str, Any]) -> tuple[int, str, Any]:
-        response = client.post(path, json=body)
+        body = dict(body)
+        kind = body.pop("content-type", "application/json")
+        response = client.post(path, content=json.dumps(body).encode(), headers={"content-type": kind})
         return response.status_code, response.headers["content-type"], response.json()
 
     def counted() -> tuple[float, float]:
@@ -935,7 +1001,7 @@ def test_the_embeddings_fast_path_answers_as_the_route_does(client: httpx.Client
         by_route.append(answer(path, body))
     assert client.post(f"/v1/models/{model}/load").status_code == 200  # the last request did not load it
     fast = [answer(path, body) for path, body in requests]  # the fast path answers
-    assert [status for status, _, _ in fast] == [200, 200, 400, 400, 400, 400]
+    assert [status for status, _, _ in fast] == [200, 200, 400, 400, 400, 400, 200, 200]
     assert fast[2][2]["error"]["code"] == "context_length_exceeded"
 
     def rounded(answers: list[tuple[int, str, Any]]) -> list[Any]:  # floats as text may differ in the last digit

@@ -36,6 +36,7 @@ from app.serving.generation import (
     PrefixCache,
     RowSampler,
     TextStream,
+    TokenLogprob,
     WindowLayout,
     adjust_logits,
     kv_token_bytes,
@@ -52,6 +53,7 @@ from app.serving.predictor import (
     TextOutput,
     TextPredictor,
     TextRequest,
+    native_completions,
     never,
 )
 
@@ -367,8 +369,14 @@ def test_context_limits(causal: TextPredictor) -> None:
     shrunk = GenerationRequest(prompt="abc", max_tokens=100, overflow="shrink")
     [[completion]] = causal.predict_batch([[shrunk]])
     assert shrunk.max_tokens == 64 - 4 and completion.completion_tokens <= 60
-    [[truncated]] = causal.predict_batch([[GenerationRequest(prompt=long_prompt, max_tokens=5, overflow="truncate")]])
-    assert truncated.prompt_tokens == 64 and truncated.completion_tokens == 0
+    # a prompt over the context is refused whatever max_tokens is, and the message does not name a max_tokens the
+    # client may not have set; the native predict's names the input at fault
+    [unfit] = causal.predict_batch([[GenerationRequest(prompt=long_prompt, max_tokens=5, overflow="shrink")]])
+    assert isinstance(unfit, ContextLengthExceeded) and unfit.param == "prompt" and "asks" not in str(unfit)
+    [native_unfit] = causal.predict_batch([native_completions(["abc", long_prompt], 5)])
+    assert isinstance(native_unfit, ContextLengthExceeded) and native_unfit.errors[0]["loc"] == ["body", "inputs", 1]
+    [native_fit] = causal.predict_batch([native_completions(["abc"], 100)])  # max_new_tokens: at most
+    assert not isinstance(native_fit, Exception) and native_fit[0].completion_tokens <= 60
 
 
 def test_a_request_with_one_bad_prompt_fails_before_any_token(causal: TextPredictor) -> None:
@@ -1118,6 +1126,56 @@ def test_streamed_logprobs_come_with_the_text_they_cover(endless: TextPredictor)
     assert stopped.text == completion.text[: completion.text.find(stop)]
     streamed = [entry for kind, scored in events if kind == "logprobs" for entry in scored]
     assert streamed == scored_tokens(endless.tokenizer, stopped.logprobs or [], 0, len(stopped.text))
+
+
+def byte_level_bpe() -> Any:
+    """GPT-2's byte-level tokens without merges (no files, no download): a multi-byte character is several tokens,
+    each decoding alone to U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="!")
+
+
+@pytest.mark.parametrize("kind", ["gpt2-bytes", "byt5"])
+def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: str) -> None:
+    """Log-probability offsets of a non-English completion: the two tokens of "é" both begin where "é" does, and
+    every token of the text is scored (counting each token's own decoding put every later token one character
+    further per split character, and the last ones fell beyond the text's end). Streamed token by token (the
+    UTF-8 hold-back included) the scored tokens are the same."""
+    tokenizer = byte_level_bpe() if kind == "gpt2-bytes" else ByT5Tokenizer(extra_ids=0)
+    text = "né où"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode()) == 7 and tokenizer.decode(ids) == text
+    eos = tokenizer.eos_token_id
+    entries = [TokenLogprob(token, -0.5, []) for token in [*ids, eos]]
+    scored = scored_tokens(tokenizer, entries, 0, len(text))
+    assert [entry.token for entry, _, _ in scored] == ids  # all seven, not the end-of-sequence token
+    assert [offset for _, _, offset in scored] == [0, 1, 1, 2, 3, 4, 4]
+    assert [piece for _, piece, _ in scored] == [tokenizer.decode([token]) for token in ids]
+    assert [offset for _, _, offset in scored_tokens(tokenizer, entries, 10, None)][-3:] == [14, 14, 15]
+
+    events: list[tuple[str, Any]] = []
+    request = GenerationRequest(
+        prompt="",
+        max_tokens=16,
+        logprobs=0,
+        on_text=lambda delta: events.append(("text", delta)),
+        on_logprobs=lambda scored: events.append(("logprobs", scored)),
+    )
+    stream = TextStream(tokenizer, request, frozenset({eos}))
+    stream.prompt_seen = True
+    stream.logprobs = []
+    for entry in entries:
+        stream.logprobs.append(entry)
+        stream.put(torch.tensor([entry.token]))
+    stream.flush()
+    assert "".join(value for kind, value in events if kind == "text") == text
+    assert [item for kind, value in events if kind == "logprobs" for item in value] == scored
 
 
 def test_adjust_logits_applies_openai_penalties_and_bias() -> None:
