@@ -162,8 +162,8 @@ class PendingRequest:
         self.enqueued_at = now
         self.deadline = now + timeout_s
         self.started_at = 0.0
-        # set on the event loop when the request timed out; the inference thread skips such requests (a plain
-        # attribute: the GIL makes the write visible, and a late read only costs one wasted row)
+        # set on the event loop when the request timed out or was answered; the inference thread skips such
+        # requests (a plain attribute: the GIL makes the write visible, and a late read only costs one wasted row)
         self.cancelled = False
 
     def is_cancelled(self) -> bool:
@@ -277,8 +277,9 @@ class DynamicBatcher:
     def _deliver(self, requests: list[PendingRequest], results: list[Any], errors: list[bool]) -> None:
         now = time.monotonic()
         for request, result, failed in zip(requests, results, errors, strict=True):
-            if request.cancelled:  # timed out meanwhile: already answered and counted
+            if request.cancelled:  # timed out meanwhile (or answered before): already answered and counted
                 continue
+            request.cancelled = True  # answered: a second answer (a bug) must not count it out twice
             self.pending -= 1
             future = request.future
             if future.done():  # the waiter went away (its task was cancelled)

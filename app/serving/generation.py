@@ -635,8 +635,8 @@ class Prefill:
     width] with ``mask``: its ``cached`` first tokens right-aligned in the first ``done`` columns, whose keys and
     values the prefix cache gave (``cache`` starts with them), then the rest of it right-aligned in the remaining
     columns (the masked columns in between, if any, are padding). ``done`` columns are in ``cache``; ``logits``
-    keeps every position's logits for the rows that asked for the prompt's log-probabilities (echo: no prefix is
-    reused then, so they cover the whole prompt)."""
+    keeps every position's logits of the prompts whose rows asked for their log-probabilities (``scored``, in that
+    order; echo: no prefix is reused then, so they cover the whole prompt), and only theirs."""
 
     rows: list[Row]
     prompts: list[list[int]]
@@ -647,6 +647,7 @@ class Prefill:
     cache: Any = None
     done: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
+    scored: list[int] = field(default_factory=list)  # the prompts (indices into ``prompts``) whose logits are kept
 
 
 @dataclass
@@ -767,6 +768,11 @@ class Owner:
         self.left = size
         self.cancelled = cancelled
         self.started = False  # its first rows have made their first tokens (a request's prompts can be prefilled apart)
+        self.answered = False  # its completions or an error went out: its rows that are left are dropped unanswered
+
+    def gone(self) -> bool:
+        """Answered already, or given up on by the batcher (timed out): nothing more of it is wanted."""
+        return self.answered or self.cancelled()
 
 
 class GenerationEngine:
@@ -922,6 +928,7 @@ class GenerationEngine:
         self.generated, self.started = 0, []
         self.prompt_computed = self.prompt_cached = 0
         self._drop_finished()
+        self._drop_waiting()
         if self.batch is not None:
             self._decode(self.batch)
         if self.prefilling is None and self.admitted:
@@ -933,17 +940,20 @@ class GenerationEngine:
                 joining = self._prefill(prefill)
             except Exception as exc:
                 self.prefilling = None
-                owners = {id(row.owner[0]): row.owner[0] for row in prefill.rows}
-                self.done.extend((owner.handle, exc) for owner in owners.values())
+                for owner in {id(row.owner[0]): row.owner[0] for row in prefill.rows}.values():
+                    self._answer(owner, exc)  # its rows elsewhere (prefilled apart, or waiting) are dropped
             else:
                 if joining is not None:
+                    # the prefill is let go only once its rows are in the batch: if the merge fails, ``fail`` finds
+                    # them in it and answers their requests
+                    self.batch = joining if self.batch is None else self._merge(self.batch, joining)
                     self.prefilling = None
                     owners = {id(row.owner[0]): row.owner[0] for row in joining.rows if not row.owner[0].started}
                     self.started = [owner.handle for owner in owners.values()]
                     for owner in owners.values():
                         owner.started = True
-                    self.batch = joining if self.batch is None else self._merge(self.batch, joining)
         self._drop_finished()
+        self._drop_waiting()
         if self.batch is not None:
             self._crop(self.batch)
         self.kv_bytes = sum(
@@ -964,18 +974,46 @@ class GenerationEngine:
             id(handle): (handle, output) for handle, output in self.done
         }
         for row in rows:
-            handle = row.owner[0].handle
-            outcomes.setdefault(id(handle), (handle, error))
+            owner = row.owner[0]
+            if not owner.answered:
+                outcomes.setdefault(id(owner.handle), (owner.handle, error))
+            owner.answered = True
         self.done = []
         return list(outcomes.values())
 
     # --- internals -------------------------------------------------------------------------------------------------
 
     def _complete(self, owner: Owner, index: int, completion: Completion) -> None:
+        if owner.answered:
+            return
         owner.completions[index] = completion
         owner.left -= 1
         if owner.left == 0:
-            self.done.append((owner.handle, [c for c in owner.completions if c is not None]))
+            self._answer(owner, [c for c in owner.completions if c is not None])
+
+    def _answer(self, owner: Owner, outcome: list[Completion] | Exception) -> None:
+        """Hand ``outcome`` to the owner's request, once."""
+        if not owner.answered:
+            owner.answered = True
+            self.done.append((owner.handle, outcome))
+
+    def _drop_waiting(self) -> None:
+        """Let go of prompts that have not joined the batch yet and whose requests want nothing more (cancelled,
+        timed out, or answered already: a prompt of theirs failed): the admitted ones, and a prefill all of whose
+        rows are such (a prefill shared with live rows goes on; its dead rows leave once they join). Without this a
+        cancelled long prompt was prefilled to its end and held its rows and its token budget meanwhile."""
+
+        def dead(row: Row) -> bool:
+            return row.request.cancelled or row.owner[0].gone()
+
+        for row in [row for row in self.admitted if dead(row)]:
+            self._complete(row.owner[0], row.owner[1], row.completion())
+        self.admitted = [row for row in self.admitted if not dead(row)]
+        prefill = self.prefilling
+        if prefill is not None and all(dead(row) for row in prefill.rows):
+            self.prefilling = None
+            for row in prefill.rows:
+                self._complete(row.owner[0], row.owner[1], row.completion())
 
     def _forward(
         self,
@@ -1113,32 +1151,40 @@ class GenerationEngine:
         rows, width = prefill.rows, prefill.ids.shape[1]
         columns = width if self.prefill_chunk <= 0 else max(1, self.prefill_chunk // len(prefill.prompts))
         start, end = prefill.done, min(width, prefill.done + columns)
+        source = prefill.source.tolist() if prefill.source is not None else list(range(len(rows)))
         scored = [i for i, row in enumerate(rows) if row.request.prompt_logprobs]
+        if scored and not prefill.scored:
+            prefill.scored = sorted({source[i] for i in scored})
         mask = prefill.mask[:, :end]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
         output = self._forward(prefill.ids[:, start:end], mask, positions, prefill.cache, all_logits=bool(scored))
         prefill.cache, prefill.done = cache_of(output), end
-        if scored:
-            prefill.logits.append(output.logits)
+        if scored:  # kept for the scored prompts only (a [prompts, columns, vocab] tensor per chunk otherwise)
+            kept = torch.tensor(prefill.scored, device=output.logits.device)
+            prefill.logits.append(output.logits.index_select(0, kept))
         if end < width:
             return None
         self._remember(prefill)
         self.prompt_cached = sum(prefill.cached)
         self.prompt_computed = sum(len(p) for p in prefill.prompts) - self.prompt_cached
-        logits = torch.cat(prefill.logits, dim=1) if scored else output.logits
-        mask, source = prefill.mask, prefill.source
-        if source is not None:  # each row its prompt's (prompts repeated in the prefill were computed once)
-            logits, mask = logits.index_select(0, source), mask.index_select(0, source)
+        last, mask = output.logits[:, -1, :], prefill.mask
+        if prefill.source is not None:  # each row its prompt's (prompts repeated in the prefill were computed once)
+            last, mask = last.index_select(0, prefill.source), mask.index_select(0, prefill.source)
             for layer in prefill.cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, source), layer.values.index_select(0, source)
-        for i in scored:  # position t predicts token t + 1; the first token has nothing before it
-            row, prompt = rows[i], rows[i].ids
-            row.prompt_logprobs = prompt_scores(
-                logits[i, width - len(prompt) : -1, :], prompt, row.request.logprobs or 0
-            )
-            if row.request.on_prompt_logprobs is not None:
-                row.request.on_prompt_logprobs(row.prompt_logprobs)
-        tokens = self._choose(rows, logits[:, -1, :])
+                index = prefill.source
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        if scored:
+            logits = torch.cat(prefill.logits, dim=1)
+            prefill.logits = []
+            for i in scored:  # position t predicts token t + 1; the first token has nothing before it
+                row, prompt = rows[i], rows[i].ids
+                kept_at = prefill.scored.index(source[i])
+                row.prompt_logprobs = prompt_scores(
+                    logits[kept_at, width - len(prompt) : -1, :], prompt, row.request.logprobs or 0
+                )
+                if row.request.on_prompt_logprobs is not None:
+                    row.request.on_prompt_logprobs(row.prompt_logprobs)
+        tokens = self._choose(rows, last)
         mask = compact_rows(mask, prefill.cache)
         return Batch(rows, prefill.cache, mask, tokens, mask.sum(-1))
 
@@ -1200,7 +1246,7 @@ class GenerationEngine:
         keep = []
         for index, row in enumerate(batch.rows):
             owner, position = row.owner
-            if row.finished() or owner.cancelled():
+            if row.finished() or owner.gone():
                 self._remember_finished(batch, index, row)
                 self._complete(owner, position, row.completion())
             else:

@@ -40,6 +40,7 @@ from app.serving.generation import (
     WindowLayout,
     adjust_logits,
     kv_token_bytes,
+    padded_tokens,
     scored_tokens,
     window_mask,
 )
@@ -1062,6 +1063,97 @@ def test_a_failed_step_hands_back_every_request_the_engine_held(
     while adapter.busy:
         finished += adapter.step()
     assert [(handle, [c.completion_tokens for c in done]) for handle, done in finished] == [("third", [2])]
+
+
+def test_a_request_is_answered_once_whatever_fails(endless: TextPredictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge that fails (a prefill's rows joining the running batch; it allocates every layer's cache anew, where
+    memory runs out first) leaves the joining request to ``fail`` like the running one: it was in neither before. A
+    request whose prompts are prefilled apart (the prefix cache's split) and whose second prefill fails is answered
+    once, with the error: its first prompt stops generating, and a later failure does not answer it again."""
+    adapter = endless.continuous_generation()
+    assert adapter is not None
+    engine = adapter.engine
+    assert adapter.admit([GenerationRequest(prompt="a", max_tokens=10)], "running", never) is None
+    assert adapter.step() == []
+    assert adapter.admit([GenerationRequest(prompt="b", max_tokens=10)], "joining", never) is None
+    monkeypatch.setattr(engine, "_merge", lambda *a: (_ for _ in ()).throw(MemoryError("merging")))
+    with pytest.raises(MemoryError):
+        adapter.step()
+    outcomes = dict(adapter.fail(MemoryError("merging")))
+    assert sorted(outcomes) == ["joining", "running"] and not adapter.busy
+    monkeypatch.undo()
+
+    split = endless.continuous_generation(0, 2**20)
+    engine = split.engine
+    run_engine(split, [[GenerationRequest(prompt=SYSTEM + "Q: hi?", max_tokens=3)]], endless.render_prompt)
+    pair = [
+        GenerationRequest(prompt=SYSTEM + "Q: and?", max_tokens=20),
+        GenerationRequest(prompt="an unrelated prompt, longer than what follows the cached part", max_tokens=20),
+    ]
+    engine.admit(pair, [endless.render_prompt(r) for r in pair], "pair", never)
+    assert engine.step() == [] and len(engine.admitted) == 1  # the first prompt runs, the second waits
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda rows: (_ for _ in ()).throw(MemoryError("prompt too long")))
+    [(handle, error)] = engine.step()
+    assert handle == "pair" and isinstance(error, MemoryError)
+    assert not engine.busy and engine.rows == 0 and engine.kv_bytes == 0  # its first prompt stopped with it
+    monkeypatch.setattr(engine, "_prefill", prefill)
+    engine.admit([GenerationRequest(prompt="c", max_tokens=5)], [endless.render_prompt(pair[0])], "later", never)
+    engine.step()
+    monkeypatch.setattr(engine, "_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert [handle for handle, _ in engine.fail(RuntimeError("out of memory"))] == ["later"]
+
+
+def test_a_cancelled_prompt_is_let_go_before_it_joins(endless: TextPredictor) -> None:
+    """A request cancelled (a streaming client gone) or timed out while its long prompt is prefilled chunk by chunk,
+    or while it waits for the next prefill, is answered at the next step: the rest of its prompt is not computed,
+    and it holds no rows and no token budget any more."""
+    adapter = endless.continuous_generation(8)
+    engine = adapter.engine
+    long = GenerationRequest(prompt="x" * 60, max_tokens=5)
+    engine.admit([long], [endless.render_prompt(long)], "long", never)
+    assert engine.step() == [] and engine.prefilling is not None and engine.prefilling.done == 8
+    waiting = GenerationRequest(prompt="y" * 30, max_tokens=5)
+    timed_out = [False]
+    engine.admit([waiting], [endless.render_prompt(waiting)], "waiting", lambda: timed_out[0])
+    assert engine.step() == [] and len(engine.admitted) == 1 and engine.prefilling.done == 16
+    timed_out[0] = True
+    [(handle, [completion])] = engine.step()  # type: ignore[misc]
+    assert handle == "waiting" and completion.completion_tokens == 0 and engine.admitted == []
+    assert engine.prefilling is not None and engine.prefilling.done == 24  # the other prompt goes on
+    assert engine.batch_tokens() == padded_tokens([(engine.prefilling.rows[0].ids, long)])
+    long.cancelled = True
+    [(handle, [completion])] = engine.step()  # type: ignore[misc]
+    assert handle == "long" and completion.completion_tokens == 0
+    assert not engine.busy and engine.prefilling is None and engine.batch_tokens() == 0 and engine.kv_bytes == 0
+
+
+def test_a_prefill_keeps_the_logits_of_the_prompts_it_scores_only(endless: TextPredictor) -> None:
+    """Echo (the prompt's log-probabilities) needs every position's logits, but only of the prompts that asked: a
+    prefill beside other, longer prompts keeps [1, columns, vocab] per chunk, not [prompts, columns, vocab]; the
+    scores are those of the prompt prefilled alone."""
+    adapter = endless.continuous_generation(32)
+    engine = adapter.engine
+
+    def echo() -> GenerationRequest:
+        return GenerationRequest(prompt="def f(x):", max_tokens=2, prompt_logprobs=True, logprobs=1)
+
+    others = [GenerationRequest(prompt=f"another prompt, number {i}, a little longer", max_tokens=2) for i in range(3)]
+    requests = [*others, echo(), *others[:1]]  # a repeated prompt too: prompts and rows differ
+    engine.admit(requests, [endless.render_prompt(r) for r in requests], "together", never)
+    engine.step()
+    assert engine.prefilling is not None and [t.shape[0] for t in engine.prefilling.logits] == [1]
+    done: list[Any] = []
+    while engine.busy:
+        done += engine.step()
+    [(_, completions)] = done
+    [[alone]] = endless.predict_batch([[echo()]])
+    assert [e.logprob for e in completions[3].prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in (alone.prompt_logprobs or [])[1:]], abs=1e-4
+    )
+    assert completions[3].text == alone.text
 
 
 def test_logprobs_of_the_prompt_and_the_completion_are_the_models(endless: TextPredictor) -> None:
