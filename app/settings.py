@@ -132,7 +132,11 @@ class Settings(BaseSettings):
         512, ge=1, description="Requests waiting or running per model; more are refused with 429 and Retry-After."
     )
     inference_timeout_s: float = Field(
-        30.0, gt=0, description="Longest a request waits for its result (504 after), queueing included."
+        30.0,
+        gt=0,
+        description="Longest a request waits for its result (504 after), queueing included; for a completion batched "
+        "step by step (continuous batching), longest it waits to start generating: once it has, it runs until it is "
+        "done or its client goes away.",
     )
     model_load_wait_s: float = Field(
         60.0, ge=0, description="Longest a request waits for its model to load (503 model_loading after)."

@@ -16,8 +16,10 @@ Why a dedicated thread rather than the threadpool: the hand-off costs tens of mi
 batch forms naturally while the model is busy, and torch always runs on the same thread.
 
 Bounds: at most ``max_queue_size`` requests waiting or running (``QueueFull`` above: the caller answers 429 with
-Retry-After), and each request waits at most ``timeout_s`` for its result (``InferenceTimeout``). Timeouts are
-enforced by one sweep timer per batcher that runs only while requests are pending, not by a timer per request.
+Retry-After), and each request waits at most ``timeout_s`` for its result (``InferenceTimeout``), or, for a
+generation the engine batches step by step, for its admission (Triton's queue timeout: once generating, a completion
+runs until it is done, or its client goes away, however long ``max_tokens`` makes it). Timeouts are enforced by one
+sweep timer per batcher that runs only while requests are pending, not by a timer per request.
 """
 
 from __future__ import annotations
@@ -150,7 +152,17 @@ class PendingRequest:
     """One request in the queue: its model input, how many rows it adds to a batch, how its result is encoded (in
     the inference thread), and the future the event loop waits on."""
 
-    __slots__ = ("cancelled", "deadline", "encode", "enqueued_at", "future", "payload", "rows", "started_at")
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "encode",
+        "enqueued_at",
+        "future",
+        "generating",
+        "payload",
+        "rows",
+        "started_at",
+    )
 
     def __init__(
         self, payload: Any, rows: int, encode: Encoder, future: asyncio.Future[Any], now: float, timeout_s: float
@@ -162,6 +174,8 @@ class PendingRequest:
         self.enqueued_at = now
         self.deadline = now + timeout_s
         self.started_at = 0.0
+        # admitted to a generation engine: the timeout no longer applies (set by the inference thread)
+        self.generating = False
         # set on the event loop when the request timed out or was answered; the inference thread skips such
         # requests (a plain attribute: the GIL makes the write visible, and a late read only costs one wasted row)
         self.cancelled = False
@@ -261,7 +275,7 @@ class DynamicBatcher:
         in_order = self._in_order
         while in_order:
             head = in_order[0]
-            if head.future.done():
+            if head.future.done() or head.generating:  # answered, or generating: the engine answers it
                 in_order.popleft()
             elif head.deadline <= now:
                 in_order.popleft()
@@ -381,6 +395,7 @@ class DynamicBatcher:
             if refused is not None:
                 self.loop.call_soon_threadsafe(self._deliver, [item], [refused], [True])
             else:
+                item.generating = True
                 admitted.append(item)
         if not engine.busy:
             return not (state.stopping and state.carried is None)

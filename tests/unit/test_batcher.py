@@ -408,17 +408,27 @@ def test_continuous_a_refused_request_or_a_failed_step_fails_only_what_it_holds(
     run(test)
 
 
-def test_continuous_a_timed_out_request_leaves_the_engine_and_stop_drains() -> None:
+def test_continuous_the_timeout_bounds_the_wait_for_admission_and_stop_drains() -> None:
+    """With continuous batching ``timeout_s`` bounds a request's wait to be admitted (Triton's queue timeout): one
+    that waits behind a full engine past it is refused and never admitted; one admitted runs to its end, however
+    long after the timeout that is (its client stops it by going away). Stop lets what was admitted finish."""
+
     async def test(loop: asyncio.AbstractEventLoop) -> None:
         engine = Countdown(step_seconds=0.01)
-        batcher = make_continuous(loop, engine, timeout_s=0.05)
+        admitted: list[Any] = []
+        admit = engine.admit
+        engine.admit = lambda payload, handle, cancelled: (
+            admitted.append(payload)
+            or admit(  # type: ignore[method-assign]
+                payload, handle, cancelled
+            )
+        )
+        batcher = make_continuous(loop, engine, timeout_s=0.05, max_batch_size=1)
+        long = batcher.submit(20, 1)  # 20 steps of 10 ms: 4 times the timeout
+        waiting = batcher.submit(1, 1)  # the engine's one row is taken: it waits
         with pytest.raises(InferenceTimeout):
-            await batcher.submit(1000, 1)
-        for _ in range(100):
-            if not engine.busy:
-                break
-            await asyncio.sleep(0.01)
-        assert not engine.busy and engine.steps < 100  # dropped at the next step, not run to its end
+            await waiting
+        assert await long == 200 and admitted == [20] and batcher.pending == 0
         running = batcher.submit(3, 1)
         batcher.stop()
         assert await running == 30  # stop lets what was admitted finish
