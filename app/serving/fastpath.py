@@ -99,7 +99,7 @@ class InferenceFastPath:
             except ValidationError:
                 await self.app(scope, replay(raw, receive), send)  # the route renders the errors with their paths
                 return
-            encoded = await run_predict(inference, served, body)
+            encoded = await run_predict(inference, served, body, receive)
         except ServiceError as exc:  # a body over the limit, queue full, timeout, inputs that do not fit the model
             await send_problem(send, scope["path"], exc)
             return
@@ -148,7 +148,7 @@ class InferenceFastPath:
             if served is None:
                 await self.app(scope, replay(raw, receive), send)
                 return
-            content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
+            content, media_type, headers = await run_infer(inference, served, model_name, body, blob, receive)
         except Exception as exc:  # as in ``_embeddings``
             await render_kserve_error(protocol_error(exc))(scope, receive, send)
             return

@@ -21,6 +21,7 @@ Errors are ``{"error": "..."}`` with 400 for bad requests, 404 for unknown model
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,7 @@ from app.serving.protocol import (
     parse_json_bytes,
     protocol_route,
     request_body_schema,
+    until_answered,
 )
 from app.serving.service import InferenceService, ModelRecord, ServedModel
 
@@ -509,15 +511,21 @@ async def infer(model_name: ModelName, request: Request, inference: InferenceDep
     json_part, blob = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
     body = parse_json_bytes(json_part, InferRequest)
     served = await inference.get(tenant, model_name)
-    content, media_type, headers = await run_infer(inference, served, model_name, body, blob)
+    content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive)
     return Response(content, media_type=media_type, headers=headers)
 
 
 async def run_infer(
-    inference: InferenceService, served: ServedModel, model_name: str, body: InferRequest, blob: bytes
+    inference: InferenceService,
+    served: ServedModel,
+    model_name: str,
+    body: InferRequest,
+    blob: bytes,
+    receive: Callable[[], Awaitable[Any]],
 ) -> tuple[bytes, str, dict[str, str]]:
     """One infer request on a loaded model: (body, media type, extra headers) of the answer. Shared by the route
-    above and the ASGI fast path (app/serving/fastpath.py)."""
+    above and the ASGI fast path (app/serving/fastpath.py). ``receive``: the ASGI request's, to stop completions
+    whose client went away (``until_answered``)."""
     payload, rows, wanted = prepare(served, body, blob, inference.settings.max_completion_tokens)
     encode = partial(
         encode_infer,
@@ -529,7 +537,9 @@ async def run_infer(
         served.record.task,
         served.predictor,
     )
-    encoded = await inference.infer(served, payload, rows, encode)
+    answer = inference.infer(served, payload, rows, encode)
+    completions = isinstance(payload, list) and all(isinstance(item, GenerationRequest) for item in payload)
+    encoded = await (until_answered(receive, payload, answer) if completions else answer)
     if isinstance(encoded, tuple):
         content, json_length = encoded
         return content, "application/octet-stream", {"Inference-Header-Content-Length": str(json_length)}

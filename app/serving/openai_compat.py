@@ -16,9 +16,9 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Request, Response
@@ -41,10 +41,9 @@ from app.serving.protocol import (
     protocol_error,
     protocol_route,
     request_body_schema,
+    until_answered,
 )
 from app.serving.service import InferenceService, ServedModel
-
-T = TypeVar("T")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -376,25 +375,6 @@ def max_tokens_of(requested: int | None, default: int, limit: int, param: str) -
     return requested, "refuse"
 
 
-async def until_answered(request: Request, requests: list[GenerationRequest], answer: Awaitable[T]) -> T:
-    """``answer``, while watching the client: one that disconnects before it (a client timeout, say) cancels its
-    completions, which the engine then drops at its next step instead of generating them to ``max_tokens`` for no
-    one (a stream does the same through its response). Its body has been read, so the next message the server
-    can receive is the disconnect."""
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        for generation in requests:
-            generation.cancelled = True
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await answer
-    finally:
-        watcher.cancel()
-
-
 def usage_option(body: SamplingFields) -> tuple[bool, dict[str, None]]:
     """Whether a streamed request asked for a last chunk with its usage, and what every other chunk then carries
     (OpenAI: ``"usage": null``)."""
@@ -576,7 +556,7 @@ async def completions(request: Request, inference: InferenceDep, tenant: TenantD
         echo = echo_chunk if body.echo else None
         return await stream_generation(inference, served, requests, chunk, usage, body.n, echo, rows_field="prompt")
     results: list[Completion] = await until_answered(
-        request, requests, inference.infer(served, requests, len(requests), rows_field="prompt")
+        request.receive, requests, inference.infer(served, requests, len(requests), rows_field="prompt")
     )
     return json_response(
         {
@@ -717,7 +697,7 @@ async def chat_completions(request: Request, inference: InferenceDep, tenant: Te
         response.body_iterator = with_role_first(response.body_iterator, chunk, body.n)
         return response
     results: list[Completion] = await until_answered(
-        request, requests, inference.infer(served, requests, len(requests), rows_field="n")
+        request.receive, requests, inference.infer(served, requests, len(requests), rows_field="n")
     )
     return json_response(
         {

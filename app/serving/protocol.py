@@ -7,9 +7,10 @@ request validation errors) in their route class, so that one set of error types 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from copy import deepcopy
 from typing import Any, TypeVar
 
@@ -21,10 +22,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.errors import PayloadTooLarge, ServiceError
+from app.serving.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 async def parse_json_body(request: Request, model: type[M]) -> M:
@@ -141,6 +144,27 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, bo
         param = param or path or None
         parts.append(f"{path}: {error.get('msg', '')}" if path else str(error.get("msg", "")))
     return "; ".join(parts) or "the request is not valid", param, malformed
+
+
+async def until_answered(
+    receive: Callable[[], Awaitable[Any]], requests: Sequence[GenerationRequest], answer: Awaitable[T]
+) -> T:
+    """``answer``, while watching the client: one that disconnects before it (a client timeout, say) cancels
+    ``requests``, completions the engine then drops at its next step instead of generating them to ``max_tokens``
+    for no one (a stream does the same through its response). The request's body has been read, so the next message
+    ``receive`` (the ASGI request's) can give is the disconnect. Used by every protocol's completions not streamed."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        for generation in requests:
+            generation.cancelled = True
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await answer
+    finally:
+        watcher.cancel()
 
 
 def protocol_error(exc: Exception) -> ProtocolError:

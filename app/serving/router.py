@@ -3,6 +3,7 @@ alias ``latest:<job name>``. Also mounts the KServe v2 and OpenAI-compatible rou
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from app.serving.predictor import (
     text_document,
     text_only,
 )
-from app.serving.protocol import ProtocolError, Renderer, parse_json_body, request_body_schema
+from app.serving.protocol import ProtocolError, Renderer, parse_json_body, request_body_schema, until_answered
 from app.serving.service import InferenceService, ServedModel
 
 ModelRef = Annotated[
@@ -71,12 +72,15 @@ def encode_text(predictor: TextPredictor, output: Any) -> bytes:
 async def predict(model_id: ModelRef, request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
     body = await parse_json_body(request, PredictRequest)
     served = await inference.get(tenant, model_id)
-    return Response(await run_predict(inference, served, body), media_type="application/json")
+    return Response(await run_predict(inference, served, body, request.receive), media_type="application/json")
 
 
-async def run_predict(inference: InferenceService, served: ServedModel, body: PredictRequest) -> bytes:
+async def run_predict(
+    inference: InferenceService, served: ServedModel, body: PredictRequest, receive: Callable[[], Awaitable[Any]]
+) -> bytes:
     """One native predict on a loaded model: the JSON response body. Shared by the route above and the ASGI fast
-    path (app/serving/fastpath.py), which calls it without FastAPI's routing and dependency resolution."""
+    path (app/serving/fastpath.py), which calls it without FastAPI's routing and dependency resolution. ``receive``:
+    the ASGI request's, to stop a causal LM's completions when their client goes away (``until_answered``)."""
     predictor = served.predictor
     try:
         if isinstance(predictor, StudentPredictor):
@@ -87,10 +91,14 @@ async def run_predict(inference: InferenceService, served: ServedModel, body: Pr
         assert isinstance(predictor, TextPredictor)
         texts = text_only(body.inputs)
         payload: Any = TextRequest(texts)
+        encode_texts = partial(encode_text, predictor)
         if predictor.task == "causal_lm":
             max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
-            payload = native_completions(texts, max_new)
-        encoded = await inference.infer(served, payload, len(texts), partial(encode_text, predictor))
+            completions = native_completions(texts, max_new)
+            answer = inference.infer(served, completions, len(texts), encode_texts)
+            encoded = await until_answered(receive, completions, answer)
+            return encoded
+        encoded = await inference.infer(served, payload, len(texts), encode_texts)
         return encoded
     except InputShapeError as exc:
         raise invalid_input(exc) from exc

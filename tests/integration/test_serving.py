@@ -690,17 +690,29 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
     assert [c["index"] for c in several["choices"]] == [0, 1]
 
 
+@pytest.mark.parametrize("protocol", ["openai", "native", "kserve"])
 def test_a_client_gone_before_its_completion_stops_it(
-    api: str, client: httpx.Client, text_models: dict[str, str]
+    api: str, client: httpx.Client, text_models: dict[str, str], protocol: str
 ) -> None:
     """A client that disconnects before a (not streamed) completion is answered, as one that times out does: its
-    completion is cancelled, so the engine stops generating it instead of making its 120 tokens for no one."""
+    completion is cancelled, so the engine stops generating it instead of making its 120 tokens for no one; on
+    every protocol, the fast path's (native, KServe) included."""
     import socket
     from urllib.parse import urlsplit
 
     model = text_models["lively"]
-    body = {"model": model, "prompt": "hello", "max_tokens": 120, "temperature": 0}
-    assert client.post("/v1/completions", json={**body, "max_tokens": 1}).status_code == 200  # loaded, warm
+    path, body = {
+        "openai": ("/v1/completions", {"model": model, "prompt": "hello", "max_tokens": 120, "temperature": 0}),
+        "native": (f"/v1/models/{model}/predict", {"inputs": ["hello"], "parameters": {"max_new_tokens": 120}}),
+        "kserve": (
+            f"/v2/models/{model}/infer",
+            {
+                "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}],
+                "parameters": {"max_tokens": 120},
+            },
+        ),
+    }[protocol]
+    assert client.post(f"/v1/models/{model}/load").status_code == 200
 
     def answered() -> float:
         return metric(client, "distillery_inference_request_seconds_count", model=model)
@@ -712,12 +724,13 @@ def test_a_client_gone_before_its_completion_stops_it(
     content = json.dumps(body).encode()
     address = urlsplit(api)
     with socket.create_connection((address.hostname, address.port)) as sock:
-        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         sock.sendall(f"{head}Content-Length: {len(content)}\r\n\r\n".encode() + content)
     wait_until(lambda: answered() > before, timeout=30, what="the request to be answered")
-    assert generated() - tokens < 60  # it stopped at its next step; all 120 without the watcher
-    whole = client.post("/v1/completions", json=body).json()  # the next one is made whole
-    assert whole["usage"]["completion_tokens"] == 120
+    assert generated() - tokens < 60  # it stopped at its next step; all 120 without the watch
+    before, tokens = answered(), generated()
+    assert client.post(path, json=body).status_code == 200  # the next one is made whole
+    assert generated() - tokens == 120
 
 
 def test_openai_usage_reports_prompt_tokens_from_the_prefix_cache(
