@@ -1185,18 +1185,21 @@ def test_logprobs_of_the_prompt_and_the_completion_are_the_models(endless: TextP
     assert echoed.prompt_logprobs is not None and len(echoed.prompt_logprobs) == echoed.prompt_tokens
 
 
+def recorded(events: list[tuple[str, Any]], **fields: Any) -> GenerationRequest:
+    """A request whose streamed text deltas and scored tokens are appended to ``events`` as they come."""
+    return GenerationRequest(
+        on_text=lambda delta: events.append(("text", delta)),
+        on_logprobs=lambda scored: events.append(("logprobs", scored)),
+        **fields,
+    )
+
+
 def test_streamed_logprobs_come_with_the_text_they_cover(endless: TextPredictor) -> None:
     """Streaming with logprobs: before each text delta, the tokens whose text begins in it (``on_logprobs``); all
     of them together are the whole completion's scored tokens, in order, ending where the text ends (a stop string
     cuts both), each with the offset of its text."""
     events: list[tuple[str, Any]] = []
-    request = GenerationRequest(
-        prompt="def f(x):",
-        max_tokens=12,
-        logprobs=2,
-        on_text=lambda delta: events.append(("text", delta)),
-        on_logprobs=lambda scored: events.append(("logprobs", scored)),
-    )
+    request = recorded(events, prompt="def f(x):", max_tokens=12, logprobs=2)
     [[completion]] = endless.predict_batch([[request]])
     assert completion.logprobs is not None and len(completion.text) >= 2
     text = "".join(delta for kind, delta in events if kind == "text")
@@ -1252,13 +1255,7 @@ def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: 
     assert [offset for _, _, offset in scored_tokens(tokenizer, entries, 10, None)][-3:] == [14, 14, 15]
 
     events: list[tuple[str, Any]] = []
-    request = GenerationRequest(
-        prompt="",
-        max_tokens=16,
-        logprobs=0,
-        on_text=lambda delta: events.append(("text", delta)),
-        on_logprobs=lambda scored: events.append(("logprobs", scored)),
-    )
+    request = recorded(events, prompt="", max_tokens=16, logprobs=0)
     stream = TextStream(tokenizer, request, frozenset({eos}))
     stream.prompt_seen = True
     stream.logprobs = []
