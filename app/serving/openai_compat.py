@@ -45,16 +45,16 @@ from app.serving.protocol import (
 )
 from app.serving.service import InferenceService, ServedModel
 
-ERROR_TYPES = {
+ERROR_TYPES = {  # as OpenAI's API answers them (its SDKs pick their exception by the status)
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
-ERROR_CODES = {"not_found": "model_not_found", "queue_full": "rate_limit_exceeded"}
+ERROR_CODES = {"not_found": "model_not_found", "queue_full": "rate_limit_exceeded", "unauthorized": "invalid_api_key"}
 
 
 def openai_error_document(error: ProtocolError) -> dict[str, Any]:
