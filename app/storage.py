@@ -62,7 +62,8 @@ class LocalStore:
     def ensure_local(self, relative: str) -> Path:
         path = self.root / relative
         if not path.exists():
-            raise FileNotFoundError(f"artifact {relative} is missing from {self.root}")
+            # the message reaches clients (a 503): it names the artifact, not the server's folders
+            raise FileNotFoundError(f"artifact {relative} is missing from the artifact store")
         return path
 
     def remove(self, relative: str) -> None:

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 FAILED_LOAD_MEMORY_S = 2.0  # a failed load is not retried sooner than this (no load storms on a broken artifact)
 DIRECTORY_CHECK_S = 1.0  # how often a loaded model's folder is checked (deleted through another replica)
+# how often a loaded model's record is read again, in the background: deleted through another replica of an api
+# whose artifact store is not a shared folder (S3: each replica keeps its own copy of the files)
+RECORD_CHECK_S = 5.0
 MAX_ALIASES = 10_000
 
 
@@ -129,6 +132,8 @@ class ServedModel:
     load_seconds: float
     loaded_at: dt.datetime
     checked_at: float = field(default_factory=time.monotonic)
+    record_checked_at: float = field(default_factory=time.monotonic)
+    record_check: asyncio.Task[None] | None = None
     # the longest forward (estimated, seconds) that runs on the event loop when nothing is queued for the model
     # (``inference_inline_max_us``; 0 on a GPU)
     inline_max_s: float = 0.0
@@ -262,7 +267,11 @@ class InferenceService:
             binding = self._aliases.get((tenant, reference))
             if binding is None or time.monotonic() - binding.checked_at >= self.settings.alias_refresh_s:
                 return None
-            reference = binding.model_id
+            try:
+                return self._hit(f"{tenant}/{binding.model_id}", binding.model_id)
+            except NotFound:  # its model was deleted (through another replica): ``get`` looks the alias up again
+                self._aliases.pop((tenant, reference), None)
+                return None
         return self._hit(f"{tenant}/{reference}", reference)
 
     def _hit(self, key: str, model_id: str) -> ServedModel | None:
@@ -275,15 +284,32 @@ class InferenceService:
             if not served.predictor.directory.exists():  # deleted through another api replica
                 self.cache.evict(key)
                 raise NotFound(f"no model {model_id!r}")
+            if now - served.record_checked_at > RECORD_CHECK_S and served.record_check is None:
+                served.record_checked_at = now
+                served.record_check = asyncio.ensure_future(self._check_record(key, served))
         served.metrics.hits.inc()
         return served
+
+    async def _check_record(self, key: str, served: ServedModel) -> None:
+        """Evict ``served`` if its model is no longer in the database (deleted through another replica whose files
+        are its own: the folder check above cannot see that). Off the request's path; an unreachable database
+        changes nothing."""
+        try:
+            await run_in_threadpool(self._read_record, served.record.tenant, served.model_id)
+        except NotFound:
+            if self.cache.peek(key) is served:
+                log.info("%s was deleted: unloaded", key)
+                self.cache.evict(key)
+        except Exception as exc:
+            log.debug("checking %s's record failed: %s", key, exc)
+        finally:
+            served.record_check = None
 
     async def _get_id(self, tenant: str, model_id: str) -> ServedModel:
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
         served = self._hit(key, model_id)
         if served is not None:
             return served
-        self.metrics.cache_misses.labels(model_id).inc()
         loading = self._loads.get(key)
         if loading is None:
             failed = self._failed.get(key)
@@ -293,9 +319,12 @@ class InferenceService:
             self._loads[key] = loading
             loading.add_done_callback(lambda _: self._loads.pop(key, None))
         try:
-            return await asyncio.wait_for(asyncio.shield(loading), self.settings.model_load_wait_s)
+            served = await asyncio.wait_for(asyncio.shield(loading), self.settings.model_load_wait_s)
         except TimeoutError:
             raise ModelLoading(f"model {model_id!r} is loading; retry shortly", headers={"Retry-After": "1"}) from None
+        # counted once the model is known to exist: a label per id any client makes up would grow /metrics unbounded
+        self.metrics.cache_misses.labels(model_id).inc()
+        return served
 
     async def _load(self, tenant: str, model_id: str) -> ServedModel:
         key = f"{tenant}/{model_id}"
@@ -396,6 +425,9 @@ class InferenceService:
     async def unload(self, tenant: str, reference: str) -> tuple[str, bool]:
         """Unload from this process; returns (model id, whether it was loaded). NotFound for unknown models."""
         model_id = await self._alias_target(tenant, reference) if is_alias(reference) else reference
+        loading = self._loads.get(f"{tenant}/{model_id}")
+        if loading is not None:  # unloaded once its load ends (evicting now would find nothing, and it would stay)
+            await asyncio.wait({loading})
         removed = self.cache.evict(f"{tenant}/{model_id}")
         if removed is None:
             await run_in_threadpool(self._read_record, tenant, model_id)  # NotFound when there is no such model
@@ -446,10 +478,13 @@ class InferenceService:
 
     async def _refresh_alias(self, tenant: str, alias: str, binding: AliasBinding) -> None:
         try:
+            bound = binding.model_id
             target = await self._resolve(tenant, alias)
-            if target != binding.model_id:
+            if target != bound:
                 await self._get_id(tenant, target)  # load first: a failure keeps the alias where it was
-                log.info("alias %s of %s: %s → %s", alias, tenant, binding.model_id, target)
+                if binding.model_id != bound:  # an explicit load bound it meanwhile, to what the database said then
+                    return
+                log.info("alias %s of %s: %s → %s", alias, tenant, bound, target)
                 binding.model_id = target
         except NotFound:
             self._aliases.pop((tenant, alias), None)

@@ -4,6 +4,7 @@ long or fail, tenant scoping, aliases that switch only once the new model has lo
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -478,6 +479,110 @@ def test_inputs_over_max_batch_size_are_invalid(store: Store) -> None:
         with pytest.raises(InvalidInput) as error:
             await predict(service, "default", model_id, [[0.0, 0.0, 0.0]] * 3)
         assert error.value.param == "inputs" and "at most 2" in error.value.detail
+        service.close()
+
+    run(test)
+
+
+def misses(service: InferenceService) -> dict[str, float]:
+    """``distillery_model_cache_misses_total`` by model."""
+    samples = service.metrics.cache_misses.collect()[0].samples
+    return {s.labels["model"]: s.value for s in samples if s.name.endswith("_total")}
+
+
+def test_requests_for_unknown_ids_leave_no_metric_series(store: Store) -> None:
+    """A miss is counted under a model's id once the model is known to exist: ids a client makes up (or another
+    tenant's) would otherwise each add a series to /metrics, without bound."""
+    model_id = store.add()
+    theirs = store.add(tenant="team-b")
+
+    async def test() -> None:
+        service = serve(store)
+        for reference in ("mdl_made_up_1", "mdl_made_up_2", theirs):
+            with pytest.raises(NotFound):
+                await service.get("default", reference)
+        await service.get("default", model_id)
+        assert misses(service) == {model_id: 1.0}
+        service.close()
+
+    run(test)
+
+
+def test_an_unload_during_the_load_unloads_once_it_ends(store: Store) -> None:
+    """An unload sent while the model loads waits for the load and unloads it (it found nothing to evict before and
+    the load then put the model in the cache: the operator was told it was unloaded and it stayed)."""
+    model_id = store.add()
+
+    async def test() -> None:
+        service = serve(store, CountingLoader(delay=0.3))
+        loading = asyncio.ensure_future(service.get("default", model_id))
+        await asyncio.sleep(0.05)
+        assert await service.unload("default", model_id) == (model_id, True)
+        assert service.loaded("default", model_id) is None and (await loading).batcher.stopped
+        service.close()
+
+    run(test)
+
+
+def test_a_slow_alias_refresh_does_not_undo_a_newer_explicit_load(store: Store) -> None:
+    """A background refresh that resolved an alias, then spent long loading that target, must not move the alias
+    back over what an explicit load bound meanwhile (a newer model)."""
+    first = store.add(name="nightly", seed=1)
+    loader = CountingLoader()
+
+    async def test() -> None:
+        service = serve(store, loader, alias_refresh_s=0.01)
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        second = store.add(name="nightly", seed=2)
+        loader.delay = 0.3
+        await asyncio.sleep(0.02)
+        await service.get("default", "latest:nightly")  # the refresh resolves `second` and loads it slowly
+        await asyncio.sleep(0.05)
+        loader.delay = 0.0
+        third = store.add(name="nightly", seed=3)
+        assert (await service.load("default", "latest:nightly")).model_id == third
+        await asyncio.sleep(0.4)  # the refresh's load of `second` has ended
+        assert second in loader.calls
+        binding = service._aliases[("default", "latest:nightly")]
+        assert binding.model_id == third
+        service.close()
+
+    run(test)
+
+
+def test_a_model_deleted_elsewhere_is_unloaded_though_its_files_stay(store: Store, monkeypatch: Any) -> None:
+    """Deleted through another replica whose artifact store is not a shared folder (S3: each replica keeps its own
+    copy of the files), a model's folder here stays: its record is read again in the background, and the model is
+    unloaded. The hot path's lookup of an alias bound to it then goes the long way (to the previous model) rather
+    than answering 404."""
+    import app.serving.service as service_module
+
+    monkeypatch.setattr(service_module, "DIRECTORY_CHECK_S", 0.0)
+    monkeypatch.setattr(service_module, "RECORD_CHECK_S", 0.0)
+    older = store.add(name="nightly", seed=1)
+    newest = store.add(name="nightly", seed=2)
+
+    async def test() -> None:
+        service = serve(store)
+        assert (await service.get("default", "latest:nightly")).model_id == newest
+        served = service.loaded("default", newest)
+        assert served is not None
+        with store.database.transaction() as conn:  # the row goes; the files stay (another replica's delete)
+            models_service.delete_model(conn, newest, tenant="default")
+        assert served.predictor.directory.exists()
+        service.ready("default", newest)  # starts the record check
+        for _ in range(100):
+            if service.loaded("default", newest) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert service.loaded("default", newest) is None and served.batcher.stopped
+        # an alias still bound to it: the fast lookup hands over to ``get``, which finds the previous model
+        service._bind("default", "latest:nightly", newest)
+        service.cache.put(f"default/{newest}", served)  # as if not yet checked
+        served.checked_at = -1.0
+        shutil.rmtree(served.predictor.directory)  # and now its files are gone too
+        assert service.ready("default", "latest:nightly") is None
+        assert (await service.get("default", "latest:nightly")).model_id == older
         service.close()
 
     run(test)
