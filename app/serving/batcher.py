@@ -217,6 +217,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         on_thread_start: Callable[[], None] | None = None,
         continuous: Continuous | None = None,
+        on_thread_end: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
@@ -225,6 +226,7 @@ class DynamicBatcher:
         self.loop = loop
         self.observer = observer or NoObserver()
         self.on_thread_start = on_thread_start
+        self.on_thread_end = on_thread_end  # called by the inference thread as it exits (after ``stop``)
         self.pending = 0  # waiting or running; only touched on the event loop
         self.stopped = False
         self.recent_request_seconds = 0.0  # moving average of compute time per request, for Retry-After
@@ -333,11 +335,23 @@ class DynamicBatcher:
         return batch, None
 
     def _serve(self) -> None:
-        if self.on_thread_start is not None:
-            self.on_thread_start()
-        if self.continuous is not None:
-            self._serve_continuous(self.continuous)
-            return
+        try:
+            if self.on_thread_start is not None:
+                self.on_thread_start()
+            if self.continuous is not None:
+                self._serve_continuous(self.continuous)
+            else:
+                self._serve_static()
+        finally:
+            if self.on_thread_end is not None:
+                self.on_thread_end()
+
+    @property
+    def running(self) -> bool:
+        """Whether the inference thread still runs (after ``stop``: while it finishes what was queued)."""
+        return self._thread.is_alive()
+
+    def _serve_static(self) -> None:
         carried: Any = None
         while True:
             item = carried if carried is not None else self._queue.get()

@@ -1017,6 +1017,7 @@ class ModelCache:
         self.capacity = max(1, capacity)
         self.max_bytes = max_bytes
         self.on_evict = on_evict
+        self.extra_bytes: Callable[[], int] | None = None  # counted against ``max_bytes`` too (``total_bytes``)
         self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -1070,7 +1071,9 @@ class ModelCache:
         self._evicted(evicted)
 
     def total_bytes(self) -> int:
-        return sum(int(getattr(entry, "memory_bytes", 0)) for entry in self._entries.values())
+        """Bytes of the entries' weights, and ``extra_bytes``' (memory the owner holds outside the cache)."""
+        held = sum(int(getattr(entry, "memory_bytes", 0)) for entry in self._entries.values())
+        return held + (self.extra_bytes() if self.extra_bytes is not None else 0)
 
     def evict(self, key: str) -> Any:
         """Remove ``tenant/model_id``, or every entry of a model when given a bare model id (model ids are unique

@@ -236,6 +236,10 @@ class InferenceService:
         self.cache.capacity = max(1, settings.model_cache_size)
         self.cache.max_bytes = settings.model_cache_bytes
         self.cache.on_evict = self._evicted
+        # models evicted or unloaded whose inference threads still finish what they had (a long generation, say):
+        # their weights are still in memory, so the cache's byte budget and gauge count them until the thread ends
+        self._draining: dict[int, ServedModel] = {}
+        self.cache.extra_bytes = self._draining_bytes
         self.metrics.watch_cache(lambda: len(self.cache), self.cache.total_bytes)
         self._loads: dict[str, asyncio.Future[ServedModel]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
@@ -387,6 +391,10 @@ class InferenceService:
         )
         if continuous is not None:
             metrics.watch_caches(lambda: float(continuous.prefix_cache_bytes), lambda: float(continuous.kv_cache_bytes))
+
+        def drained() -> None:  # the inference thread's last act, after ``stop`` (so ``served`` exists)
+            self._draining.pop(id(served), None)
+
         batcher = DynamicBatcher(
             record.id,
             predictor.predict_batch,
@@ -395,14 +403,22 @@ class InferenceService:
             observer=metrics,
             on_thread_start=lambda: configure_inference_threads(self.settings),
             continuous=continuous,
+            on_thread_end=drained,
         )
         batcher_box.append(batcher)
-        return ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))
+        served = ServedModel(record, predictor, batcher, metrics, load_seconds, dt.datetime.now(dt.UTC))
+        return served
 
     def _evicted(self, entry: Any) -> None:
         if isinstance(entry, ServedModel):
             entry.close()
             self.metrics.unloads.labels(entry.model_id).inc()
+            self._draining[id(entry)] = entry
+            if not entry.batcher.running:  # it ended before it was listed (else its end unlists it)
+                self._draining.pop(id(entry), None)
+
+    def _draining_bytes(self) -> int:
+        return sum(served.memory_bytes for served in list(self._draining.values()))
 
     async def record(self, tenant: str, reference: str) -> ModelRecord:
         """A model's record without loading it (metadata); NotFound as ``get``."""

@@ -586,3 +586,37 @@ def test_a_model_deleted_elsewhere_is_unloaded_though_its_files_stay(store: Stor
         service.close()
 
     run(test)
+
+
+def test_an_evicted_model_counts_against_the_budget_until_its_thread_ends(store: Store) -> None:
+    """A model evicted (or unloaded) while its inference thread still runs a request holds its weights until the
+    thread ends: the cache's bytes (the budget, the loaded-bytes gauge) count it until then, then let it go."""
+    first, second = store.add(seed=1), store.add(seed=2)
+
+    async def test() -> None:
+        service = serve(store, model_cache_size=1, inference_inline_max_us=0)  # every request through the thread
+        held = await service.get("default", first)
+        release = threading.Event()
+        forward = held.predictor.predict_batch
+
+        def slow(payloads: list[Any]) -> Any:  # a long generation, say
+            release.wait(10)
+            return forward(payloads)
+
+        held.batcher.run_batch = slow
+        array = held.predictor.rows_from_json([[0.0, 1.0, 2.0]])  # type: ignore[attr-defined]
+        running = asyncio.ensure_future(service.infer(held, array, 1))
+        await asyncio.sleep(0.05)
+        loaded = await service.get("default", second)  # evicts the first (capacity 1) mid-request
+        assert held.batcher.stopped and held.batcher.running
+        assert service.cache.total_bytes() == held.memory_bytes + loaded.memory_bytes
+        release.set()
+        assert (await running).shape == (1, 2)
+        for _ in range(100):
+            if not held.batcher.running:
+                break
+            await asyncio.sleep(0.01)
+        assert service.cache.total_bytes() == loaded.memory_bytes and service._draining == {}
+        service.close()
+
+    run(test)
