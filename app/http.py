@@ -190,6 +190,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return await service_error(request, exc.__cause__)
         titles = {404: "Not found", 405: "Method not allowed"}
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, UnicodeDecodeError)):
+            # FastAPI's own body parsing: nested too deep, or not UTF-8 (a cut-short body is a validation error)
+            titles[400], code = "The request body is not valid JSON", "malformed_json"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))

@@ -44,7 +44,8 @@ def upload_dataset(
         max_bytes=settings.max_upload_bytes,
         max_records=settings.max_dataset_rows,
     )
-    document = publish_and_register(db, settings, tenant, stored, name=name or file.filename)
+    # without a name, the file's (cut to the 200 characters a name may have: a longer file name is no error)
+    document = publish_and_register(db, settings, tenant, stored, name=name or (file.filename or "")[:200] or None)
     return json_response(document, status.HTTP_201_CREATED)
 
 

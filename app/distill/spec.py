@@ -10,6 +10,7 @@ Two layers of checking, both at submission time:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -35,13 +36,16 @@ MAX_JSON_DEPTH = 32
 
 def storable_json(value: Any, depth: int = 0) -> Any:
     """Free-form JSON in a spec (a transformers config, inline records) must fit what is stored and hashed: integers
-    within 64 bits, nesting at most MAX_JSON_DEPTH deep."""
+    within 64 bits, finite numbers (NaN and infinities would be stored as null: a different spec), nesting at most
+    MAX_JSON_DEPTH deep."""
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
         raise ValueError(f"integer {value} is outside the 64-bit range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
     if isinstance(value, dict):
         for item in value.values():
             storable_json(item, depth + 1)
@@ -53,10 +57,38 @@ def storable_json(value: Any, depth: int = 0) -> Any:
 
 JsonObject: TypeAlias = Annotated[dict[str, Any], AfterValidator(storable_json)]
 
+# a transformers config's sizes that the service reads itself (the size limit, layer counts): whole numbers in range
+CONFIG_SIZES = {
+    "hidden_size": 1_000_000,
+    "n_embd": 1_000_000,
+    "intermediate_size": 10_000_000,
+    "n_inner": 10_000_000,
+    "num_hidden_layers": 10_000,
+    "n_layer": 10_000,
+    "num_layers": 10_000,
+    "num_attention_heads": 100_000,
+    "n_head": 100_000,
+    "vocab_size": 100_000_000,
+}
+
+
+def sizes_are_counts(config: dict[str, Any]) -> dict[str, Any]:
+    """``config``'s model_type a string and its sizes (``CONFIG_SIZES``) whole numbers from 1 to their bound (n_inner
+    may be null: 4 × the width)."""
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError("model_type must be a string (gpt2, llama, bert, …)")
+    for key, bound in CONFIG_SIZES.items():
+        value = config.get(key)
+        if key not in config or (value is None and key == "n_inner"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ValueError(f"{key} must be a whole number from 1 to {bound:,}, got {value!r}")
+    return config
+
 
 class SpecModel(BaseModel):
     # strict: no silent coercion ("3" → 3, 0 → False); what the schema says is what is accepted
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- architectures -------------------------------------------------------------------------------------------------
@@ -84,7 +116,9 @@ class TransformerArchitecture(SpecModel):
     """A transformers model built from a config with random init (e.g. a small GPT-2 or BERT)."""
 
     type: Literal["transformer"]
-    config: JsonObject = Field(description="A transformers config: model_type plus its fields.")
+    config: Annotated[JsonObject, AfterValidator(sizes_are_counts)] = Field(
+        description="A transformers config: model_type plus its fields."
+    )
     tokenizer: str = Field(
         "bytes",
         description="'bytes' (a byte-level tokenizer needing no files), 'teacher' (the teacher's), or a model "
@@ -387,7 +421,7 @@ class TrainingSpec(SpecModel):
     batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="Default: the whole train split (full batch).")
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    max_grad_norm: float | None = Field(None, gt=0.0)
+    max_grad_norm: float | None = Field(None, gt=0.0, le=1e6)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

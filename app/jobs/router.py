@@ -79,9 +79,11 @@ def pause_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep) -> Response:
 
 
 @router.post("/{job_id}/resume", response_model=Job, summary="Resume a paused job from its checkpoint")
-def resume_job(job_id: JobId, db: DatabaseDep, dispatcher: DispatcherDep, tenant: TenantDep) -> Response:
+def resume_job(
+    job_id: JobId, db: DatabaseDep, dispatcher: DispatcherDep, tenant: TenantDep, settings: SettingsDep
+) -> Response:
     with db.transaction() as conn:
-        job = service.resume_job(conn, job_id, tenant=tenant)
+        job = service.resume_job(conn, job_id, tenant=tenant, max_active=settings.max_active_jobs_per_tenant)
     dispatcher.publish_owed(db, job_id, spec_device(job["spec"]))
     return json_response(job)
 

@@ -310,11 +310,18 @@ def pause_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
     return get_job(conn, job_id, tenant=tenant)
 
 
-def resume_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
-    """paused → queued; it continues from its checkpoint. The caller publishes after commit."""
+def resume_job(conn: Connection, job_id: str, *, tenant: str, max_active: int) -> dict[str, Any]:
+    """paused → queued; it continues from its checkpoint. The caller publishes after commit. 429 when the tenant
+    already has ``max_active`` jobs queued or running, as a submission would get (a paused job is not active: without
+    this, pause, submit, resume would have taken a tenant past its quota)."""
     row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
+    if row["status"] == "paused" and jobs_repository.count_active(conn, tenant=tenant) >= max_active:
+        raise QuotaExceeded(
+            f"{max_active} jobs are already queued or running for this tenant; resume this one once one ends",
+            headers={"Retry-After": "30"},
+        )
     if not jobs_repository.resume(conn, job_id, tenant=tenant):
         raise Conflict(f"job {job_id} is {row['status']}; only paused jobs can be resumed")
     jobs_repository.append_events(conn, job_id, [{"type": "status", "message": "queued", "data": {"status": "queued"}}])

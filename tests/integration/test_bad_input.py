@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,6 +99,22 @@ CASES = [
         422,
         None,
     ),
+    (  # the size limit read int() of it: once a 500 (and the connection dropped)
+        "a layer size that is not a number",
+        spec_with(
+            ["student", "architecture"], {"type": "transformer", "config": {"model_type": "gpt2", "n_embd": "x"}}
+        ),
+        422,
+        ["body", "student", "architecture", "config"],
+    ),
+    (
+        "a fractional layer count",
+        spec_with(
+            ["student", "architecture"], {"type": "transformer", "config": {"model_type": "gpt2", "n_layer": 1.5}}
+        ),
+        422,
+        ["body", "student", "architecture", "config"],
+    ),
 ]
 
 
@@ -110,10 +127,29 @@ def test_bad_job_spec(client: httpx.Client, row_counts: Any, spec: dict[str, Any
 
 def test_malformed_json(client: httpx.Client, row_counts: Any) -> None:
     before = row_counts()
-    body = assert_problem(
-        client.post("/v1/jobs", content=b'{"student": ', headers={"content-type": "application/json"}), 400
-    )
-    assert body["code"] == "malformed_json"
+    for content in (b'{"student": ', b"[" * 200_000, b'{"name": "\xff"}'):  # cut short, nested too deep, not UTF-8
+        body = assert_problem(
+            client.post("/v1/jobs", content=content, headers={"content-type": "application/json"}), 400
+        )
+        assert body["code"] == "malformed_json", (content[:20], body)
+    assert row_counts() == before
+
+
+def test_non_finite_numbers_are_refused_not_stored_as_null(client: httpx.Client, row_counts: Any) -> None:
+    """NaN and Infinity are JSON to Python's parser: in a typed field they are out of range, and in free-form JSON (a
+    transformers config) they were stored as null, running another spec than the one sent."""
+    before = row_counts()
+    for path, value, loc in (
+        (["training", "max_grad_norm"], "Infinity", ["body", "training", "max_grad_norm"]),
+        (["training", "max_grad_norm"], "1e999", ["body", "training", "max_grad_norm"]),
+        (["student", "architecture"], '{"type": "transformer", "config": {"model_type": "gpt2", "foo": NaN}}', None),
+    ):
+        content = json.dumps(spec_with(path, "@@")).replace('"@@"', value).encode()
+        problem = assert_problem(
+            client.post("/v1/jobs", content=content, headers={"content-type": "application/json"}), 422, loc
+        )
+        if loc is None:
+            assert ["body", "student", "architecture", "config"] in [e["loc"] for e in problem["errors"]], problem
     assert row_counts() == before
 
 
@@ -170,3 +206,12 @@ def test_cancel_finished_job_is_a_conflict(client: httpx.Client, worker: Any) ->
     body = assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409)
     assert body["code"] == "conflict"
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
+def test_a_dataset_file_name_longer_than_a_name_is_cut_not_refused(client: httpx.Client) -> None:
+    """Without a name, a dataset takes its file's; a file name over the 200 characters a name may have was a 422
+    about an unstorable value, naming nothing the user sent."""
+    filename = "d" * 250 + ".csv"
+    upload = client.post("/v1/datasets", files={"file": (filename, b"a,b,label\n1,2,x\n3,4,y\n", "text/csv")})
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["name"] == filename[:200]

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import tiny_spec
 from tests.stack import (
@@ -163,5 +164,16 @@ def test_quota_on_active_jobs(postgres_url: str, service_env: dict[str, str], tm
             over = client.post("/v1/jobs", json=tiny_spec())
             assert over.status_code == 429 and over.headers["retry-after"] == "30"
             assert over.json()["code"] == "quota_exceeded"
+            # a paused job is not active, but resuming it counts: pause, submit, resume must not pass the quota
+            first = client.get("/v1/jobs").json()["data"][-1]["id"]
+            engine = sa.create_engine(env["DISTILLERY_DATABASE_URL"])
+            with engine.begin() as conn:  # paused (as a worker leaves a job it was asked to pause)
+                conn.execute(sa.text("UPDATE jobs SET status = 'paused' WHERE id = :id"), {"id": first})
+            engine.dispose()
+            assert [job["id"] for job in client.get("/v1/jobs", params={"status": "paused"}).json()["data"]] == [first]
+            assert client.post("/v1/jobs", json=tiny_spec()).status_code == 201  # its place was free
+            refused = client.post(f"/v1/jobs/{first}/resume")
+            assert refused.status_code == 429 and refused.json()["code"] == "quota_exceeded"
+            assert client.get(f"/v1/jobs/{first}").json()["status"] == "paused"
     finally:
         api.stop()
