@@ -1168,10 +1168,10 @@ class GenerationEngine:
         self.prompt_cached = sum(prefill.cached)
         self.prompt_computed = sum(len(p) for p in prefill.prompts) - self.prompt_cached
         last, mask = output.logits[:, -1, :], prefill.mask
-        if prefill.source is not None:  # each row its prompt's (prompts repeated in the prefill were computed once)
-            last, mask = last.index_select(0, prefill.source), mask.index_select(0, prefill.source)
+        index = prefill.source
+        if index is not None:  # each row its prompt's (prompts repeated in the prefill were computed once)
+            last, mask = last.index_select(0, index), mask.index_select(0, index)
             for layer in prefill.cache.layers:
-                index = prefill.source
                 layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         if scored:
             logits = torch.cat(prefill.logits, dim=1)

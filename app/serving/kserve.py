@@ -538,8 +538,8 @@ async def run_infer(
         served.predictor,
     )
     answer = inference.infer(served, payload, rows, encode)
-    completions = isinstance(payload, list) and all(isinstance(item, GenerationRequest) for item in payload)
-    encoded = await (until_answered(receive, payload, answer) if completions else answer)
+    # a causal LM's payload is its completions (``prepare``): stopped if their client goes away
+    encoded = await (until_answered(receive, payload, answer) if served.record.task == "causal_lm" else answer)
     if isinstance(encoded, tuple):
         content, json_length = encoded
         return content, "application/octet-stream", {"Inference-Header-Content-Length": str(json_length)}

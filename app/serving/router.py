@@ -90,7 +90,6 @@ async def run_predict(
             return encoded
         assert isinstance(predictor, TextPredictor)
         texts = text_only(body.inputs)
-        payload: Any = TextRequest(texts)
         encode_texts = partial(encode_text, predictor)
         if predictor.task == "causal_lm":
             max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
@@ -98,7 +97,7 @@ async def run_predict(
             answer = inference.infer(served, completions, len(texts), encode_texts)
             encoded = await until_answered(receive, completions, answer)
             return encoded
-        encoded = await inference.infer(served, payload, len(texts), encode_texts)
+        encoded = await inference.infer(served, TextRequest(texts), len(texts), encode_texts)
         return encoded
     except InputShapeError as exc:
         raise invalid_input(exc) from exc
