@@ -1070,6 +1070,21 @@ class ModelCache:
                 evicted.append(oldest)
         self._evicted(evicted)
 
+    def make_room(self, key: str, incoming_bytes: int) -> list[str]:
+        """Evict least recent entries (never ``key``) until ``incoming_bytes`` more fit the byte budget; returns the
+        keys evicted. Called before a load, so that a model and those it displaces are not in memory together (on
+        a GPU sized to the budget the load would fail for want of memory, and nothing would ever make room). The
+        count bound is kept by ``put``: a model over the count evicts once it has loaded."""
+        evicted: list[tuple[str, Any]] = []
+        with self._lock:
+            if self.max_bytes:
+                for other in [k for k in self._entries if k != key]:  # least recent first
+                    if self.total_bytes() + incoming_bytes <= self.max_bytes:
+                        break
+                    evicted.append((other, self._entries.pop(other)))
+        self._evicted([entry for _, entry in evicted])
+        return [other for other, _ in evicted]
+
     def total_bytes(self) -> int:
         """Bytes of the entries' weights, and ``extra_bytes``' (memory the owner holds outside the cache)."""
         held = sum(int(getattr(entry, "memory_bytes", 0)) for entry in self._entries.values())

@@ -48,6 +48,7 @@ from app.serving.predictor import (
     Predictor,
     TextPredictor,
     load_predictor,
+    recorded_variant,
     resolve_device,
     resolve_gpu_variant,
 )
@@ -85,6 +86,7 @@ class ModelRecord:
     sha256: str
     artifact_path: str
     files: tuple[Mapping[str, Any], ...] = ()  # {path, size_bytes, sha256} of every file of the artifact
+    params: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ModelRecord:
@@ -100,6 +102,7 @@ class ModelRecord:
             sha256=row["sha256"],
             artifact_path=row["artifact_path"],
             files=tuple(row["files"]),
+            params=int(row["params"]),
         )
 
 
@@ -243,6 +246,8 @@ class InferenceService:
         self.metrics.watch_cache(lambda: len(self.cache), self.cache.total_bytes)
         self._loads: dict[str, asyncio.Future[ServedModel]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
+        # loads in flight → the bytes each is expected to hold (``expected_bytes``): room is made for all of them
+        self._reserved: dict[str, int] = {}
         self._aliases: dict[tuple[str, str], AliasBinding] = {}
         configure_inference_threads(settings)
 
@@ -334,7 +339,13 @@ class InferenceService:
         key = f"{tenant}/{model_id}"
         started = time.perf_counter()
         try:
-            record, predictor = await run_in_threadpool(self._load_blocking, tenant, model_id)
+            record = await run_in_threadpool(self._read_record, tenant, model_id)
+            # the byte budget holds during the load too: the least recently used models go before, not after
+            self._reserved[key] = self.expected_bytes(record)
+            made_room = self.cache.make_room(key, sum(self._reserved.values()))
+            if made_room:
+                log.info("unloaded %s to make room for %s", ", ".join(made_room), key)
+            predictor = await run_in_threadpool(self._load_files, record)
         except ServiceError:
             raise
         except Exception as exc:
@@ -343,6 +354,8 @@ class InferenceService:
             self.metrics.loads.labels(model_id, "failed").inc()
             self._failed[key] = (time.monotonic(), message)
             raise ModelUnavailable(message, headers=RETRY_2) from exc
+        finally:
+            self._reserved.pop(key, None)
         seconds = time.perf_counter() - started
         self._failed.pop(key, None)
         self.metrics.loads.labels(model_id, "loaded").inc()
@@ -362,13 +375,21 @@ class InferenceService:
         )
         return served
 
-    def _load_blocking(self, tenant: str, model_id: str) -> tuple[ModelRecord, Predictor]:
-        record = self._read_record(tenant, model_id)
+    def _load_files(self, record: ModelRecord) -> Predictor:
         directory = store_for(self.settings).ensure_local(record.artifact_path)
         if self.settings.verify_artifacts:
             verify_files(directory, record.files)
-        predictor = self.loader(model_id, directory, record.sha256, record.config)
-        return record, predictor
+        return self.loader(record.id, directory, record.sha256, record.config)
+
+    def expected_bytes(self, record: ModelRecord) -> int:
+        """The memory a model will hold once loaded, from its record alone: its parameters at the width it will be
+        served in (bf16 variants: 2 bytes; the rest: 4, an upper bound for dynamic int8). Buffers and a variant's
+        extra copies are not in it; ``put`` counts the loaded model's real ``memory_bytes``."""
+        if self.device.type == "cuda":
+            variant = self.gpu_variant if record.config.get("format") == "transformers" else "eager"
+        else:
+            variant = recorded_variant(record.config) or "eager"
+        return record.params * (2 if variant in ("bf16", "torchscript_bf16") else 4)
 
     def _read_record(self, tenant: str, model_id: str) -> ModelRecord:
         try:

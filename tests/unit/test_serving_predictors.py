@@ -454,6 +454,24 @@ def test_cache_keeps_to_its_byte_budget_and_reports_evictions() -> None:
     assert cache.keys() == ["t/big"] and cache.total_bytes() == 500
 
 
+def test_cache_makes_room_for_a_model_before_it_loads() -> None:
+    """``make_room`` evicts the least recent entries until the incoming bytes fit the budget (the byte budget holds
+    while a model loads), never the key being loaded, and nothing without a byte budget."""
+    evicted: list[Any] = []
+    cache = ModelCache(capacity=10, max_bytes=100, on_evict=evicted.append)
+    a, b, c = Sized(30), Sized(30), Sized(30)
+    for key, entry in (("t/a", a), ("t/b", b), ("t/c", c)):
+        cache.put(key, entry)
+    cache.get("t/a")  # least recent first: b, c, a
+    assert cache.make_room("t/new", 10) == []  # 90 + 10 fit
+    assert cache.make_room("t/new", 50) == ["t/b", "t/c"] and evicted == [b, c]
+    assert cache.keys() == ["t/a"]
+    assert cache.make_room("t/a", 100) == [] and cache.keys() == ["t/a"]  # (re)loading a itself
+    unbounded = ModelCache(capacity=10)
+    unbounded.put("t/a", Sized(10**12))
+    assert unbounded.make_room("t/b", 10**12) == [] and unbounded.keys() == ["t/a"]
+
+
 def test_cache_evicts_a_model_of_any_tenant_by_its_id() -> None:
     cache = ModelCache(capacity=10)
     first, second = Sized(1), Sized(1)

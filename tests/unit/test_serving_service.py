@@ -51,7 +51,7 @@ class Store:
                 kind="student",
                 config={"format": "distillery.mlp/v1", "task": "classification", "input_dim": width},
                 files=files,
-                params=1,
+                params=sum(p.numel() for p in model.parameters()),
                 evaluation=None,
                 source_job_id=None,
             )
@@ -617,6 +617,37 @@ def test_an_evicted_model_counts_against_the_budget_until_its_thread_ends(store:
                 break
             await asyncio.sleep(0.01)
         assert service.cache.total_bytes() == loaded.memory_bytes and service._draining == {}
+        service.close()
+
+    run(test)
+
+
+def test_a_load_makes_room_in_the_byte_budget_before_it_reads_the_weights(store: Store) -> None:
+    """With a byte budget, the least recently used models are unloaded before a load, for it and for every other
+    load in flight: the models being loaded and those they displace are never in memory together (on a GPU sized to
+    the budget the load would otherwise fail for want of memory, and, nothing evicted, fail again every time)."""
+    first, second, third, fourth = (store.add(seed=seed) for seed in range(4))
+    seen: dict[str, list[str]] = {}
+
+    async def test() -> None:
+        service: InferenceService
+
+        def loader(model_id: str, directory: Path, sha256: str, config: Mapping[str, Any]) -> Predictor:
+            time.sleep(0.2)  # both loads have made room by now
+            seen[model_id] = service.cache.keys()
+            return load_predictor(model_id, directory, sha256, config)
+
+        one = load_predictor(first, store.settings.artifacts_dir / f"models/{first}", "", {}).memory_bytes
+        service = serve(store, loader, model_cache_bytes=2 * one + one // 2)  # two models fit, not three
+        await service.get("default", first)
+        await service.get("default", second)
+        record = service.loaded("default", first).record  # type: ignore[union-attr]
+        assert service.expected_bytes(record) == 4 * record.params <= one  # the float32 parameters (no buffers)
+        assert seen == {first: [], second: ["default/" + first]}
+        await asyncio.gather(service.get("default", third), service.get("default", fourth))
+        assert seen[third] == [] and seen[fourth] == []  # the first and the second went before either load
+        assert sorted(service.cache.keys()) == sorted(["default/" + third, "default/" + fourth])
+        assert service.cache.total_bytes() == 2 * one
         service.close()
 
     run(test)
