@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.datasets import service
 from app.datasets.schemas import Dataset, DatasetList
@@ -18,11 +18,12 @@ from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.net import fetch_to
 from app.settings import Settings
+from app.storable import no_nul
 from app.storage import dataset_folder, store_for
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-DatasetId = Annotated[str, Path(min_length=1, max_length=64)]
+DatasetId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=Dataset, summary="Upload a dataset")
@@ -31,7 +32,7 @@ def upload_dataset(
     db: DatabaseDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200), AfterValidator(no_nul)] = None,
     format: Annotated[Literal["jsonl", "csv"] | None, Form(description="Default: from the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV: the label column.")] = "label",
 ) -> Response:
@@ -44,8 +45,10 @@ def upload_dataset(
         max_bytes=settings.max_upload_bytes,
         max_records=settings.max_dataset_rows,
     )
-    # without a name, the file's (cut to the 200 characters a name may have: a longer file name is no error)
-    document = publish_and_register(db, settings, tenant, stored, name=name or (file.filename or "")[:200] or None)
+    # without a name, the file's (cut to the 200 characters a name may have, NUL characters left out: what the
+    # client's file happens to be called is no error)
+    default_name = (file.filename or "").replace("\x00", "")[:200] or None
+    document = publish_and_register(db, settings, tenant, stored, name=name or default_name)
     return json_response(document, status.HTTP_201_CREATED)
 
 
@@ -53,7 +56,7 @@ class DatasetImport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=8, max_length=2000, description="http(s) URL of a JSONL or CSV file.")
-    name: str | None = Field(None, max_length=200)
+    name: Annotated[str | None, AfterValidator(no_nul)] = Field(None, max_length=200)
     format: Literal["jsonl", "csv"] | None = None
     label_column: str = Field("label", max_length=200)
 
@@ -124,7 +127,7 @@ def list_datasets(
     db: DatabaseDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64), AfterValidator(no_nul)] = None,
 ) -> Response:
     with db.read() as conn:
         return json_response(service.list_datasets(conn, tenant=tenant, limit=limit, after=after))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response, status
+from pydantic import AfterValidator
 
 from app.deps import DatabaseDep, DispatcherDep, JobReaderDep, SettingsDep, TenantDep
 from app.distill.spec import JobSpec
@@ -13,10 +14,11 @@ from app.http import json_response
 from app.jobs import service
 from app.jobs.schemas import EventList, Job, JobList, JobStatus
 from app.queue import spec_device
+from app.storable import no_nul
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobId = Annotated[str, Path(min_length=1, max_length=64)]
+JobId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(no_nul)]
 
 
 @router.post(
@@ -52,7 +54,9 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
     after: Annotated[
-        str | None, Query(max_length=64, description="Cursor: the last job id of the previous page.")
+        str | None,
+        Query(max_length=64, description="Cursor: the last job id of the previous page."),
+        AfterValidator(no_nul),
     ] = None,
 ) -> Response:
     with db.read() as conn:

@@ -6,9 +6,10 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import isoformat
+from app.storable import no_nul
 
 
 class ModelFile(BaseModel):
@@ -133,7 +134,9 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 class AliasTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str = Field(min_length=1, max_length=64, description="The model the alias names from now on.")
+    model_id: Annotated[str, AfterValidator(no_nul)] = Field(
+        min_length=1, max_length=64, description="The model the alias names from now on."
+    )
 
 
 class Alias(BaseModel):

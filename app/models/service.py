@@ -102,12 +102,16 @@ def delete_model(conn: Connection, model_id: str, *, tenant: str) -> dict[str, A
 
 
 def set_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tuple[dict[str, Any], bool]:
-    """Point the tenant's alias ``name`` at one of its models; (document, created). NotFound for another tenant's
-    or a missing model."""
+    """Point the tenant's alias ``name`` at one of its models; (document, created). InvalidRequest (422 at
+    ``body.model_id``) for another tenant's or a missing model."""
     if name.startswith(MODEL_ID_PREFIX):
         message = f"alias names cannot start with {MODEL_ID_PREFIX!r}: that is how model ids start"
         raise InvalidRequest(message, errors=[{"loc": ["path", "name"], "msg": message}])
-    get_model_row(conn, model_id, tenant=tenant)
+    try:
+        get_model_row(conn, model_id, tenant=tenant)
+    except NotFound:  # a reference in the body, as a job spec's unknown dataset: the request is invalid, not missing
+        message = f"no model {model_id!r}"
+        raise InvalidRequest(message, errors=[{"loc": ["body", "model_id"], "msg": message}]) from None
     row, created = models_repository.put_alias(conn, name, model_id, tenant=tenant)
     return alias_document(row), created
 
@@ -246,6 +250,12 @@ def store_uploaded_model(
         labels = hf_config.get("id2label")
         if task == "text_classification" and isinstance(labels, dict):
             meta["label_names"] = [labels[key] for key in sorted(labels, key=int)]
+            if not all(isinstance(label, str) and "\x00" not in label for label in meta["label_names"]):
+                config_index = [name for name, _ in uploads].index("config.json")
+                raise upload_problem(  # they name the classes in every answer, and are stored with the model
+                    "config.json: id2label's names must be strings without NUL characters",
+                    ["body", "files", config_index],
+                )
         if task == "embedding":
             meta.update({"pooling": "mean", "normalize": True})
         (staging / TEXT_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -215,3 +215,38 @@ def test_a_dataset_file_name_longer_than_a_name_is_cut_not_refused(client: httpx
     upload = client.post("/v1/datasets", files={"file": (filename, b"a,b,label\n1,2,x\n3,4,y\n", "text/csv")})
     assert upload.status_code == 201, upload.text
     assert upload.json()["name"] == filename[:200]
+
+
+def test_nul_characters_are_refused_at_their_field(client: httpx.Client, row_counts: Any) -> None:
+    """Postgres stores no NUL character (U+0000): an id, cursor, name, label or column name holding one failed at the
+    database with a 422 that named no field (or, in a dataset's labels, after the file had been stored)."""
+
+    def datasets() -> list[str]:
+        return [dataset["id"] for dataset in client.get("/v1/datasets", params={"limit": 100}).json()["data"]]
+
+    before, datasets_before = row_counts(), datasets()
+    for method, url, loc in (
+        ("GET", "/v1/jobs/job_%00x", ["path", "job_id"]),
+        ("POST", "/v1/jobs/job_%00x/cancel", ["path", "job_id"]),
+        ("GET", "/v1/jobs/job_%00x/events", ["path", "job_id"]),
+        ("GET", "/v1/models/mdl_%00x", ["path", "model_id"]),
+        ("DELETE", "/v1/models/mdl_%00x", ["path", "model_id"]),
+        ("GET", "/v1/datasets/ds_%00x", ["path", "dataset_id"]),
+        ("GET", "/v1/jobs?after=job_%00x", ["query", "after"]),
+        ("GET", "/v1/models?after=mdl_%00x", ["query", "after"]),
+        ("GET", "/v1/datasets?after=ds_%00x", ["query", "after"]),
+    ):
+        assert_problem(client.request(method, url), 422, loc)
+    # a model reference in a serving path names no model
+    assert_problem(client.post("/v1/models/mdl_%00x/predict", json={"inputs": [[1.0]]}), 404)
+    assert_problem(client.post("/v1/jobs", json=tiny_spec(name="a\x00b")), 422, ["body", "name"])
+    assert_problem(client.put("/v1/aliases/nul", json={"model_id": "mdl_\x00"}), 422, ["body", "model_id"])
+    for name, content, loc in (
+        ("header.csv", b"a\x00,b,label\n1,2,x\n", ["body", "file", "line", 1]),
+        ("label.csv", b"a,b,label\n1,2,x\n3,4,y\x00\n", ["body", "file", "line", 3]),
+        ("label.jsonl", b'{"text": "hi", "label": "x\\u0000"}\n', ["body", "file", "line", 1]),
+    ):
+        assert_problem(client.post("/v1/datasets", files={"file": (name, content)}), 422, loc)
+    named = client.post("/v1/datasets", files={"file": ("d.csv", b"a,label\n1,x\n")}, data={"name": "d\x00"})
+    assert_problem(named, 422, ["body", "name"])
+    assert row_counts() == before and datasets() == datasets_before

@@ -380,7 +380,8 @@ def test_user_alias_over_http(client: httpx.Client, worker: Any) -> None:
     # bad names, unknown models and unknown aliases
     for name in ("mdl_x", "a:b", "-x", "x" * 101):
         assert_problem(client.put(f"/v1/aliases/{name}", json={"model_id": first}), 422)
-    assert_problem(client.put("/v1/aliases/other", json={"model_id": "mdl_nope"}), 404)
+    unknown = assert_problem(client.put("/v1/aliases/other", json={"model_id": "mdl_nope"}), 422)
+    assert unknown["errors"][0]["loc"] == ["body", "model_id"] and "mdl_nope" in unknown["detail"]
     assert_problem(client.put("/v1/aliases/other", json={"model": first}), 422)
     assert_problem(client.get("/v1/aliases/nothing-here"), 404)
     assert_problem(client.post("/v1/models/nothing-here/predict", json={"inputs": [ROW]}), 404)

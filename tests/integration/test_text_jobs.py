@@ -216,6 +216,17 @@ def test_model_upload_validates_and_teaches(client: httpx.Client, worker: Any, t
     assert no_config.status_code == 422 and "config.json" in no_config.json()["detail"]
     sneaky = client.post("/v1/models", files=[("files", ("../config.json", b"{}")), *files], data={"task": "causal_lm"})
     assert sneaky.status_code == 422
+    # class names that cannot be stored (a NUL) or are no names: refused at config.json (was a 422 naming nothing,
+    # and a model answering "label": null)
+    config_index = [name for _, (name, _) in files].index("config.json")
+    for id2label in ({"0": "neg\x00", "1": "pos"}, {"0": "neg", "1": None}):
+        config = {**json.loads((folder / "config.json").read_text()), "id2label": id2label}
+        labelled = [
+            (key, (name, json.dumps(config).encode() if name == "config.json" else body)) for key, (name, body) in files
+        ]
+        refused = client.post("/v1/models", files=labelled, data={"task": "text_classification"})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["loc"] == ["body", "files", config_index], refused.text
 
     uploaded = client.post("/v1/models", files=files, data={"task": "causal_lm", "name": "my-teacher"})
     assert uploaded.status_code == 201, uploaded.text

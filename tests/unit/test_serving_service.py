@@ -21,7 +21,7 @@ from app.db.migrate import upgrade
 from app.distill.architectures import build_model
 from app.distill.artifacts import save_model_dir
 from app.distill.spec import MLPArchitecture
-from app.errors import NotFound
+from app.errors import InvalidRequest, NotFound
 from app.models import service as models_service
 from app.serving.errors import InvalidInput, ModelUnavailable
 from app.serving.predictor import Predictor, load_predictor
@@ -431,7 +431,7 @@ def test_user_alias_moves_once_its_new_target_has_loaded_and_is_tenant_scoped(st
         # another tenant's alias of the same name is its own; one cannot point an alias at another tenant's model
         with pytest.raises(NotFound):
             await service.get("team-b", "prod")
-        with pytest.raises(NotFound):
+        with pytest.raises(InvalidRequest):  # 422 at body.model_id, as for a model that does not exist
             point("prod", other_tenant)
         service.close()
 

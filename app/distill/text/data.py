@@ -262,6 +262,8 @@ def _validate_jsonl_record(
         )
     if not label.strip():
         raise DatasetFormatError(line_number, "field 'label' is empty")
+    if "\x00" in label:  # the labels are stored with the dataset's record, and the database holds no NUL
+        raise DatasetFormatError(line_number, "field 'label' contains a NUL character (U+0000)")
     return {"text": record["text"], "label": label}
 
 
@@ -326,6 +328,8 @@ def parse_csv(data: bytes, *, label_column: str = "label", max_records: int = 1_
             label = row[label_index].strip()
             if not label:
                 raise DatasetFormatError(line_number, f"the label column {label_column!r} is empty")
+            if "\x00" in label:  # stored with the dataset's record (as the column names are), which holds no NUL
+                raise DatasetFormatError(line_number, f"the label column {label_column!r} contains a NUL character")
             records.append({"features": features, "label": label})
     except csv.Error as error:
         raise DatasetFormatError(reader.line_num, f"invalid CSV: {error}") from None
@@ -344,6 +348,8 @@ def _validate_csv_header(header: list[str], label_column: str) -> None:
     for position, name in enumerate(header, start=1):
         if not name:
             raise DatasetFormatError(1, f"column {position} of the header has no name")
+        if "\x00" in name:
+            raise DatasetFormatError(1, f"the name of column {position} contains a NUL character")
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         raise DatasetFormatError(1, f"duplicate column {_plural('name', duplicates)}")
