@@ -5,7 +5,8 @@ and never renders HTTP.
 Loading happens once per model per process (single flight on the event loop; the blocking part runs in the
 threadpool). A request for a model that is loading waits for it up to ``model_load_wait_s``, then gets
 ``ModelLoading`` (503 + Retry-After). A failed load is remembered for a moment so that a broken artifact does not
-cause a load storm; an alias keeps serving its previous model when its new target fails to load.
+cause a load storm (each failure in a row doubles the wait, up to a minute; an explicit load tries at once); an
+alias keeps serving its previous model when its new target fails to load.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,7 +59,11 @@ from app.storage import store_for
 
 log = logging.getLogger(__name__)
 
-FAILED_LOAD_MEMORY_S = 2.0  # a failed load is not retried sooner than this (no load storms on a broken artifact)
+# a failed load is not retried sooner than this (no load storms on a broken artifact: verifying a large model's files
+# reads and hashes all of them), and each further failure in a row doubles the wait, up to FAILED_LOAD_MAX_S; an
+# explicit load (``POST /v1/models/{id}/load``, say once the files are mended) tries again at once
+FAILED_LOAD_MEMORY_S = 2.0
+FAILED_LOAD_MAX_S = 60.0
 DIRECTORY_CHECK_S = 1.0  # how often a loaded model's folder is checked (deleted through another replica)
 # how often a loaded model's record is read again, in the background: deleted through another replica of an api
 # whose artifact store is not a shared folder (S3: each replica keeps its own copy of the files)
@@ -169,6 +175,23 @@ class ServedModel:
         self.metrics.unloaded()
 
 
+@dataclass(frozen=True)
+class FailedLoad:
+    at: float  # time.monotonic()
+    message: str
+    failures: int  # in a row
+
+    @property
+    def wait_s(self) -> float:
+        return min(FAILED_LOAD_MEMORY_S * 2.0 ** (self.failures - 1), FAILED_LOAD_MAX_S)
+
+    @staticmethod
+    def record(previous: FailedLoad | None, now: float, message: str) -> FailedLoad:
+        """A failure at ``now``, in a row with ``previous`` when it follows that one's wait closely."""
+        in_a_row = previous is not None and now - previous.at < previous.wait_s + FAILED_LOAD_MAX_S
+        return FailedLoad(now, message, previous.failures + 1 if previous is not None and in_a_row else 1)
+
+
 @dataclass(eq=False)
 class AliasBinding:
     model_id: str
@@ -245,7 +268,7 @@ class InferenceService:
         self.cache.extra_bytes = self._draining_bytes
         self.metrics.watch_cache(lambda: len(self.cache), self.cache.total_bytes)
         self._loads: dict[str, asyncio.Future[ServedModel]] = {}
-        self._failed: dict[str, tuple[float, str]] = {}
+        self._failed: dict[str, FailedLoad] = {}
         # loads in flight → the bytes each is expected to hold (``expected_bytes``): room is made for all of them
         self._reserved: dict[str, int] = {}
         self._aliases: dict[tuple[str, str], AliasBinding] = {}
@@ -314,7 +337,7 @@ class InferenceService:
         finally:
             served.record_check = None
 
-    async def _get_id(self, tenant: str, model_id: str) -> ServedModel:
+    async def _get_id(self, tenant: str, model_id: str, retry_failed: bool = False) -> ServedModel:
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
         served = self._hit(key, model_id)
         if served is not None:
@@ -322,8 +345,9 @@ class InferenceService:
         loading = self._loads.get(key)
         if loading is None:
             failed = self._failed.get(key)
-            if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_MEMORY_S:
-                raise ModelUnavailable(failed[1], headers=RETRY_2)
+            left = 0.0 if failed is None or retry_failed else failed.wait_s - (time.monotonic() - failed.at)
+            if failed is not None and left > 0:
+                raise ModelUnavailable(failed.message, headers={"Retry-After": str(math.ceil(left))})
             loading = asyncio.ensure_future(self._load(tenant, model_id))
             self._loads[key] = loading
             loading.add_done_callback(lambda _: self._loads.pop(key, None))
@@ -352,8 +376,9 @@ class InferenceService:
             message = f"model {model_id!r} cannot be loaded: {exc}"
             log.exception("loading %s failed", key)
             self.metrics.loads.labels(model_id, "failed").inc()
-            self._failed[key] = (time.monotonic(), message)
-            raise ModelUnavailable(message, headers=RETRY_2) from exc
+            failed = self._failed[key] = FailedLoad.record(self._failed.get(key), time.monotonic(), message)
+            headers = {"Retry-After": str(math.ceil(failed.wait_s))}
+            raise ModelUnavailable(message, headers=headers) from exc
         finally:
             self._reserved.pop(key, None)
         seconds = time.perf_counter() - started
@@ -453,9 +478,9 @@ class InferenceService:
         """Explicit load. For an alias, its newest target is looked up now, loaded, then bound (a failed load
         leaves the alias on its previous model and raises)."""
         if not is_alias(reference):
-            return await self._get_id(tenant, reference)
+            return await self._get_id(tenant, reference, retry_failed=True)
         newest = await self._resolve(tenant, reference)
-        served = await self._get_id(tenant, newest)
+        served = await self._get_id(tenant, newest, retry_failed=True)
         self._bind(tenant, reference, newest)
         return served
 

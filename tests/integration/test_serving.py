@@ -341,7 +341,11 @@ def test_a_corrupt_artifact_is_refused_not_served(
         assert refused["code"] == "model_unavailable"
         assert "model.safetensors does not match its recorded sha256" in refused["detail"]
         infer = {"inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32", "data": ROW}]}
-        assert client.post(f"/v2/models/{model}/infer", json=infer).status_code == 503
+        again = client.post(f"/v2/models/{model}/infer", json=infer)  # remembered, not loaded again: Retry-After
+        assert again.status_code == 503 and int(again.headers["Retry-After"]) >= 1
+        weights.write_bytes(original)  # mended: an explicit load tries at once, however long the wait was
+        loaded = client.post(f"/v1/models/{model}/load")
+        assert loaded.status_code == 200, loaded.text
     finally:  # repaired: served again once the failed load is forgotten (a few seconds)
         restore_and_wait(client, model, weights, original)
 

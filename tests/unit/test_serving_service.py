@@ -4,6 +4,7 @@ long or fail, tenant scoping, aliases that switch only once the new model has lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import threading
 import time
@@ -25,7 +26,13 @@ from app.errors import InvalidRequest, NotFound
 from app.models import service as models_service
 from app.serving.errors import InvalidInput, ModelUnavailable
 from app.serving.predictor import Predictor, load_predictor
-from app.serving.service import CONTENDED_REQUESTS, InferenceService, ModelLoading, burst_turns
+from app.serving.service import (
+    CONTENDED_REQUESTS,
+    FAILED_LOAD_MAX_S,
+    InferenceService,
+    ModelLoading,
+    burst_turns,
+)
 from app.settings import Settings
 
 
@@ -149,6 +156,42 @@ def test_a_failed_load_is_remembered_briefly(store: Store) -> None:
                 await service.get("default", model_id)
             assert "weights are unreadable" in error.value.detail
         assert loader.calls == [model_id]  # no load storm on a broken artifact
+        assert error.value.headers == {"Retry-After": "2"}
+        service.close()
+
+    run(test)
+
+
+def test_a_model_that_keeps_failing_to_load_is_tried_ever_less_often_but_at_once_when_asked(store: Store) -> None:
+    """Each failure in a row doubles the wait before the next try (verifying a large model's files reads and hashes
+    all of them), up to FAILED_LOAD_MAX_S, and Retry-After says how long is left; a failure long after the last
+    starts again at the shortest wait; an explicit load (the files mended) tries at once."""
+    model_id = store.add()
+    loader = CountingLoader(fail={model_id})
+
+    async def test() -> None:
+        service = serve(store, loader)
+        key = f"default/{model_id}"
+        waits, told = [], []
+        for _ in range(6):
+            with pytest.raises(ModelUnavailable):
+                await service.get("default", model_id)  # tries, and fails
+            failed = service._failed[key]
+            waits.append(failed.wait_s)
+            with pytest.raises(ModelUnavailable) as error:
+                await service.get("default", model_id)  # remembered: not tried
+            told.append(error.value.headers["Retry-After"])
+            service._failed[key] = dataclasses.replace(failed, at=failed.at - failed.wait_s)  # the wait is over
+        assert waits == [2, 4, 8, 16, 32, 60] and told == ["2", "4", "8", "16", "32", "60"]
+        assert len(loader.calls) == 6
+        failed = service._failed[key]
+        service._failed[key] = dataclasses.replace(failed, at=failed.at - failed.wait_s - FAILED_LOAD_MAX_S)
+        with pytest.raises(ModelUnavailable):
+            await service.get("default", model_id)
+        assert service._failed[key].wait_s == 2  # not in a row any more
+        loader.fail.clear()  # mended: an explicit load does not wait
+        assert (await service.load("default", model_id)).model_id == model_id
+        assert key not in service._failed and len(loader.calls) == 8
         service.close()
 
     run(test)
