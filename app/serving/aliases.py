@@ -37,3 +37,18 @@ def latest_student_id(conn: Connection, *, tenant: str, job_name: str) -> str | 
         .order_by(models.c.id.desc())
         .limit(1)
     ).scalar_one_or_none()
+
+
+def older_student_ids(conn: Connection, *, tenant: str, job_name: str, before: str, limit: int) -> list[str]:
+    """The students of the jobs named ``job_name`` made before the model ``before``, newest first (what a
+    ``latest:`` alias falls back to when its newest model cannot load)."""
+    return list(
+        conn.execute(
+            sa.select(models.c.id)
+            .where(
+                models.c.tenant == tenant, models.c.name == job_name, models.c.kind == "student", models.c.id < before
+            )
+            .order_by(models.c.id.desc())
+            .limit(limit)
+        ).scalars()
+    )

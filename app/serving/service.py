@@ -31,7 +31,7 @@ from app.db.engine import Database
 from app.distill.artifacts import verify_files
 from app.errors import NotFound, ServiceError
 from app.models import service as models_service
-from app.serving.aliases import alias_job_name, is_alias, latest_student_id
+from app.serving.aliases import alias_job_name, is_alias, latest_student_id, older_student_ids
 from app.serving.batcher import (
     BatcherStopped,
     BatchingConfig,
@@ -69,6 +69,7 @@ DIRECTORY_CHECK_S = 1.0  # how often a loaded model's folder is checked (deleted
 # whose artifact store is not a shared folder (S3: each replica keeps its own copy of the files)
 RECORD_CHECK_S = 5.0
 MAX_ALIASES = 10_000
+OLDER_TRIED = 3  # earlier students a fresh ``latest:`` binding tries when the newest cannot load
 
 
 class ModelLoading(ServiceError):
@@ -281,12 +282,45 @@ class InferenceService:
         aliases (another tenant's model included)."""
         if not is_alias(reference):
             return await self._get_id(tenant, reference)
+        fresh = (tenant, reference) not in self._aliases
         model_id = await self._alias_target(tenant, reference)
         try:
             return await self._get_id(tenant, model_id)
         except NotFound:  # the bound model was deleted since: look the alias up again
             self._aliases.pop((tenant, reference), None)
             return await self._get_id(tenant, await self._alias_target(tenant, reference))
+        except ModelUnavailable:
+            job_name = alias_job_name(reference)
+            if not fresh or job_name is None:
+                raise
+            served = await self._older_student(tenant, job_name, model_id)
+            if served is None:
+                raise
+            log.warning("%s of %s: %s cannot load; serving %s", reference, tenant, model_id, served.model_id)
+            self._bind(tenant, reference, served.model_id)
+            return served
+
+    async def _older_student(self, tenant: str, job_name: str, newest: str) -> ServedModel | None:
+        """The newest of the earlier students of ``job_name`` that loads (a few tried), or None. A process that
+        binds ``latest:`` for the first time and finds its newest model broken serves what the processes that
+        bound it before still serve (their alias stays where it was when its new target fails to load); the
+        alias's refresh then tries the newest again, as theirs do."""
+
+        def read() -> list[str]:
+            with self.database.read() as conn:
+                return older_student_ids(conn, tenant=tenant, job_name=job_name, before=newest, limit=OLDER_TRIED)
+
+        try:
+            candidates = await run_in_threadpool(read)
+        except Exception as exc:
+            log.debug("looking up earlier students of %s failed: %s", job_name, exc)
+            return None
+        for candidate in candidates:
+            try:
+                return await self._get_id(tenant, candidate)
+            except (ModelUnavailable, NotFound):
+                continue
+        return None
 
     def loaded(self, tenant: str, model_id: str) -> ServedModel | None:
         served: ServedModel | None = self.cache.peek(f"{tenant}/{model_id}")

@@ -694,3 +694,31 @@ def test_a_load_makes_room_in_the_byte_budget_before_it_reads_the_weights(store:
         service.close()
 
     run(test)
+
+
+def test_a_fresh_latest_alias_whose_newest_model_cannot_load_serves_the_one_before(store: Store) -> None:
+    """A process binding ``latest:`` for the first time (a new replica) whose newest model is broken serves the
+    newest earlier student that loads, as the processes that bound the alias before still do; a user-set alias has
+    nothing to fall back to, and an explicit load of the alias still fails."""
+    oldest = store.add(name="nightly", seed=1)
+    older = store.add(name="nightly", seed=2)
+    newest = store.add(name="nightly", seed=3)
+    store.add(name="other", seed=4)
+    loader = CountingLoader(fail={newest, older})
+
+    async def test() -> None:
+        service = serve(store, loader)
+        assert (await service.get("default", "latest:nightly")).model_id == oldest
+        assert service._aliases[("default", "latest:nightly")].model_id == oldest
+        assert loader.calls == [newest, older, oldest]
+        assert (await service.get("default", "latest:nightly")).model_id == oldest  # bound: nothing tried again
+        assert loader.calls == [newest, older, oldest]
+        with pytest.raises(ModelUnavailable):
+            await service.load("default", "latest:nightly")
+        with store.database.transaction() as conn:
+            models_service.set_alias(conn, "prod", newest, tenant="default")
+        with pytest.raises(ModelUnavailable):
+            await service.get("default", "prod")
+        service.close()
+
+    run(test)
