@@ -146,7 +146,7 @@ async def delete_model(
         return deleted
 
     deleted = await run_in_threadpool(delete)
-    cache.evict(model_id)
+    cache.forget(model_id)
     return json_response(deleted)
 
 

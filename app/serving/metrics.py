@@ -5,6 +5,7 @@ Children are bound once per loaded model so that the hot path pays an ``observe`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -115,6 +116,26 @@ class ServingMetrics:
     def for_model(self, model_id: str, pending: Callable[[], float]) -> ModelMetrics:
         self.in_flight.labels(model_id).set_function(pending)
         return ModelMetrics(self, model_id)
+
+    def per_model(self) -> list[Any]:
+        """The metrics labelled by model (``model`` their first label)."""
+        return [
+            metric
+            for metric in vars(self).values()
+            if isinstance(metric, Counter | Gauge | Histogram) and metric._labelnames[:1] == ("model",)
+        ]
+
+    def forget(self, model_id: str) -> None:
+        """Remove a deleted model's series from every metric (a model deleted is never served again: its series
+        would stay in /metrics for the life of the process, one set per model ever deleted)."""
+        for metric in self.per_model():
+            for labels in {
+                tuple(sample.labels[name] for name in metric._labelnames)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("model") == model_id
+            }:
+                metric.remove(*labels)
 
     def watch_cache(self, count: Callable[[], float], size_bytes: Callable[[], float]) -> None:
         self.loaded_models.set_function(count)

@@ -1018,6 +1018,7 @@ class ModelCache:
         self.max_bytes = max_bytes
         self.on_evict = on_evict
         self.extra_bytes: Callable[[], int] | None = None  # counted against ``max_bytes`` too (``total_bytes``)
+        self.on_forget: Callable[[str], None] | None = None  # a model deleted: its metrics go (``forget``)
         self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -1103,6 +1104,14 @@ class ModelCache:
                 removed = []
         self._evicted(removed)
         return removed[-1] if removed else None
+
+    def forget(self, model_id: str) -> Any:
+        """A deleted model: evicted (``evict``) wherever it is loaded, and ``on_forget(model_id)`` called whether it
+        was loaded or not (its metrics outlive its loads)."""
+        removed = self.evict(model_id)
+        if self.on_forget is not None:
+            self.on_forget(model_id)
+        return removed
 
     def _evicted(self, entries: list[Any]) -> None:
         if self.on_evict is not None:

@@ -263,6 +263,7 @@ class InferenceService:
         self.cache.capacity = max(1, settings.model_cache_size)
         self.cache.max_bytes = settings.model_cache_bytes
         self.cache.on_evict = self._evicted
+        self.cache.on_forget = self.metrics.forget
         # models evicted or unloaded whose inference threads still finish what they had (a long generation, say):
         # their weights are still in memory, so the cache's byte budget and gauge count them until the thread ends
         self._draining: dict[int, ServedModel] = {}
@@ -366,6 +367,7 @@ class InferenceService:
             if self.cache.peek(key) is served:
                 log.info("%s was deleted: unloaded", key)
                 self.cache.evict(key)
+                self.metrics.forget(served.model_id)
         except Exception as exc:
             log.debug("checking %s's record failed: %s", key, exc)
         finally:

@@ -394,8 +394,10 @@ def test_user_alias_over_http(client: httpx.Client, worker: Any) -> None:
     assert_problem(client.delete("/v1/aliases/sentiment-prod"), 404)
     # deleting a model deletes the aliases that name it
     client.put("/v1/aliases/doomed", json={"model_id": first}).raise_for_status()
+    assert f'model="{first}"' in client.get("/metrics").text
     assert client.delete(f"/v1/models/{first}").status_code == 200
     assert_problem(client.get("/v1/aliases/doomed"), 404)
+    assert f'model="{first}"' not in client.get("/metrics").text  # its series went with it
 
 
 # --- KServe v2 ----------------------------------------------------------------------------------------------------

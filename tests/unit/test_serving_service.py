@@ -722,3 +722,31 @@ def test_a_fresh_latest_alias_whose_newest_model_cannot_load_serves_the_one_befo
         service.close()
 
     run(test)
+
+
+def test_a_deleted_models_metrics_go_and_the_others_stay(store: Store) -> None:
+    """Every series labelled with a deleted model leaves /metrics (one set per model ever deleted would stay for the
+    life of the process); the series of the models still there stay."""
+    gone, kept = store.add(seed=1), store.add(seed=2)
+
+    def labelled(service: InferenceService, model_id: str) -> set[str]:
+        return {
+            family.name
+            for metric in service.metrics.per_model()
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get("model") == model_id
+        }
+
+    async def test() -> None:
+        service = serve(store, inference_inline_max_us=0)
+        for model_id in (gone, kept):
+            await predict(service, "default", model_id, [[1.0, 2.0, 3.0]])
+        before = labelled(service, kept)
+        assert labelled(service, gone) == before and {"distillery_inference_request_seconds"} < before
+        service.cache.forget(gone)
+        assert labelled(service, gone) == set() and labelled(service, kept) == before
+        assert service.loaded("default", gone) is None
+        service.close()
+
+    run(test)
