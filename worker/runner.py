@@ -168,17 +168,18 @@ class ProgressWriter:
 
     def __call__(self, update: ProgressUpdate) -> None:
         eta = self.eta(update)
-        if self.shutting_down():
-            self.last = self.document(update, eta)
-            raise StopRequested("shutdown", checkpoint=True)
         now = time.monotonic()
-        if self.deadline is not None and now > self.deadline:
+        # a worker shutting down writes now, so that a cancel or pause asked for since its last write is what stops
+        # the job (a shutdown requeues it, which would drop the request: the job ran on to the end after a restart)
+        shutting_down = self.shutting_down()
+        # the soft limit stops training; a student whose training has ended is evaluated and kept
+        if not shutting_down and self.deadline is not None and now > self.deadline and update.stage != "evaluating":
             self.last = self.document(update, eta)
             raise JobFailure(
                 "time_limit", f"the attempt ran past its time limit of {self.time_limit_s:g} s (training.time_limit_s)"
             )
         stage_changed = update.stage != self.stage
-        if not stage_changed and now - self.last_write < self.interval_s:
+        if not shutting_down and not stage_changed and now - self.last_write < self.interval_s:
             return
         self.last = self.document(update, eta)
         events: list[dict[str, Any]] = []
@@ -200,6 +201,8 @@ class ProgressWriter:
                 jobs_repository.append_events(conn, self.job_id, events)
         except DATABASE_DOWN as exc:
             log.warning("progress of %s not written (database unreachable: %s)", self.job_id, type(exc).__name__)
+            if shutting_down:
+                raise StopRequested("shutdown", checkpoint=True) from None
             return
         self.stage = update.stage
         self.last_write = now
@@ -208,6 +211,8 @@ class ProgressWriter:
             raise StopRequested("cancel")
         if pause:
             raise StopRequested("pause", checkpoint=True)
+        if shutting_down:
+            raise StopRequested("shutdown", checkpoint=True)
 
 
 class Heartbeat:
@@ -495,9 +500,10 @@ class JobRunner:
     def stop_gracefully(self, job_id: str, attempt: int, status: str, progress: dict[str, Any] | None) -> None:
         def write() -> None:
             with self.db.transaction() as conn:
-                if jobs_repository.requeue(conn, job_id, attempt, status=status, progress=progress):
-                    message = "paused" if status == "paused" else "queued (worker shutting down; resumes later)"
-                    event = status_event(status)
+                ended = jobs_repository.requeue(conn, job_id, attempt, status=status, progress=progress)
+                if ended is not None:
+                    message = "paused" if ended == "paused" else "queued (worker shutting down; resumes later)"
+                    event = status_event(ended)
                     event["message"] = message
                     jobs_repository.append_events(conn, job_id, [event])
                     return

@@ -124,12 +124,14 @@ def resume(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
 
 def requeue(
     conn: Connection, job_id: str, attempt: int, *, status: str = "queued", progress: dict[str, Any] | None
-) -> bool:
+) -> str | None:
     """running (this attempt) → queued (worker shutting down; a new outbox row is owed) or → paused (on request).
-    The attempt counter is kept: a graceful stop is not a lost worker."""
+    The attempt counter is kept: a graceful stop is not a lost worker. A pause asked for since the attempt last read
+    its flags wins over a shutdown's queued (the request is not dropped). Returns the status the job ended in, None
+    when the row is not this attempt's running job."""
     now = utcnow()
     values: dict[str, Any] = {
-        "status": status,
+        "status": sa.case((jobs.c.pause_requested, "paused"), else_=status) if status == "queued" else status,
         "pause_requested": False,
         "updated_at": now,
         "worker": None,
@@ -137,16 +139,15 @@ def requeue(
     }
     if progress is not None:
         values["progress"] = progress
-    result = conn.execute(
+    ended = conn.execute(
         jobs.update()
         .where(jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == "running")
         .values(**values)
-    )
-    if result.rowcount != 1:
-        return False
-    if status == "queued":
+        .returning(jobs.c.status)
+    ).scalar_one_or_none()
+    if ended == "queued":
         conn.execute(outbox.insert().values(job_id=job_id, created_at=now))
-    return True
+    return None if ended is None else str(ended)
 
 
 def claim(conn: Connection, job_id: str, worker: str, *, stale_after_s: float) -> RowMapping | None:

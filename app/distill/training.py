@@ -306,7 +306,10 @@ def train_classifier(
     train_seconds = time.perf_counter() - started
 
     # --- evaluate ---
-    report(ProgressUpdate("evaluating", total_steps, total_steps, metrics))
+    # the stage change is written at once, so a pause or shutdown asked for since the last throttled write stops the
+    # job here: it checkpoints the last step like any other, and the job resumes at the evaluation, not at step 0
+    evaluating = ProgressUpdate("evaluating", total_steps, total_steps, metrics)
+    report_and_checkpoint(report, evaluating, checkpointer, {"student": student}, optimizer)
     evaluation = evaluate_classifier(
         student,
         teacher,

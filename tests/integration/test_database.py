@@ -3,6 +3,7 @@ end, so nothing leaks between tests."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -18,7 +19,7 @@ from app.db.engine import Database
 from app.db.tables import metadata
 from app.distill.training import ProgressUpdate, StopRequested
 from app.ids import new_id
-from worker.runner import ProgressWriter
+from worker.runner import JobFailure, ProgressWriter
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +107,7 @@ def test_pause_requeue_and_resume(conn: Connection) -> None:
     assert claimed is not None and claimed["tenant"] == "t1"
     assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
     assert jobs_repository.write_progress(conn, job_id, 1, {}) == (False, True)
-    assert jobs_repository.requeue(conn, job_id, 1, status="paused", progress=None) is True
+    assert jobs_repository.requeue(conn, job_id, 1, status="paused", progress=None) == "paused"
     row = jobs_repository.get_job(conn, job_id, tenant="t1")
     assert row is not None and row["status"] == "paused" and row["graceful_stops"] == 1
     assert jobs_repository.resume(conn, job_id, tenant="t1") is True
@@ -132,7 +133,7 @@ def test_a_resumed_job_paused_while_it_loads_keeps_its_step(conn: Connection) ->
     jobs_repository.claim(conn, job_id, "w1", stale_after_s=60)
     stored = {"stage": "training", "step": 25, "total_steps": 3000, "fraction": 0.008333, "metrics": {"loss": 1.5}}
     assert jobs_repository.write_progress(conn, job_id, 1, stored) == (False, False)
-    assert jobs_repository.requeue(conn, job_id, 1, progress=None) is True
+    assert jobs_repository.requeue(conn, job_id, 1, progress=None) == "queued"
     claimed = jobs_repository.claim(conn, job_id, "w2", stale_after_s=60)
     assert claimed is not None and claimed["progress"]["step"] == 25
     assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
@@ -145,7 +146,7 @@ def test_a_resumed_job_paused_while_it_loads_keeps_its_step(conn: Connection) ->
     row = jobs_repository.get_job(conn, job_id, tenant="t1")
     assert row is not None and {key: row["progress"][key] for key in expected} == expected
     assert writer.last is not None and {key: writer.last[key] for key in expected} == expected
-    assert jobs_repository.requeue(conn, job_id, 2, status="paused", progress=writer.last) is True
+    assert jobs_repository.requeue(conn, job_id, 2, status="paused", progress=writer.last) == "paused"
     assert jobs_repository.resume(conn, job_id, tenant="t1") is True
     again = jobs_repository.claim(conn, job_id, "w3", stale_after_s=60)
     assert again is not None and again["progress"]["step"] == 25
@@ -179,3 +180,46 @@ def test_idempotency_keys(conn: Connection) -> None:
     assert jobs_repository.get_idempotency_key(conn, tenant="t1", key="k")["job_id"] == job_id  # type: ignore[index]
     assert jobs_repository.get_idempotency_key(conn, tenant="t2", key="k") is None
     assert jobs_repository.expire_idempotency_keys(conn, older_than_s=-1) == 1
+
+
+def test_a_pause_or_cancel_asked_for_before_a_shutdown_is_not_dropped(conn: Connection) -> None:
+    """A worker shutting down requeues its job; a pause or cancel asked for since the attempt's last (throttled)
+    write was dropped with it (the job ran on to the end after a restart, or sat queued though cancelled). The
+    writer reads the flags before it stops, and a requeue finds a pause still pending."""
+    db = cast(Database, OneConnection(conn))
+    reasons = {}
+    for request in ("pause", "cancel", None):
+        job_id = make_job(conn)
+        assert jobs_repository.claim(conn, job_id, "w", stale_after_s=60) is not None
+        writer = ProgressWriter(db, job_id, 1, 3600.0, lambda: False)
+        writer(ProgressUpdate("training", 1, 10))  # written; the next write is an hour away
+        if request == "pause":
+            assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
+        elif request == "cancel":
+            assert jobs_repository.request_cancel(conn, job_id, tenant="t1") is True
+        writer.shutting_down = lambda: True
+        with pytest.raises(StopRequested) as stop:
+            writer(ProgressUpdate("training", 2, 10))
+        reasons[request] = stop.value.reason
+    assert reasons == {"pause": "pause", "cancel": "cancel", None: "shutdown"}
+    # a pause asked for after the attempt's last read: the shutdown's requeue makes the job paused, not queued
+    job_id = make_job(conn)
+    jobs_repository.mark_published(conn, job_id)
+    assert jobs_repository.claim(conn, job_id, "w", stale_after_s=60) is not None
+    assert jobs_repository.request_pause(conn, job_id, tenant="t1") is True
+    assert jobs_repository.requeue(conn, job_id, 1, progress=None) == "paused"
+    row = jobs_repository.get_job(conn, job_id, tenant="t1")
+    assert row is not None and row["status"] == "paused" and not row["pause_requested"]
+    assert job_id not in jobs_repository.unpublished(conn, older_than_s=-1, limit=100)  # no run is owed
+
+
+def test_the_soft_time_limit_stops_training_not_the_evaluation_of_a_trained_student(conn: Connection) -> None:
+    db = cast(Database, OneConnection(conn))
+    job_id = make_job(conn)
+    assert jobs_repository.claim(conn, job_id, "w", stale_after_s=60) is not None
+    writer = ProgressWriter(db, job_id, 1, 0.0, lambda: False, time_limit_s=0.0)
+    time.sleep(0.01)
+    writer(ProgressUpdate("evaluating", 10, 10))  # training has ended: the student is evaluated and kept
+    with pytest.raises(JobFailure) as failure:
+        writer(ProgressUpdate("training", 3, 10))
+    assert failure.value.code == "time_limit"

@@ -102,3 +102,29 @@ def test_text_resume_equals_uninterrupted(tmp_path: Path) -> None:
         spec, JobResources(), checkpointer=FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
     )
     assert_same(reference, state(resumed.student))
+
+
+@pytest.mark.parametrize("recipe", ["tabular", "text"])
+def test_a_stop_as_evaluation_begins_resumes_at_the_evaluation(tmp_path: Path, recipe: str) -> None:
+    """The evaluating stage is written at once (a stage change), so a pause or shutdown asked for in the last moments
+    of training stops the job there: the resumed attempt evaluates the trained student, it does not train it again
+    from step 0 (the tabular recipe saved no checkpoint there)."""
+    spec = JobSpec.model_validate(TABULAR if recipe == "tabular" else TEXT)
+
+    def train(**kwargs: Any) -> Any:
+        if recipe == "tabular":
+            return train_classifier(spec, **kwargs)
+        return train_text_model(spec, JobResources(), **kwargs)
+
+    reference = state(train().student)
+    steps = 40 if recipe == "tabular" else 8
+    with pytest.raises(StopRequested):
+        train(progress=stop_at("evaluating", steps), checkpointer=FolderCheckpointer(tmp_path / "ckpt", 1000))
+    seen: list[tuple[str, int]] = []
+    resumed = train(
+        progress=lambda update: seen.append((update.stage, update.step)),
+        checkpointer=FolderCheckpointer(tmp_path / "ckpt", 1000),
+    )
+    assert not [update for update in seen if update[0] in ("training", "pretraining teacher 0")], seen
+    assert ("evaluating", steps) in seen
+    assert_same(reference, state(resumed.student))

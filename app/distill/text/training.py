@@ -1101,7 +1101,10 @@ def run_stage(
             text_models.drop_layers(student, stage.drop)  # the saved weights are of the smaller student
         tensors, saved_result = job_checkpointer.restore_stage(index, {"student": student})
         state.restore(tensors)
-        return {**saved_result, "resumed": True}, metrics, 0.0, 0
+        # its steps and seconds count in the job's totals as they did when it ran (the progress a resumed job
+        # reports, the evaluation's steps)
+        steps, seconds = int(saved_result.get("steps", 0)), float(saved_result.get("seconds", 0.0))
+        return {**saved_result, "resumed": True}, metrics, seconds, steps
     elif stage.kind == "generate":
         assert teacher is not None
         generation = stage.generation or GenerationSpec()
