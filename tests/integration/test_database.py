@@ -3,8 +3,10 @@ end, so nothing leaks between tests."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -16,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from app.db import jobs_repository
 from app.db.engine import Database
-from app.db.tables import metadata
+from app.db.tables import job_events, jobs, metadata, outbox
 from app.distill.training import ProgressUpdate, StopRequested
 from app.ids import new_id
 from worker.runner import JobFailure, ProgressWriter
@@ -223,3 +225,45 @@ def test_the_soft_time_limit_stops_training_not_the_evaluation_of_a_trained_stud
     with pytest.raises(JobFailure) as failure:
         writer(ProgressUpdate("training", 3, 10))
     assert failure.value.code == "time_limit"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_concurrent_submissions_keep_to_the_active_jobs_quota(postgres_url: str, tmp_path: Any, backend: str) -> None:
+    """Ten submissions at once against a quota of two: two jobs, eight 429s (the counts ran side by side, each
+    blind to the others' inserts, and up to all ten got in)."""
+    from app.db.migrate import upgrade
+    from app.distill.spec import JobSpec
+    from app.errors import QuotaExceeded
+    from app.jobs import service as jobs_service
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+
+    url = postgres_url if backend == "postgres" else f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    if backend == "sqlite":
+        upgrade(url)
+    database = Database.from_url(url, pool_size=10)
+    settings = Settings(max_active_jobs_per_tenant=2)
+    spec = JobSpec.model_validate(tiny_spec())
+    tenant = new_id("quota")
+    barrier = threading.Barrier(10)
+
+    def submit() -> str:
+        barrier.wait()
+        try:
+            with database.transaction() as conn:
+                jobs_service.create_job(conn, spec, settings, tenant=tenant)
+            return "created"
+        except QuotaExceeded:
+            return "refused"
+
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            outcomes = sorted(pool.map(lambda _: submit(), range(10)))
+        assert outcomes == ["created"] * 2 + ["refused"] * 8
+    finally:
+        with database.transaction() as conn:
+            ids = [row.id for row in conn.execute(sa.select(jobs.c.id).where(jobs.c.tenant == tenant))]
+            conn.execute(sa.delete(job_events).where(job_events.c.job_id.in_(ids)))
+            conn.execute(sa.delete(outbox).where(outbox.c.job_id.in_(ids)))
+            conn.execute(sa.delete(jobs).where(jobs.c.tenant == tenant))
+        database.dispose()
