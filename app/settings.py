@@ -351,7 +351,8 @@ def configuration_reference() -> str:
         "|---|---|---|---|",
     ]
     for name, field in Settings.model_fields.items():
-        default = defaults.get(name, f"`{field.default}`")
+        value = field.get_default(call_default_factory=True)  # a default_factory's value, not PydanticUndefined
+        default = defaults.get(name, f"`{value}`")
         lines.append(f"| `DISTILLERY_{name.upper()}` | {default} | {READ_BY[name]} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
 
