@@ -405,6 +405,7 @@ class TextPredictor:
         device: torch.device = CPU,
         gpu_variant: str = "eager",
     ) -> None:
+        from app.distill.text.data import bos_prefix
         from app.distill.text.models import load_saved_dir
 
         self.device = device
@@ -444,6 +445,10 @@ class TextPredictor:
         self.hidden_size = int(getattr(self.model.config, "hidden_size", 0) or 0)
         self.vocab_size = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        # a completion's prompt is encoded as training encoded text: without special tokens, after the one start
+        # token the tokenizer begins sequences with (Llama's BOS; none for GPT-2). With them, a tokenizer that ends
+        # sequences (ByT5's bytes: "</s>") ended every prompt as a finished document
+        self.prompt_prefix = bos_prefix(self.tokenizer) if self.task == "causal_lm" else []
         self._loop_tokenizer = own_backend(self.tokenizer) if self.task != "causal_lm" else None
         # whether generation is batched step by step (GenerationEngine, with the sliding window it applies) or in
         # static batches (generate), and why not
@@ -503,9 +508,6 @@ class TextPredictor:
         if self.cost is None or not isinstance(payload, TextRequest) or not payload.ids:
             return math.inf
         return self.cost.alone(len(payload.ids), max(len(row) for row in payload.ids))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
     # --- embeddings and classification: one padded forward per batch ---
 
@@ -652,7 +654,7 @@ class TextPredictor:
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             param = "messages"
         else:
-            ids = list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+            ids = self.prompt_prefix + list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
             param = "prompt"
         if not ids:
             bos = self.tokenizer.bos_token_id

@@ -680,7 +680,7 @@ def _end_token_id(tokenizer: TextTokenizer) -> int:
     raise ValueError("add_eos=True needs a tokenizer with an EOS (or SEP) token")
 
 
-def _bos_prefix(tokenizer: TextTokenizer) -> list[int]:
+def bos_prefix(tokenizer: TextTokenizer) -> list[int]:
     """``[bos]`` if the tokenizer itself starts sequences with BOS (Llama does, GPT-2 does not), else ``[]``.
 
     Causal-LM text is encoded without special tokens (so a prompt/completion pair does not get two BOS or a SEP in
@@ -740,7 +740,7 @@ def tokenize_causal_lm(
     """Tokenize ``{"text"}`` and/or ``{"prompt", "completion"}`` records for causal-LM distillation.
 
     Each record becomes ``[BOS] + tokens + [EOS]``: BOS only where the tokenizer adds one itself (see
-    ``_bos_prefix``); the end token is ``eos_token_id``, or ``sep_token_id`` for BERT-style vocabularies, and is
+    ``bos_prefix``); the end token is ``eos_token_id``, or ``sep_token_id`` for BERT-style vocabularies, and is
     appended when ``add_eos``. What is trained (see ``TokenizedExamples`` for the label/loss-mask convention):
 
     - text: every token except a row's first, including the end token;
@@ -775,7 +775,7 @@ def tokenize_causal_lm(
         raise ValueError(f"max_length must be >= 2 for next-token training, got {max_length}")
     pad_id = resolve_pad_token_id(tokenizer)
     suffix = [_end_token_id(tokenizer)] if add_eos else []
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
 
     # collect each field across records first: one tokenizer call per field is far faster than one per record
     text_rows: list[int] = []
