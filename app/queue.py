@@ -82,6 +82,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue_name,
         "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
         "task_time_limit": settings.job_time_limit_s,
+        # raised inside the attempt shortly before the hard limit kills it: the job fails with code time_limit
+        # (killed, its row would stay running, be taken for a dead worker's and retried until too_many_attempts)
+        "task_soft_time_limit": soft_time_limit(settings.job_time_limit_s),
         "worker_max_tasks_per_child": 50,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
@@ -89,6 +92,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_remote_control": False,
         "broker_pool_limit": 4,
     }
+
+
+def soft_time_limit(hard_s: float) -> float:
+    """Celery's soft limit for an attempt: the hard limit less the time a failing attempt needs to record its end
+    (a tenth of the limit, at most a minute)."""
+    return hard_s - min(60.0, hard_s / 10)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -107,6 +108,32 @@ class BrokerInspector:
         return ids
 
 
+#: how often a reconciler removes the checkpoints of finished jobs (``sweep_checkpoints``)
+CHECKPOINT_SWEEP_S = 60.0
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def sweep_checkpoints(db: Database, folder: Path) -> list[str]:
+    """Remove the checkpoint folders of finished jobs; returns their job ids. An attempt removes its own when it
+    ends, but a job can end without one: a paused job cancelled through the api, a job given up after too many
+    lost attempts, an attempt killed before it could clean up. Folders of jobs this database does not know are left
+    alone (another deployment's data folder, say)."""
+    try:
+        names = [entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name.startswith("job_")]
+    except FileNotFoundError:
+        return []
+    if not names:
+        return []
+    with db.read() as conn:
+        statuses = jobs_repository.job_statuses(conn, names)
+    finished = [name for name in names if statuses.get(name) in FINISHED]
+    for name in finished:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    if finished:
+        log.info("removed the checkpoints of %d finished job(s)", len(finished))
+    return finished
+
+
 class Reconciler:
     def __init__(
         self, db: Database, dispatcher: JobDispatcher, settings: Settings, *, name: str = "", gpu_jobs: bool = False
@@ -131,9 +158,13 @@ class Reconciler:
             self._thread.join(timeout=10)
 
     def run_forever(self) -> None:
+        swept = time.monotonic()
         while not self._stop.wait(self.settings.reconcile_interval_s):
             try:
                 self.run_once()
+                if time.monotonic() - swept >= CHECKPOINT_SWEEP_S:
+                    swept = time.monotonic()
+                    sweep_checkpoints(self.db, self.settings.checkpoints_dir)
             except Exception as exc:
                 log.warning("reconciler pass failed (%s: %s)", type(exc).__name__, exc)
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import orjson
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -316,6 +317,11 @@ class JobRunner:
                 self.stop_gracefully(job_id, attempt, status, writer.last)
         except AttemptSuperseded:
             log.warning("job %s attempt %s was superseded; dropping its work", job_id, attempt)
+        except SoftTimeLimitExceeded:  # Celery's, just before the workers' hard limit (app/queue.py)
+            limit = self.settings.job_time_limit_s
+            message = f"the attempt ran past the workers' time limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S)"
+            self.end(job_id, attempt, "failed", progress=writer.last, error={"code": "time_limit", "message": message})
+            checkpointer.remove()
         except JobFailure as exc:
             self.end(job_id, attempt, "failed", progress=writer.last, error={"code": exc.code, "message": str(exc)})
             checkpointer.remove()

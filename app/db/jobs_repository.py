@@ -408,6 +408,13 @@ def cuda_jobs_not_yet_told(conn: Connection, *, older_than_s: float, limit: int)
     return [row[0] for row in rows]
 
 
+def job_statuses(conn: Connection, job_ids: Sequence[str]) -> dict[str, str]:
+    """The status of each of these jobs that exists."""
+    if not job_ids:
+        return {}
+    return {row[0]: row[1] for row in conn.execute(sa.select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(job_ids)))}
+
+
 def job_devices(conn: Connection, job_ids: Sequence[str]) -> dict[str, str | None]:
     """``training.device`` of each job (which queue it belongs in)."""
     if not job_ids:

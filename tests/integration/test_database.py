@@ -267,3 +267,31 @@ def test_concurrent_submissions_keep_to_the_active_jobs_quota(postgres_url: str,
             conn.execute(sa.delete(outbox).where(outbox.c.job_id.in_(ids)))
             conn.execute(sa.delete(jobs).where(jobs.c.tenant == tenant))
         database.dispose()
+
+
+def test_the_checkpoints_of_finished_jobs_are_swept(postgres_url: str, tmp_path: Any) -> None:
+    """A paused job cancelled through the api (or given up after lost attempts) ended without a worker to remove its
+    checkpoints: the reconciler's sweep removes the folders of finished jobs, and only those."""
+    from worker.reconciler import sweep_checkpoints
+
+    database = Database.from_url(postgres_url, pool_size=1)
+    folder = tmp_path / "checkpoints"
+    ids = {}
+    try:
+        with database.transaction() as conn:
+            for status in ("cancelled", "failed", "succeeded", "paused", "running", "queued"):
+                ids[status] = make_job(conn)
+                conn.execute(sa.update(jobs).where(jobs.c.id == ids[status]).values(status=status))
+        for job_id in [*ids.values(), "job_of_another_database"]:
+            (folder / job_id / "step-3").mkdir(parents=True)
+        assert sorted(sweep_checkpoints(database, folder)) == sorted(
+            ids[s] for s in ("cancelled", "failed", "succeeded")
+        )
+        left = {entry.name for entry in folder.iterdir()}
+        assert left == {ids["paused"], ids["running"], ids["queued"], "job_of_another_database"}
+        assert sweep_checkpoints(database, tmp_path / "none") == []
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.delete(job_events).where(job_events.c.job_id.in_(list(ids.values()))))
+            conn.execute(sa.delete(jobs).where(jobs.c.id.in_(list(ids.values()))))
+        database.dispose()

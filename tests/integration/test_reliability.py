@@ -235,3 +235,23 @@ def test_concurrent_creates_sharing_keys_make_one_job_per_key(private_api: httpx
         results = list(pool.map(create, range(200)))
     assert {status for status, _ in results} == {201}
     assert len({job_id for _, job_id in results}) == 20
+
+
+def test_an_attempt_at_the_workers_hard_time_limit_fails_once_with_code_time_limit(
+    private_env: dict[str, str], private_api: httpx.Client, tmp_path: Path
+) -> None:
+    """Celery's hard limit (DISTILLERY_JOB_TIME_LIMIT_S) kills an attempt; killed, its row stayed running, was taken
+    for a dead worker's and retried until too_many_attempts (three days at the default limit). A soft limit shortly
+    before it ends the attempt as a failure with code time_limit, once, its checkpoints removed."""
+    worker = start_worker({**private_env, "DISTILLERY_JOB_TIME_LIMIT_S": "4"}, tmp_path / "worker.log")
+    try:
+        job = private_api.post("/v1/jobs", json=long_tabular(1_000_000)).json()
+        done = wait_for_status(private_api, job["id"], ("succeeded", "failed"), timeout=60)
+        assert done["status"] == "failed" and done["error"]["code"] == "time_limit", done["error"]
+        assert "DISTILLERY_JOB_TIME_LIMIT_S" in done["error"]["message"] and done["attempts"] == 1
+        assert 0 < done["progress"]["step"] < 1_000_000
+        time.sleep(3)  # past a stale heartbeat and a reconciler pass: nothing takes it up again
+        assert private_api.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
+        assert not (Path(private_env["DISTILLERY_DATA_DIR"]) / "checkpoints" / job["id"]).exists()
+    finally:
+        worker.stop()
