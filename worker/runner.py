@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import orjson
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -292,7 +293,12 @@ class JobRunner:
             log.info("job %s not claimed (%s)", job_id, outcome)
             return outcome
         attempt = int(claimed["attempts"])
-        spec = JobSpec.model_validate(claimed["spec"])
+        try:
+            spec = JobSpec.model_validate(claimed["spec"])
+        except ValidationError as exc:  # stored by an older version whose specs this one reads otherwise, say
+            error = {"code": "invalid_spec", "message": f"the stored spec no longer validates: {exc}"[:2000]}
+            self.end(job_id, attempt, "failed", progress=None, error=error)
+            return outcome
         checkpointer = self.checkpointer(job_id, spec)
         writer = ProgressWriter(
             self.db,
@@ -309,8 +315,8 @@ class JobRunner:
             checkpointer.remove()
         except StopRequested as stop:
             if stop.reason == "cancel":
-                self.end(job_id, attempt, "cancelled", progress=writer.last)
-                checkpointer.remove()
+                if self.end(job_id, attempt, "cancelled", progress=writer.last):
+                    checkpointer.remove()
             else:  # pause or shutdown: the checkpoint stays for the next attempt; the progress is the writer's last
                 # (a resumed attempt's carries the step it resumed at until it counts its own: ProgressWriter)
                 status = "paused" if stop.reason == "pause" else "queued"
@@ -320,17 +326,19 @@ class JobRunner:
         except SoftTimeLimitExceeded:  # Celery's, just before the workers' hard limit (app/queue.py)
             limit = self.settings.job_time_limit_s
             message = f"the attempt ran past the workers' time limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S)"
-            self.end(job_id, attempt, "failed", progress=writer.last, error={"code": "time_limit", "message": message})
-            checkpointer.remove()
+            if self.end(
+                job_id, attempt, "failed", progress=writer.last, error={"code": "time_limit", "message": message}
+            ):
+                checkpointer.remove()
         except JobFailure as exc:
-            self.end(job_id, attempt, "failed", progress=writer.last, error={"code": exc.code, "message": str(exc)})
-            checkpointer.remove()
+            if self.end(job_id, attempt, "failed", progress=writer.last, error={"code": exc.code, "message": str(exc)}):
+                checkpointer.remove()
         except Exception as exc:
             log.exception("job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}"[:2000]
             error = {"code": "training_error", "message": message}
-            self.end(job_id, attempt, "failed", progress=writer.last, error=error)
-            checkpointer.remove()
+            if self.end(job_id, attempt, "failed", progress=writer.last, error=error):
+                checkpointer.remove()  # only when this attempt ended the job: a superseded one's are the newer one's
         return outcome
 
     def execute(
@@ -535,11 +543,16 @@ class JobRunner:
         *,
         progress: dict[str, Any] | None,
         error: dict[str, Any] | None = None,
-    ) -> None:
-        def write() -> None:
+    ) -> bool:
+        """End the job as this attempt; False when the row is no longer this attempt's (fenced off: a newer attempt
+        holds it, and the checkpoints are that attempt's now)."""
+
+        def write() -> bool:
             with self.db.transaction() as conn:
                 if jobs_repository.finish(conn, job_id, attempt, status=status, progress=progress, error=error):
                     extra = {"error": error} if error else {}
                     jobs_repository.append_events(conn, job_id, [status_event(status, **extra)])
+                    return True
+                return False
 
-        retry_while_database_down(write, self.settings.db_retry_s, f"ending job {job_id}")
+        return retry_while_database_down(write, self.settings.db_retry_s, f"ending job {job_id}")

@@ -132,3 +132,33 @@ def test_a_graceful_stop_that_finds_the_job_no_longer_running_says_why(
         assert rows["job_cancelled"]["status"] == "cancelled" and rows["job_cancelled"]["progress"] == {}
     finally:
         database.dispose()
+
+
+def test_a_stored_spec_that_no_longer_validates_fails_the_job_and_a_fenced_off_end_keeps_the_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """A spec that does not validate (stored by another version) failed outside the runner's error handling: the job
+    stayed running and was retried until too_many_attempts. Now it fails at once with code invalid_spec. And an
+    attempt's end says whether it ended the job: fenced off (a newer attempt holds it), the runner leaves the
+    checkpoints alone, since they are the newer attempt's."""
+    from app.settings import Settings
+    from worker.runner import JobRunner
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    try:
+        with database.transaction() as conn:
+            jobs_repository.insert_job(conn, job_id="job_old", tenant="t", name=None, spec={"nope": 1}, progress={})
+            jobs_repository.insert_job(conn, job_id="job_taken", tenant="t", name=None, spec={}, progress={})
+            conn.execute(jobs.update().where(jobs.c.id == "job_taken").values(status="running", attempts=2))
+        runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path))
+        runner.run("job_old")
+        with database.read() as conn:
+            old = conn.execute(sa.select(jobs).where(jobs.c.id == "job_old")).mappings().one()
+        assert old["status"] == "failed" and old["error"]["code"] == "invalid_spec", old["error"]
+        assert old["attempts"] == 1
+        assert runner.end("job_taken", 1, "failed", progress=None, error={"code": "x", "message": "y"}) is False
+        assert runner.end("job_taken", 2, "failed", progress=None, error={"code": "x", "message": "y"}) is True
+    finally:
+        database.dispose()
