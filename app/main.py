@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from app.db.job_reads import make_job_reader
 from app.errors import Unavailable
 from app.http import BodySizeLimit, RequestMetrics, document_problems, install_error_handlers
 from app.jobs.dispatch import JobDispatcher
-from app.keys.service import KeyVerifier, ensure_key
+from app.keys.service import KeyVerifier, Unauthorized, ensure_key
 from app.queue import make_celery
 from app.serving.predictor import ModelCache
 from app.serving.protocol import document_serving_errors
@@ -58,6 +59,13 @@ def ensure_api_keys(database: Database, settings: Settings) -> None:
                 "API keys are required but none exists: "
                 "set DISTILLERY_BOOTSTRAP_API_KEY or run `distillery keys create`"
             )
+
+
+def metrics_authorized(authorization: str, settings: Settings) -> bool:
+    """Whether a request may read /metrics where API keys are required: it carries the metrics token."""
+    token = settings.metrics_token
+    offered = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    return bool(token) and hmac.compare_digest(offered.encode(), str(token).encode())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -128,7 +136,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ready", "checks": checks}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # its series name every tenant's models: with API keys it takes the operators' token, not a tenant's key
+        if settings.keys_required and not metrics_authorized(request.headers.get("authorization", ""), settings):
+            raise Unauthorized(
+                "/metrics needs the metrics token (Authorization: Bearer <DISTILLERY_METRICS_TOKEN>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # routes are matched in order: the operations routes (health checks, cheap and frequent) first; native predict,
@@ -157,9 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, object]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            app.openapi_schema = document_serving_errors(
-                document_problems(schema, frozenset({"/healthz", "/readyz", "/metrics"}))
-            )
+            app.openapi_schema = document_serving_errors(document_problems(schema, frozenset({"/healthz", "/readyz"})))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     )
     api_key_cache_s: float = Field(10.0, ge=0, description="How long a verified key is trusted without a query.")
     default_tenant: str = Field("default", description="The tenant of requests when keys are not required.")
+    metrics_token: str | None = Field(
+        None,
+        description="Where API keys are required, /metrics answers only `Authorization: Bearer <this token>` (its "
+        "series name every tenant's models; give it to the Prometheus scrape config); unset there, /metrics is a 401. "
+        "Without keys (the embedded single tenant) /metrics is open.",
+    )
     bootstrap_api_key: str | None = Field(
         None, description="A key (dk_<8 hex>_<secret>) the api registers at start for bootstrap_tenant (compose)."
     )
@@ -281,6 +287,7 @@ READ_BY: dict[str, str] = {
     "db_pool_size": API,
     "auth_required": API,
     "api_key_cache_s": API,
+    "metrics_token": API,
     "default_tenant": API,
     "bootstrap_api_key": API,
     "bootstrap_tenant": API,

@@ -83,7 +83,12 @@ def list_keys(conn: Connection) -> list[dict[str, Any]]:
 
 
 def revoke_key(conn: Connection, key_id_or_prefix: str) -> bool:
-    return keys_repository.revoke_key(conn, key_id_or_prefix.removeprefix(KEY_PREFIX).split("_")[0])
+    """Revoke by id (``key_…``, as ``keys list`` shows it first) or by prefix (the whole key, ``dk_<prefix>_…`` as
+    listed, or the bare prefix). An id was cut at its first ``_`` like a key (``key``) and revoked nothing."""
+    value = key_id_or_prefix.strip()
+    if not value.startswith("key_"):
+        value = value.removeprefix(KEY_PREFIX).split("_")[0]
+    return keys_repository.revoke_key(conn, value)
 
 
 class KeyVerifier:

@@ -161,13 +161,13 @@ class InferenceFastPath:
         settings = state.settings
         if not settings.keys_required:
             return str(settings.default_tenant)
-        authorization = x_api_key = ""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
+        authorization = x_api_key = None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's headers.get on the long way
+            if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
-            elif name == b"x-api-key":
+            elif name == b"x-api-key" and x_api_key is None:
                 x_api_key = value.decode("latin-1")
-        key = api_key_of(authorization, x_api_key)
+        key = api_key_of(authorization or "", x_api_key or "")
         tenant: str | None = state.key_verifier.cached_tenant(key) if key else None
         return tenant
 

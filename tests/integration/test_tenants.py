@@ -50,6 +50,7 @@ def auth_env(postgres_url: str, service_env: dict[str, str]) -> dict[str, str]:
         Path(service_env["DISTILLERY_DATA_DIR"]),
         auth_required="true",
         api_key_cache_s="0.2",
+        metrics_token="scrape-token",
         progress_interval_s="0.1",
         torch_threads="1",
     )
@@ -107,6 +108,19 @@ def test_keys_and_tenant_isolation(auth_env: dict[str, str], stack: tuple[str, s
     for method, path, kwargs in attempts:
         response = beta.request(method, path, **kwargs)
         assert response.status_code == 404, (method, path, response.status_code, response.text)
+    # the fast path reads the first Authorization header, as the long way does (it read the last: a request with
+    # beta's key first and alpha's second acted as alpha there and as beta everywhere else)
+    predict = f"/v1/models/{model_id}/predict"
+    assert alpha.post(predict, json={"inputs": [[0.0] * 10]}).status_code == 200  # loaded: the fast path answers
+    twice = [("Authorization", f"Bearer {beta_key}"), ("Authorization", f"Bearer {alpha_key}")]
+    with httpx.Client(base_url=base_url, timeout=30) as raw:
+        assert raw.post(predict, json={"inputs": [[0.0] * 10]}, headers=twice).status_code == 404
+        assert raw.get(f"/v1/models/{model_id}", headers=twice).status_code == 404
+        # /metrics names every tenant's models: the operators' token only, not a tenant's key
+        assert raw.get("/metrics").status_code == 401
+        assert raw.get("/metrics", headers={"Authorization": f"Bearer {alpha_key}"}).status_code == 401
+        scraped = raw.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
+        assert scraped.status_code == 200 and f'model="{model_id}"' in scraped.text
     for field, value in (
         ("teacher", {"source": "job", "job_id": job["id"]}),
         ("teacher", {"source": "model", "model_id": model_id}),
@@ -124,6 +138,13 @@ def test_keys_and_tenant_isolation(auth_env: dict[str, str], stack: tuple[str, s
     time.sleep(0.5)  # the verified-key cache is 0.2 s in this test
     assert alpha.get("/v1/jobs").status_code == 401
     assert "revoked" in cli(auth_env, "keys", "list")
+    # by id, as `keys list` shows it first (an id was cut like a key, to "key", and revoked nothing)
+    listed = cli(auth_env, "keys", "list").splitlines()
+    beta_id = next(line.split()[0] for line in listed if beta_key.split("_")[1] in line)
+    assert beta_id.startswith("key_")
+    cli(auth_env, "keys", "revoke", beta_id)
+    time.sleep(0.5)
+    assert beta.get("/v1/jobs").status_code == 401
     alpha.close()
     beta.close()
 
