@@ -44,7 +44,6 @@ from app.distill.spec import (
     StoredModelTeacher,
     TransformerArchitecture,
     TransformersTeacher,
-    UploadedData,
 )
 from app.distill.training import ProgressUpdate, StopRequested
 from app.models.service import artifact_path_for, model_dir, new_model_id, register_model
@@ -405,14 +404,14 @@ class JobRunner:
                         raise JobFailure("teacher_missing", f"teacher model {teacher.model_id} was deleted")
                     stored[index] = self.fetch(str(row["artifact_path"]), f"teacher model {teacher.model_id}")
                     recorded[index] = (teacher.model_id, row["files"])
-            if isinstance(spec.data, UploadedData):
-                dataset = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=None)
+            for _, dataset_id in spec.uploaded_datasets():  # the job's data and each stage's
+                dataset = datasets_repository.get_dataset(conn, dataset_id, tenant=None)
                 if dataset is None:
-                    raise JobFailure("dataset_missing", f"dataset {spec.data.dataset_id} was deleted")
-                folder = self.fetch(dataset_folder(dataset["artifact_path"]), f"dataset {spec.data.dataset_id}")
-                datasets[spec.data.dataset_id] = folder / Path(dataset["artifact_path"]).name
+                    raise JobFailure("dataset_missing", f"dataset {dataset_id} was deleted")
+                folder = self.fetch(dataset_folder(dataset["artifact_path"]), f"dataset {dataset_id}")
+                datasets[dataset_id] = folder / Path(dataset["artifact_path"]).name
                 if dataset["columns"]:
-                    columns[spec.data.dataset_id] = list(dataset["columns"])
+                    columns[dataset_id] = list(dataset["columns"])
         # hashed outside the read transaction: a large teacher takes seconds
         for index, (model_id, files) in recorded.items() if self.settings.verify_artifacts else ():
             try:

@@ -529,6 +529,17 @@ class JobSpec(SpecModel):
             return list(self.teachers)
         return [self.teacher] if self.teacher is not None else []
 
+    def uploaded_datasets(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Every stored dataset the spec names, with the path of its ``dataset_id``: the job's data and each
+        stage's."""
+        named: list[tuple[tuple[str | int, ...], str]] = []
+        if isinstance(self.data, UploadedData):
+            named.append((("data", "dataset_id"), self.data.dataset_id))
+        for index, stage in enumerate(self.stages or []):
+            if isinstance(stage.data, UploadedData):
+                named.append((("stages", index, "data", "dataset_id"), stage.data.dataset_id))
+        return named
+
     @property
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS

@@ -137,7 +137,11 @@ class DatasetFacts:
 
 
 def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFacts:
-    """The facts of the dataset the spec names (a missing one is a 422)."""
+    """The facts of the dataset the spec names (a missing one is a 422, the job's data's or a stage's)."""
+    for loc, dataset_id in spec.uploaded_datasets():
+        if loc[0] == "stages" and datasets_repository.get_dataset(conn, dataset_id, tenant=tenant) is None:
+            message = f"no dataset {dataset_id!r}"
+            raise InvalidSpec("the dataset does not exist", errors=[{"loc": ["body", *loc], "msg": message}])
     if not isinstance(spec.data, UploadedData):
         return DatasetFacts()
     row = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=tenant)

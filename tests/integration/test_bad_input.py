@@ -10,7 +10,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import tiny_spec, wait_for_status
+from tests.conftest import ROOT, tiny_spec, wait_for_status
 
 pytestmark = pytest.mark.integration
 
@@ -250,3 +250,16 @@ def test_nul_characters_are_refused_at_their_field(client: httpx.Client, row_cou
     named = client.post("/v1/datasets", files={"file": ("d.csv", b"a,label\n1,x\n")}, data={"name": "d\x00"})
     assert_problem(named, 422, ["body", "name"])
     assert row_counts() == before and datasets() == datasets_before
+
+
+def test_a_stage_naming_a_dataset_that_does_not_exist_is_refused_at_the_stage(
+    client: httpx.Client, row_counts: Any
+) -> None:
+    """A stage's own data (``stages[i].data``, a stored dataset) was not checked: the job was accepted and failed in
+    the worker with a KeyError."""
+    before = row_counts()
+    spec = json.loads((ROOT / "examples" / "logit-cache.json").read_text())
+    spec["stages"][1]["data"] = {"source": "dataset", "dataset_id": "ds_nope"}
+    problem = assert_problem(client.post("/v1/jobs", json=spec), 422, ["body", "stages", 1, "data", "dataset_id"])
+    assert "ds_nope" in json.dumps(problem["errors"])
+    assert row_counts() == before

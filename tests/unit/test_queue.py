@@ -162,3 +162,57 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job_and_a_fenced_off_e
         assert runner.end("job_taken", 2, "failed", progress=None, error={"code": "x", "message": "y"}) is True
     finally:
         database.dispose()
+
+
+def test_the_worker_resolves_a_stages_own_dataset(tmp_path: Path) -> None:
+    """A stage's stored dataset (``stages[i].data``) is fetched with the job's: it was not, and the stage failed with
+    a KeyError unless it named the job's own dataset."""
+    import io
+
+    from app.datasets import service as datasets_service
+    from app.distill.spec import JobSpec
+    from app.settings import Settings
+    from worker.runner import JobRunner
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    settings = Settings(database_url=url, data_dir=tmp_path)
+    try:
+        ids = []
+        for text in ("first", "second"):
+            stored = datasets_service.store_dataset_file(
+                settings.artifacts_dir,
+                io.BytesIO(f'{{"text": "{text} record"}}\n'.encode()),
+                filename="d.jsonl",
+                requested_format=None,
+                label_column="label",
+                max_bytes=10_000,
+                max_records=10,
+            )
+            with database.transaction() as conn:
+                datasets_service.register_dataset(conn, stored, tenant="t", name=text)
+            ids.append(stored.dataset_id)
+        spec = JobSpec.model_validate(
+            {
+                "task": "causal_lm",
+                "teacher": {
+                    "source": "builtin",
+                    "architecture": {
+                        "type": "transformer",
+                        "config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2},
+                    },
+                },
+                "student": {"architecture": {"type": "derived", "keep_every": 2}},
+                "data": {"source": "dataset", "dataset_id": ids[0]},
+                "stages": [
+                    {"kind": "distill"},
+                    {"kind": "finetune", "data": {"source": "dataset", "dataset_id": ids[1]}},
+                ],
+            }
+        )
+        resources = JobRunner(database, settings).resources(spec, "t")
+        assert set(resources.dataset_files) == set(ids)
+        assert all(path.exists() for path in resources.dataset_files.values())
+    finally:
+        database.dispose()
