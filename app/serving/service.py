@@ -334,35 +334,38 @@ class InferenceService:
             binding = self._aliases.get((tenant, reference))
             if binding is None or time.monotonic() - binding.checked_at >= self.settings.alias_refresh_s:
                 return None
-            try:
-                return self._hit(f"{tenant}/{binding.model_id}", binding.model_id)
-            except NotFound:  # its model was deleted (through another replica): ``get`` looks the alias up again
-                self._aliases.pop((tenant, reference), None)
-                return None
-        return self._hit(f"{tenant}/{reference}", reference)
+            # None once its model was found deleted (``_check_deleted``): ``get`` then looks the alias up again
+            return self._hit(f"{tenant}/{binding.model_id}")
+        return self._hit(f"{tenant}/{reference}")
 
-    def _hit(self, key: str, model_id: str) -> ServedModel | None:
+    def _hit(self, key: str) -> ServedModel | None:
         served: ServedModel | None = self.cache.get(key)
         if served is None:
             return None
         now = time.monotonic()
-        if now - served.checked_at > DIRECTORY_CHECK_S:
+        if now - served.checked_at > DIRECTORY_CHECK_S and served.record_check is None:
             served.checked_at = now
-            if not served.predictor.directory.exists():  # deleted through another api replica
-                self.cache.evict(key)
-                raise NotFound(f"no model {model_id!r}")
-            if now - served.record_checked_at > RECORD_CHECK_S and served.record_check is None:
+            record_due = now - served.record_checked_at > RECORD_CHECK_S
+            if record_due:
                 served.record_checked_at = now
-                served.record_check = asyncio.ensure_future(self._check_record(key, served))
+            served.record_check = asyncio.ensure_future(self._check_deleted(key, served, record_due))
         served.metrics.hits.inc()
         return served
 
-    async def _check_record(self, key: str, served: ServedModel) -> None:
-        """Evict ``served`` if its model is no longer in the database (deleted through another replica whose files
-        are its own: the folder check above cannot see that). Off the request's path; an unreachable database
+    async def _check_deleted(self, key: str, served: ServedModel, record_due: bool) -> None:
+        """Evict ``served`` if it was deleted through another api replica: its folder is gone (a shared artifact
+        folder), or, when ``record_due``, its record (a replica whose files are its own, as with an S3 store: the
+        folder check cannot see that). In the background, off the request's path (a ``stat`` on a network
+        filesystem can take milliseconds); the requests until it ends are served, and an unreachable database
         changes nothing."""
         try:
-            await run_in_threadpool(self._read_record, served.record.tenant, served.model_id)
+            if not await run_in_threadpool(served.predictor.directory.exists):
+                if self.cache.peek(key) is served:
+                    log.info("%s's files are gone: unloaded", key)
+                    self.cache.evict(key)
+                return
+            if record_due:
+                await run_in_threadpool(self._read_record, served.record.tenant, served.model_id)
         except NotFound:
             if self.cache.peek(key) is served:
                 log.info("%s was deleted: unloaded", key)
@@ -375,7 +378,7 @@ class InferenceService:
 
     async def _get_id(self, tenant: str, model_id: str, retry_failed: bool = False) -> ServedModel:
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
-        served = self._hit(key, model_id)
+        served = self._hit(key)
         if served is not None:
             return served
         loading = self._loads.get(key)

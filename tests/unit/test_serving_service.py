@@ -596,8 +596,8 @@ def test_a_slow_alias_refresh_does_not_undo_a_newer_explicit_load(store: Store) 
 def test_a_model_deleted_elsewhere_is_unloaded_though_its_files_stay(store: Store, monkeypatch: Any) -> None:
     """Deleted through another replica whose artifact store is not a shared folder (S3: each replica keeps its own
     copy of the files), a model's folder here stays: its record is read again in the background, and the model is
-    unloaded. The hot path's lookup of an alias bound to it then goes the long way (to the previous model) rather
-    than answering 404."""
+    unloaded. Its folder gone, it is unloaded too (checked in the background, off the event loop). The hot path's
+    lookup of an alias bound to it then goes the long way (to the previous model) rather than answering 404."""
     import app.serving.service as service_module
 
     monkeypatch.setattr(service_module, "DIRECTORY_CHECK_S", 0.0)
@@ -624,6 +624,21 @@ def test_a_model_deleted_elsewhere_is_unloaded_though_its_files_stay(store: Stor
         service.cache.put(f"default/{newest}", served)  # as if not yet checked
         served.checked_at = -1.0
         shutil.rmtree(served.predictor.directory)  # and now its files are gone too
+        looked: list[int] = []
+        folder = served.predictor.directory
+
+        class Watched:  # the folder, checked off the event loop (a stat on NFS can take milliseconds)
+            def exists(self) -> bool:
+                looked.append(threading.get_ident())
+                return folder.exists()
+
+        served.predictor.directory = Watched()  # type: ignore[assignment]
+        assert service.ready("default", "latest:nightly") is served  # served while the check runs
+        for _ in range(100):
+            if service.loaded("default", newest) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert looked and threading.get_ident() not in looked
         assert service.ready("default", "latest:nightly") is None
         assert (await service.get("default", "latest:nightly")).model_id == older
         service.close()
