@@ -314,7 +314,11 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with database.transaction() as conn:
             if args.keys_command == "create":
-                created = keys.create_key(conn, tenant=args.tenant, name=args.name)
+                try:
+                    created = keys.create_key(conn, tenant=args.tenant, name=args.name)
+                except ValueError as exc:  # a tenant name that cannot be one
+                    print(exc, file=sys.stderr)
+                    return 2
                 print(f"key {created.id} for tenant {created.tenant} (shown once, store it now):")
                 print(created.key)
             elif args.keys_command == "list":

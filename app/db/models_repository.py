@@ -41,7 +41,8 @@ def list_models(conn: Connection, *, tenant: str, limit: int, after: str | None)
 
 def delete_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMapping | None:
     # the aliases that name it go with it (the foreign key cascades on Postgres; SQLite may not enforce it)
-    conn.execute(model_aliases.delete().where(model_aliases.c.model_id == model_id))
+    # (scoped like the model: a request of another tenant deletes nothing, not even before its 404 rolls back)
+    conn.execute(model_aliases.delete().where(scoped(model_aliases.c.model_id == model_id, tenant, model_aliases)))
     return (
         conn.execute(models.delete().where(scoped(models.c.id == model_id, tenant, models)).returning(models))
         .mappings()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -40,7 +41,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+#: what a tenant may be called: it is stored in 64 characters, and it is a prefix of the model cache's keys
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def tenant_name(value: str) -> str:
+    """``value`` if it can name a tenant, else ValueError."""
+    if not TENANT_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"tenant names are 1–64 letters, digits, '.', '_' or '-', starting with a letter or digit: {value!r}"
+        )
+    return value
+
+
 def create_key(conn: Connection, *, tenant: str, name: str | None) -> CreatedKey:
+    tenant_name(tenant)
     prefix = secrets.token_hex(4)
     key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
     key_id = new_id("key")
@@ -50,6 +65,7 @@ def create_key(conn: Connection, *, tenant: str, name: str | None) -> CreatedKey
 
 def ensure_key(conn: Connection, *, key: str, tenant: str, name: str) -> bool:
     """Register a key given by the operator (e.g. DISTILLERY_BOOTSTRAP_API_KEY) if it is not known yet."""
+    tenant_name(tenant)
     prefix = key_prefix(key)
     if prefix is None:
         raise ValueError("an API key looks like dk_<8 hex>_<secret>")

@@ -295,3 +295,33 @@ def test_the_checkpoints_of_finished_jobs_are_swept(postgres_url: str, tmp_path:
             conn.execute(sa.delete(job_events).where(job_events.c.job_id.in_(list(ids.values()))))
             conn.execute(sa.delete(jobs).where(jobs.c.id.in_(list(ids.values()))))
         database.dispose()
+
+
+def test_a_model_delete_of_another_tenant_deletes_nothing_not_even_its_aliases(conn: Connection) -> None:
+    """The aliases naming a model were deleted before the model's tenant was checked: only the 404's rollback kept
+    another tenant's aliases. Now the alias delete is scoped like the model's."""
+    from app.db import models_repository
+
+    model_id = new_id("mdl")
+    models_repository.insert_model(
+        conn,
+        id=model_id,
+        tenant="t1",
+        name=None,
+        kind="student",
+        task="classification",
+        format="distillery.mlp/v1",
+        config={},
+        files=[],
+        sha256="0" * 64,
+        size_bytes=0,
+        params=1,
+        artifact_path=f"models/{model_id}",
+        evaluation=None,
+        source_job_id=None,
+    )
+    models_repository.put_alias(conn, "prod", model_id, tenant="t1")
+    assert models_repository.delete_model(conn, model_id, tenant="t2") is None
+    assert models_repository.get_alias(conn, "prod", tenant="t1") is not None
+    assert models_repository.delete_model(conn, model_id, tenant="t1") is not None
+    assert models_repository.get_alias(conn, "prod", tenant="t1") is None

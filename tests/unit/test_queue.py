@@ -216,3 +216,21 @@ def test_the_worker_resolves_a_stages_own_dataset(tmp_path: Path) -> None:
         assert all(path.exists() for path in resources.dataset_files.values())
     finally:
         database.dispose()
+
+
+def test_a_key_is_created_only_for_a_tenant_name_that_can_be_one(tmp_path: Path) -> None:
+    """A tenant is stored in 64 characters and prefixes the model cache's keys: `keys create --tenant` with a name
+    of 65 characters was a database error's traceback, and one with "/" was taken."""
+    from app.keys.service import create_key, tenant_name
+
+    for good in ("default", "team-a", "A.b_c", "x" * 64):
+        assert tenant_name(good) == good
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    try:
+        for bad in ("a/b", "x" * 65, "", "-x", "a b", "é"):
+            with pytest.raises(ValueError, match="tenant names"), database.transaction() as conn:
+                create_key(conn, tenant=bad, name=None)
+    finally:
+        database.dispose()
