@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import keys_repository
 from app.db.engine import Database
 from app.db.job_reads import make_job_reader
+from app.deps import api_key_of
 from app.errors import Unavailable
 from app.http import BodySizeLimit, RequestMetrics, document_problems, install_error_handlers
 from app.jobs.dispatch import JobDispatcher
@@ -64,8 +65,7 @@ def ensure_api_keys(database: Database, settings: Settings) -> None:
 def metrics_authorized(authorization: str, settings: Settings) -> bool:
     """Whether a request may read /metrics where API keys are required: it carries the metrics token."""
     token = settings.metrics_token
-    offered = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    return bool(token) and hmac.compare_digest(offered.encode(), str(token).encode())
+    return bool(token) and hmac.compare_digest(api_key_of(authorization, "").encode(), str(token).encode())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -5,9 +5,7 @@ run first and name the field."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
-
-from pydantic import AfterValidator
+from typing import Any
 
 from app.errors import InvalidRequest
 
@@ -19,10 +17,6 @@ def no_nul(value: str | None) -> str | None:
     if value is not None and "\x00" in value:
         raise ValueError(NUL_MESSAGE)
     return value
-
-
-#: a string parameter that must be storable (ids, cursors, names)
-StorableStr = Annotated[str, AfterValidator(no_nul)]
 
 
 def nul_path(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:

@@ -314,8 +314,7 @@ class JobRunner:
             checkpointer.remove()
         except StopRequested as stop:
             if stop.reason == "cancel":
-                if self.end(job_id, attempt, "cancelled", progress=writer.last):
-                    checkpointer.remove()
+                self.end_and_clean(job_id, attempt, "cancelled", writer, checkpointer)
             else:  # pause or shutdown: the checkpoint stays for the next attempt; the progress is the writer's last
                 # (a resumed attempt's carries the step it resumed at until it counts its own: ProgressWriter)
                 status = "paused" if stop.reason == "pause" else "queued"
@@ -325,20 +324,30 @@ class JobRunner:
         except SoftTimeLimitExceeded:  # Celery's, just before the workers' hard limit (app/queue.py)
             limit = self.settings.job_time_limit_s
             message = f"the attempt ran past the workers' time limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S)"
-            if self.end(
-                job_id, attempt, "failed", progress=writer.last, error={"code": "time_limit", "message": message}
-            ):
-                checkpointer.remove()
+            error = {"code": "time_limit", "message": message}
+            self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         except JobFailure as exc:
-            if self.end(job_id, attempt, "failed", progress=writer.last, error={"code": exc.code, "message": str(exc)}):
-                checkpointer.remove()
+            error = {"code": exc.code, "message": str(exc)}
+            self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            message = f"{type(exc).__name__}: {exc}"[:2000]
-            error = {"code": "training_error", "message": message}
-            if self.end(job_id, attempt, "failed", progress=writer.last, error=error):
-                checkpointer.remove()  # only when this attempt ended the job: a superseded one's are the newer one's
+            error = {"code": "training_error", "message": f"{type(exc).__name__}: {exc}"[:2000]}
+            self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         return outcome
+
+    def end_and_clean(
+        self,
+        job_id: str,
+        attempt: int,
+        status: str,
+        writer: ProgressWriter,
+        checkpointer: FolderCheckpointer,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """End the job (cancelled or failed) with the writer's last progress, and remove its checkpoints only when
+        this attempt ended it: a superseded attempt's checkpoints folder is the newer attempt's."""
+        if self.end(job_id, attempt, status, progress=writer.last, error=error):
+            checkpointer.remove()
 
     def execute(
         self,

@@ -21,7 +21,6 @@ from app.distill.spec import (
     StoredModelTeacher,
     TransformerArchitecture,
     TransformersTeacher,
-    UploadedData,
     check_spec,
 )
 from app.errors import Conflict, InvalidRequest, InvalidSpec, NotFound, QuotaExceeded
@@ -137,24 +136,21 @@ class DatasetFacts:
 
 
 def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFacts:
-    """The facts of the dataset the spec names (a missing one is a 422, the job's data's or a stage's)."""
+    """The facts of the dataset the job's data names; every stored dataset the spec names (the job's data's, a
+    stage's) must exist for the tenant (else a 422 at its ``dataset_id``)."""
+    facts = DatasetFacts()
     for loc, dataset_id in spec.uploaded_datasets():
-        if loc[0] == "stages" and datasets_repository.get_dataset(conn, dataset_id, tenant=tenant) is None:
+        row = datasets_repository.get_dataset(conn, dataset_id, tenant=tenant)
+        if row is None:
             message = f"no dataset {dataset_id!r}"
             raise InvalidSpec("the dataset does not exist", errors=[{"loc": ["body", *loc], "msg": message}])
-    if not isinstance(spec.data, UploadedData):
-        return DatasetFacts()
-    row = datasets_repository.get_dataset(conn, spec.data.dataset_id, tenant=tenant)
-    if row is None:
-        raise InvalidSpec(
-            "the dataset does not exist",
-            errors=[{"loc": ["body", "data", "dataset_id"], "msg": f"no dataset {spec.data.dataset_id!r}"}],
-        )
-    tokenizer = (row["provenance"] or {}).get("tokenizer") if row["kind"] == "logit_cache" else None
-    dims = None
-    if row["kind"] == "tabular" and row["columns"] and row["labels"]:
-        dims = (len(row["columns"]), len(row["labels"]))
-    return DatasetFacts(str(row["kind"]), tokenizer, dims)
+        if loc[0] == "data":
+            tokenizer = (row["provenance"] or {}).get("tokenizer") if row["kind"] == "logit_cache" else None
+            dims = None
+            if row["kind"] == "tabular" and row["columns"] and row["labels"]:
+                dims = (len(row["columns"]), len(row["labels"]))
+            facts = DatasetFacts(str(row["kind"]), tokenizer, dims)
+    return facts
 
 
 def named_student_tokenizer(spec: JobSpec, settings: Settings) -> str | None:

@@ -143,7 +143,7 @@ class ServedModel:
     loaded_at: dt.datetime
     checked_at: float = field(default_factory=time.monotonic)
     record_checked_at: float = field(default_factory=time.monotonic)
-    record_check: asyncio.Task[None] | None = None
+    deletion_check: asyncio.Task[None] | None = None  # ``_check_deleted``, while it runs
     # the longest forward (estimated, seconds) that runs on the event loop when nothing is queued for the model
     # (``inference_inline_max_us``; 0 on a GPU)
     inline_max_s: float = 0.0
@@ -343,12 +343,12 @@ class InferenceService:
         if served is None:
             return None
         now = time.monotonic()
-        if now - served.checked_at > DIRECTORY_CHECK_S and served.record_check is None:
+        if now - served.checked_at > DIRECTORY_CHECK_S and served.deletion_check is None:
             served.checked_at = now
             record_due = now - served.record_checked_at > RECORD_CHECK_S
             if record_due:
                 served.record_checked_at = now
-            served.record_check = asyncio.ensure_future(self._check_deleted(key, served, record_due))
+            served.deletion_check = asyncio.ensure_future(self._check_deleted(key, served, record_due))
         served.metrics.hits.inc()
         return served
 
@@ -374,7 +374,7 @@ class InferenceService:
         except Exception as exc:
             log.debug("checking %s's record failed: %s", key, exc)
         finally:
-            served.record_check = None
+            served.deletion_check = None
 
     async def _get_id(self, tenant: str, model_id: str, retry_failed: bool = False) -> ServedModel:
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
