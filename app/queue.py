@@ -100,6 +100,14 @@ def soft_time_limit(hard_s: float) -> float:
     return hard_s - min(60.0, hard_s / 10)
 
 
+def own_time_limit(hard_s: float) -> float:
+    """When an attempt stops itself, at a progress report between steps, as failed with code time_limit: that much
+    again before Celery's soft limit. Celery's limit raises wherever the attempt is, a database call included (where
+    it surfaced as a database error, the job failing as training_error or training on to the hard kill); it stays
+    the fallback for an attempt stuck inside one step."""
+    return hard_s - 2 * min(60.0, hard_s / 10)
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("distillery", set_as_current=False)
     app.conf.update(celery_config(settings))

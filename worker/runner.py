@@ -47,6 +47,7 @@ from app.distill.spec import (
 )
 from app.distill.training import ProgressUpdate, StopRequested
 from app.models.service import artifact_path_for, model_dir, new_model_id, register_model
+from app.queue import own_time_limit
 from app.settings import Settings
 from app.storage import dataset_folder, store_for
 
@@ -83,6 +84,19 @@ def shutdown_flag(run_dir: Path, parent_pid: int) -> Path:
     return run_dir / f"shutdown-{parent_pid}"
 
 
+def time_limit_in(exc: BaseException) -> bool:
+    """Whether Celery's soft time limit raised somewhere in ``exc``'s chain: raised inside a database call, it comes
+    out as the driver's error on the rollback that it interrupted."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SoftTimeLimitExceeded):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def retry_while_database_down(action: Callable[[], T], deadline_s: float, what: str) -> T:
     """Run ``action``; while the database is unreachable, retry with backoff until ``deadline_s`` has passed."""
     started = time.monotonic()
@@ -91,7 +105,7 @@ def retry_while_database_down(action: Callable[[], T], deadline_s: float, what: 
         try:
             return action()
         except DATABASE_DOWN as exc:
-            if time.monotonic() - started > deadline_s:
+            if time_limit_in(exc) or time.monotonic() - started > deadline_s:
                 raise
             log.warning("database unreachable while %s (%s); retrying in %.1fs", what, type(exc).__name__, delay)
             time.sleep(delay)
@@ -134,11 +148,18 @@ class ProgressWriter:
         shutting_down: Callable[[], bool] = lambda: False,
         time_limit_s: float | None = None,
         resumed: dict[str, Any] | None = None,
+        worker_limit: tuple[float, str] | None = None,
     ) -> None:
         self.db = db
         self.carried = resumed if resumed and int(resumed.get("step") or 0) > 0 else None
-        self.time_limit_s = time_limit_s
-        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        # (seconds, message) of the job's own soft limit and of the workers' limit (JobRunner.run)
+        limits = [worker_limit] if worker_limit else []
+        if time_limit_s is not None:
+            limits.append(
+                (time_limit_s, f"the attempt ran past its time limit of {time_limit_s:g} s (training.time_limit_s)")
+            )
+        started = time.monotonic()
+        self.deadlines = sorted((started + seconds, message) for seconds, message in limits)
         self.job_id = job_id
         self.attempt = attempt
         self.interval_s = interval_s
@@ -173,12 +194,11 @@ class ProgressWriter:
         # a worker shutting down writes now, so that a cancel or pause asked for since its last write is what stops
         # the job (a shutdown requeues it, which would drop the request: the job ran on to the end after a restart)
         shutting_down = self.shutting_down()
-        # the soft limit stops training; a student whose training has ended is evaluated and kept
-        if not shutting_down and self.deadline is not None and now > self.deadline and update.stage != "evaluating":
+        # a time limit stops training; a student whose training has ended is evaluated and kept
+        passed = [message for deadline, message in self.deadlines if now > deadline]
+        if not shutting_down and passed and update.stage != "evaluating":
             self.last = self.document(update, eta)
-            raise JobFailure(
-                "time_limit", f"the attempt ran past its time limit of {self.time_limit_s:g} s (training.time_limit_s)"
-            )
+            raise JobFailure("time_limit", passed[0])
         stage_changed = update.stage != self.stage
         if not shutting_down and not stage_changed and now - self.last_write < self.interval_s:
             return
@@ -201,6 +221,8 @@ class ProgressWriter:
                     raise AttemptSuperseded(self.job_id)
                 jobs_repository.append_events(conn, self.job_id, events)
         except DATABASE_DOWN as exc:
+            if time_limit_in(exc):
+                raise
             log.warning("progress of %s not written (database unreachable: %s)", self.job_id, type(exc).__name__)
             if shutting_down:
                 raise StopRequested("shutdown", checkpoint=True) from None
@@ -306,6 +328,7 @@ class JobRunner:
             self.settings.progress_interval_s,
             self.shutting_down,
             time_limit_s=spec.training.time_limit_s,
+            worker_limit=self.worker_limit(),
             resumed=claimed["progress"],
         )
         try:
@@ -321,19 +344,32 @@ class JobRunner:
                 self.stop_gracefully(job_id, attempt, status, writer.last)
         except AttemptSuperseded:
             log.warning("job %s attempt %s was superseded; dropping its work", job_id, attempt)
-        except SoftTimeLimitExceeded:  # Celery's, just before the workers' hard limit (app/queue.py)
-            limit = self.settings.job_time_limit_s
-            message = f"the attempt ran past the workers' time limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S)"
-            error = {"code": "time_limit", "message": message}
-            self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         except JobFailure as exc:
             error = {"code": exc.code, "message": str(exc)}
             self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         except Exception as exc:
+            # Celery's soft limit (the fallback for an attempt stuck in a step: ProgressWriter stops it first) raises
+            # wherever the attempt is; raised in a database call, it left a connection mid-query and comes out as the
+            # driver's error: the pool is renewed before the end is recorded
+            if time_limit_in(exc):
+                log.warning("job %s reached Celery's soft time limit", job_id)
+                self.db.dispose()
+                error = {"code": "time_limit", "message": f"the attempt ran past {self.worker_limit_message()}"}
+                self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
+                return outcome
             log.exception("job %s failed", job_id)
             error = {"code": "training_error", "message": f"{type(exc).__name__}: {exc}"[:2000]}
             self.end_and_clean(job_id, attempt, "failed", writer, checkpointer, error)
         return outcome
+
+    def worker_limit(self) -> tuple[float, str]:
+        """When the attempt stops itself ahead of the workers' time limit, and what it says then."""
+        own = own_time_limit(self.settings.job_time_limit_s)
+        return own, f"the attempt stopped after {own:g} s to end before {self.worker_limit_message()}"
+
+    def worker_limit_message(self) -> str:
+        limit = self.settings.job_time_limit_s
+        return f"the workers' time limit of {limit:g} s (DISTILLERY_JOB_TIME_LIMIT_S)"
 
     def end_and_clean(
         self,

@@ -219,12 +219,64 @@ def test_the_soft_time_limit_stops_training_not_the_evaluation_of_a_trained_stud
     db = cast(Database, OneConnection(conn))
     job_id = make_job(conn)
     assert jobs_repository.claim(conn, job_id, "w", stale_after_s=60) is not None
-    writer = ProgressWriter(db, job_id, 1, 0.0, lambda: False, time_limit_s=0.0)
+    for limits in ({"time_limit_s": 0.0}, {"worker_limit": (0.0, "the workers' limit")}):
+        writer = ProgressWriter(db, job_id, 1, 0.0, lambda: False, **limits)  # type: ignore[arg-type]
+        time.sleep(0.01)
+        writer(ProgressUpdate("evaluating", 10, 10))  # training has ended: the student is evaluated and kept
+        with pytest.raises(JobFailure) as failure:
+            writer(ProgressUpdate("training", 3, 10))
+        assert failure.value.code == "time_limit"
+    assert str(failure.value) == "the workers' limit"
+    # the earlier of the two limits is the one that stops the attempt, and says so
+    writer = ProgressWriter(db, job_id, 1, 0.0, lambda: False, time_limit_s=0.0, worker_limit=(0.005, "workers"))
     time.sleep(0.01)
-    writer(ProgressUpdate("evaluating", 10, 10))  # training has ended: the student is evaluated and kept
-    with pytest.raises(JobFailure) as failure:
+    with pytest.raises(JobFailure, match=r"training\.time_limit_s"):
         writer(ProgressUpdate("training", 3, 10))
-    assert failure.value.code == "time_limit"
+
+
+def test_celerys_soft_limit_raised_inside_a_database_call_fails_the_job_with_code_time_limit(
+    postgres_url: str, tmp_path: Any
+) -> None:
+    """Celery's soft time limit raises wherever the attempt is. Seen in CI: raised during a query, it came out as the
+    driver's error on the interrupted rollback, and the job failed as a training_error (or, caught as a database
+    outage by the progress writer, trained on to the hard kill). An attempt stuck inside a query when it strikes now
+    fails with code time_limit, and its end is recorded on a fresh connection."""
+    import signal
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import JobRunner
+
+    database = Database.from_url(postgres_url)
+    job_id = new_id("job")
+    with database.transaction() as connection:
+        jobs_repository.insert_job(connection, job_id=job_id, tenant="t1", name=None, spec=tiny_spec(), progress={})
+    runner = JobRunner(database, Settings(database_url=postgres_url, data_dir=tmp_path, job_time_limit_s=600))
+
+    def stuck_in_a_query(*_: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # Celery's soft limit is SIGUSR1 to the pool process, raised alike
+        with database.transaction() as connection:
+            connection.execute(sa.text("SELECT pg_sleep(5)"))
+
+    def soft_limit(*_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    runner.execute = stuck_in_a_query  # type: ignore[method-assign]
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        runner.run(job_id)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    try:
+        with database.read() as connection:
+            row = jobs_repository.get_job(connection, job_id, tenant=None)
+        assert row is not None and row["status"] == "failed", row
+        assert row["error"]["code"] == "time_limit" and "DISTILLERY_JOB_TIME_LIMIT_S" in row["error"]["message"]
+    finally:
+        database.dispose()
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
