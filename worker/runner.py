@@ -413,6 +413,11 @@ class JobRunner:
 
         def record() -> None:
             with self.db.transaction() as conn:
+                if models_repository.get_model(conn, model_id, tenant=None) is not None:
+                    # an earlier try committed (the model and the job's end are one transaction) and lost the
+                    # acknowledgement with the connection: done; its retry failed on the duplicate id and removed
+                    # the recorded model's files
+                    return
                 register_model(
                     conn,
                     model_id=model_id,

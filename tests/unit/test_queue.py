@@ -164,6 +164,54 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job_and_a_fenced_off_e
         database.dispose()
 
 
+def test_a_success_whose_commit_acknowledgement_is_lost_keeps_its_model(tmp_path: Path) -> None:
+    """The connection drops as the transaction recording a finished job commits: the server committed, the worker saw
+    a database error and retried. The retry failed on the model's duplicate id, and its clean-up removed the files of
+    a model that was recorded and served as the job's result."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.exc import OperationalError
+
+    from app.db.tables import models
+    from app.models.service import model_dir
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import JobRunner
+
+    class AcknowledgementLost(Database):
+        dropped = False
+
+        @contextmanager
+        def transaction(self) -> Iterator[Connection]:
+            with super().transaction() as conn:
+                yield conn
+            if not self.dropped:
+                with self.read() as conn:
+                    recorded = conn.execute(sa.select(sa.func.count()).select_from(models)).scalar_one()
+                if recorded:  # committed; the client is told the connection is gone
+                    self.dropped = True
+                    raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = AcknowledgementLost(Database.from_url(url).engine)
+    settings = Settings(database_url=url, data_dir=tmp_path)
+    try:
+        with database.transaction() as conn:
+            jobs_repository.insert_job(conn, job_id="job_done", tenant="t", name=None, spec=tiny_spec(), progress={})
+        JobRunner(database, settings).run("job_done")
+        assert database.dropped
+        with database.read() as conn:
+            job = conn.execute(sa.select(jobs).where(jobs.c.id == "job_done")).mappings().one()
+            model = conn.execute(sa.select(models)).mappings().one()
+        assert job["status"] == "succeeded" and job["result"]["model_id"] == model["id"], job["error"]
+        assert (model_dir(settings.artifacts_dir, model["artifact_path"]) / "model.safetensors").is_file()
+    finally:
+        database.dispose()
+
+
 def test_the_worker_resolves_a_stages_own_dataset(tmp_path: Path) -> None:
     """A stage's stored dataset (``stages[i].data``) is fetched with the job's: it was not, and the stage failed with
     a KeyError unless it named the job's own dataset."""
