@@ -301,12 +301,28 @@ class JobRunner:
                 jobs_repository.set_stage(conn, [job_id], "queued", status="running")  # no longer waiting
             return ClaimOutcome(True), claimed
 
-    def checkpointer(self, job_id: str, spec: JobSpec) -> FolderCheckpointer:
+    def checkpointer(self, job_id: str, spec: JobSpec, attempt: int) -> FolderCheckpointer:
         return FolderCheckpointer(
             self.settings.checkpoints_dir / job_id,
             every_steps=spec.training.checkpoint_every,
             every_seconds=self.settings.checkpoint_interval_s,
+            fence=lambda: self.fence(job_id, attempt),
         )
+
+    def fence(self, job_id: str, attempt: int) -> None:
+        """Before the attempt writes to the job's checkpoint folder: AttemptSuperseded unless it still owns the job.
+        An attempt that missed its takeover (its progress writes failed through a database outage) saved there and
+        deleted the newer attempt's checkpoints until its next progress write found out. With the database down no
+        one can take the job over, so the save goes ahead."""
+        try:
+            with self.db.transaction() as conn:
+                ours = jobs_repository.heartbeat(conn, job_id, attempt)
+        except DATABASE_DOWN as exc:
+            if time_limit_in(exc):
+                raise
+            return
+        if not ours:
+            raise AttemptSuperseded(job_id)
 
     def run(self, job_id: str) -> ClaimOutcome:
         outcome, claimed = self.claim(job_id)
@@ -320,7 +336,7 @@ class JobRunner:
             error = {"code": "invalid_spec", "message": f"the stored spec no longer validates: {exc}"[:2000]}
             self.end(job_id, attempt, "failed", progress=None, error=error)
             return outcome
-        checkpointer = self.checkpointer(job_id, spec)
+        checkpointer = self.checkpointer(job_id, spec, attempt)
         writer = ProgressWriter(
             self.db,
             job_id,

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -104,12 +104,20 @@ def restore_rng(tensors: Mapping[str, torch.Tensor]) -> None:
 @dataclass
 class FolderCheckpointer:
     """Checkpoints in ``folder``, saved every ``every_steps`` steps and/or every ``every_seconds`` seconds (the
-    first that comes), plus whenever ``force_next`` is set (a pause or a shutdown asks for one)."""
+    first that comes), plus whenever ``force_next`` is set (a pause or a shutdown asks for one).
+
+    ``fence`` is called before anything in the folder is written or removed, and raises when the caller may no longer
+    write there (the worker's: its attempt no longer owns the job, and the folder is the newer attempt's)."""
 
     folder: Path
     every_steps: int | None = None
     every_seconds: float | None = None
     force_next: bool = False
+    fence: Callable[[], None] | None = None
+
+    def check_fence(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def __post_init__(self) -> None:
         self._last_save = time.monotonic()
@@ -130,6 +138,7 @@ class FolderCheckpointer:
         return path if path.is_dir() else None
 
     def save(self, step: int, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.check_fence()
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{step}"
         staging = self.folder / f".staging-{name}-{uuid.uuid4().hex[:8]}"
@@ -172,6 +181,7 @@ class FolderCheckpointer:
         return int(state["step"])
 
     def save_module(self, name: str, module: nn.Module) -> None:
+        self.check_fence()
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / f".{name}-{uuid.uuid4().hex[:8]}.safetensors"
         save_model(module, str(staging))
@@ -190,7 +200,9 @@ class FolderCheckpointer:
     # --- stages ---
 
     def stage(self, index: int) -> FolderCheckpointer:
-        return FolderCheckpointer(self.folder / f"stage-{index}", self.every_steps, self.every_seconds)
+        return FolderCheckpointer(
+            self.folder / f"stage-{index}", self.every_steps, self.every_seconds, fence=self.fence
+        )
 
     def stage_finished(self, index: int) -> bool:
         return (self.folder / f"stage-{index}-done" / "result.json").exists()
@@ -198,6 +210,7 @@ class FolderCheckpointer:
     def finish_stage(
         self, index: int, modules: Mapping[str, nn.Module], tensors: Mapping[str, torch.Tensor], result: dict[str, Any]
     ) -> None:
+        self.check_fence()
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"stage-{index}-done"
         staging = self.folder / f".staging-stage-{index}-{uuid.uuid4().hex[:8]}"

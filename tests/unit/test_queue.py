@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import torch
 
 from app.cli import cmd_workers
 from app.db import jobs_repository
@@ -208,6 +209,46 @@ def test_a_success_whose_commit_acknowledgement_is_lost_keeps_its_model(tmp_path
             model = conn.execute(sa.select(models)).mappings().one()
         assert job["status"] == "succeeded" and job["result"]["model_id"] == model["id"], job["error"]
         assert (model_dir(settings.artifacts_dir, model["artifact_path"]) / "model.safetensors").is_file()
+    finally:
+        database.dispose()
+
+
+def test_an_attempt_that_lost_its_job_writes_no_checkpoint(tmp_path: Path) -> None:
+    """Two live attempts of one job (the old one missed its takeover: its progress writes failed through a database
+    outage) share the checkpoint folder; the old one's save deleted the newer attempt's checkpoints. Every write to
+    the folder — a step's checkpoint, a stage's module, a finished stage — now first makes sure the attempt still
+    owns the job."""
+    from app.distill.spec import JobSpec
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import AttemptSuperseded, JobRunner
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    try:
+        with database.transaction() as conn:
+            jobs_repository.insert_job(conn, job_id="job_shared", tenant="t", name=None, spec={}, progress={})
+            conn.execute(jobs.update().where(jobs.c.id == "job_shared").values(status="running", attempts=2))
+        runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path))
+        spec = JobSpec.model_validate(tiny_spec())
+        student = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        newer = runner.checkpointer("job_shared", spec, 2)
+        newer.save(5, {"student": student}, optimizer)
+        older = runner.checkpointer("job_shared", spec, 1)
+        for write in (
+            lambda: older.save(9, {"student": student}, optimizer),
+            lambda: older.stage(0).save(9, {"student": student}, optimizer),
+            lambda: older.save_module("teacher", student),
+            lambda: older.finish_stage(0, {"student": student}, {}, {}),
+        ):
+            with pytest.raises(AttemptSuperseded):
+                write()
+        assert sorted(path.name for path in newer.folder.iterdir()) == ["latest", "step-5"]
+        assert newer.latest() == newer.folder / "step-5"
+        newer.stage(1).save(6, {"student": student}, optimizer)  # the owner's stages write as before
+        assert (newer.folder / "stage-1" / "step-6").is_dir()
     finally:
         database.dispose()
 
