@@ -559,7 +559,9 @@ class JobRunner:
     def register(self, tenant: str, stored: Any, name: str, provenance: dict[str, Any]) -> str:
         def write() -> None:
             with self.db.transaction() as conn:
-                datasets_service.register_dataset(conn, stored, tenant=tenant, name=name, provenance=provenance)
+                # a retry after a COMMIT whose acknowledgement was lost finds the row: done (see execute's record)
+                if datasets_repository.get_dataset(conn, stored.dataset_id, tenant=None) is None:
+                    datasets_service.register_dataset(conn, stored, tenant=tenant, name=name, provenance=provenance)
 
         try:
             store_for(self.settings).publish(dataset_folder(stored.artifact_path))

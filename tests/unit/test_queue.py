@@ -1,14 +1,18 @@
-"""Which queue a job goes to, and which queues a worker consumes."""
+"""Which queue a job goes to, which queues a worker consumes, and how the worker's runner keeps its writes safe."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import torch
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from app.cli import cmd_workers
 from app.db import jobs_repository
@@ -165,39 +169,42 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job_and_a_fenced_off_e
         database.dispose()
 
 
+class AcknowledgementLost(Database):
+    """The connection drops as the first transaction that leaves a row in ``table`` commits: the server committed,
+    the client is told the connection is gone."""
+
+    def __init__(self, url: str, table: sa.Table) -> None:
+        super().__init__(Database.from_url(url).engine)
+        self.table = table
+        self.dropped = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with super().transaction() as conn:
+            yield conn
+        if not self.dropped:
+            with self.read() as conn:
+                recorded = conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+            if recorded:
+                self.dropped = True
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+
 def test_a_success_whose_commit_acknowledgement_is_lost_keeps_its_model(tmp_path: Path) -> None:
     """The connection drops as the transaction recording a finished job commits: the server committed, the worker saw
     a database error and retried. The retry failed on the model's duplicate id, and its clean-up removed the files of
-    a model that was recorded and served as the job's result."""
-    from collections.abc import Iterator
-    from contextlib import contextmanager
-
-    from sqlalchemy.engine import Connection
-    from sqlalchemy.exc import OperationalError
-
-    from app.db.tables import models
+    a model that was recorded and served as the job's result. A dataset a stage stores (teacher-generated data) had
+    the same fate."""
+    from app.db.tables import datasets, models
     from app.models.service import model_dir
     from app.settings import Settings
+    from app.storage import dataset_folder
     from tests.conftest import tiny_spec
     from worker.runner import JobRunner
 
-    class AcknowledgementLost(Database):
-        dropped = False
-
-        @contextmanager
-        def transaction(self) -> Iterator[Connection]:
-            with super().transaction() as conn:
-                yield conn
-            if not self.dropped:
-                with self.read() as conn:
-                    recorded = conn.execute(sa.select(sa.func.count()).select_from(models)).scalar_one()
-                if recorded:  # committed; the client is told the connection is gone
-                    self.dropped = True
-                    raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    database = AcknowledgementLost(Database.from_url(url).engine)
+    database = AcknowledgementLost(url, models)
     settings = Settings(database_url=url, data_dir=tmp_path)
     try:
         with database.transaction() as conn:
@@ -209,6 +216,17 @@ def test_a_success_whose_commit_acknowledgement_is_lost_keeps_its_model(tmp_path
             model = conn.execute(sa.select(models)).mappings().one()
         assert job["status"] == "succeeded" and job["result"]["model_id"] == model["id"], job["error"]
         assert (model_dir(settings.artifacts_dir, model["artifact_path"]) / "model.safetensors").is_file()
+    finally:
+        database.dispose()
+    database = AcknowledgementLost(url, datasets)
+    try:
+        records = [{"text": "a generated record"}]
+        dataset_id = JobRunner(database, settings).store_records("t", "job_done", "generated", records, {})
+        assert database.dropped
+        with database.read() as conn:
+            row = conn.execute(sa.select(datasets)).mappings().one()
+        assert row["id"] == dataset_id
+        assert (settings.artifacts_dir / dataset_folder(row["artifact_path"])).is_dir()
     finally:
         database.dispose()
 
