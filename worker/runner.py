@@ -530,9 +530,19 @@ class JobRunner:
 
     # --- what stages make: stored as datasets of the job's tenant, with their provenance ---
 
+    def stored_before(self, tenant: str, job_id: str, name: str, provenance: dict[str, Any]) -> str | None:
+        """What an earlier attempt of the job stored for this stage (killed before it recorded the stage as finished,
+        the stage ran again on resume and stored a second copy): its dataset id, reused."""
+        with self.db.read() as conn:
+            return datasets_repository.stored_by_job(
+                conn, tenant=tenant, name=name, job_id=job_id, stage=int(provenance.get("stage", -1))
+            )
+
     def store_records(
         self, tenant: str, job_id: str, name: str, records: list[dict[str, Any]], provenance: dict[str, Any]
     ) -> str:
+        if (earlier := self.stored_before(tenant, job_id, name, provenance)) is not None:
+            return earlier
         payload = b"".join(orjson.dumps(record) + b"\n" for record in records)
         stored = datasets_service.store_dataset_file(
             self.settings.artifacts_dir,
@@ -546,6 +556,8 @@ class JobRunner:
         return self.register(tenant, stored, name, {**provenance, "job_id": job_id})
 
     def store_cache(self, tenant: str, job_id: str, name: str, cache: Any, provenance: dict[str, Any]) -> str:
+        if (earlier := self.stored_before(tenant, job_id, name, provenance)) is not None:
+            return earlier
         stored = datasets_service.store_cache_file(self.settings.artifacts_dir, cache)
         details = {
             "job_id": job_id,

@@ -24,6 +24,17 @@ def get_dataset(conn: Connection, dataset_id: str, *, tenant: Tenant) -> RowMapp
     )
 
 
+def stored_by_job(conn: Connection, *, tenant: str, name: str, job_id: str, stage: int) -> str | None:
+    """The id of the dataset stage ``stage`` of job ``job_id`` stored as ``name``, if it did (provenance)."""
+    rows = conn.execute(
+        sa.select(datasets.c.id, datasets.c.provenance).where(datasets.c.tenant == tenant, datasets.c.name == name)
+    )
+    for dataset_id, provenance in rows:
+        if (provenance or {}).get("job_id") == job_id and (provenance or {}).get("stage") == stage:
+            return str(dataset_id)
+    return None
+
+
 def list_datasets(conn: Connection, *, tenant: str, limit: int, after: str | None) -> Sequence[RowMapping]:
     query = sa.select(datasets).where(datasets.c.tenant == tenant).order_by(datasets.c.id.desc()).limit(limit)
     if after is not None:

@@ -231,6 +231,33 @@ def test_a_success_whose_commit_acknowledgement_is_lost_keeps_its_model(tmp_path
         database.dispose()
 
 
+def test_a_stage_run_again_on_resume_reuses_the_dataset_it_stored(tmp_path: Path) -> None:
+    """A text job killed after a stage stored its generated data and before the stage was recorded as finished runs
+    the stage again on resume: it stored a second copy of the dataset. The earlier attempt's is reused."""
+    from app.db.tables import datasets
+    from app.settings import Settings
+    from worker.runner import JobRunner
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path))
+    try:
+        records = [{"text": "a generated record"}]
+        first = runner.store_records("t", "job_a", "generated", records, {"stage": 0})
+        assert runner.store_records("t", "job_a", "generated", records, {"stage": 0}) == first
+        others = {
+            runner.store_records("t", "job_a", "generated", records, {"stage": 2}),  # another stage
+            runner.store_records("t", "job_b", "generated", records, {"stage": 0}),  # another job
+            runner.store_records("u", "job_a", "generated", records, {"stage": 0}),  # another tenant
+        }
+        assert first not in others and len(others) == 3
+        with database.read() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(datasets)).scalar_one() == 4
+    finally:
+        database.dispose()
+
+
 def test_an_attempt_that_lost_its_job_writes_no_checkpoint(tmp_path: Path) -> None:
     """Two live attempts of one job (the old one missed its takeover: its progress writes failed through a database
     outage) share the checkpoint folder; the old one's save deleted the newer attempt's checkpoints. Every write to
