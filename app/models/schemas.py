@@ -47,7 +47,12 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(32, ge=0, le=1024, description="Causal LMs: tokens to generate per prompt.")
+    max_new_tokens: int = Field(
+        32,
+        ge=0,
+        description="Causal LMs: tokens to generate per prompt, at most DISTILLERY_MAX_COMPLETION_TOKENS (1024 by "
+        "default; 422 above).",
+    )
 
 
 class PredictRequest(BaseModel):

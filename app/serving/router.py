@@ -14,7 +14,7 @@ from app.deps import TenantDep
 from app.http import ProtocolErrorRenderer, json_response, route_errors_by_prefix
 from app.models.schemas import CompletionsPrediction, EmbeddingsPrediction, ModelStatus, Prediction, PredictRequest
 from app.serving.deps import InferenceDep
-from app.serving.errors import invalid_input
+from app.serving.errors import InvalidInput, invalid_input
 from app.serving.kserve import render_kserve_error
 from app.serving.kserve import router as kserve_router
 from app.serving.openai_compat import render_openai_error
@@ -93,6 +93,11 @@ async def run_predict(
         encode_texts = partial(encode_text, predictor)
         if predictor.task == "causal_lm":
             max_new = body.parameters.max_new_tokens if body.parameters is not None else 32
+            limit = inference.settings.max_completion_tokens
+            if max_new > limit:  # the operator's cap, as on the OpenAI and KServe routes
+                message = f"max_new_tokens is {max_new}; this server generates at most {limit} tokens"
+                error = {"loc": ["body", "parameters", "max_new_tokens"], "msg": message}
+                raise InvalidInput(message, errors=[error], param="parameters.max_new_tokens")
             completions = native_completions(texts, max_new)
             answer = inference.infer(served, completions, len(texts), encode_texts)
             encoded = await until_answered(receive, completions, answer)

@@ -638,21 +638,31 @@ class InferenceService:
             ):
                 return self._infer_inline(served, payload, rows, encode)
         try:
-            future = served.batcher.submit(payload, rows, encode)
+            future = self._submit(served, payload, rows, encode, rows_field)
         except BatcherStopped:  # unloaded after the caller looked it up: load it again, once
             served = await self._get_id(served.record.tenant, served.model_id)
-            future = served.batcher.submit(payload, rows, encode)
-        except BatcherQueueFull as exc:
-            raise QueueFull(str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
-        except BatchTooLarge as exc:
-            error = {"loc": ["body", rows_field], "msg": str(exc)}
-            raise InvalidInput(str(exc), errors=[error], param=rows_field) from exc
+            try:
+                future = self._submit(served, payload, rows, encode, rows_field)
+            except BatcherStopped as exc:  # unloaded again (cache churn): the refusals below were a 500
+                message = "the model was unloaded twice while this request waited for it; retry shortly"
+                raise ModelUnavailable(message, headers=RETRY_2) from exc
         try:
             return await future
         except InferenceTimeout as exc:
             raise InferenceTimedOut(str(exc)) from exc
         except InputShapeError as exc:
             raise invalid_input(exc) from exc
+
+    @staticmethod
+    def _submit(served: ServedModel, payload: Any, rows: int, encode: Encoder, rows_field: str) -> asyncio.Future[Any]:
+        """Queue a request on the model's batcher, its refusals as protocol errors (BatcherStopped passes)."""
+        try:
+            return served.batcher.submit(payload, rows, encode)
+        except BatcherQueueFull as exc:
+            raise QueueFull(str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+        except BatchTooLarge as exc:
+            error = {"loc": ["body", rows_field], "msg": str(exc)}
+            raise InvalidInput(str(exc), errors=[error], param=rows_field) from exc
 
     def _infer_inline(self, served: ServedModel, payload: Any, rows: int, encode: Encoder) -> Any:
         started = time.monotonic()

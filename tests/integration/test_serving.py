@@ -1104,7 +1104,7 @@ def strict_api(
     postgres_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """Same database and artifacts; requests never wait for a load, 2 requests per model queue, 1.5 s timeout, a
-    causal LM's KV cache bounded to 256 tokens (two 128-token rows)."""
+    causal LM's KV cache bounded to 256 tokens (two 128-token rows), completions of at most 200 tokens."""
     env = service_environment(
         postgres_url,
         Path(service_env["DISTILLERY_DATA_DIR"]),
@@ -1113,6 +1113,7 @@ def strict_api(
         max_queue_size="2",
         inference_timeout_s="1.5",
         max_batch_total_tokens="256",
+        max_completion_tokens="200",
     )
     process, base_url = start_api(env, tmp_path_factory.mktemp("strict") / "api.log")
     yield base_url
@@ -1173,6 +1174,16 @@ def test_loading_full_queue_and_timeout(strict_api: str, tabular: str, text_mode
         refused = client.post(f"/v1/models/{lm}/predict", json=native)
         assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
         assert refused.json()["errors"][0]["loc"] == ["body", "parameters", "max_new_tokens"], refused.json()
+        # the operator's cap on a completion's length holds in every protocol (the native predict had its own 1024)
+        native = {"inputs": ["x"], "parameters": {"max_new_tokens": 201}}
+        refused = client.post(f"/v1/models/{lm}/predict", json=native)
+        assert refused.status_code == 422 and "at most 200" in refused.json()["detail"], refused.json()
+        assert refused.json()["errors"][0]["loc"] == ["body", "parameters", "max_new_tokens"], refused.json()
+        over = client.post("/v1/completions", json={"model": lm, "prompt": "x", "max_tokens": 201})
+        assert "at most 200" in assert_openai_error(over, 400, "max_tokens")["message"]
+        kserve = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+        kserve["parameters"] = {"max_tokens": 201}
+        assert_kserve_error(client.post(f"/v2/models/{lm}/infer", json=kserve), 400, "200")
         # the server keeps serving
         assert client.post(f"/v1/models/{tabular}/predict", json={"inputs": [ROW]}).status_code == 200
 

@@ -527,6 +527,24 @@ def test_inputs_over_max_batch_size_are_invalid(store: Store) -> None:
     run(test)
 
 
+def test_a_request_over_max_batch_size_to_an_evicted_model_is_invalid_not_a_500(store: Store) -> None:
+    """A request that held a model evicted since is submitted again to the reloaded one; that second submit's
+    refusals (a batch too large, a full queue) escaped the error mapping and were answered 500."""
+    first, second = store.add(seed=1), store.add(seed=2)
+
+    async def test() -> None:
+        service = serve(store, model_cache_size=1, max_batch_size=2)
+        held = await service.get("default", first)
+        await service.get("default", second)  # evicts the first
+        array = held.predictor.rows_from_json([[0.0, 1.0, 2.0]] * 3)  # type: ignore[attr-defined]
+        with pytest.raises(InvalidInput) as error:
+            await service.infer(held, array, 3)
+        assert error.value.param == "inputs" and "at most 2" in error.value.detail
+        service.close()
+
+    run(test)
+
+
 def misses(service: InferenceService) -> dict[str, float]:
     """``distillery_model_cache_misses_total`` by model."""
     samples = service.metrics.cache_misses.collect()[0].samples
