@@ -339,7 +339,7 @@ def binary_data(tensor: dict[str, Any]) -> bytes:
 
 def requested_outputs(body: InferRequest, outputs: list[dict[str, Any]]) -> list[str]:
     known = [output["name"] for output in outputs]
-    if body.outputs is None:
+    if not body.outputs:  # absent or empty: all of them (an empty list answered no outputs at all)
         return known
     wanted = [output.name for output in body.outputs]
     unknown = [name for name in wanted if name not in known]

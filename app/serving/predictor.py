@@ -753,10 +753,36 @@ class TextPredictor:
                 continue
             outputs[r] = [Completion("", len(i), 0, "length") for i in ids]
             static.update({(r, k): i for k, (p, i) in enumerate(zip(prompts, ids, strict=True)) if p.max_tokens > 0})
+            for k, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
+                if prompt.max_tokens <= 0 and prompt.prompt_logprobs:  # scoring a text (echo, max_tokens 0)
+                    outputs[r][k].logprobs, outputs[r][k].prompt_logprobs = self._score(prompt_ids, [], prompt)
         if static:
-            done = self.generate_batch([requests[r][k] for r, k in static], list(static.values()))
+            try:
+                done = self.generate_batch([requests[r][k] for r, k in static], list(static.values()))
+            except Exception as exc:
+                return self._after_a_failed_batch(requests, {r for r, _ in static}, outputs, exc)
             for (r, k), completion in zip(static, done, strict=True):
                 outputs[r][k] = completion
+        return outputs
+
+    def _after_a_failed_batch(
+        self, requests: Sequence[list[GenerationRequest]], generating: set[int], outputs: list[Any], exc: Exception
+    ) -> list[Any]:
+        """A static ``generate`` call that failed for several requests (out of memory as the batch's cache grew,
+        say). The batcher runs each request alone to find the one at fault, but a streamed request has started its
+        response and sent part of its completion: run again, it sent its text twice (a sampled one, two different
+        completions run together). Streamed requests fail with the batch's error; the others run alone here."""
+        streamed = {r for r in generating if any(prompt.on_text is not None for prompt in requests[r])}
+        if not streamed or len(generating) == 1:
+            raise exc
+        for r in generating:
+            if r in streamed:
+                outputs[r] = exc
+                continue
+            try:
+                outputs[r] = self._generate([requests[r]])[0]
+            except Exception as alone:
+                outputs[r] = alone
         return outputs
 
     def _pad_id(self) -> int:

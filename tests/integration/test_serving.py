@@ -433,6 +433,8 @@ def test_kserve_v2_tabular(client: httpx.Client, tabular: str) -> None:
         json={"inputs": [{**tensor, "data": ROW * 2}], "outputs": [{"name": "classes"}]},
     ).json()
     assert [o["name"] for o in only_classes["outputs"]] == ["classes"]
+    every = client.post(f"/v2/models/{tabular}/infer", json={"inputs": [{**tensor, "data": ROW * 2}], "outputs": []})
+    assert [o["name"] for o in every.json()["outputs"]] == ["probabilities", "classes"]  # an empty list: all
 
 
 def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:

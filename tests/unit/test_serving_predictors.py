@@ -1470,6 +1470,52 @@ def test_the_static_path_scores_completions_and_prompts_as_the_engine_does(endle
     assert static[3].logprobs is None and static[3].prompt_logprobs is None
 
 
+def test_a_failed_static_batch_does_not_stream_a_completion_twice(
+    endless: TextPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A static ``generate`` call for several requests that fails part way (out of memory as the cache grows): the
+    batcher ran each request alone again, and a streamed one sent its completion's first part twice. It now fails
+    with the batch's error; a request that was not streamed is run alone and answered."""
+    real = endless.generate_batch
+
+    def out_of_memory_when_batched(requests: Any, prompts: Any) -> list[Completion]:
+        if len(requests) > 1:
+            for request in requests:
+                if request.on_text is not None:
+                    request.on_text("Hel")
+            raise RuntimeError("CUDA out of memory")
+        return real(requests, prompts)
+
+    sent: list[str] = []
+    streamed = GenerationRequest(prompt="abc", max_tokens=4, on_text=sent.append)
+    plain = GenerationRequest(prompt="xyz", max_tokens=3)
+    monkeypatch.setattr(endless, "generate_batch", out_of_memory_when_batched)
+    monkeypatch.setattr(endless, "continuous", False)
+    first, second = endless.predict_batch([[streamed], [plain]])
+    assert isinstance(first, RuntimeError) and sent == ["Hel"]
+    assert second[0].completion_tokens == 3
+    with pytest.raises(RuntimeError):  # nothing streamed: the batcher's own retry, one request at a time, as before
+        endless.predict_batch([[GenerationRequest(prompt="a", max_tokens=2)], [plain]])
+
+
+def test_the_static_path_scores_a_text_with_nothing_to_generate(endless: TextPredictor) -> None:
+    """echo + logprobs with max_tokens 0 scores a text (what evaluation harnesses send). The static path left such a
+    prompt out of its ``generate`` call, and so out of its scoring: an echo with empty log-probabilities."""
+    scored = GenerationRequest(prompt="score this text", max_tokens=0, logprobs=1, prompt_logprobs=True)
+    engine = endless.predict_batch([[scored]])[0][0]
+    endless.continuous = False
+    try:
+        static = endless.predict_batch([[scored, GenerationRequest(prompt="xyz", max_tokens=3)]])[0]
+    finally:
+        endless.continuous = True
+    assert static[0].text == "" and static[0].completion_tokens == 0 and static[1].completion_tokens == 3
+    assert len(static[0].prompt_logprobs or []) == static[0].prompt_tokens > 1  # the first with logprob None
+    assert [e.token for e in static[0].prompt_logprobs or []] == [e.token for e in engine.prompt_logprobs or []]
+    assert [e.logprob for e in static[0].prompt_logprobs or []] == pytest.approx(
+        [e.logprob for e in engine.prompt_logprobs or []], abs=1e-4
+    )
+
+
 def test_the_static_path_applies_penalties_and_logit_bias_as_the_engine_does(endless: TextPredictor) -> None:
     """OpenAI's frequency and presence penalties and logit bias on the static path (one ``generate`` call, rows of
     different prompt lengths, greedy and seeded): the same completions as the engine's, and not those without."""
