@@ -421,6 +421,11 @@ class TextPredictor:
         self.model: Any = cast(Any, model)
         self.tokenizer: Any = cast(Any, tokenizer)
         self.model.eval()
+        if self.task == "causal_lm" and int(getattr(self.model.config, "vocab_size", 0) or 0) > len(self.tokenizer):
+            # ids past the tokenizer's (a config whose vocab_size is padded above it) are never what a prompt holds,
+            # and the model cannot be asked to say them: ByT5's tokenizer cannot decode them (a ValueError that failed
+            # every generation in flight when one was drawn, or named among the alternatives of a token)
+            self.model.resize_token_embeddings(len(self.tokenizer))
         # embedders and classifiers serve the variant the job chose (eager when it cannot be built here); causal LMs
         # generate with the transformers model itself: eager, or its weights in bf16 (``bf16``) where the job chose
         # that (CPU) or the api's GPU dtype says so

@@ -1470,6 +1470,37 @@ def test_the_static_path_scores_completions_and_prompts_as_the_engine_does(endle
     assert static[3].logprobs is None and static[3].prompt_logprobs is None
 
 
+def test_ids_past_the_tokenizers_are_never_generated_nor_offered(tmp_path: Path) -> None:
+    """A bytes-tokenizer student whose config pads vocab_size (384) above the tokenizer's 259 ids: a drawn or greedy
+    id past 258 could not be decoded (ByT5's ValueError failed every generation in flight) and logit_bias took such
+    ids. Here the padded ids are the model's likeliest; the served model has the tokenizer's vocabulary only."""
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    model = build_from_config(tiny_config("llama", vocab_size=384, max_positions=128), "causal_lm", seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer) :] *= 50
+    save_pretrained_dir(model, tokenizer, tmp_path / "m", extra_config={"task": "causal_lm"})
+    predictor = TextPredictor("mdl_padded", tmp_path / "m", "sha", {"task": "causal_lm"})
+    assert predictor.vocab_size == len(tokenizer) == 259
+    for continuous in (True, False):
+        predictor.continuous = continuous
+        requests = [
+            GenerationRequest(prompt="abc", max_tokens=6, logprobs=5),
+            GenerationRequest(prompt="abc", max_tokens=6, temperature=2.0, seed=1, logprobs=5, prompt_logprobs=True),
+        ]
+        completions = [output[0] for output in predictor.predict_batch([[request] for request in requests])]
+        for completion in completions:
+            assert completion.completion_tokens == 6, completion
+            for entry in completion.logprobs or []:
+                assert entry.token < 259 and all(token < 259 for token, _ in entry.top)
+    from app.serving.errors import InvalidInput
+    from app.serving.openai_compat import CompletionRequest, generation_fields
+
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"300": 5}})
+    with pytest.raises(InvalidInput) as refused:
+        generation_fields(body, predictor, "m", None)
+    assert refused.value.param == "logit_bias" and "0 to 258" in str(refused.value)
+
+
 def test_a_failed_static_batch_does_not_stream_a_completion_twice(
     endless: TextPredictor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
