@@ -51,8 +51,8 @@ class GenerationRequest:
     seed: int | None = None  # seeds this prompt's sampling (its own generator); None: a fresh random seed
     stop: list[str] = field(default_factory=list)
     # prompt + max_tokens over the context: "refuse" (ContextLengthExceeded), or "shrink" max_tokens (the prompt must
-    # still fit)
-    overflow: Literal["refuse", "shrink"] = "refuse"
+    # still fit); "fit": shrink it to the context and to the server's KV budget (a default the client did not set)
+    overflow: Literal["refuse", "shrink", "fit"] = "refuse"
     # where the request set ``max_tokens``, for the errors that name it: ("max_tokens",) in OpenAI's completions,
     # ("max_completion_tokens",) in its chat when given, ("parameters", "max_new_tokens") in the native predict
     max_tokens_field: tuple[str, ...] = ("max_tokens",)

@@ -367,9 +367,10 @@ def stops_of(stop: str | list[str] | None) -> list[str]:
 
 def max_tokens_of(requested: int | None, default: int, limit: int, param: str) -> tuple[int, Any]:
     """(max_tokens, overflow policy): an explicit value must fit the context with the prompt (else 400, as
-    OpenAI answers); the default is cut to what the context leaves."""
-    if requested is None:
-        return min(default, limit), "shrink"
+    OpenAI answers); the default is cut to what the context and the KV budget leave (a 400 would name a field the
+    client never sent)."""
+    if requested is None:  # what the context and the server's KV budget leave
+        return min(default, limit), "fit"
     if requested > limit:
         raise bad_request(f"{param} is {requested}; this server generates at most {limit} tokens", param)
     return requested, "refuse"

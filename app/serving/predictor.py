@@ -671,7 +671,7 @@ class TextPredictor:
                 [{"loc": ["body", *at], "msg": f"{len(ids)} tokens > {self.max_length}"}],
                 str(at[0]),
             )
-        if request.overflow == "shrink":
+        if request.overflow != "refuse":
             request.max_tokens = min(request.max_tokens, self.max_length - len(ids))
         if len(ids) + request.max_tokens > self.max_length:
             field = request.max_tokens_field
@@ -970,6 +970,13 @@ class ContinuousGeneration:
         if budget:
             joining = list(zip(ids, prompts, strict=True))
             alone = padded_tokens(joining)
+            if alone > budget and all(prompt.overflow == "fit" for prompt in prompts):
+                # max_tokens left at its default: as many as the budget leaves each row, if that is one at least
+                each = budget // len(prompts) - max(len(prompt_ids) for prompt_ids in ids)
+                if each >= 1:
+                    for prompt in prompts:
+                        prompt.max_tokens = min(prompt.max_tokens, each)
+                    alone = padded_tokens(joining)
             if alone > budget:
                 return BatchTokensExceeded(alone, budget, prompts[0].max_tokens_field)
             if self.engine.batch_tokens(joining) > budget and self.engine.rows:

@@ -675,6 +675,29 @@ def test_the_batch_token_budget_holds_back_what_does_not_fit_and_refuses_what_ne
     asyncio.run(main())
 
 
+def test_a_default_max_tokens_is_cut_to_the_batch_token_budget(endless: TextPredictor) -> None:
+    """A chat request without max_tokens asks for what the context leaves (up to DISTILLERY_MAX_COMPLETION_TOKENS);
+    with a KV budget that was a 400 naming max_tokens, a field the client never sent. A default is now cut to what
+    the budget leaves each row; a max_tokens the client gave is still refused, and so is a prompt that leaves none."""
+    from app.serving.predictor import BatchTokensExceeded
+
+    budget = 64
+
+    def choices(overflow: Any, prompt: str = "abc", n: int = 2) -> list[GenerationRequest]:
+        return [GenerationRequest(prompt=prompt, max_tokens=100, overflow=overflow) for _ in range(n)]
+
+    widest = len(endless.render_prompt(choices("fit")[0]))
+    fitted = choices("fit")
+    engine = endless.continuous_generation(0, 0, budget)
+    assert engine is not None
+    assert engine.admit(fitted, "defaulted", never) is None
+    assert [p.max_tokens for p in fitted] == [budget // 2 - widest] * 2
+    for refused in (choices("refuse"), choices("shrink"), choices("fit", "x" * 40)):
+        engine = endless.continuous_generation(0, 0, budget)
+        assert engine is not None
+        assert isinstance(engine.admit(refused, "asked", never), BatchTokensExceeded)
+
+
 def test_chunked_prefill_generates_the_same_and_keeps_running_rows_going(endless: TextPredictor) -> None:
     """With ``prefill_chunk`` a prompt is prefilled a few columns per step: the completions, greedy and seeded, and
     the prompt's log-probabilities (echo) are those of one-forward prefills; and a row already generating gets a
