@@ -18,12 +18,12 @@ from app.errors import InvalidRequest, NotFound
 from app.http import json_response
 from app.net import fetch_to
 from app.settings import Settings
-from app.storable import no_nul
+from app.storable import storable_text
 from app.storage import dataset_folder, store_for
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-DatasetId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(no_nul)]
+DatasetId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(storable_text)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=Dataset, summary="Upload a dataset")
@@ -32,7 +32,7 @@ def upload_dataset(
     db: DatabaseDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    name: Annotated[str | None, Form(max_length=200), AfterValidator(no_nul)] = None,
+    name: Annotated[str | None, Form(max_length=200), AfterValidator(storable_text)] = None,
     format: Annotated[Literal["jsonl", "csv"] | None, Form(description="Default: from the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV: the label column.")] = "label",
 ) -> Response:
@@ -56,7 +56,7 @@ class DatasetImport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=8, max_length=2000, description="http(s) URL of a JSONL or CSV file.")
-    name: Annotated[str | None, AfterValidator(no_nul)] = Field(None, max_length=200)
+    name: Annotated[str | None, AfterValidator(storable_text)] = Field(None, max_length=200)
     format: Literal["jsonl", "csv"] | None = None
     label_column: str = Field("label", max_length=200)
 
@@ -127,7 +127,7 @@ def list_datasets(
     db: DatabaseDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64), AfterValidator(no_nul)] = None,
+    after: Annotated[str | None, Query(max_length=64), AfterValidator(storable_text)] = None,
 ) -> Response:
     with db.read() as conn:
         return json_response(service.list_datasets(conn, tenant=tenant, limit=limit, after=after))

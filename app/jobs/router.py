@@ -14,11 +14,11 @@ from app.http import json_response
 from app.jobs import service
 from app.jobs.schemas import EventList, Job, JobList, JobStatus
 from app.queue import spec_device
-from app.storable import no_nul
+from app.storable import storable_text
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(no_nul)]
+JobId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(storable_text)]
 
 
 @router.post(
@@ -56,7 +56,7 @@ def list_jobs(
     after: Annotated[
         str | None,
         Query(max_length=64, description="Cursor: the last job id of the previous page."),
-        AfterValidator(no_nul),
+        AfterValidator(storable_text),
     ] = None,
 ) -> Response:
     with db.read() as conn:

@@ -27,7 +27,7 @@ from app.errors import Conflict, InvalidRequest, InvalidSpec, NotFound, QuotaExc
 from app.ids import new_id
 from app.jobs.schemas import event_document, initial_progress, job_document
 from app.settings import Settings
-from app.storable import refuse_nul
+from app.storable import refuse_unstorable
 
 MAX_PAGE = 100
 
@@ -209,7 +209,9 @@ def create_job(
     Idempotency-Key (IETF draft semantics, per tenant): the same key and body return the original job; the same
     key with another body is a 422; a key whose first request is still in flight is a 409.
     """
-    refuse_nul(spec.model_dump(mode="json"), ["body"])  # before any lookup: the ids in it are read from the database
+    refuse_unstorable(
+        spec.model_dump(mode="json"), ["body"]
+    )  # before any lookup: the ids in it are read from the database
     fingerprint = request_fingerprint(spec) if idempotency_key is not None else ""
     if idempotency_key is not None:
         if not jobs_repository.lock_idempotency_key(conn, tenant=tenant, key=idempotency_key):

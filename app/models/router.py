@@ -18,12 +18,12 @@ from app.errors import NotFound
 from app.http import json_response
 from app.models import service
 from app.models.schemas import ALIAS_PATTERN, Alias, AliasList, AliasTarget, Model, ModelList
-from app.storable import no_nul
+from app.storable import storable_text
 from app.storage import store_for
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-ModelId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(no_nul)]
+ModelId = Annotated[str, Path(min_length=1, max_length=64), AfterValidator(storable_text)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=Model, summary="Upload a transformers model")
@@ -35,7 +35,7 @@ def upload_model(
     db: DatabaseDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    name: Annotated[str | None, Form(max_length=200), AfterValidator(no_nul)] = None,
+    name: Annotated[str | None, Form(max_length=200), AfterValidator(storable_text)] = None,
 ) -> Response:
     uploads = [(upload.filename or "", upload.file) for upload in files]
     stored = service.store_uploaded_model(
@@ -72,7 +72,7 @@ def list_models(
     db: DatabaseDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64), AfterValidator(no_nul)] = None,
+    after: Annotated[str | None, Query(max_length=64), AfterValidator(storable_text)] = None,
 ) -> Response:
     with db.read() as conn:
         return json_response(service.list_models(conn, tenant=tenant, limit=limit, after=after))

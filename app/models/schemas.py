@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import isoformat
-from app.storable import no_nul
+from app.storable import storable_text
 
 
 class ModelFile(BaseModel):
@@ -139,7 +139,7 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 class AliasTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: Annotated[str, AfterValidator(no_nul)] = Field(
+    model_id: Annotated[str, AfterValidator(storable_text)] = Field(
         min_length=1, max_length=64, description="The model the alias names from now on."
     )
 

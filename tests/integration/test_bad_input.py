@@ -252,6 +252,38 @@ def test_nul_characters_are_refused_at_their_field(client: httpx.Client, row_cou
     assert row_counts() == before and datasets() == datasets_before
 
 
+def test_lone_surrogates_are_refused_at_their_field(client: httpx.Client, row_counts: Any) -> None:
+    """JSON allows an unpaired \\ud800 escape, which is not valid UTF-8. In a job's free-form JSON (inline records, a
+    transformers config) or a JSONL dataset's text or label it got past validation: the row was stored and the
+    answer was a 500; on SQLite the stored row then broke every listing of the tenant's jobs or datasets."""
+    before = row_counts()
+    spec = {
+        "task": "causal_lm",
+        "student": {
+            "architecture": {
+                "type": "transformer",
+                "config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2},
+            }
+        },
+        "data": {"source": "inline", "records": [{"text": "hello"}, {"text": "bad \ud800 text"}]},
+        "training": {"steps": 1},
+    }
+    body = json.dumps(spec).encode()  # ASCII, the lone surrogate as its escape (httpx's json= cannot encode it)
+    assert b"bad \\ud800 text" in body
+    for headers in ({}, {"Idempotency-Key": "surrogate"}):
+        response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json", **headers})
+        problem = assert_problem(response, 422, ["body", "data", "records", 1, "text"])
+        assert "surrogate" in problem["errors"][0]["msg"]
+    for name, content in (
+        ("label.jsonl", b'{"text": "hi", "label": "x\\ud800"}\n'),
+        ("text.jsonl", b'{"text": "hi \\udfff there"}\n'),
+    ):
+        problem = assert_problem(client.post("/v1/datasets", files={"file": (name, content)}), 422)
+        assert problem["errors"][0]["loc"] == ["body", "file", "line", 1] and "surrogate" in problem["detail"]
+    assert row_counts() == before
+    assert client.get("/v1/jobs").status_code == client.get("/v1/datasets").status_code == 200
+
+
 def test_a_stage_naming_a_dataset_that_does_not_exist_is_refused_at_the_stage(
     client: httpx.Client, row_counts: Any
 ) -> None:

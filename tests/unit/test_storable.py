@@ -1,29 +1,48 @@
-"""The NUL check that runs before anything is stored: it names the first string (key or value) holding one."""
+"""The check that runs before a client's text is stored: it names the first string (key or value) holding a NUL
+character or a lone surrogate."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from app.distill.unicode import NUL_MESSAGE, SURROGATE_MESSAGE, text_problem
 from app.errors import InvalidRequest
-from app.storable import no_nul, nul_path, refuse_nul
+from app.storable import refuse_unstorable, storable_text, unstorable_path
+
+LONE = json.loads('"a \\ud800 b"')  # what a JSON body's unpaired escape becomes in Python
 
 
-def test_nul_path_names_the_first_string_holding_a_nul() -> None:
-    assert nul_path({"a": ["x", {"b": "y"}], "c": 1.5, "d": None}) is None
-    assert nul_path({"a": ["x", {"b": "y\x00"}]}) == ("a", 1, "b")
-    assert nul_path({"a": {"k\x00": 1}}) == ("a", "k\x00")  # a key: the path ends at it
-    assert nul_path(["ok", "\x00", "\x00"]) == (1,)
-    assert nul_path("\x00") == ()
+def test_text_problem_finds_nul_characters_and_lone_surrogates() -> None:
+    assert text_problem("plain") is None and text_problem("héllo ✓ 😀") is None
+    assert text_problem("a\x00") == NUL_MESSAGE
+    assert text_problem(LONE) == SURROGATE_MESSAGE
+    assert text_problem(json.loads('"\\ud83d\\ude00"')) is None  # a paired escape is one character
 
 
-def test_refuse_nul_raises_at_the_field() -> None:
-    refuse_nul({"name": "fine"}, ["body"])
-    with pytest.raises(InvalidRequest) as raised:
-        refuse_nul({"data": {"records": [{"text": "a"}, {"text": "b\x00"}]}}, ["body"])
-    assert raised.value.errors == [
-        {"loc": ["body", "data", "records", 1, "text"], "msg": raised.value.errors[0]["msg"]}
-    ]
-    assert "body.data.records.1.text" in raised.value.detail
-    assert no_nul(None) is None and no_nul("x") == "x"
+def test_unstorable_path_names_the_first_string_that_cannot_be_stored() -> None:
+    assert unstorable_path({"a": ["x", {"b": "y"}], "c": 1.5, "d": None}) is None
+    assert unstorable_path({"a": ["x", {"b": "y\x00"}]}) == (("a", 1, "b"), NUL_MESSAGE)
+    assert unstorable_path({"a": {"k\x00": 1}}) == (("a", "k\x00"), NUL_MESSAGE)  # a key: the path ends at it
+    assert unstorable_path(["ok", "\x00", "\x00"]) == ((1,), NUL_MESSAGE)
+    assert unstorable_path("\x00") == ((), NUL_MESSAGE)
+    assert unstorable_path({"records": [{"text": "ok"}, {"text": LONE}]}) == (("records", 1, "text"), SURROGATE_MESSAGE)
+    path, problem = unstorable_path({"config": {LONE: 1}})  # type: ignore[misc]
+    assert problem == SURROGATE_MESSAGE and path[0] == "config" and str(path[1]).encode()  # the path can be sent
+
+
+def test_refuse_unstorable_raises_at_the_field() -> None:
+    refuse_unstorable({"name": "fine"}, ["body"])
+    for bad in ("b\x00", LONE):
+        with pytest.raises(InvalidRequest) as raised:
+            refuse_unstorable({"data": {"records": [{"text": "a"}, {"text": bad}]}}, ["body"])
+        assert raised.value.errors == [
+            {"loc": ["body", "data", "records", 1, "text"], "msg": raised.value.errors[0]["msg"]}
+        ]
+        assert "body.data.records.1.text" in raised.value.detail
+    assert storable_text(None) is None and storable_text("x") == "x"
     with pytest.raises(ValueError, match="NUL"):
-        no_nul("x\x00")
+        storable_text("x\x00")
+    with pytest.raises(ValueError, match="surrogate"):
+        storable_text(LONE)

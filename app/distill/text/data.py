@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from app.distill.unicode import text_problem
+
 __all__ = [
     "IGNORE_INDEX",
     "DatasetFormatError",
@@ -246,6 +248,8 @@ def _validate_jsonl_record(
             raise DatasetFormatError(line_number, f"field {field!r} must be a string, got {_json_type_name(text)}")
         if not text.strip():
             raise DatasetFormatError(line_number, f"field {field!r} is empty")
+        if (problem := text_problem(text)) is not None:  # a tokenizer cannot encode a lone surrogate
+            raise DatasetFormatError(line_number, f"field {field!r} {problem}")
         if len(text) > max_text_chars:
             raise DatasetFormatError(
                 line_number, f"field {field!r} has {len(text):,} characters; the limit is {max_text_chars:,}"
@@ -262,8 +266,8 @@ def _validate_jsonl_record(
         )
     if not label.strip():
         raise DatasetFormatError(line_number, "field 'label' is empty")
-    if "\x00" in label:  # the labels are stored with the dataset's record, and the database holds no NUL
-        raise DatasetFormatError(line_number, "field 'label' contains a NUL character (U+0000)")
+    if (problem := text_problem(label)) is not None:  # the labels are stored with the dataset's record
+        raise DatasetFormatError(line_number, f"field 'label' {problem}")
     return {"text": record["text"], "label": label}
 
 
