@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 Loc = tuple[str | int, ...]
 
@@ -307,12 +307,22 @@ class AugmentationSpec(SpecModel):
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
 
+def block_keys(value: Any) -> Any:
+    """JSON object keys are strings: a layer map's "0": 2 is block 0 → block 2. The spec is strict, and a request's
+    body (and the stored spec the worker reads) is validated from Python objects, where a string is no integer: every
+    map was refused (strict=False on the field does not reach dict keys)."""
+    if isinstance(value, dict):
+        return {
+            int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key: v for key, v in value.items()
+        }
+    return value
+
+
 class FeatureLossSpec(SpecModel):
     """Intermediate-layer distillation: match student hidden states to the teacher's at mapped layers."""
 
-    layer_map: dict[int, int] | None = Field(
+    layer_map: Annotated[dict[int, int] | None, BeforeValidator(block_keys)] = Field(
         None,
-        strict=False,  # JSON object keys are strings: "0": 2
         description="Student block → teacher block (0-based). Default: student block i ↔ the teacher block its "
         "derived copy came from, or evenly spaced blocks.",
     )

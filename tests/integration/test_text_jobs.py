@@ -49,7 +49,12 @@ def causal_spec(**overrides: Any) -> dict[str, Any]:
 
 
 def test_causal_lm_job_end_to_end(client: httpx.Client, worker: Any, service_env: dict[str, str]) -> None:
-    done = finished(client, submit(client, causal_spec()))
+    # a layer map as JSON has it (string keys): refused whatever it said, as the strict spec took no string for a
+    # block number; the worker validates the stored spec again
+    features = {"weight": 0.5, "layer_map": {"0": 1, "1": 3}}
+    done = finished(
+        client, submit(client, causal_spec(objective={"temperature": 2.0, "alpha": 0.1, "features": features}))
+    )
     evaluation = done["result"]["evaluation"]
     for key in (
         "perplexity_teacher",
