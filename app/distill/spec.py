@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, cast
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
@@ -32,6 +32,7 @@ MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1
 INT64 = (-(2**63), 2**63 - 1)
 MAX_JSON_DEPTH = 32
+BYTES_VOCAB = 259  # the bytes tokenizer's ids (ByT5's): 256 bytes after pad, end of sequence and unknown
 
 
 def storable_json(value: Any, depth: int = 0) -> Any:
@@ -810,6 +811,7 @@ class SpecChecker:
             if not teachers:
                 self.add(("student", "architecture", "type"), "a derived student needs a teacher to derive from")
         self.check_text_shapes(student, teachers)
+        self.check_configs(student, teachers)
         if isinstance(student, TransformerArchitecture) and "model_type" not in student.config:
             self.add(("student", "architecture", "config", "model_type"), "the config needs a model_type")
         for index, teacher in enumerate(teachers):
@@ -854,6 +856,53 @@ class SpecChecker:
             for student_layer, teacher_layer in objective.features.layer_map.items():
                 if student_layer < 0 or teacher_layer < 0:
                     self.add(("objective", "features", "layer_map", str(student_layer)), "layers are 0-based indices")
+
+    def check_configs(self, student: Any, teachers: list[TeacherSpec]) -> None:
+        """The transformer configs a job builds, built at submission on the meta device (no memory, no weights): a
+        config that cannot be built (an unknown model_type, a width the heads do not divide), a vocabulary smaller
+        than the bytes tokenizer's, or examples longer than the model's learned position embeddings failed in the
+        worker (an IndexError; on a GPU a device-side assert)."""
+        import torch
+
+        from app.distill.text.models import ModelSourceError, build_from_config, learned_positions
+
+        spec = self.spec
+        built: list[tuple[Loc, TransformerArchitecture]] = []
+        if isinstance(student, TransformerArchitecture):
+            built.append((("student", "architecture"), student))
+        for index, teacher in enumerate(teachers):
+            if isinstance(teacher, BuiltinTeacher) and isinstance(teacher.architecture, TransformerArchitecture):
+                built.append(((*self.teacher_loc(index), "architecture"), teacher.architecture))
+        lengths: list[tuple[Loc, int]] = []
+        if isinstance(spec.data, TEXT_DATA):
+            lengths.append((("data", "max_length"), spec.data.max_length))
+        for index, stage in enumerate(spec.stages or []):
+            if isinstance(stage.data, TEXT_DATA):
+                lengths.append((("stages", index, "data", "max_length"), stage.data.max_length))
+        for loc, architecture in built:
+            config = architecture.config
+            if "model_type" not in config:
+                continue  # said above
+            vocab = config.get("vocab_size")
+            if architecture.tokenizer == "bytes" and isinstance(vocab, int) and vocab < BYTES_VOCAB:
+                self.add(
+                    (*loc, "config", "vocab_size"), f"the bytes tokenizer has {BYTES_VOCAB} ids; vocab_size is {vocab}"
+                )
+                continue
+            try:
+                with torch.device("meta"):
+                    model = build_from_config(config, cast(Any, spec.task), num_labels=2)
+            except ModelSourceError as exc:
+                self.add((*loc, "config"), str(exc))
+                continue
+            positions = learned_positions(model)
+            for data_loc, length in lengths:
+                if positions is not None and length > positions:
+                    self.add(
+                        data_loc,
+                        f"examples of {length} tokens are longer than the {positions} positions the model at "
+                        f"{'.'.join(str(part) for part in loc)} has learned embeddings for",
+                    )
 
     def teacher_facts(self, index: int, teacher: TeacherSpec) -> ModelShape | None:
         if isinstance(teacher, BuiltinTeacher) and isinstance(teacher.architecture, TransformerArchitecture):

@@ -156,3 +156,54 @@ def test_a_tabular_job_on_an_uploaded_csv_is_checked_against_its_columns_and_lab
     wrong = locs(check_spec(spec, limits, dataset_kind="tabular", dataset_dims=(5, 2)))
     assert ("student", "architecture", "input_dim") in wrong and ("student", "architecture", "output_dim") in wrong
     assert locs(check_spec(spec, limits, dataset_kind="text", dataset_dims=None)) == [("data", "dataset_id")]
+
+
+def text_spec(student: dict[str, Any], **overrides: Any) -> JobSpec:
+    records = [{"text": "a b"}, {"text": "c d"}]
+    return JobSpec.model_validate(
+        {
+            "task": "causal_lm",
+            "student": {"architecture": student},
+            "data": {"source": "inline", "records": records, "max_length": 32},
+            "training": {"steps": 1},
+            **overrides,
+        }
+    )
+
+
+def gpt2(**config: Any) -> dict[str, Any]:
+    return {"type": "transformer", "config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, **config}}
+
+
+def test_transformer_configs_are_built_at_submission() -> None:
+    """Configs that could not be built, or that the data does not fit, passed submission and failed in the worker: an
+    unknown model_type, a width the heads do not divide, a vocabulary below the bytes tokenizer's 259 ids (an
+    IndexError), examples longer than the learned position embeddings (an IndexError; a device-side assert on a
+    GPU). Each is built on the meta device at submission; computed positions (rotary) are no limit."""
+    config = ("student", "architecture", "config")
+    cases: list[tuple[dict[str, Any], dict[str, Any], tuple[Any, ...], str]] = [
+        (gpt2(n_positions=8), {}, ("data", "max_length"), "8 positions"),
+        (gpt2(n_embd=10, n_head=3), {}, config, "divisible"),
+        ({"type": "transformer", "config": {"model_type": "nonexistent"}}, {}, config, "unknown model_type"),
+        ({**gpt2(vocab_size=50), "tokenizer": "bytes"}, {}, (*config, "vocab_size"), "259"),
+        (
+            gpt2(),
+            {"teacher": {"source": "builtin", "architecture": gpt2(n_positions=16)}},
+            ("data", "max_length"),
+            "teacher.architecture",
+        ),
+    ]
+    for student, overrides, loc, words in cases:
+        problems = check_spec(text_spec(student, **overrides), LIMITS)
+        assert locs(problems) == [loc] and words in problems[0].msg, problems
+    roberta = {"model_type": "roberta", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2}
+    roberta |= {"intermediate_size": 32, "max_position_embeddings": 33}  # two positions go to the padding offset
+    embedding = {"task": "embedding", "teacher": {"source": "builtin", "architecture": gpt2()}}
+    problems = check_spec(text_spec({"type": "transformer", "config": roberta}, **embedding), LIMITS)
+    assert locs(problems) == [("data", "max_length")] and "31 positions" in problems[0].msg
+    roberta["max_position_embeddings"] = 34
+    assert check_spec(text_spec({"type": "transformer", "config": roberta}, **embedding), LIMITS) == []
+    rotary = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2}
+    rotary |= {"intermediate_size": 32, "max_position_embeddings": 8}
+    assert check_spec(text_spec({"type": "transformer", "config": rotary}), LIMITS) == []
+    assert check_spec(text_spec(gpt2(n_positions=32)), LIMITS) == []

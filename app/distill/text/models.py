@@ -395,6 +395,18 @@ def build_from_config(
     return model  # type: ignore[no-any-return]
 
 
+def learned_positions(model: nn.Module) -> int | None:
+    """The longest input ``model``'s learned position embeddings cover (GPT-2's ``wpe``, BERT's and RoBERTa's
+    ``position_embeddings``, less RoBERTa's padding offset); None where positions are computed (rotary, ALiBi),
+    which an input past the config's maximum does not break."""
+    sizes = [
+        module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and (name.endswith("wpe") or name.endswith("position_embeddings"))
+    ]
+    return min(sizes) if sizes else None
+
+
 # --- layer surgery --------------------------------------------------------------------------------------------------
 
 
