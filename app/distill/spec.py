@@ -647,6 +647,7 @@ class SpecChecker:
         self.student_tokenizer = student_tokenizer
         self.dataset_dims = dataset_dims
         self.problems: list[SpecProblem] = []
+        self.student_depth: int | None = None  # the student's blocks, where known at submission (check_text_shapes)
 
     def add(self, loc: Loc, msg: str) -> None:
         self.problems.append(SpecProblem(loc, msg))
@@ -929,6 +930,8 @@ class SpecChecker:
                         ("student", "architecture", "layers"), f"layers {bad} are out of range: the teacher has {depth}"
                     )
                 student_layers = len(set(student.layers))
+            if student.layers is not None and any(b <= a for a, b in itertools.pairwise(student.layers)):
+                self.add(("student", "architecture", "layers"), "list each teacher block once, in increasing order")
             elif student.keep_every is not None:
                 student_layers = -(-depth // student.keep_every)
             student_tokenizer = first.tokenizer
@@ -951,6 +954,7 @@ class SpecChecker:
                 ("student", "architecture", "tokenizer"),
                 "the student's tokenizer differs from the teacher's: logit distillation needs a shared vocabulary",
             )
+        self.student_depth = student_layers
         features = self.spec.objective.features
         if features is not None and features.layer_map:
             teacher_layers = first.num_layers if first is not None else None
@@ -984,6 +988,7 @@ class SpecChecker:
             return
         teachers = spec.all_teachers()
         cache_ready = self.dataset_kind == "logit_cache"
+        depth = self.student_depth
         for index, stage in enumerate(spec.stages):
             loc: Loc = ("stages", index)
             if stage.data is not None:
@@ -1005,9 +1010,26 @@ class SpecChecker:
                 self.add((*loc, "kind"), "a distill stage needs a teacher, or a logit cache made before it")
             if stage.kind == "drop_layers" and not stage.drop:
                 self.add((*loc, "drop"), "list the student blocks to remove")
+            elif stage.kind == "drop_layers" and stage.drop:
+                depth = self.check_drop(stage.drop, depth, (*loc, "drop"))
             if stage.kind != "generate" and stage.generation is not None:
                 self.add((*loc, "generation"), "generation settings apply to a generate stage")
             self.check_methods(stage.objective or spec.objective, (*loc, "objective"))
+
+    def check_drop(self, drop: list[int], depth: int | None, loc: Loc) -> int | None:
+        """A drop_layers stage's blocks: each once, in range of the student as the stages before left it, not all of
+        them (the worker refused them after the earlier stages had trained). The student's depth after it."""
+        if len(set(drop)) != len(drop):
+            self.add(loc, "a block is listed more than once")
+            return depth
+        if depth is None:
+            return None
+        bad = [block for block in drop if not 0 <= block < depth]
+        if bad:
+            self.add(loc, f"blocks {bad} are out of range: the student has {depth} here")
+        elif len(drop) >= depth:
+            self.add(loc, f"removes all {depth} blocks of the student")
+        return depth - len(drop)
 
     def check_inline_records(self, data: InlineData) -> None:
         expected = {

@@ -207,3 +207,24 @@ def test_transformer_configs_are_built_at_submission() -> None:
     rotary |= {"intermediate_size": 32, "max_position_embeddings": 8}
     assert check_spec(text_spec({"type": "transformer", "config": rotary}), LIMITS) == []
     assert check_spec(text_spec(gpt2(n_positions=32)), LIMITS) == []
+
+
+def test_block_lists_are_checked_at_submission() -> None:
+    """A derived student's layers out of order or repeated, and a drop_layers stage's blocks repeated, out of range of
+    the student as the stages before left it, or all of them: the worker refused them, after earlier stages had
+    trained."""
+    teacher = {"source": "builtin", "architecture": gpt2(n_layer=4)}
+    derived = {"type": "derived", "layers": [0, 2]}
+    layers = ("student", "architecture", "layers")
+    for bad in ([2, 0], [0, 0]):
+        problems = check_spec(text_spec({**derived, "layers": bad}, teacher=teacher), LIMITS)
+        assert locs(problems) == [layers] and "increasing" in problems[0].msg
+    assert check_spec(text_spec(derived, teacher=teacher), LIMITS) == []
+
+    def drops(*stages: list[int]) -> list[tuple[Any, ...]]:
+        staged = [{"kind": "distill"}] + [{"kind": "drop_layers", "drop": drop} for drop in stages]
+        return locs(check_spec(text_spec(derived, teacher=teacher, stages=staged), LIMITS))
+
+    assert drops([1]) == []
+    assert drops([7]) == drops([0, 1]) == drops([1, 1]) == [("stages", 1, "drop")]
+    assert drops([1], [0]) == [("stages", 2, "drop")]  # the first left one block: removing it leaves none
