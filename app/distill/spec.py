@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeAlias, cast
 
@@ -604,7 +605,10 @@ def data_dims(data: Any) -> tuple[int | None, int | None]:
 
 
 def planned_steps(spec: JobSpec, n_train: int) -> int:
-    training = spec.training
+    return training_steps(spec.training, n_train)
+
+
+def training_steps(training: TrainingSpec, n_train: int) -> int:
     if training.steps is not None:
         return training.steps
     batch = min(training.batch_size or n_train, n_train)
@@ -612,8 +616,9 @@ def planned_steps(spec: JobSpec, n_train: int) -> int:
     return epochs * -(-n_train // batch)
 
 
-def train_rows(data: Any) -> int:
-    """Rows the train split will have, near enough for a limit check."""
+def train_rows(data: Any, stored_rows: Mapping[str, int] | None = None) -> int:
+    """Rows the train split will have, near enough for a limit check (``stored_rows``: an uploaded dataset's
+    records, by id, where the caller knows them)."""
     if isinstance(data, SyntheticData):
         return data.n_train
     if isinstance(data, SklearnData):
@@ -623,7 +628,11 @@ def train_rows(data: Any) -> int:
         return max(1, int(len(data.records) * (1.0 - data.test_fraction)))
     if isinstance(data, CorpusData):
         return max(1, int(data.max_documents * (1.0 - data.test_fraction)))
-    return data.max_records or 1_000  # an uploaded dataset: its size is known only to the caller
+    known = (stored_rows or {}).get(data.dataset_id)  # an uploaded dataset: its size is known only to the caller
+    if known is None:
+        return data.max_records or 1_000
+    rows = max(1, int(known * (1.0 - data.test_fraction)))
+    return min(rows, data.max_records) if data.max_records else rows
 
 
 class SpecChecker:
@@ -638,8 +647,10 @@ class SpecChecker:
         dataset_tokenizer: str | None = None,
         student_tokenizer: str | None = None,
         dataset_dims: tuple[int, int] | None = None,
+        dataset_rows: Mapping[str, int] | None = None,
     ) -> None:
         self.spec = spec
+        self.dataset_rows = dict(dataset_rows or {})
         self.limits = limits
         self.teacher_shapes = teacher_shapes
         self.dataset_kind = dataset_kind
@@ -667,6 +678,7 @@ class SpecChecker:
             self.check_tabular()
             if spec.stages:
                 self.add(("stages",), "stages apply to text tasks")
+        self.check_dataset_sizes()
         self.check_steps()
         return self.problems
 
@@ -685,12 +697,46 @@ class SpecChecker:
             if isinstance(teacher, BuiltinTeacher) and teacher.architecture.parameter_estimate() > too_large:
                 self.add((*self.teacher_loc(index), "architecture"), "teacher is too large to build")
 
+    def check_dataset_sizes(self) -> None:
+        """Uploaded datasets too small to split: a text dataset of one record (split_records needs two), a tabular one
+        whose every class has one row (each such row goes to the train half: the test half was empty). Both failed
+        in the worker."""
+        named: list[tuple[Loc, Any]] = [(("data",), self.spec.data)]
+        named += [(("stages", index, "data"), stage.data) for index, stage in enumerate(self.spec.stages or [])]
+        for loc, data in named:
+            if not isinstance(data, UploadedData) or data.dataset_id not in self.dataset_rows:
+                continue
+            records = self.dataset_rows[data.dataset_id]
+            if self.spec.is_text and records < 2:
+                self.add((*loc, "dataset_id"), f"the dataset has {records} record; a train and a test split need 2")
+            classes = self.dataset_dims[1] if self.dataset_dims is not None and loc == ("data",) else None
+            if not self.spec.is_text and classes is not None and records <= classes:
+                self.add(
+                    (*loc, "dataset_id"),
+                    f"every one of the {classes} classes has a single row, which the split keeps for training: "
+                    "no row is left to evaluate on",
+                )
+
     def check_steps(self) -> None:
-        training = self.spec.training
-        steps = planned_steps(self.spec, train_rows(self.spec.data))
-        if steps > self.limits.max_steps:
-            loc: Loc = ("training", "steps") if training.steps is not None else ("training", "epochs")
-            self.add(loc, f"{steps:,} optimizer steps requested; the limit is {self.limits.max_steps:,}")
+        """Every training run of the job within the step limit: the job's, each stage's own, each builtin teacher's
+        pretraining (those two were not counted: a stage of 2³¹ steps passed), on the data it trains on."""
+        spec = self.spec
+        training = spec.training
+        runs: list[tuple[Loc, TrainingSpec, Any]] = [(("training",), training, spec.data)]
+        for index, stage in enumerate(spec.stages or []):
+            if stage.training is not None:
+                runs.append((("stages", index, "training"), stage.training, stage.data or spec.data))
+        for index, teacher in enumerate(spec.all_teachers()):
+            if isinstance(teacher, BuiltinTeacher) and teacher.pretrain is not None:
+                runs.append(((*self.teacher_loc(index), "pretrain"), teacher.pretrain, spec.data))
+        for loc, run, data in runs:
+            planned = training_steps(run, train_rows(data, self.dataset_rows))
+            if planned > self.limits.max_steps:
+                field = "steps" if run.steps is not None else "epochs"
+                self.add(
+                    (*loc, field), f"{planned:,} optimizer steps requested; the limit is {self.limits.max_steps:,}"
+                )
+        steps = training_steps(training, train_rows(spec.data, self.dataset_rows))
         limit = self.limits.max_time_limit_s
         if training.time_limit_s is not None and limit is not None and training.time_limit_s > limit:
             self.add(
@@ -1065,18 +1111,22 @@ def check_spec(
     dataset_tokenizer: str | None = None,
     student_tokenizer: str | None = None,
     dataset_dims: tuple[int, int] | None = None,
+    dataset_rows: Mapping[str, int] | None = None,
 ) -> list[SpecProblem]:
     """Problems that make ``spec`` impossible to run; empty when it can run.
 
     ``teacher_shapes`` (index in ``all_teachers()`` → shape) describes stored teachers, which the caller looks up;
     ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
     ``student_tokenizer`` is the signature of a tokenizer the student names by reference, when it could be resolved.
-    ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload.
+    ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload; ``dataset_rows`` the
+    records of each uploaded dataset the spec names, by id.
     """
     shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:
         shapes.setdefault(0, teacher_shape)
-    return SpecChecker(spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer, dataset_dims).run()
+    return SpecChecker(
+        spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer, dataset_dims, dataset_rows
+    ).run()
 
 
 BuiltinTeacher.model_rebuild()

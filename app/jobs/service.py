@@ -4,7 +4,7 @@ to the broker only after it commits)."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -133,24 +133,28 @@ class DatasetFacts:
     kind: str | None = None
     tokenizer: str | None = None  # of a logit cache
     dims: tuple[int, int] | None = None  # (features, classes) of a tabular CSV
+    rows: dict[str, int] = field(default_factory=dict)  # records of every dataset the spec names (no cache), by id
 
 
 def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFacts:
     """The facts of the dataset the job's data names; every stored dataset the spec names (the job's data's, a
     stage's) must exist for the tenant (else a 422 at its ``dataset_id``)."""
     facts = DatasetFacts()
+    rows: dict[str, int] = {}
     for loc, dataset_id in spec.uploaded_datasets():
         row = datasets_repository.get_dataset(conn, dataset_id, tenant=tenant)
         if row is None:
             message = f"no dataset {dataset_id!r}"
             raise InvalidSpec("the dataset does not exist", errors=[{"loc": ["body", *loc], "msg": message}])
+        if row["kind"] != "logit_cache":  # a cache's rows are its sequences, trained on whole: no split
+            rows[dataset_id] = int(row["n_records"])
         if loc[0] == "data":
             tokenizer = (row["provenance"] or {}).get("tokenizer") if row["kind"] == "logit_cache" else None
             dims = None
             if row["kind"] == "tabular" and row["columns"] and row["labels"]:
                 dims = (len(row["columns"]), len(row["labels"]))
             facts = DatasetFacts(str(row["kind"]), tokenizer, dims)
-    return facts
+    return DatasetFacts(facts.kind, facts.tokenizer, facts.dims, rows)
 
 
 def named_student_tokenizer(spec: JobSpec, settings: Settings) -> str | None:
@@ -242,6 +246,7 @@ def create_job(
         dataset_tokenizer=dataset.tokenizer,
         student_tokenizer=named_student_tokenizer(spec, settings),
         dataset_dims=dataset.dims,
+        dataset_rows=dataset.rows,
     )
     if problems:
         raise InvalidSpec(

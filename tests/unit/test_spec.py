@@ -228,3 +228,33 @@ def test_block_lists_are_checked_at_submission() -> None:
     assert drops([1]) == []
     assert drops([7]) == drops([0, 1]) == drops([1, 1]) == [("stages", 1, "drop")]
     assert drops([1], [0]) == [("stages", 2, "drop")]  # the first left one block: removing it leaves none
+
+
+def test_every_training_run_and_the_real_dataset_size_count_against_the_limits() -> None:
+    """The step limit counted the job's training only, and an uploaded dataset as 1,000 rows: a stage's or a
+    teacher's pretraining of 2³¹ steps passed, and so did epochs over a large upload. A text dataset of one record
+    and a CSV whose every class has one row cannot be split (the worker failed)."""
+    huge = {"steps": 2_000_000_000}
+    teacher = {"source": "builtin", "architecture": gpt2(), "pretrain": huge}
+    assert locs(check_spec(text_spec(gpt2(), teacher=teacher), LIMITS)) == [("teacher", "pretrain", "steps")]
+    stages = [{"kind": "distill", "training": huge}]
+    teacher["pretrain"] = {"steps": 5}
+    problems = check_spec(text_spec(gpt2(), teacher=teacher, stages=stages), LIMITS)
+    assert locs(problems) == [("stages", 0, "training", "steps")]
+    uploaded = {"source": "dataset", "dataset_id": "ds_big", "test_fraction": 0.1}
+    big = text_spec(gpt2(), data=uploaded, training={"epochs": 10, "batch_size": 1})
+    assert check_spec(big, LIMITS, dataset_kind="text") == []  # unknown size: counted as 1,000 rows
+    assert locs(check_spec(big, LIMITS, dataset_kind="text", dataset_rows={"ds_big": 1_000_000})) == [
+        ("training", "epochs")
+    ]
+    one = text_spec(gpt2(), data={**uploaded, "dataset_id": "ds_one"})
+    problems = check_spec(one, LIMITS, dataset_kind="text", dataset_rows={"ds_one": 1})
+    assert locs(problems) == [("data", "dataset_id")] and "need 2" in problems[0].msg
+    csv = {"source": "dataset", "dataset_id": "ds_csv"}
+    tabular = spec(data=csv, student={"architecture": {"input_dim": 2, "hidden_dims": [4], "output_dim": 3}})
+    tabular = tabular.model_copy(update={"teacher": None})
+    for rows, expected in ((3, [("data", "dataset_id")]), (4, [])):
+        problems = check_spec(
+            tabular, LIMITS, dataset_kind="tabular", dataset_dims=(2, 3), dataset_rows={"ds_csv": rows}
+        )
+        assert locs(problems) == expected, problems
