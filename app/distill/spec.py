@@ -877,6 +877,17 @@ class SpecChecker:
             )
         if task == "embedding" and spec.objective.alpha > 0:
             self.add(("objective", "alpha"), "the embedding task has no hard labels")
+        if task == "embedding":  # hard labels only: with none, such a run has no loss to train on (the worker failed)
+            for index, teacher in enumerate(teachers):
+                if isinstance(teacher, BuiltinTeacher) and teacher.pretrain is not None:
+                    self.add(
+                        (*self.teacher_loc(index), "pretrain"), "pretraining uses hard labels; embeddings have none"
+                    )
+            for index, stage in enumerate(spec.stages or []):
+                if stage.kind == "finetune":
+                    self.add(("stages", index, "kind"), "a finetune stage trains on hard labels; embeddings have none")
+                if stage.objective is not None and stage.objective.alpha > 0:
+                    self.add(("stages", index, "objective", "alpha"), "the embedding task has no hard labels")
         if isinstance(spec.data, CorpusData) and task == "text_classification":
             self.add(("data", "source"), "corpora have no labels; upload a {text, label} dataset")
         objective = spec.objective

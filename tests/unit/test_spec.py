@@ -258,3 +258,19 @@ def test_every_training_run_and_the_real_dataset_size_count_against_the_limits()
             tabular, LIMITS, dataset_kind="tabular", dataset_dims=(2, 3), dataset_rows={"ds_csv": rows}
         )
         assert locs(problems) == expected, problems
+
+
+def test_an_embedding_job_has_no_run_without_a_teacher_signal() -> None:
+    """Embeddings have no hard labels: a finetune stage, a stage whose alpha is above 0 and a teacher's pretraining
+    had no loss to train on, and failed in the worker ("element 0 of tensors does not require grad")."""
+    teacher: dict[str, Any] = {"source": "builtin", "architecture": gpt2()}
+
+    def problems(**overrides: Any) -> list[tuple[Any, ...]]:
+        return locs(check_spec(text_spec(gpt2(), task="embedding", teacher=teacher, **overrides), LIMITS))
+
+    assert problems() == [] and problems(stages=[{"kind": "distill"}]) == []
+    assert problems(stages=[{"kind": "finetune"}]) == [("stages", 0, "kind")]
+    alpha = [{"kind": "distill", "objective": {"alpha": 1.0}}]
+    assert problems(stages=alpha) == [("stages", 0, "objective", "alpha")]
+    teacher["pretrain"] = {"steps": 1}
+    assert problems() == [("teacher", "pretrain")]
