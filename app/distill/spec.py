@@ -852,6 +852,10 @@ class SpecChecker:
                 self.add(loc, f"model is a {shape.task} model; task {task} needs a transformers model")
             elif shape is not None and shape.task != task:
                 self.add(loc, f"model was made for task {shape.task}; this job's task is {task}")
+            elif shape is not None and task == "text_classification" and shape.output_dim is not None:
+                classes = self.text_classes()
+                if classes is not None and classes != shape.output_dim:  # found at the evaluation, after training
+                    self.add(loc, f"the teacher has {shape.output_dim} classes; the job's data has {classes}")
         if isinstance(student, DerivedArchitecture):
             if (student.keep_every is None) == (student.layers is None):
                 self.add(("student", "architecture"), "give exactly one of keep_every or layers")
@@ -914,6 +918,15 @@ class SpecChecker:
             for student_layer, teacher_layer in objective.features.layer_map.items():
                 if student_layer < 0 or teacher_layer < 0:
                     self.add(("objective", "features", "layer_map", str(student_layer)), "layers are 0-based indices")
+
+    def text_classes(self) -> int | None:
+        """The classes of a text classification job's data, where known at submission."""
+        data = self.spec.data
+        if isinstance(data, InlineData):
+            return len({str(record.get("label")) for record in data.records})
+        if isinstance(data, UploadedData) and self.dataset_dims is not None:
+            return self.dataset_dims[1]
+        return None
 
     def check_configs(self, student: Any, teachers: list[TeacherSpec]) -> None:
         """The transformer configs a job builds, built at submission on the meta device (no memory, no weights): a
@@ -1129,8 +1142,8 @@ def check_spec(
     ``teacher_shapes`` (index in ``all_teachers()`` → shape) describes stored teachers, which the caller looks up;
     ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
     ``student_tokenizer`` is the signature of a tokenizer the student names by reference, when it could be resolved.
-    ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload; ``dataset_rows`` the
-    records of each uploaded dataset the spec names, by id.
+    ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload ((0, classes) of a
+    text_label one); ``dataset_rows`` the records of each uploaded dataset the spec names, by id.
     """
     shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:

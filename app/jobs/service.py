@@ -43,7 +43,9 @@ def spec_limits(settings: Settings) -> SpecLimits:
 
 def stored_model_shape(config: dict[str, Any]) -> ModelShape:
     if config.get("format") == "transformers":
+        labels = config.get("label_names")
         return ModelShape(
+            output_dim=len(labels) if isinstance(labels, list) and labels else None,  # a text classifier's classes
             format="transformers",
             task=str(config.get("task", "causal_lm")),
             num_layers=config.get("num_layers"),
@@ -132,7 +134,7 @@ class DatasetFacts:
 
     kind: str | None = None
     tokenizer: str | None = None  # of a logit cache
-    dims: tuple[int, int] | None = None  # (features, classes) of a tabular CSV
+    dims: tuple[int, int] | None = None  # (features, classes) of a tabular CSV; (0, classes) of a text_label set
     rows: dict[str, int] = field(default_factory=dict)  # records of every dataset the spec names (no cache), by id
 
 
@@ -153,6 +155,8 @@ def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFact
             dims = None
             if row["kind"] == "tabular" and row["columns"] and row["labels"]:
                 dims = (len(row["columns"]), len(row["labels"]))
+            if row["kind"] == "text_label" and row["labels"]:
+                dims = (0, len(row["labels"]))  # text: no feature columns
             facts = DatasetFacts(str(row["kind"]), tokenizer, dims)
     return DatasetFacts(facts.kind, facts.tokenizer, facts.dims, rows)
 

@@ -274,3 +274,27 @@ def test_an_embedding_job_has_no_run_without_a_teacher_signal() -> None:
     assert problems(stages=alpha) == [("stages", 0, "objective", "alpha")]
     teacher["pretrain"] = {"steps": 1}
     assert problems() == [("teacher", "pretrain")]
+
+
+def test_a_stored_text_classifier_teaching_other_classes_is_refused() -> None:
+    """A stored text classifier with three classes teaching a job whose data has two trained to the end and failed at
+    the evaluation ("student vocab (2) and teacher vocab (3) differ")."""
+    records = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+    job = text_spec(
+        gpt2(),
+        task="text_classification",
+        teacher={"source": "model", "model_id": "mdl_x"},
+        data={"source": "inline", "records": records},
+    )
+    for classes, expected in ((3, [("teacher",)]), (2, []), (None, [])):
+        shape = ModelShape(format="transformers", task="text_classification", output_dim=classes)
+        assert locs(check_spec(job, LIMITS, teacher_shape=shape)) == expected
+    uploaded = JobSpec.model_validate({**job.model_dump(), "data": {"source": "dataset", "dataset_id": "ds_x"}})
+    shape = ModelShape(format="transformers", task="text_classification", output_dim=3)
+    problems = check_spec(uploaded, LIMITS, teacher_shape=shape, dataset_kind="text_label", dataset_dims=(0, 2))
+    assert locs(problems) == [("teacher",)] and "3 classes" in problems[0].msg
+    from app.jobs.service import stored_model_shape  # what the api reads of a stored teacher's record
+
+    stored = {"format": "transformers", "task": "text_classification", "label_names": ["a", "b", "c"]}
+    assert stored_model_shape(stored).output_dim == 3
+    assert stored_model_shape({**stored, "label_names": None}).output_dim is None
