@@ -950,6 +950,7 @@ class SpecChecker:
         for index, stage in enumerate(spec.stages or []):
             if isinstance(stage.data, TEXT_DATA):
                 lengths.append((("stages", index, "data", "max_length"), stage.data.max_length))
+        vocabularies: list[tuple[Loc, int, TransformerArchitecture]] = []
         for loc, architecture in built:
             config = architecture.config
             if "model_type" not in config:
@@ -966,6 +967,7 @@ class SpecChecker:
             except ModelSourceError as exc:
                 self.add((*loc, "config"), str(exc))
                 continue
+            vocabularies.append((loc, int(getattr(model.config, "vocab_size", 0) or 0), architecture))
             positions = learned_positions(model)
             for data_loc, length in lengths:
                 if positions is not None and length > positions:
@@ -974,6 +976,17 @@ class SpecChecker:
                         f"examples of {length} tokens are longer than the {positions} positions the model at "
                         f"{'.'.join(str(part) for part in loc)} has learned embeddings for",
                     )
+        teachers_built = [(loc, vocab, a) for loc, vocab, a in vocabularies if loc[0] != "student"]
+        for loc, vocab, architecture in teachers_built[1:]:
+            first_loc, first_vocab, first = teachers_built[0]
+            # the bytes tokenizer fills a missing vocab_size with its 259: compare what the worker will build
+            sizes = [
+                BYTES_VOCAB if a.tokenizer == "bytes" and "vocab_size" not in a.config else v
+                for v, a in ((first_vocab, first), (vocab, architecture))
+            ]
+            if sizes[0] != sizes[1]:  # their logits are combined token by token (a stack of unequal sizes failed)
+                where = ".".join(str(part) for part in first_loc)
+                self.add((*loc, "config", "vocab_size"), f"{sizes[1]} ids; {where} has {sizes[0]}: teachers share one")
 
     def teacher_facts(self, index: int, teacher: TeacherSpec) -> ModelShape | None:
         if isinstance(teacher, BuiltinTeacher) and isinstance(teacher.architecture, TransformerArchitecture):

@@ -298,3 +298,21 @@ def test_a_stored_text_classifier_teaching_other_classes_is_refused() -> None:
     stored = {"format": "transformers", "task": "text_classification", "label_names": ["a", "b", "c"]}
     assert stored_model_shape(stored).output_dim == 3
     assert stored_model_shape({**stored, "label_names": None}).output_dim is None
+
+
+def test_teachers_with_vocabularies_of_different_sizes_are_refused() -> None:
+    """Two builtin teachers on the bytes tokenizer, one with vocab_size 400: their logits are combined token by
+    token, and the worker failed stacking [.., 259] with [.., 400]."""
+
+    def teachers(*vocab: int | None) -> list[tuple[Any, ...]]:
+        made = []
+        for size in vocab:
+            architecture = {**gpt2(), "tokenizer": "bytes"}
+            if size is not None:
+                architecture["config"] = {**architecture["config"], "vocab_size": size}
+            made.append({"source": "builtin", "architecture": architecture})
+        student = {**gpt2(), "tokenizer": "bytes"}
+        return locs(check_spec(text_spec(student, teachers=made), LIMITS))
+
+    assert teachers(None, 400) == [("teachers", 1, "architecture", "config", "vocab_size")]
+    assert teachers(None, 259) == teachers(300, 300) == teachers(None, None) == []
