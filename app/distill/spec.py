@@ -648,9 +648,11 @@ class SpecChecker:
         student_tokenizer: str | None = None,
         dataset_dims: tuple[int, int] | None = None,
         dataset_rows: Mapping[str, int] | None = None,
+        dataset_kinds: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
         self.dataset_rows = dict(dataset_rows or {})
+        self.dataset_kinds = dict(dataset_kinds or {})
         self.limits = limits
         self.teacher_shapes = teacher_shapes
         self.dataset_kind = dataset_kind
@@ -1078,6 +1080,7 @@ class SpecChecker:
                 cache_ready = False  # a cache belongs to the data it was made on
                 if not isinstance(stage.data, TEXT_DATA):
                     self.add((*loc, "data", "source"), "stage data is text: dataset, corpus or inline")
+                self.check_stage_data(stage.data, (*loc, "data"))
             if stage.kind in ("generate", "logit_cache"):
                 if not teachers:
                     self.add((*loc, "kind"), f"a {stage.kind} stage needs a teacher")
@@ -1099,6 +1102,22 @@ class SpecChecker:
                 self.add((*loc, "generation"), "generation settings apply to a generate stage")
             self.check_methods(stage.objective or spec.objective, (*loc, "objective"))
 
+    def check_stage_data(self, data: Any, loc: Loc) -> None:
+        """A stage's own data is held to the job's task as the job's data is (it was only checked to exist, and a
+        stage on records the task cannot use failed after the stages before it had trained)."""
+        task = self.spec.task
+        if isinstance(data, InlineData):
+            self.check_inline_records(data, loc)
+        elif isinstance(data, CorpusData) and task == "text_classification":
+            self.add((*loc, "source"), "corpora have no labels; upload a {text, label} dataset")
+        elif isinstance(data, UploadedData) and data.dataset_id in self.dataset_kinds:
+            kind = self.dataset_kinds[data.dataset_id]
+            accepted = DATASET_KINDS_BY_TASK[task]
+            if kind not in accepted:
+                self.add(
+                    (*loc, "dataset_id"), f"the dataset holds {kind} records; task {task} takes {' or '.join(accepted)}"
+                )
+
     def check_drop(self, drop: list[int], depth: int | None, loc: Loc) -> int | None:
         """A drop_layers stage's blocks: each once, in range of the student as the stages before left it, not all of
         them (the worker refused them after the earlier stages had trained). The student's depth after it."""
@@ -1114,7 +1133,7 @@ class SpecChecker:
             self.add(loc, f"removes all {depth} blocks of the student")
         return depth - len(drop)
 
-    def check_inline_records(self, data: InlineData) -> None:
+    def check_inline_records(self, data: InlineData, loc: Loc = ("data",)) -> None:
         expected = {
             "causal_lm": ({"text"}, {"prompt", "completion"}),
             "embedding": ({"text"},),
@@ -1124,7 +1143,7 @@ class SpecChecker:
             if set(record) not in expected:
                 shapes = " or ".join(str(sorted(keys)) for keys in expected)
                 self.add(
-                    ("data", "records", index),
+                    (*loc, "records", index),
                     f"record has keys {sorted(record)}; task {self.spec.task} takes {shapes}",
                 )
                 return
@@ -1149,6 +1168,7 @@ def check_spec(
     student_tokenizer: str | None = None,
     dataset_dims: tuple[int, int] | None = None,
     dataset_rows: Mapping[str, int] | None = None,
+    dataset_kinds: Mapping[str, str] | None = None,
 ) -> list[SpecProblem]:
     """Problems that make ``spec`` impossible to run; empty when it can run.
 
@@ -1156,13 +1176,22 @@ def check_spec(
     ``teacher_shape`` is the shorthand for a single teacher. Builtin teachers carry their own architecture.
     ``student_tokenizer`` is the signature of a tokenizer the student names by reference, when it could be resolved.
     ``dataset_dims`` (features, classes) of an uploaded tabular dataset, as recorded at upload ((0, classes) of a
-    text_label one); ``dataset_rows`` the records of each uploaded dataset the spec names, by id.
+    text_label one); ``dataset_rows`` the records and ``dataset_kinds`` the kind of each uploaded dataset the spec
+    names, by id.
     """
     shapes = dict(teacher_shapes or {})
     if teacher_shape is not None:
         shapes.setdefault(0, teacher_shape)
     return SpecChecker(
-        spec, limits, shapes, dataset_kind, dataset_tokenizer, student_tokenizer, dataset_dims, dataset_rows
+        spec,
+        limits,
+        shapes,
+        dataset_kind,
+        dataset_tokenizer,
+        student_tokenizer,
+        dataset_dims,
+        dataset_rows,
+        dataset_kinds,
     ).run()
 
 

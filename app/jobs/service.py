@@ -136,6 +136,7 @@ class DatasetFacts:
     tokenizer: str | None = None  # of a logit cache
     dims: tuple[int, int] | None = None  # (features, classes) of a tabular CSV; (0, classes) of a text_label set
     rows: dict[str, int] = field(default_factory=dict)  # records of every dataset the spec names (no cache), by id
+    kinds: dict[str, str] = field(default_factory=dict)  # the kind of every dataset the spec names, by id
 
 
 def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFacts:
@@ -143,11 +144,13 @@ def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFact
     stage's) must exist for the tenant (else a 422 at its ``dataset_id``)."""
     facts = DatasetFacts()
     rows: dict[str, int] = {}
+    kinds: dict[str, str] = {}
     for loc, dataset_id in spec.uploaded_datasets():
         row = datasets_repository.get_dataset(conn, dataset_id, tenant=tenant)
         if row is None:
             message = f"no dataset {dataset_id!r}"
             raise InvalidSpec("the dataset does not exist", errors=[{"loc": ["body", *loc], "msg": message}])
+        kinds[dataset_id] = str(row["kind"])
         if row["kind"] != "logit_cache":  # a cache's rows are its sequences, trained on whole: no split
             rows[dataset_id] = int(row["n_records"])
         if loc[0] == "data":
@@ -158,7 +161,7 @@ def resolve_dataset(conn: Connection, spec: JobSpec, tenant: str) -> DatasetFact
             if row["kind"] == "text_label" and row["labels"]:
                 dims = (0, len(row["labels"]))  # text: no feature columns
             facts = DatasetFacts(str(row["kind"]), tokenizer, dims)
-    return DatasetFacts(facts.kind, facts.tokenizer, facts.dims, rows)
+    return DatasetFacts(facts.kind, facts.tokenizer, facts.dims, rows, kinds)
 
 
 def named_student_tokenizer(spec: JobSpec, settings: Settings) -> str | None:
@@ -251,6 +254,7 @@ def create_job(
         student_tokenizer=named_student_tokenizer(spec, settings),
         dataset_dims=dataset.dims,
         dataset_rows=dataset.rows,
+        dataset_kinds=dataset.kinds,
     )
     if problems:
         raise InvalidSpec(

@@ -316,3 +316,21 @@ def test_teachers_with_vocabularies_of_different_sizes_are_refused() -> None:
 
     assert teachers(None, 400) == [("teachers", 1, "architecture", "config", "vocab_size")]
     assert teachers(None, 259) == teachers(300, 300) == teachers(None, None) == []
+
+
+def test_a_stages_own_data_is_held_to_the_task() -> None:
+    """A stage's own data was only checked to exist: records the task cannot use failed after the stages before
+    it had trained ("unknown label None")."""
+    records = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+    job = {"task": "text_classification", "data": {"source": "inline", "records": records}}
+
+    def stage_data(data: dict[str, Any], **kinds: str) -> list[tuple[Any, ...]]:
+        stages = [{"kind": "finetune", "data": data}]
+        return locs(check_spec(text_spec(gpt2(), stages=stages, **job), LIMITS, dataset_kinds=kinds))
+
+    plain = [{"text": "no label"}, {"text": "none here"}]
+    assert stage_data({"source": "inline", "records": plain}) == [("stages", 0, "data", "records", 0)]
+    assert stage_data({"source": "corpus", "name": "python-docstrings"}) == [("stages", 0, "data", "source")]
+    uploaded = {"source": "dataset", "dataset_id": "ds_t"}
+    assert stage_data(uploaded, ds_t="text") == [("stages", 0, "data", "dataset_id")]
+    assert stage_data(uploaded, ds_t="text_label") == stage_data({"source": "inline", "records": records}) == []
