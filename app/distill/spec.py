@@ -956,7 +956,7 @@ class SpecChecker:
         for loc, architecture in built:
             config = architecture.config
             if "model_type" not in config:
-                continue  # said above
+                continue  # check_text says so
             vocab = config.get("vocab_size")
             if architecture.tokenizer == "bytes" and isinstance(vocab, int) and vocab < BYTES_VOCAB:
                 self.add(
@@ -1015,8 +1015,8 @@ class SpecChecker:
                         ("student", "architecture", "layers"), f"layers {bad} are out of range: the teacher has {depth}"
                     )
                 student_layers = len(set(student.layers))
-            if student.layers is not None and any(b <= a for a, b in itertools.pairwise(student.layers)):
-                self.add(("student", "architecture", "layers"), "list each teacher block once, in increasing order")
+                if any(b <= a for a, b in itertools.pairwise(student.layers)):
+                    self.add(("student", "architecture", "layers"), "list each teacher block once, in increasing order")
             elif student.keep_every is not None:
                 student_layers = -(-depth // student.keep_every)
             student_tokenizer = first.tokenizer
