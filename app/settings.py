@@ -91,7 +91,11 @@ class Settings(BaseSettings):
     republish_after_s: float = Field(
         15.0, gt=0, description="A queued job missing from the broker this long is published again."
     )
-    job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
+    job_time_limit_s: int = Field(
+        24 * 3600,
+        description="Hard time limit of one job attempt; the attempt stops itself (failed, code time_limit) two "
+        "tenths of it (at most 2 min) sooner, Celery's soft limit one tenth (at most 1 min) sooner.",
+    )
 
     # artifact store
     artifact_store: Literal["local", "s3"] = Field(
