@@ -34,6 +34,8 @@ MAX_SEED = 2**32 - 1
 INT64 = (-(2**63), 2**63 - 1)
 MAX_JSON_DEPTH = 32
 BYTES_VOCAB = 259  # the bytes tokenizer's ids (ByT5's): 256 bytes after pad, end of sequence and unknown
+# the ids UTF-8 text can reach with it: its bytes go up to 0xF4 (0xF5–0xFF never occur), id = byte + 3
+BYTES_MIN_VOCAB = 0xF4 + 3 + 1
 
 
 def storable_json(value: Any, depth: int = 0) -> Any:
@@ -933,8 +935,8 @@ class SpecChecker:
     def check_configs(self, student: Any, teachers: list[TeacherSpec]) -> None:
         """The transformer configs a job builds, built at submission on the meta device (no memory, no weights): a
         config that cannot be built (an unknown model_type, a width the heads do not divide), a vocabulary smaller
-        than the bytes tokenizer's, or examples longer than the model's learned position embeddings failed in the
-        worker (an IndexError; on a GPU a device-side assert)."""
+        than the ids UTF-8 text reaches with the bytes tokenizer, or examples longer than the model's learned
+        position embeddings failed in the worker (an IndexError; on a GPU a device-side assert)."""
         import torch
 
         from app.distill.text.models import ModelSourceError, build_from_config, learned_positions
@@ -958,9 +960,10 @@ class SpecChecker:
             if "model_type" not in config:
                 continue  # check_text says so
             vocab = config.get("vocab_size")
-            if architecture.tokenizer == "bytes" and isinstance(vocab, int) and vocab < BYTES_VOCAB:
+            if architecture.tokenizer == "bytes" and isinstance(vocab, int) and vocab < BYTES_MIN_VOCAB:
                 self.add(
-                    (*loc, "config", "vocab_size"), f"the bytes tokenizer has {BYTES_VOCAB} ids; vocab_size is {vocab}"
+                    (*loc, "config", "vocab_size"),
+                    f"UTF-8 text reaches id {BYTES_MIN_VOCAB - 1} of the bytes tokenizer; vocab_size is {vocab}",
                 )
                 continue
             try:

@@ -177,15 +177,16 @@ def gpt2(**config: Any) -> dict[str, Any]:
 
 def test_transformer_configs_are_built_at_submission() -> None:
     """Configs that could not be built, or that the data does not fit, passed submission and failed in the worker: an
-    unknown model_type, a width the heads do not divide, a vocabulary below the bytes tokenizer's 259 ids (an
-    IndexError), examples longer than the learned position embeddings (an IndexError; a device-side assert on a
-    GPU). Each is built on the meta device at submission; computed positions (rotary) are no limit."""
+    unknown model_type, a width the heads do not divide, a vocabulary too small for the ids UTF-8 text reaches with
+    the bytes tokenizer (an IndexError), examples longer than the learned position embeddings (an IndexError; a
+    device-side assert on a GPU). Each is built on the meta device at submission; computed positions (rotary) are no
+    limit."""
     config = ("student", "architecture", "config")
     cases: list[tuple[dict[str, Any], dict[str, Any], tuple[Any, ...], str]] = [
         (gpt2(n_positions=8), {}, ("data", "max_length"), "8 positions"),
         (gpt2(n_embd=10, n_head=3), {}, config, "divisible"),
         ({"type": "transformer", "config": {"model_type": "nonexistent"}}, {}, config, "unknown model_type"),
-        ({**gpt2(vocab_size=50), "tokenizer": "bytes"}, {}, (*config, "vocab_size"), "259"),
+        ({**gpt2(vocab_size=247), "tokenizer": "bytes"}, {}, (*config, "vocab_size"), "id 247"),
         (
             gpt2(),
             {"teacher": {"source": "builtin", "architecture": gpt2(n_positions=16)}},
@@ -207,6 +208,8 @@ def test_transformer_configs_are_built_at_submission() -> None:
     rotary |= {"intermediate_size": 32, "max_position_embeddings": 8}
     assert check_spec(text_spec({"type": "transformer", "config": rotary}), LIMITS) == []
     assert check_spec(text_spec(gpt2(n_positions=32)), LIMITS) == []
+    # 248 ids are enough for the bytes tokenizer: UTF-8 holds no byte above 0xF4 (id 247)
+    assert check_spec(text_spec({**gpt2(vocab_size=248), "tokenizer": "bytes"}), LIMITS) == []
 
 
 def test_block_lists_are_checked_at_submission() -> None:
