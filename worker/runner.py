@@ -587,7 +587,9 @@ class JobRunner:
         try:
             with self.db.transaction() as conn:
                 jobs_repository.append_events(conn, job_id, events)
-        except DATABASE_DOWN:
+        except DATABASE_DOWN as exc:
+            if time_limit_in(exc):  # Celery's soft limit struck inside the insert: the attempt must stop
+                raise
             log.warning("events of %s not written (database unreachable)", job_id)
 
     def stop_gracefully(self, job_id: str, attempt: int, status: str, progress: dict[str, Any] | None) -> None:

@@ -279,6 +279,45 @@ def test_celerys_soft_limit_raised_inside_a_database_call_fails_the_job_with_cod
         database.dispose()
 
 
+def test_celerys_soft_limit_raised_while_events_are_written_is_not_taken_for_an_outage(
+    postgres_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events are best effort: a database outage while writing them is logged and the attempt goes on. Celery's soft
+    limit striking inside that insert comes out as the driver's error too; it was logged as an outage and swallowed,
+    and the attempt trained on towards the hard kill. It now propagates."""
+    import signal
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import JobRunner, time_limit_in
+
+    database = Database.from_url(postgres_url)
+    job_id = new_id("job")
+    with database.transaction() as connection:
+        jobs_repository.insert_job(connection, job_id=job_id, tenant="t1", name=None, spec=tiny_spec(), progress={})
+    runner = JobRunner(database, Settings(database_url=postgres_url, data_dir=tmp_path))
+
+    def slow_insert(connection: Connection, *_: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        connection.execute(sa.text("SELECT pg_sleep(5)"))
+
+    def soft_limit(*_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(jobs_repository, "append_events", slow_insert)
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        with pytest.raises(BaseException) as raised:
+            runner.record_events(job_id, [{"type": "log", "message": "step 1"}])
+        assert time_limit_in(raised.value), repr(raised.value)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        database.dispose()
+
+
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 def test_concurrent_submissions_keep_to_the_active_jobs_quota(postgres_url: str, tmp_path: Any, backend: str) -> None:
     """Ten submissions at once against a quota of two: two jobs, eight 429s (the counts ran side by side, each
