@@ -94,7 +94,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded mode: one command, no servers. Children run in their own sessions so that Ctrl-C reaches only this
     process, which then stops both cleanly (api first, then the worker's warm shutdown)."""
-    data_dir = settings.data_dir.resolve()
+    data_dir = (args.data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DISTILLERY_DATA_DIR": str(data_dir)}
     settings = Settings(data_dir=data_dir)
@@ -211,9 +211,31 @@ def evaluation_table(evaluation: dict[str, Any]) -> str:
     rows = []
     for key in sorted(evaluation):
         value = evaluation[key]
+        if key == "variants" and isinstance(value, list):
+            continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         rows.append(f"  {key:<22} {text}")
+    variants = evaluation.get("variants")
+    if isinstance(variants, list) and variants:
+        rows += ["  variants", *(f"    {variant_line(record)}" for record in variants if isinstance(record, dict))]
     return "\n".join(rows)
+
+
+def variant_line(record: dict[str, Any]) -> str:
+    """One serving variant the job measured: its latencies and agreement, or why it does not apply."""
+    name = f"{record.get('name', '?'):<17}"
+    if not record.get("applies"):
+        return f"{name} not used: {record.get('reason', 'does not apply')}"
+    parts = []
+    for key, label in (("latency_ms", "batch 1"), ("latency_ms_batch32", "batch 32")):
+        if isinstance(record.get(key), int | float):
+            parts.append(f"{label} {record[key]:.3g} ms")
+    for key in ("speedup", "agreement", "cosine_min"):
+        if isinstance(record.get(key), int | float):
+            parts.append(f"{key} {record[key]:.4g}")
+    if record.get("within_tolerance") is False:
+        parts.append("outside tolerance")
+    return f"{name} {', '.join(parts)}".rstrip()
 
 
 def wait_for(settings: Settings, job_id: str, interval: float = 0.5) -> dict[str, Any]:
@@ -344,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="embedded mode: SQLite + file broker, api and one worker")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the SQLite database, the broker's files and the artifacts live (default: DISTILLERY_DATA_DIR, "
+        "else ./data)",
+    )
     up.set_defaults(handler=cmd_up)
 
     api = commands.add_parser("api", help="run the HTTP api (uvicorn)")
@@ -414,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the output was piped into a reader that has gone (`distillery jobs | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":

@@ -354,7 +354,7 @@ def require_task(served: ServedModel, task: str, endpoint: str) -> TextPredictor
     predictor = served.predictor
     if not isinstance(predictor, TextPredictor) or predictor.task != task:
         raise bad_request(
-            f"model {served.model_id} is a {served.record.task} model; {endpoint} needs a {task} model", "model"
+            f"model {served.model_id} has task {served.record.task}; {endpoint} needs a model with task {task}", "model"
         )
     return predictor
 

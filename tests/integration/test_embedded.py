@@ -22,12 +22,13 @@ pytestmark = pytest.mark.integration
 def test_up_serves_a_job_end_to_end_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("DISTILLERY_")}
+    # --data-dir wins over the environment's folder
     env.update(
-        {"DISTILLERY_DATA_DIR": str(tmp_path / "data"), "DISTILLERY_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        {"DISTILLERY_DATA_DIR": str(tmp_path / "env-data"), "DISTILLERY_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     )
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "app.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
         env=env,
         cwd=ROOT,
         stdout=log,
@@ -61,6 +62,7 @@ def test_up_serves_a_job_end_to_end_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         data = tmp_path / "data"
         assert (data / "distillery.db").exists()
         assert (data / "artifacts" / "models" / model_id / "model.safetensors").exists()
+        assert not (tmp_path / "env-data").exists()
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=40)

@@ -898,7 +898,7 @@ def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: 
     unknown_alias = client.post("/v1/completions", json={"model": "latest:nope", "prompt": "x"})
     assert assert_openai_error(unknown_alias, 404)["code"] == "model_not_found"
     embedder = client.post("/v1/completions", json={"model": text_models["embedder"], "prompt": "x"})
-    assert "needs a causal_lm model" in assert_openai_error(embedder, 400, "model")["message"]
+    assert "needs a model with task causal_lm" in assert_openai_error(embedder, 400, "model")["message"]
     too_many = client.post("/v1/completions", json={"model": model, "prompt": ["x"] * 33, "n": 2, "max_tokens": 1})
     assert "at most 64" in assert_openai_error(too_many, 400, "prompt")["message"]
     for garbled in (b"{", b'{"model": "x"} trailing'):
