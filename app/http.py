@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -73,9 +73,29 @@ def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
     return path
 
 
+def malformed_json_message(error: Mapping[str, Any], body: Any = None) -> str:
+    """FastAPI's ``json_invalid`` error says only "JSON decode error", with the character offset as its loc: the
+    decoder's own reason and where, as the standard library says it ("Expecting ',' delimiter: line 1 column 23
+    (char 22)")."""
+    reason = str((error.get("ctx") or {}).get("error") or error.get("msg") or "JSON decode error")
+    offsets = [part for part in error.get("loc", ())[1:] if isinstance(part, int)]
+    if not offsets:
+        return reason
+    offset = offsets[0]
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if not isinstance(body, str):
+        return f"{reason} (char {offset})"
+    line = body.count("\n", 0, offset) + 1
+    column = offset - body.rfind("\n", 0, offset)
+    return f"{reason}: line {line} column {column} (char {offset})"
+
+
 def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[dict[str, Any]]]:
     errors = [
-        {
+        {"loc": ["body"], "msg": malformed_json_message(error, exc.body), "type": "json_invalid"}
+        if error.get("type") == "json_invalid"  # the body as a whole; FastAPI's loc holds a character position
+        else {
             "loc": json_path(tuple(error.get("loc", ())), exc.body),
             "msg": str(error.get("msg", "")),
             "type": str(error.get("type", "")),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.errors import PayloadTooLarge, ServiceError
+from app.http import malformed_json_message
 from app.serving.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, bo
     for error in errors[:5]:
         loc = tuple(error.get("loc", ()))
         if error.get("type") == "json_invalid":  # the body as a whole (FastAPI's loc holds a character position)
-            loc = ()
-        elif loc[:1] == ("body",):
+            parts.append(f"the body is not valid JSON: {malformed_json_message(error, exc.body)}")
+            continue
+        if loc[:1] == ("body",):
             loc = tuple(document_path(loc[1:], exc.body))
         path = ".".join(str(part) for part in loc)
         param = param or path or None

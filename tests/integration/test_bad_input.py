@@ -132,6 +132,19 @@ def test_malformed_json(client: httpx.Client, row_counts: Any) -> None:
             client.post("/v1/jobs", content=content, headers={"content-type": "application/json"}), 400
         )
         assert body["code"] == "malformed_json", (content[:20], body)
+    # the decoder's reason and where, at the body (FastAPI's "body.22: JSON decode error" said neither)
+    body = assert_problem(
+        client.post("/v1/jobs", content=b'{"name": "x",\n, "task": 1}', headers={"content-type": "application/json"}),
+        400,
+    )
+    assert body["errors"] == [
+        {
+            "loc": ["body"],
+            "msg": "Expecting property name enclosed in double quotes: line 2 column 1 (char 14)",
+            "type": "json_invalid",
+        }
+    ], body
+    assert body["detail"] == "body: Expecting property name enclosed in double quotes: line 2 column 1 (char 14)"
     assert row_counts() == before
 
 

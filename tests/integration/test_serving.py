@@ -905,6 +905,7 @@ def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: 
         malformed = client.post("/v1/completions", content=garbled, headers={"content-type": "application/json"})
         error = assert_openai_error(malformed, 400)
         assert error["code"] == "malformed_json" and error["param"] is None and "JSON" in error["message"], error
+        assert "column" in error["message"], error  # the decoder's reason and where
     # fields OpenAI's clients send with their defaults are accepted; other values are refused by name
     for field, value in (("suffix", None), ("best_of", 1), ("stream_options", None)):
         accepted = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1, field: value})
