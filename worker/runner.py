@@ -166,18 +166,22 @@ class ProgressWriter:
         self.shutting_down = shutting_down
         self.stage = ""
         self.last_write = 0.0
-        self.training_started: tuple[float, int] | None = None
+        self.stage_clock: tuple[str, float, int] | None = None  # (stage, when, step) of its first counted report
         self.last: dict[str, Any] | None = None
 
     def eta(self, update: ProgressUpdate) -> float | None:
-        if update.stage != "training" or update.step == 0:
+        """Seconds left in the current stage (training, a teacher's pretraining, a stage's generation or teacher
+        targets), at the rate of its steps so far; None before its second report and in stages without a count."""
+        if update.stage == "evaluating" or not update.total_steps or update.step == 0:
             return None
         now = time.monotonic()
-        if self.training_started is None:
-            self.training_started = (now, update.step)
+        if self.stage_clock is None or self.stage_clock[0] != update.stage:
+            self.stage_clock = (update.stage, now, update.step)
             return None
-        started, first_step = self.training_started
-        per_step = (now - started) / max(1, update.step - first_step)
+        _, started, first_step = self.stage_clock
+        if update.step <= first_step:
+            return None
+        per_step = (now - started) / (update.step - first_step)
         return per_step * (update.total_steps - update.step)
 
     def document(self, update: ProgressUpdate, eta: float | None) -> dict[str, Any]:

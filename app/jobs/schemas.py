@@ -17,7 +17,11 @@ class Progress(BaseModel):
     step: int
     total_steps: int
     fraction: float
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(
+        None,
+        description="Seconds left in the current stage (training, pretraining a teacher, a stage's generation), at "
+        "its rate so far; null until the stage has reported twice, and in stages without a step count.",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
