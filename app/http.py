@@ -91,6 +91,14 @@ def malformed_json_message(error: Mapping[str, Any], body: Any = None) -> str:
     return f"{reason}: line {line} column {column} (char {offset})"
 
 
+def not_json(content_type: str | None) -> str | None:
+    """What a request's Content-Type says its body is, where that is not JSON (None where it is)."""
+    if not content_type:
+        return "no Content-Type"
+    media = content_type.split(";", 1)[0].strip().lower()
+    return None if media == "application/json" or media.endswith("+json") else f"Content-Type {media}"
+
+
 def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[dict[str, Any]]]:
     errors = [
         {"loc": ["body"], "msg": malformed_json_message(error, exc.body), "type": "json_invalid"}
@@ -139,6 +147,7 @@ ERROR_DESCRIPTIONS = {
     "404": "No such resource for this tenant",
     "409": "The resource is in a state that does not allow this",
     "413": "The request body is too large",
+    "415": "The body is not sent as JSON (Content-Type: application/json)",
     "422": "The request is not valid; `errors` lists each problem with its field path",
     "429": "A quota is exhausted; see Retry-After",
     "503": "A dependency (database, broker) is unreachable; retry after Retry-After",
@@ -161,6 +170,8 @@ def document_problems(openapi: dict[str, Any], operations_public: frozenset[str]
                 codes.add("404")
             if "requestBody" in operation:
                 codes |= {"400", "413"}
+                if "application/json" in operation["requestBody"].get("content", {}):
+                    codes.add("415")
             if method == "post" and (path.endswith(("/cancel", "/pause", "/resume")) or path == "/v1/jobs"):
                 codes.add("409")
             if method == "post" and path in ("/v1/jobs", "/v1/models", "/v1/datasets", "/v1/datasets/import"):
@@ -200,6 +211,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        sent_as = not_json(request.headers.get("content-type"))
+        if sent_as and any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors()):
+            # FastAPI reads a JSON body only when it is sent as JSON; `curl -d @spec.json` sends it as a form
+            detail = f"the body must be JSON, sent with Content-Type: application/json (this request: {sent_as})"
+            errors = [{"loc": ["header", "content-type"], "msg": detail, "type": "unsupported_media_type"}]
+            return problem_response(
+                request, 415, "unsupported_media_type", "The body is not sent as JSON", detail, errors
+            )
         status, code, title, errors = validation_errors(exc)
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
         return problem_response(request, status, code, title, detail, errors)

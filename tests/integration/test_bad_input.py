@@ -148,6 +148,29 @@ def test_malformed_json(client: httpx.Client, row_counts: Any) -> None:
     assert row_counts() == before
 
 
+def test_a_json_body_not_sent_as_json_is_a_415_that_says_so(client: httpx.Client, row_counts: Any) -> None:
+    """`curl -d @spec.json` sends the spec as a form: the answer was a 422 "body: Input should be a valid
+    dictionary", which does not say what to change."""
+    before = row_counts()
+    spec = json.dumps(tiny_spec()).encode()
+    for content_type, said in (
+        ("application/x-www-form-urlencoded", "Content-Type application/x-www-form-urlencoded"),
+        ("text/plain; charset=utf-8", "Content-Type text/plain"),
+        (None, "no Content-Type"),
+    ):
+        headers = {"content-type": content_type} if content_type else {}
+        request = client.build_request("POST", "/v1/jobs", content=spec, headers=headers)
+        if content_type is None:
+            request.headers.pop("content-type", None)
+        body = assert_problem(client.send(request), 415)
+        assert body["code"] == "unsupported_media_type" and "Content-Type: application/json" in body["detail"]
+        assert said in body["detail"] and body["errors"][0]["loc"] == ["header", "content-type"], body
+    assert row_counts() == before
+    # JSON under another name is JSON
+    accepted = client.post("/v1/jobs", content=spec, headers={"content-type": "application/vnd.distillery+json"})
+    assert accepted.status_code == 201, accepted.text
+
+
 def test_non_finite_numbers_are_refused_not_stored_as_null(client: httpx.Client, row_counts: Any) -> None:
     """NaN and Infinity are JSON to Python's parser: in a typed field they are out of range, and in free-form JSON (a
     transformers config) they were stored as null, running another spec than the one sent."""
