@@ -46,7 +46,7 @@ def parse_json_bytes(raw: bytes, model: type[M]) -> M:
         document = json_document(raw)
         errors = []
         seen: set[tuple[Any, ...]] = set()
-        for error in exc.errors(include_url=False):
+        for error in closest_union_member(exc.errors(include_url=False), document):
             loc = ("body", *document_path(error["loc"], document))
             if loc not in seen:  # the members of a union fail at the same place: report the place once
                 seen.add(loc)
@@ -66,6 +66,41 @@ def json_document(raw: bytes) -> Any:
             return json.loads(raw)
         except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting too deep
             return None
+
+
+def union_member(loc: tuple[Any, ...], document: Any) -> tuple[tuple[Any, ...], str] | None:
+    """Where an error's first union member tag sits in its location, and the tag (``inputs.list[str].1`` →
+    ``(("inputs",), "list[str]")``); None when the location has no tag. A tag is a string step where the document
+    has no object to look it up in."""
+    node = document
+    for index, part in enumerate(loc):
+        if isinstance(part, str) and not isinstance(node, dict):
+            return tuple(loc[:index]), part
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return None
+
+
+def closest_union_member(errors: Sequence[Any], document: Any) -> list[Any]:
+    """Where a union's members all failed, only the errors of the member the document came closest to: the one whose
+    errors lie deepest, then the one with fewest. Rows of numbers with one bad value were also told "inputs.0: Input
+    should be a valid string" (the text member), and ``["a", 5]`` was told that both items should be arrays."""
+    members: dict[tuple[Any, ...], dict[str, list[Any]]] = {}
+    for error in errors:
+        found = union_member(tuple(error["loc"]), document)
+        if found is not None:
+            members.setdefault(found[0], {}).setdefault(found[1], []).append(error)
+    dropped: set[int] = set()
+    for by_tag in members.values():
+        if len(by_tag) < 2:
+            continue
+        best = max(by_tag.values(), key=lambda group: (max(len(e["loc"]) for e in group), -len(group)))
+        dropped.update(id(error) for group in by_tag.values() if group is not best for error in group)
+    return [error for error in errors if id(error) not in dropped]
 
 
 def document_path(loc: tuple[Any, ...], document: Any) -> list[Any]:
