@@ -74,6 +74,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     log_setup()
     settings.check_production()
+    # transformers' progress bars (loading, saving a model) reach the log as WARNING lines of celery.redirected;
+    # progress is the job's own (GET /v1/jobs/{id}). Set before transformers is imported; the pool inherits it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app = create_worker_app(settings)
     app.worker_main(
         [
