@@ -501,6 +501,7 @@ class JobRunner:
             cache_sink=lambda name, cache, provenance: self.store_cache(tenant, job_id, name, cache, provenance),
             tokenizer_signature=signature,
             serving_threads=self.settings.inference_torch_threads or None,
+            auto_threads=self.settings.torch_threads == 0,
         )
 
     def teacher_tokenizer_signature(self, spec: JobSpec, stored: dict[int, Path]) -> str | None:

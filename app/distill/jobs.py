@@ -16,7 +16,8 @@ from app.distill.artifacts import ArtifactFile, load_model_dir, save_model_dir
 from app.distill.checkpoints import Checkpointer
 from app.distill.resources import JobResources
 from app.distill.spec import JobSpec
-from app.distill.training import ProgressCallback, train_classifier
+from app.distill.threads import torch_threads
+from app.distill.training import ProgressCallback, tabular_threads, train_classifier
 from app.distill.variants import serving_config
 
 
@@ -45,16 +46,17 @@ def run_job_spec(
 
         return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), save_text)
     stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
-    tabular = train_classifier(
-        spec,
-        stored_teachers=stored,
-        progress=progress,
-        device=device,
-        checkpointer=checkpointer,
-        serving_threads=resources.serving_threads,
-        dataset_files=resources.dataset_files,
-        dataset_columns=resources.dataset_columns,
-    )
+    with torch_threads(tabular_threads(spec, stored, device, resources.auto_threads)):
+        tabular = train_classifier(
+            spec,
+            stored_teachers=stored,
+            progress=progress,
+            device=device,
+            checkpointer=checkpointer,
+            serving_threads=resources.serving_threads,
+            dataset_files=resources.dataset_files,
+            dataset_columns=resources.dataset_columns,
+        )
     labels = {"label_names": tabular.label_names} if tabular.label_names is not None else {}
 
     def save(destination: Path, extra: Mapping[str, Any]) -> list[ArtifactFile]:

@@ -22,3 +22,5 @@ class JobResources:
     tokenizer_signature: str | None = None  # of the teacher's tokenizer, recorded with logit caches
     # torch threads the api serves with: serving variants are timed at this count (None: the job's own)
     serving_threads: int | None = None
+    # whether the job may choose its own torch thread count (the operator left DISTILLERY_TORCH_THREADS at 0)
+    auto_threads: bool = False

@@ -32,6 +32,7 @@ from app.distill.spec import (
     TrainingSpec,
     UploadedData,
     planned_steps,
+    train_rows,
 )
 from app.distill.teachers import TeacherEnsemble, combine_teacher_losses
 from app.distill.variants import choose_serving_variant, tabular_probe
@@ -97,6 +98,39 @@ def derive_seed(seed: int, *salt: int) -> int:
 
 
 SEED_DATA, SEED_TEACHER, SEED_STUDENT, SEED_EPOCH, SEED_STEP, SEED_DROPOUT = range(6)
+
+
+# Below this much work per training step (parameters of the student and teachers × rows), a tabular job trains on
+# one torch thread: its matmuls are too small to split. Two threads were no faster on an idle 2-core machine for the
+# tutorial's models and 3-10× slower on a busy one (OpenMP's threads spin for a core that the api or another
+# process holds); from ~10⁹ (a 784-1024-1024-10 MLP on 512 rows) two threads trained 2× faster when idle.
+SINGLE_THREAD_WORK = 50_000_000
+
+
+def tabular_threads(
+    spec: JobSpec, stored_teachers: Mapping[int, nn.Module], device: torch.device | None, auto: bool
+) -> int | None:
+    """The torch thread count a tabular job trains with: 1 for a small one on the CPU, when the operator left the
+    count to Distillery (``auto``); None (as the process has it) otherwise, or when its step size is unknown (the
+    whole of an uploaded dataset)."""
+    architecture = spec.student.architecture
+    if not auto or not isinstance(architecture, MLPArchitecture):
+        return None
+    if (device or select_device(spec.training.device)).type != "cpu":
+        return None
+    if spec.training.batch_size is None and isinstance(spec.data, UploadedData):
+        return None
+    rows = spec.training.batch_size or train_rows(spec.data)
+    augmentation = spec.augmentation
+    if augmentation.enabled:
+        rows = augmentation.samples_per_step + (rows if augmentation.mix_with_train else 0)
+    params = architecture.parameter_estimate()
+    for index, teacher in enumerate(spec.all_teachers()):
+        if isinstance(teacher, BuiltinTeacher):
+            params += teacher.architecture.parameter_estimate()
+        elif index in stored_teachers:
+            params += sum(p.numel() for p in stored_teachers[index].parameters())
+    return 1 if params * rows < SINGLE_THREAD_WORK else None
 
 
 def select_device(requested: str) -> torch.device:

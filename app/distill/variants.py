@@ -45,6 +45,7 @@ from torch import nn
 from app.distill.architectures import MLPClassifier
 from app.distill.spec import EvaluationSpec, VariantName
 from app.distill.text.models import cache_argument, cache_of, last_logits
+from app.distill.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -620,12 +621,8 @@ def choose_serving_variant(
     lose with the api's), then the job's count is restored."""
     if threads is None or threads < 1:
         return _choose_serving_variant(model, task, probe, evaluation)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         chosen = _choose_serving_variant(model, task, probe, evaluation)
-    finally:
-        torch.set_num_threads(previous)
     if "variants_seconds" in chosen:
         chosen["variants_threads"] = threads
     return chosen

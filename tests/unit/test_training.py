@@ -195,3 +195,44 @@ def test_a_tabular_student_trains_on_an_uploaded_csv(tmp_path: Any) -> None:
         dataset_columns={"ds_iris": features},
     )
     assert untrained.evaluation["student_accuracy"] < supervised.evaluation["student_accuracy"]
+
+
+def test_a_small_tabular_job_trains_on_one_thread_and_gives_the_count_back() -> None:
+    """Two torch threads made the tutorial's jobs 3-10× slower on a busy 2-core machine (OpenMP threads spinning
+    for a core the api held) and no faster on an idle one: a small tabular job trains on one thread when the
+    operator left the count to Distillery, and the process's count is restored after it."""
+    from app.distill.jobs import run_job_spec
+    from app.distill.resources import JobResources
+    from app.distill.training import tabular_threads
+    from tests.conftest import tiny_spec
+
+    spec = JobSpec.model_validate(tiny_spec(training={"steps": 5, "seed": 1}))
+    cpu = torch.device("cpu")
+    assert tabular_threads(spec, {}, cpu, auto=True) == 1
+    assert tabular_threads(spec, {}, cpu, auto=False) is None  # DISTILLERY_TORCH_THREADS set: the operator's count
+    big = tiny_spec(
+        student={"architecture": {"type": "mlp", "input_dim": 784, "hidden_dims": [1024, 1024], "output_dim": 10}}
+    )
+    big["teacher"]["architecture"].update(input_dim=784, output_dim=10)
+    big["data"] = {"source": "synthetic", "n_train": 512, "n_test": 64}
+    assert tabular_threads(JobSpec.model_validate(big), {}, cpu, auto=True) is None  # ~10⁹ a step: two threads pay
+    augmented = tiny_spec(augmentation={"enabled": True, "samples_per_step": 200_000})
+    assert tabular_threads(JobSpec.model_validate(augmented), {}, cpu, auto=True) is None
+    uploaded = tiny_spec(data={"source": "dataset", "dataset_id": "ds_x"})
+    assert tabular_threads(JobSpec.model_validate(uploaded), {}, cpu, auto=True) is None  # its size is unknown here
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: dict[bool, set[int]] = {True: set(), False: set()}
+        for auto in (True, False):
+
+            def record(update: ProgressUpdate, auto: bool = auto) -> None:
+                if update.stage == "training":
+                    seen[auto].add(torch.get_num_threads())
+
+            run_job_spec(spec, JobResources(auto_threads=auto), progress=record, device=cpu)
+            assert torch.get_num_threads() == 2
+        assert seen == {True: {1}, False: {2}}
+    finally:
+        torch.set_num_threads(previous)
