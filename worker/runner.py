@@ -459,6 +459,7 @@ class JobRunner:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)  # no orphan artifact without a record
             raise
+        log.info("job %s succeeded: model %s", job_id, model_id)
 
     def resources(self, spec: JobSpec, tenant: str = "default", job_id: str = "") -> JobResources:
         """Database references of the spec → files on disk (stored teachers, uploaded datasets)."""
@@ -606,6 +607,7 @@ class JobRunner:
                     event = status_event(ended)
                     event["message"] = message
                     jobs_repository.append_events(conn, job_id, [event])
+                    log.info("job %s %s", job_id, message)
                     return
                 # the row is no longer this attempt's running job (cancelled, reclaimed by another worker): say so,
                 # rather than leave the stop unexplained
@@ -641,4 +643,7 @@ class JobRunner:
                     return True
                 return False
 
-        return retry_while_database_down(write, self.settings.db_retry_s, f"ending job {job_id}")
+        ended = retry_while_database_down(write, self.settings.db_retry_s, f"ending job {job_id}")
+        if ended:  # Celery's own line says the task succeeded whatever became of the job
+            log.info("job %s %s%s", job_id, status, f" ({error['code']})" if error else "")
+        return ended

@@ -35,6 +35,8 @@ def test_submit_train_evaluate_and_predict(client: httpx.Client, worker: Any, se
     done = wait_for_status(client, job["id"], ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
     assert done["started_at"] and done["finished_at"] and done["attempts"] == 1
+    said = f"job {job['id']} succeeded: model {done['result']['model_id']}"
+    wait_until(lambda: said in worker.log(), 10, 0.1, "the job's end in the worker's log")
     assert done["progress"]["fraction"] == 1.0 and done["progress"]["step"] == 20
     evaluation = done["result"]["evaluation"]
     for key in (
@@ -143,6 +145,8 @@ def test_cancel_queued_and_running(client: httpx.Client, worker: Any) -> None:
     assert stopped["status"] == "cancelled"
     assert stopped["progress"]["step"] < 5_000_000
     assert stopped["result"] is None
+    # the worker's log says what became of the job (Celery's own line says only that its task succeeded)
+    wait_until(lambda: f"job {running['id']} cancelled" in worker.log(), 10, 0.1, "the cancel in the worker's log")
 
     again = client.post(f"/v1/jobs/{running['id']}/cancel")
     assert again.status_code == 409
