@@ -45,6 +45,15 @@ def problem_response(
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def child(node: Any, part: Any) -> Any:
+    """Where one step of an error location leads in a JSON document (None where it leads nowhere)."""
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return None
+
+
 def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
     """Pydantic puts the tag of a discriminated union into ``loc`` (``body.data.synthetic.n_train``); users expect
     the path in their JSON (``body.data.n_train``), so tags that are not keys of the document are dropped."""
@@ -64,12 +73,7 @@ def json_path(loc: tuple[Any, ...], body: Any) -> list[Any]:
             # into a key that is absent, nor by name into a list
             continue
         path.append(part)
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            node = None
+        node = child(node, part)
     return path
 
 

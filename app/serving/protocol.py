@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.errors import PayloadTooLarge, ServiceError
-from app.http import malformed_json_message
+from app.http import child, malformed_json_message
 from app.serving.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,7 @@ def union_member(loc: tuple[Any, ...], document: Any) -> tuple[tuple[Any, ...], 
     for index, part in enumerate(loc):
         if isinstance(part, str) and not isinstance(node, dict):
             return tuple(loc[:index]), part
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            node = None
+        node = child(node, part)
     return None
 
 
@@ -112,12 +107,7 @@ def document_path(loc: tuple[Any, ...], document: Any) -> list[Any]:
         if isinstance(part, str) and not isinstance(node, dict):
             continue
         path.append(part)
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            node = None
+        node = child(node, part)
     return path
 
 
