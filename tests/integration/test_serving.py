@@ -449,6 +449,10 @@ def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:
     assert_kserve_error(infer({"shape": [2, 10]}), 400, "do not fill shape")
     assert_kserve_error(infer({"shape": [0, 10], "data": []}), 400, "empty batch")
     assert_kserve_error(infer({"data": ["a"] * 10}), 400, "must be numbers")
+    # true/false beside numbers were read as 1 and 0 (numpy's conversion); flat and nested alike
+    assert_kserve_error(infer({"data": [True, *ROW[1:]]}), 400, "must be numbers")
+    assert_kserve_error(infer({"data": [[*ROW[:9], False]]}), 400, "must be numbers")
+    assert_kserve_error(infer({"data": [True] * 10}), 400, "must be numbers")
     assert_kserve_error(infer({"data": [ROW, ROW[:5]], "shape": [2, 10]}), 400, "")
     assert_kserve_error(infer({"name": "x"}), 400, "unexpected input 'x'")
     assert_kserve_error(infer({}, outputs=[{"name": "nope"}]), 400, "unknown output 'nope'")
