@@ -41,7 +41,8 @@ class ModelList(BaseModel):
     has_more: bool
 
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# strict: a JSON number only (lax mode read true/false as 1.0/0.0 and "1.5" as 1.5)
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 class PredictParameters(BaseModel):

@@ -229,6 +229,9 @@ def test_bad_predict_inputs(client: httpx.Client, worker: Any) -> None:
     assert_problem(client.post(url, json={"inputs": [[0.0] * 10, [0.0] * 11]}), 422, ["body", "inputs", 1])
     assert_problem(client.post(url, json={"inputs": []}), 422, ["body", "inputs"])
     assert_problem(client.post(url, json={"inputs": [["a"] * 10]}), 422, ["body", "inputs", 0, 0])
+    # a row is JSON numbers: true/false were read as 1.0/0.0 and "1.5" as 1.5
+    assert_problem(client.post(url, json={"inputs": [[0.0] * 9 + [True]]}), 422, ["body", "inputs", 0, 9])
+    assert_problem(client.post(url, json={"inputs": [["1.5"] + [0.0] * 9]}), 422, ["body", "inputs", 0, 0])
     assert_problem(client.post(url, json={"rows": [[0.0] * 10]}), 422, ["body", "inputs"])
     assert_problem(client.post(url, content=b"[[1,2", headers={"content-type": "application/json"}), 400)
     assert_problem(client.get(f"/v1/models/{model_id}/download", params={"file": "../../etc/passwd"}), 404)
