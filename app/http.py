@@ -103,6 +103,13 @@ def not_json(content_type: str | None) -> str | None:
     return None if media == "application/json" or media.endswith("+json") else f"Content-Type {media}"
 
 
+def not_read_as_json(error: Mapping[str, Any]) -> bool:
+    """FastAPI's error for a JSON body it did not read as JSON: the raw body is not an object. (A missing body is
+    "missing" whatever its type; the inference routes parse their bodies themselves, and a non-object there is
+    "model_type".)"""
+    return tuple(error.get("loc", ())) == ("body",) and error.get("type") == "model_attributes_type"
+
+
 def validation_errors(exc: RequestValidationError) -> tuple[int, str, str, list[dict[str, Any]]]:
     errors = [
         {"loc": ["body"], "msg": malformed_json_message(error, exc.body), "type": "json_invalid"}
@@ -174,7 +181,10 @@ def document_problems(openapi: dict[str, Any], operations_public: frozenset[str]
                 codes.add("404")
             if "requestBody" in operation:
                 codes |= {"400", "413"}
-                if "application/json" in operation["requestBody"].get("content", {}):
+                # FastAPI reads these bodies; the inference routes read theirs whatever the Content-Type says
+                if "application/json" in operation["requestBody"].get("content", {}) and not operation.get(
+                    "x-inference"
+                ):
                     codes.add("415")
             if method == "post" and (path.endswith(("/cancel", "/pause", "/resume")) or path == "/v1/jobs"):
                 codes.add("409")
@@ -216,7 +226,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(request: Request, exc: RequestValidationError) -> Response:
         sent_as = not_json(request.headers.get("content-type"))
-        if sent_as and any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors()):
+        if sent_as and any(not_read_as_json(error) for error in exc.errors()):
             # FastAPI reads a JSON body only when it is sent as JSON; `curl -d @spec.json` sends it as a form
             detail = f"the body must be JSON, sent with Content-Type: application/json (this request: {sent_as})"
             errors = [{"loc": ["header", "content-type"], "msg": detail, "type": "unsupported_media_type"}]

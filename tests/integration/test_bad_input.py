@@ -165,6 +165,10 @@ def test_a_json_body_not_sent_as_json_is_a_415_that_says_so(client: httpx.Client
         body = assert_problem(client.send(request), 415)
         assert body["code"] == "unsupported_media_type" and "Content-Type: application/json" in body["detail"]
         assert said in body["detail"] and body["errors"][0]["loc"] == ["header", "content-type"], body
+    # no body at all is a missing body, whatever its type
+    empty = client.build_request("POST", "/v1/jobs", content=b"")
+    empty.headers.pop("content-type", None)
+    assert assert_problem(client.send(empty), 422)["errors"][0]["loc"] == ["body"]
     assert row_counts() == before
     # JSON under another name is JSON
     accepted = client.post("/v1/jobs", content=spec, headers={"content-type": "application/vnd.distillery+json"})
@@ -229,6 +233,17 @@ def test_bad_predict_inputs(client: httpx.Client, worker: Any) -> None:
     assert_problem(client.post(url, json={"inputs": [[0.0] * 10, [0.0] * 11]}), 422, ["body", "inputs", 1])
     assert_problem(client.post(url, json={"inputs": []}), 422, ["body", "inputs"])
     assert_problem(client.post(url, json={"inputs": [["a"] * 10]}), 422, ["body", "inputs", 0, 0])
+    # the predict route reads its body as JSON whatever the Content-Type says: a malformed one is malformed JSON (it
+    # was taken for a 415), a good one is served, and the OpenAPI document promises no 415 there
+    garbled = client.post(url, content=b'{"inputs": [', headers={"content-type": "text/plain"})
+    assert assert_problem(garbled, 400)["code"] == "malformed_json"
+    plain = client.post(
+        url, content=b'{"inputs": [[' + b", ".join([b"0.5"] * 10) + b"]]}", headers={"content-type": "text/plain"}
+    )
+    assert plain.status_code == 200, plain.text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "415" not in paths["/v1/models/{model_id}/predict"]["post"]["responses"]
+    assert "415" in paths["/v1/jobs"]["post"]["responses"]
     # a row is JSON numbers: true/false were read as 1.0/0.0 and "1.5" as 1.5
     assert_problem(client.post(url, json={"inputs": [[0.0] * 9 + [True]]}), 422, ["body", "inputs", 0, 9])
     assert_problem(client.post(url, json={"inputs": [["1.5"] + [0.0] * 9]}), 422, ["body", "inputs", 0, 0])
