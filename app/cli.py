@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # the output was piped into a reader that has gone (`distillery jobs | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
-        return 0
+        return 1  # as Python's own documentation of SIGPIPE does
 
 
 if __name__ == "__main__":

@@ -173,14 +173,15 @@ class ProgressWriter:
         """Seconds left in the current stage (training, a teacher's pretraining, a stage's generation or teacher
         targets), at the rate of its steps so far; None before its second report and in stages without a count."""
         if update.stage == "evaluating" or not update.total_steps or update.step == 0:
+            self.stage_clock = None  # a stage begins (or is not counted): the next count starts its clock afresh
             return None
         now = time.monotonic()
-        if self.stage_clock is None or self.stage_clock[0] != update.stage:
+        clock = self.stage_clock
+        if clock is None or clock[0] != update.stage or update.step <= clock[2]:
+            # a new stage, or one of the same name run again (stages' names need not differ)
             self.stage_clock = (update.stage, now, update.step)
             return None
-        _, started, first_step = self.stage_clock
-        if update.step <= first_step:
-            return None
+        _, started, first_step = clock
         per_step = (now - started) / (update.step - first_step)
         return per_step * (update.total_steps - update.step)
 

@@ -46,6 +46,9 @@ def run_job_spec(
 
         return TrainedStudent(text.evaluation, int(text.evaluation["student_params"]), save_text)
     stored = {index: load_model_dir(path) for index, path in resources.stored_teachers.items()}
+    # serving variants are timed at the api's count, or at the process's where the api's is torch's default too:
+    # not at the one thread a small job trains on
+    serving_threads = resources.serving_threads or torch.get_num_threads()
     with torch_threads(tabular_threads(spec, stored, device, resources.auto_threads)):
         tabular = train_classifier(
             spec,
@@ -53,7 +56,7 @@ def run_job_spec(
             progress=progress,
             device=device,
             checkpointer=checkpointer,
-            serving_threads=resources.serving_threads,
+            serving_threads=serving_threads,
             dataset_files=resources.dataset_files,
             dataset_columns=resources.dataset_columns,
         )

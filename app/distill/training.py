@@ -118,9 +118,13 @@ def tabular_threads(
         return None
     if (device or select_device(spec.training.device)).type != "cpu":
         return None
-    if spec.training.batch_size is None and isinstance(spec.data, UploadedData):
-        return None
-    rows = spec.training.batch_size or train_rows(spec.data)
+    batch = spec.training.batch_size
+    if isinstance(spec.data, UploadedData):  # its size is known only once it is read
+        if batch is None:
+            return None
+        rows = batch
+    else:
+        rows = train_rows(spec.data) if batch is None else min(batch, train_rows(spec.data))
     augmentation = spec.augmentation
     if augmentation.enabled:
         rows = augmentation.samples_per_step + (rows if augmentation.mix_with_train else 0)

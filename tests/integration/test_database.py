@@ -235,6 +235,17 @@ def test_every_counted_stage_has_an_eta(conn: Connection) -> None:
         assert row is not None and row["progress"]["eta_seconds"] == eta
     writer(ProgressUpdate("loading", 0, 0))
     assert writer.last is not None and writer.last["eta_seconds"] is None
+    # two stages may share a name: the second is timed on its own steps, not from the first one's clock across the
+    # pause between them (an ETA of seconds for a stage of a thousand 5 ms steps)
+    writer(ProgressUpdate("stage ft", 1, 10))
+    writer(ProgressUpdate("stage ft", 10, 10))
+    time.sleep(1.0)
+    writer(ProgressUpdate("stage ft", 0, 0))  # the next stage of that name begins
+    writer(ProgressUpdate("stage ft", 1, 1000))
+    time.sleep(0.05)
+    writer(ProgressUpdate("stage ft", 11, 1000))
+    assert writer.last is not None
+    assert 0.004 * 989 <= writer.last["eta_seconds"] <= 0.05 * 989, writer.last
 
 
 def test_the_soft_time_limit_stops_training_not_the_evaluation_of_a_trained_student(conn: Connection) -> None:

@@ -67,7 +67,7 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(
     monkeypatch.setattr(parser, "parse_args", parse)
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     try:
-        assert cli.main(["keys", "generate"]) == 0
+        assert cli.main(["keys", "generate"]) == 1
         print("after")  # stdout now writes to /dev/null: no second BrokenPipeError
     finally:
         monkeypatch.undo()

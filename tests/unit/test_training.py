@@ -218,6 +218,8 @@ def test_a_small_tabular_job_trains_on_one_thread_and_gives_the_count_back() -> 
     assert tabular_threads(JobSpec.model_validate(big), {}, cpu, auto=True) is None  # ~10⁹ a step: two threads pay
     augmented = tiny_spec(augmentation={"enabled": True, "samples_per_step": 200_000})
     assert tabular_threads(JobSpec.model_validate(augmented), {}, cpu, auto=True) is None
+    # a batch larger than the data is the data: still small
+    assert tabular_threads(JobSpec.model_validate(tiny_spec(training={"batch_size": 1_000_000})), {}, cpu, True) == 1
     uploaded = tiny_spec(data={"source": "dataset", "dataset_id": "ds_x"})
     assert tabular_threads(JobSpec.model_validate(uploaded), {}, cpu, auto=True) is None  # its size is unknown here
 
@@ -231,8 +233,10 @@ def test_a_small_tabular_job_trains_on_one_thread_and_gives_the_count_back() -> 
                 if update.stage == "training":
                     seen[auto].add(torch.get_num_threads())
 
-            run_job_spec(spec, JobResources(auto_threads=auto), progress=record, device=cpu)
+            trained = run_job_spec(spec, JobResources(auto_threads=auto), progress=record, device=cpu)
             assert torch.get_num_threads() == 2
+            # serving variants are timed at the count the api would serve with, not at the job's one thread
+            assert trained.evaluation["variants_threads"] == 2, trained.evaluation
         assert seen == {True: {1}, False: {2}}
     finally:
         torch.set_num_threads(previous)
