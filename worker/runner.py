@@ -73,6 +73,7 @@ class JobFailure(Exception):
 class ClaimOutcome:
     claimed: bool
     busy_elsewhere: bool = False  # running under a live heartbeat: try again later
+    gave_up: bool = False  # failed at the claim: too many attempts lost to dead workers
 
 
 def worker_name() -> str:
@@ -299,7 +300,7 @@ class JobRunner:
                 error = {"code": "too_many_attempts", "message": message}
                 jobs_repository.finish(conn, job_id, claimed["attempts"], status="failed", error=error)
                 jobs_repository.append_events(conn, job_id, [status_event("failed", error=error)])
-                return ClaimOutcome(False), None
+                return ClaimOutcome(False, gave_up=True), None
             event = status_event("running", attempt=claimed["attempts"], worker=self.worker)
             jobs_repository.append_events(conn, job_id, [event])
             if (claimed["progress"] or {}).get("stage") == jobs_repository.WAITING_FOR_GPU_WORKER:
@@ -332,7 +333,10 @@ class JobRunner:
     def run(self, job_id: str) -> ClaimOutcome:
         outcome, claimed = self.claim(job_id)
         if claimed is None:
-            log.info("job %s not claimed (%s)", job_id, outcome)
+            if outcome.gave_up:
+                log.info("job %s failed (too_many_attempts)", job_id)
+            else:
+                log.info("job %s not claimed (%s)", job_id, outcome)
             return outcome
         attempt = int(claimed["attempts"])
         try:
