@@ -169,8 +169,18 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job_and_a_fenced_off_e
         database.dispose()
 
 
+@pytest.fixture
+def embedded_database(tmp_path: Path) -> Iterator[tuple[str, Database]]:
+    """A migrated SQLite database (the embedded mode's) and its url."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    database = Database.from_url(url)
+    yield url, database
+    database.dispose()
+
+
 def test_a_job_that_lost_too_many_attempts_fails_at_the_claim_and_the_log_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, embedded_database: tuple[str, Database]
 ) -> None:
     """A job whose attempts were lost to dead workers past DISTILLERY_MAX_ATTEMPTS fails when it is claimed again;
     the worker's log said only "not claimed (ClaimOutcome(...))"."""
@@ -179,23 +189,18 @@ def test_a_job_that_lost_too_many_attempts_fails_at_the_claim_and_the_log_says_s
     from app.settings import Settings
     from worker.runner import JobRunner
 
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    database = Database.from_url(url)
-    try:
-        with database.transaction() as conn:
-            jobs_repository.insert_job(conn, job_id="job_lost", tenant="t", name=None, spec={}, progress={})
-            conn.execute(jobs.update().where(jobs.c.id == "job_lost").values(attempts=3))
-        runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path, max_attempts=3))
-        with caplog.at_level(logging.INFO, logger="worker.runner"):
-            outcome = runner.run("job_lost")
-        assert not outcome.claimed and outcome.gave_up
-        with database.read() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == "job_lost")).mappings().one()
-        assert row["status"] == "failed" and row["error"]["code"] == "too_many_attempts", row["error"]
-        assert "job job_lost failed (too_many_attempts)" in caplog.text, caplog.text
-    finally:
-        database.dispose()
+    url, database = embedded_database
+    with database.transaction() as conn:
+        jobs_repository.insert_job(conn, job_id="job_lost", tenant="t", name=None, spec={}, progress={})
+        conn.execute(jobs.update().where(jobs.c.id == "job_lost").values(attempts=3))
+    runner = JobRunner(database, Settings(database_url=url, data_dir=tmp_path, max_attempts=3))
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        outcome = runner.run("job_lost")
+    assert not outcome.claimed and outcome.gave_up
+    with database.read() as conn:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == "job_lost")).mappings().one()
+    assert row["status"] == "failed" and row["error"]["code"] == "too_many_attempts", row["error"]
+    assert "job job_lost failed (too_many_attempts)" in caplog.text, caplog.text
 
 
 class AcknowledgementLost(Database):
