@@ -733,14 +733,12 @@ class SpecChecker:
         for index, teacher in enumerate(spec.all_teachers()):
             if isinstance(teacher, BuiltinTeacher) and teacher.pretrain is not None:
                 runs.append(((*self.teacher_loc(index), "pretrain"), teacher.pretrain, spec.data))
-        for loc, run, data in runs:
-            planned = training_steps(run, train_rows(data, self.dataset_rows))
-            if planned > self.limits.max_steps:
+        planned = [training_steps(run, train_rows(data, self.dataset_rows)) for _, run, data in runs]
+        for (loc, run, _), steps in zip(runs, planned, strict=True):
+            if steps > self.limits.max_steps:
                 field = "steps" if run.steps is not None else "epochs"
-                self.add(
-                    (*loc, field), f"{planned:,} optimizer steps requested; the limit is {self.limits.max_steps:,}"
-                )
-        steps = training_steps(training, train_rows(spec.data, self.dataset_rows))
+                self.add((*loc, field), f"{steps:,} optimizer steps requested; the limit is {self.limits.max_steps:,}")
+        steps = planned[0]  # the job's own run
         limit = self.limits.max_time_limit_s
         if training.time_limit_s is not None and limit is not None and training.time_limit_s > limit:
             self.add(
