@@ -403,12 +403,14 @@ class InferenceService:
         started = time.perf_counter()
         try:
             record = await run_in_threadpool(self._read_record, tenant, model_id)
+            # fetched and verified first: a missing or corrupt artifact fails before any other model is unloaded
+            directory = await run_in_threadpool(self._fetch_files, record)
             # the byte budget holds during the load too: the least recently used models go before, not after
             self._reserved[key] = self.expected_bytes(record)
             made_room = self.cache.make_room(key, sum(self._reserved.values()))
             if made_room:
                 log.info("unloaded %s to make room for %s", ", ".join(made_room), key)
-            predictor = await run_in_threadpool(self._load_files, record)
+            predictor = await run_in_threadpool(self.loader, record.id, directory, record.sha256, record.config)
         except ServiceError:
             raise
         except Exception as exc:
@@ -439,11 +441,12 @@ class InferenceService:
         )
         return served
 
-    def _load_files(self, record: ModelRecord) -> Predictor:
+    def _fetch_files(self, record: ModelRecord) -> Path:
+        """The model's folder, local (fetched from the artifact store if need be) and checked against its record."""
         directory = store_for(self.settings).ensure_local(record.artifact_path)
         if self.settings.verify_artifacts:
             verify_files(directory, record.files)
-        return self.loader(record.id, directory, record.sha256, record.config)
+        return directory
 
     def expected_bytes(self, record: ModelRecord) -> int:
         """The memory a model will hold once loaded, from its record alone: its parameters at the width it will be

@@ -729,6 +729,26 @@ def test_a_load_makes_room_in_the_byte_budget_before_it_reads_the_weights(store:
     run(test)
 
 
+def test_a_corrupt_artifact_fails_before_it_unloads_anything(store: Store) -> None:
+    """The files are fetched and verified before the byte budget makes room: a model whose weights no longer match
+    their record fails to load without unloading the models that fit."""
+    first, second, corrupt = (store.add(seed=seed) for seed in range(3))
+    weights = next((store.settings.artifacts_dir / f"models/{corrupt}").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+
+    async def test() -> None:
+        one = load_predictor(first, store.settings.artifacts_dir / f"models/{first}", "", {}).memory_bytes
+        service = serve(store, model_cache_bytes=2 * one + one // 2)  # two models fit, not three
+        await service.get("default", first)
+        await service.get("default", second)
+        with pytest.raises(ModelUnavailable, match="cannot be loaded"):
+            await service.get("default", corrupt)
+        assert sorted(service.cache.keys()) == sorted(["default/" + first, "default/" + second])
+        service.close()
+
+    run(test)
+
+
 def test_a_fresh_latest_alias_whose_newest_model_cannot_load_serves_the_one_before(store: Store) -> None:
     """A process binding ``latest:`` for the first time (a new replica) whose newest model is broken serves the
     newest earlier student that loads, as the processes that bound the alias before still do; a user-set alias has
