@@ -69,6 +69,15 @@ def test_causal_attention_is_left_to_sdpa() -> None:
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_a_call_with_a_position_bias_is_left_to_sdpa() -> None:
+    # the bias covers the keys as they are: padded keys would not match its shape
+    query, key, value = qkv(2, 7)
+    bias = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias).transpose(1, 2)
+    got, _ = key_aligned_sdpa(Encoder(), query, key, value, None, position_bias=bias)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 def bert(task: str = "embedding") -> torch.nn.Module:
     config = tiny_config("bert", vocab_size=128, hidden_size=32, num_layers=2, max_positions=64)
     return build_from_config(config, task, seed=0).eval()  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ call only, so the projections and feed-forward layers still run on the batch's o
 registered with transformers' ``AttentionInterface`` under ``KEY_ALIGNED_SDPA`` together with SDPA's mask function
 (without a mask function transformers would build no padding mask at all). It keeps plain SDPA where the padding
 does not apply: causal attention (SDPA's ``is_causal`` path), tensors off the CPU (the GPU kernels have no such
-sawtooth) and ONNX export (ONNX Runtime has its own kernels). The padding amount is computed in a TorchScript
+sawtooth), a call with another tensor over the keys (a position bias) and ONNX export (ONNX Runtime has its own
+kernels). The padding amount is computed in a TorchScript
 function, so that a traced variant pads each batch by what its own length needs, not by the traced example's.
 """
 
@@ -67,6 +68,8 @@ def key_aligned_sdpa(
         and getattr(module, "is_causal", True) is False
         and kwargs.get("is_causal") is not True
         and (attention_mask is None or attention_mask.dtype == torch.bool)
+        # a tensor beside the mask (a position bias over the keys, say) would need the same padding: left alone
+        and not any(isinstance(argument, torch.Tensor) for argument in kwargs.values())
         and not torch.onnx.is_in_onnx_export()
     )
     if aligned:
