@@ -105,6 +105,12 @@ def test_a_switched_encoder_gives_the_outputs_of_eager_attention_on_padded_batch
             assert torch.allclose(got[real], expected[real], atol=1e-5), lengths
 
 
+def key_lengths(profiler: torch.profiler.profile) -> list[int]:
+    """The key length of each SDPA call the profiler saw (its second input is [batch, heads, keys, dim])."""
+    calls = [e for e in profiler.events() if e.name == "aten::scaled_dot_product_attention"]
+    return [int(call.input_shapes[1][2]) for call in calls]
+
+
 @pytest.mark.parametrize("name", ["torchscript", "torchscript_bf16"])
 def test_a_traced_variant_pads_each_batch_by_its_own_length(name: str) -> None:
     # the servable's example is 5 tokens wide (padded to 16 when traced); batches of other widths must still match
@@ -120,7 +126,10 @@ def test_a_traced_variant_pads_each_batch_by_its_own_length(name: str) -> None:
         for lengths in ([5, 2], [16, 16, 4], [17, 1], [33, 20, 7]):
             ids, mask = right_padded(lengths, seed=len(lengths))
             expected = expected_made.module(ids, mask)
-            got = built.forward(ids, mask).float()
+            with torch.profiler.profile(record_shapes=True) as profiler:
+                got = built.forward(ids, mask).float()
+            aligned = -(-max(lengths) // KEY_MULTIPLE) * KEY_MULTIPLE
+            assert key_lengths(profiler) == [aligned, aligned], lengths  # two layers, each at this batch's padding
             if name == "torchscript":
                 assert torch.allclose(got, expected, atol=1e-5), lengths
             else:

@@ -1,29 +1,34 @@
 """Attention for text encoders served on a CPU: PyTorch's SDPA with the keys padded to a multiple of 16.
 
 PyTorch's CPU flash-attention kernel is fast when the key length is a multiple of 16 and slow in between: on one core
-of an Intel Xeon with AMX (torch 2.13), 16 sentences × 12 heads took 0.31 ms of attention at 16 keys, 1.17 ms at
-28, 0.51 ms at 32, 1.64 ms at 40 and 1.12 ms at 48, in bf16 and in float32 alike (a sawtooth: each key past a
-multiple of 16 costs as much as ~8 aligned ones). Padding the keys and values with zeros up to the next multiple, and
-the mask with False for them, gives the same output (a masked key's weight is exactly 0) at the aligned length's
-cost: 28 keys → 0.61 ms, 40 → 1.21 ms, 63 → 1.69 ms instead of 3.33. The padding is done inside the attention
-call only, so the projections and feed-forward layers still run on the batch's own length.
+of an Intel Xeon with AMX (torch 2.13, ``python -m benchmarks.attention``), 16 sentences × 12 heads took 0.32 ms of
+attention at 16 keys, 1.14 ms at 28, 0.56 ms at 32, 1.68 ms at 40 and 1.17 ms at 48 in bf16 (float32 shows the same
+sawtooth). Padding the keys and values with zeros up to the next multiple, and the mask with False for them, gives
+the same output (a masked key's weight is exactly 0) at about the aligned length's cost: 28 keys → 0.66 ms, 40 →
+1.24 ms, 63 → 1.83 ms instead of 3.30. The padding is done inside the attention call only, so the projections and
+feed-forward layers still run on the batch's own length.
 
 ``align_attention`` switches a transformers encoder (``_attn_implementation == "sdpa"``) to this attention. It is
 registered with transformers' ``AttentionInterface`` under ``KEY_ALIGNED_SDPA`` together with SDPA's mask function
 (without a mask function transformers would build no padding mask at all). It keeps plain SDPA where the padding
 does not apply: causal attention (SDPA's ``is_causal`` path), tensors off the CPU (the GPU kernels have no such
-sawtooth), a call with another tensor over the keys (a position bias) and ONNX export (ONNX Runtime has its own
-kernels). The padding amount is computed in a TorchScript
-function, so that a traced variant pads each batch by what its own length needs, not by the traced example's.
+sawtooth), a mask that is not boolean, a call with another tensor over the keys (a position bias) and ONNX export
+(ONNX Runtime has its own kernels). The padding amount is computed in a TorchScript function, so that a traced
+variant pads each batch by what its own length needs, not by the traced example's (where scripting is unavailable,
+plain Python: the outputs stay the same, a traced variant pads by the example's amount).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 KEY_ALIGNED_SDPA = "sdpa_key_aligned"
 KEY_MULTIPLE = 16
@@ -47,9 +52,17 @@ def _pad_keys(
     return key, value, mask
 
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # torch.jit.script is deprecated; traced variants need the shape arithmetic kept
-    pad_keys = torch.jit.script(_pad_keys)
+def _scripted() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated; traced variants need the shape arithmetic
+        try:
+            return torch.jit.script(_pad_keys)  # type: ignore[no-any-return]
+        except Exception as exc:  # a torch without TorchScript must still serve, padding as traced
+            log.warning("key-aligned attention pads in Python (TorchScript unavailable: %s)", exc)
+            return _pad_keys
+
+
+pad_keys = _scripted()
 
 
 def key_aligned_sdpa(
@@ -103,5 +116,6 @@ def align_attention(model: nn.Module) -> bool:
         if not register():
             return False
         setter(KEY_ALIGNED_SDPA)
-        switched = True
+        # transformers may refuse (a model whose code fails its interface check) with a warning only
+        switched = switched or getattr(config, "_attn_implementation", None) == KEY_ALIGNED_SDPA
     return switched
