@@ -13,9 +13,10 @@ registered with transformers' ``AttentionInterface`` under ``KEY_ALIGNED_SDPA`` 
 (without a mask function transformers would build no padding mask at all). It keeps plain SDPA where the padding
 does not apply: causal attention (SDPA's ``is_causal`` path), tensors off the CPU (the GPU kernels have no such
 sawtooth), a mask that is not boolean, a call with another tensor over the keys (a position bias) and ONNX export
-(ONNX Runtime has its own kernels). The padding amount is computed in a TorchScript function, so that a traced
-variant pads each batch by what its own length needs, not by the traced example's (where scripting is unavailable,
-plain Python: the outputs stay the same, a traced variant pads by the example's amount).
+(ONNX Runtime has its own kernels). The padding is a TorchScript function, so that a traced variant keeps its
+branches (no copy for a batch already at a multiple of 16, a mask made only where there is none); the tracer
+records the shape arithmetic itself, so where scripting is unavailable the plain Python function still pads each
+traced batch by its own length.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _scripted() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated; traced variants need the shape arithmetic
         try:
-            return torch.jit.script(_pad_keys)  # type: ignore[no-any-return]
+            return torch.jit.script(_pad_keys)
         except Exception as exc:  # a torch without TorchScript must still serve, padding as traced
             log.warning("key-aligned attention pads in Python (TorchScript unavailable: %s)", exc)
             return _pad_keys
