@@ -1,6 +1,6 @@
 """Key-aligned SDPA (app/distill/text/attention.py): the keys padded to a multiple of 16 inside the attention call give
 the outputs plain SDPA gives, for any length, with and without a mask, through a traced variant, and never for causal
-attention."""
+attention; the bf16 variants of a text encoder use it, the float32 ones and causal LMs do not."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from app.distill.text.attention import KEY_ALIGNED_SDPA, KEY_MULTIPLE, align_attention, key_aligned_sdpa, pad_keys
 from app.distill.text.models import build_from_config, tiny_config
-from app.distill.variants import build_variant, servable
+from app.distill.variants import build_variant, lm_servable, servable
 
 
 def qkv(batch: int, length: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
@@ -111,26 +111,37 @@ def key_lengths(profiler: torch.profiler.profile) -> list[int]:
     return [int(call.input_shapes[1][2]) for call in calls]
 
 
-@pytest.mark.parametrize("name", ["torchscript", "torchscript_bf16"])
-def test_a_traced_variant_pads_each_batch_by_its_own_length(name: str) -> None:
-    # the servable's example is 5 tokens wide (padded to 16 when traced); batches of other widths must still match
+@pytest.mark.parametrize("name", ["bf16", "torchscript_bf16", "torchscript", "eager"])
+def test_the_bf16_variants_pad_each_batch_by_its_own_length_and_the_others_do_not_pad(name: str) -> None:
+    # the servable's example is 5 tokens wide (padded to 16 when traced); batches of other widths must still match.
+    # Only the bf16 variants switch: in float32 the padding measured no faster (eager slower)
     model = bert()
     made = servable(model, "embedding")
-    assert made is not None and model.config._attn_implementation == KEY_ALIGNED_SDPA
+    assert made is not None
     reference = bert()
     reference.set_attn_implementation("eager")
     expected_made = servable(reference, "embedding")
     assert expected_made is not None
     built = build_variant(name, made)
+    assert model.config._attn_implementation == "sdpa"  # the student itself is never switched
     with torch.inference_mode():
         for lengths in ([5, 2], [16, 16, 4], [17, 1], [33, 20, 7]):
             ids, mask = right_padded(lengths, seed=len(lengths))
             expected = expected_made.module(ids, mask)
             with torch.profiler.profile(record_shapes=True) as profiler:
                 got = built.forward(ids, mask).float()
-            aligned = -(-max(lengths) // KEY_MULTIPLE) * KEY_MULTIPLE
-            assert key_lengths(profiler) == [aligned, aligned], lengths  # two layers, each at this batch's padding
-            if name == "torchscript":
-                assert torch.allclose(got, expected, atol=1e-5), lengths
-            else:
+            width = max(lengths)
+            keys = -(-width // KEY_MULTIPLE) * KEY_MULTIPLE if "bf16" in name else width
+            assert key_lengths(profiler) == [keys, keys], lengths  # two layers, each at this batch's padding
+            if "bf16" in name:
                 assert float(F.cosine_similarity(got, expected, dim=-1).min()) > 0.999, lengths
+            else:
+                assert torch.allclose(got, expected, atol=1e-5), lengths
+
+
+def test_a_causal_lms_bf16_variant_keeps_sdpa() -> None:
+    # generation's engine batches only models on sdpa or eager attention: a causal LM is never switched
+    lm = build_from_config(tiny_config("gpt2"), "causal_lm", seed=0).eval()  # type: ignore[arg-type]
+    built = build_variant("bf16", lm_servable(lm))
+    converted = [m for m in built.forward.modules() if getattr(m, "config", None) is not None]  # type: ignore[attr-defined]
+    assert converted and all(m.config._attn_implementation == "sdpa" for m in converted)
