@@ -7,7 +7,8 @@
    per row, transformers' ``sdpa_attention_forward`` with a padding mask against ``key_aligned_sdpa`` (the same,
    with the keys padded to a multiple of 16 first); median µs over 40 calls.
 2. The served embedder: the MiniLM-derived 2-layer student as a served variant (``--variant``, default
-   ``torchscript_bf16``), built from the same weights with plain SDPA and with key-aligned SDPA, run as the text
+   ``torchscript_bf16``), built from the same weights with plain SDPA and with key-aligned SDPA (whatever the
+   variant: a job switches only the bf16 ones), run as the text
    predictor runs a batch (``length_groups`` at the predictor's fitted cost, each group padded to its longest); per
    sentence, median over 40 batches of random benchmark sentences (16–64 tokens), for one sentence alone and batches
    of 16 and 32. Both builds alternate within each round (this VM's speed drifts over minutes).
@@ -23,11 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from app.distill.text.attention import KEY_ALIGNED_SDPA, key_aligned_sdpa
+from app.distill.text.attention import KEY_ALIGNED_SDPA, align_attention, key_aligned_sdpa
 from benchmarks.foundation import machine
 from benchmarks.gpu_serving import build_embedder
 
@@ -66,6 +68,7 @@ def kernel_table(dtype: torch.dtype, lengths: list[int]) -> list[str]:
 
 
 def embedder_table(variant: str, rounds: int) -> list[str]:
+    from app.distill import variants
     from app.distill.text.models import load_saved_dir
     from app.distill.variants import apply_variant, servable
     from app.serving.predictor import TextPredictor, length_groups
@@ -78,11 +81,14 @@ def embedder_table(variant: str, rounds: int) -> list[str]:
         ids = [list(predictor.tokenizer(text)["input_ids"]) for text in texts]
         for name in ("sdpa", KEY_ALIGNED_SDPA):
             student, _ = load_saved_dir(directory, "embedding", dtype=torch.float32)
-            made = servable(student.eval(), "embedding")  # switches sdpa to key-aligned
-            assert made is not None and student.config._attn_implementation == KEY_ALIGNED_SDPA
-            if name == "sdpa":
-                student.set_attn_implementation("sdpa")
-            forwards[name] = apply_variant(variant, made).forward
+            made = servable(student.eval(), "embedding")
+            assert made is not None
+            if name == KEY_ALIGNED_SDPA:
+                align_attention(made.module)  # what the bf16 builders do themselves, for any variant
+                forwards[name] = apply_variant(variant, made).forward
+            else:  # the bf16 builders' own switch turned off
+                with patch.object(variants, "align_attention", lambda module: False):
+                    forwards[name] = apply_variant(variant, made).forward
     overhead = predictor.group_overhead_tokens
 
     def per_sentence(forward: Callable[..., torch.Tensor], size: int, rng: random.Random) -> float:
