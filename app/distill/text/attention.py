@@ -10,8 +10,8 @@ feed-forward layers still run on the batch's own length.
 
 ``align_attention`` switches a transformers encoder (``_attn_implementation == "sdpa"``) to this attention; the bf16
 variants do (``build_bf16``). In float32 the sawtooth is shallower and the padding measured no faster traced and
-slower eager (the Python around the call), so the float32 variants keep plain SDPA. It is
-registered with transformers' ``AttentionInterface`` under ``KEY_ALIGNED_SDPA`` together with SDPA's mask function
+slower eager (the Python around the call), so the float32 variants keep plain SDPA. The attention
+is registered with transformers' ``AttentionInterface`` under ``KEY_ALIGNED_SDPA`` together with SDPA's mask function
 (without a mask function transformers would build no padding mask at all). It keeps plain SDPA where the padding
 does not apply: causal attention (SDPA's ``is_causal`` path), tensors off the CPU (the GPU kernels have no such
 sawtooth), a mask that is not boolean, a call with another tensor over the keys (a position bias) and ONNX export
