@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from app.distill.text.attention import KEY_ALIGNED_SDPA, align_attention, key_aligned_sdpa
 from benchmarks.foundation import machine
 from benchmarks.gpu_serving import build_embedder
+from benchmarks.serving import median_seconds
 
 
 class Encoder(torch.nn.Module):
@@ -39,14 +40,7 @@ class Encoder(torch.nn.Module):
 
 
 def median_us(work: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        work()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+    return median_seconds(work, repeats, warmup=3) * 1e6
 
 
 def kernel_table(dtype: torch.dtype, lengths: list[int]) -> list[str]:

@@ -256,6 +256,18 @@ if __name__ == "__main__":
 """
 
 
+def median_seconds(work: Callable[[], Any], repeats: int = 3000, warmup: int = 200) -> float:
+    """The median time of ``repeats`` calls of ``work``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def bare_forward_ms(directory: Path) -> tuple[float, float]:
     """(forward + softmax of one row, the whole predictor path: JSON rows → array → forward → encoded bytes)."""
     from app.serving.predictor import StudentPredictor
@@ -265,21 +277,11 @@ def bare_forward_ms(directory: Path) -> tuple[float, float]:
     predictor = StudentPredictor("bench", directory, "")
     x = torch.tensor([ROW])
 
-    def median_ms(work: Callable[[], Any], repeats: int = 3000) -> float:
-        for _ in range(200):
-            work()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times) * 1000
-
-    forward = median_ms(lambda: predictor.predict_tensor(x))
-    whole = median_ms(
+    forward = median_seconds(lambda: predictor.predict_tensor(x)) * 1000
+    whole = median_seconds(
         lambda: encode_prediction("bench", [], predictor.predict_batch([predictor.rows_from_json([ROW])])[0])
     )
-    return forward, whole
+    return forward, whole * 1000
 
 
 def bench_mlp(seconds: float) -> list[str]:
