@@ -2,7 +2,7 @@
 
 PyTorch's CPU flash-attention kernel is fast when the key length is a multiple of 16 and slow in between: on one core
 of an Intel Xeon with AMX (torch 2.13, ``python -m benchmarks.attention``), 16 sentences × 12 heads took 0.32 ms of
-attention at 16 keys, 1.14 ms at 28, 0.56 ms at 32, 1.68 ms at 40 and 1.17 ms at 48 in bf16 (float32 shows the same
+attention at 16 keys, 1.14 ms at 28, 0.56 ms at 32, 1.68 ms at 40 and 1.17 ms at 48 in bf16 (float32 shows a shallower
 sawtooth). Padding the keys and values with zeros up to the next multiple, and the mask with False for them, gives
 the same output (a masked key's weight is exactly 0) at about the aligned length's cost: 28 keys → 0.66 ms, 40 →
 1.24 ms, 63 → 1.83 ms instead of 3.30. The padding is done inside the attention call only, so the projections and
