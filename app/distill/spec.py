@@ -458,7 +458,9 @@ class TrainingSpec(SpecModel):
     )
 
 
-VariantName = Literal["eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16"]
+VariantName = Literal[
+    "eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16", "torchscript_bf16_packed"
+]
 
 
 class EvaluationSpec(SpecModel):

@@ -367,6 +367,78 @@ def build_torchscript_bf16(servable: Servable, in_place: bool = False) -> tuple[
     return traced, extra
 
 
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` with bf16 weights that oneDNN reordered once, at build time, into the blocked layout its
+    matrix kernels read (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing emits on CPUs): a plain
+    bf16 ``F.linear`` reorders the weight on every call, a fixed cost per layer per forward that a lone request pays
+    in full. Called through ``torch.ops.mkldnn._linear_pointwise``. Scripted by ``pack_linears``: the tracer cannot
+    record an opaque oneDNN tensor as an argument, but it records the call of a scripted module."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y
+
+
+def pack_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every bf16 ``nn.Linear`` in ``module`` replaced by a scripted ``PackedLinear``; returns what was replaced
+    (``unpack_linears`` puts it back). Each packed layer is checked against the plain one on a random row before any
+    is swapped in, so a failure leaves the module as it was."""
+    found = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
+    ]
+    packed: list[nn.Module] = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, linear in found:
+            made = torch.jit.script(PackedLinear(linear))
+            row = torch.randn(1, 3, linear.in_features, generator=generator).to(torch.bfloat16)
+            torch.testing.assert_close(made(row).float(), linear(row).float(), rtol=2e-2, atol=2e-2)
+            packed.append(made)
+    for (parent, name, _), layer in zip(found, packed, strict=True):
+        setattr(parent, name, layer)
+    return found
+
+
+def unpack_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+    for parent, name, linear in replaced:
+        setattr(parent, name, linear)
+
+
+def onednn_bf16_supported() -> bool:
+    return bool(torch._C._has_mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
+    """``torchscript_bf16`` with its linear layers' weights pre-packed for oneDNN (``PackedLinear``): the weight
+    reorders a bf16 matmul repeats on every call are done once at load. Measured on an Intel Xeon with AMX (the 2-layer
+    MiniLM embedder): one sentence ~20 % faster, batches about as fast. Only where oneDNN has bf16 kernels; the
+    operators are torch's private ones (inductor's), so a torch without them makes this variant unavailable, not
+    wrong."""
+    if not onednn_bf16_supported():
+        raise VariantUnavailable("oneDNN has no bf16 kernels on this CPU")
+    converted, extra = build_bf16(servable, in_place)
+    try:
+        replaced = pack_linears(cast(nn.Module, converted))
+    except Exception as exc:
+        raise VariantUnavailable(f"packing the weights failed: {short(exc)}") from exc
+    if not replaced:
+        raise VariantUnavailable("the model has no Linear layers to pack")
+    try:
+        traced, _ = build_torchscript(replace(servable, module=cast(nn.Module, converted)))
+    except Exception:
+        unpack_linears(replaced)  # in place: the bf16 fallback serves the module as it was converted
+        raise
+    return traced, extra
+
+
 BUILDERS: dict[str, Builder] = {
     "eager": build_eager,
     "torchscript": build_torchscript,
@@ -374,14 +446,18 @@ BUILDERS: dict[str, Builder] = {
     "onnx": build_onnx,
     "bf16": build_bf16,
     "torchscript_bf16": build_torchscript_bf16,
+    "torchscript_bf16_packed": build_torchscript_bf16_packed,
 }
 # the builders that can convert the servable's own module (what a serving loader that owns it asks for)
 IN_PLACE_BUILDERS: dict[str, Builder] = {
     "bf16": functools.partial(build_bf16, in_place=True),
     "torchscript_bf16": functools.partial(build_torchscript_bf16, in_place=True),
+    "torchscript_bf16_packed": functools.partial(build_torchscript_bf16_packed, in_place=True),
 }
+# the variants that serve bf16 weights (half of eager's bytes)
+BF16_VARIANTS = frozenset({"bf16", "torchscript_bf16", "torchscript_bf16_packed"})
 # what serves when an in-place build fails after converting the module (eager would feed float32 to bf16 weights)
-IN_PLACE_FALLBACK = {"torchscript_bf16": "bf16"}
+IN_PLACE_FALLBACK = {"torchscript_bf16": "bf16", "torchscript_bf16_packed": "bf16"}
 
 
 def short(exc: BaseException, limit: int = 200) -> str:

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db.engine import Database
 from app.distill.artifacts import verify_files
+from app.distill.variants import BF16_VARIANTS
 from app.errors import NotFound, ServiceError
 from app.models import service as models_service
 from app.serving.aliases import alias_job_name, is_alias, latest_student_id, older_student_ids
@@ -456,7 +457,7 @@ class InferenceService:
             variant = self.gpu_variant if record.config.get("format") == "transformers" else "eager"
         else:
             variant = recorded_variant(record.config) or "eager"
-        return record.params * (2 if variant in ("bf16", "torchscript_bf16") else 4)
+        return record.params * (2 if variant in BF16_VARIANTS else 4)
 
     def _read_record(self, tenant: str, model_id: str) -> ModelRecord:
         try:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
+from app.distill.variants import VARIANT_NAMES
 from tests.conftest import ROOT, start_api, tiny_spec, wait_for_status, wait_until
 
 pytestmark = pytest.mark.integration
@@ -55,7 +56,7 @@ def test_submit_train_evaluate_and_predict(client: httpx.Client, worker: Any, se
     assert 0.0 <= evaluation["agreement"] <= 1.0 and evaluation["kl"] >= 0.0
     # serving variants: all measured, the chosen one within tolerance
     variants = {variant["name"]: variant for variant in evaluation["variants"]}
-    assert list(variants) == ["eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16"]
+    assert list(variants) == list(VARIANT_NAMES)  # every one: eager, torchscript, …, torchscript_bf16_packed
     assert variants[evaluation["serving_variant"]]["within_tolerance"] is True
 
     # the student is stored as safetensors + config with the recorded sha256

@@ -111,7 +111,7 @@ def key_lengths(profiler: torch.profiler.profile) -> list[int]:
     return [int(call.input_shapes[1][2]) for call in calls]
 
 
-@pytest.mark.parametrize("name", ["bf16", "torchscript_bf16", "torchscript", "eager"])
+@pytest.mark.parametrize("name", ["bf16", "torchscript_bf16", "torchscript_bf16_packed", "torchscript", "eager"])
 def test_the_bf16_variants_pad_each_batch_by_its_own_length_and_the_others_do_not_pad(name: str) -> None:
     # the servable's example is 5 tokens wide (padded to 16 when traced); batches of other widths must still match.
     # Only the bf16 variants switch: in float32 the padding measured no faster (eager slower)

@@ -24,6 +24,7 @@ from app.distill.spec import EvaluationSpec, JobSpec, MLPArchitecture, SpecLimit
 from app.distill.text.data import TokenizedExamples
 from app.distill.text.models import PACKAGED_MODELS, build_from_config, save_pretrained_dir, tiny_config
 from app.distill.variants import (
+    BF16_VARIANTS,
     VARIANT_NAMES,
     FrozenScript,
     Probe,
@@ -45,7 +46,7 @@ LIMITS = SpecLimits(max_student_params=100_000_000, max_steps=100_000, max_datas
 
 
 #: the largest probability difference from eager allowed for the variants that change the arithmetic
-LOSSY = {"int8_dynamic": 0.05, "bf16": 0.05, "torchscript_bf16": 0.05}
+LOSSY = {"int8_dynamic": 0.05, "bf16": 0.05, "torchscript_bf16": 0.05, "torchscript_bf16_packed": 0.05}
 
 
 def mlp() -> torch.nn.Module:
@@ -179,6 +180,97 @@ def test_a_traced_bf16_variant_that_fails_after_converting_in_place_serves_bf16(
     with torch.inference_mode():
         got = torch.softmax(built.forward(x), dim=-1)
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.05)
+
+
+def graph_kinds(script: torch.jit.ScriptModule) -> set[str]:
+    """The operators a frozen script runs, its scripted submodules' calls inlined."""
+    graph = script.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    return {node.kind() for node in graph.nodes()}
+
+
+def test_the_packed_variant_runs_every_linear_on_weights_packed_once() -> None:
+    """torchscript_bf16_packed: served in place, no nn.Linear is left in the module; the frozen graph calls oneDNN's
+    linear on pre-packed weights (no aten::linear, which reorders its weight on every call); and it agrees with
+    torchscript_bf16 on padded batches of any width."""
+    model, plain_model = bert(), bert()
+    made, plain_made = servable(model, "embedding"), servable(plain_model, "embedding")
+    assert made is not None and plain_made is not None
+    built = apply_variant("torchscript_bf16_packed", made, in_place=True)
+    plain = apply_variant("torchscript_bf16", plain_made, in_place=True)
+    assert built.name == "torchscript_bf16_packed" and built.extra_bytes == 0
+    assert isinstance(built.forward, FrozenScript)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len([m for m in plain_model.modules() if isinstance(m, torch.nn.Linear)]) == 13  # 2 layers × 6, the pooler
+    kinds = graph_kinds(built.forward.script)
+    assert "mkldnn::_linear_pointwise" in kinds and "aten::linear" not in kinds
+    assert "aten::linear" in graph_kinds(plain.forward.script)  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        for rows, width in ((1, 3), (4, 17), (9, 40)):
+            ids, mask = token_batch(rows, width, seed=width)
+            got, expected = built.forward(ids, mask), plain.forward(ids, mask)
+            assert got.dtype == torch.float32 and got.shape == (rows, 32)
+            assert float(F.cosine_similarity(got, expected, dim=-1).min()) > 0.999, (rows, width)
+
+
+def test_a_packed_variant_that_fails_to_trace_puts_the_linears_back_and_serves_bf16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing(made: Servable) -> tuple[variants.Forward, int]:
+        raise RuntimeError("the tracer gave up")
+
+    monkeypatch.setattr(variants, "build_torchscript", failing)
+    model = mlp()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = torch.softmax(model(x), dim=-1)
+    made = servable(model, "classification")
+    assert made is not None
+    with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
+        built = apply_variant("torchscript_bf16_packed", made, in_place=True)
+    assert built.name == "bf16" and "the tracer gave up" in caplog.text
+    assert all(type(m) is not torch.jit.RecursiveScriptModule for m in model.modules())
+    with torch.inference_mode():
+        got = torch.softmax(built.forward(x), dim=-1)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.05)
+
+
+def test_packing_swaps_nothing_unless_every_layer_packs_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each packed layer is checked against its nn.Linear before any is swapped in: a wrong one leaves the module as
+    it was (and the variant unavailable, with the reason)."""
+
+    class Wrong(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.out_features = linear.out_features
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
+
+    made_layers: list[str] = []
+    real = variants.PackedLinear
+
+    def second_wrong(linear: torch.nn.Linear) -> torch.nn.Module:
+        made_layers.append("x")
+        return real(linear) if len(made_layers) == 1 else Wrong(linear)
+
+    monkeypatch.setattr(variants, "PackedLinear", second_wrong)
+    model = mlp()
+    made = servable(model, "classification")
+    assert made is not None
+    with pytest.raises(VariantUnavailable, match="packing the weights failed"):
+        variants.build_torchscript_bf16_packed(made, in_place=True)  # the module itself: converted, then packed
+    assert len(made_layers) == 2
+    assert [type(m) for m in model.modules()] == [type(m) for m in mlp().modules()]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_packed_variant_is_unavailable_without_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(variants, "onednn_bf16_supported", lambda: False)
+    made = servable(mlp(), "classification")
+    assert made is not None
+    with pytest.raises(VariantUnavailable, match="no bf16 kernels"):
+        build_variant("torchscript_bf16_packed", made)
 
 
 def test_traced_variants_run_unoptimised_for_the_call_only() -> None:
@@ -530,7 +622,7 @@ def test_the_text_predictor_serves_the_recorded_variant(tmp_path: Path, name: st
     eager = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding"})
     served = TextPredictor("mdl_e", tmp_path / "m", "sha", {"task": "embedding", "serving_variant": name})
     assert eager.variant == "eager" and served.variant == name
-    if name in ("bf16", "torchscript_bf16"):  # the loaded weights are converted, not copied: half of eager's bytes
+    if name in BF16_VARIANTS:  # the loaded weights are converted, not copied: half of eager's bytes
         assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16}
         assert served.memory_bytes < 0.55 * eager.memory_bytes
     texts = ["a short one", "a somewhat longer sentence with more words in it", "x"]
