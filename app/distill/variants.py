@@ -16,6 +16,8 @@ slower than eager at batch 1); the serving loader applies the recorded one.
 | `bf16`         | a bfloat16 copy of the weights (floating inputs cast in, float32 out): twice the matmul rate on |
 |                | CPUs with bf16 instructions (AVX512-BF16, AMX), slower on those without; the timing decides    |
 | `torchscript_bf16` | `bf16` traced and frozen: no Python between the ops, and the forward runs without the GIL  |
+| `torchscript_bf16_packed` | `torchscript_bf16` with each linear layer's weights packed for oneDNN once, at build |
+|                | time, instead of reordered by every bf16 matmul call (``PackedLinear``): a lone request is faster |
 
 What a variant serves: a tabular classifier's logits, a text classifier's logits, or an embedder's mean-pooled,
 L2-normalised embedding. A causal LM generates with the transformers model itself, so only `eager` and `bf16` (its
