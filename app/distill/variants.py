@@ -218,12 +218,13 @@ def build_eager(servable: Servable) -> tuple[Forward, int]:
 
 
 class FrozenScript:
-    """A frozen TorchScript module called with the graph executor's optimisations off (a thread-local flag, set for
-    the call only). By default the executor profiles the first calls and specialises the graph to the shapes it saw;
-    a served model sees a new shape with almost every batch (batch size × padded length), and after a few dozen such
-    batches every call walked a chain of failed guards: measured on the 2-layer MiniLM in bf16, one sentence went from
-    2.3 to 3.2 ms and a batch of 32 from 1.0 to 1.8 ms per sentence once batches of mixed shapes had run. Unoptimised,
-    the frozen graph runs as traced, at the first calls' speed, whatever came before."""
+    """A frozen (for ``torchscript_bf16_packed``: traced only) TorchScript module called with the graph executor's
+    optimisations off (a thread-local flag, set for the call only). By default the executor profiles the first calls
+    and specialises the graph to the shapes it saw; a served model sees a new shape with almost every batch (batch
+    size × padded length), and after a few dozen such batches every call walked a chain of failed guards: measured on
+    the 2-layer MiniLM in bf16, one sentence went from 2.3 to 3.2 ms and a batch of 32 from 1.0 to 1.8 ms per
+    sentence once batches of mixed shapes had run. Unoptimised, the graph runs as traced, at the first calls' speed,
+    whatever came before."""
 
     def __init__(self, script: torch.jit.ScriptModule) -> None:
         self.script = script
@@ -239,14 +240,16 @@ class FrozenScript:
             torch._C._set_graph_executor_optimize(previous)
 
 
-def build_torchscript(servable: Servable) -> tuple[Forward, int]:
+def build_torchscript(servable: Servable, freeze: bool = True) -> tuple[Forward, int]:
+    """Trace the servable's forward and freeze it (the weights become graph constants); ``freeze=False`` keeps them
+    module attributes (``torchscript_bf16_packed``: see ``build_torchscript_bf16_packed``)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings: the measurement is what decides
         traced = torch.jit.trace(  # type: ignore[no-untyped-call]
             servable.module, servable.example, check_trace=False, strict=False
         )
-        frozen = torch.jit.freeze(traced.eval())
-    return FrozenScript(frozen), 0
+        script = torch.jit.freeze(traced.eval()) if freeze else traced.eval()
+    return FrozenScript(script), 0
 
 
 def build_int8_dynamic(servable: Servable) -> tuple[Forward, int]:
@@ -393,19 +396,21 @@ def pack_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     found = [
         (parent, name, child)
         for parent in module.modules()
-        for name, child in parent.named_children()
+        for name, child in parent._modules.items()  # every name: named_children() skips a module's second one
         if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
     ]
-    packed: list[nn.Module] = []
+    packed: dict[int, nn.Module] = {}  # by the nn.Linear: one registered under two parents is packed once
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, _, linear in found:
+            if id(linear) in packed:
+                continue
             made = torch.jit.script(PackedLinear(linear))
             row = torch.randn(1, 3, linear.in_features, generator=generator).to(torch.bfloat16)
             torch.testing.assert_close(made(row).float(), linear(row).float(), rtol=2e-2, atol=2e-2)
-            packed.append(made)
-    for (parent, name, _), layer in zip(found, packed, strict=True):
-        setattr(parent, name, layer)
+            packed[id(linear)] = made
+    for parent, name, linear in found:
+        setattr(parent, name, packed[id(linear)])
     return found
 
 
@@ -421,9 +426,9 @@ def onednn_bf16_supported() -> bool:
 def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
     """``torchscript_bf16`` with its linear layers' weights pre-packed for oneDNN (``PackedLinear``): the weight
     reorders a bf16 matmul repeats on every call are done once at load. Measured on an Intel Xeon with AMX (the 2-layer
-    MiniLM embedder): one sentence ~20 % faster, batches about as fast. Only where oneDNN has bf16 kernels; the
-    operators are torch's private ones (inductor's), so a torch without them makes this variant unavailable, not
-    wrong."""
+    MiniLM embedder, ``benchmarks.packed``): one sentence 16-32 % faster, batches of 16 and 32 5-16 % cheaper. Only
+    where oneDNN has bf16 kernels; the operators are torch's private ones (inductor's), so a torch without them makes
+    this variant unavailable, not wrong."""
     if not onednn_bf16_supported():
         raise VariantUnavailable("oneDNN has no bf16 kernels on this CPU")
     converted, extra = build_bf16(servable, in_place)
@@ -434,7 +439,10 @@ def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) ->
     if not replaced:
         raise VariantUnavailable("the model has no Linear layers to pack")
     try:
-        traced, _ = build_torchscript(replace(servable, module=cast(nn.Module, converted)))
+        # not frozen: a frozen graph holding oneDNN's opaque weights as constants crashes the process (SIGSEGV, in
+        # TorchScript's error report) when anything in the forward raises (an id past the vocabulary, an empty batch);
+        # traced alone, the same error is an ordinary RuntimeError that fails only its batch
+        traced, _ = build_torchscript(replace(servable, module=cast(nn.Module, converted)), freeze=False)
     except Exception:
         unpack_linears(replaced)  # in place: the bf16 fallback serves the module as it was converted
         raise
@@ -494,7 +502,10 @@ def apply_variant(name: str | None, servable: Servable, *, in_place: bool = Fals
         try:
             return build_variant(wanted, servable, builders)
         except VariantUnavailable as exc:
-            fallback = IN_PLACE_FALLBACK.get(wanted, "eager") if in_place else "eager"
+            # bf16 only where the failed build had converted the module already (eager would feed it float32 rows);
+            # one that failed before (no bf16 kernels here, where bf16 would be slower than eager) falls back to eager
+            converted = in_place and any(p.dtype == torch.bfloat16 for p in servable.module.parameters())
+            fallback = IN_PLACE_FALLBACK.get(wanted, "eager") if converted else "eager"
             log.warning("serving variant %s cannot be built here (%s); serving %s", wanted, exc, fallback)
             if fallback != "eager":
                 return build_variant(fallback, servable, builders)
