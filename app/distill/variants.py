@@ -426,7 +426,7 @@ def onednn_bf16_supported() -> bool:
 def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
     """``torchscript_bf16`` with its linear layers' weights pre-packed for oneDNN (``PackedLinear``): the weight
     reorders a bf16 matmul repeats on every call are done once at load. Measured on an Intel Xeon with AMX (the 2-layer
-    MiniLM embedder, ``benchmarks.packed``): one sentence 16-32 % faster, batches of 16 and 32 5-16 % cheaper. Only
+    MiniLM embedder, ``benchmarks.packed``): one sentence 12-20 % faster, batches of 16 and 32 1-15 % cheaper. Only
     where oneDNN has bf16 kernels; the operators are torch's private ones (inductor's), so a torch without them makes
     this variant unavailable, not wrong."""
     if not onednn_bf16_supported():
