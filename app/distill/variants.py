@@ -16,8 +16,8 @@ slower than eager at batch 1); the serving loader applies the recorded one.
 | `bf16`         | a bfloat16 copy of the weights (floating inputs cast in, float32 out): twice the matmul rate on |
 |                | CPUs with bf16 instructions (AVX512-BF16, AMX), slower on those without; the timing decides    |
 | `torchscript_bf16` | `bf16` traced and frozen: no Python between the ops, and the forward runs without the GIL  |
-| `torchscript_bf16_packed` | `torchscript_bf16` with each linear layer's weights packed for oneDNN once, at build |
-|                | time, instead of reordered by every bf16 matmul call (``PackedLinear``): a lone request is faster |
+| `torchscript_bf16_packed` | `bf16` with each linear layer's weights packed for oneDNN once, at build time, not  |
+|                | reordered by every bf16 matmul call (``PackedLinear``), then traced (not frozen): faster alone |
 
 What a variant serves: a tabular classifier's logits, a text classifier's logits, or an embedder's mean-pooled,
 L2-normalised embedding. A causal LM generates with the transformers model itself, so only `eager` and `bf16` (its
@@ -27,7 +27,9 @@ next-token logits of each held-out text's last positions and timed on a prefill 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import functools
 import importlib.util
 import io
@@ -439,14 +441,26 @@ def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) ->
     if not replaced:
         raise VariantUnavailable("the model has no Linear layers to pack")
     try:
-        # not frozen: a frozen graph holding oneDNN's opaque weights as constants crashes the process (SIGSEGV, in
-        # TorchScript's error report) when anything in the forward raises (an id past the vocabulary, an empty batch);
-        # traced alone, the same error is an ordinary RuntimeError that fails only its batch
+        # not frozen: frozen, a graph of packed layers crashes the process (SIGSEGV, in TorchScript's error report)
+        # when anything in the forward raises (an id past the vocabulary, an empty batch), also with the packed
+        # weights kept as attributes (preserved_attrs); traced alone, the same error is an ordinary RuntimeError
         traced, _ = build_torchscript(replace(servable, module=cast(nn.Module, converted)), freeze=False)
     except Exception:
         unpack_linears(replaced)  # in place: the bf16 fallback serves the module as it was converted
         raise
+    if in_place:
+        del replaced  # the last references to the unpacked weights
+        trim_heap()
     return traced, extra
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Packing allocates
+    each layer's packed copy while its bf16 weights are still held, so the freed weights end up below live memory
+    and stay in the process: 700 MB resident against 565 for ``torchscript_bf16`` on a 6-layer 1024-wide BERT, 568
+    once trimmed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 BUILDERS: dict[str, Builder] = {

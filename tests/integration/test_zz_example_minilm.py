@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.distill.variants import VARIANT_NAMES
 from tests.conftest import ROOT, wait_for_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -38,3 +39,14 @@ def test_minilm_example_distils_and_serves(client: httpx.Client, worker: Any) ->
     ).json()["embeddings"]
     assert len(vectors) == 2 and len(vectors[0]) == 384
     assert math.isclose(sum(v * v for v in vectors[0]), 1.0, rel_tol=1e-4)
+    # whatever variant the job chose (torchscript_bf16_packed where oneDNN has bf16 kernels), bad input is a 4xx in
+    # problem+json and the model goes on serving
+    assert model["config"]["serving_variant"] in VARIANT_NAMES
+    for body in ({"inputs": []}, {"inputs": [1, 2]}, {"inputs": ["x"] * 1000}, {"inputs": "not a list"}):
+        bad = client.post(f"/v1/models/{model['id']}/predict", json=body)
+        assert 400 <= bad.status_code < 500, (body, bad.status_code, bad.text)
+        assert bad.headers["content-type"].startswith("application/problem+json"), bad.headers
+    again = client.post(
+        f"/v1/models/{model['id']}/predict", json={"inputs": ["A small, fast model.", "Knowledge distillation."]}
+    ).json()["embeddings"]
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(again[0], vectors[0], strict=True))
