@@ -169,12 +169,14 @@ def test_the_traced_bf16_variant_is_a_frozen_script_over_the_converted_weights()
         assert built.forward(ids, mask).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["torchscript_bf16", pytest.param(PACKED, marks=needs_packed)])
 def test_a_traced_bf16_variant_that_fails_after_converting_in_place_serves_bf16(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The loader's module is already bf16 when the trace fails: eager would feed float32 rows to bf16 weights."""
+    """The loader's module is already bf16 when the trace fails: eager would feed float32 rows to bf16 weights. The
+    packed variant puts the module's linear layers back first."""
 
-    def failing(made: Servable) -> tuple[variants.Forward, int]:
+    def failing(made: Servable, freeze: bool = True) -> tuple[variants.Forward, int]:
         raise RuntimeError("the tracer gave up")
 
     monkeypatch.setattr(variants, "build_torchscript", failing)
@@ -185,8 +187,9 @@ def test_a_traced_bf16_variant_that_fails_after_converting_in_place_serves_bf16(
     made = servable(model, "classification")
     assert made is not None
     with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
-        built = apply_variant("torchscript_bf16", made, in_place=True)
+        built = apply_variant(name, made, in_place=True)
     assert built.name == "bf16" and "the tracer gave up" in caplog.text
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 2
     with torch.inference_mode():
         got = torch.softmax(built.forward(x), dim=-1)
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.05)
@@ -258,29 +261,6 @@ def test_an_error_in_a_packed_forward_is_an_exception_not_a_crash() -> None:
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["raised", "raised", "raised", "(2,", "32)"]
-
-
-@needs_packed
-def test_a_packed_variant_that_fails_to_trace_puts_the_linears_back_and_serves_bf16(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def failing(made: Servable, freeze: bool = True) -> tuple[variants.Forward, int]:
-        raise RuntimeError("the tracer gave up")
-
-    monkeypatch.setattr(variants, "build_torchscript", failing)
-    model = mlp()
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        expected = torch.softmax(model(x), dim=-1)
-    made = servable(model, "classification")
-    assert made is not None
-    with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
-        built = apply_variant("torchscript_bf16_packed", made, in_place=True)
-    assert built.name == "bf16" and "the tracer gave up" in caplog.text
-    assert all(type(m) is not torch.jit.RecursiveScriptModule for m in model.modules())
-    with torch.inference_mode():
-        got = torch.softmax(built.forward(x), dim=-1)
-    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.05)
 
 
 @needs_packed
