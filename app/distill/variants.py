@@ -422,7 +422,12 @@ def unpack_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
 
 
 def onednn_bf16_supported() -> bool:
-    return bool(torch._C._has_mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether oneDNN has bf16 kernels here (AVX-512 or AMX) and this torch has the operators ``PackedLinear`` calls."""
+    try:
+        ops = (torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise)
+        return bool(torch._C._has_mkldnn and ops and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without them: the variant is unavailable
+        return False
 
 
 def build_torchscript_bf16_packed(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any, cast
 
@@ -309,6 +310,11 @@ def test_the_packed_variant_is_unavailable_without_onednn_bf16_and_the_loader_se
     assert loaded is not None
     built = apply_variant("torchscript_bf16_packed", loaded, in_place=True)
     assert built.name == "eager" and {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_torch_without_the_packing_operators_has_no_packed_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True))
+    assert onednn_bf16_supported() is False
 
 
 @needs_packed
