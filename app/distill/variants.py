@@ -424,9 +424,9 @@ def unpack_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
 def onednn_bf16_supported() -> bool:
     """Whether oneDNN has bf16 kernels here (AVX-512 or AMX) and this torch has the operators ``PackedLinear`` calls."""
     try:
-        ops = (torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise)
+        ops = all(hasattr(torch.ops.mkldnn, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
         return bool(torch._C._has_mkldnn and ops and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without them: the variant is unavailable
+    except (AttributeError, RuntimeError):  # a torch without the check itself
         return False
 
 

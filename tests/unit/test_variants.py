@@ -197,7 +197,7 @@ def test_a_traced_bf16_variant_that_fails_after_converting_in_place_serves_bf16(
 
 
 def graph_kinds(script: torch.jit.ScriptModule) -> set[str]:
-    """The operators a frozen script runs, its scripted submodules' calls inlined."""
+    """The operators a traced or frozen script runs, its scripted submodules' calls inlined."""
     graph = script.graph.copy()
     torch._C._jit_pass_inline(graph)
     return {node.kind() for node in graph.nodes()}
@@ -205,7 +205,7 @@ def graph_kinds(script: torch.jit.ScriptModule) -> set[str]:
 
 @needs_packed
 def test_the_packed_variant_runs_every_linear_on_weights_packed_once() -> None:
-    """torchscript_bf16_packed: served in place, no nn.Linear is left in the module; the frozen graph calls oneDNN's
+    """torchscript_bf16_packed: served in place, no nn.Linear is left in the module; the traced graph calls oneDNN's
     linear on pre-packed weights (no aten::linear, which reorders its weight on every call); and it agrees with
     torchscript_bf16 on padded batches of any width."""
     model, plain_model = bert(), bert()
@@ -249,8 +249,8 @@ with torch.inference_mode():
 @needs_packed
 def test_an_error_in_a_packed_forward_is_an_exception_not_a_crash() -> None:
     """An id past the vocabulary, an empty batch, a text past the positions: the forward raises and the process goes
-    on serving. (Frozen, with oneDNN's packed weights as graph constants, TorchScript crashed the process with
-    SIGSEGV while reporting the error; so the packed variant is traced but not frozen.) In a subprocess: a crash
+    on serving. (Frozen, a graph of packed layers crashed the process with SIGSEGV while TorchScript reported the
+    error; so the packed variant is traced but not frozen.) In a subprocess: a crash
     must fail this test, not the test run."""
     result = subprocess.run(
         [sys.executable, "-c", PACKED_ERRORS],
