@@ -459,7 +459,14 @@ class TrainingSpec(SpecModel):
 
 
 VariantName = Literal[
-    "eager", "torchscript", "int8_dynamic", "onnx", "bf16", "torchscript_bf16", "torchscript_bf16_packed"
+    "eager",
+    "torchscript",
+    "int8_dynamic",
+    "onnx",
+    "onnx_int8",
+    "bf16",
+    "torchscript_bf16",
+    "torchscript_bf16_packed",
 ]
 
 
@@ -470,7 +477,7 @@ class EvaluationSpec(SpecModel):
     retrieval_k: int = Field(5, ge=1, le=1000, description="Embedding task: neighbours compared for top-k overlap.")
     variants: list[VariantName] | None = Field(
         None,
-        max_length=8,
+        max_length=16,
         description="Serving variants measured at the end of the job (latency on the CPU, agreement with the eager "
         "student on held-out inputs); the fastest within tolerance is recorded and served. Default: every variant "
         "that applies; [] serves the eager student without measuring. eager is always a candidate. For causal LMs "

@@ -57,7 +57,13 @@ needs_packed = pytest.mark.skipif(not PACKED_HERE, reason="oneDNN has no bf16 ke
 VARIANTS_HERE = [pytest.param(n, marks=needs_packed) if n == PACKED else n for n in VARIANT_NAMES]
 
 #: the largest probability difference from eager allowed for the variants that change the arithmetic
-LOSSY = {"int8_dynamic": 0.05, "bf16": 0.05, "torchscript_bf16": 0.05, "torchscript_bf16_packed": 0.05}
+LOSSY = {
+    "int8_dynamic": 0.05,
+    "onnx_int8": 0.05,
+    "bf16": 0.05,
+    "torchscript_bf16": 0.05,
+    "torchscript_bf16_packed": 0.05,
+}
 
 
 def mlp() -> torch.nn.Module:
