@@ -353,9 +353,9 @@ def build_onnx(servable: Servable) -> tuple[Forward, int]:
 
 
 def build_onnx_int8(servable: Servable) -> tuple[Forward, int]:
-    """``onnx`` with its products by weight matrices quantized to int8 in memory (app/distill/onnx_int8.py): on CPUs
-    without bf16 (AVX2) the fastest variant of a text student, where it agrees with the eager student within the
-    job's tolerance."""
+    """``onnx`` with its products by weight matrices quantized to int8 in memory (app/distill/onnx_int8.py): measured
+    the fastest variant of a text student on a CPU without bf16 (an AVX2 EPYC), chosen where it agrees with the eager
+    student within the job's tolerance."""
     require_onnxruntime()
     try:
         proto = onnx_int8_bytes(onnx_bytes(servable))

@@ -146,3 +146,56 @@ def test_a_model_with_nothing_to_quantize_says_so_as_a_variant(monkeypatch: pyte
     monkeypatch.setattr(variants, "onnx_bytes", lambda _: graph([helper.make_node("Add", ["x", "b"], ["y"])], [bias]))
     with pytest.raises(VariantUnavailable, match="no product by a weight matrix to quantize"):
         build_variant("onnx_int8", made)
+
+
+def run(proto: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+
+def test_a_weight_shared_through_identity_is_quantized_once_and_its_float_copy_dropped() -> None:
+    """ALBERT's layers share their weights: the exporter hands each use one through an Identity."""
+    weight = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_again"]),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("MatMul", ["h", "w_again"], ["y"]),
+    ]
+    proto = graph(nodes, [numpy_helper.from_array(weight, "w")])
+    model = onnx.load_from_string(onnx_int8_bytes(proto))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMulInteger") == 2 and "Identity" not in ops and "MatMul" not in ops
+    int8 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == 1 and "w" not in {t.name for t in model.graph.initializer}
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(onnx_int8_bytes(proto), x), x @ weight @ weight, rtol=0.1, atol=0.1)
+
+
+def test_a_weight_a_subgraph_reads_is_kept_and_new_names_avoid_the_graphs_inputs() -> None:
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["z"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("If", ["c"], ["unused"], then_branch=branch, else_branch=branch),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    taken = helper.make_tensor_value_info("x_q", TensorProto.FLOAT, [1])  # the name the rewrite would give x's uint8
+    condition = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    made = helper.make_model(
+        helper.make_graph(nodes, "g", [x, taken, condition], [y], initializer=[weight]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model = onnx.load_from_string(onnx_int8_bytes(made.SerializeToString()))
+    onnx.checker.check_model(model, full_check=True)
+    assert "w" in {t.name for t in model.graph.initializer}  # the If's branches still read it
+    quantize = next(node for node in model.graph.node if node.op_type == "DynamicQuantizeLinear")
+    assert "x_q" not in quantize.output
