@@ -36,6 +36,7 @@ import importlib.util
 import io
 import logging
 import math
+import os
 import statistics
 import time
 import warnings
@@ -322,6 +323,26 @@ def require_onnxruntime() -> None:
         raise VariantUnavailable("onnxruntime is not installed")
 
 
+def onnx_session(proto: bytes, options: Any) -> Any:
+    """An onnxruntime CPU session over ``proto`` that does not keep ``proto`` alive. Given bytes, onnxruntime's Python
+    session holds on to them for its whole life (to re-create itself on a provider fallback a CPU session never
+    makes): a second copy of every weight beside the session's own, 59 MiB for the MiniLM-derived 2-layer embedder.
+    Given a path it keeps only the path, so the bytes go to an anonymous in-memory file (``memfd_create``: Linux; no
+    file on any disk) that is closed once the session has read it. Elsewhere, the bytes."""
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if not hasattr(os, "memfd_create"):
+        return onnxruntime.InferenceSession(proto, options, providers=providers)
+    descriptor = os.memfd_create("distillery-onnx", os.MFD_CLOEXEC)
+    try:
+        with open(descriptor, "wb", closefd=False) as memory:
+            memory.write(proto)
+        return onnxruntime.InferenceSession(f"/proc/self/fd/{descriptor}", options, providers=providers)
+    finally:
+        os.close(descriptor)
+
+
 def onnx_forward(proto: bytes, servable: Servable) -> Forward:
     """An onnxruntime session over ``proto`` (one intra-op and one inter-op thread, like torch in the api), called
     with the servable's inputs."""
@@ -331,7 +352,7 @@ def onnx_forward(proto: bytes, servable: Servable) -> Forward:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    session = onnx_session(proto, options)
     expected = {item.name for item in session.get_inputs()}  # the exporter drops inputs the graph does not use
     input_names = servable.input_names
 
@@ -346,22 +367,38 @@ def onnx_forward(proto: bytes, servable: Servable) -> Forward:
     return forward
 
 
-def build_onnx(servable: Servable) -> tuple[Forward, int]:
+def release_parameters(module: nn.Module) -> None:
+    """Every parameter of ``module`` emptied (same dtype, no elements): for a loader that owns the module and now
+    serves a session holding its own copy of the weights (the ONNX variants). The module stays an object to read
+    (config, architecture); calling it would fail loudly rather than compute with stale weights."""
+    for parameter in module.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+
+
+def build_onnx(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
+    """``in_place``: the module's own weights are released once the session holds its copy, so that a served model
+    holds its weights once (the session's), not twice."""
     require_onnxruntime()
     proto = onnx_bytes(servable)
-    return onnx_forward(proto, servable), len(proto)
+    forward = onnx_forward(proto, servable)
+    if in_place:
+        release_parameters(servable.module)
+    return forward, len(proto)
 
 
-def build_onnx_int8(servable: Servable) -> tuple[Forward, int]:
+def build_onnx_int8(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
     """``onnx`` with its products by weight matrices quantized to int8 in memory (app/distill/onnx_int8.py): measured
     the fastest variant of a text student on a CPU without bf16 (an AVX2 EPYC), chosen where it agrees with the eager
-    student within the job's tolerance."""
+    student within the job's tolerance. ``in_place``: as ``build_onnx``."""
     require_onnxruntime()
     try:
         proto = onnx_int8_bytes(onnx_bytes(servable))
     except (LookupError, ValueError) as exc:
         raise VariantUnavailable(str(exc)) from exc
-    return onnx_forward(proto, servable), len(proto)
+    forward = onnx_forward(proto, servable)
+    if in_place:
+        release_parameters(servable.module)
+    return forward, len(proto)
 
 
 class BFloat16Forward(nn.Module):
@@ -504,6 +541,8 @@ BUILDERS: dict[str, Builder] = {
 }
 # the builders that can convert the servable's own module (what a serving loader that owns it asks for)
 IN_PLACE_BUILDERS: dict[str, Builder] = {
+    "onnx": functools.partial(build_onnx, in_place=True),
+    "onnx_int8": functools.partial(build_onnx_int8, in_place=True),
     "bf16": functools.partial(build_bf16, in_place=True),
     "torchscript_bf16": functools.partial(build_torchscript_bf16, in_place=True),
     "torchscript_bf16_packed": functools.partial(build_torchscript_bf16_packed, in_place=True),
