@@ -388,8 +388,9 @@ def build_onnx(servable: Servable, in_place: bool = False) -> tuple[Forward, int
 
 def build_onnx_int8(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
     """``onnx`` with its products by weight matrices quantized to int8 in memory (app/distill/onnx_int8.py): measured
-    the fastest variant of a text student on a CPU without bf16 (an AVX2 EPYC), chosen where it agrees with the eager
-    student within the job's tolerance. ``in_place``: as ``build_onnx``."""
+    the fastest variant of the MiniLM-derived embedder on an AVX2 EPYC without bf16 and on a Zen 4 EPYC with VNNI and
+    bf16 (docs/serving-measurements.md), chosen where it agrees with the eager student within the job's tolerance.
+    ``in_place``: as ``build_onnx``."""
     require_onnxruntime()
     try:
         proto = onnx_int8_bytes(onnx_bytes(servable))
