@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -343,28 +344,58 @@ def onnx_session(proto: bytes, options: Any) -> Any:
         os.close(descriptor)
 
 
-def onnx_forward(proto: bytes, servable: Servable) -> Forward:
-    """An onnxruntime session over ``proto`` (one intra-op and one inter-op thread, like torch in the api), called
-    with the servable's inputs."""
+_SHARED_ARENA: dict[str, bool] = {}  # "registered": whether this process registered onnxruntime's shared CPU arena
+_SHARED_ARENA_LOCK = threading.Lock()
+
+
+def shared_cpu_arena() -> bool:
+    """Register, once per process, a CPU arena that every ONNX session allocates from (onnxruntime's "share
+    allocators between sessions": ``create_and_register_allocator`` + ``session.use_env_allocators``). Each session's
+    own arena keeps the largest batch's activations it ever ran for the process's life: measured with three sessions
+    of the MiniLM-derived embedder as ``onnx_int8`` after batches up to 32 × 64 tokens, +114.7 MiB with their own
+    arenas against +39.4 MiB sharing one, at the same latency (interleaved in one process: batch of 32 78–80 ms
+    shared, 80–82 own). False where onnxruntime refuses it: sessions then keep their own arenas."""
+    with _SHARED_ARENA_LOCK:
+        if "registered" not in _SHARED_ARENA:
+            import onnxruntime
+
+            try:
+                memory = onnxruntime.OrtMemoryInfo(
+                    "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
+                )
+                onnxruntime.create_and_register_allocator(memory, onnxruntime.OrtArenaCfg({}))
+                _SHARED_ARENA["registered"] = True
+            except Exception as exc:  # an onnxruntime without it, or an allocator registered by someone else
+                log.warning("onnxruntime's shared CPU arena is unavailable (%s); sessions keep their own", short(exc))
+                _SHARED_ARENA["registered"] = False
+        return _SHARED_ARENA["registered"]
+
+
+def onnx_forward(proto: bytes, servable: Servable) -> OnnxForward:
+    """An onnxruntime session over ``proto`` (one intra-op and one inter-op thread, like torch in the api; the
+    process's shared CPU arena), called with the servable's inputs."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = onnx_session(proto, options)
-    expected = {item.name for item in session.get_inputs()}  # the exporter drops inputs the graph does not use
-    input_names = servable.input_names
+    if shared_cpu_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    return OnnxForward(onnx_session(proto, options), servable.input_names)
 
-    def forward(*inputs: torch.Tensor) -> torch.Tensor:
-        feed = {
-            name: tensor.detach().cpu().contiguous().numpy()
-            for name, tensor in zip(input_names, inputs, strict=True)
-            if name in expected
-        }
-        return torch.from_numpy(session.run(None, feed)[0])
 
-    return forward
+class OnnxForward:
+    """A servable's forward through an onnxruntime session: its inputs as numpy arrays, the first output back."""
+
+    def __init__(self, session: Any, input_names: Sequence[str]) -> None:
+        self.session = session
+        expected = {item.name for item in session.get_inputs()}  # the exporter drops inputs the graph does not use
+        self.names = [(index, name) for index, name in enumerate(input_names) if name in expected]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: inputs[index].detach().cpu().contiguous().numpy() for index, name in self.names}
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def release_parameters(module: nn.Module) -> None:

@@ -678,6 +678,44 @@ def test_an_onnx_session_keeps_neither_its_bytes_nor_a_file_open() -> None:
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["onnx", "onnx_int8"])
+def test_onnx_sessions_allocate_from_the_process_shared_arena(name: str) -> None:
+    """Each session's own arena would keep the largest batch's activations for the process's life, one per model."""
+    made = servable(bert(), "embedding")
+    assert made is not None
+    first, second = build_variant(name, made), build_variant(name, made)
+    assert variants.shared_cpu_arena()
+    for built in (first, second):
+        forward = cast(variants.OnnxForward, built.forward)
+        options = forward.session.get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    ids, mask = token_batch(8, 24)
+    assert torch.allclose(first.forward(ids, mask), second.forward(ids, mask))
+
+
+def test_without_the_shared_arena_sessions_keep_their_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime
+
+    def refused(*args: Any) -> None:
+        raise RuntimeError("an allocator is already registered")
+
+    monkeypatch.setattr(variants, "_SHARED_ARENA", {})
+    monkeypatch.setattr(onnxruntime, "create_and_register_allocator", refused)
+    made = servable(mlp(), "classification")
+    assert made is not None
+    with caplog.at_level(logging.WARNING, logger="app.distill.variants"):
+        built = build_variant("onnx", made)
+    assert "already registered" in caplog.text
+    options = cast(variants.OnnxForward, built.forward).session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry("session.use_env_allocators")
+    rows = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.allclose(built.forward(rows), made.module(rows), atol=1e-5)
+
+
 def test_a_failed_in_place_onnx_build_leaves_the_weights_for_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(proto: bytes, made: Servable) -> variants.Forward:
         raise RuntimeError("the session could not be made")
