@@ -329,13 +329,16 @@ def onnx_session(proto: bytes, options: Any) -> Any:
     session holds on to them for its whole life (to re-create itself on a provider fallback a CPU session never
     makes): a second copy of every weight beside the session's own, 59 MiB for the MiniLM-derived 2-layer embedder.
     Given a path it keeps only the path, so the bytes go to an anonymous in-memory file (``memfd_create``: Linux; no
-    file on any disk) that is closed once the session has read it. Elsewhere, the bytes."""
+    file on any disk) that is closed once the session has read it. Where that cannot be done, the bytes."""
     import onnxruntime
 
     providers = ["CPUExecutionProvider"]
-    if not hasattr(os, "memfd_create"):
+    try:
+        if not os.path.isdir("/proc/self/fd"):
+            raise OSError("no /proc/self/fd")
+        descriptor = os.memfd_create("distillery-onnx", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux, no /proc, or memfd_create refused (a seccomp profile)
         return onnxruntime.InferenceSession(proto, options, providers=providers)
-    descriptor = os.memfd_create("distillery-onnx", os.MFD_CLOEXEC)
     try:
         with open(descriptor, "wb", closefd=False) as memory:
             memory.write(proto)

@@ -662,13 +662,14 @@ def assert_onnx_holds_the_weights_once(name: str, model: torch.nn.Module, served
 def test_an_onnx_session_keeps_neither_its_bytes_nor_a_file_open() -> None:
     """onnxruntime's Python session holds the bytes it was made from for its whole life; ``onnx_session`` hands it
     an in-memory file instead, closed once the session has read it."""
+    import onnxruntime
+
     made = servable(mlp(), "classification")
     assert made is not None
     proto = variants.onnx_bytes(made)
     references = sys.getrefcount(proto)
     descriptors = len(list(Path("/proc/self/fd").iterdir()))
-    options = __import__("onnxruntime").SessionOptions()
-    session = variants.onnx_session(proto, options)
+    session = variants.onnx_session(proto, onnxruntime.SessionOptions())
     assert sys.getrefcount(proto) == references
     assert len(list(Path("/proc/self/fd").iterdir())) == descriptors
     rows = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
@@ -676,6 +677,22 @@ def test_an_onnx_session_keeps_neither_its_bytes_nor_a_file_open() -> None:
         expected = made.module(rows)
     got = torch.from_numpy(session.run(None, {"inputs": rows.numpy()})[0])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_where_no_in_memory_file_can_be_made_the_session_takes_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise PermissionError("memfd_create is not allowed here")
+
+    monkeypatch.setattr(variants.os, "memfd_create", refused)
+    made = servable(mlp(), "classification")
+    assert made is not None
+    session = variants.onnx_session(variants.onnx_bytes(made), onnxruntime.SessionOptions())
+    rows = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = made.module(rows)
+    assert torch.allclose(torch.from_numpy(session.run(None, {"inputs": rows.numpy()})[0]), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["onnx", "onnx_int8"])
