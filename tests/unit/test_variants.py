@@ -456,6 +456,43 @@ def test_measurement_records_latency_and_agreement_for_an_mlp() -> None:
     json.dumps(result, allow_nan=False)  # storable as it is
 
 
+def test_onnx_builds_are_timed_after_the_exporter_has_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter's one-time start would be charged to whichever ONNX variant is built first."""
+    calls: list[str] = []
+    monkeypatch.setattr(variants, "warm_onnx_export", lambda: calls.append("warm"))
+
+    def onnx_builder(made: Servable) -> tuple[variants.Forward, int]:
+        calls.append("build onnx")
+        return made.module, 0
+
+    made = servable(mlp(), "classification")
+    assert made is not None
+    probe = tabular_probe(torch.randn(20, 6)) or pytest.fail("no probe")
+    builders = {**variants.BUILDERS, "onnx": onnx_builder}
+    measure_variants(made, probe, names=["eager", "torchscript", "onnx"], builders=builders, repeats=1)
+    assert calls == ["warm", "build onnx"]
+    calls.clear()
+    measure_variants(made, probe, names=["eager", "torchscript"], builders=builders, repeats=1)
+    assert calls == []
+
+
+def test_the_exporter_warm_up_exports_once_per_process_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    exports: list[Servable] = []
+
+    def failing_export(made: Servable) -> bytes:
+        exports.append(made)
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(variants, "onnx_bytes", failing_export)
+    variants.warm_onnx_export.cache_clear()
+    try:
+        variants.warm_onnx_export()
+        variants.warm_onnx_export()
+    finally:
+        variants.warm_onnx_export.cache_clear()
+    assert len(exports) == 1 and isinstance(exports[0].module, torch.nn.Linear)
+
+
 def test_measurement_records_cosines_for_an_embedder() -> None:
     model = bert()
     result = choose_serving_variant(model, "embedding", lambda: text_probe(held_out_text()), EvaluationSpec())
