@@ -425,15 +425,20 @@ def release_parameters(module: nn.Module) -> None:
         parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
 
 
-def build_onnx(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
-    """``in_place``: the module's own weights are released once the session holds its copy, so that a served model
-    holds its weights once (the session's), not twice."""
-    require_onnxruntime()
-    proto = onnx_bytes(servable)
+def serve_onnx(proto: bytes, servable: Servable, in_place: bool) -> tuple[Forward, int]:
+    """A session over ``proto`` and its bytes; ``in_place``: the module's weights released once the session holds
+    its own copy (not before: a failed build leaves them for eager)."""
     forward = onnx_forward(proto, servable)
     if in_place:
         release_parameters(servable.module)
     return forward, len(proto)
+
+
+def build_onnx(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
+    """``in_place``: the module's own weights are released once the session holds its copy, so that a served model
+    holds its weights once (the session's), not twice."""
+    require_onnxruntime()
+    return serve_onnx(onnx_bytes(servable), servable, in_place)
 
 
 def build_onnx_int8(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
@@ -446,10 +451,7 @@ def build_onnx_int8(servable: Servable, in_place: bool = False) -> tuple[Forward
         proto = onnx_int8_bytes(onnx_bytes(servable))
     except (LookupError, ValueError) as exc:
         raise VariantUnavailable(str(exc)) from exc
-    forward = onnx_forward(proto, servable)
-    if in_place:
-        release_parameters(servable.module)
-    return forward, len(proto)
+    return serve_onnx(proto, servable, in_place)
 
 
 class BFloat16Forward(nn.Module):
