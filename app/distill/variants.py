@@ -258,24 +258,34 @@ def build_torchscript(servable: Servable, freeze: bool = True) -> tuple[Forward,
     return FrozenScript(script), 0
 
 
-def build_int8_dynamic(servable: Servable) -> tuple[Forward, int]:
+def build_int8_dynamic(servable: Servable, in_place: bool = False) -> tuple[Forward, int]:
+    """The module's ``nn.Linear`` layers replaced by dynamically quantized ones (int8 weights, per output channel);
+    the rest stays float32. ``in_place``: the module itself quantized, for a loader that owns it (the float weights
+    of its linear layers are then dropped, not held beside the int8 copy)."""
     if torch.backends.quantized.engine == "none":
         raise VariantUnavailable("this torch build has no quantized CPU kernels")
     linears = [m for m in servable.module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise VariantUnavailable("the model has no Linear layers to quantize")
+    int8_weights = sum(m.weight.numel() for m in linears)
+    biases = sum(m.bias.numel() * m.bias.element_size() for m in linears if m.bias is not None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
         # per-output-channel weight scales: closer to the float model than one scale per tensor (on all-MiniLM-L6-v2,
         # min cosine 0.94 instead of 0.83), at about the same speed
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         quantized = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            copy.deepcopy(servable.module), {nn.Linear: qconfig}, dtype=torch.qint8
+            servable.module if in_place else copy.deepcopy(servable.module),
+            {nn.Linear: qconfig},
+            dtype=torch.qint8,
+            inplace=in_place,
         )
     quantized.eval()
-    int8_weights = sum(m.weight.numel() for m in linears)
+    if in_place:  # the module's parameters are counted by the caller; the packed linears hold weights and biases
+        return quantized, int8_weights + biases
+    # a copy: its float parameters (embeddings, norms) are held beside the original's
     others = sum(p.numel() * p.element_size() for p in quantized.parameters())
-    return quantized, int8_weights + others
+    return quantized, int8_weights + biases + others
 
 
 def onnx_bytes(servable: Servable) -> bytes:
@@ -594,6 +604,7 @@ BUILDERS: dict[str, Builder] = {
 }
 # the builders that can convert the servable's own module (what a serving loader that owns it asks for)
 IN_PLACE_BUILDERS: dict[str, Builder] = {
+    "int8_dynamic": functools.partial(build_int8_dynamic, in_place=True),
     "onnx": functools.partial(build_onnx, in_place=True),
     "onnx_int8": functools.partial(build_onnx_int8, in_place=True),
     "bf16": functools.partial(build_bf16, in_place=True),
