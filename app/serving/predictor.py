@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -1111,15 +1111,17 @@ class ModelCache:
                 evicted.append(oldest)
         self._evicted(evicted)
 
-    def make_room(self, key: str, incoming_bytes: int) -> list[str]:
-        """Evict least recent entries (never ``key``) until ``incoming_bytes`` more fit the byte budget; returns the
-        keys evicted. Called before a load, so that a model and those it displaces are not in memory together (on
-        a GPU sized to the budget the load would fail for want of memory, and nothing would ever make room). The
-        count bound is kept by ``put``: a model over the count evicts once it has loaded."""
+    def make_room(self, key: str, incoming_bytes: int, keep: Collection[str] = ()) -> list[str]:
+        """Evict least recent entries (never ``key`` nor those in ``keep``) until ``incoming_bytes`` more fit the
+        byte budget; returns the keys evicted. Called before a load, so that a model and those it displaces are not
+        in memory together (on a GPU sized to the budget the load would fail for want of memory, and nothing would
+        ever make room). The count bound is kept by ``put``: a model over the count evicts once it has loaded.
+        ``keep``: models that must go on serving while this one loads (an alias's current model, while the model
+        it will name loads: if that load fails, the alias still serves it)."""
         evicted: list[tuple[str, Any]] = []
         with self._lock:
             if self.max_bytes:
-                for other in [k for k in self._entries if k != key]:  # least recent first
+                for other in [k for k in self._entries if k != key and k not in keep]:  # least recent first
                     if self.total_bytes() + incoming_bytes <= self.max_bytes:
                         break
                     evicted.append((other, self._entries.pop(other)))

@@ -377,7 +377,11 @@ class InferenceService:
         finally:
             served.deletion_check = None
 
-    async def _get_id(self, tenant: str, model_id: str, retry_failed: bool = False) -> ServedModel:
+    async def _get_id(
+        self, tenant: str, model_id: str, retry_failed: bool = False, keep: frozenset[str] = frozenset()
+    ) -> ServedModel:
+        """The loaded model, loading it if need be; ``keep``: models (``tenant/id``) its load must not unload to make
+        room (an alias's current one while its next loads)."""
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
         served = self._hit(key)
         if served is not None:
@@ -388,7 +392,7 @@ class InferenceService:
             left = 0.0 if failed is None or retry_failed else failed.wait_s - (time.monotonic() - failed.at)
             if failed is not None and left > 0:
                 raise ModelUnavailable(failed.message, headers={"Retry-After": str(math.ceil(left))})
-            loading = asyncio.ensure_future(self._load(tenant, model_id))
+            loading = asyncio.ensure_future(self._load(tenant, model_id, keep))
             self._loads[key] = loading
             loading.add_done_callback(lambda _: self._loads.pop(key, None))
         try:
@@ -399,7 +403,7 @@ class InferenceService:
         self.metrics.cache_misses.labels(model_id).inc()
         return served
 
-    async def _load(self, tenant: str, model_id: str) -> ServedModel:
+    async def _load(self, tenant: str, model_id: str, keep: frozenset[str] = frozenset()) -> ServedModel:
         key = f"{tenant}/{model_id}"
         started = time.perf_counter()
         try:
@@ -408,7 +412,7 @@ class InferenceService:
             directory = await run_in_threadpool(self._fetch_files, record)
             # the byte budget holds during the load too: the least recently used models go before, not after
             self._reserved[key] = self.expected_bytes(record)
-            made_room = self.cache.make_room(key, sum(self._reserved.values()))
+            made_room = self.cache.make_room(key, sum(self._reserved.values()), keep)
             if made_room:
                 log.info("unloaded %s to make room for %s", ", ".join(made_room), key)
             predictor = await run_in_threadpool(self.loader, record.id, directory, record.sha256, record.config)
@@ -500,10 +504,13 @@ class InferenceService:
 
     def _evicted(self, entry: Any) -> None:
         if isinstance(entry, ServedModel):
+            # listed before the stop: the thread's last act (``drained``) unlists it, and can only come after the
+            # stop; listed after, a thread that ended in between would have found nothing to unlist, and it would
+            # have counted against the byte budget for good
+            self._draining[id(entry)] = entry
             entry.close()
             self.metrics.unloads.labels(entry.model_id).inc()
-            self._draining[id(entry)] = entry
-            if not entry.batcher.running:  # it ended before it was listed (else its end unlists it)
+            if not entry.batcher.running:  # no thread to unlist it (it never started, or has ended)
                 self._draining.pop(id(entry), None)
 
     def _draining_bytes(self) -> int:
@@ -523,7 +530,9 @@ class InferenceService:
         if not is_alias(reference):
             return await self._get_id(tenant, reference, retry_failed=True)
         newest = await self._resolve(tenant, reference)
-        served = await self._get_id(tenant, newest, retry_failed=True)
+        binding = self._aliases.get((tenant, reference))
+        keep = frozenset() if binding is None else frozenset({f"{tenant}/{binding.model_id}"})
+        served = await self._get_id(tenant, newest, retry_failed=True, keep=keep)
         self._bind(tenant, reference, newest)
         return served
 
@@ -586,7 +595,8 @@ class InferenceService:
             bound = binding.model_id
             target = await self._resolve(tenant, alias)
             if target != bound:
-                await self._get_id(tenant, target)  # load first: a failure keeps the alias where it was
+                # load first, without unloading the bound model: a failure keeps the alias serving it
+                await self._get_id(tenant, target, keep=frozenset({f"{tenant}/{bound}"}))
                 if binding.model_id != bound:  # an explicit load bound it meanwhile, to what the database said then
                     return
                 log.info("alias %s of %s: %s → %s", alias, tenant, bound, target)

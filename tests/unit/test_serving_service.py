@@ -749,6 +749,72 @@ def test_a_corrupt_artifact_fails_before_it_unloads_anything(store: Store) -> No
     run(test)
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_under_a_byte_budget_an_alias_keeps_its_model_while_the_next_one_fails_to_load(
+    store: Store, explicit: bool
+) -> None:
+    """Room for the alias's next model is not made by unloading the model the alias serves: when the next one then
+    fails in the loader (past verification), the alias goes on serving its model, loaded, not reloaded from cold at
+    every retry of the broken one (refreshed in the background, or loaded explicitly)."""
+    first = store.add(name="nightly", seed=1)
+    loader = CountingLoader()
+
+    async def test() -> None:
+        one = load_predictor(first, store.settings.artifacts_dir / f"models/{first}", "", {}).memory_bytes
+        service = serve(store, loader, alias_refresh_s=0.01, model_cache_bytes=one + one // 2)  # one model fits
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        broken = store.add(name="nightly", seed=2)
+        loader.fail.add(broken)  # its files verify; building the model fails
+        await asyncio.sleep(0.02)
+        if explicit:
+            with pytest.raises(ModelUnavailable, match="cannot be loaded"):
+                await service.load("default", "latest:nightly")
+        else:
+            await service.get("default", "latest:nightly")  # due for a check: the refresh starts
+            refresh = service._aliases[("default", "latest:nightly")].refresh
+            assert refresh is not None
+            await refresh
+        assert loader.calls == [first, broken]
+        assert service.loaded("default", first) is not None
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        assert loader.calls.count(first) == 1
+        service.close()
+
+    run(test)
+
+
+def test_an_evicted_model_whose_thread_ends_as_it_is_unloaded_stops_counting(store: Store) -> None:
+    """The inference thread's last act unlists an unloaded model from the draining ones (whose bytes still count
+    against the budget). The model is listed before its batcher is stopped, so a thread that ends at once (its last
+    act done while the event loop is still unloading) cannot leave it listed, and counted, for good."""
+    model = store.add(seed=1)
+
+    async def test() -> None:
+        service = serve(store, inference_inline_max_us=0)
+        served = await service.get("default", model)
+        ended = served.batcher.on_thread_end
+        assert ended is not None
+        unloaded = served.metrics.unloaded
+
+        def slow_end() -> None:  # the thread's last act done, the thread not yet dead
+            ended()
+            time.sleep(0.05)
+
+        def preempted() -> None:  # the event loop held up right after the stop
+            unloaded()
+            time.sleep(0.01)
+
+        served.batcher.on_thread_end = slow_end
+        served.metrics.unloaded = preempted  # type: ignore[method-assign]
+        service.cache.evict(f"default/{model}")
+        served.batcher.join(2)
+        assert not served.batcher.running
+        assert service._draining == {} and service.cache.total_bytes() == 0
+        service.close()
+
+    run(test)
+
+
 def test_a_fresh_latest_alias_whose_newest_model_cannot_load_serves_the_one_before(store: Store) -> None:
     """A process binding ``latest:`` for the first time (a new replica) whose newest model is broken serves the
     newest earlier student that loads, as the processes that bound the alias before still do; a user-set alias has
