@@ -21,7 +21,7 @@ Errors are ``{"error": "..."}`` with 400 for bad requests, 404 for unknown model
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -336,11 +336,13 @@ def decode_binary(tensor: InferTensor, chunk: bytes) -> Any:
     return np.frombuffer(chunk, dtype=dtype)
 
 
-def binary_outputs(body: InferRequest) -> frozenset[str] | None:
-    """The outputs to return as binary data; None: all of them (``binary_data_output``)."""
-    if (body.parameters or {}).get("binary_data_output") is True:
-        return None
-    return frozenset(o.name for o in body.outputs or () if (o.parameters or {}).get("binary_data") is True)
+def binary_outputs(body: InferRequest, wanted: Sequence[str]) -> frozenset[str]:
+    """The outputs to return as binary data: those whose own ``binary_data`` is true, or, where the request's
+    ``binary_data_output`` is true, every wanted output whose own ``binary_data`` is not false (an output's own
+    parameter overrides the request's, as in KServe's and Triton's servers)."""
+    default = (body.parameters or {}).get("binary_data_output") is True
+    own = {o.name: (o.parameters or {}).get("binary_data") for o in body.outputs or ()}
+    return frozenset(name for name in wanted if own.get(name) is True or (default and own.get(name) is not False))
 
 
 def binary_data(tensor: dict[str, Any]) -> bytes:
@@ -361,9 +363,10 @@ def requested_outputs(body: InferRequest, outputs: list[dict[str, Any]]) -> list
     return wanted
 
 
-def max_tokens_of(body: InferRequest, limit: int) -> tuple[int, str]:
-    """The completion length a causal LM's request asks for and the parameter that set it: ``max_tokens`` or
-    ``max_new_tokens`` (the native predict's and transformers' name for it), 16 when neither is given."""
+def max_tokens_of(body: InferRequest, limit: int) -> tuple[int, str, bool]:
+    """The completion length a causal LM's request asks for, the parameter that set it (``max_tokens`` or
+    ``max_new_tokens``, the native predict's and transformers' name for it) and whether the request gave it: 16 when
+    neither is given."""
     parameters = body.parameters or {}
     given = [name for name in ("max_tokens", "max_new_tokens") if name in parameters]
     if len(given) > 1:
@@ -372,7 +375,7 @@ def max_tokens_of(body: InferRequest, limit: int) -> tuple[int, str]:
     value = parameters.get(name, 16)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         raise bad_request(f"parameter {name} must be an integer from 0 to {limit}", "parameters")
-    return value, name
+    return value, name, bool(given)
 
 
 # --- model output → response (runs in the inference thread) ----------------------------------------------------------
@@ -412,7 +415,7 @@ def encode_infer(
     model_id: str,
     request_id: str | None,
     wanted: list[str],
-    binary: frozenset[str] | None,
+    binary: frozenset[str],
     task: str,
     predictor: Any,
     output: Any,
@@ -426,7 +429,7 @@ def encode_infer(
     blobs: list[bytes] = []
     for output_name in wanted:
         tensor = tensors[output_name]
-        if binary is None or output_name in binary:
+        if output_name in binary:
             blob = binary_data(tensor)
             blobs.append(blob)
             tensor = {key: value for key, value in tensor.items() if key != "data"}
@@ -451,9 +454,15 @@ def prepare(served: ServedModel, body: InferRequest, blob: bytes, max_tokens_lim
     assert isinstance(predictor, TextPredictor)
     texts = text_values(tensor, decoded[0])
     if predictor.task == "causal_lm":
-        max_tokens, name = max_tokens_of(body, max_tokens_limit)
+        max_tokens, name, given = max_tokens_of(body, max_tokens_limit)
         field = ("parameters", name)
-        requests = [GenerationRequest(prompt=text, max_tokens=max_tokens, max_tokens_field=field) for text in texts]
+        # the default 16 is cut to what the context leaves (as OpenAI's completions cut theirs): a prompt that fits
+        # is not refused for a length the client never asked for; a length it gave must fit
+        overflow: Literal["refuse", "fit"] = "refuse" if given else "fit"
+        requests = [
+            GenerationRequest(prompt=text, max_tokens=max_tokens, max_tokens_field=field, overflow=overflow)
+            for text in texts
+        ]
         return requests, len(texts), wanted
     return TextRequest(texts, truncate=True), len(texts), wanted
 
@@ -546,7 +555,7 @@ async def run_infer(
         served.model_id,
         body.id,
         wanted,
-        binary_outputs(body),
+        binary_outputs(body, wanted),
         served.record.task,
         served.predictor,
     )

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DatabaseDep, TenantDep
@@ -85,9 +85,38 @@ Stop = Annotated[str, Field(min_length=1, max_length=200)]
 PromptText = Annotated[str, Field(max_length=1_000_000)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def null_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """``null`` added to the schema of each optional field (``NullIsDefault`` reads it as the field's default)."""
+    properties = schema.get("properties", {})
+    for name, field in model.model_fields.items():
+        prop = properties.get(name)
+        if field.is_required() or prop is None or {"type": "null"} in prop.get("anyOf", []):
+            continue
+        kept = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        properties[name] = {"anyOf": [prop, {"type": "null"}], **kept}
 
+
+class NullIsDefault(BaseModel):
+    """OpenAI's API takes ``null`` for any optional field and reads it as the field's default; the openai SDKs send
+    it when a caller passes ``None`` (``temperature=None``), and so do proxies forwarding optional settings. Here a
+    null for a field with a default is that default, and the schema says null is taken."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=null_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and key in fields and not fields[key].is_required())
+        }
+
+
+class StreamOptions(NullIsDefault):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
 
 
@@ -95,9 +124,7 @@ MAX_CHOICES = 16
 MAX_LOGPROBS = 5
 
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SamplingFields(NullIsDefault):
     model: ModelName
     temperature: float = Field(1.0, ge=0, le=2, description="0 (or under 1e-5) = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -227,9 +254,7 @@ class ChatCompletionRequest(SamplingFields):
     )
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EmbeddingRequest(NullIsDefault):
     model: ModelName
     input: (
         PromptText

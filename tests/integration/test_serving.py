@@ -515,6 +515,13 @@ def test_kserve_v2_binary_tensor_extension(client: httpx.Client, tabular: str, t
     document, blob = split_binary_response(client.post(url, content=content, headers=headers))
     assert [o["parameters"]["binary_data_size"] for o in document["outputs"]] == [40, 16]
     assert list(struct.unpack("<2q", blob[40:])) == as_json["outputs"][1]["data"]
+    # an output's own binary_data overrides the request's binary_data_output (KServe's and Triton's rule)
+    json_probabilities = [{"name": "probabilities", "parameters": {"binary_data": False}}, {"name": "classes"}]
+    mixed = {"inputs": [tensor], "parameters": {"binary_data_output": True}, "outputs": json_probabilities}
+    content, headers = binary_request(mixed, rows)
+    document, blob = split_binary_response(client.post(url, content=content, headers=headers))
+    assert document["outputs"][0] == as_json["outputs"][0] and len(blob) == 16
+    assert document["outputs"][1]["parameters"] == {"binary_data_size": 16}
 
     embedder = f"/v2/models/{text_models['embedder']}/infer"
     texts = ["a cat", "a dög"]
@@ -651,6 +658,13 @@ def test_kserve_v2_completions(client: httpx.Client, text_models: dict[str, str]
     # a prompt over the 128-token context: refused, and the server keeps serving
     too_long = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 200]}]}
     assert_kserve_error(client.post(url, json=too_long), 400, "context length")
+    # near the context's end the default 16 tokens are cut to what is left (OpenAI's completions cut theirs): no
+    # 400 naming a max_tokens the client never sent; a max_tokens it sent must fit
+    near = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 120]}]}
+    cut = client.post(url, json=near)
+    assert cut.status_code == 200, cut.text
+    assert len(cut.json()["outputs"][0]["data"][0]) <= 128 - 120
+    assert_kserve_error(client.post(url, json={**near, "parameters": {"max_tokens": 16}}), 400, "max_tokens")
     assert client.post(url, json={**body, "parameters": {"max_tokens": 6}}).json()["outputs"][0] == output
 
 
@@ -701,6 +715,11 @@ def test_openai_completions_with_usage_and_streaming(client: httpx.Client, text_
 
     several = client.post("/v1/completions", json={**request, "prompt": ["a", "b"]}).json()
     assert [c["index"] for c in several["choices"]] == [0, 1]
+    # the openai SDKs send null for an option a caller passed as None: the default, as OpenAI reads it
+    nulls = dict.fromkeys(("top_p", "n", "stream", "echo", "presence_penalty", "frequency_penalty", "logprobs"))
+    defaulted = client.post("/v1/completions", json={**request, **nulls})
+    assert defaulted.status_code == 200, defaulted.text
+    assert defaulted.json()["choices"][0]["text"] == choice["text"]
 
 
 @pytest.mark.parametrize("protocol", ["openai", "native", "kserve"])

@@ -1845,3 +1845,35 @@ def test_a_causal_lm_whose_job_chose_bf16_generates_in_bf16(tmp_path: Path) -> N
         assert [e.logprob for e in mine.logprobs or []] == pytest.approx(
             [e.logprob for e in theirs.logprobs or []], abs=0.05
         )
+
+
+def test_openai_requests_read_null_as_the_default() -> None:
+    """OpenAI takes null for any optional field and means its default; the openai SDKs send null when a caller passes
+    None (``temperature=None``). The schema says so; a required field is still required, an unknown one refused."""
+    from pydantic import ValidationError
+
+    from app.serving.openai_compat import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+    optional = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "stream_options")
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": None} | dict.fromkeys(optional)
+    )
+    assert (chat.temperature, chat.top_p, chat.n, chat.stream, chat.logprobs) == (1.0, 1.0, 1, False, False)
+    assert (chat.presence_penalty, chat.frequency_penalty, chat.stream_options) == (0.0, 0.0, None)
+    completion = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "echo": None, "stream": True, "stream_options": {"include_usage": None}}
+    )
+    assert completion.echo is False and completion.stream_options is not None
+    assert completion.stream_options.include_usage is False
+    assert EmbeddingRequest.model_validate({"model": "m", "input": "x", "encoding_format": None}).encoding_format == (
+        "float"
+    )
+    schema = ChatCompletionRequest.model_json_schema()["properties"]
+    assert {"type": "null"} in schema["temperature"]["anyOf"] and schema["temperature"]["default"] == 1.0
+    assert {"type": "null"} in schema["stream"]["anyOf"] and "anyOf" not in schema["messages"]
+    with pytest.raises(ValidationError, match="prompt"):
+        CompletionRequest.model_validate({"model": "m", "prompt": None})
+    with pytest.raises(ValidationError, match="bogus"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", "bogus": None})
+    with pytest.raises(ValidationError, match="temperature"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", "temperature": 3})
