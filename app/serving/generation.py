@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,58 @@ class TextOffsets:
             self.pending = []
 
 
+#: SentencePiece's byte-fallback pieces (Llama's, Mistral's tokenizers): one byte each
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte in its tokens (printable Latin-1
+    bytes stand for themselves, the others for characters from U+0100 on)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+BYTE_LEVEL = byte_level_alphabet()
+
+
+def bytes_of_token(tokenizer: Any, token: int) -> bytes:
+    """The bytes a token stands for, also where they are only part of a character (a byte-level tokenizer splits a
+    multi-byte character over several tokens, each of which decodes alone to U+FFFD or to nothing): ByT5's byte
+    ids, SentencePiece's byte pieces (``<0xE2>``), GPT-2's byte-level pieces (checked against the token's own
+    decoding); else the token's decoding, encoded."""
+    offset = getattr(tokenizer, "offset", None)
+    if "ByT5" in type(tokenizer).__name__ and isinstance(offset, int) and 0 <= token - offset < 256:
+        return bytes([token - offset])
+    text: str = tokenizer.decode([token])
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str):
+        match = BYTE_PIECE.fullmatch(piece)
+        if match:
+            return bytes([int(match[1], 16)])
+        if piece and all(char in BYTE_LEVEL for char in piece):
+            raw = bytes(BYTE_LEVEL[char] for char in piece)
+            if raw.decode("utf-8", "replace") == text:
+                return raw
+    return text.encode()
+
+
+def token_piece(tokenizer: Any, token: int) -> tuple[str, bytes]:
+    """A token's text and bytes as OpenAI's log-probabilities give them: bytes that are not whole UTF-8 characters
+    are written ``bytes:\\xe2\\x80`` (so two such tokens never share a text), and ``bytes`` holds them all."""
+    data = bytes_of_token(tokenizer, token)
+    try:
+        return data.decode("utf-8"), data
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data), data
+
+
 def scored_tokens(
     tokenizer: Any,
     entries: Sequence[TokenLogprob],
@@ -142,7 +195,7 @@ def scored_tokens(
     for entry in entries:
         if end is not None and offsets.offset >= end:
             break
-        scored.append((entry, tokenizer.decode([entry.token]), offsets.offset))
+        scored.append((entry, token_piece(tokenizer, entry.token)[0], offsets.offset))
         offsets.advance(entry.token)
     return scored
 

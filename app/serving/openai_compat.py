@@ -32,7 +32,14 @@ from app.models import service as models_service
 from app.serving.aliases import LATEST_PREFIX
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput
-from app.serving.generation import Completion, GenerationRequest, ScoredToken, TokenLogprob, scored_tokens
+from app.serving.generation import (
+    Completion,
+    GenerationRequest,
+    ScoredToken,
+    TokenLogprob,
+    scored_tokens,
+    token_piece,
+)
 from app.serving.predictor import TextOutput, TextPredictor, TextRequest
 from app.serving.protocol import (
     ERROR_FORMAT_KEY,
@@ -619,7 +626,7 @@ def legacy_logprobs(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str, 
         "tokens": [piece for _, piece, _ in scored],
         "token_logprobs": [entry.logprob for entry, _, _ in scored],
         "top_logprobs": [
-            None if entry.logprob is None else {tokenizer.decode([token]): value for token, value in entry.top}
+            None if entry.logprob is None else {token_piece(tokenizer, token)[0]: value for token, value in entry.top}
             for entry, _, _ in scored
         ],
         "text_offset": [offset for _, _, offset in scored],
@@ -637,8 +644,8 @@ def chat_logprobs_of(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str,
     log-probability, UTF-8 bytes and the most likely tokens of its step."""
 
     def described(token: int, logprob: float) -> dict[str, Any]:
-        piece = tokenizer.decode([token])
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        piece, data = token_piece(tokenizer, token)
+        return {"token": piece, "logprob": logprob, "bytes": list(data)}
 
     content = [
         described(entry.token, entry.logprob or 0.0)

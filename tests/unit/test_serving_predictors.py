@@ -42,8 +42,10 @@ from app.serving.generation import (
     kv_token_bytes,
     padded_tokens,
     scored_tokens,
+    token_piece,
     window_mask,
 )
+from app.serving.openai_compat import chat_logprobs_of
 from app.serving.predictor import (
     MAX_OVERHEAD_TOKENS,
     PREPARE_MAX_CHARS,
@@ -1302,7 +1304,21 @@ def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: 
     scored = scored_tokens(tokenizer, entries, 0, len(text))
     assert [entry.token for entry, _, _ in scored] == ids  # all seven, not the end-of-sequence token
     assert [offset for _, _, offset in scored] == [0, 1, 1, 2, 3, 4, 4]
-    assert [piece for _, piece, _ in scored] == [tokenizer.decode([token]) for token in ids]
+    # OpenAI's texts for tokens that are part of a character: their bytes, written out (each alone decodes to U+FFFD
+    # or to nothing, and two of them shared one text: a top_logprobs key that dropped the other)
+    assert [piece for _, piece, _ in scored] == [
+        "n",
+        "bytes:\\xc3",
+        "bytes:\\xa9",
+        " ",
+        "o",
+        "bytes:\\xc3",
+        "bytes:\\xb9",
+    ]
+    chat = chat_logprobs_of(tokenizer, scored)["content"]
+    assert b"".join(bytes(item["bytes"]) for item in chat) == text.encode()
+    assert [item["token"] for item in chat] == [piece for _, piece, _ in scored]
+    assert token_piece(tokenizer, eos) == (tokenizer.eos_token, tokenizer.eos_token.encode())
     assert [offset for _, _, offset in scored_tokens(tokenizer, entries, 10, None)][-3:] == [14, 14, 15]
 
     events: list[tuple[str, Any]] = []
@@ -1877,3 +1893,18 @@ def test_openai_requests_read_null_as_the_default() -> None:
         CompletionRequest.model_validate({"model": "m", "prompt": "hi", "bogus": None})
     with pytest.raises(ValidationError, match="temperature"):
         CompletionRequest.model_validate({"model": "m", "prompt": "hi", "temperature": 3})
+
+
+def test_a_sentencepiece_byte_piece_is_its_byte() -> None:
+    """Llama's and Mistral's tokenizers fall back to one piece per byte (``<0xC3>``) for characters outside their
+    vocabulary: such a token is that byte; other pieces are their decoding."""
+
+    class Pieces:
+        def convert_ids_to_tokens(self, token: int) -> str:
+            return {5: "<0xC3>", 6: "▁the"}[token]
+
+        def decode(self, ids: list[int]) -> str:
+            return {5: "\ufffd", 6: "the"}[ids[0]]
+
+    assert token_piece(Pieces(), 5) == ("bytes:\\xc3", b"\xc3")
+    assert token_piece(Pieces(), 6) == ("the", b"the")
