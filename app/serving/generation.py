@@ -209,6 +209,18 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # the generated tokens' (when asked for)
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's (when asked for)
     cached_tokens: int = 0  # the prompt's first tokens whose keys and values came from the prefix cache
+    # how many generated tokens make the text (not an end-of-sequence token after them): every one is scored, those
+    # of a character cut short by max_tokens too; None where a stop string cut the text (its end then decides)
+    text_tokens: int | None = None
+
+
+def completion_scored(tokenizer: Any, completion: Completion, start: int) -> list[ScoredToken]:
+    """A completion's generated tokens with their texts and offsets (counting from ``start``, where its text begins
+    in the response): one per token of its text, none for the end-of-sequence token or after a stop string."""
+    entries = completion.logprobs or []
+    if completion.text_tokens is not None:
+        return scored_tokens(tokenizer, entries[: completion.text_tokens], start, None)
+    return scored_tokens(tokenizer, entries, start, start + len(completion.text))
 
 
 def new_generator(request: GenerationRequest, device: torch.device) -> torch.Generator:
@@ -367,16 +379,27 @@ class TextStream:
         if ready > len(self.text):
             delta = decoded[len(self.text) : ready]
             self.text = decoded[:ready]
-        scored = self._newly_scored()
+        scored = self._newly_scored(final)
         if scored and self.request.on_logprobs is not None:
             self.request.on_logprobs(scored)
         if (delta or scored) and self.request.on_text is not None:
             self.request.on_text(delta)
 
-    def _newly_scored(self) -> list[ScoredToken]:
-        """The log-probabilities of the tokens that begin in the text sent so far and have not been sent."""
+    @property
+    def text_tokens(self) -> int | None:
+        """``Completion.text_tokens``: the tokens kept (before an end of sequence); None once a stop string cut."""
+        return None if self.stopped else len(self.tokens)
+
+    def _newly_scored(self, final: bool = False) -> list[ScoredToken]:
+        """The log-probabilities of the tokens that begin in the text sent so far and have not been sent; at the end
+        (``final``, no stop string), of every token kept, a character cut short by max_tokens included."""
         if self.logprobs is None:
             return []
+        if final and not self.stopped:
+            unsent = self.logprobs[self.sent_logprobs : len(self.tokens)]
+            scored = scored_tokens(self.tokenizer, unsent, 0, None, self.offsets)
+            self.sent_logprobs += len(scored)
+            return scored
         unsent = self.logprobs[self.sent_logprobs :]
         scored = scored_tokens(self.tokenizer, unsent, 0, len(self.text), self.offsets)
         self.sent_logprobs += len(scored)
@@ -662,6 +685,7 @@ class Row:
             self.logprobs,
             self.prompt_logprobs,
             self.cached,
+            self.stream.text_tokens,
         )
 
 

@@ -37,6 +37,7 @@ from app.serving.generation import (
     GenerationRequest,
     ScoredToken,
     TokenLogprob,
+    completion_scored,
     scored_tokens,
     token_piece,
 )
@@ -616,7 +617,7 @@ def completion_choice(
     scored = scored_tokens(tokenizer, completion.prompt_logprobs or [], 0, None) if echoed else []
     # the prompt's tokens may not spell it exactly (special tokens, partial characters): the completion's count from
     # where the prompt ends
-    scored += scored_tokens(tokenizer, completion.logprobs or [], len(echoed), len(text))
+    scored += completion_scored(tokenizer, completion, len(echoed))
     return choice | {"logprobs": legacy_logprobs(tokenizer, scored)}
 
 
@@ -636,7 +637,7 @@ def legacy_logprobs(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str, 
 def chat_logprobs(predictor: TextPredictor, completion: Completion) -> dict[str, Any]:
     """OpenAI's chat ``logprobs`` of a whole message."""
     tokenizer = predictor.tokenizer
-    return chat_logprobs_of(tokenizer, scored_tokens(tokenizer, completion.logprobs or [], 0, len(completion.text)))
+    return chat_logprobs_of(tokenizer, completion_scored(tokenizer, completion, 0))
 
 
 def chat_logprobs_of(tokenizer: Any, scored: Sequence[ScoredToken]) -> dict[str, Any]:

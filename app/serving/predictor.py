@@ -857,7 +857,7 @@ class TextPredictor:
         for row, (stream, ids) in enumerate(zip(streams, prompts, strict=True)):
             stream.flush()
             finish = "stop" if stream.stopped or stream.ended_by_eos else "length"
-            completion = Completion(stream.text, len(ids), stream.generated, finish)
+            completion = Completion(stream.text, len(ids), stream.generated, finish, text_tokens=stream.text_tokens)
             request = stream.request
             if request.logprobs is not None or request.prompt_logprobs:
                 generated = sequences[row, width : width + stream.generated].tolist()

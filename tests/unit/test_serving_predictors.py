@@ -39,6 +39,7 @@ from app.serving.generation import (
     TokenLogprob,
     WindowLayout,
     adjust_logits,
+    completion_scored,
     kv_token_bytes,
     padded_tokens,
     scored_tokens,
@@ -1258,7 +1259,8 @@ def test_streamed_logprobs_come_with_the_text_they_cover(endless: TextPredictor)
     text = "".join(delta for kind, delta in events if kind == "text")
     assert text == completion.text
     streamed = [entry for kind, scored in events if kind == "logprobs" for entry in scored]
-    assert streamed == scored_tokens(endless.tokenizer, completion.logprobs, 0, len(completion.text))
+    assert streamed == completion_scored(endless.tokenizer, completion, 0)
+    assert len(streamed) == completion.text_tokens  # every token kept, a last character cut short included
     for position, (kind, _) in enumerate(events):  # each batch of scored tokens goes just before its text
         assert kind == "text" or events[position + 1][0] == "text"
     sent = 0
@@ -1273,6 +1275,7 @@ def test_streamed_logprobs_come_with_the_text_they_cover(endless: TextPredictor)
     [[stopped]] = endless.predict_batch([[replace(request, stop=[stop])]])
     assert stopped.text == completion.text[: completion.text.find(stop)]
     streamed = [entry for kind, scored in events if kind == "logprobs" for entry in scored]
+    assert stopped.text_tokens is None
     assert streamed == scored_tokens(endless.tokenizer, stopped.logprobs or [], 0, len(stopped.text))
 
 
@@ -1332,6 +1335,36 @@ def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: 
     stream.flush()
     assert "".join(value for kind, value in events if kind == "text") == text
     assert [item for kind, value in events if kind == "logprobs" for item in value] == scored
+
+
+@pytest.mark.parametrize("kind", ["gpt2-bytes", "byt5"])
+def test_a_completion_cut_inside_a_character_scores_every_token(kind: str) -> None:
+    """max_tokens can end a completion between the bytes of one character: its tokens are still scored, one entry
+    per generated token, streamed or whole (they begin where the text ends, and were dropped as past it); the
+    end-of-sequence token and tokens after a stop string are not."""
+    tokenizer = byte_level_bpe() if kind == "gpt2-bytes" else ByT5Tokenizer(extra_ids=0)
+    ids = tokenizer("né", add_special_tokens=False)["input_ids"][:2]  # "n" and the first byte of "é"
+    entries = [TokenLogprob(token, -0.25, []) for token in ids]
+    events: list[tuple[str, Any]] = []
+    stream = TextStream(tokenizer, recorded(events, prompt="", max_tokens=2, logprobs=0), frozenset())
+    stream.prompt_seen = True
+    stream.logprobs = []
+    for entry in entries:
+        stream.logprobs.append(entry)
+        stream.put(torch.tensor([entry.token]))
+    stream.flush()
+    streamed = [item for kind, value in events if kind == "logprobs" for item in value]
+    assert [entry.token for entry, _, _ in streamed] == ids and stream.text_tokens == 2
+    completion = Completion(stream.text, 0, 2, "length", entries, text_tokens=stream.text_tokens)
+    assert completion_scored(tokenizer, completion, 0) == streamed
+    assert [piece for _, piece, _ in streamed][1].startswith("bytes:")
+    # an end-of-sequence token after the text is not one of its tokens
+    eos = TokenLogprob(tokenizer.eos_token_id, -0.1, [])
+    ended = Completion("n", 0, 2, "stop", [entries[0], eos], text_tokens=1)
+    assert [entry.token for entry, _, _ in completion_scored(tokenizer, ended, 0)] == ids[:1]
+    # a stop string cut the text: the text's end decides
+    stopped = Completion("n", 0, 2, "stop", entries, text_tokens=None)
+    assert [entry.token for entry, _, _ in completion_scored(tokenizer, stopped, 0)] == ids[:1]
 
 
 def test_adjust_logits_applies_openai_penalties_and_bias() -> None:
