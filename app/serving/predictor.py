@@ -1112,16 +1112,17 @@ class ModelCache:
         self._evicted(evicted)
 
     def make_room(self, key: str, incoming_bytes: int, keep: Collection[str] = ()) -> list[str]:
-        """Evict least recent entries (never ``key`` nor those in ``keep``) until ``incoming_bytes`` more fit the
-        byte budget; returns the keys evicted. Called before a load, so that a model and those it displaces are not
-        in memory together (on a GPU sized to the budget the load would fail for want of memory, and nothing would
-        ever make room). The count bound is kept by ``put``: a model over the count evicts once it has loaded.
-        ``keep``: models that must go on serving while this one loads (an alias's current model, while the model
-        it will name loads: if that load fails, the alias still serves it)."""
+        """Evict least recent entries (never ``key``) until ``incoming_bytes`` more fit the byte budget; returns the
+        keys evicted. Called before a load, so that a model and those it displaces are not in memory together (on
+        a GPU sized to the budget the load would fail for want of memory, and nothing would ever make room). The
+        count bound is kept by ``put``: a model over the count evicts once it has loaded. ``keep``: models to
+        evict last, only when the others do not make room (an alias's current model while the model it will name
+        loads: if that load fails, the alias still serves it, loaded, wherever the budget held both)."""
         evicted: list[tuple[str, Any]] = []
         with self._lock:
             if self.max_bytes:
-                for other in [k for k in self._entries if k != key and k not in keep]:  # least recent first
+                others = [k for k in self._entries if k != key]  # least recent first, those to keep last
+                for other in sorted(others, key=lambda k: k in keep):
                     if self.total_bytes() + incoming_bytes <= self.max_bytes:
                         break
                     evicted.append((other, self._entries.pop(other)))

@@ -380,8 +380,8 @@ class InferenceService:
     async def _get_id(
         self, tenant: str, model_id: str, retry_failed: bool = False, keep: frozenset[str] = frozenset()
     ) -> ServedModel:
-        """The loaded model, loading it if need be; ``keep``: models (``tenant/id``) its load must not unload to make
-        room (an alias's current one while its next loads)."""
+        """The loaded model, loading it if need be; ``keep``: models (``tenant/id``) its load unloads to make room
+        only when unloading the others does not (an alias's current one while its next loads)."""
         key = f"{tenant}/{model_id}"  # the cache is per tenant: a hit never crosses tenants
         served = self._hit(key)
         if served is not None:
@@ -595,7 +595,8 @@ class InferenceService:
             bound = binding.model_id
             target = await self._resolve(tenant, alias)
             if target != bound:
-                # load first, without unloading the bound model: a failure keeps the alias serving it
+                # load first, unloading the bound model last (where the budget holds only one of them, a failure
+                # keeps the alias on it, to be loaded again): a failure keeps the alias serving it
                 await self._get_id(tenant, target, keep=frozenset({f"{tenant}/{bound}"}))
                 if binding.model_id != bound:  # an explicit load bound it meanwhile, to what the database said then
                     return

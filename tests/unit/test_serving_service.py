@@ -753,31 +753,56 @@ def test_a_corrupt_artifact_fails_before_it_unloads_anything(store: Store) -> No
 def test_under_a_byte_budget_an_alias_keeps_its_model_while_the_next_one_fails_to_load(
     store: Store, explicit: bool
 ) -> None:
-    """Room for the alias's next model is not made by unloading the model the alias serves: when the next one then
-    fails in the loader (past verification), the alias goes on serving its model, loaded, not reloaded from cold at
-    every retry of the broken one (refreshed in the background, or loaded explicitly)."""
+    """Room for an alias's next model is made by unloading the alias's current model last, whatever its recency:
+    when the next one then fails in the loader (past verification), the alias goes on serving its model, loaded,
+    not reloaded from cold at every retry of the broken one (refreshed in the background, or loaded explicitly).
+    Where the budget holds only one model, the current one must go for the next to load at all."""
     first = store.add(name="nightly", seed=1)
+    other = store.add(name="other", seed=3)
     loader = CountingLoader()
 
     async def test() -> None:
         one = load_predictor(first, store.settings.artifacts_dir / f"models/{first}", "", {}).memory_bytes
-        service = serve(store, loader, alias_refresh_s=0.01, model_cache_bytes=one + one // 2)  # one model fits
+        service = serve(store, loader, alias_refresh_s=0.01, model_cache_bytes=2 * one + one // 2)  # two fit
         assert (await service.get("default", "latest:nightly")).model_id == first
+        await service.get("default", other)  # now the alias's model is the least recently used
         broken = store.add(name="nightly", seed=2)
         loader.fail.add(broken)  # its files verify; building the model fails
         await asyncio.sleep(0.02)
         if explicit:
             with pytest.raises(ModelUnavailable, match="cannot be loaded"):
                 await service.load("default", "latest:nightly")
-        else:
-            await service.get("default", "latest:nightly")  # due for a check: the refresh starts
+        else:  # the check falls due (a request's lookup, without touching the model: it stays least recent)
+            assert await service._alias_target("default", "latest:nightly") == first
             refresh = service._aliases[("default", "latest:nightly")].refresh
             assert refresh is not None
             await refresh
-        assert loader.calls == [first, broken]
-        assert service.loaded("default", first) is not None
+        assert loader.calls == [first, other, broken]
+        assert service.loaded("default", first) is not None and service.loaded("default", other) is None
         assert (await service.get("default", "latest:nightly")).model_id == first
         assert loader.calls.count(first) == 1
+        service.close()
+
+    run(test)
+
+
+def test_where_the_budget_holds_one_model_an_alias_switch_unloads_the_current_one(store: Store) -> None:
+    """On a budget sized to one model (a GPU, say) the alias's next model loads in its place: keeping the current
+    one would mean the alias never switches."""
+    first = store.add(name="nightly", seed=1)
+
+    async def test() -> None:
+        one = load_predictor(first, store.settings.artifacts_dir / f"models/{first}", "", {}).memory_bytes
+        service = serve(store, alias_refresh_s=0.01, model_cache_bytes=one + one // 2)
+        assert (await service.get("default", "latest:nightly")).model_id == first
+        second = store.add(name="nightly", seed=2)
+        await asyncio.sleep(0.02)
+        await service.get("default", "latest:nightly")
+        refresh = service._aliases[("default", "latest:nightly")].refresh
+        assert refresh is not None
+        await refresh
+        assert (await service.get("default", "latest:nightly")).model_id == second
+        assert service.cache.keys() == [f"default/{second}"]
         service.close()
 
     run(test)
