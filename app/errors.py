@@ -8,6 +8,11 @@ from typing import Any
 PROBLEM_BASE = "https://distillery.dev/problems/"
 
 
+#: nginx's status for a request whose client closed the connection before it was answered: what the request
+#: metrics count it as (no response is sent; not a server error)
+CLIENT_CLOSED_REQUEST = 499
+
+
 class ServiceError(Exception):
     status = 500
     code = "internal_error"

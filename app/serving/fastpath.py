@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from starlette.datastructures import URL
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import api_key_of
@@ -81,14 +82,6 @@ class InferenceFastPath:
     ) -> None:
         from app.serving.router import run_predict
 
-        try:
-            served = inference.ready(tenant, reference)
-        except ServiceError as exc:  # the model was deleted through another replica
-            await send_problem(send, scope["path"], exc)
-            return
-        if served is None:
-            await self.app(scope, receive, send)
-            return
         scope["route"] = PREDICT_ROUTE  # what the request metrics label it with (the route sets its own if handed on)
         try:
             raw = await read_body(receive)
@@ -99,9 +92,16 @@ class InferenceFastPath:
             except ValidationError:
                 await self.app(scope, replay(raw, receive), send)  # the route renders the errors with their paths
                 return
+            # looked up once the body is in, as the route does: an alias switched during a slow upload serves its
+            # new model (held from before the upload, the old one, unloaded meanwhile, was loaded again), and a body
+            # refused is no cache hit
+            served = inference.ready(tenant, reference)  # ServiceError: deleted through another replica
+            if served is None:
+                await self.app(scope, replay(raw, receive), send)
+                return
             encoded = await run_predict(inference, served, body, receive)
         except ServiceError as exc:  # a body over the limit, queue full, timeout, inputs that do not fit the model
-            await send_problem(send, scope["path"], exc)
+            await send_problem(send, URL(scope=scope).path, exc)
             return
         await send_body(send, encoded)
 

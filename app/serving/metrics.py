@@ -15,6 +15,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # the loaded copy of each model whose gauges report (a copy unloaded while a newer one loads must not zero
+        # the newer one's)
+        self._owners: dict[str, ModelMetrics] = {}
         self.request_seconds = Histogram(
             "distillery_inference_request_seconds",
             "Time from queueing a request to its result (queue + batch compute + encoding)",
@@ -114,8 +117,11 @@ class ServingMetrics:
         )
 
     def for_model(self, model_id: str, pending: Callable[[], float]) -> ModelMetrics:
+        """A loaded copy of a model's children; its gauges read this copy's (``pending``: its requests in flight)
+        until the copy is unloaded and drained, or a newer copy of the model takes them over."""
         self.in_flight.labels(model_id).set_function(pending)
-        return ModelMetrics(self, model_id)
+        made = self._owners[model_id] = ModelMetrics(self, model_id)
+        return made
 
     def per_model(self) -> list[Any]:
         """The metrics labelled by model (``model`` their first label)."""
@@ -159,6 +165,7 @@ class ModelMetrics:
         self.computed_prompt = metrics.prompt_tokens.labels(model_id, "computed")
         self.cached_prompt = metrics.prompt_tokens.labels(model_id, "cached")
         self._rejected = metrics.rejected
+        self._owners = metrics._owners
         self._in_flight = metrics.in_flight.labels(model_id)
         self._cache_gauges = (metrics.prefix_cache_bytes, metrics.kv_cache_bytes)
         self._caches: list[Gauge] = []  # their children, for a causal LM on the engine
@@ -192,6 +199,11 @@ class ModelMetrics:
             child.set_function(size_bytes)
 
     def unloaded(self) -> None:
+        """The copy's last request answered after its unload: its gauges read 0 (and drop their references to the
+        copy), unless a newer copy of the model has taken them over."""
+        if self._owners.get(self.model_id) is not self:
+            return
+        del self._owners[self.model_id]
         self._in_flight.set_function(lambda: 0.0)
         for child in self._caches:  # the unloaded model's caches are gone with it
             child.set_function(lambda: 0.0)

@@ -20,8 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from app.errors import PayloadTooLarge, ServiceError
+from app.errors import CLIENT_CLOSED_REQUEST, PayloadTooLarge, ServiceError
 from app.http import child, malformed_json_message
 from app.serving.generation import GenerationRequest
 
@@ -208,6 +209,8 @@ def protocol_error(exc: Exception) -> ProtocolError:
             return ProtocolError(413, exc.__cause__.detail, code=PayloadTooLarge.code)
         headers = dict(exc.headers) if exc.headers else None
         return ProtocolError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}", headers=headers)
+    if isinstance(exc, ClientDisconnect):  # gone before its body was read: no one to answer, no server error
+        return ProtocolError(CLIENT_CLOSED_REQUEST, "the client closed the request", code="client_closed_request")
     log.exception("unhandled error in an inference endpoint", exc_info=exc)
     return ProtocolError(500, "an unexpected error occurred", code="internal_error")
 

@@ -173,8 +173,8 @@ class ServedModel:
         return self.predictor.memory_bytes
 
     def close(self) -> None:
+        """Stop taking requests; those queued are still answered (``InferenceService._drained`` once they are)."""
         self.batcher.stop()
-        self.metrics.unloaded()
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,7 @@ class InferenceService:
             metrics.watch_caches(lambda: float(continuous.prefix_cache_bytes), lambda: float(continuous.kv_cache_bytes))
 
         def drained() -> None:  # the inference thread's last act, after ``stop`` (so ``served`` exists)
-            self._draining.pop(id(served), None)
+            self._drained(served)
 
         batcher = DynamicBatcher(
             record.id,
@@ -511,7 +511,14 @@ class InferenceService:
             entry.close()
             self.metrics.unloads.labels(entry.model_id).inc()
             if not entry.batcher.running:  # no thread to unlist it (it never started, or has ended)
-                self._draining.pop(id(entry), None)
+                self._drained(entry)
+
+    def _drained(self, served: ServedModel) -> None:
+        """An unloaded model whose requests have all been answered: its bytes stop counting against the budget, and
+        its gauges (requests in flight, a causal LM's caches) read 0 from now on; until then they counted the
+        requests it was still answering."""
+        self._draining.pop(id(served), None)
+        served.metrics.unloaded()
 
     def _draining_bytes(self) -> int:
         return sum(served.memory_bytes for served in list(self._draining.values()))

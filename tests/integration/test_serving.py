@@ -218,6 +218,13 @@ def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: h
     assert "no-such-job" in unknown_alias["detail"]
     good = client.post(url, json={"inputs": [ROW]})
     assert good.status_code == 200 and good.json()["model_id"] == tabular
+    # the model loaded (the fast path answers): a body refused before the model is looked up is no cache hit
+    hits = metric(client, "distillery_model_cache_hits_total", model=tabular)
+    for refused in ({"inputs": [ROW], "extra": 1}, {"inputs": []}):
+        assert_problem(client.post(url, json=refused), 422)
+    assert metric(client, "distillery_model_cache_hits_total", model=tabular) == hits
+    assert client.post(url, json={"inputs": [ROW]}).status_code == 200
+    assert metric(client, "distillery_model_cache_hits_total", model=tabular) == hits + 1
 
 
 def test_the_fast_path_answers_as_the_route_does(client: httpx.Client, tabular: str) -> None:

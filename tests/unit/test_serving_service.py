@@ -664,9 +664,15 @@ def test_a_model_deleted_elsewhere_is_unloaded_though_its_files_stay(store: Stor
     run(test)
 
 
+def in_flight(service: InferenceService, model_id: str) -> float:
+    [metric] = service.metrics.in_flight.collect()
+    return next(sample.value for sample in metric.samples if sample.labels["model"] == model_id)
+
+
 def test_an_evicted_model_counts_against_the_budget_until_its_thread_ends(store: Store) -> None:
     """A model evicted (or unloaded) while its inference thread still runs a request holds its weights until the
-    thread ends: the cache's bytes (the budget, the loaded-bytes gauge) count it until then, then let it go."""
+    thread ends: the cache's bytes (the budget, the loaded-bytes gauge) count it until then, then let it go. Its
+    in-flight gauge counts the request it is still answering (it read 0 from the unload on), then reads 0."""
     first, second = store.add(seed=1), store.add(seed=2)
 
     async def test() -> None:
@@ -686,6 +692,7 @@ def test_an_evicted_model_counts_against_the_budget_until_its_thread_ends(store:
         loaded = await service.get("default", second)  # evicts the first (capacity 1) mid-request
         assert held.batcher.stopped and held.batcher.running
         assert service.cache.total_bytes() == held.memory_bytes + loaded.memory_bytes
+        assert in_flight(service, first) == 1
         release.set()
         assert (await running).shape == (1, 2)
         for _ in range(100):
@@ -693,6 +700,7 @@ def test_an_evicted_model_counts_against_the_budget_until_its_thread_ends(store:
                 break
             await asyncio.sleep(0.01)
         assert service.cache.total_bytes() == loaded.memory_bytes and service._draining == {}
+        assert in_flight(service, first) == 0
         service.close()
 
     run(test)
@@ -819,18 +827,18 @@ def test_an_evicted_model_whose_thread_ends_as_it_is_unloaded_stops_counting(sto
         served = await service.get("default", model)
         ended = served.batcher.on_thread_end
         assert ended is not None
-        unloaded = served.metrics.unloaded
+        stop = served.batcher.stop
 
         def slow_end() -> None:  # the thread's last act done, the thread not yet dead
             ended()
             time.sleep(0.05)
 
         def preempted() -> None:  # the event loop held up right after the stop
-            unloaded()
+            stop()
             time.sleep(0.01)
 
         served.batcher.on_thread_end = slow_end
-        served.metrics.unloaded = preempted  # type: ignore[method-assign]
+        served.batcher.stop = preempted  # type: ignore[method-assign]
         service.cache.evict(f"default/{model}")
         served.batcher.join(2)
         assert not served.batcher.running
@@ -894,3 +902,25 @@ def test_a_deleted_models_metrics_go_and_the_others_stay(store: Store) -> None:
         service.close()
 
     run(test)
+
+
+def test_an_older_copy_of_a_model_drained_late_leaves_the_newer_copys_gauges() -> None:
+    """A model unloaded while it still answers, then loaded again: when the old copy's last request is answered, the
+    gauges stay the new copy's (the old one's end zeroed them, and dropped the new copy's reference to its batcher)."""
+    from app.serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics(CollectorRegistry())
+
+    def reads() -> float:
+        [metric] = metrics.in_flight.collect()
+        return next(sample.value for sample in metric.samples if sample.labels["model"] == "mdl_a")
+
+    old = metrics.for_model("mdl_a", lambda: 3.0)
+    new = metrics.for_model("mdl_a", lambda: 5.0)
+    old.unloaded()
+    assert reads() == 5.0
+    new.unloaded()
+    assert reads() == 0.0
+    again = metrics.for_model("mdl_a", lambda: 2.0)
+    new.unloaded()  # twice: no effect on a later copy either
+    assert reads() == 2.0 and again is not new
