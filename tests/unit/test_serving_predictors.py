@@ -1292,6 +1292,17 @@ def byte_level_bpe() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="!")
 
 
+def streamed_through(stream: TextStream, entries: list[TokenLogprob]) -> None:
+    """``entries`` generated into ``stream`` one token at a time, each with its log-probability (as the engine does),
+    then the end of the completion."""
+    stream.prompt_seen = True
+    stream.logprobs = []
+    for entry in entries:
+        stream.logprobs.append(entry)
+        stream.put(torch.tensor([entry.token]))
+    stream.flush()
+
+
 @pytest.mark.parametrize("kind", ["gpt2-bytes", "byt5"])
 def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: str) -> None:
     """Log-probability offsets of a non-English completion: the two tokens of "é" both begin where "é" does, and
@@ -1325,14 +1336,9 @@ def test_a_character_split_over_tokens_is_scored_once_with_all_its_tokens(kind: 
     assert [offset for _, _, offset in scored_tokens(tokenizer, entries, 10, None)][-3:] == [14, 14, 15]
 
     events: list[tuple[str, Any]] = []
-    request = recorded(events, prompt="", max_tokens=16, logprobs=0)
-    stream = TextStream(tokenizer, request, frozenset({eos}))
-    stream.prompt_seen = True
-    stream.logprobs = []
-    for entry in entries:
-        stream.logprobs.append(entry)
-        stream.put(torch.tensor([entry.token]))
-    stream.flush()
+    streamed_through(
+        TextStream(tokenizer, recorded(events, prompt="", max_tokens=16, logprobs=0), frozenset({eos})), entries
+    )
     assert "".join(value for kind, value in events if kind == "text") == text
     assert [item for kind, value in events if kind == "logprobs" for item in value] == scored
 
@@ -1347,12 +1353,7 @@ def test_a_completion_cut_inside_a_character_scores_every_token(kind: str) -> No
     entries = [TokenLogprob(token, -0.25, []) for token in ids]
     events: list[tuple[str, Any]] = []
     stream = TextStream(tokenizer, recorded(events, prompt="", max_tokens=2, logprobs=0), frozenset())
-    stream.prompt_seen = True
-    stream.logprobs = []
-    for entry in entries:
-        stream.logprobs.append(entry)
-        stream.put(torch.tensor([entry.token]))
-    stream.flush()
+    streamed_through(stream, entries)
     streamed = [item for kind, value in events if kind == "logprobs" for item in value]
     assert [entry.token for entry, _, _ in streamed] == ids and stream.text_tokens == 2
     completion = Completion(stream.text, 0, 2, "length", entries, text_tokens=stream.text_tokens)
