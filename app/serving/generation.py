@@ -395,13 +395,9 @@ class TextStream:
         (``final``, no stop string), of every token kept, a character cut short by max_tokens included."""
         if self.logprobs is None:
             return []
-        if final and not self.stopped:
-            unsent = self.logprobs[self.sent_logprobs : len(self.tokens)]
-            scored = scored_tokens(self.tokenizer, unsent, 0, None, self.offsets)
-            self.sent_logprobs += len(scored)
-            return scored
-        unsent = self.logprobs[self.sent_logprobs :]
-        scored = scored_tokens(self.tokenizer, unsent, 0, len(self.text), self.offsets)
+        everything = final and not self.stopped
+        unsent = self.logprobs[self.sent_logprobs : len(self.tokens) if everything else None]
+        scored = scored_tokens(self.tokenizer, unsent, 0, None if everything else len(self.text), self.offsets)
         self.sent_logprobs += len(scored)
         return scored
 

@@ -134,6 +134,7 @@ class ServingMetrics:
     def forget(self, model_id: str) -> None:
         """Remove a deleted model's series from every metric (a model deleted is never served again: its series
         would stay in /metrics for the life of the process, one set per model ever deleted)."""
+        self._owners.pop(model_id, None)
         for metric in self.per_model():
             for labels in {
                 tuple(sample.labels[name] for name in metric._labelnames)
