@@ -470,7 +470,10 @@ class DynamicBatcher:
                 outputs = []
                 for request in batch:
                     try:
-                        outputs.extend(self.run_batch([request.payload]))
+                        alone = self.run_batch([request.payload])
+                        if len(alone) != 1:
+                            raise RuntimeError(f"run_batch returned {len(alone)} results for 1 request")
+                        outputs.append(alone[0])
                     except Exception as single:
                         outputs.append(single)
             else:

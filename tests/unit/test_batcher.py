@@ -257,6 +257,31 @@ def test_an_output_that_is_an_exception_fails_only_its_request() -> None:
     run(test)
 
 
+def test_a_wrong_result_count_fails_the_requests_and_the_thread_keeps_serving() -> None:
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        gate = threading.Event()
+
+        def model(payloads: list[Any]) -> list[Any]:
+            gate.wait(5)
+            if "short" in payloads:  # one result too few, in a batch and alone
+                return [p.upper() for p in payloads][:-1]
+            return [p.upper() for p in payloads]
+
+        batcher = make(loop, model)
+        first = batcher.submit("a")
+        await asyncio.sleep(0.02)
+        rest = [batcher.submit(p) for p in ("b", "short", "c")]
+        gate.set()
+        assert await first == "A"
+        results = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 5)
+        assert results[0] == "B" and results[2] == "C"
+        assert isinstance(results[1], RuntimeError) and "0 results for 1 request" in str(results[1])
+        assert await asyncio.wait_for(batcher.submit("d"), 5) == "D"
+        batcher.stop()
+
+    run(test)
+
+
 def test_stop_finishes_queued_requests_then_refuses() -> None:
     async def test(loop: asyncio.AbstractEventLoop) -> None:
         model = Recorder(hold_first=True)
