@@ -25,6 +25,7 @@ sweep timer per batcher that runs only while requests are pending, not by a time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import queue
@@ -362,8 +363,12 @@ class DynamicBatcher:
             if live:
                 try:
                     self._run(live)
-                except BaseException:  # never let the thread die: the model would stop answering
+                except BaseException as exc:  # never let the thread die: the model would stop answering
                     log.exception("inference thread of %s failed", self.name)
+                    # nor leave the batch waiting for answers (``_deliver`` skips any it did answer)
+                    failed = RuntimeError(f"inference failed: {exc!r}")
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                        self.loop.call_soon_threadsafe(self._deliver, live, [failed] * len(live), [True] * len(live))
 
     def _serve_continuous(self, engine: Continuous) -> None:
         state = _Admission()

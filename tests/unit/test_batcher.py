@@ -282,6 +282,24 @@ def test_a_wrong_result_count_fails_the_requests_and_the_thread_keeps_serving() 
     run(test)
 
 
+def test_a_batch_whose_run_fails_outside_the_model_is_answered_with_the_error() -> None:
+    class Faulty(Observer):
+        def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+            if not self.batches:
+                self.batches.append((rows, requests))
+                raise KeyError("a bug after the forward")
+
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, Recorder(), Faulty())
+        with pytest.raises(RuntimeError, match="inference failed: KeyError"):
+            await asyncio.wait_for(batcher.submit(1), 5)
+        assert batcher.pending == 0
+        assert await asyncio.wait_for(batcher.submit(2), 5) == 20
+        batcher.stop()
+
+    run(test)
+
+
 def test_stop_finishes_queued_requests_then_refuses() -> None:
     async def test(loop: asyncio.AbstractEventLoop) -> None:
         model = Recorder(hold_first=True)
