@@ -376,8 +376,15 @@ class DynamicBatcher:
             try:
                 if not self._continuous_round(engine, state):
                     return
-            except BaseException:  # never let the thread die: the model would stop answering
+            except BaseException as exc:  # never let the thread die: the model would stop answering
                 log.exception("inference thread of %s failed", self.name)
+                # nor leave what the engine holds waiting for answers that no step will give
+                with contextlib.suppress(Exception):
+                    held = engine.fail(RuntimeError(f"inference failed: {exc!r}"))
+                    if held:
+                        requests = [handle for handle, _ in held]
+                        results, errors = self._encode(requests, [output for _, output in held])
+                        self.loop.call_soon_threadsafe(self._deliver, requests, results, errors)
 
     def _continuous_round(self, engine: Continuous, state: _Admission) -> bool:
         """Admit what is queued while the engine has rows to spare (waiting only when it is idle), then one step;
@@ -427,14 +434,20 @@ class DynamicBatcher:
             finished = engine.fail(exc)
         ended = time.monotonic()
         compute_seconds = ended - started
-        # reported before the answers go out, so that a client that has its completion finds it counted
-        self.observer.batch_done(
-            rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
-        )
-        self.observer.tokens_generated(engine.generated, [ended - request.enqueued_at for request in engine.started])
-        computed, cached = engine.prompt_tokens
-        if computed or cached:
-            self.observer.prompt_tokens(computed, cached)
+        # reported before the answers go out, so that a client that has its completion finds it counted; a failure
+        # to report must not keep the answers of what the step finished (no longer held by the engine) from going
+        try:
+            self.observer.batch_done(
+                rows, requests, [request.started_at - request.enqueued_at for request in admitted], compute_seconds
+            )
+            self.observer.tokens_generated(
+                engine.generated, [ended - request.enqueued_at for request in engine.started]
+            )
+            computed, cached = engine.prompt_tokens
+            if computed or cached:
+                self.observer.prompt_tokens(computed, cached)
+        except Exception:
+            log.exception("reporting a generation step of %s failed", self.name)
         if finished:
             done: list[PendingRequest] = [handle for handle, _ in finished]
             for request in done:  # Retry-After: a request's share of the steps it took

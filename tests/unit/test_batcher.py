@@ -451,6 +451,41 @@ def test_continuous_a_refused_request_or_a_failed_step_fails_only_what_it_holds(
     run(test)
 
 
+def test_continuous_a_round_that_fails_outside_the_engine_still_answers_its_requests() -> None:
+    """A bug outside the model (here the observer, once after a step) must not leave requests waiting: what the step
+    finished is answered all the same, and what a round that raised leaves in the engine is failed."""
+
+    class Faulty(Observer):
+        def batch_done(self, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+            super().batch_done(rows, requests, queue_seconds, compute_seconds)
+            if len(self.batches) == 2:
+                raise KeyError("a bug in reporting")
+
+    async def test(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make_continuous(loop, Countdown(), Faulty())
+        assert await asyncio.wait_for(asyncio.gather(batcher.submit(2, 1), batcher.submit(5, 1)), 5) == [20, 50]
+        batcher.stop()
+
+        class Broken(Countdown):
+            raised = False
+
+            @property
+            def requests(self) -> int:  # read by the round before its step, outside any guard
+                if not self.raised:
+                    self.raised = True
+                    raise MemoryError("a bug in the round")
+                return len(self.held)
+
+        stuck = make_continuous(loop, Broken())
+        with pytest.raises(RuntimeError, match="inference failed: MemoryError"):
+            await asyncio.wait_for(stuck.submit(3, 1), 5)
+        assert await asyncio.wait_for(stuck.submit(2, 1), 5) == 20  # the thread lives on
+        assert stuck.pending == 0
+        stuck.stop()
+
+    run(test)
+
+
 def test_continuous_the_timeout_bounds_the_wait_for_admission_and_stop_drains() -> None:
     """With continuous batching ``timeout_s`` bounds a request's wait to be admitted (Triton's queue timeout): one
     that waits behind a full engine past it is refused and never admitted; one admitted runs to its end, however
