@@ -6,13 +6,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+# JSON columns are read with orjson: Postgres's jsonb keeps a number as a decimal, so 1e20 (a config value, a diverged
+# model's perplexity) comes back as 100000000000000000000, which the stdlib reads as an integer over 64 bits that no
+# response encoder writes (a 500 for every listing that held it); orjson reads it back as the float it was
+JSON_LOADS = orjson.loads
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_deserializer=JSON_LOADS
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -39,6 +47,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         # fail fast while Postgres is down, so requests get a 503 instead of hanging
         pool_timeout=5,
         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+        json_deserializer=JSON_LOADS,
     )
 
 

@@ -349,3 +349,31 @@ def test_a_stage_naming_a_dataset_that_does_not_exist_is_refused_at_the_stage(
     problem = assert_problem(client.post("/v1/jobs", json=spec), 422, ["body", "stages", 1, "data", "dataset_id"])
     assert "ds_nope" in json.dumps(problem["errors"])
     assert row_counts() == before
+
+
+def test_a_huge_number_in_free_form_json_is_stored_and_listed(client: httpx.Client) -> None:
+    """Postgres's jsonb keeps numbers as decimals: 1e20 in a transformers config (or inline records, or a diverged
+    model's perplexity) came back as 100000000000000000000, an integer over 64 bits that the response encoder refuses:
+    the job was stored but its answer was a 500, and so was every listing of the tenant's jobs from then on."""
+    spec = {
+        "task": "causal_lm",
+        "student": {
+            "architecture": {
+                "type": "transformer",
+                "config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "note": 1e20, "low": -2.5e300},
+            }
+        },
+        "data": {"source": "inline", "records": [{"text": "hello"}, {"text": "world"}]},
+        "training": {"steps": 1},
+    }
+    created = client.post("/v1/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    try:
+        for response in (client.get(f"/v1/jobs/{job_id}"), client.get("/v1/jobs", params={"limit": 100})):
+            assert response.status_code == 200, response.text
+        listed = next(job for job in response.json()["data"] if job["id"] == job_id)
+        config = listed["spec"]["student"]["architecture"]["config"]
+        assert config["note"] == 1e20 and config["low"] == -2.5e300
+    finally:
+        client.post(f"/v1/jobs/{job_id}/cancel")
