@@ -322,10 +322,14 @@ def block_keys(value: Any) -> Any:
     return value
 
 
+# a block index: below the most layers a config may have (checked against the models' depths where they are known)
+LayerIndex: TypeAlias = Annotated[int, Field(lt=CONFIG_SIZES["n_layer"])]
+
+
 class FeatureLossSpec(SpecModel):
     """Intermediate-layer distillation: match student hidden states to the teacher's at mapped layers."""
 
-    layer_map: Annotated[dict[int, int] | None, BeforeValidator(block_keys)] = Field(
+    layer_map: Annotated[dict[LayerIndex, LayerIndex] | None, BeforeValidator(block_keys)] = Field(
         None,
         description="Student block → teacher block (0-based). Default: student block i ↔ the teacher block its "
         "derived copy came from, or evenly spaced blocks.",

@@ -62,6 +62,12 @@ CASES = [
         ["body", "student", "architecture"],
     ),
     ("absurd steps", spec_with(["training", "steps"], 1_000_000_000), 422, ["body", "training", "steps"]),
+    (  # unbounded, it was stored and broke the listing; with an Idempotency-Key, a 500 hashing it
+        "absurd layer",
+        spec_with(["objective", "features"], {"layer_map": {"0": 10**30}}),
+        422,
+        ["body", "objective", "features", "layer_map", 0],
+    ),
     ("unknown dataset", spec_with(["data"], {"source": "sklearn", "name": "mnist"}), 422, ["body", "data", "name"]),
     (
         "unknown teacher model",
@@ -122,6 +128,8 @@ CASES = [
 def test_bad_job_spec(client: httpx.Client, row_counts: Any, spec: dict[str, Any], status: int, loc: list[Any]) -> None:
     before = row_counts()
     assert_problem(client.post("/v1/jobs", json=spec), status, loc)
+    # the same with an Idempotency-Key: the request is hashed before it is checked (an unhashable spec was a 500)
+    assert_problem(client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": f"bad-{loc}"}), status, loc)
     assert row_counts() == before
 
 
