@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from app.db import models_repository
 from app.distill.artifacts import TEXT_META_FILE, WEIGHTS_FILE, ArtifactFile, describe_model_dir, sha256_file
+from app.distill.spec import sizes_are_counts
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
 from app.models.schemas import alias_document, model_document
@@ -190,18 +191,71 @@ def check_upload_names(names: list[str]) -> None:
         raise upload_problem("no .safetensors weights were sent")
 
 
-def validate_model_folder(folder: Path, task: str) -> int:
-    """Checks an uploaded folder can be used: a transformers config with a model_type, readable safetensors
-    headers (parameter count returned), a tokenizer that loads. Reads headers only, never pickles."""
+# a string that names a file outside an uploaded folder: absolute (POSIX, home, Windows drive or UNC) or climbing out
+OUTSIDE_PATH = re.compile(r"^(?:/.|~|[A-Za-z]:[\\/]|\\\\)|(?:^|[\\/])\.\.(?:[\\/]|$)")
+# keys of a tokenizer_config.json whose strings are no file names: where the model was saved from, which transformers
+# never opens; tokens (any text, "~" and "/usr" included: keys ending _token or _tokens, added_tokens_decoder); the
+# chat template's text
+NOT_FILE_KEYS = frozenset({"name_or_path", "_name_or_path", "added_tokens_decoder", "chat_template"})
+
+
+def outside_reference(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """The first string in a JSON document that names a file outside its folder, as (key path, value); or None."""
+    if isinstance(value, str):
+        return (".".join(path), value) if OUTSIDE_PATH.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if str(key) in NOT_FILE_KEYS or str(key).endswith(("_token", "_tokens")):
+            continue
+        found = outside_reference(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
+
+
+def check_file_references(folder: Path, names: list[str]) -> None:
+    """Tokenizer files name other files (``vocab``, ``vocab_file``, ``merges_file``, ``tokenizer_file``, …), which
+    transformers opens wherever they point: a ``tokenizer_config.json`` naming ``/etc/passwd`` as the vocabulary made
+    the server's files the tokens of a model its uploader could then decode. The files of an upload may name only
+    files of the upload. (Its other JSON files name no files: tokenizer.json and vocab.json hold the vocabulary
+    itself, special_tokens_map.json and added_tokens.json tokens.)"""
+    for index, name in enumerate(names):
+        if name != "tokenizer_config.json":
+            continue
+        try:
+            document = json.loads((folder / name).read_text())
+        except ValueError as exc:
+            raise upload_problem(f"{name} is not valid JSON: {exc}", ["body", "files", index]) from exc
+        found = outside_reference(document)
+        if found is not None:
+            key, value = found
+            raise upload_problem(
+                f"{name}: {key or 'the document'} names {value[:200]!r}, outside the upload; send the files a "
+                "tokenizer needs with the model and name them as they are sent",
+                ["body", "files", index],
+            )
+
+
+def validate_model_folder(folder: Path, task: str, names: list[str] | None = None) -> int:
+    """Checks an uploaded folder can be used: a transformers config with a model_type and sizes in range, readable
+    safetensors headers (parameter count returned), tokenizer files that name no file outside the folder and load.
+    Reads headers only, never pickles. ``names``: the files in the order they were sent (problems name their index)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    names = sorted(path.name for path in folder.iterdir()) if names is None else names
+    config_loc = ["body", "files", names.index("config.json")] if "config.json" in names else None
     try:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as exc:
-        raise upload_problem(f"config.json is not valid JSON: {exc}") from exc
+        raise upload_problem(f"config.json is not valid JSON: {exc}", config_loc) from exc
     if not isinstance(config, dict) or "model_type" not in config:
-        raise upload_problem("config.json has no model_type")
+        raise upload_problem("config.json has no model_type", config_loc)
+    try:  # the sizes the service reads itself (the size limit, layer counts, layer maps): whole numbers in range
+        sizes_are_counts(config)
+    except ValueError as exc:
+        raise upload_problem(f"config.json: {exc}", config_loc) from exc
+    check_file_references(folder, names)
     try:
         AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
@@ -244,7 +298,7 @@ def store_uploaded_model(
                     if total > max_bytes:
                         raise PayloadTooLarge(f"the model is larger than {max_bytes} bytes")
                     handle.write(chunk)
-        params = validate_model_folder(staging, task)
+        params = validate_model_folder(staging, task, [name for name, _ in uploads])
         hf_config = json.loads((staging / "config.json").read_text())
         meta: dict[str, Any] = {"task": task, "format": "transformers", "uploaded": True}
         labels = hf_config.get("id2label")

@@ -99,3 +99,22 @@ def test_verify_files_finds_a_flipped_bit_a_truncation_and_a_missing_file(tmp_pa
     (tmp_path / "m" / "config.json").unlink()
     with pytest.raises(ArtifactError, match=r"config\.json is missing"):
         verify_files(tmp_path / "m", files)
+
+
+def test_a_tokenizer_config_may_name_files_of_its_folder_only() -> None:
+    from app.models.service import outside_reference
+
+    for reference in ("/etc/passwd", "~/.ssh/id_rsa", "../secret.txt", "sub/../../x", "C:\\x", "\\\\host\\share"):
+        assert outside_reference({"vocab_file": reference}) == ("vocab_file", reference)
+    assert outside_reference({"kwargs": {"files": ["ok.txt", "/etc/hosts"]}}) == ("kwargs.files.1", "/etc/hosts")
+    # tokens are any text, where the model was saved from is never opened, and a template is text
+    saved = {
+        "name_or_path": "/home/me/model",
+        "bos_token": "/",
+        "additional_special_tokens": ["~", "../"],
+        "added_tokens_decoder": {"5": {"content": "/usr"}},
+        "chat_template": "{{ '../' }}",
+        "vocab_file": "vocab.txt",
+        "merges_file": "sub/merges.txt",
+    }
+    assert outside_reference(saved) is None
