@@ -174,12 +174,16 @@ def transformers_facts(directory: Path) -> dict[str, Any]:
         hf_config: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot read {CONFIG_FILE} in {directory}: {exc}") from exc
+
+    def count(*keys: str) -> int | None:  # the first key present; kept only as a whole number in range
+        value = next((hf_config[k] for k in keys if k in hf_config), None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10**8 else None
+
+    model_type = hf_config.get("model_type")
     return {
-        "model_type": hf_config.get("model_type"),
-        "num_layers": next(
-            (hf_config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in hf_config), None
-        ),
-        "hidden_size": next((hf_config[k] for k in ("hidden_size", "n_embd", "d_model") if k in hf_config), None),
-        "vocab_size": hf_config.get("vocab_size"),
+        "model_type": model_type if isinstance(model_type, str) else None,
+        "num_layers": count("num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": count("hidden_size", "n_embd", "d_model"),
+        "vocab_size": count("vocab_size"),
         "tokenizer": tokenizer_signature(directory),
     }

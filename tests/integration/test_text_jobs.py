@@ -235,6 +235,35 @@ def test_model_upload_validates_and_teaches(client: httpx.Client, worker: Any, t
         assert refused.status_code == 422, refused.text
         assert refused.json()["errors"][0]["loc"] == ["body", "files", config_index], refused.text
 
+    # tokenizer files that name a file outside the upload: transformers opened it (the server's files as tokens)
+    names = [name for _, (name, _) in files]
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    for reference in ({"vocab": "/etc/hostname"}, {"vocab_file": "../../../etc/hostname"}):
+        pointing = [
+            (
+                key,
+                (
+                    name,
+                    json.dumps({**tokenizer_config, **reference}).encode() if name == "tokenizer_config.json" else body,
+                ),
+            )
+            for key, (name, body) in files
+        ]
+        refused = client.post("/v1/models", files=pointing, data={"task": "causal_lm"})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["loc"] == ["body", "files", names.index("tokenizer_config.json")]
+        assert "outside the upload" in refused.json()["detail"]
+    # sizes the service reads itself: whole numbers in range (10**30 was stored and broke the model listings)
+    for sizes in ({"n_layer": 10**30}, {"num_layers": "x"}):
+        config = {**json.loads((folder / "config.json").read_text()), **sizes}
+        sized = [
+            (key, (name, json.dumps(config).encode() if name == "config.json" else body)) for key, (name, body) in files
+        ]
+        refused = client.post("/v1/models", files=sized, data={"task": "causal_lm"})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["loc"] == ["body", "files", config_index], refused.text
+    assert client.get("/v1/models").status_code == 200
+
     uploaded = client.post("/v1/models", files=files, data={"task": "causal_lm", "name": "my-teacher"})
     assert uploaded.status_code == 201, uploaded.text
     teacher = uploaded.json()
