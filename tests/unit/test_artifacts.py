@@ -118,3 +118,17 @@ def test_a_tokenizer_config_may_name_files_of_its_folder_only() -> None:
         "merges_file": "sub/merges.txt",
     }
     assert outside_reference(saved) is None
+
+
+def test_model_facts_keep_only_whole_numbers_in_range(tmp_path: Path) -> None:
+    from app.distill.artifacts import transformers_facts
+
+    config = {"model_type": "t5", "num_layers": "x", "d_model": 10**30, "vocab_size": 512, "n_layer": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    facts = transformers_facts(tmp_path)
+    assert (facts["model_type"], facts["num_layers"], facts["hidden_size"], facts["vocab_size"]) == (
+        "t5",
+        None,
+        None,
+        512,
+    )
