@@ -16,8 +16,13 @@ def insert_model(conn: Connection, **values: Any) -> None:
     conn.execute(models.insert().values(created_at=utcnow(), **values))
 
 
-def get_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMapping | None:
-    return conn.execute(sa.select(models).where(scoped(models.c.id == model_id, tenant, models))).mappings().first()
+def get_model(conn: Connection, model_id: str, *, tenant: Tenant, hold: bool = False) -> RowMapping | None:
+    """The model's row. ``hold``: and keep it from being deleted until the caller's transaction ends (FOR KEY SHARE
+    on Postgres; SQLite's one writer at a time does it there), for a row about to be referenced."""
+    query = sa.select(models).where(scoped(models.c.id == model_id, tenant, models))
+    if hold:
+        query = query.with_for_update(read=True, key_share=True)
+    return conn.execute(query).mappings().first()
 
 
 def get_model_of_job(conn: Connection, job_id: str, *, tenant: Tenant) -> RowMapping | None:
@@ -70,19 +75,27 @@ def get_alias(conn: Connection, name: str, *, tenant: str) -> RowMapping | None:
 
 
 def put_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tuple[RowMapping, bool]:
-    """Point ``name`` at ``model_id`` (create or move it); returns the row and whether it was created. The caller's
-    transaction serialises concurrent puts of one name through the primary key."""
+    """Point ``name`` at ``model_id`` (create or move it); returns the row and whether it was created. Concurrent
+    puts of a new name: both find nothing to move and insert; the second waits on the primary key until the first
+    commits, then moves what the first created (last writer wins, as for an existing name)."""
     now = utcnow()
-    moved = conn.execute(
+    move = (
         model_aliases.update()
         .where(model_aliases.c.tenant == tenant, model_aliases.c.name == name)
         .values(model_id=model_id, updated_at=now)
     )
-    created = moved.rowcount == 0
+    created = conn.execute(move).rowcount == 0
     if created:
-        conn.execute(
-            model_aliases.insert().values(tenant=tenant, name=name, model_id=model_id, created_at=now, updated_at=now)
+        insert = model_aliases.insert().values(
+            tenant=tenant, name=name, model_id=model_id, created_at=now, updated_at=now
         )
+        try:
+            with conn.begin_nested():  # a savepoint: the failed insert must not abort the caller's transaction
+                conn.execute(insert)
+        except sa.exc.IntegrityError:
+            if conn.execute(move).rowcount == 0:  # not the name taken meanwhile: another constraint, re-raised
+                raise
+            created = False
     row = get_alias(conn, name, tenant=tenant)
     assert row is not None
     return row, created

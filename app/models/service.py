@@ -74,8 +74,8 @@ def register_model(
     )
 
 
-def get_model_row(conn: Connection, model_id: str, *, tenant: str) -> Any:
-    row = models_repository.get_model(conn, model_id, tenant=tenant)
+def get_model_row(conn: Connection, model_id: str, *, tenant: str, hold: bool = False) -> Any:
+    row = models_repository.get_model(conn, model_id, tenant=tenant, hold=hold)
     if row is None:
         raise NotFound(f"no model {model_id!r}")
     return row
@@ -108,8 +108,8 @@ def set_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tup
     if name.startswith(MODEL_ID_PREFIX):
         message = f"alias names cannot start with {MODEL_ID_PREFIX!r}: that is how model ids start"
         raise InvalidRequest(message, errors=[{"loc": ["path", "name"], "msg": message}])
-    try:
-        get_model_row(conn, model_id, tenant=tenant)
+    try:  # held: a delete of the model waits for this transaction, or this finds it deleted
+        get_model_row(conn, model_id, tenant=tenant, hold=True)
     except NotFound:  # a reference in the body, as a job spec's unknown dataset: the request is invalid, not missing
         message = f"no model {model_id!r}"
         raise InvalidRequest(message, errors=[{"loc": ["body", "model_id"], "msg": message}]) from None

@@ -449,3 +449,86 @@ def test_a_model_delete_of_another_tenant_deletes_nothing_not_even_its_aliases(c
     assert models_repository.get_alias(conn, "prod", tenant="t1") is not None
     assert models_repository.delete_model(conn, model_id, tenant="t1") is not None
     assert models_repository.get_alias(conn, "prod", tenant="t1") is None
+
+
+def insert_stored_models(conn: Connection, tenant: str, *model_ids: str) -> None:
+    from app.db import models_repository
+
+    for model_id in model_ids:
+        models_repository.insert_model(
+            conn,
+            id=model_id,
+            tenant=tenant,
+            name=None,
+            kind="student",
+            task="classification",
+            format="distillery.mlp/v1",
+            config={},
+            files=[],
+            sha256="0" * 64,
+            size_bytes=0,
+            params=1,
+            artifact_path=f"models/{model_id}",
+            evaluation=None,
+            source_job_id=None,
+        )
+
+
+def concurrently(database: Database, first: Any, second: Any) -> dict[str, Any]:
+    """``first`` in a transaction that stays open while ``second`` starts in another and blocks on it (0.3 s),
+    then commits; each one's result or exception."""
+    outcome: dict[str, Any] = {}
+    started = threading.Event()
+
+    def run_second() -> None:
+        try:
+            with database.transaction() as conn:
+                started.set()
+                outcome["second"] = second(conn)
+        except Exception as exc:
+            outcome["second"] = exc
+
+    with database.transaction() as conn:
+        outcome["first"] = first(conn)
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        assert started.wait(5)
+        time.sleep(0.3)
+    thread.join(10)
+    return outcome
+
+
+def test_concurrent_puts_of_a_new_alias_both_succeed_and_the_last_wins(postgres_url: str) -> None:
+    """Two puts of a new alias: both found nothing to move and inserted; the second waited on the primary key and
+    then failed with a unique violation, a 500. Now it moves what the first created. A put naming a model being
+    deleted failed on the foreign key (a 500); now it waits for the delete and finds no model (a 422)."""
+    from app.db import models_repository
+    from app.errors import InvalidRequest
+    from app.models.service import set_alias
+
+    database = Database.from_url(postgres_url, pool_size=2)
+    tenant = new_id("tenant")[:30]
+    first_model, second_model = new_id("mdl"), new_id("mdl")
+    try:
+        with database.transaction() as conn:
+            insert_stored_models(conn, tenant, first_model, second_model)
+        outcome = concurrently(
+            database,
+            lambda conn: set_alias(conn, "prod", first_model, tenant=tenant),
+            lambda conn: set_alias(conn, "prod", second_model, tenant=tenant),
+        )
+        assert outcome["first"][1] is True and outcome["second"][1] is False, outcome
+        with database.read() as conn:
+            assert models_repository.get_alias(conn, "prod", tenant=tenant)["model_id"] == second_model  # type: ignore[index]
+        outcome = concurrently(
+            database,
+            lambda conn: models_repository.delete_model(conn, first_model, tenant=tenant),
+            lambda conn: set_alias(conn, "staging", first_model, tenant=tenant),
+        )
+        assert isinstance(outcome["second"], InvalidRequest), outcome
+        assert outcome["second"].errors[0]["loc"] == ["body", "model_id"]
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.text("DELETE FROM model_aliases WHERE tenant = :t"), {"t": tenant})
+            conn.execute(sa.text("DELETE FROM models WHERE tenant = :t"), {"t": tenant})
+        database.dispose()
