@@ -40,6 +40,13 @@ def public_address(address: str) -> bool:
 
 
 def check_url(url: str, *, allow_private: bool, loc: list[str]) -> None:
+    try:
+        _check_url(url, allow_private=allow_private, loc=loc)
+    except (ValueError, UnicodeError) as exc:  # a port out of range, a host no resolver takes (too long a label, …)
+        raise UrlRefused(f"the URL is not valid: {exc}", errors=[{"loc": loc, "msg": "invalid URL"}]) from exc
+
+
+def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UrlRefused(
@@ -76,6 +83,6 @@ def fetch_to(url: str, sink: BinaryIO, *, max_bytes: int, allow_private: bool, l
                 if size > max_bytes:
                     raise PayloadTooLarge(f"the download is larger than {max_bytes} bytes")
                 sink.write(chunk)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL (control characters, …) is no HTTPError
         raise UrlRefused(f"cannot fetch the URL: {exc}", errors=[{"loc": loc, "msg": "fetch failed"}]) from exc
     return size
