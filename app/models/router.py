@@ -183,7 +183,7 @@ def list_aliases(
     db: DatabaseDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=100)] = None,
+    after: Annotated[str | None, Query(max_length=100), AfterValidator(storable_text)] = None,
 ) -> Response:
     with db.read() as conn:
         return json_response(service.list_aliases(conn, tenant=tenant, limit=limit, after=after))

@@ -231,6 +231,9 @@ def test_bad_queries(client: httpx.Client) -> None:
     assert_problem(client.get("/v1/jobs", params={"limit": 0}), 422, ["query", "limit"])
     assert_problem(client.get("/v1/jobs", params={"status": "sleeping"}), 422, ["query", "status"])
     assert_problem(client.get("/v1/jobs/job_x/events", params={"after": -1}), 422, ["query", "after"])
+    # every list cursor names the field when it holds what cannot be stored (the aliases' was a 422 naming nothing)
+    for path in ("/v1/jobs", "/v1/models", "/v1/datasets", "/v1/aliases"):
+        assert_problem(client.get(path, params={"after": "a\x00b"}), 422, ["query", "after"])
 
 
 def test_bad_predict_inputs(client: httpx.Client, worker: Any) -> None:
