@@ -6,6 +6,7 @@ prefetches one task at a time, and keeps no results (Postgres is the truth).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,13 +35,22 @@ def worker_queues(queue_name: str, gpu_jobs: bool) -> list[str]:
     return [queue_name, queue_name + GPU_QUEUE_SUFFIX] if gpu_jobs else [queue_name]
 
 
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
 def takes_gpu_jobs(settings: Settings) -> bool:
-    """Whether this worker consumes the GPU queue: ``DISTILLERY_WORKER_GPU_JOBS``, else whether torch sees a GPU."""
+    """Whether this worker consumes the GPU queue: ``DISTILLERY_WORKER_GPU_JOBS``, else whether torch sees a GPU.
+
+    Asked in the prefork pool's parent, so asked of NVML (torch's ``PYTORCH_NVML_BASED_CUDA_CHECK``): torch's own
+    check initialises CUDA, and a parent that has initialised CUDA forks children that cannot use it ("Cannot
+    re-initialize CUDA in forked subprocess": every GPU job, and every checkpoint, which saves the CUDA RNG, would
+    fail). Set for the whole process, so that its children's own checks leave it alone too."""
     if settings.worker_gpu_jobs is not None:
         return settings.worker_gpu_jobs
     import torch
 
-    return torch.cuda.is_available()
+    os.environ.setdefault(NVML_CHECK, "1")
+    return bool(torch.cuda.is_available())
 
 
 def all_queues(queue_name: str) -> list[str]:

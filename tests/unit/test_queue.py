@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from app.db import jobs_repository
 from app.db.engine import Database
 from app.db.migrate import upgrade
 from app.db.tables import jobs
-from app.queue import all_queues, job_queue, spec_device, worker_queues
+from app.queue import NVML_CHECK, all_queues, job_queue, spec_device, takes_gpu_jobs, worker_queues
 
 
 def test_cuda_jobs_go_to_the_gpu_queue_and_the_rest_to_the_shared_one() -> None:
@@ -32,6 +33,23 @@ def test_only_gpu_workers_consume_the_gpu_queue_and_the_reconciler_looks_at_both
     assert worker_queues("q", gpu_jobs=False) == ["q"]
     assert worker_queues("q", gpu_jobs=True) == ["q", "q.gpu"]
     assert set(all_queues("q")) == {job_queue("q", device) for device in ("cpu", "auto", "cuda")}
+
+
+def test_whether_a_worker_takes_gpu_jobs_is_asked_of_nvml_not_of_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefork parent asks; torch's default check initialises CUDA there, and its forked children then cannot
+    use CUDA at all. The NVML-based check leaves CUDA alone, in the parent and (the variable inherited) its children."""
+    from app.settings import Settings
+
+    monkeypatch.delenv(NVML_CHECK, raising=False)
+    asked_with: list[str | None] = []
+
+    def is_available() -> bool:
+        asked_with.append(os.environ.get(NVML_CHECK))
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    assert takes_gpu_jobs(Settings(worker_gpu_jobs=None)) is True and asked_with == ["1"]
+    assert takes_gpu_jobs(Settings(worker_gpu_jobs=False)) is False and asked_with == ["1"]  # set: not asked
 
 
 def test_the_device_of_a_stored_spec() -> None:
