@@ -175,7 +175,13 @@ def resolve_device(name: str) -> torch.device:
 GPU_DTYPES = {"float32": "eager", "bfloat16": "bf16"}
 
 
-def resolve_gpu_variant(dtype: str, bf16_supported: Callable[[], bool] = torch.cuda.is_bf16_supported) -> str:
+def native_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 itself (Ampere and later): torch's check, by default, also says yes where
+    it is only emulated (T4, V100), slower than float32."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def resolve_gpu_variant(dtype: str, bf16_supported: Callable[[], bool] = native_bf16) -> str:
     """``DISTILLERY_INFERENCE_GPU_DTYPE`` → what a GPU serves: float32 → ``eager``; bfloat16 → ``bf16`` (the weights
     converted; an error on a GPU without bf16); auto → ``bf16`` where the GPU has it (Ampere and later), else eager.
     The job's recorded variant is a CPU measurement and does not decide on a GPU."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import shutil
 import threading
 import time
@@ -403,6 +404,13 @@ def test_the_gpu_dtype_setting(store: Store) -> None:
         resolve_gpu_variant("bfloat16", has(False))
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_gpu_variant("float16", has(True))
+    # by default the GPU's own bf16 is asked for: torch's plain check also says yes where bf16 is only emulated
+    from app.serving.predictor import native_bf16
+
+    assert inspect.signature(resolve_gpu_variant).parameters["bf16_supported"].default is native_bf16
+    with pytest.MonkeyPatch.context() as patch:  # a T4: emulated only
+        patch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+        assert native_bf16() is False and resolve_gpu_variant("auto") == "eager"
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CPU's case cannot be shown")
     model_id = store.add()
