@@ -443,7 +443,9 @@ class TrainingSpec(SpecModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA (teacher held in bf16), fp32 on the CPU."
+        "auto",
+        description="auto: bf16 autocast on CUDA (teacher held in bf16), fp32 on the CPU. fp16: float16 autocast with "
+        "a gradient scaler (the loss scaled up so that small gradients do not underflow; for GPUs without bf16).",
     )
     gradient_accumulation: int = Field(1, ge=1, le=4096)
     time_limit_s: float | None = Field(

@@ -320,3 +320,22 @@ def test_computing_teacher_targets_reports_progress_and_can_be_stopped() -> None
     targets = [u for u in updates if u.stage == "training: teacher targets"]
     assert [(u.step, u.total_steps) for u in targets] == [(1, 8), (2, 8), (3, 8)]
     assert not any(u.stage == "training" for u in updates)  # stopped before the first step
+
+
+def test_float16_training_scales_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 autocast without a gradient scaler lets small gradients underflow to zero: every optimizer step goes
+    through a GradScaler (bf16 and fp32 need none)."""
+    steps: list[float] = []
+
+    class Recording(torch.amp.GradScaler):
+        def step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            steps.append(self.get_scale())
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    outcome = train_text_model(text_spec(training={"steps": 3, "batch_size": 4, "precision": "fp16"}), JobResources())
+    assert len(steps) == 3 and all(scale > 1 for scale in steps)
+    assert outcome.evaluation["perplexity_student"] > 0
+    steps.clear()
+    train_text_model(text_spec(training={"steps": 2, "batch_size": 4, "precision": "bf16"}), JobResources())
+    assert steps == []

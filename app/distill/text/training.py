@@ -872,6 +872,9 @@ def run_steps(
         report=lambda done, total: report(ProgressUpdate(f"{stage}: teacher targets", done, total, {})),
     )
     metrics: dict[str, float] = {}
+    # float16 (unlike bf16) has float32's precision but not its range: small gradients underflow to 0 unless the loss
+    # is scaled up first and the gradients down before the step (which is skipped, the scale lowered, on an overflow)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     for step in range(first_step, total_steps):
         multiplier = lr_multiplier(step, total_steps, training)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -887,12 +890,18 @@ def run_steps(
                 loss, terms = objective(batch, normalizer, rows, step)
             if spec.task != "causal_lm":
                 loss = loss * (len(batch) / normalizer)  # example-mean losses: weight by the micro-batch's share
-            loss.backward()  # type: ignore[no-untyped-call]
+            (loss if scaler is None else scaler.scale(loss)).backward()  # type: ignore[no-untyped-call]
             for name, value in terms.items():
                 step_metrics[name] = step_metrics.get(name, 0.0) + value
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clipping sees the true gradients
         if training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), training.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
         report_and_checkpoint(
