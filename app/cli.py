@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from app.settings import Settings
 
@@ -180,11 +181,18 @@ def api_request(
             response = httpx.request(
                 method, settings.api_url.rstrip("/") + path, json=body, headers=request_headers, timeout=30
             )
-            break
         except httpx.HTTPError as exc:
             if attempt == retries:
                 raise ApiError(f"cannot reach {settings.api_url}: {exc}") from exc
             time.sleep(0.5 * 2**attempt)
+            continue
+        # a retry of a request whose first attempt the server is still processing (same Idempotency-Key): a 409
+        # that says when to come back; the answer will be the first attempt's
+        wait = response.headers.get("Retry-After", "")
+        if response.status_code == 409 and wait.isdigit() and attempt < retries:
+            time.sleep(min(int(wait), 30))
+            continue
+        break
     if response.status_code >= 400:
         try:
             problem = response.json()
@@ -254,8 +262,25 @@ def wait_for(settings: Settings, job_id: str, interval: float = 0.5) -> dict[str
         time.sleep(interval)
 
 
+def read_json_argument(text: str, what: str) -> Any:
+    """JSON given on the command line or in a file, as JSON allows it (no NaN or Infinity, which Python's reader
+    takes and its writer then refuses)."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as exc:
+        raise ApiError(f"{what} is not valid JSON: {exc}") from None
+
+
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
-    spec = json.loads(Path(args.spec).read_text())
+    try:
+        text = Path(args.spec).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiError(f"cannot read the spec: {exc}") from None
+    spec = read_json_argument(text, args.spec)
     # one key per submission, reused by the retries: a retry after a lost response cannot create a second job
     job = api_request(settings, "POST", "/v1/jobs", spec, headers={"Idempotency-Key": str(uuid.uuid4())}, retries=3)
     print(f"submitted {job['id']} ({job['status']})")
@@ -282,12 +307,12 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(api_request(settings, "GET", f"/v1/jobs/{args.job_id}"), indent=2))
+    print(json.dumps(api_request(settings, "GET", f"/v1/jobs/{quote(args.job_id, safe='')}"), indent=2))
     return 0
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    job = api_request(settings, "POST", f"/v1/jobs/{args.job_id}/cancel")
+    job = api_request(settings, "POST", f"/v1/jobs/{quote(args.job_id, safe='')}/cancel")
     print(f"{job['id']}: {job['status']}{' (cancel requested)' if job['cancel_requested'] else ''}")
     return 0
 
@@ -320,10 +345,12 @@ def cmd_workers(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
     raw = args.inputs if args.inputs is not None else sys.stdin.read()
-    inputs = json.loads(raw)
-    if inputs and not isinstance(inputs[0], list):
+    inputs = read_json_argument(raw, "the inputs")
+    one_row = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], int | float)  # one row of features
+    if isinstance(inputs, str) or one_row:  # one text, one row: a batch of one ([["a"]] is neither input form)
         inputs = [inputs]
-    print(json.dumps(api_request(settings, "POST", f"/v1/models/{args.model_id}/predict", {"inputs": inputs})))
+    path = f"/v1/models/{quote(args.model_id, safe='')}/predict"
+    print(json.dumps(api_request(settings, "POST", path, {"inputs": inputs})))
     return 0
 
 
@@ -403,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(handler=cmd_submit)
 
     jobs = commands.add_parser("jobs", help="list jobs")
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--status", choices=["queued", "running", "paused", "succeeded", "failed", "cancelled"])
     jobs.add_argument("--limit", type=int, default=20)
     jobs.set_defaults(handler=cmd_jobs)
 

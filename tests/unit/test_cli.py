@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from app import cli
@@ -73,3 +75,79 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(
         monkeypatch.undo()
         pipe.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+class FakeApi:
+    """Answers httpx.request with the queued responses and records each request."""
+
+    def __init__(self, *responses: httpx.Response) -> None:
+        self.responses = list(responses)
+        self.requests: list[tuple[str, str, Any, dict[str, str]]] = []
+
+    def __call__(self, method: str, url: str, *, json: Any = None, headers: Any = None, timeout: Any = None) -> Any:
+        self.requests.append((method, url, json, dict(headers or {})))
+        return self.responses.pop(0)
+
+
+def fake_api(monkeypatch: pytest.MonkeyPatch, *responses: httpx.Response) -> FakeApi:
+    api = FakeApi(*responses)
+    monkeypatch.setattr(httpx, "request", api)
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    return api
+
+
+def test_predict_sends_texts_as_a_batch_and_wraps_only_a_single_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`distillery predict mdl --inputs '["hello"]'` sent [["hello"]], neither input form of a text model (a 422)."""
+    cases = [
+        ('["hello", "world"]', ["hello", "world"]),
+        ('"hello"', ["hello"]),
+        ("[0.1, 2]", [[0.1, 2]]),
+        ("[[0.1, 2], [3, 4]]", [[0.1, 2], [3, 4]]),
+    ]
+    api = fake_api(monkeypatch, *(httpx.Response(200, json={"outputs": []}) for _ in cases))
+    for given, _ in cases:
+        assert cli.main(["predict", "mdl_x", "--inputs", given]) == 0
+    assert [request[2]["inputs"] for request in api.requests] == [sent for _, sent in cases]
+    # an id is one path segment, whatever it holds
+    api = fake_api(monkeypatch, httpx.Response(404, json={"title": "Not found", "detail": "no model"}))
+    assert cli.main(["predict", "../jobs/x", "--inputs", "[1]"]) == 1
+    assert api.requests[0][1].endswith("/v1/models/..%2Fjobs%2Fx/predict")
+    api = fake_api(monkeypatch, httpx.Response(200, json={"id": "x"}))
+    assert cli.main(["status", "../models/mdl_x"]) == 0
+    assert api.requests[0][1].endswith("/v1/jobs/..%2Fmodels%2Fmdl_x")
+
+
+def test_submit_waits_out_a_first_attempt_still_in_progress(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retried submit whose first attempt the server is still processing gets a 409 with Retry-After: the command
+    gave up (exit 1) though the job was being created; it waits and gets the job."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"name": "x"}')
+    busy = httpx.Response(409, headers={"Retry-After": "1"}, json={"title": "Conflict", "detail": "still processing"})
+    api = fake_api(monkeypatch, busy, httpx.Response(201, json={"id": "job_1", "status": "queued"}))
+    assert cli.main(["submit", str(spec)]) == 0
+    assert "submitted job_1" in capsys.readouterr().out
+    keys = {request[3]["Idempotency-Key"] for request in api.requests}
+    assert len(api.requests) == 2 and len(keys) == 1
+    # a 409 without Retry-After is an answer, not a wait
+    fake_api(monkeypatch, httpx.Response(409, json={"title": "Conflict", "detail": "key reused"}))
+    assert cli.main(["submit", str(spec)]) == 1
+
+
+def test_a_spec_that_cannot_be_read_or_is_not_json_is_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"objective": {"temperature": NaN}}')
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{")
+    for path, message in (
+        (nan, "NaN is not a JSON number"),
+        (binary, "cannot read"),
+        (tmp_path / "none", "cannot read"),
+    ):
+        assert cli.main(["submit", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert cli.build_parser().parse_args(["jobs", "--status", "paused"]).status == "paused"
