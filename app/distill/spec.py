@@ -1163,6 +1163,18 @@ class SpecChecker:
                     f"record has keys {sorted(record)}; task {self.spec.task} takes {shapes}",
                 )
                 return
+            # as an uploaded dataset's records (app/distill/text/data.py): texts are strings (a number failed in the
+            # worker's tokenizer), labels strings or integers; none empty
+            for field, value in record.items():
+                label = field == "label"
+                whole = isinstance(value, int) and not isinstance(value, bool)
+                if not (isinstance(value, str) or (label and whole)):
+                    kinds = "a string or an integer" if label else "a string"
+                    self.add((*loc, "records", index, field), f"{field} must be {kinds}, got {type(value).__name__}")
+                    return
+                if isinstance(value, str) and not value.strip():
+                    self.add((*loc, "records", index, field), f"{field} is empty")
+                    return
 
 
 DATASET_KINDS_BY_TASK: dict[str, tuple[str, ...]] = {

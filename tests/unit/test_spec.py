@@ -337,3 +337,22 @@ def test_a_stages_own_data_is_held_to_the_task() -> None:
     uploaded = {"source": "dataset", "dataset_id": "ds_t"}
     assert stage_data(uploaded, ds_t="text") == [("stages", 0, "data", "dataset_id")]
     assert stage_data(uploaded, ds_t="text_label") == stage_data({"source": "inline", "records": records}) == []
+
+
+def test_inline_records_hold_texts_and_labels_as_an_uploaded_dataset_does() -> None:
+    """Inline records were checked for their keys only: a number as a text passed and failed in the worker's
+    tokenizer."""
+
+    def problems(task: str, *records: dict[str, Any]) -> list[tuple[Any, ...]]:
+        data = {"source": "inline", "records": list(records)}
+        return locs(check_spec(text_spec(gpt2(), task=task, data=data), LIMITS))
+
+    good = {"text": "good", "label": "pos"}
+    assert problems("text_classification", good, {"text": "bad", "label": 0}) == []
+    assert problems("text_classification", good, {"text": 5, "label": "neg"}) == [("data", "records", 1, "text")]
+    assert problems("text_classification", good, {"text": "x", "label": True}) == [("data", "records", 1, "label")]
+    assert problems("text_classification", good, {"text": "x", "label": " "}) == [("data", "records", 1, "label")]
+    assert problems("causal_lm", {"text": "a"}, {"text": ["a"]}) == [("data", "records", 1, "text")]
+    assert problems("causal_lm", {"prompt": "a", "completion": ""}, {"text": "b"}) == [
+        ("data", "records", 0, "completion")
+    ]
