@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 from sqlalchemy.engine import Connection
 
 from app.datasets.schemas import dataset_document
-from app.db import datasets_repository, models_repository
+from app.db import datasets_repository, jobs_repository, models_repository
 from app.distill.text.data import DatasetFormatError, ParsedDataset, parse_csv, parse_jsonl
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge, QuotaExceeded
 from app.ids import new_id
@@ -147,6 +147,9 @@ def remove_dataset_files(artifacts_root: Path, artifact_path: str) -> None:
 
 
 def check_storage_quota(conn: Connection, tenant: str, incoming: int, limit: int) -> None:
+    """Refuse ``incoming`` bytes more over the tenant's storage quota. The count is locked until the caller's
+    transaction (which stores the new model or dataset) ends: parallel uploads each got past it."""
+    jobs_repository.lock_tenant(conn, tenant, "storage")
     used = models_repository.storage_bytes(conn, tenant=tenant)
     if used + incoming > limit:
         raise QuotaExceeded(

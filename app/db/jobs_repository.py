@@ -60,16 +60,22 @@ def get_job(conn: Connection, job_id: str, *, tenant: Tenant) -> RowMapping | No
     return conn.execute(sa.select(jobs).where(scoped(jobs.c.id == job_id, tenant))).mappings().first()
 
 
-def count_active(conn: Connection, *, tenant: str) -> int:
-    """A tenant's queued and running jobs, for the quota check before a job is added or resumed. It first takes a
-    lock held until the transaction ends, so that concurrent submissions of one tenant count one after the other
-    (each sees the jobs the others added; two counts under READ COMMITTED saw none of each other's, and ten parallel
-    submissions got past a quota of two): a Postgres advisory lock per tenant; elsewhere (SQLite) an empty update,
-    which takes the database's write lock."""
+def lock_tenant(conn: Connection, tenant: str, purpose: str) -> None:
+    """A lock per (tenant, purpose) held until the transaction ends, taken before a quota is counted, so that
+    concurrent requests of one tenant count one after the other (each sees what the others added; two counts under
+    READ COMMITTED saw none of each other's, and ten parallel submissions got past a quota of two): a Postgres
+    advisory lock; elsewhere (SQLite) an empty update, which takes the database's write lock."""
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": f"quota:{tenant}"})
+        name = f"{purpose}:{tenant}"
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name})
     else:
         conn.execute(jobs.update().where(sa.false()).values(tenant=jobs.c.tenant))
+
+
+def count_active(conn: Connection, *, tenant: str) -> int:
+    """A tenant's queued and running jobs, for the quota check before a job is added or resumed (``lock_tenant``
+    first)."""
+    lock_tenant(conn, tenant, "quota")
     query = sa.select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.status.in_(("queued", "running")))
     return int(conn.execute(query).scalar_one())
 

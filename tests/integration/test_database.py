@@ -532,3 +532,51 @@ def test_concurrent_puts_of_a_new_alias_both_succeed_and_the_last_wins(postgres_
             conn.execute(sa.text("DELETE FROM model_aliases WHERE tenant = :t"), {"t": tenant})
             conn.execute(sa.text("DELETE FROM models WHERE tenant = :t"), {"t": tenant})
         database.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_concurrent_uploads_keep_to_the_storage_quota(postgres_url: str, tmp_path: Any, backend: str) -> None:
+    """Ten 100-byte uploads at once against a 250-byte quota: two stored, eight 429s (the storage count took no
+    lock, and every upload could get past it)."""
+    from app.datasets.service import check_storage_quota
+    from app.db import datasets_repository
+    from app.db.migrate import upgrade
+    from app.errors import QuotaExceeded
+
+    url = postgres_url if backend == "postgres" else f"sqlite:///{tmp_path / 'storage.sqlite'}"
+    if backend == "sqlite":
+        upgrade(url)
+    database = Database.from_url(url, pool_size=10)
+    tenant = new_id("storage")[:30]
+    barrier = threading.Barrier(10)
+
+    def upload() -> str:
+        barrier.wait()
+        try:
+            with database.transaction() as conn:
+                check_storage_quota(conn, tenant, 100, 250)
+                dataset_id = new_id("ds")
+                datasets_repository.insert_dataset(
+                    conn,
+                    id=dataset_id,
+                    tenant=tenant,
+                    kind="text",
+                    format="jsonl",
+                    n_records=1,
+                    size_bytes=100,
+                    sha256="0" * 64,
+                    artifact_path=f"datasets/{dataset_id}",
+                )
+                time.sleep(0.05)  # the window in which the others counted
+            return "stored"
+        except QuotaExceeded:
+            return "refused"
+
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            outcomes = sorted(pool.map(lambda _: upload(), range(10)))
+        assert outcomes == ["refused"] * 8 + ["stored"] * 2
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.text("DELETE FROM datasets WHERE tenant = :t"), {"t": tenant})
+        database.dispose()
