@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,10 @@ def test_transformer_configs_are_built_at_submission() -> None:
     assert check_spec(text_spec(gpt2(n_positions=32)), LIMITS) == []
     # 248 ids are enough for the bytes tokenizer: UTF-8 holds no byte above 0xF4 (id 247)
     assert check_spec(text_spec({**gpt2(vocab_size=248), "tokenizer": "bytes"}), LIMITS) == []
+    # a config deeper than any real model is not built (10,000 blocks held the request ~26 s, per model named)
+    started = time.perf_counter()
+    assert check_spec(text_spec(gpt2(n_layer=10_000, n_embd=10, n_head=3)), LIMITS) == []
+    assert time.perf_counter() - started < 5
 
 
 def test_block_lists_are_checked_at_submission() -> None:
