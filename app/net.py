@@ -3,9 +3,9 @@
 URL sources are off unless the operator turns them on. When on: http(s) only, no credentials in the URL, the host
 name is resolved and *every* address it resolves to must be public (not private, loopback, link-local — which
 includes cloud metadata endpoints —, multicast, reserved or unspecified); redirects are not followed; the body is
-streamed to disk under a size limit. The residual risk is a DNS answer that changes between the check and the
-connection (rebinding within the resolver's cache time); deployments that need more put the workers behind an
-egress proxy.
+streamed to disk under a size limit. The connection goes to the address that was checked (the URL's host in the
+Host header and, for https, in the TLS server name, which the certificate is verified against): a DNS answer that
+changes between the check and the connection (rebinding) cannot send it elsewhere.
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ def public_address(address: str) -> bool:
     )
 
 
-def check_url(url: str, *, allow_private: bool, loc: list[str]) -> None:
+def check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
+    """The address to connect to for ``url``, once every address its host resolves to is allowed."""
     try:
-        _check_url(url, allow_private=allow_private, loc=loc)
+        return _check_url(url, allow_private=allow_private, loc=loc)
     except (ValueError, UnicodeError) as exc:  # a port out of range, a host no resolver takes (too long a label, …)
         raise UrlRefused(f"the URL is not valid: {exc}", errors=[{"loc": loc, "msg": "invalid URL"}]) from exc
 
 
-def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> None:
+def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UrlRefused(
@@ -59,21 +60,31 @@ def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> None:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except socket.gaierror as exc:
         raise UrlRefused(f"cannot resolve {parts.hostname}", errors=[{"loc": loc, "msg": str(exc)}]) from exc
-    addresses = {str(info[4][0]) for info in infos}
-    blocked = sorted(a for a in addresses if not public_address(a))
+    addresses = [str(info[4][0]) for info in infos]
+    blocked = sorted({a for a in addresses if not public_address(a)})
     if blocked and not allow_private:
         raise UrlRefused(
             f"{parts.hostname} resolves to non-public addresses {blocked}",
             errors=[{"loc": loc, "msg": "private, loopback or link-local address"}],
         )
+    if not addresses:
+        raise UrlRefused(f"cannot resolve {parts.hostname}", errors=[{"loc": loc, "msg": "no address"}])
+    return addresses[0].split("%", 1)[0]  # the resolver's first choice (an IPv6 zone index is no part of a URL)
 
 
 def fetch_to(url: str, sink: BinaryIO, *, max_bytes: int, allow_private: bool, loc: list[str]) -> int:
     """Stream ``url`` into ``sink``; returns the byte count. Raises UrlRefused / PayloadTooLarge."""
-    check_url(url, allow_private=allow_private, loc=loc)
+    address = check_url(url, allow_private=allow_private, loc=loc)
     size = 0
     try:
-        with httpx.stream("GET", url, follow_redirects=False, timeout=30) as response:
+        target = httpx.URL(url)
+        pinned = target.copy_with(host=address)
+        headers = {"Host": target.netloc.decode("ascii")}
+        extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+        with (
+            httpx.Client(follow_redirects=False, timeout=30) as client,
+            client.stream("GET", pinned, headers=headers, extensions=extensions) as response,
+        ):
             if response.is_redirect:
                 raise UrlRefused("redirects are not followed", errors=[{"loc": loc, "msg": "redirect"}])
             if response.status_code != 200:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
 
+import httpx
 import pytest
 
 from app.net import UrlRefused, fetch_to
@@ -23,3 +25,28 @@ def test_a_url_that_cannot_be_fetched_is_refused_at_its_field(url: str) -> None:
     with pytest.raises(UrlRefused) as refused:
         fetch_to(url, io.BytesIO(), max_bytes=1000, allow_private=True, loc=["body", "url"])
     assert refused.value.errors[0]["loc"] == ["body", "url"]
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the host resolved to a public address for the check and to a private one for the connection.
+    The connection now goes to the checked address, the name in the Host header and the TLS server name."""
+    answers = iter([["93.184.215.14"], ["169.254.169.254"]])
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, port, *a, **k: [(2, 1, 6, "", (ip, port)) for ip in next(answers)]
+    )
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b'{"text": "hi"}\n')
+
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler), **kw))
+    sink = io.BytesIO()
+    size = fetch_to("https://data.example.com:8443/x.jsonl?v=1", sink, max_bytes=1000, allow_private=False, loc=["u"])
+    assert size == len(sink.getvalue()) == 15
+    (request,) = seen
+    assert str(request.url) == "https://93.184.215.14:8443/x.jsonl?v=1"
+    assert request.headers["host"] == "data.example.com:8443"
+    assert request.extensions["sni_hostname"] == "data.example.com"
+    assert next(answers) == ["169.254.169.254"]  # asked once
