@@ -351,39 +351,51 @@ def test_celerys_soft_limit_raised_while_events_are_written_is_not_taken_for_an_
         database.dispose()
 
 
+def quota_database(postgres_url: str, tmp_path: Any, backend: str) -> Database:
+    """The session's Postgres database, or a new SQLite one (migrated), with a pool for ten connections."""
+    from app.db.migrate import upgrade
+
+    url = postgres_url if backend == "postgres" else f"sqlite:///{tmp_path / 'quota.sqlite'}"
+    if backend == "sqlite":
+        upgrade(url)
+    return Database.from_url(url, pool_size=10)
+
+
+def ten_at_once(database: Database, add: Any) -> list[str]:
+    """``add(conn)`` in ten transactions started together: the sorted outcomes, "added" or "refused" (a 429)."""
+    from app.errors import QuotaExceeded
+
+    barrier = threading.Barrier(10)
+
+    def attempt() -> str:
+        barrier.wait()
+        try:
+            with database.transaction() as conn:
+                add(conn)
+            return "added"
+        except QuotaExceeded:
+            return "refused"
+
+    with ThreadPoolExecutor(10) as pool:
+        return sorted(pool.map(lambda _: attempt(), range(10)))
+
+
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 def test_concurrent_submissions_keep_to_the_active_jobs_quota(postgres_url: str, tmp_path: Any, backend: str) -> None:
     """Ten submissions at once against a quota of two: two jobs, eight 429s (the counts ran side by side, each
     blind to the others' inserts, and up to all ten got in)."""
-    from app.db.migrate import upgrade
     from app.distill.spec import JobSpec
-    from app.errors import QuotaExceeded
     from app.jobs import service as jobs_service
     from app.settings import Settings
     from tests.conftest import tiny_spec
 
-    url = postgres_url if backend == "postgres" else f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    if backend == "sqlite":
-        upgrade(url)
-    database = Database.from_url(url, pool_size=10)
+    database = quota_database(postgres_url, tmp_path, backend)
     settings = Settings(max_active_jobs_per_tenant=2)
     spec = JobSpec.model_validate(tiny_spec())
     tenant = new_id("quota")
-    barrier = threading.Barrier(10)
-
-    def submit() -> str:
-        barrier.wait()
-        try:
-            with database.transaction() as conn:
-                jobs_service.create_job(conn, spec, settings, tenant=tenant)
-            return "created"
-        except QuotaExceeded:
-            return "refused"
-
     try:
-        with ThreadPoolExecutor(10) as pool:
-            outcomes = sorted(pool.map(lambda _: submit(), range(10)))
-        assert outcomes == ["created"] * 2 + ["refused"] * 8
+        outcomes = ten_at_once(database, lambda conn: jobs_service.create_job(conn, spec, settings, tenant=tenant))
+        assert outcomes == ["added"] * 2 + ["refused"] * 8
     finally:
         with database.transaction() as conn:
             ids = [row.id for row in conn.execute(sa.select(jobs.c.id).where(jobs.c.tenant == tenant))]
@@ -427,23 +439,7 @@ def test_a_model_delete_of_another_tenant_deletes_nothing_not_even_its_aliases(c
     from app.db import models_repository
 
     model_id = new_id("mdl")
-    models_repository.insert_model(
-        conn,
-        id=model_id,
-        tenant="t1",
-        name=None,
-        kind="student",
-        task="classification",
-        format="distillery.mlp/v1",
-        config={},
-        files=[],
-        sha256="0" * 64,
-        size_bytes=0,
-        params=1,
-        artifact_path=f"models/{model_id}",
-        evaluation=None,
-        source_job_id=None,
-    )
+    insert_stored_models(conn, "t1", model_id)
     models_repository.put_alias(conn, "prod", model_id, tenant="t1")
     assert models_repository.delete_model(conn, model_id, tenant="t2") is None
     assert models_repository.get_alias(conn, "prod", tenant="t1") is not None
@@ -540,42 +536,28 @@ def test_concurrent_uploads_keep_to_the_storage_quota(postgres_url: str, tmp_pat
     lock, and every upload could get past it)."""
     from app.datasets.service import check_storage_quota
     from app.db import datasets_repository
-    from app.db.migrate import upgrade
-    from app.errors import QuotaExceeded
 
-    url = postgres_url if backend == "postgres" else f"sqlite:///{tmp_path / 'storage.sqlite'}"
-    if backend == "sqlite":
-        upgrade(url)
-    database = Database.from_url(url, pool_size=10)
+    database = quota_database(postgres_url, tmp_path, backend)
     tenant = new_id("storage")[:30]
-    barrier = threading.Barrier(10)
 
-    def upload() -> str:
-        barrier.wait()
-        try:
-            with database.transaction() as conn:
-                check_storage_quota(conn, tenant, 100, 250)
-                dataset_id = new_id("ds")
-                datasets_repository.insert_dataset(
-                    conn,
-                    id=dataset_id,
-                    tenant=tenant,
-                    kind="text",
-                    format="jsonl",
-                    n_records=1,
-                    size_bytes=100,
-                    sha256="0" * 64,
-                    artifact_path=f"datasets/{dataset_id}",
-                )
-                time.sleep(0.05)  # the window in which the others counted
-            return "stored"
-        except QuotaExceeded:
-            return "refused"
+    def upload(conn: Connection) -> None:
+        check_storage_quota(conn, tenant, 100, 250)
+        dataset_id = new_id("ds")
+        datasets_repository.insert_dataset(
+            conn,
+            id=dataset_id,
+            tenant=tenant,
+            kind="text",
+            format="jsonl",
+            n_records=1,
+            size_bytes=100,
+            sha256="0" * 64,
+            artifact_path=f"datasets/{dataset_id}",
+        )
+        time.sleep(0.05)  # the window in which the others counted
 
     try:
-        with ThreadPoolExecutor(10) as pool:
-            outcomes = sorted(pool.map(lambda _: upload(), range(10)))
-        assert outcomes == ["refused"] * 8 + ["stored"] * 2
+        assert ten_at_once(database, upload) == ["added"] * 2 + ["refused"] * 8
     finally:
         with database.transaction() as conn:
             conn.execute(sa.text("DELETE FROM datasets WHERE tenant = :t"), {"t": tenant})
