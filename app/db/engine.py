@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,16 +11,28 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-# JSON columns are read with orjson: Postgres's jsonb keeps a number as a decimal, so 1e20 (a config value, a diverged
-# model's perplexity) comes back as 100000000000000000000, which the stdlib reads as an integer over 64 bits that no
-# response encoder writes (a 500 for every listing that held it); orjson reads it back as the float it was
-JSON_LOADS = orjson.loads
+
+def _int64_or_float(digits: str) -> int | float:
+    value = int(digits)
+    return value if -(2**63) <= value < 2**64 else float(value)
+
+
+def json_loads(text: str | bytes) -> Any:
+    """JSON columns as stored. Postgres's jsonb keeps a number as a decimal, so 1e20 (a config value, a diverged
+    model's perplexity) comes back as 100000000000000000000, which the standard library reads as an integer over 64
+    bits that no response encoder writes (a 500 for every listing that held it); orjson reads it as the float it
+    was. What orjson refuses, SQLite's JSON text may hold (written by ``json.dumps``: NaN and Infinity, a lone
+    surrogate's escape, 1e400): read as before, NaN as null and integers over 64 bits as floats."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_int=_int64_or_float, parse_constant=lambda _: None)
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, json_deserializer=JSON_LOADS
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_deserializer=json_loads
         )
 
         @sa.event.listens_for(engine, "connect")
@@ -47,7 +60,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         # fail fast while Postgres is down, so requests get a 503 instead of hanging
         pool_timeout=5,
         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
-        json_deserializer=JSON_LOADS,
+        json_deserializer=json_loads,
     )
 
 

@@ -46,3 +46,21 @@ def test_refuse_unstorable_raises_at_the_field() -> None:
         storable_text("x\x00")
     with pytest.raises(ValueError, match="surrogate"):
         storable_text(LONE)
+
+
+def test_json_columns_read_back_what_either_database_stores() -> None:
+    """jsonb writes 1e20 as 100000000000000000000 (an integer over 64 bits no response encoder writes); SQLite's JSON
+    text is ``json.dumps``' and may hold NaN or Infinity (a diverged job's metrics) or a lone surrogate's escape."""
+    import orjson
+
+    from app.db.engine import json_loads
+
+    read = json_loads('{"big": 100000000000000000000, "u64": 18446744073709551615, "small": 1.5e-300}')
+    assert read == {"big": 1e20, "u64": 2**64 - 1, "small": 1.5e-300}
+    assert json_loads('{"loss": NaN, "ppl": Infinity, "s": "\\ud800", "n": 123456789012345678901234}') == {
+        "loss": None,
+        "ppl": None,
+        "s": "\ud800",
+        "n": 1.2345678901234568e23,
+    }
+    orjson.dumps(json_loads("[NaN, 1e400, 100000000000000000000]"))  # every value written back
