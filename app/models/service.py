@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -193,21 +194,37 @@ def check_upload_names(names: list[str]) -> None:
 
 # a string that names a file outside an uploaded folder: absolute (POSIX, home, Windows drive or UNC) or climbing out
 OUTSIDE_PATH = re.compile(r"^(?:/.|~|[A-Za-z]:[\\/]|\\\\)|(?:^|[\\/])\.\.(?:[\\/]|$)")
-# keys of a tokenizer_config.json whose strings are no file names: where the model was saved from, which transformers
-# never opens; tokens (any text, "~" and "/usr" included: keys ending _token or _tokens, added_tokens_decoder); the
-# chat template's text
-NOT_FILE_KEYS = frozenset({"name_or_path", "_name_or_path", "added_tokens_decoder", "chat_template"})
+# keys of a tokenizer_config.json whose strings are no file names: where the model was saved from and the legacy
+# special_tokens_map_file (absolute paths of the saver's machine, which transformers never opens); tokens (any text,
+# "~" and "/usr" included: keys ending _token or _tokens, added_tokens_decoder); the chat template's text
+NOT_FILE_KEYS = frozenset(
+    {"name_or_path", "_name_or_path", "special_tokens_map_file", "added_tokens_decoder", "chat_template"}
+)
+# keys whose string is a file a tokenizer opens (``vocab`` and ``merges`` may instead hold the vocabulary itself)
+FILE_KEYS = frozenset({"vocab", "merges"})
 
 
-def outside_reference(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
-    """The first string in a JSON document that names a file outside its folder, as (key path, value); or None."""
+def is_file_key(key: str) -> bool:
+    return key in FILE_KEYS or key.endswith(("_file", "_files"))
+
+
+def outside_reference(value: Any, names: Collection[str], path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """The first string in a JSON document that may name a file other than the upload's ``names``, as (key path,
+    value); or None. A file key's string must be one of ``names`` (transformers opens a relative name against the
+    server's working directory, not the model's folder); any other string must not look like a path out of it."""
     if isinstance(value, str):
+        key = path[-1] if path else ""
+        if is_file_key(key) or (key.isdigit() and len(path) > 1 and path[-2].endswith("_files")):
+            return None if value in names else (".".join(path), value)
         return (".".join(path), value) if OUTSIDE_PATH.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if str(key) in NOT_FILE_KEYS or str(key).endswith(("_token", "_tokens")):
+    for raw_key, item in items:
+        key = str(raw_key)
+        if key in NOT_FILE_KEYS or key.endswith(("_token", "_tokens")):
             continue
-        found = outside_reference(item, (*path, str(key)))
+        if key in FILE_KEYS and not isinstance(item, str):
+            continue  # the vocabulary or the merges themselves, not a file's name
+        found = outside_reference(item, names, (*path, key))
         if found is not None:
             return found
     return None
@@ -226,12 +243,12 @@ def check_file_references(folder: Path, names: list[str]) -> None:
             document = json.loads((folder / name).read_text())
         except ValueError as exc:
             raise upload_problem(f"{name} is not valid JSON: {exc}", ["body", "files", index]) from exc
-        found = outside_reference(document)
+        found = outside_reference(document, names)
         if found is not None:
             key, value = found
             raise upload_problem(
-                f"{name}: {key or 'the document'} names {value[:200]!r}, outside the upload; send the files a "
-                "tokenizer needs with the model and name them as they are sent",
+                f"{name}: {key or 'the document'} names {value[:200]!r}, which is not a file of the upload; send "
+                "the files a tokenizer needs with the model and name them as they are sent",
                 ["body", "files", index],
             )
 

@@ -104,20 +104,28 @@ def test_verify_files_finds_a_flipped_bit_a_truncation_and_a_missing_file(tmp_pa
 def test_a_tokenizer_config_may_name_files_of_its_folder_only() -> None:
     from app.models.service import outside_reference
 
-    for reference in ("/etc/passwd", "~/.ssh/id_rsa", "../secret.txt", "sub/../../x", "C:\\x", "\\\\host\\share"):
-        assert outside_reference({"vocab_file": reference}) == ("vocab_file", reference)
-    assert outside_reference({"kwargs": {"files": ["ok.txt", "/etc/hosts"]}}) == ("kwargs.files.1", "/etc/hosts")
-    # tokens are any text, where the model was saved from is never opened, and a template is text
+    names = ["config.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "spm.model"]
+    for reference in ("/etc/passwd", "~/.ssh/id_rsa", "../secret.txt", "sub/../../x", "C:\\x", "secret.txt", "data/x"):
+        assert outside_reference({"vocab_file": reference}, names) == ("vocab_file", reference)
+        assert outside_reference({"vocab": reference}, names) == ("vocab", reference)  # relative: the server's cwd
+    assert outside_reference({"extra_files": ["spm.model", "x.txt"]}, names) == ("extra_files.1", "x.txt")
+    assert outside_reference({"kwargs": {"paths": ["ok.txt", "/etc/hosts"]}}, names) == ("kwargs.paths.1", "/etc/hosts")
+    # tokens are any text, where the model was saved from is never opened, a template is text, and an inline
+    # vocabulary or merges list holds tokens
     saved = {
         "name_or_path": "/home/me/model",
+        "special_tokens_map_file": "/Users/me/.cache/huggingface/hub/snapshots/abc/special_tokens_map.json",
         "bos_token": "/",
         "additional_special_tokens": ["~", "../"],
         "added_tokens_decoder": {"5": {"content": "/usr"}},
         "chat_template": "{{ '../' }}",
         "vocab_file": "vocab.txt",
-        "merges_file": "sub/merges.txt",
+        "merges_file": "merges.txt",
+        "tokenizer_file": None,
+        "vocab": {"/": 0, "..": 1},
+        "merges": ["../ x", "/ a"],
     }
-    assert outside_reference(saved) is None
+    assert outside_reference(saved, names) is None
 
 
 def test_model_facts_keep_only_whole_numbers_in_range(tmp_path: Path) -> None:
