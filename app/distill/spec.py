@@ -70,6 +70,10 @@ CONFIG_SIZES = {
     "num_hidden_layers": 10_000,
     "n_layer": 10_000,
     "num_layers": 10_000,
+    "n_layers": 10_000,  # DistilBERT
+    "encoder_layers": 10_000,  # BART, Whisper
+    "decoder_layers": 10_000,
+    "num_decoder_layers": 10_000,  # T5
     "num_attention_heads": 100_000,
     "n_head": 100_000,
     "vocab_size": 100_000_000,
@@ -78,12 +82,12 @@ CONFIG_SIZES = {
 
 def sizes_are_counts(config: dict[str, Any]) -> dict[str, Any]:
     """``config``'s model_type a string and its sizes (``CONFIG_SIZES``) whole numbers from 1 to their bound (n_inner
-    may be null: 4 × the width)."""
+    and intermediate_size may be null: GPT-2's and GPT-Neo's 4 × the width)."""
     if not isinstance(config.get("model_type"), str):
         raise ValueError("model_type must be a string (gpt2, llama, bert, …)")
     for key, bound in CONFIG_SIZES.items():
         value = config.get(key)
-        if key not in config or (value is None and key == "n_inner"):
+        if key not in config or (value is None and key in ("n_inner", "intermediate_size")):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
             raise ValueError(f"{key} must be a whole number from 1 to {bound:,}, got {value!r}")
@@ -134,10 +138,10 @@ class TransformerArchitecture(SpecModel):
         """Rough parameter count from the config (embeddings + 12·h² per layer), for the size limit check."""
         config: dict[str, Any] = self.config
         hidden = int(config.get("hidden_size", config.get("n_embd", 768)))
-        layers = int(config.get("num_hidden_layers", config.get("n_layer", 12)))
+        layers = blocks(config) or 12
         # the tokenizer fixes the vocabulary when the config leaves it out
         vocab = int(config.get("vocab_size", 384 if self.tokenizer == "bytes" else 50_000))
-        intermediate = int(config.get("intermediate_size", config.get("n_inner") or 4 * hidden))
+        intermediate = int(config.get("intermediate_size") or config.get("n_inner") or 4 * hidden)
         return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * intermediate)
 
 
@@ -613,6 +617,12 @@ class ModelShape:
 MAX_CHECKED_DEPTH = 256
 
 
+def blocks(config: dict[str, Any]) -> int:
+    """The most blocks any stack of a config has (encoder, decoder, …), 0 where it names none."""
+    counts = [config.get(key) for key in CONFIG_SIZES if key.endswith(("layer", "layers"))]
+    return max((count for count in counts if isinstance(count, int)), default=0)
+
+
 def config_depth(config: dict[str, Any]) -> int | None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
@@ -985,7 +995,7 @@ class SpecChecker:
                     f"UTF-8 text reaches id {BYTES_MIN_VOCAB - 1} of the bytes tokenizer; vocab_size is {vocab}",
                 )
                 continue
-            if (config_depth(config) or 0) > MAX_CHECKED_DEPTH:
+            if blocks(config) > MAX_CHECKED_DEPTH:
                 continue  # building its modules, even on the meta device, would hold the request for seconds
             try:
                 with torch.device("meta"):

@@ -214,7 +214,18 @@ def test_transformer_configs_are_built_at_submission() -> None:
     # a config deeper than any real model is not built (10,000 blocks held the request ~26 s, per model named)
     started = time.perf_counter()
     assert check_spec(text_spec(gpt2(n_layer=10_000, n_embd=10, n_head=3)), LIMITS) == []
+    distilbert = {"model_type": "distilbert", "n_layers": 10_000, "dim": 8, "n_heads": 2, "hidden_dim": 8}
+    embedding = {"task": "embedding", "teacher": {"source": "builtin", "architecture": gpt2()}}
+    problems = check_spec(text_spec({"type": "transformer", "config": distilbert}, **embedding), LIMITS)
+    assert locs(problems) == [("student", "architecture")]  # its 10,000 blocks counted (at the default width)
     assert time.perf_counter() - started < 5
+    # every stack's depth is bounded (DistilBERT's n_layers, BART's encoder_layers, …)
+    with pytest.raises(ValidationError, match="n_layers must be a whole number"):
+        text_spec({"type": "transformer", "config": {**distilbert, "n_layers": 100_000}})
+    # GPT-2's n_inner and GPT-Neo's intermediate_size may be null (4 × the width)
+    neo = {"model_type": "gpt_neo", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": None}
+    neo |= {"attention_types": [[["global"], 1]]}
+    assert check_spec(text_spec({"type": "transformer", "config": neo}), LIMITS) == []
 
 
 def test_block_lists_are_checked_at_submission() -> None:
