@@ -3,16 +3,18 @@
 URL sources are off unless the operator turns them on. When on: http(s) only, no credentials in the URL, the host
 name is resolved and *every* address it resolves to must be public (not private, loopback, link-local — which
 includes cloud metadata endpoints —, multicast, reserved or unspecified); redirects are not followed; the body is
-streamed to disk under a size limit. The connection goes to the address that was checked (the URL's host in the
+streamed to disk under a size limit. The connection goes to an address that was checked (the URL's host in the
 Host header and, for https, in the TLS server name, which the certificate is verified against): a DNS answer that
-changes between the check and the connection (rebinding) cannot send it elsewhere.
+changes between the check and the connection (rebinding) cannot send it elsewhere. Where the environment names a
+proxy for the URL, the proxy resolves the name and connects: guarding what it reaches is then the proxy's job.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import BinaryIO
+import urllib.request
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import httpx
@@ -39,15 +41,16 @@ def public_address(address: str) -> bool:
     )
 
 
-def check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
-    """The address to connect to for ``url``, once every address its host resolves to is allowed."""
+def check_url(url: str, *, allow_private: bool, loc: list[str]) -> list[str]:
+    """The addresses to connect to for ``url`` (the resolver's order), once every one its host resolves to is
+    allowed."""
     try:
         return _check_url(url, allow_private=allow_private, loc=loc)
     except (ValueError, UnicodeError) as exc:  # a port out of range, a host no resolver takes (too long a label, …)
         raise UrlRefused(f"the URL is not valid: {exc}", errors=[{"loc": loc, "msg": "invalid URL"}]) from exc
 
 
-def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
+def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> list[str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UrlRefused(
@@ -60,8 +63,9 @@ def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except socket.gaierror as exc:
         raise UrlRefused(f"cannot resolve {parts.hostname}", errors=[{"loc": loc, "msg": str(exc)}]) from exc
-    addresses = [str(info[4][0]) for info in infos]
-    blocked = sorted({a for a in addresses if not public_address(a)})
+    # an IPv6 zone index ("%eth0") is no part of a URL
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    blocked = sorted(a for a in addresses if not public_address(a))
     if blocked and not allow_private:
         raise UrlRefused(
             f"{parts.hostname} resolves to non-public addresses {blocked}",
@@ -69,31 +73,65 @@ def _check_url(url: str, *, allow_private: bool, loc: list[str]) -> str:
         )
     if not addresses:
         raise UrlRefused(f"cannot resolve {parts.hostname}", errors=[{"loc": loc, "msg": "no address"}])
-    return addresses[0].split("%", 1)[0]  # the resolver's first choice (an IPv6 zone index is no part of a URL)
+    return addresses
+
+
+def through_proxy(url: str) -> bool:
+    """Whether the environment sends ``url`` through a proxy (``HTTP(S)_PROXY``/``ALL_PROXY``, less ``NO_PROXY``):
+    the proxy then resolves the name (an egress proxy is the deployment's own guard), so the connection cannot be
+    pinned to an address checked here (a tunnel's TLS would be verified against the address)."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 def fetch_to(url: str, sink: BinaryIO, *, max_bytes: int, allow_private: bool, loc: list[str]) -> int:
-    """Stream ``url`` into ``sink``; returns the byte count. Raises UrlRefused / PayloadTooLarge."""
-    address = check_url(url, allow_private=allow_private, loc=loc)
-    size = 0
+    """Stream ``url`` into ``sink``; returns the byte count. Raises UrlRefused / PayloadTooLarge. Connects to the
+    addresses that were checked, in turn while a connection cannot be made (a dual-stack host whose IPv6 is down),
+    unless a proxy carries it."""
+    addresses = check_url(url, allow_private=allow_private, loc=loc)
     try:
         target = httpx.URL(url)
-        pinned = target.copy_with(host=address)
+        if through_proxy(url):
+            return _fetch(target, {}, {}, sink, max_bytes, loc, trust_env=True)
         headers = {"Host": target.netloc.decode("ascii")}
         extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
-        with (
-            httpx.Client(follow_redirects=False, timeout=30) as client,
-            client.stream("GET", pinned, headers=headers, extensions=extensions) as response,
-        ):
-            if response.is_redirect:
-                raise UrlRefused("redirects are not followed", errors=[{"loc": loc, "msg": "redirect"}])
-            if response.status_code != 200:
-                raise UrlRefused(f"the URL answered {response.status_code}", errors=[{"loc": loc, "msg": "status"}])
-            for chunk in response.iter_bytes(1 << 20):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"the download is larger than {max_bytes} bytes")
-                sink.write(chunk)
+        for index, address in enumerate(addresses):
+            pinned = target.copy_with(host=address)
+            try:
+                return _fetch(pinned, headers, extensions, sink, max_bytes, loc, trust_env=False)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if index == len(addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: check_url returns at least one address")
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL (control characters, …) is no HTTPError
         raise UrlRefused(f"cannot fetch the URL: {exc}", errors=[{"loc": loc, "msg": "fetch failed"}]) from exc
+
+
+def _fetch(
+    url: httpx.URL,
+    headers: dict[str, str],
+    extensions: dict[str, Any],
+    sink: BinaryIO,
+    max_bytes: int,
+    loc: list[str],
+    *,
+    trust_env: bool,
+) -> int:
+    size = 0
+    with (
+        httpx.Client(follow_redirects=False, timeout=30, trust_env=trust_env) as client,
+        client.stream("GET", url, headers=headers, extensions=extensions) as response,
+    ):
+        if response.is_redirect:
+            raise UrlRefused("redirects are not followed", errors=[{"loc": loc, "msg": "redirect"}])
+        if response.status_code != 200:
+            raise UrlRefused(f"the URL answered {response.status_code}", errors=[{"loc": loc, "msg": "status"}])
+        for chunk in response.iter_bytes(1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the download is larger than {max_bytes} bytes")
+            sink.write(chunk)
     return size
