@@ -172,8 +172,9 @@ class Settings(BaseSettings):
         "auto",
         description="The weights' dtype when transformers models (LMs, embedders, text classifiers) are served on a "
         "GPU: bfloat16 (half the memory, the tensor cores' rate; outputs still float32), float32 (as trained), or auto "
-        "= bfloat16 where the GPU has it (Ampere and later), else float32. Tabular MLPs stay float32. Ignored on the "
-        "CPU, where the job's measured variant decides.",
+        "= bfloat16 where the GPU computes in it (Ampere and later), else float32 (bfloat16 asked for on an older GPU "
+        "is emulated: half the memory, slower). Tabular MLPs stay float32. Ignored on the CPU, where the job's "
+        "measured variant decides.",
     )
     inference_torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads for inference in the api; 0 = leave torch_threads."

@@ -181,15 +181,23 @@ def native_bf16() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def resolve_gpu_variant(dtype: str, bf16_supported: Callable[[], bool] = native_bf16) -> str:
+def any_bf16() -> bool:
+    """Whether the GPU takes bfloat16 at all, emulated included (it halves the weights' memory even where slower)."""
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_gpu_variant(
+    dtype: str, bf16_supported: Callable[[], bool] = native_bf16, bf16_at_all: Callable[[], bool] = any_bf16
+) -> str:
     """``DISTILLERY_INFERENCE_GPU_DTYPE`` → what a GPU serves: float32 → ``eager``; bfloat16 → ``bf16`` (the weights
-    converted; an error on a GPU without bf16); auto → ``bf16`` where the GPU has it (Ampere and later), else eager.
-    The job's recorded variant is a CPU measurement and does not decide on a GPU."""
+    converted, emulated where the GPU has no bf16 of its own; an error where it has none at all); auto → ``bf16``
+    where the GPU computes in it (Ampere and later), else eager. The job's recorded variant is a CPU measurement and
+    does not decide on a GPU."""
     if dtype == "auto":
         return "bf16" if bf16_supported() else "eager"
     if dtype not in GPU_DTYPES:
         raise ValueError(f"inference GPU dtype must be auto, float32 or bfloat16, not {dtype!r}")
-    if dtype == "bfloat16" and not bf16_supported():
+    if dtype == "bfloat16" and not bf16_at_all():
         raise RuntimeError("DISTILLERY_INFERENCE_GPU_DTYPE=bfloat16 but this GPU has no bfloat16")
     return GPU_DTYPES[dtype]
 

@@ -399,9 +399,10 @@ def test_the_gpu_dtype_setting(store: Store) -> None:
     assert resolve_gpu_variant("auto", has(True)) == "bf16"
     assert resolve_gpu_variant("auto", has(False)) == "eager"  # a V100 or T4: float32, not a silent fp16
     assert resolve_gpu_variant("float32", has(True)) == "eager"
-    assert resolve_gpu_variant("bfloat16", has(True)) == "bf16"
+    assert resolve_gpu_variant("bfloat16", has(True), has(True)) == "bf16"
+    assert resolve_gpu_variant("bfloat16", has(False), has(True)) == "bf16"  # emulated, when asked for: half the memory
     with pytest.raises(RuntimeError, match="no bfloat16"):
-        resolve_gpu_variant("bfloat16", has(False))
+        resolve_gpu_variant("bfloat16", has(False), has(False))
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_gpu_variant("float16", has(True))
     # by default the GPU's own bf16 is asked for: torch's plain check also says yes where bf16 is only emulated
@@ -411,6 +412,7 @@ def test_the_gpu_dtype_setting(store: Store) -> None:
     with pytest.MonkeyPatch.context() as patch:  # a T4: emulated only
         patch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
         assert native_bf16() is False and resolve_gpu_variant("auto") == "eager"
+        assert resolve_gpu_variant("bfloat16") == "bf16"
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CPU's case cannot be shown")
     model_id = store.add()
