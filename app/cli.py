@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -156,6 +157,9 @@ def redact(url: str) -> str:
 # --- client commands -------------------------------------------------------------------------------------------------
 
 
+IN_PROGRESS_WAIT_S = 60.0  # how long a retried request waits for its first attempt, still being processed
+
+
 class ApiError(Exception):
     pass
 
@@ -176,7 +180,9 @@ def api_request(
     api_key = os.environ.get("DISTILLERY_API_KEY")
     if api_key:
         request_headers["Authorization"] = f"Bearer {api_key}"
-    for attempt in range(retries + 1):
+    attempt = 0
+    in_progress_until = time.monotonic() + IN_PROGRESS_WAIT_S
+    while True:
         try:
             response = httpx.request(
                 method, settings.api_url.rstrip("/") + path, json=body, headers=request_headers, timeout=30
@@ -185,12 +191,15 @@ def api_request(
             if attempt == retries:
                 raise ApiError(f"cannot reach {settings.api_url}: {exc}") from exc
             time.sleep(0.5 * 2**attempt)
+            attempt += 1
             continue
         # a retry of a request whose first attempt the server is still processing (same Idempotency-Key): a 409
-        # that says when to come back; the answer will be the first attempt's
+        # that says when to come back; the answer will be the first attempt's. Waited for up to a minute, apart
+        # from the connection retries
         wait = response.headers.get("Retry-After", "")
-        if response.status_code == 409 and wait.isdigit() and attempt < retries:
-            time.sleep(min(int(wait), 30))
+        seconds = int(wait) if wait.isascii() and wait.isdecimal() and len(wait) < 6 else None
+        if response.status_code == 409 and retries and seconds is not None and time.monotonic() < in_progress_until:
+            time.sleep(min(seconds, 30))
             continue
         break
     if response.status_code >= 400:
@@ -269,8 +278,14 @@ def read_json_argument(text: str, what: str) -> Any:
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not a JSON number")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # 1e400
+            raise ValueError(f"{number} is out of a float's range")
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError as exc:
         raise ApiError(f"{what} is not valid JSON: {exc}") from None
 

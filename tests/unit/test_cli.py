@@ -130,9 +130,13 @@ def test_submit_waits_out_a_first_attempt_still_in_progress(
     assert "submitted job_1" in capsys.readouterr().out
     keys = {request[3]["Idempotency-Key"] for request in api.requests}
     assert len(api.requests) == 2 and len(keys) == 1
-    # a 409 without Retry-After is an answer, not a wait
-    fake_api(monkeypatch, httpx.Response(409, json={"title": "Conflict", "detail": "key reused"}))
-    assert cli.main(["submit", str(spec)]) == 1
+    # more waits than connection retries (three): the first attempt may take a while
+    api = fake_api(monkeypatch, *[busy] * 5, httpx.Response(201, json={"id": "job_2", "status": "queued"}))
+    assert cli.main(["submit", str(spec)]) == 0 and len(api.requests) == 6
+    # a 409 without a Retry-After it can read is an answer, not a wait
+    for header in ({}, {"Retry-After": "soon"}, {"Retry-After": "9" * 5000}):
+        fake_api(monkeypatch, httpx.Response(409, headers=header, json={"title": "Conflict", "detail": "key reused"}))
+        assert cli.main(["submit", str(spec)]) == 1
 
 
 def test_a_spec_that_cannot_be_read_or_is_not_json_is_a_message_not_a_traceback(
@@ -142,8 +146,11 @@ def test_a_spec_that_cannot_be_read_or_is_not_json_is_a_message_not_a_traceback(
     nan.write_text('{"objective": {"temperature": NaN}}')
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe{")
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"objective": {"temperature": 1e400}}')
     for path, message in (
         (nan, "NaN is not a JSON number"),
+        (huge, "out of a float's range"),
         (binary, "cannot read"),
         (tmp_path / "none", "cannot read"),
     ):

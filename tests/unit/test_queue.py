@@ -40,7 +40,8 @@ def test_whether_a_worker_takes_gpu_jobs_is_asked_of_nvml_not_of_cuda(monkeypatc
     use CUDA at all. The NVML-based check leaves CUDA alone, in the parent and (the variable inherited) its children."""
     from app.settings import Settings
 
-    monkeypatch.delenv(NVML_CHECK, raising=False)
+    monkeypatch.setenv(NVML_CHECK, "")  # restored (or removed) after the test, which sets it
+    monkeypatch.delenv(NVML_CHECK)
     asked_with: list[str | None] = []
 
     def is_available() -> bool:
