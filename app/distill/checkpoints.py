@@ -30,10 +30,22 @@ class Checkpointer(Protocol):
         """Whether to save after ``step`` optimizer steps."""
         ...
 
-    def save(self, step: int, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None: ...
+    def save(
+        self,
+        step: int,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None: ...
 
-    def restore(self, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
-        """Load the latest checkpoint into ``modules`` and ``optimizer``; the step to continue from (0: none)."""
+    def restore(
+        self,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> int:
+        """Load the latest checkpoint into ``modules``, ``optimizer`` and an fp16 run's loss ``scaler``; the step to
+        continue from (0: none)."""
         ...
 
     def save_module(self, name: str, module: nn.Module) -> None:
@@ -137,7 +149,13 @@ class FolderCheckpointer:
         path = self.folder / name
         return path if path.is_dir() else None
 
-    def save(self, step: int, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    def save(
+        self,
+        step: int,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.check_fence()
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{step}"
@@ -149,7 +167,10 @@ class FolderCheckpointer:
                 save_model(module, str(staging / f"{module_name}.safetensors"))
             tensors, meta = optimizer_tensors(optimizer)
             save_file({**tensors, **rng_tensors()}, str(staging / "optimizer.safetensors"))
-            (staging / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
+            state: dict[str, Any] = {"step": step, "optimizer": meta}
+            if scaler is not None:  # its loss scale and growth count: a resumed fp16 run scales as the first did
+                state["scaler"] = scaler.state_dict()
+            (staging / "state.json").write_text(json.dumps(state))
             for path in staging.iterdir():
                 with path.open("rb") as handle:
                     os.fsync(handle.fileno())
@@ -168,7 +189,12 @@ class FolderCheckpointer:
         self._last_save = time.monotonic()
         self.force_next = False
 
-    def restore(self, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    def restore(
+        self,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> int:
         path = self.latest()
         if path is None:
             return 0
@@ -178,6 +204,8 @@ class FolderCheckpointer:
         tensors = load_file(str(path / "optimizer.safetensors"))
         restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
         restore_rng(tensors)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return int(state["step"])
 
     def save_module(self, name: str, module: nn.Module) -> None:

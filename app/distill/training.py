@@ -54,6 +54,7 @@ def report_and_checkpoint(
     checkpointer: Checkpointer | None,
     modules: Mapping[str, nn.Module],
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """After each optimizer step: report progress (which may stop the run), then checkpoint when due. A stop that
     asks for it checkpoints the step just finished first, so a paused or shut-down job loses no work."""
@@ -61,10 +62,10 @@ def report_and_checkpoint(
         report(update)
     except StopRequested as stop:
         if stop.checkpoint and checkpointer is not None:
-            checkpointer.save(update.step, modules, optimizer)
+            checkpointer.save(update.step, modules, optimizer, scaler)
         raise
     if checkpointer is not None and checkpointer.due(update.step):
-        checkpointer.save(update.step, modules, optimizer)
+        checkpointer.save(update.step, modules, optimizer, scaler)
 
 
 @dataclass(frozen=True)

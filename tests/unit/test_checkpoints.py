@@ -3,6 +3,8 @@ uninterrupted run produces (same spec, same seed), for the tabular and the text 
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +92,20 @@ def test_periodic_checkpoints_keep_only_the_latest(tmp_path: Path) -> None:
     assert files == {"student.safetensors", "optimizer.safetensors", "state.json"}  # no pickles
 
 
-def test_text_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    spec = JobSpec.model_validate(TEXT)
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_text_resume_equals_uninterrupted(tmp_path: Path, precision: str) -> None:
+    """fp16 runs scale the loss: the scaler's state (scale, growth count) is checkpointed with the optimizer's."""
+    spec = JobSpec.model_validate({**TEXT, "training": {**TEXT["training"], "precision": precision}})
     reference = state(train_text_model(spec, JobResources()).student)
     checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
     with pytest.raises(StopRequested):
         train_text_model(spec, JobResources(), progress=stop_at("training", 5), checkpointer=checkpointer)
     assert (tmp_path / "ckpt" / "teacher-0.safetensors").exists()  # the pretrained teacher is kept
+    saved = json.loads((tmp_path / "ckpt" / "stage-0" / "step-5" / "state.json").read_text())
+    if precision == "fp16":
+        assert saved["scaler"]["_growth_tracker"] + math.log2(65536 / saved["scaler"]["scale"]) >= 1
+    else:
+        assert "scaler" not in saved
     torch.manual_seed(999)
     resumed = train_text_model(
         spec, JobResources(), checkpointer=FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)

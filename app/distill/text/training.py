@@ -860,7 +860,10 @@ def run_steps(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     stream = MicroBatches(examples, training.batch_size or 16, training.seed)
     modules = {"trainable": trainable}
-    first_step = checkpointer.restore(modules, optimizer) if checkpointer is not None else 0
+    # float16 (unlike bf16) has float32's precision but not its range: small gradients underflow to 0 unless the loss
+    # is scaled up first and the gradients down before the step (which is skipped, the scale lowered, on an overflow)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    first_step = checkpointer.restore(modules, optimizer, scaler) if checkpointer is not None else 0
     stream.skip(first_step * training.gradient_accumulation)
     started = time.perf_counter()
     objective.precompute_targets(
@@ -872,9 +875,6 @@ def run_steps(
         report=lambda done, total: report(ProgressUpdate(f"{stage}: teacher targets", done, total, {})),
     )
     metrics: dict[str, float] = {}
-    # float16 (unlike bf16) has float32's precision but not its range: small gradients underflow to 0 unless the loss
-    # is scaled up first and the gradients down before the step (which is skipped, the scale lowered, on an overflow)
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     for step in range(first_step, total_steps):
         multiplier = lr_multiplier(step, total_steps, training)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -905,7 +905,7 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         metrics = {**step_metrics, "lr": optimizer.param_groups[0]["lr"]}
         report_and_checkpoint(
-            report, ProgressUpdate(stage, step + 1, total_steps, metrics), checkpointer, modules, optimizer
+            report, ProgressUpdate(stage, step + 1, total_steps, metrics), checkpointer, modules, optimizer, scaler
         )
     model.eval()
     return metrics, time.perf_counter() - started
