@@ -122,7 +122,10 @@ def _fetch(
 ) -> int:
     size = 0
     with (
-        httpx.Client(follow_redirects=False, timeout=30, trust_env=trust_env) as client,
+        # certificates as the environment says (SSL_CERT_FILE, SSL_CERT_DIR) either way; its proxies only when asked
+        httpx.Client(
+            follow_redirects=False, timeout=30, trust_env=trust_env, verify=httpx.create_ssl_context(trust_env=True)
+        ) as client,
         client.stream("GET", url, headers=headers, extensions=extensions) as response,
     ):
         if response.is_redirect:
