@@ -80,14 +80,18 @@ CONFIG_SIZES = {
 }
 
 
+NULLABLE_SIZES = frozenset({"n_inner", "intermediate_size", "num_decoder_layers"})
+
+
 def sizes_are_counts(config: dict[str, Any]) -> dict[str, Any]:
-    """``config``'s model_type a string and its sizes (``CONFIG_SIZES``) whole numbers from 1 to their bound (n_inner
-    and intermediate_size may be null: GPT-2's and GPT-Neo's 4 × the width)."""
+    """``config``'s model_type a string and its sizes (``CONFIG_SIZES``) whole numbers from 1 to their bound (some may
+    be null, transformers' default: GPT-2's n_inner and GPT-Neo's intermediate_size, 4 × the width; T5's
+    num_decoder_layers, its num_layers)."""
     if not isinstance(config.get("model_type"), str):
         raise ValueError("model_type must be a string (gpt2, llama, bert, …)")
     for key, bound in CONFIG_SIZES.items():
         value = config.get(key)
-        if key not in config or (value is None and key in ("n_inner", "intermediate_size")):
+        if key not in config or (value is None and key in NULLABLE_SIZES):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
             raise ValueError(f"{key} must be a whole number from 1 to {bound:,}, got {value!r}")

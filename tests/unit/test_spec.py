@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.distill.spec import JobSpec, ModelShape, SpecLimits, check_spec, planned_steps
+from app.distill.spec import JobSpec, ModelShape, SpecLimits, check_spec, planned_steps, sizes_are_counts
 
 LIMITS = SpecLimits(max_student_params=100_000_000, max_steps=100_000, max_dataset_rows=1_000_000)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -226,6 +226,7 @@ def test_transformer_configs_are_built_at_submission() -> None:
     neo = {"model_type": "gpt_neo", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": None}
     neo |= {"attention_types": [[["global"], 1]]}
     assert check_spec(text_spec({"type": "transformer", "config": neo}), LIMITS) == []
+    assert sizes_are_counts({"model_type": "t5", "num_layers": 2, "num_decoder_layers": None})
 
 
 def test_block_lists_are_checked_at_submission() -> None:
