@@ -205,8 +205,14 @@ def api_request(
     if response.status_code >= 400:
         try:
             problem = response.json()
-            lines = [f"{response.status_code} {problem.get('title')}: {problem.get('detail')}"]
-            lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problem.get("errors", [])]
+            detail = str(problem.get("detail"))
+            lines = [f"{response.status_code} {problem.get('title')}: {detail}"]
+            errors = problem.get("errors", [])
+            where = [".".join(map(str, e["loc"])) for e in errors]
+            if len(errors) == 1 and str(errors[0].get("msg")) in detail:  # the detail is the one error: where it is
+                lines.append(f"  at {where[0]}")
+            else:
+                lines += [f"  {loc}: {e['msg']}" for loc, e in zip(where, errors, strict=True)]
         except ValueError:
             lines = [f"{response.status_code}: {response.text[:500]}"]
         raise ApiError("\n".join(lines))
@@ -360,7 +366,7 @@ def cmd_workers(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
     raw = args.inputs if args.inputs is not None else sys.stdin.read()
-    inputs = read_json_argument(raw, "the inputs")
+    inputs = read_json_argument(raw, "--inputs")
     one_row = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], int | float)  # one row of features
     if isinstance(inputs, str) or one_row:  # one text, one row: a batch of one ([["a"]] is neither input form)
         inputs = [inputs]

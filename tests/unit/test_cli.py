@@ -158,3 +158,22 @@ def test_a_spec_that_cannot_be_read_or_is_not_json_is_a_message_not_a_traceback(
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert cli.build_parser().parse_args(["jobs", "--status", "paused"]).status == "paused"
+
+
+def test_an_error_with_one_field_is_said_once_with_where(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one = {"title": "Invalid", "detail": "body.x: bad x", "errors": [{"loc": ["body", "x"], "msg": "bad x"}]}
+    fake_api(monkeypatch, httpx.Response(422, json=one))
+    assert cli.main(["predict", "mdl_x", "--inputs", "[1]"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["422 Invalid: body.x: bad x", "  at body.x"]
+    two = {
+        "title": "Invalid",
+        "detail": "the spec cannot run",
+        "errors": [{"loc": ["a"], "msg": "m1"}, {"loc": ["b"], "msg": "m2"}],
+    }
+    fake_api(monkeypatch, httpx.Response(422, json=two))
+    assert cli.main(["predict", "mdl_x", "--inputs", "[1]"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["422 Invalid: the spec cannot run", "  a: m1", "  b: m2"]
+    assert cli.main(["predict", "mdl_x", "--inputs", "[[1, 2"]) == 1
+    assert capsys.readouterr().err.startswith("--inputs is not valid JSON")

@@ -233,7 +233,9 @@ def resolve_model_path(reference: str, *, model_roots: Sequence[Path], allow_hub
     if not allow_hub:
         raise ModelSourceError(
             f"model {reference!r} is not available offline: it is neither a folder under the model roots nor "
-            "shipped by an installed package, and hub downloads are disabled",
+            "shipped by an installed package, and hub downloads are disabled (the operator's "
+            "DISTILLERY_ALLOW_HUB_DOWNLOADS; offline copies go under DISTILLERY_MODEL_ROOTS); or upload the model "
+            "(POST /v1/models) and name it by id",
             field="path",
         )
     return _download_from_hub(reference)
