@@ -25,6 +25,17 @@ def get_model(conn: Connection, model_id: str, *, tenant: Tenant, hold: bool = F
     return conn.execute(query).mappings().first()
 
 
+def latest_student_id(conn: Connection, *, tenant: str, job_name: str) -> str | None:
+    """The newest student model made by a job named ``job_name`` (what ``latest:<job name>`` names: model ids grow
+    with creation time, and a job records its student when it succeeds). Models deleted since do not count."""
+    return conn.execute(
+        sa.select(models.c.id)
+        .where(models.c.tenant == tenant, models.c.name == job_name, models.c.kind == "student")
+        .order_by(models.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def get_model_of_job(conn: Connection, job_id: str, *, tenant: Tenant) -> RowMapping | None:
     return (
         conn.execute(

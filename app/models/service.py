@@ -25,6 +25,7 @@ MAX_PAGE = 100
 
 
 MODEL_ID_PREFIX = "mdl_"
+LATEST_PREFIX = "latest:"  # latest:<job name>, the newest student of the jobs of that name (app/serving/aliases.py)
 
 
 def new_model_id() -> str:
@@ -112,10 +113,23 @@ def set_alias(conn: Connection, name: str, model_id: str, *, tenant: str) -> tup
     try:  # held: a delete of the model waits for this transaction, or this finds it deleted
         get_model_row(conn, model_id, tenant=tenant, hold=True)
     except NotFound:  # a reference in the body, as a job spec's unknown dataset: the request is invalid, not missing
-        message = f"no model {model_id!r}"
+        message = f"no model {model_id!r}{alias_hint(conn, model_id, tenant)}"
         raise InvalidRequest(message, errors=[{"loc": ["body", "model_id"], "msg": message}]) from None
     row, created = models_repository.put_alias(conn, name, model_id, tenant=tenant)
     return alias_document(row), created
+
+
+def alias_hint(conn: Connection, reference: str, tenant: str) -> str:
+    """Why ``reference`` names no model where a model id is wanted, when it is an alias: what it names now."""
+    if reference.startswith(LATEST_PREFIX):
+        target = models_repository.latest_student_id(conn, tenant=tenant, job_name=reference[len(LATEST_PREFIX) :])
+    elif not reference.startswith(MODEL_ID_PREFIX):
+        row = models_repository.get_alias(conn, reference, tenant=tenant)
+        target = None if row is None else str(row["model_id"])
+    else:
+        return ""
+    now = f", which names {target} now" if target else ""
+    return f": model_id takes a model id (mdl_…), and {reference!r} is an alias{now}"
 
 
 def get_alias(conn: Connection, name: str, *, tenant: str) -> dict[str, Any]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from app.db.models_repository import latest_student_id
 from app.db.tables import models
-from app.models.service import MODEL_ID_PREFIX
+from app.models.service import LATEST_PREFIX, MODEL_ID_PREFIX
 
-LATEST_PREFIX = "latest:"
+__all__ = ["LATEST_PREFIX", "alias_job_name", "is_alias", "latest_student_id", "older_student_ids"]
 
 
 def is_alias(reference: str) -> bool:
@@ -23,20 +24,6 @@ def alias_job_name(reference: str) -> str | None:
     if reference.startswith(LATEST_PREFIX):
         return reference[len(LATEST_PREFIX) :]
     return None
-
-
-def latest_student_id(conn: Connection, *, tenant: str, job_name: str) -> str | None:
-    """The newest student model made by a job named ``job_name`` (model ids grow with creation time, and a job
-    records its student when it succeeds). Models deleted since do not count.
-
-    This single read belongs with the other model queries in ``app/db/models_repository.py``; it lives here until
-    that module (owned elsewhere) takes it."""
-    return conn.execute(
-        sa.select(models.c.id)
-        .where(models.c.tenant == tenant, models.c.name == job_name, models.c.kind == "student")
-        .order_by(models.c.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
 
 
 def older_student_ids(conn: Connection, *, tenant: str, job_name: str, before: str, limit: int) -> list[str]:

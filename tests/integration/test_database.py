@@ -562,3 +562,24 @@ def test_concurrent_uploads_keep_to_the_storage_quota(postgres_url: str, tmp_pat
         with database.transaction() as conn:
             conn.execute(sa.text("DELETE FROM datasets WHERE tenant = :t"), {"t": tenant})
         database.dispose()
+
+
+def test_an_alias_put_at_another_alias_says_what_that_alias_names(conn: Connection) -> None:
+    """`PUT /v1/aliases/x {"model_id": "latest:job"}` (or another alias) said only "no model": aliases name model
+    ids; the answer now says so, and which model the given alias names now."""
+    from app.errors import InvalidRequest
+    from app.models.service import set_alias
+
+    model_id = new_id("mdl")
+    insert_stored_models(conn, "t1", model_id)
+    conn.execute(sa.text("UPDATE models SET name = 'nightly' WHERE id = :id"), {"id": model_id})
+    set_alias(conn, "prod", model_id, tenant="t1")
+    for reference in ("latest:nightly", "prod"):
+        with pytest.raises(InvalidRequest) as refused:
+            set_alias(conn, "staging", reference, tenant="t1")
+        assert f"{reference!r} is an alias, which names {model_id} now" in str(refused.value)
+    with pytest.raises(InvalidRequest) as refused:
+        set_alias(conn, "staging", "latest:none", tenant="t1")
+    assert str(refused.value).endswith("'latest:none' is an alias")
+    with pytest.raises(InvalidRequest, match=r"^no model 'mdl_nope'$"):
+        set_alias(conn, "staging", "mdl_nope", tenant="t1")
