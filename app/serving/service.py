@@ -27,6 +27,7 @@ from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.concurrency import run_in_threadpool
 
+from app.db import models_repository
 from app.db.engine import Database
 from app.distill.artifacts import verify_files
 from app.distill.variants import BF16_VARIANTS
@@ -574,8 +575,24 @@ class InferenceService:
         if model_id is None:
             if job_name is not None:
                 raise NotFound(f"no model {alias}: no succeeded job named {job_name!r} has a model")
-            raise NotFound(f"no model or alias {alias!r}")
+            raise NotFound(f"no model or alias {alias!r}{await self._job_hint(tenant, alias)}")
         return model_id
+
+    async def _job_hint(self, tenant: str, reference: str) -> str:
+        """A job's id given where a model goes (a likely mistake): the model it made, if any."""
+        if not reference.startswith("job_"):
+            return ""
+
+        def read() -> str | None:
+            with self.database.read() as conn:
+                row = models_repository.get_model_of_job(conn, reference, tenant=tenant)
+                return None if row is None else str(row["id"])
+
+        try:
+            made = await run_in_threadpool(read)
+        except (DBAPIError, PoolTimeoutError):
+            return ""
+        return f"; {reference!r} is a job's id" + (f": its model is {made}" if made else ", and the job made no model")
 
     def _bind(self, tenant: str, alias: str, model_id: str) -> AliasBinding:
         binding = self._aliases.get((tenant, alias))

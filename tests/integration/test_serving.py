@@ -225,6 +225,10 @@ def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: h
     assert_problem(client.post("/v1/models/mdl_nope/predict", json={"inputs": [ROW]}), 404)
     unknown_alias = assert_problem(client.post("/v1/models/latest:no-such-job/predict", json={"inputs": [ROW]}), 404)
     assert "no-such-job" in unknown_alias["detail"]
+    # a job's id where a model goes (a likely mistake): the answer names the job's model
+    job_id = client.get(f"/v1/models/{tabular}").json()["source_job_id"]
+    as_job = assert_problem(client.post(f"/v1/models/{job_id}/predict", json={"inputs": [ROW]}), 404)
+    assert f"its model is {tabular}" in as_job["detail"], as_job
     good = client.post(url, json={"inputs": [ROW]})
     assert good.status_code == 200 and good.json()["model_id"] == tabular
     # the model loaded (the fast path answers): a body refused before the model is looked up is no cache hit
