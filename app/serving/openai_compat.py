@@ -200,9 +200,12 @@ def generation_fields(
 
 
 class CompletionRequest(SamplingFields):
-    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
-        description="A prompt or a list of prompts (one choice each). Token arrays are not supported."
-    )
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1)]
+    ) = Field(description="A prompt or a list of prompts (one choice each). Token arrays are not supported.")
     max_tokens: int | None = Field(
         None, ge=0, description="Tokens to generate; default 16 (cut to what the context leaves)."
     )
@@ -535,7 +538,10 @@ async def completions(request: Request, inference: InferenceDep, tenant: TenantD
     body = await parse_json_body(request, CompletionRequest)
     served = await inference.get(tenant, body.model)
     predictor = require_task(served, "causal_lm", "/v1/completions")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    given = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = [prompt for prompt in given if isinstance(prompt, str)]
+    if len(prompts) != len(given):  # token ids: taken by the schema to say this, not "not a string" per element
+        raise bad_request("token arrays are not supported; send a string or a list of strings", "prompt")
     if body.suffix is not None:
         raise bad_request("suffix is not supported (insertion needs a model trained for it)", "suffix")
     if body.best_of is not None and body.best_of != body.n:

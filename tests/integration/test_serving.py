@@ -934,6 +934,9 @@ def test_openai_completion_limits_and_errors(client: httpx.Client, text_models: 
     streamed_too_long = client.post("/v1/completions", json={"model": model, "prompt": "x" * 200, "stream": True})
     assert_openai_error(streamed_too_long, 400, "prompt")  # refused before the stream starts
     assert_openai_error(client.post("/v1/completions", json={"model": model}), 400, "prompt")
+    for token_ids in ([72, 105], [[72, 105]]):  # said as it is, not as "prompt.0: Input should be a valid string"
+        error = assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": token_ids}), 400)
+        assert error["param"] == "prompt" and "token arrays are not supported" in error["message"], error
     assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 17}), 400, "n")
     assert_openai_error(client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 0}), 400, "n")
     unknown = client.post("/v1/completions", json={"model": "mdl_nope", "prompt": "x"})
