@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.schemas import isoformat
 from app.storable import storable_text
@@ -66,6 +66,14 @@ class PredictRequest(BaseModel):
         description="Tabular models: rows of features, each as wide as the model's input_dim. Text models: strings."
     )
     parameters: PredictParameters | None = None
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def rows_not_one_row(cls, value: Any) -> Any:
+        """One row given flat (``[0.1, 0.2, …]``) was an error per element under each input form: say it once."""
+        if isinstance(value, list) and value and isinstance(value[0], int | float) and not isinstance(value[0], bool):
+            raise ValueError("inputs are rows of features ([[0.1, 0.2, …], …]) or texts; a single row is [[…]]")
+        return value
 
 
 class Prediction(BaseModel):

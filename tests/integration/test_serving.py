@@ -217,6 +217,8 @@ def test_native_bad_input_is_problem_json_and_the_server_keeps_serving(client: h
         if loc is not None:
             assert loc in [e["loc"] for e in problem.get("errors", [])], (body, problem)
     assert "at most 64" in assert_problem(client.post(url, json={"inputs": [ROW] * 65}), 422)["detail"]
+    flat = assert_problem(client.post(url, json={"inputs": ROW}), 422)  # one row, not in a list: said once
+    assert [e["loc"] for e in flat["errors"]] == [["body", "inputs"]] and "[[…]]" in flat["detail"], flat
     malformed = client.post(url, content=b'{"inputs": [', headers={"content-type": "application/json"})
     assert assert_problem(malformed, 400)["code"] == "malformed_json"
     # NaN is JSON to Python's parser and pydantic's, not to orjson's: the errors are still placed in the document
