@@ -810,32 +810,49 @@ async def run_embeddings(inference: InferenceService, served: ServedModel, body:
 MAX_LISTED = 1000
 
 
+# what the OpenAI endpoints serve: completions and chat (causal LMs), embeddings (embedders)
+OPENAI_TASKS = frozenset({"causal_lm", "embedding"})
+
+
 async def list_models(db: DatabaseDep, tenant: TenantDep) -> Response:
-    """The tenant's servable models (newest first, up to 1,000), then a ``latest:<job name>`` alias per job name."""
+    """The tenant's models that the OpenAI endpoints serve (causal LMs and embedders; newest first, up to 1,000), then
+    a ``latest:<job name>`` alias per job name and the user-set aliases that name one of them. Tabular and text
+    classifiers, which every OpenAI endpoint refuses, are served by the native and KServe endpoints only."""
 
-    def read() -> list[dict[str, Any]]:
+    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         documents: list[dict[str, Any]] = []
-        after = None
+        aliases: list[dict[str, Any]] = []
         with db.read() as conn:
-            while len(documents) < MAX_LISTED:
-                page = models_service.list_models(conn, tenant=tenant, limit=models_service.MAX_PAGE, after=after)
-                documents.extend(page["data"])
-                if not page["has_more"]:
-                    break
-                after = page["data"][-1]["id"]
-        return documents
+            for lister, into in ((models_service.list_models, documents), (models_service.list_aliases, aliases)):
+                after = None
+                while len(into) < MAX_LISTED:
+                    page = lister(conn, tenant=tenant, limit=models_service.MAX_PAGE, after=after)
+                    into.extend(page["data"])
+                    if not page["has_more"]:
+                        break
+                    after = page["data"][-1]["id" if lister is models_service.list_models else "name"]
+        return documents, aliases
 
+    documents, user_aliases = await run_in_threadpool(read)
     listed: list[dict[str, Any]] = []
-    aliases: list[dict[str, Any]] = []
+    latest: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for document in await run_in_threadpool(read):
-        created = int(_timestamp(document["created_at"]))
+    served: dict[str, int] = {}
+    for document in documents:
+        if document.get("task") not in OPENAI_TASKS:
+            continue
+        created = served[document["id"]] = int(_timestamp(document["created_at"]))
         listed.append({"id": document["id"], "object": "model", "created": created, "owned_by": tenant})
         name = document.get("name")
         if document.get("kind") == "student" and name and name not in seen:
             seen.add(name)
-            aliases.append({"id": f"{LATEST_PREFIX}{name}", "object": "model", "created": created, "owned_by": tenant})
-    return json_response({"object": "list", "data": listed + aliases})
+            latest.append({"id": f"{LATEST_PREFIX}{name}", "object": "model", "created": created, "owned_by": tenant})
+    named = [
+        {"id": alias["name"], "object": "model", "created": served[alias["model_id"]], "owned_by": tenant}
+        for alias in user_aliases
+        if alias["model_id"] in served
+    ]
+    return json_response({"object": "list", "data": listed + latest + named})
 
 
 async def retrieve_model(
