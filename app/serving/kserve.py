@@ -368,6 +368,12 @@ def max_tokens_of(body: InferRequest, limit: int) -> tuple[int, str, bool]:
     ``max_new_tokens``, the native predict's and transformers' name for it) and whether the request gave it: 16 when
     neither is given."""
     parameters = body.parameters or {}
+    for tensor in body.inputs:  # a tensor's parameters describe its data: taken there, the length was ignored
+        misplaced = [name for name in ("max_tokens", "max_new_tokens") if name in (tensor.parameters or {})]
+        if misplaced:
+            raise bad_request(
+                f"parameter {misplaced[0]} goes in the request's parameters, not input {tensor.name!r}'s", "parameters"
+            )
     given = [name for name in ("max_tokens", "max_new_tokens") if name in parameters]
     if len(given) > 1:
         raise bad_request("give parameter max_tokens or max_new_tokens, not both", "parameters")

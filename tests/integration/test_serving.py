@@ -661,7 +661,7 @@ def test_kserve_v2_completions(client: httpx.Client, text_models: dict[str, str]
     native = client.post(predict, json={"inputs": prompts, "parameters": {"max_new_tokens": 6}})
     assert native.json()["completions"] == texts
     # the native predict refuses a prompt over the 128-token context too (cut to fit, it would be continued from its
-    # middle) and names the input; its max_new_tokens is at most, cut where the context ends
+    # middle) and names the input; its max_new_tokens is at most: the completion stops where the context ends
     unfit = client.post(predict, json={"inputs": [prompts[0], "x" * 200]})
     assert ["body", "inputs", 1] in [e["loc"] for e in assert_problem(unfit, 422)["errors"]]
     near_end = client.post(predict, json={"inputs": ["x" * 120], "parameters": {"max_new_tokens": 50}})
@@ -677,6 +677,9 @@ def test_kserve_v2_completions(client: httpx.Client, text_models: dict[str, str]
     assert_kserve_error(client.post(url, json=both), 400, "not both")
     assert_kserve_error(client.post(url, json={**body, "parameters": {"max_new_tokens": -1}}), 400, "max_new_tokens")
     assert_kserve_error(client.post(url, json={**body, "parameters": {"max_tokens": "6"}}), 400, "max_tokens")
+    # on the input tensor (whose parameters describe its data) it was ignored: 16 tokens came back
+    on_input = {"inputs": [{**body["inputs"][0], "parameters": {"max_tokens": 8}}]}
+    assert_kserve_error(client.post(url, json=on_input), 400, "goes in the request's parameters")
     # a prompt over the 128-token context: refused, and the server keeps serving
     too_long = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 200]}]}
     assert_kserve_error(client.post(url, json=too_long), 400, "context length")
