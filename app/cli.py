@@ -308,14 +308,24 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     job = wait_for(settings, job["id"])
-    print(f"{job['id']}: {job['status']}")
-    if job["status"] == "succeeded":
+    print_job(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def print_job(job: dict[str, Any]) -> None:
+    """A job as a person reads it: its status and progress, then its model and evaluation, or its error."""
+    progress = job.get("progress") or {}
+    line = f"{job['id']}: {job['status']}"
+    if job["status"] in ("queued", "running", "paused"):
+        line += progress_bar(job).replace("\r", " ", 1).split("]", 1)[-1].rstrip()
+    print(line + (f"  ({job['name']})" if job.get("name") else ""))
+    if job["status"] == "succeeded" and job.get("result"):
         print(f"model: {job['result']['model_id']}")
-        print(evaluation_table(job["result"]["evaluation"]))
-        return 0
-    if job.get("error"):
+        print(evaluation_table(job["result"].get("evaluation") or {}))
+    elif job.get("error"):
         print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)
-    return 1
+    elif progress.get("stage") == "waiting_for_gpu_worker":
+        print("waiting for a worker that takes GPU jobs (`distillery workers`)")
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -328,7 +338,11 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(api_request(settings, "GET", f"/v1/jobs/{quote(args.job_id, safe='')}"), indent=2))
+    job = api_request(settings, "GET", f"/v1/jobs/{quote(args.job_id, safe='')}")
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        print_job(job)
     return 0
 
 
@@ -455,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20)
     jobs.set_defaults(handler=cmd_jobs)
 
-    status = commands.add_parser("status", help="show a job")
+    status = commands.add_parser("status", help="show a job: its progress, then its model and evaluation")
     status.add_argument("job_id")
+    status.add_argument("--json", action="store_true", help="the whole job document (spec included) as JSON")
     status.set_defaults(handler=cmd_status)
 
     cancel = commands.add_parser("cancel", help="cancel a job")

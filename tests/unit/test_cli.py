@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_predict_sends_texts_as_a_batch_and_wraps_only_a_single_row(monkeypatch:
     api = fake_api(monkeypatch, httpx.Response(404, json={"title": "Not found", "detail": "no model"}))
     assert cli.main(["predict", "../jobs/x", "--inputs", "[1]"]) == 1
     assert api.requests[0][1].endswith("/v1/models/..%2Fjobs%2Fx/predict")
-    api = fake_api(monkeypatch, httpx.Response(200, json={"id": "x"}))
+    api = fake_api(monkeypatch, httpx.Response(200, json={"id": "x", "status": "queued"}))
     assert cli.main(["status", "../models/mdl_x"]) == 0
     assert api.requests[0][1].endswith("/v1/jobs/..%2Fmodels%2Fmdl_x")
 
@@ -177,3 +178,27 @@ def test_an_error_with_one_field_is_said_once_with_where(
     assert capsys.readouterr().err.splitlines() == ["422 Invalid: the spec cannot run", "  a: m1", "  b: m2"]
     assert cli.main(["predict", "mdl_x", "--inputs", "[[1, 2"]) == 1
     assert capsys.readouterr().err.startswith("--inputs is not valid JSON")
+
+
+def test_status_reads_as_a_summary_and_as_json_on_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`distillery status` printed the whole job document (222 lines for tiny-lm, the spec and variants included)."""
+    job = {
+        "id": "job_1",
+        "name": "tiny",
+        "status": "succeeded",
+        "spec": {"training": {"steps": 3}},
+        "progress": {"fraction": 1.0},
+        "result": {"model_id": "mdl_1", "evaluation": {"kl": 0.0086, "agreement": 0.375}},
+    }
+    fake_api(monkeypatch, httpx.Response(200, json=job), httpx.Response(200, json=job))
+    assert cli.main(["status", "job_1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "job_1: succeeded  (tiny)",
+        "model: mdl_1",
+        "  agreement              0.375",
+        "  kl                     0.0086",
+    ]
+    assert cli.main(["status", "job_1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == job
