@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     # api
     host: str = Field("127.0.0.1", description="Address `distillery api`/`up` listen on.")
     port: int = Field(8000, description="Port `distillery api`/`up` listen on.")
-    enable_jobs_api: bool = Field(True, description="Serve /v1/jobs (turn off on inference-only replicas).")
+    enable_jobs_api: bool = Field(
+        True, description="Serve /v1/jobs and /v1/datasets (turn off on inference-only replicas)."
+    )
     enable_inference_api: bool = Field(True, description="Serve predict endpoints (turn off on jobs-only replicas).")
     max_request_bytes: int = Field(1_048_576, description="Largest JSON request body accepted (413 above).")
     api_threads: int = Field(16, ge=1, description="Threads that run blocking request work (DB reads, torch).")
@@ -284,7 +286,7 @@ READ_BY: dict[str, str] = {
     "environment": ALL,
     "data_dir": ALL,
     "database_url": ALL,
-    "broker_url": "api, worker",
+    "broker_url": f"{API}, {WORKER} (a serve replica too: production refuses to start without it, /readyz pings it)",
     "queue_name": "api, worker",
     "api_url": "CLI",
     "host": f"{API}, up",
@@ -301,13 +303,13 @@ READ_BY: dict[str, str] = {
     "bootstrap_api_key": API,
     "bootstrap_tenant": API,
     "max_active_jobs_per_tenant": "api",
-    "max_storage_bytes_per_tenant": "api",
+    "max_storage_bytes_per_tenant": f"{API} (model uploads)",
     "idempotency_retention_s": "worker (reconciler purges older keys)",
     "worker_concurrency": WORKER,
     "worker_gpu_jobs": WORKER,
-    "torch_threads": "worker, api",
+    "torch_threads": f"{WORKER}, {API}",
     "progress_interval_s": WORKER,
-    "visibility_timeout_s": "api, worker",
+    "visibility_timeout_s": f"{API}, {WORKER}",
     "heartbeat_interval_s": WORKER,
     "heartbeat_stale_s": WORKER,
     "max_attempts": WORKER,
@@ -325,7 +327,7 @@ READ_BY: dict[str, str] = {
     "allow_hub_downloads": "api (checks specs), worker",
     "allow_url_sources": "api",
     "url_sources_allow_private": "api",
-    "max_upload_bytes": "api",
+    "max_upload_bytes": f"{API} (model uploads)",
     "model_cache_size": API,
     "model_cache_bytes": API,
     "max_batch_size": API,
