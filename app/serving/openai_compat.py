@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import orjson
 from fastapi import APIRouter, Path, Request, Response
@@ -91,6 +91,14 @@ INFERENCE = {**OPENAI, "x-inference": True}
 ModelName = Annotated[str, Field(min_length=1, max_length=256, description="A model id or `latest:<job name>`.")]
 Stop = Annotated[str, Field(min_length=1, max_length=200)]
 PromptText = Annotated[str, Field(max_length=1_000_000)]
+# what OpenAI's prompt and input take: text, or token ids, which are taken only to be refused with a message that
+# says so (a schema error per element did not)
+TextsOrTokenIds: TypeAlias = (
+    PromptText
+    | Annotated[list[PromptText], Field(min_length=1)]
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[list[list[int]], Field(min_length=1)]
+)
 
 
 def null_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -200,12 +208,9 @@ def generation_fields(
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (
-        PromptText
-        | Annotated[list[PromptText], Field(min_length=1)]
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[list[int]], Field(min_length=1)]
-    ) = Field(description="A prompt or a list of prompts (one choice each). Token arrays are not supported.")
+    prompt: TextsOrTokenIds = Field(
+        description="A prompt or a list of prompts (one choice each). Token arrays are not supported."
+    )
     max_tokens: int | None = Field(
         None, ge=0, description="Tokens to generate; default 16 (cut to what the context leaves)."
     )
@@ -267,12 +272,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class EmbeddingRequest(NullIsDefault):
     model: ModelName
-    input: (
-        PromptText
-        | Annotated[list[PromptText], Field(min_length=1)]
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[list[int]], Field(min_length=1)]
-    ) = Field(description="A string or a list of strings (token arrays are not supported).")
+    input: TextsOrTokenIds = Field(description="A string or a list of strings (token arrays are not supported).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Must equal the model's width when given.")
     user: str | None = Field(None, max_length=256)
