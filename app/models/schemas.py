@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import isoformat
 from app.storable import storable_text
@@ -67,13 +67,20 @@ class PredictRequest(BaseModel):
     )
     parameters: PredictParameters | None = None
 
-    @field_validator("inputs", mode="before")
     @classmethod
-    def rows_not_one_row(cls, value: Any) -> Any:
-        """One row given flat (``[0.1, 0.2, …]``) was an error per element under each input form: say it once."""
-        if isinstance(value, list) and value and isinstance(value[0], int | float) and not isinstance(value[0], bool):
-            raise ValueError("inputs are rows of features ([[0.1, 0.2, …], …]) or texts; a single row is [[…]]")
-        return value
+    def explain_invalid(cls, document: Any) -> list[dict[str, Any]] | None:
+        """The errors of a body that failed validation, where a mistake is better said than pydantic's errors say it
+        (asked only on failure: nothing on the valid path): one row given flat (``[0.1, 0.2, …]``) was an error per
+        element under each input form."""
+        inputs = document.get("inputs") if isinstance(document, dict) else None
+        if (
+            isinstance(inputs, list)
+            and inputs
+            and all(isinstance(value, int | float) and not isinstance(value, bool) for value in inputs)
+        ):
+            message = "inputs are rows of features ([[0.1, 0.2, …], …]) or texts; a single row is [[…]]"
+            return [{"type": "value_error", "loc": ("inputs",), "msg": message, "input": inputs}]
+        return None
 
 
 class Prediction(BaseModel):

@@ -47,7 +47,9 @@ def parse_json_bytes(raw: bytes, model: type[M]) -> M:
         document = json_document(raw)
         errors = []
         seen: set[tuple[Any, ...]] = set()
-        for error in closest_union_member(exc.errors(include_url=False), document):
+        explain = getattr(model, "explain_invalid", None)  # a model's own word for a likely mistake
+        found = (explain(document) if explain is not None else None) or exc.errors(include_url=False)
+        for error in closest_union_member(found, document):
             loc = ("body", *document_path(error["loc"], document))
             if loc not in seen:  # the members of a union fail at the same place: report the place once
                 seen.add(loc)
