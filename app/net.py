@@ -11,6 +11,7 @@ proxy for the URL, the proxy resolves the name and connects: guarding what it re
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import urllib.request
@@ -98,14 +99,13 @@ def fetch_to(url: str, sink: BinaryIO, *, max_bytes: int, allow_private: bool, l
             return _fetch(target, {}, {}, sink, max_bytes, loc, trust_env=True)
         headers = {"Host": target.netloc.decode("ascii")}
         extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
-        for index, address in enumerate(addresses):
-            pinned = target.copy_with(host=address)
-            try:
-                return _fetch(pinned, headers, extensions, sink, max_bytes, loc, trust_env=False)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                if index == len(addresses) - 1:
-                    raise
-        raise AssertionError("unreachable: check_url returns at least one address")
+        for address in addresses[:-1]:  # the next one while a connection cannot be made; the last one's error raised
+            with contextlib.suppress(httpx.ConnectError, httpx.ConnectTimeout):
+                return _fetch(
+                    target.copy_with(host=address), headers, extensions, sink, max_bytes, loc, trust_env=False
+                )
+        pinned = target.copy_with(host=addresses[-1])
+        return _fetch(pinned, headers, extensions, sink, max_bytes, loc, trust_env=False)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL (control characters, …) is no HTTPError
         raise UrlRefused(f"cannot fetch the URL: {exc}", errors=[{"loc": loc, "msg": "fetch failed"}]) from exc
 

@@ -823,14 +823,15 @@ async def list_models(db: DatabaseDep, tenant: TenantDep) -> Response:
         documents: list[dict[str, Any]] = []
         aliases: list[dict[str, Any]] = []
         with db.read() as conn:
-            for lister, into in ((models_service.list_models, documents), (models_service.list_aliases, aliases)):
+            listers = ((models_service.list_models, documents, "id"), (models_service.list_aliases, aliases, "name"))
+            for lister, into, cursor in listers:
                 after = None
                 while len(into) < MAX_LISTED:
                     page = lister(conn, tenant=tenant, limit=models_service.MAX_PAGE, after=after)
                     into.extend(page["data"])
                     if not page["has_more"]:
                         break
-                    after = page["data"][-1]["id" if lister is models_service.list_models else "name"]
+                    after = page["data"][-1][cursor]
         return documents, aliases
 
     documents, user_aliases = await run_in_threadpool(read)
