@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -35,24 +36,32 @@ from app.serving.predictor import TextPredictor, TextRequest
 from benchmarks.texts import sentences
 
 
-def build_embedder(directory: Path, prepared: Path | None = None) -> tuple[Path, list[str]]:
-    """The 2-layer embedder saved (float32) in ``directory``: derived from the packaged all-MiniLM-L6-v2, or loaded
-    from ``prepared`` (``benchmarks.gpu_kit``'s float16 copy, for a machine without the package)."""
+def load_embedder(prepared: Path | None = None) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, kept layers) of the 2-layer embedder in float32: derived from the packaged
+    all-MiniLM-L6-v2, or loaded from ``prepared`` (``benchmarks.gpu_kit``'s float16 copy, for a machine without the
+    package)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from app.distill.text.models import PACKAGED_MODELS, derive_student, load_saved_dir, save_pretrained_dir
+    from app.distill.text.models import PACKAGED_MODELS, derive_student, load_saved_dir
 
-    extra = {"task": "embedding", "pooling": "mean", "normalize": True}
     if prepared is not None:
         student, tokenizer = load_saved_dir(prepared, "embedding", dtype=torch.float32)
-        save_pretrained_dir(student.eval(), tokenizer, directory, extra_config=extra)
-        return directory, sentences(tokenizer)
+        metadata = json.loads((prepared / "distillery.json").read_text())
+        return student.eval(), tokenizer, list(metadata.get("derived_from", {}).get("layers", [0, 5]))
     teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     teacher = AutoModel.from_pretrained(str(teacher_dir)).eval()
     student, kept = derive_student(teacher, layers=[0, 5])
-    extra["derived_from"] = {"layers": kept}
-    save_pretrained_dir(student.eval(), tokenizer, directory, extra_config=extra)
+    return student.eval(), tokenizer, list(kept)
+
+
+def build_embedder(directory: Path, prepared: Path | None = None) -> tuple[Path, list[str]]:
+    """The 2-layer embedder saved (float32) in ``directory`` (``load_embedder``), and its sentences."""
+    from app.distill.text.models import save_pretrained_dir
+
+    student, tokenizer, kept = load_embedder(prepared)
+    extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
+    save_pretrained_dir(student, tokenizer, directory, extra_config=extra)
     return directory, sentences(tokenizer)
 
 

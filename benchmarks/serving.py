@@ -106,9 +106,18 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes] | ServiceProcess, ti
 
 
 @contextmanager
-def database_and_data() -> Iterator[tuple[str, Path]]:
-    url = create_database()
+def database_and_data(sqlite: bool = False) -> Iterator[tuple[str, Path]]:
+    """A fresh database (Postgres as in .ci/run; with ``sqlite``, a SQLite file, as ``distillery up`` keeps, for a
+    machine without Postgres) and a data folder."""
     with tempfile.TemporaryDirectory(prefix="distillery-serving-") as folder:
+        if sqlite:
+            from app.db.migrate import upgrade
+
+            url = f"sqlite:///{folder}/distillery.db"
+            upgrade(url)
+            yield url, Path(folder)
+            return
+        url = create_database()
         try:
             yield url, Path(folder)
         finally:
@@ -437,25 +446,44 @@ class TextBench:
     urls: dict[str, str]
 
 
-@contextmanager
-def text_servers(variant: str, servers: dict[str, dict[str, str]]) -> Iterator[TextBench]:
-    """The MiniLM-derived embedder registered as ``variant``, one api per entry of ``servers`` (name → settings),
-    side by side, each warmed up (a request, then 2 s of wrk at c=32)."""
-    from transformers import AutoModel, AutoTokenizer
+@dataclass(frozen=True)
+class TextSetup:
+    """Where the embedder is served: ``device`` (``DISTILLERY_INFERENCE_DEVICE``: cpu, or cuda with ``variant`` as
+    the GPU dtype: bf16 → bfloat16, eager → float32), the database (SQLite where the machine has no Postgres) and a
+    prepared embedder folder (``benchmarks.gpu_kit``'s, where the packaged all-MiniLM-L6-v2 is not installed)."""
 
-    from app.distill.text.models import PACKAGED_MODELS, derive_student, save_pretrained_dir
+    variant: str = "eager"
+    device: str = "cpu"
+    sqlite: bool = False
+    embedder: Path | None = None
+
+    def where(self) -> str:
+        return "1 CPU torch thread" if self.device == "cpu" else self.device
+
+    def server_settings(self) -> dict[str, str]:
+        if self.device == "cpu":
+            return {}
+        return {
+            "inference_device": self.device,
+            "inference_gpu_dtype": "bfloat16" if self.variant == "bf16" else "float32",
+        }
+
+
+@contextmanager
+def text_servers(setup: TextSetup, servers: dict[str, dict[str, str]]) -> Iterator[TextBench]:
+    """The MiniLM-derived embedder registered as ``setup.variant``, one api per entry of ``servers`` (name →
+    settings), side by side, each warmed up (a request, then 2 s of wrk at c=32)."""
+    from app.distill.text.models import save_pretrained_dir
     from app.serving.predictor import TextPredictor
+    from benchmarks.gpu_serving import load_embedder
 
     torch.set_num_threads(1)
-    teacher_dir = PACKAGED_MODELS["all-MiniLM-L6-v2"]()
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    teacher = AutoModel.from_pretrained(str(teacher_dir)).eval()
-    student, kept = derive_student(teacher, layers=[0, 5])
-    student.eval()
+    student, tokenizer, kept = load_embedder(setup.embedder)
+    variant = setup.variant
     texts = sentences(tokenizer)
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     bodies = [json.dumps({"inputs": [text]}) for text in texts]
-    with database_and_data() as (url, data_dir):
+    with database_and_data(setup.sqlite) as (url, data_dir):
 
         def save(directory: Path) -> Any:
             extra = {"task": "embedding", "pooling": "mean", "normalize": True, "derived_from": {"layers": kept}}
@@ -465,20 +493,21 @@ def text_servers(variant: str, servers: dict[str, dict[str, str]]) -> Iterator[T
 
         model_id = register(url, data_dir, save, "minilm-2-layers")
         directory = data_dir / "artifacts" / "models" / model_id
-        predictor = TextPredictor(model_id, directory, "", {"task": "embedding", "serving_variant": variant})
+        config = {"task": "embedding", "serving_variant": variant}
+        predictor = TextPredictor(model_id, directory, "", config, torch.device(setup.device), gpu_variant=variant)
         assert predictor.variant == variant, f"the {variant} variant cannot be built here; {predictor.variant} instead"
         script = lua_script(data_dir, bodies)
         with ExitStack() as stack:
             urls = {}
             for name, settings in servers.items():
-                base = stack.enter_context(distillery_api(url, data_dir, **settings))
+                base = stack.enter_context(distillery_api(url, data_dir, **setup.server_settings(), **settings))
                 urls[name] = f"{base}/v1/models/{model_id}/predict"
                 httpx.post(urls[name], json={"inputs": [texts[0]]}, timeout=60).raise_for_status()
                 wrk(urls[name], 32, 2, script)
             yield TextBench(model_id, list(kept), texts, lengths, script, predictor, urls)
 
 
-def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[str]:
+def bench_text(seconds: float, setup: TextSetup, rounds: int = 3) -> list[str]:
     """Both servers (batching on and off) run side by side, idle but for the one wrk drives; each round measures on
     at c=32, off at c=32, on at c=1 and the bare forward, one after the other, so that a slow spell of the machine
     (a shared VM's speed drifts by tens of percent over minutes) hits both sides of each ratio alike. The ratios are
@@ -486,7 +515,7 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     from benchmarks.gpu_serving import bare_forward_ms
 
     measured: list[dict[str, Any]] = []
-    with text_servers(variant, {"on": {}, "off": {"max_batch_size": "1"}}) as bench:
+    with text_servers(setup, {"on": {}, "off": {"max_batch_size": "1"}}) as bench:
         on, off = bench.urls["on"], bench.urls["off"]
         kept, texts, lengths = bench.kept, bench.texts, bench.lengths
         for _ in range(rounds):
@@ -504,12 +533,13 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     speedup = statistics.median(result["speedup"] for result in measured)
     ratio = statistics.median(result["ratio"] for result in measured)
     lines = [
-        f"### MiniLM-derived 2-layer embedder (layers {kept} of all-MiniLM-L6-v2, served as the {variant} "
-        f"variant; {len(texts)} real sentences of 16–64 tokens, mean {statistics.mean(lengths):.0f}; wrk, "
+        f"### MiniLM-derived 2-layer embedder (layers {kept} of all-MiniLM-L6-v2, served as the {setup.variant} "
+        f"variant on {setup.where()}; {len(texts)} real sentences of 16–64 tokens, "
+        f"mean {statistics.mean(lengths):.0f}; wrk, "
         f"{seconds:g} s per row; {rounds} interleaved rounds)",
         "",
-        "Bare forward: in-process, 1 torch thread, tokenize + forward + mean pooling of one sentence, median over the "
-        "sentences, measured in each round after the server rows.",
+        f"Bare forward: in-process ({setup.where()}), tokenize + forward + mean pooling of one sentence (and the copy "
+        "back to the host), median over the sentences, measured in each round after the server rows.",
         "",
         "| round | on, c=32 req/s (p50 / p99 ms) | off, c=32 req/s (p50 / p99 ms) | on vs off | on, c=1 p50 (ms) | "
         "bare forward (ms) | c=1 p50 vs bare | load avg |",
@@ -532,11 +562,11 @@ def bench_text(seconds: float, variant: str = "eager", rounds: int = 3) -> list[
     ]
 
 
-def bench_inline(seconds: float, variant: str, rounds: int, concurrency: list[int]) -> list[str]:
+def bench_inline(seconds: float, setup: TextSetup, rounds: int, concurrency: list[int]) -> list[str]:
     """The embedder served with inline forwards (the default ``inference_inline_max_us``) and without (0: always the
     inference thread), side by side, rows interleaved over ``rounds`` rounds at each concurrency."""
     rows: list[str] = []
-    with text_servers(variant, {"inline": {}, "thread": {"inference_inline_max_us": "0"}}) as bench:
+    with text_servers(setup, {"inline": {}, "thread": {"inference_inline_max_us": "0"}}) as bench:
         for index in range(rounds):
             for name, url in bench.urls.items():
                 cells = []
@@ -545,7 +575,8 @@ def bench_inline(seconds: float, variant: str, rounds: int, concurrency: list[in
                     cells.append(f"{result['rps']:,.0f} ({result['p50']:.2f} / {result['p99']:.2f})")
                 rows.append(f"| {index + 1} | {name} | " + " | ".join(cells) + " |")
     return [
-        f"### Inline forwards on and off: the MiniLM-derived embedder as {variant} (wrk, {seconds:g} s per cell, "
+        f"### Inline forwards on and off: the MiniLM-derived embedder as {setup.variant} on {setup.where()} "
+        f"(wrk, {seconds:g} s per cell, "
         f"{rounds} interleaved rounds; req/s (p50 / p99 ms))",
         "",
         "| round | server | " + " | ".join(f"c={c}" for c in concurrency) + " |",
@@ -569,7 +600,24 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 32], help="inline: the concurrencies to measure"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="text, inline: where the servers run the embedder (cpu, or cuda: --variant "
+        "bf16 or eager says its dtype there)",
+    )
+    parser.add_argument(
+        "--sqlite", action="store_true", help="a SQLite database instead of Postgres (for a machine without one)"
+    )
+    parser.add_argument(
+        "--embedder",
+        type=Path,
+        default=None,
+        help="text, inline: a prepared embedder folder (benchmarks.gpu_kit's "
+        ".gpudeps/minilm-2) instead of the packaged all-MiniLM-L6-v2",
+    )
     args = parser.parse_args()
+    setup = TextSetup(args.variant, args.device, args.sqlite, args.embedder)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     what = args.what or ["mlp", "text"]
@@ -579,9 +627,9 @@ def main() -> None:
     if "mlp" in what:
         sections += [*bench_mlp(args.seconds), ""]
     if "text" in what:
-        sections += [*bench_text(args.seconds, args.variant, args.rounds), ""]
+        sections += [*bench_text(args.seconds, setup, args.rounds), ""]
     if "inline" in what:
-        sections += [*bench_inline(args.seconds, args.variant, args.rounds, args.concurrency), ""]
+        sections += [*bench_inline(args.seconds, setup, args.rounds, args.concurrency), ""]
     print("\n".join(sections))
 
 
