@@ -131,14 +131,19 @@ class InferenceFastPath:
     async def _kserve(
         self, scope: Scope, receive: Receive, send: Send, inference: Any, tenant: str, model_name: str
     ) -> None:
-        from app.serving.kserve import BINARY_HEADER, InferRequest, render_kserve_error, run_infer, split_binary
+        from app.serving.kserve import BINARY_HEADER, InferRequest, body_parts, render_kserve_error, run_infer
 
         scope["route"] = KSERVE_ROUTE
         try:
             raw = await read_body(receive)
             if raw is None:
                 return
-            json_part, blob = split_binary(raw, header(scope, BINARY_HEADER))  # the route's first check too
+            json_part, blob = body_parts(  # the route's first checks too
+                raw,
+                header(scope, BINARY_HEADER),
+                header(scope, "content-encoding"),
+                inference.settings.max_request_bytes,
+            )
             try:
                 body = InferRequest.model_validate_json(json_part)
             except ValidationError:

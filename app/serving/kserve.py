@@ -21,6 +21,7 @@ Errors are ``{"error": "..."}`` with 400 for bad requests, 404 for unknown model
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import TenantDep
-from app.errors import ServiceError
+from app.errors import NotFound, PayloadTooLarge, ServiceError
 from app.serving.deps import InferenceDep
 from app.serving.errors import InvalidInput, ModelUnavailable
 from app.serving.generation import Completion, GenerationRequest
@@ -98,6 +99,14 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, max_length=256)
+    model_name: str | None = Field(
+        None, max_length=256, description="Optional (KServe's client sends it): the model the path names, if given."
+    )
+    model_version: str | None = Field(
+        None,
+        max_length=256,
+        description="Optional: the model's version (its model id, as its metadata lists), if given.",
+    )
     parameters: dict[str, Any] | None = None
     inputs: list[InferTensor] = Field(min_length=1, max_length=16)
     outputs: list[RequestedOutput] | None = Field(None, max_length=16)
@@ -274,6 +283,54 @@ NUMERIC = {
 }
 
 
+def check_named_model(body: InferRequest, path_name: str, model_id: str, path_version: str | None = None) -> None:
+    """A body's ``model_name`` and ``model_version``, where given, must name the model the path does (by the path's
+    reference or by the model id that answers it): 400 otherwise, rather than an answer from another model than the
+    client meant."""
+    if body.model_name is not None and body.model_name not in (path_name, model_id):
+        raise bad_request(
+            f"model_name {body.model_name!r} in the body is not the model of the path ({path_name!r})", "model_name"
+        )
+    if body.model_version not in (None, "", model_id) or (
+        path_version is not None and body.model_version not in (None, "", path_version)
+    ):
+        raise bad_request(
+            f"model_version {body.model_version!r}: model {path_name!r} has one version here, {model_id} (its model "
+            "id); another version is another model id or an alias",
+            "model_version",
+        )
+
+
+def body_parts(raw: bytes, binary_header: str | None, encoding: str | None, limit: int) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a request body, decompressed first where its ``Content-Encoding`` says (gzip or
+    deflate, as Triton's client sends them; at most ``limit`` bytes once decompressed, the api's request limit).
+    ``Inference-Header-Content-Length`` counts the decompressed JSON part, as in Triton."""
+    name = (encoding or "").strip().lower()
+    if name not in ("", "identity"):
+        if name not in ("gzip", "deflate"):
+            message = f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body"
+            errors = [{"loc": ["header", "Content-Encoding"], "msg": message}]
+            raise InvalidInput(message, errors=errors, param="Content-Encoding", status=415)
+        raw = decompressed(raw, name, limit)
+    return split_binary(raw, binary_header)
+
+
+def decompressed(raw: bytes, name: str, limit: int) -> bytes:
+    """A gzip or deflate body decompressed, never past ``limit + 1`` bytes (a small body can expand to gigabytes).
+    HTTP's deflate is zlib's format; a raw deflate stream (which some clients send) is taken too."""
+    zlib_header = len(raw) >= 2 and raw[0] & 0x0F == 8 and (raw[0] << 8 | raw[1]) % 31 == 0
+    decoder = zlib.decompressobj(31 if name == "gzip" else 15 if zlib_header else -15)
+    try:
+        plain = decoder.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise bad_request(f"the body is not valid {name} data ({exc})", "Content-Encoding") from None
+    if len(plain) > limit or decoder.unconsumed_tail:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes once decompressed")
+    if not decoder.eof or decoder.unused_data:
+        raise bad_request(f"the body is not one whole {name} stream", "Content-Encoding")
+    return plain
+
+
 def split_binary(raw: bytes, header: str | None) -> tuple[bytes, bytes]:
     """(JSON part, binary part) of a request body."""
     if header is None:
@@ -360,6 +417,16 @@ def requested_outputs(body: InferRequest, outputs: list[dict[str, Any]]) -> list
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise bad_request(f"unknown output {unknown[0]!r}; the model has {known}", "outputs")
+    repeated = [name for index, name in enumerate(wanted) if name in wanted[:index]]
+    if repeated:
+        raise bad_request(f"output {repeated[0]!r} is asked for twice", "outputs")
+    for output in body.outputs:
+        if (output.parameters or {}).get("class_count", 0) not in (0, None):
+            raise bad_request(
+                f"output {output.name!r}: class_count (Triton's classification extension) is not supported; ask for "
+                f"the outputs {[name for name in known if name != 'probabilities']} instead",
+                "outputs",
+            )
     return wanted
 
 
@@ -497,9 +564,41 @@ async def ready(request: Request) -> dict[str, bool]:
     return {"ready": True}
 
 
+ModelVersion = Annotated[
+    str, Path(min_length=1, max_length=256, description="The model's one version here: its model id (`mdl_…`).")
+]
+
+
+def check_version(record: ModelRecord, model_name: str, version: str | None) -> None:
+    """A versioned path (``/v2/models/{name}/versions/{version}/…``) names the model's one version, its model id;
+    404 for another, saying so."""
+    if version is not None and version != record.id:
+        raise NotFound(
+            f"model {model_name!r} has one version here, {record.id} (its model id); another version is another "
+            "model id or an alias"
+        )
+
+
 @router.get("/models/{model_name}", response_model=ModelMetadata, summary="Model metadata", openapi_extra=KSERVE)
 async def model_metadata(model_name: ModelName, inference: InferenceDep, tenant: TenantDep) -> dict[str, Any]:
+    return await metadata_of(inference, tenant, model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadata,
+    summary="Model metadata (versioned path)",
+    openapi_extra=KSERVE,
+)
+async def model_version_metadata(
+    model_name: ModelName, model_version: ModelVersion, inference: InferenceDep, tenant: TenantDep
+) -> dict[str, Any]:
+    return await metadata_of(inference, tenant, model_name, model_version)
+
+
+async def metadata_of(inference: InferenceService, tenant: str, model_name: str, version: str | None) -> dict[str, Any]:
     record = await inference.record(tenant, model_name)
+    check_version(record, model_name, version)
     inputs, outputs = signature(record)
     return {"name": model_name, "versions": [record.id], "platform": "pytorch", "inputs": inputs, "outputs": outputs}
 
@@ -510,19 +609,99 @@ class NotReady(ServiceError):
     title = "Model not ready"
 
 
+READY_DESCRIPTION = (
+    "200 when loaded here; 400 when it exists but is not loaded (an inference request, "
+    "`POST /v2/repository/models/{name}/load` or `POST /v1/models/{id}/load` loads it); 404 when there is no such "
+    "model."
+)
+
+
 @router.get(
     "/models/{model_name}/ready",
     response_model=ModelReady,
     summary="Whether the model is loaded in this server",
-    description="200 when loaded here; 400 when it exists but is not loaded (an inference request or "
-    "`POST /v1/models/{id}/load` loads it); 404 when there is no such model.",
+    description=READY_DESCRIPTION,
     openapi_extra=KSERVE,
 )
 async def model_ready(model_name: ModelName, inference: InferenceDep, tenant: TenantDep) -> dict[str, Any]:
+    return await ready_of(inference, tenant, model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}/ready",
+    response_model=ModelReady,
+    summary="Whether the model is loaded in this server (versioned path)",
+    description=READY_DESCRIPTION,
+    openapi_extra=KSERVE,
+)
+async def model_version_ready(
+    model_name: ModelName, model_version: ModelVersion, inference: InferenceDep, tenant: TenantDep
+) -> dict[str, Any]:
+    return await ready_of(inference, tenant, model_name, model_version)
+
+
+async def ready_of(inference: InferenceService, tenant: str, model_name: str, version: str | None) -> dict[str, Any]:
     record = await inference.record(tenant, model_name)
+    check_version(record, model_name, version)
     if inference.loaded(tenant, record.id) is None:
-        raise NotReady(f"model {model_name!r} is not loaded in this server; an inference request loads it")
+        raise NotReady(
+            f"model {model_name!r} is not loaded in this server; an inference request or "
+            f"POST /v2/repository/models/{model_name}/load loads it"
+        )
     return {"name": model_name, "ready": True}
+
+
+class RepositoryRequest(BaseModel):
+    """Triton's model repository extension's body: its ``parameters`` (a config or files to load with, or
+    ``unload_dependents``) do not apply here: models come from jobs and uploads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = None
+
+
+async def repository_body(request: Request) -> RepositoryRequest:
+    raw = await request.body()
+    return parse_json_bytes(raw, RepositoryRequest) if raw.strip() else RepositoryRequest()
+
+
+@router.post(
+    "/repository/models/{model_name}/load",
+    response_class=Response,
+    responses={200: {"description": "Done (an empty body)"}},
+    summary="Load a model into this server (Triton's model repository extension)",
+    description="As `POST /v1/models/{id}/load`: 200 with an empty body once loaded and warmed up. Load parameters "
+    "(a config, files) are refused: models come from jobs and uploads.",
+    openapi_extra={**request_body_schema(RepositoryRequest, required=False), **KSERVE},
+)
+async def repository_load(
+    model_name: ModelName, request: Request, inference: InferenceDep, tenant: TenantDep
+) -> Response:
+    body = await repository_body(request)
+    if body.parameters:
+        raise bad_request(
+            f"load parameters {sorted(body.parameters)} are not supported: models come from jobs and uploads",
+            "parameters",
+        )
+    await inference.load(tenant, model_name)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/repository/models/{model_name}/unload",
+    response_class=Response,
+    responses={200: {"description": "Done (an empty body)"}},
+    summary="Unload a model from this server (Triton's model repository extension)",
+    description="As `POST /v1/models/{id}/unload`: 200 with an empty body (also when it was not loaded); queued "
+    "requests finish first.",
+    openapi_extra={**request_body_schema(RepositoryRequest, required=False), **KSERVE},
+)
+async def repository_unload(
+    model_name: ModelName, request: Request, inference: InferenceDep, tenant: TenantDep
+) -> Response:
+    await repository_body(request)  # unload_dependents: a model here has none
+    await inference.unload(tenant, model_name)
+    return Response(status_code=200)
 
 
 @router.post(
@@ -536,10 +715,34 @@ async def model_ready(model_name: ModelName, inference: InferenceDep, tenant: Te
     openapi_extra={**request_body_schema(InferRequest), **KSERVE, "x-inference": True},
 )
 async def infer(model_name: ModelName, request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
-    json_part, blob = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
+    return await infer_request(inference, tenant, model_name, None, request)
+
+
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    response_model=InferResponse,
+    summary="Inference with JSON or binary tensors (versioned path)",
+    openapi_extra={**request_body_schema(InferRequest), **KSERVE, "x-inference": True},
+)
+async def infer_version(
+    model_name: ModelName, model_version: ModelVersion, request: Request, inference: InferenceDep, tenant: TenantDep
+) -> Response:
+    return await infer_request(inference, tenant, model_name, model_version, request)
+
+
+async def infer_request(
+    inference: InferenceService, tenant: str, model_name: str, version: str | None, request: Request
+) -> Response:
+    json_part, blob = body_parts(
+        await request.body(),
+        request.headers.get(BINARY_HEADER),
+        request.headers.get("content-encoding"),
+        inference.settings.max_request_bytes,
+    )
     body = parse_json_bytes(json_part, InferRequest)
     served = await inference.get(tenant, model_name)
-    content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive)
+    check_version(served.record, model_name, version)
+    content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive, version)
     return Response(content, media_type=media_type, headers=headers)
 
 
@@ -550,10 +753,12 @@ async def run_infer(
     body: InferRequest,
     blob: bytes,
     receive: Callable[[], Awaitable[Any]],
+    path_version: str | None = None,
 ) -> tuple[bytes, str, dict[str, str]]:
     """One infer request on a loaded model: (body, media type, extra headers) of the answer. Shared by the route
     above and the ASGI fast path (app/serving/fastpath.py). ``receive``: the ASGI request's, to stop completions
     whose client went away (``until_answered``)."""
+    check_named_model(body, model_name, served.model_id, path_version)
     payload, rows, wanted = prepare(served, body, blob, inference.settings.max_completion_tokens)
     encode = partial(
         encode_infer,

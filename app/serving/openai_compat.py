@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, TypeAlias
 import orjson
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DatabaseDep, TenantDep
@@ -91,14 +92,24 @@ INFERENCE = {**OPENAI, "x-inference": True}
 ModelName = Annotated[str, Field(min_length=1, max_length=256, description="A model id or `latest:<job name>`.")]
 Stop = Annotated[str, Field(min_length=1, max_length=200)]
 PromptText = Annotated[str, Field(max_length=1_000_000)]
+
+
 # what OpenAI's prompt and input take: text, or token ids, which are taken only to be refused with a message that
 # says so (a schema error per element did not)
-TextsOrTokenIds: TypeAlias = (
+def not_empty(value: Any) -> Any:
+    """An empty list fails every member of the union below, and the error named the first (a string) alone."""
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError("empty_list", "must not be empty: give a string or a list of strings")
+    return value
+
+
+TextsOrTokenIds: TypeAlias = Annotated[
     PromptText
     | Annotated[list[PromptText], Field(min_length=1)]
     | Annotated[list[int], Field(min_length=1)]
-    | Annotated[list[list[int]], Field(min_length=1)]
-)
+    | Annotated[list[list[int]], Field(min_length=1)],
+    BeforeValidator(not_empty),
+]
 
 
 def null_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -238,13 +249,36 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(NullIsDefault):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: PromptText | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
     tool_call_id: str | None = Field(None, max_length=256, description="A tool message's (handed to the template).")
+    # what an earlier answer's message holds when the SDKs hand it back as history (``message.model_dump()``): the
+    # refusal and annotations are taken and not used; calls (tools, functions, audio) are refused unless empty
+    refusal: str | None = Field(None, max_length=1_000_000, description="An assistant message's refusal: not used.")
+    annotations: list[Any] | None = Field(None, max_length=1000, description="An assistant message's: not used.")
+    tool_calls: list[Any] | None = Field(None, description="Not supported: null, absent or empty only.")
+    function_call: dict[str, Any] | None = Field(None, description="Not supported: null or absent only.")
+    audio: dict[str, Any] | None = Field(None, description="Not supported: null or absent only.")
+
+
+def refuse_calls(body: ChatCompletionRequest) -> None:
+    """400 for what asks for tools, function calls, audio or storage (nothing here makes or reads them), in the
+    request or in a message of its history; their empty values pass."""
+    if body.tools:
+        raise bad_request("tools are not supported (the model is served without function calling)", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise bad_request('tool_choice: only "none" is supported (there are no tools)', "tool_choice")
+    if body.store:
+        raise bad_request("store: completions are not stored here; send false or leave it out", "store")
+    for index, message in enumerate(body.messages):
+        for field in ("tool_calls", "function_call", "audio"):
+            if getattr(message, field):
+                raise bad_request(
+                    f"messages[{index}].{field}: tool calls, function calls and audio are not supported",
+                    f"messages.{index}.{field}",
+                )
 
 
 class ResponseFormat(BaseModel):
@@ -267,6 +301,14 @@ class ChatCompletionRequest(SamplingFields):
     )
     response_format: ResponseFormat | None = Field(
         None, description='{"type": "text"} only: structured outputs (json_object, json_schema) are not supported.'
+    )
+    # what agent frameworks send with values that ask for nothing here: those values are accepted, others refused
+    tools: list[Any] | None = Field(None, description="Not supported: null, absent or empty only.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Not supported: "none" only.')
+    parallel_tool_calls: bool | None = Field(None, description="Taken and not used (there are no tools).")
+    store: bool | None = Field(None, description="false only: completions are not stored.")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Taken and not used (OpenAI's is for stored completions)."
     )
 
 
@@ -695,6 +737,7 @@ async def chat_completions(request: Request, inference: InferenceDep, tenant: Te
     shared = generation_fields(body, predictor, served.model_id, logprobs, body.stream)
     if body.response_format is not None and body.response_format.type != "text":
         raise bad_request(f"response_format {body.response_format.type} is not supported; only text", "response_format")
+    refuse_calls(body)
     messages = [
         {"role": m.role, "content": message_text(m)}
         | {key: value for key, value in (("name", m.name), ("tool_call_id", m.tool_call_id)) if value is not None}

@@ -114,9 +114,10 @@ def document_path(loc: tuple[Any, ...], document: Any) -> list[Any]:
     return path
 
 
-def request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` documenting a body that the endpoint parses itself: the model's JSON schema, with its
-    ``$defs`` inlined (a ``#/$defs`` reference would not resolve inside an OpenAPI document)."""
+def request_body_schema(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that the endpoint parses itself (an optional one: ``required=False``):
+    the model's JSON schema, with its ``$defs`` inlined (a ``#/$defs`` reference would not resolve inside an OpenAPI
+    document)."""
     schema = model.model_json_schema()
     definitions = schema.pop("$defs", {})
 
@@ -130,7 +131,7 @@ def request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
             return [inline(item) for item in node]
         return node
 
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 # --- route classes that render errors in a protocol's shape ---------------------------------------------------------

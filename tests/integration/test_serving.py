@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import re
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -487,13 +489,72 @@ def test_kserve_v2_bad_input(client: httpx.Client, tabular: str) -> None:
     assert_kserve_error(client.post("/v2/models/latest:none/infer", json=missing), 404, "latest:none")
     assert_kserve_error(client.get("/v2/models/mdl_nope"), 404, "mdl_nope")
     assert_kserve_error(client.get("/v2/models/mdl_nope/ready"), 404, "mdl_nope")
-    # paths and methods this server lacks answer in KServe's shape too (model versions are not served)
-    assert_kserve_error(client.post(f"/v2/models/{tabular}/versions/1/infer", json=missing), 404, "Not Found")
+    # a model's one version is its id: another is a 404 that says so; paths and methods this server lacks answer
+    # in KServe's shape too
+    assert_kserve_error(client.post(f"/v2/models/{tabular}/versions/1/infer", json=missing), 404, "one version here")
+    assert_kserve_error(client.post(f"/v2/models/{tabular}/infer/x", json=missing), 404, "Not Found")
     wrong_method = client.get(url)
     assert_kserve_error(wrong_method, 405, "Method Not Allowed")
     assert wrong_method.headers["allow"] == "POST"
     assert_kserve_error(infer({"parameters": {"binary_data_size": "40"}, "data": None}), 400, "whole number")
     assert infer({}).status_code == 200
+
+
+def test_kserve_v2_as_its_clients_send_it(client: httpx.Client, tabular: str) -> None:
+    """What KServe's and Triton's Python clients send: the model's name (and version) in the body, versioned paths,
+    the model repository's load and unload, compressed bodies, Triton's classification parameter."""
+    url = f"/v2/models/{tabular}/infer"
+    request = {"id": "r1", "inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32", "data": ROW}]}
+    plain = client.post(url, json=request)
+    assert plain.status_code == 200, plain.text
+    # kserve's InferRequest.to_rest() always names the model in the body
+    for named in ({"model_name": tabular}, {"model_name": tabular, "model_version": tabular}, {"model_version": ""}):
+        assert client.post(url, json={**request, **named}).json() == plain.json()
+    assert_kserve_error(client.post(url, json={**request, "model_name": "other"}), 400, "model_name 'other'")
+    assert_kserve_error(client.post(url, json={**request, "model_version": "1"}), 400, "one version here")
+    # versioned paths: the one version is the model id
+    assert client.get(f"/v2/models/{tabular}/versions/{tabular}").json() == client.get(f"/v2/models/{tabular}").json()
+    versioned = client.post(f"/v2/models/{tabular}/versions/{tabular}/infer", json=request)
+    assert versioned.status_code == 200 and versioned.json() == plain.json()
+    assert_kserve_error(client.get(f"/v2/models/{tabular}/versions/2"), 404, f"one version here, {tabular}")
+    assert_kserve_error(client.get(f"/v2/models/{tabular}/versions/2/ready"), 404, "one version here")
+    # the model repository extension (tritonclient's load_model / unload_model): empty 200s, ready follows them
+    unloaded = client.post(f"/v2/repository/models/{tabular}/unload")
+    assert unloaded.status_code == 200 and unloaded.content == b""
+    assert_kserve_error(client.get(f"/v2/models/{tabular}/ready"), 400, f"/v2/repository/models/{tabular}/load")
+    loaded = client.post(f"/v2/repository/models/{tabular}/load", json={})
+    assert loaded.status_code == 200 and loaded.content == b""
+    assert client.get(f"/v2/models/{tabular}/versions/{tabular}/ready").json() == {"name": tabular, "ready": True}
+    with_config = client.post(f"/v2/repository/models/{tabular}/load", json={"parameters": {"config": "{}"}})
+    assert_kserve_error(with_config, 400, "load parameters ['config'] are not supported")
+    assert_kserve_error(client.post("/v2/repository/models/mdl_nope/load"), 404, "mdl_nope")
+    # compressed bodies (tritonclient's request_compression_algorithm), on the route (not loaded) and the fast path
+    raw = json.dumps(request).encode()
+    deflate = zlib.compressobj(wbits=-15)
+    bodies = {
+        "gzip": gzip.compress(raw),
+        "deflate": zlib.compress(raw),
+        "Deflate": deflate.compress(raw) + deflate.flush(),  # raw deflate, and the name in any case
+    }
+    for loaded_first in (False, True):
+        if not loaded_first:
+            client.post(f"/v2/repository/models/{tabular}/unload")
+        for encoding, body in bodies.items():
+            compressed = client.post(url, content=body, headers={"content-encoding": encoding})
+            assert compressed.status_code == 200, compressed.text
+            assert compressed.json() == plain.json()
+        assert_kserve_error(client.post(url, content=raw, headers={"content-encoding": "br"}), 415, "'br'")
+        assert_kserve_error(client.post(url, content=raw, headers={"content-encoding": "gzip"}), 400, "gzip")
+        truncated = gzip.compress(raw)[:-12]
+        assert_kserve_error(client.post(url, content=truncated, headers={"content-encoding": "gzip"}), 400, "whole")
+        bomb = gzip.compress(b" " * (2 << 20))  # 2 MiB of spaces in 2 KiB: over the 1 MiB request limit once inflated
+        assert_kserve_error(client.post(url, content=bomb, headers={"content-encoding": "gzip"}), 413, "decompressed")
+    # Triton's classification extension is not offered: refused, not silently ignored; an output asked for twice too
+    top = {**request, "outputs": [{"name": "probabilities", "parameters": {"class_count": 2}}]}
+    assert_kserve_error(client.post(url, json=top), 400, "class_count")
+    twice = {**request, "outputs": [{"name": "classes"}, {"name": "classes"}]}
+    assert_kserve_error(client.post(url, json=twice), 400, "'classes' is asked for twice")
+    assert client.post(url, json=request).json() == plain.json()
 
 
 def binary_request(document: dict[str, Any], *blobs: bytes) -> tuple[bytes, dict[str, str]]:
@@ -987,6 +1048,23 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     assert client.post("/v1/chat/completions", json={**strict, "messages": tool_turn}).status_code == 200
     as_json = {**text_format, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
     assert_openai_error(client.post("/v1/chat/completions", json=as_json), 400, "response_format")
+    # an earlier answer handed back as history the way the SDK dumps it (nulls for what it did not use), and what
+    # agent frameworks send with values that ask for nothing; real tool calls, tools and storage refused
+    answer = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None}
+    answer |= {"function_call": None, "tool_calls": None}
+    history = [messages[1], answer, {"role": "user", "content": "and?"}]
+    neutral = {"tools": [], "tool_choice": "none", "parallel_tool_calls": False, "store": False, "metadata": {"a": "b"}}
+    assert client.post("/v1/chat/completions", json={**strict, "messages": history, **neutral}).status_code == 200
+    history[1] = {**answer, "tool_calls": []}
+    assert client.post("/v1/chat/completions", json={**strict, "messages": history}).status_code == 200
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    history[1] = {**answer, "tool_calls": call}
+    refused_call = client.post("/v1/chat/completions", json={**strict, "messages": history})
+    assert "not supported" in assert_openai_error(refused_call, 400, "messages.1.tool_calls")["message"]
+    history[1] = answer
+    for field, value in (("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("store", True)):
+        refused = client.post("/v1/chat/completions", json={**strict, "messages": history, field: value})
+        assert_openai_error(refused, 400, field)
     request = {"model": text_models["chat"], "messages": messages, "max_tokens": 5, "temperature": 0}
     response = client.post("/v1/chat/completions", json=request)
     assert response.status_code == 200, response.text
@@ -1060,7 +1138,8 @@ def test_openai_embeddings(client: httpx.Client, text_models: dict[str, str]) ->
     decoded = struct.unpack("<32f", base64.b64decode(several["data"][0]["embedding"]))
     assert list(decoded) == pytest.approx(body["data"][0]["embedding"], abs=1e-6)
 
-    assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": []}), 400, "input")
+    empty = assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": []}), 400, "input")
+    assert "must not be empty" in empty["message"]
     assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": [1, 2]}), 400, "input")
     assert_openai_error(client.post("/v1/embeddings", json={"model": model, "input": ["a"] * 65}), 400, "input")
     too_long = client.post("/v1/embeddings", json={"model": model, "input": ["fine", "word " * 100]})
