@@ -96,6 +96,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # (killed, its row would stay running, be taken for a dead worker's and retried until too_many_attempts)
         "task_soft_time_limit": soft_time_limit(settings.job_time_limit_s),
         "worker_max_tasks_per_child": 50,
+        # a new pool process warms up (``warm_up``: 2.3-2.6 s idle) before it reports up; Celery's default 4 s wait
+        # timed out on a loaded 2-core machine, killing and respawning it for ~40 s after a child was replaced
+        "worker_proc_alive_timeout": 60.0,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, description="How often a running job's worker proves it is alive.")
     heartbeat_stale_s: float = Field(
         60.0,
-        description="A running job whose heartbeat is older than this is taken over by the next delivery.",
+        description="A running job whose heartbeat is older than this is taken over by the next delivery (its "
+        "worker died); a cancel or pause of such a job takes effect at once.",
     )
     max_attempts: int = Field(3, ge=1, description="Attempts lost to dead workers before a job fails.")
     checkpoint_interval_s: float = Field(30.0, gt=0, description="Checkpoint a running job at least this often.")
@@ -311,7 +312,7 @@ READ_BY: dict[str, str] = {
     "progress_interval_s": WORKER,
     "visibility_timeout_s": f"{API}, {WORKER}",
     "heartbeat_interval_s": WORKER,
-    "heartbeat_stale_s": WORKER,
+    "heartbeat_stale_s": "api, worker",
     "max_attempts": WORKER,
     "checkpoint_interval_s": WORKER,
     "db_retry_s": WORKER,

@@ -28,6 +28,7 @@ import orjson
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -74,6 +75,7 @@ class ClaimOutcome:
     claimed: bool
     busy_elsewhere: bool = False  # running under a live heartbeat: try again later
     gave_up: bool = False  # failed at the claim: too many attempts lost to dead workers
+    stopped: bool = False  # cancelled or paused at the claim: asked for while no live worker held it
 
 
 def worker_name() -> str:
@@ -294,18 +296,38 @@ class JobRunner:
                 busy = current is not None and current["status"] == "running"
                 return ClaimOutcome(False, busy_elsewhere=busy), None
             claimed = dict(row)
-            lost = claimed["attempts"] - claimed["graceful_stops"]
-            if lost > self.settings.max_attempts:
-                message = f"gave up after {self.settings.max_attempts} attempts lost to dead workers"
-                error = {"code": "too_many_attempts", "message": message}
-                jobs_repository.finish(conn, job_id, claimed["attempts"], status="failed", error=error)
-                jobs_repository.append_events(conn, job_id, [status_event("failed", error=error)])
-                return ClaimOutcome(False, gave_up=True), None
-            event = status_event("running", attempt=claimed["attempts"], worker=self.worker)
-            jobs_repository.append_events(conn, job_id, [event])
-            if (claimed["progress"] or {}).get("stage") == jobs_repository.WAITING_FOR_GPU_WORKER:
-                jobs_repository.set_stage(conn, [job_id], "queued", status="running")  # no longer waiting
-            return ClaimOutcome(True), claimed
+            stopped = bool(claimed["cancel_requested"] or claimed["pause_requested"])
+            if stopped:
+                # asked for while its worker was dead (the api stops such a job itself once the heartbeat is stale;
+                # this one was asked for before that): honoured before an attempt starts, which would reload the
+                # job only to stop it, or fail it as too_many_attempts
+                self.stop_at_claim(conn, claimed)
+            else:
+                lost = claimed["attempts"] - claimed["graceful_stops"]
+                if lost > self.settings.max_attempts:
+                    message = f"gave up after {self.settings.max_attempts} attempts lost to dead workers"
+                    error = {"code": "too_many_attempts", "message": message}
+                    jobs_repository.finish(conn, job_id, claimed["attempts"], status="failed", error=error)
+                    jobs_repository.append_events(conn, job_id, [status_event("failed", error=error)])
+                    return ClaimOutcome(False, gave_up=True), None
+                event = status_event("running", attempt=claimed["attempts"], worker=self.worker)
+                jobs_repository.append_events(conn, job_id, [event])
+                if (claimed["progress"] or {}).get("stage") == jobs_repository.WAITING_FOR_GPU_WORKER:
+                    jobs_repository.set_stage(conn, [job_id], "queued", status="running")  # no longer waiting
+        if stopped:
+            if claimed["cancel_requested"]:
+                shutil.rmtree(self.settings.checkpoints_dir / job_id, ignore_errors=True)
+            return ClaimOutcome(False, stopped=True), None
+        return ClaimOutcome(True), claimed
+
+    def stop_at_claim(self, conn: Connection, claimed: dict[str, Any]) -> None:
+        job_id, attempt = str(claimed["id"]), int(claimed["attempts"])
+        if claimed["cancel_requested"]:
+            jobs_repository.finish(conn, job_id, attempt, status="cancelled", progress=claimed["progress"])
+            jobs_repository.append_events(conn, job_id, [status_event("cancelled")])
+        elif jobs_repository.requeue(conn, job_id, attempt, status="paused", progress=claimed["progress"]):
+            jobs_repository.append_events(conn, job_id, [status_event("paused")])
+        log.info("job %s %s at its claim", job_id, "cancelled" if claimed["cancel_requested"] else "paused")
 
     def checkpointer(self, job_id: str, spec: JobSpec, attempt: int) -> FolderCheckpointer:
         return FolderCheckpointer(
@@ -443,6 +465,12 @@ class JobRunner:
                     # acknowledgement with the connection: done; its retry failed on the duplicate id and removed
                     # the recorded model's files
                     return
+                # a cancel asked for after training (evaluation, the serving variants' timing and the save read no
+                # flags) stops the job here rather than let it succeed; the row is held, so one asked for from now
+                # on waits for this transaction and finds the job ended (a 409). A pause asked for then lets the
+                # finished job succeed.
+                if jobs_repository.cancel_flag(conn, job_id, attempt):
+                    raise StopRequested("cancel")
                 register_model(
                     conn,
                     model_id=model_id,

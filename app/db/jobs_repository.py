@@ -113,6 +113,38 @@ def request_cancel(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
     return result.rowcount == 1
 
 
+def stop_abandoned(conn: Connection, job_id: str, *, tenant: Tenant, status: str, stale_after_s: float) -> bool:
+    """A running job whose worker stopped heart-beating (it died; the next delivery would take it over) → cancelled
+    or paused at once, as a queued one is: no worker holds it to see a flag. False when its heartbeat is live (or
+    it is not running): the flag is for its worker then. The lost attempt still counts (``max_attempts``)."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=stale_after_s)
+    values: dict[str, Any] = {"status": status, "worker": None, "updated_at": now, "pause_requested": False}
+    if status == "cancelled":
+        values.update(cancel_requested=True, finished_at=now)
+    result = conn.execute(
+        jobs.update()
+        .where(
+            scoped(jobs.c.id == job_id, tenant),
+            jobs.c.status == "running",
+            sa.or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stale),
+        )
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def cancel_flag(conn: Connection, job_id: str, attempt: int) -> bool | None:
+    """Whether a cancel was asked for this attempt's running job (None: no longer its job), holding the row until
+    the transaction ends (Postgres), so that a cancel asked for meanwhile waits and then finds the job's end."""
+    row = conn.execute(
+        sa.select(jobs.c.cancel_requested)
+        .where(jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == "running")
+        .with_for_update()
+    ).first()
+    return None if row is None else bool(row[0])
+
+
 def request_pause(conn: Connection, job_id: str, *, tenant: Tenant) -> bool:
     """Flag a running job to checkpoint and stop; its status becomes ``paused`` (resume puts it back in the queue)."""
     result = conn.execute(
@@ -194,6 +226,8 @@ def claim(conn: Connection, job_id: str, worker: str, *, stale_after_s: float) -
                 jobs.c.tenant,
                 jobs.c.graceful_stops,
                 jobs.c.progress,
+                jobs.c.cancel_requested,
+                jobs.c.pause_requested,
             )
         )
         .mappings()

@@ -69,17 +69,17 @@ async def get_job(job_id: JobId, reader: JobReaderDep, tenant: TenantDep) -> Res
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued, running or paused job")
-def cancel_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep) -> Response:
+def cancel_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> Response:
     with db.transaction() as conn:
-        return json_response(service.cancel_job(conn, job_id, tenant=tenant))
+        return json_response(service.cancel_job(conn, job_id, tenant=tenant, stale_after_s=settings.heartbeat_stale_s))
 
 
 @router.post(
     "/{job_id}/pause", response_model=Job, summary="Pause a running job (it checkpoints and stops as `paused`)"
 )
-def pause_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep) -> Response:
+def pause_job(job_id: JobId, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> Response:
     with db.transaction() as conn:
-        return json_response(service.pause_job(conn, job_id, tenant=tenant))
+        return json_response(service.pause_job(conn, job_id, tenant=tenant, stale_after_s=settings.heartbeat_stale_s))
 
 
 @router.post("/{job_id}/resume", response_model=Job, summary="Resume a paused job from its checkpoint")

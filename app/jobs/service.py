@@ -301,11 +301,16 @@ def list_jobs(conn: Connection, *, tenant: str, status: str | None, limit: int, 
     }
 
 
-def cancel_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
+def cancel_job(conn: Connection, job_id: str, *, tenant: str, stale_after_s: float) -> dict[str, Any]:
+    """Queued or paused: cancelled now. Running: flagged for its worker, which stops between steps; cancelled now
+    when its worker has died (its heartbeat older than ``stale_after_s``): no one would see the flag until the job
+    was taken over and reloaded."""
     row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
-    if jobs_repository.cancel_queued(conn, job_id, tenant=tenant):
+    if jobs_repository.cancel_queued(conn, job_id, tenant=tenant) or jobs_repository.stop_abandoned(
+        conn, job_id, tenant=tenant, status="cancelled", stale_after_s=stale_after_s
+    ):
         jobs_repository.append_events(
             conn, job_id, [{"type": "status", "message": "cancelled", "data": {"status": "cancelled"}}]
         )
@@ -316,11 +321,16 @@ def cancel_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
     return get_job(conn, job_id, tenant=tenant)
 
 
-def pause_job(conn: Connection, job_id: str, *, tenant: str) -> dict[str, Any]:
-    """A running job checkpoints at its next progress write and stops as ``paused``."""
+def pause_job(conn: Connection, job_id: str, *, tenant: str, stale_after_s: float) -> dict[str, Any]:
+    """A running job checkpoints at its next progress write and stops as ``paused``; one whose worker has died
+    (``cancel_job``) is paused now, on its last checkpoint."""
     row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
+    if jobs_repository.stop_abandoned(conn, job_id, tenant=tenant, status="paused", stale_after_s=stale_after_s):
+        event = {"type": "status", "message": "paused", "data": {"status": "paused"}}
+        jobs_repository.append_events(conn, job_id, [event])
+        return get_job(conn, job_id, tenant=tenant)
     if not jobs_repository.request_pause(conn, job_id, tenant=tenant):
         raise Conflict(f"job {job_id} is {row['status']}; only running jobs can be paused")
     jobs_repository.append_events(conn, job_id, [{"type": "message", "message": "pause requested"}])

@@ -583,3 +583,98 @@ def test_an_alias_put_at_another_alias_says_what_that_alias_names(conn: Connecti
     assert str(refused.value).endswith("'latest:none' is an alias")
     with pytest.raises(InvalidRequest, match=r"^no model 'mdl_nope'$"):
         set_alias(conn, "staging", "mdl_nope", tenant="t1")
+
+
+def test_a_cancel_or_pause_of_a_job_whose_worker_died_takes_effect_at_once(conn: Connection) -> None:
+    """The api flagged a running job whose worker had died and answered "running": the job stayed so until a new
+    worker took it over, reloaded it and only then stopped. A job with a stale heartbeat is stopped at once; one
+    with a live worker is flagged for it, as before."""
+    from app.jobs import service
+
+    for ask, status in ((service.cancel_job, "cancelled"), (service.pause_job, "paused")):
+        live = make_job(conn)
+        assert jobs_repository.claim(conn, live, "w", stale_after_s=60) is not None
+        assert ask(conn, live, tenant="t1", stale_after_s=60)["status"] == "running"
+        dead = make_job(conn)
+        assert jobs_repository.claim(conn, dead, "w", stale_after_s=60) is not None
+        stopped = ask(conn, dead, tenant="t1", stale_after_s=-1)  # its heartbeat is older than that
+        assert stopped["status"] == status, stopped
+        assert (stopped["finished_at"] is not None) is (status == "cancelled")
+        assert jobs_repository.claim(conn, dead, "w2", stale_after_s=-1) is None  # no one takes it over now
+        query = sa.select(job_events.c.message).where(job_events.c.job_id == dead).order_by(job_events.c.seq)
+        events = conn.execute(query).scalars().all()
+        assert events[-1] == status
+    assert service.resume_job(conn, dead, tenant="t1", max_active=10)["status"] == "queued"  # a paused one resumes
+
+
+@pytest.mark.parametrize("request_kind", ["cancel", "pause"])
+def test_a_stop_asked_for_while_the_worker_was_dead_is_honoured_at_the_next_claim(
+    postgres_url: str, tmp_path: Any, request_kind: str
+) -> None:
+    """A cancel asked for while its worker was dead (before its heartbeat went stale) cost the next worker a whole
+    claim and reload of the job; after attempts lost to dead workers it even ended failed (too_many_attempts)
+    rather than cancelled. The claim now honours it before any attempt starts."""
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import JobRunner
+
+    database = Database.from_url(postgres_url)
+    job_id = new_id("job")
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path, heartbeat_stale_s=-1, max_attempts=3)
+    try:
+        with database.transaction() as connection:
+            jobs_repository.insert_job(connection, job_id=job_id, tenant="t1", name=None, spec=tiny_spec(), progress={})
+            for worker in ("w1", "w2", "w3"):  # three attempts lost to dead workers: the next would be given up
+                assert jobs_repository.claim(connection, job_id, worker, stale_after_s=-1) is not None
+            flag = jobs_repository.request_cancel if request_kind == "cancel" else jobs_repository.request_pause
+            assert flag(connection, job_id, tenant="t1") is True
+        checkpoints = settings.checkpoints_dir / job_id / "step-1"
+        checkpoints.mkdir(parents=True)
+        outcome = JobRunner(database, settings).run(job_id)
+        assert outcome.stopped and not outcome.claimed and not outcome.gave_up
+        with database.read() as connection:
+            row = jobs_repository.get_job(connection, job_id, tenant=None)
+            query = sa.select(job_events.c.message).where(job_events.c.job_id == job_id).order_by(job_events.c.seq)
+            messages = connection.execute(query).scalars().all()
+        expected = "cancelled" if request_kind == "cancel" else "paused"
+        assert row is not None and row["status"] == expected and row["error"] is None, row
+        assert messages[-1] == expected and "running" not in messages  # no attempt started
+        assert checkpoints.exists() is (request_kind == "pause")  # a paused job resumes from its checkpoint
+    finally:
+        database.dispose()
+
+
+def test_a_cancel_asked_for_after_training_stops_the_job_at_its_end(
+    postgres_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once training ended nothing read the flags: a cancel asked for while the student was evaluated, timed as
+    serving variants or saved answered 200 and the job then succeeded with a model. The job's end reads it."""
+    import worker.runner as runner_module
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+    from worker.runner import JobRunner
+
+    database = Database.from_url(postgres_url)
+    job_id = new_id("job")
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path)
+    trained = runner_module.run_job_spec
+
+    def cancelled_while_evaluating(*args: Any, **kwargs: Any) -> Any:
+        result = trained(*args, **kwargs)
+        with database.transaction() as connection:  # the api's request, after the last progress write
+            assert jobs_repository.request_cancel(connection, job_id, tenant="t1") is True
+        return result
+
+    monkeypatch.setattr(runner_module, "run_job_spec", cancelled_while_evaluating)
+    try:
+        with database.transaction() as connection:
+            jobs_repository.insert_job(connection, job_id=job_id, tenant="t1", name=None, spec=tiny_spec(), progress={})
+        assert JobRunner(database, settings).run(job_id).claimed
+        with database.read() as connection:
+            row = jobs_repository.get_job(connection, job_id, tenant=None)
+            models = connection.execute(sa.text("SELECT count(*) FROM models WHERE source_job_id = :j"), {"j": job_id})
+            assert models.scalar_one() == 0
+        assert row is not None and row["status"] == "cancelled" and row["result"] is None, row
+        assert not any((settings.artifacts_dir / "models").glob("mdl_*"))  # the saved student went with it
+    finally:
+        database.dispose()

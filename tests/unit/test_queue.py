@@ -421,3 +421,20 @@ def test_a_key_is_created_only_for_a_tenant_name_that_can_be_one(tmp_path: Path)
                 create_key(conn, tenant=bad, name=None)
     finally:
         database.dispose()
+
+
+def test_a_new_pool_process_has_time_to_warm_up_before_celery_gives_up_on_it(tmp_path: Path) -> None:
+    """Each pool process runs ``warm_up`` before it reports up to the worker; past ``worker_proc_alive_timeout``
+    (Celery's default: 4 s) the worker kills and respawns it. Under load (a job training beside it on 2 cores) a
+    replacement child timed out again and again for ~40 s. The wait leaves it ten times its idle warm-up here."""
+    import time
+
+    from app.distill.training import warm_up
+    from app.queue import celery_config
+    from app.settings import Settings
+
+    started = time.perf_counter()
+    warm_up()
+    took = time.perf_counter() - started
+    config = celery_config(Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/d.db"))
+    assert config["worker_proc_alive_timeout"] >= max(10 * took, 30), took
