@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     bootstrap_tenant: str = Field("default", description="Tenant of the bootstrap key.")
     max_active_jobs_per_tenant: int = Field(100, ge=1, description="Queued + running jobs per tenant (429 above).")
     max_storage_bytes_per_tenant: int = Field(
-        200 * 1024**3, ge=1, description="Model and dataset bytes per tenant (429 above)."
+        200 * 1024**3,
+        ge=1,
+        description="Model and dataset bytes per tenant (429 for an upload past it, and for a job submitted while it "
+        "is reached: a job's model is stored at its end, whatever its size).",
     )
     idempotency_retention_s: int = Field(24 * 3600, ge=3600, description="How long Idempotency-Keys are kept.")
 
@@ -304,7 +307,7 @@ READ_BY: dict[str, str] = {
     "bootstrap_api_key": API,
     "bootstrap_tenant": API,
     "max_active_jobs_per_tenant": "api",
-    "max_storage_bytes_per_tenant": f"{API} (model uploads)",
+    "max_storage_bytes_per_tenant": f"{API} (uploads; job submissions while storage is full)",
     "idempotency_retention_s": "worker (reconciler purges older keys)",
     "worker_concurrency": WORKER,
     "worker_gpu_jobs": WORKER,

@@ -14,10 +14,11 @@ from typing import Any, BinaryIO
 from sqlalchemy.engine import Connection
 
 from app.datasets.schemas import dataset_document
-from app.db import datasets_repository, jobs_repository, models_repository
+from app.db import datasets_repository
 from app.distill.text.data import DatasetFormatError, ParsedDataset, parse_csv, parse_jsonl
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge, QuotaExceeded
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
+from app.quotas import check_storage_quota
 
 MAX_PAGE = 100
 CHUNK = 1 << 20
@@ -144,18 +145,6 @@ def register_dataset(
 
 def remove_dataset_files(artifacts_root: Path, artifact_path: str) -> None:
     shutil.rmtree(dataset_file(artifacts_root, artifact_path).parent, ignore_errors=True)
-
-
-def check_storage_quota(conn: Connection, tenant: str, incoming: int, limit: int) -> None:
-    """Refuse ``incoming`` bytes more over the tenant's storage quota. The count is locked until the caller's
-    transaction (which stores the new model or dataset) ends: parallel uploads each got past it."""
-    jobs_repository.lock_tenant(conn, tenant, "storage")
-    used = models_repository.storage_bytes(conn, tenant=tenant)
-    if used + incoming > limit:
-        raise QuotaExceeded(
-            f"storage quota: {used:,} bytes stored + {incoming:,} new > {limit:,}; delete models or datasets",
-            headers={"Retry-After": "3600"},
-        )
 
 
 def get_dataset_row(conn: Connection, dataset_id: str, *, tenant: str) -> Any:

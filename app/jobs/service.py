@@ -26,6 +26,7 @@ from app.distill.spec import (
 from app.errors import Conflict, InvalidRequest, InvalidSpec, NotFound, QuotaExceeded
 from app.ids import new_id
 from app.jobs.schemas import event_document, initial_progress, job_document
+from app.quotas import check_room_for_a_job
 from app.settings import Settings
 from app.storable import refuse_unstorable
 
@@ -243,6 +244,7 @@ def create_job(
             f"{settings.max_active_jobs_per_tenant} jobs are already queued or running for this tenant",
             headers={"Retry-After": "30"},
         )
+    check_room_for_a_job(conn, tenant, settings.max_storage_bytes_per_tenant)
     pins, shapes = resolve_teachers(conn, spec, settings, tenant)
     dataset = resolve_dataset(conn, spec, tenant)
     problems = check_spec(

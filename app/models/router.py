@@ -12,12 +12,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
-from app.datasets.service import check_storage_quota
 from app.deps import DatabaseDep, ModelCacheDep, SettingsDep, TenantDep
 from app.errors import NotFound
 from app.http import json_response
 from app.models import service
 from app.models.schemas import ALIAS_PATTERN, Alias, AliasList, AliasTarget, Model, ModelList
+from app.quotas import check_storage_quota
 from app.storable import storable_text
 from app.storage import store_for
 

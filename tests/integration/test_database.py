@@ -534,8 +534,8 @@ def test_concurrent_puts_of_a_new_alias_both_succeed_and_the_last_wins(postgres_
 def test_concurrent_uploads_keep_to_the_storage_quota(postgres_url: str, tmp_path: Any, backend: str) -> None:
     """Ten 100-byte uploads at once against a 250-byte quota: two stored, eight 429s (the storage count took no
     lock, and every upload could get past it)."""
-    from app.datasets.service import check_storage_quota
     from app.db import datasets_repository
+    from app.quotas import check_storage_quota
 
     database = quota_database(postgres_url, tmp_path, backend)
     tenant = new_id("storage")[:30]
@@ -678,3 +678,26 @@ def test_a_cancel_asked_for_after_training_stops_the_job_at_its_end(
         assert not any((settings.artifacts_dir / "models").glob("mdl_*"))  # the saved student went with it
     finally:
         database.dispose()
+
+
+def test_a_job_is_refused_while_its_tenants_storage_is_full(conn: Connection, tmp_path: Any) -> None:
+    """Only uploads counted the storage quota: a tenant over it still submitted jobs, each storing another model."""
+    from app.distill.spec import JobSpec
+    from app.errors import QuotaExceeded
+    from app.jobs import service
+    from app.settings import Settings
+    from tests.conftest import tiny_spec
+
+    insert_stored_models(conn, "full", "mdl_full_a")
+    conn.execute(sa.text("UPDATE models SET size_bytes = 1000 WHERE id = 'mdl_full_a'"))
+    spec = JobSpec.model_validate(tiny_spec())
+    for limit, refused in ((1000, True), (1001, False)):
+        settings = Settings(data_dir=tmp_path, max_storage_bytes_per_tenant=limit)
+        if refused:
+            with pytest.raises(QuotaExceeded, match="1,000 bytes stored of 1,000"):
+                service.create_job(conn, spec, settings, tenant="full")
+        else:
+            assert service.create_job(conn, spec, settings, tenant="full").job["status"] == "queued"
+    # another tenant's storage is its own
+    settings = Settings(data_dir=tmp_path, max_storage_bytes_per_tenant=1000)
+    assert service.create_job(conn, spec, settings, tenant="empty").job["status"] == "queued"
