@@ -8,7 +8,9 @@ Each pass (one worker at a time, by a Postgres advisory lock):
    resumes them from their checkpoint;
 4. expires old Idempotency-Keys;
 5. tells a cuda job that waits while no worker taking GPU jobs has been seen lately (an event, once per job).
-Every worker's reconciler also records, each pass, that its worker is alive and whether it takes GPU jobs.
+Every worker's reconciler also records, each pass, that its worker is alive and whether it takes GPU jobs; every
+minute it removes the checkpoints of finished jobs in its data folder, every ten the model folders that finished jobs
+saved and never recorded (an attempt killed between its save and its record).
 A duplicate publish is harmless: claiming a job is a compare-and-set on its row.
 """
 
@@ -24,11 +26,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app.db import jobs_repository
+from app.db import jobs_repository, models_repository
 from app.db.engine import Database
 from app.jobs.dispatch import JobDispatcher
+from app.models.service import artifact_path_for
 from app.queue import all_queues, job_queue
 from app.settings import Settings
+from app.storage import store_for
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,57 @@ class BrokerInspector:
 
 #: how often a reconciler removes the checkpoints of finished jobs (``sweep_checkpoints``)
 CHECKPOINT_SWEEP_S = 60.0
+#: how often it looks for model folders no record names (``sweep_unrecorded_models``), and the age past which a
+#: staging folder (a save or an upload cut off mid-write) is garbage
+MODEL_SWEEP_S = 600.0
+STAGING_MAX_AGE_S = 24 * 3600.0
 FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def saving_job(folder: Path) -> str | None:
+    """The job that saved a model folder (``source_job_id`` in its config.json or, for a transformers model, its
+    distillery.json), None for an uploaded model or one it cannot read."""
+    for name in ("config.json", "distillery.json"):
+        try:
+            written = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        job_id = written.get("source_job_id") if isinstance(written, dict) else None
+        if isinstance(job_id, str):
+            return job_id
+    return None
+
+
+def sweep_unrecorded_models(db: Database, settings: Settings, now: float | None = None) -> list[str]:
+    """Remove model folders that a job saved and never recorded, here and in the artifact store; returns their ids.
+    A job writes its student, publishes it, then records it: an attempt killed in between (SIGKILL, the OOM killer,
+    the hard time limit) left a whole model on disk that no record, listing or quota knew of; the next attempt
+    saves another. A folder is removed once the job that saved it (``saving_job``) has finished without a record
+    of it; a folder of a job this database does not know, or of an uploaded model, is left alone. Staging folders
+    go once a day old."""
+    folder = settings.artifacts_dir / "models"
+    now = time.time() if now is None else now
+    try:
+        entries = [entry for entry in folder.iterdir() if entry.is_dir()]
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(".staging-") and now - entry.stat().st_mtime > STAGING_MAX_AGE_S:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed the stale staging folder %s", entry.name)
+    names = [entry.name for entry in entries if entry.name.startswith("mdl_")]
+    if not names:
+        return []
+    with db.read() as conn:
+        recorded = models_repository.recorded_ids(conn, names)
+        savers = {name: saving_job(folder / name) for name in names if name not in recorded}
+        statuses = jobs_repository.job_statuses(conn, sorted({job for job in savers.values() if job}))
+    orphans = [name for name, job in savers.items() if job is not None and statuses.get(job) in FINISHED]
+    store = store_for(settings)
+    for name in orphans:
+        store.remove(artifact_path_for(name))
+        log.info("removed model folder %s: job %s saved it and finished without recording it", name, savers[name])
+    return orphans
 
 
 def sweep_checkpoints(db: Database, folder: Path) -> list[str]:
@@ -158,13 +212,16 @@ class Reconciler:
             self._thread.join(timeout=10)
 
     def run_forever(self) -> None:
-        swept = time.monotonic()
+        swept = models_swept = time.monotonic()
         while not self._stop.wait(self.settings.reconcile_interval_s):
             try:
                 self.run_once()
                 if time.monotonic() - swept >= CHECKPOINT_SWEEP_S:
                     swept = time.monotonic()
                     sweep_checkpoints(self.db, self.settings.checkpoints_dir)
+                if time.monotonic() - models_swept >= MODEL_SWEEP_S:
+                    models_swept = time.monotonic()
+                    sweep_unrecorded_models(self.db, self.settings)
             except Exception as exc:
                 log.warning("reconciler pass failed (%s: %s)", type(exc).__name__, exc)
 

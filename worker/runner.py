@@ -490,7 +490,9 @@ class JobRunner:
         try:
             retry_while_database_down(record, self.settings.db_retry_s, f"recording job {job_id}")
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)  # no orphan artifact without a record
+            # no orphan artifact without a record: here and in the artifact store, which the save published to (an
+            # attempt killed before this line leaves one: the reconciler's ``sweep_unrecorded_models`` removes it)
+            store_for(self.settings).remove(artifact_path_for(model_id))
             raise
         log.info("job %s succeeded: model %s", job_id, model_id)
 

@@ -66,6 +66,15 @@ def delete_model(conn: Connection, model_id: str, *, tenant: Tenant) -> RowMappi
     )
 
 
+def recorded_ids(conn: Connection, model_ids: Sequence[str]) -> set[str]:
+    """Which of these model ids have a record (any tenant)."""
+    found: set[str] = set()
+    for start in range(0, len(model_ids), 1000):
+        chunk = list(model_ids[start : start + 1000])
+        found.update(conn.execute(sa.select(models.c.id).where(models.c.id.in_(chunk))).scalars())
+    return found
+
+
 def storage_bytes(conn: Connection, *, tenant: str) -> int:
     """What a tenant stores: its models' and datasets' files."""
     model_bytes = conn.execute(

@@ -701,3 +701,57 @@ def test_a_job_is_refused_while_its_tenants_storage_is_full(conn: Connection, tm
     # another tenant's storage is its own
     settings = Settings(data_dir=tmp_path, max_storage_bytes_per_tenant=1000)
     assert service.create_job(conn, spec, settings, tenant="empty").job["status"] == "queued"
+
+
+def test_model_folders_that_a_finished_job_never_recorded_are_swept(postgres_url: str, tmp_path: Any) -> None:
+    """A job saves its student, then records it: an attempt killed in between left a whole model on disk that no
+    record, listing or quota knew of. The reconciler removes a folder once the job that saved it has finished
+    without recording it, and nothing else: recorded models, a running job's, uploads, another database's."""
+    import json
+    import os
+
+    from app.settings import Settings
+    from worker.reconciler import STAGING_MAX_AGE_S, sweep_unrecorded_models
+
+    database = Database.from_url(postgres_url, pool_size=1)
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path)
+    folder = settings.artifacts_dir / "models"
+    ids: dict[str, str] = {}
+
+    def saved(name: str, job_id: str | None, meta: str = "config.json") -> None:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "model.safetensors").write_bytes(b"weights")
+        (folder / name / meta).write_text(json.dumps({"source_job_id": job_id} if job_id else {"format": "x"}))
+
+    try:
+        with database.transaction() as conn:
+            for status in ("succeeded", "failed", "running"):
+                ids[status] = make_job(conn)
+                conn.execute(sa.update(jobs).where(jobs.c.id == ids[status]).values(status=status))
+            insert_stored_models(conn, "t1", "mdl_recorded")
+        saved("mdl_recorded", ids["succeeded"])  # the attempt that recorded it
+        saved("mdl_killed_before_record", ids["succeeded"])  # an earlier attempt of the same job, killed
+        saved("mdl_text_of_a_failed_job", ids["failed"], meta="distillery.json")
+        saved("mdl_of_a_running_job", ids["running"])  # may be about to be recorded
+        saved("mdl_uploaded", None)
+        saved("mdl_of_another_database", "job_unknown_here")
+        for name, age in ((".staging-mdl_a-1234", STAGING_MAX_AGE_S + 60), (".staging-mdl_b-5678", 60)):
+            (folder / name).mkdir()
+            os.utime(folder / name, (time.time() - age, time.time() - age))
+        swept = sweep_unrecorded_models(database, settings)
+        assert sorted(swept) == ["mdl_killed_before_record", "mdl_text_of_a_failed_job"]
+        left = {entry.name for entry in folder.iterdir()}
+        assert left == {
+            "mdl_recorded",
+            "mdl_of_a_running_job",
+            "mdl_uploaded",
+            "mdl_of_another_database",
+            ".staging-mdl_b-5678",
+        }
+        assert sweep_unrecorded_models(database, settings) == []
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.text("DELETE FROM models WHERE id = 'mdl_recorded'"))
+            conn.execute(sa.delete(job_events).where(job_events.c.job_id.in_(list(ids.values()))))
+            conn.execute(sa.delete(jobs).where(jobs.c.id.in_(list(ids.values()))))
+        database.dispose()
