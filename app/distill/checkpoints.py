@@ -174,9 +174,12 @@ class FolderCheckpointer:
             for path in staging.iterdir():
                 with path.open("rb") as handle:
                     os.fsync(handle.fileno())
-            target = self.folder / name
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(staging, target)
+            if (self.folder / name).exists():
+                # the same step saved again (a resumed job stopped again before its next step): a folder of its own,
+                # since ``latest`` may name the one there; deleting that one first left a kill in between with a
+                # ``latest`` that named nothing, and the job started over from step 0
+                name = f"{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(staging, self.folder / name)
             pointer = self.folder / f".{LATEST}-{uuid.uuid4().hex[:8]}"
             pointer.write_text(name)
             os.replace(pointer, self.folder / LATEST)

@@ -87,8 +87,11 @@ def test_tabular_resume_equals_uninterrupted(tmp_path: Path, stop_step: int) -> 
 def test_periodic_checkpoints_keep_only_the_latest(tmp_path: Path) -> None:
     checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=10)
     train_classifier(JobSpec.model_validate(TABULAR), checkpointer=checkpointer)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-40"]
-    files = {p.name for p in (tmp_path / "ckpt" / "step-40").iterdir()}
+    latest = checkpointer.latest()
+    assert latest is not None and json.loads((latest / "state.json").read_text())["step"] == 40
+    # step 40 is saved twice (its period, then the end of training): the second in a folder of its own
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", latest.name]
+    files = {p.name for p in latest.iterdir()}
     assert files == {"student.safetensors", "optimizer.safetensors", "state.json"}  # no pickles
 
 
@@ -137,3 +140,32 @@ def test_a_stop_as_evaluation_begins_resumes_at_the_evaluation(tmp_path: Path, r
     assert not [update for update in seen if update[0] in ("training", "pretraining teacher 0")], seen
     assert ("evaluating", steps) in seen
     assert_same(reference, state(resumed.student))
+
+
+def test_saving_the_same_step_again_never_leaves_latest_naming_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed job stopped again before its next step saves the step it resumed at once more. The save deleted
+    the folder ``latest`` named before renaming the new one in: a kill in between left ``latest`` naming nothing,
+    and the job started over from step 0. Killed at the rename now, the first save is still what ``latest`` names."""
+    import os
+
+    module = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(module.parameters())
+    checkpointer = FolderCheckpointer(tmp_path / "ckpt", every_steps=1000)
+    checkpointer.save(5, {"student": module}, optimizer)
+    first = checkpointer.latest()
+    assert first is not None and first.name == "step-5"
+
+    def killed(*_: object) -> None:
+        raise KeyboardInterrupt  # what a kill at this instant leaves, as far as the folder is concerned
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpointer.save(5, {"student": module}, optimizer)
+    assert checkpointer.latest() == first and (first / "state.json").is_file()
+    checkpointer.save(5, {"student": module}, optimizer)  # saved again, whole: one folder left, named by latest
+    latest = checkpointer.latest()
+    assert latest is not None and latest != first and json.loads((latest / "state.json").read_text())["step"] == 5
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(["latest", latest.name])
