@@ -275,7 +275,10 @@ def create_job(
                     conn, tenant=tenant, key=idempotency_key, request_hash=fingerprint, job_id=job_id
                 )
         except IntegrityError as exc:  # a concurrent request won the race (databases without advisory locks)
-            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly") from exc
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+                headers={"Retry-After": "1"},
+            ) from exc
     return Created(get_job(conn, job_id, tenant=tenant), replayed=False)
 
 
