@@ -6,7 +6,7 @@
 # which the machine lacks); (2) the same in float32; (3) continuous batching of completions (benchmarks.generation,
 # greedy mixed lengths, then the prefix cache); (4) the embedder's batching in-process (benchmarks.gpu_serving); (5)
 # only with KD_STEP=1: benchmarks/gpu_kd_step.py (measured on an H100 on 2026-11-27). At most ~8.5 minutes (the
-# timeouts add up to 500 s: one device command may run 600 s, and the device session has 15 minutes in all, start
+# timeouts add up to 480 s: one device command may run 600 s, and the device session has 15 minutes in all, start
 # included). Each step's whole output is kept in $OUT/<step>.log, so what ran survives a step killed by its timeout.
 # DEVICE=cpu runs the same steps on a machine without a GPU (a rehearsal: the cuda-only rows are skipped).
 #
@@ -39,9 +39,9 @@ step() {  # step NAME SECONDS LINES COMMAND...: run it under its timeout, keep i
   return 0
 }
 step http-bf16 130 16 python3 -m benchmarks.serving text --device "$DEVICE" --variant bf16 --sqlite \
-  --seconds 5 --rounds 3 "${EMBEDDER[@]}"
-step http-float32 80 12 python3 -m benchmarks.serving text --device "$DEVICE" --variant eager --sqlite \
-  --seconds 4 --rounds 2 "${EMBEDDER[@]}"
+  --seconds 5 --rounds 3 --warmup 8 "${EMBEDDER[@]}"
+step http-float32 90 12 python3 -m benchmarks.serving text --device "$DEVICE" --variant eager --sqlite \
+  --seconds 4 --rounds 2 --warmup 6 "${EMBEDDER[@]}"
 step generation 110 12 python3 -m benchmarks.generation --devices "$DEVICE" --seconds 5 --max-tokens 8 32 128 \
   --variants bf16 eager
 step prefix-cache 75 4 python3 -m benchmarks.generation --devices "$DEVICE" --modes continuous --shared-prefix 400 \

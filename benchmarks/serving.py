@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -456,6 +457,7 @@ class TextSetup:
     device: str = "cpu"
     sqlite: bool = False
     embedder: Path | None = None
+    warmup_s: float = 2.0  # of wrk at c=32, then at c=1, per server (a GPU's first batches of each shape are slow)
 
     def where(self) -> str:
         return "1 CPU torch thread" if self.device == "cpu" else self.device
@@ -503,7 +505,8 @@ def text_servers(setup: TextSetup, servers: dict[str, dict[str, str]]) -> Iterat
                 base = stack.enter_context(distillery_api(url, data_dir, **setup.server_settings(), **settings))
                 urls[name] = f"{base}/v1/models/{model_id}/predict"
                 httpx.post(urls[name], json={"inputs": [texts[0]]}, timeout=60).raise_for_status()
-                wrk(urls[name], 32, 2, script)
+                wrk(urls[name], 32, setup.warmup_s, script)
+                wrk(urls[name], 1, max(1.0, setup.warmup_s / 2), script)
             yield TextBench(model_id, list(kept), texts, lengths, script, predictor, urls)
 
 
@@ -616,8 +619,12 @@ def main() -> None:
         help="text, inline: a prepared embedder folder (benchmarks.gpu_kit's "
         ".gpudeps/minilm-2) instead of the packaged all-MiniLM-L6-v2",
     )
+    parser.add_argument("--warmup", type=float, default=2.0, help="text, inline: seconds of wrk per server first")
     args = parser.parse_args()
-    setup = TextSetup(args.variant, args.device, args.sqlite, args.embedder)
+    setup = TextSetup(args.variant, args.device, args.sqlite, args.embedder, args.warmup)
+    # a SIGTERM (``timeout``) ends the run through the finally blocks that stop the servers it started in their own
+    # sessions; by default it would leave them running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     what = args.what or ["mlp", "text"]
