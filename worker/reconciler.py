@@ -118,6 +118,17 @@ CHECKPOINT_SWEEP_S = 60.0
 #: staging folder (a save or an upload cut off mid-write) is garbage
 MODEL_SWEEP_S = 600.0
 STAGING_MAX_AGE_S = 24 * 3600.0
+UNRECORDED_GRACE_S = 600.0
+
+
+def age_of(entry: Path, now: float) -> float:
+    """Seconds since a folder last changed; 0 for one gone meanwhile (renamed into place, removed)."""
+    try:
+        return now - entry.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -140,8 +151,10 @@ def sweep_unrecorded_models(db: Database, settings: Settings, now: float | None 
     A job writes its student, publishes it, then records it: an attempt killed in between (SIGKILL, the OOM killer,
     the hard time limit) left a whole model on disk that no record, listing or quota knew of; the next attempt
     saves another. A folder is removed once the job that saved it (``saving_job``) has finished without a record
-    of it; a folder of a job this database does not know, or of an uploaded model, is left alone. Staging folders
-    go once a day old."""
+    of it, and once it is ten minutes old; a folder of a job this database does not know, or of an uploaded model,
+    is left alone. Staging folders (a save's or an S3 fetch's) go once a day old. Only this machine's folder is
+    looked at: with the S3 store, a model a machine published and could not record stays in the bucket if that
+    machine's folder is lost with it."""
     folder = settings.artifacts_dir / "models"
     now = time.time() if now is None else now
     try:
@@ -149,17 +162,21 @@ def sweep_unrecorded_models(db: Database, settings: Settings, now: float | None 
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.name.startswith(".staging-") and now - entry.stat().st_mtime > STAGING_MAX_AGE_S:
+        if entry.name.startswith((".staging-", ".fetch-")) and age_of(entry, now) > STAGING_MAX_AGE_S:
             shutil.rmtree(entry, ignore_errors=True)
             log.info("removed the stale staging folder %s", entry.name)
-    names = [entry.name for entry in entries if entry.name.startswith("mdl_")]
+    # a folder younger than the grace period may be a save about to be recorded: not even looked at
+    names = [e.name for e in entries if e.name.startswith("mdl_") and age_of(e, now) > UNRECORDED_GRACE_S]
     if not names:
         return []
     with db.read() as conn:
         recorded = models_repository.recorded_ids(conn, names)
         savers = {name: saving_job(folder / name) for name in names if name not in recorded}
         statuses = jobs_repository.job_statuses(conn, sorted({job for job in savers.values() if job}))
-    orphans = [name for name, job in savers.items() if job is not None and statuses.get(job) in FINISHED]
+        finished = [name for name, job in savers.items() if job is not None and statuses.get(job) in FINISHED]
+        # asked again after the statuses: a job's record and its end are one transaction, so a record that
+        # committed before the status read (each read here sees what committed before it) is seen now
+        orphans = sorted(set(finished) - models_repository.recorded_ids(conn, finished))
     store = store_for(settings)
     for name in orphans:
         store.remove(artifact_path_for(name))

@@ -490,11 +490,22 @@ class JobRunner:
         try:
             retry_while_database_down(record, self.settings.db_retry_s, f"recording job {job_id}")
         except BaseException:
-            # no orphan artifact without a record: here and in the artifact store, which the save published to (an
-            # attempt killed before this line leaves one: the reconciler's ``sweep_unrecorded_models`` removes it)
-            store_for(self.settings).remove(artifact_path_for(model_id))
+            # no orphan artifact without a record: here and in the artifact store, which the save published to
+            # (an attempt killed before this line leaves one: the reconciler's ``sweep_unrecorded_models`` removes
+            # it). Unless the record committed after all (a commit whose answer was lost: a time limit, an outage):
+            # asked first, and when that cannot be told, the files stay for the sweep, which asks later.
+            if self.unrecorded(model_id):
+                store_for(self.settings).remove(artifact_path_for(model_id))
             raise
         log.info("job %s succeeded: model %s", job_id, model_id)
+
+    def unrecorded(self, model_id: str) -> bool:
+        """Whether the model certainly has no record (False when the database cannot tell)."""
+        try:
+            with self.db.read() as conn:
+                return models_repository.get_model(conn, model_id, tenant=None) is None
+        except Exception:
+            return False
 
     def resources(self, spec: JobSpec, tenant: str = "default", job_id: str = "") -> JobResources:
         """Database references of the spec → files on disk (stored teachers, uploaded datasets)."""

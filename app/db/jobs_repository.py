@@ -135,12 +135,15 @@ def stop_abandoned(conn: Connection, job_id: str, *, tenant: Tenant, status: str
 
 
 def cancel_flag(conn: Connection, job_id: str, attempt: int) -> bool | None:
-    """Whether a cancel was asked for this attempt's running job (None: no longer its job), holding the row until
-    the transaction ends (Postgres), so that a cancel asked for meanwhile waits and then finds the job's end."""
+    """Whether a cancel was asked for this attempt's running job (None: no longer its job). An UPDATE, as
+    ``write_progress``: it holds the row (Postgres) or the database's write lock (SQLite, where a SELECT FOR UPDATE
+    holds nothing) until the transaction ends, so that a cancel asked for meanwhile waits and then finds the job's
+    end."""
     row = conn.execute(
-        sa.select(jobs.c.cancel_requested)
+        jobs.update()
         .where(jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == "running")
-        .with_for_update()
+        .values(updated_at=utcnow())
+        .returning(jobs.c.cancel_requested)
     ).first()
     return None if row is None else bool(row[0])
 

@@ -321,9 +321,16 @@ def cancel_job(conn: Connection, job_id: str, *, tenant: str, stale_after_s: flo
         )
     elif jobs_repository.request_cancel(conn, job_id, tenant=tenant):
         jobs_repository.append_events(conn, job_id, [{"type": "message", "message": "cancellation requested"}])
-    else:
-        raise Conflict(f"job {job_id} is {row['status']}; only queued, running or paused jobs can be cancelled")
+    else:  # its status now: it may have ended while this request waited for the row
+        status = current_status(conn, job_id, tenant)
+        raise Conflict(f"job {job_id} is {status}; only queued, running or paused jobs can be cancelled")
     return get_job(conn, job_id, tenant=tenant)
+
+
+def current_status(conn: Connection, job_id: str, tenant: str) -> str:
+    """A job's status as of now (a request that waited for its row, held by the job's end, read it before)."""
+    row = jobs_repository.get_job(conn, job_id, tenant=tenant)
+    return "deleted" if row is None else str(row["status"])
 
 
 def pause_job(conn: Connection, job_id: str, *, tenant: str, stale_after_s: float) -> dict[str, Any]:
@@ -332,12 +339,14 @@ def pause_job(conn: Connection, job_id: str, *, tenant: str, stale_after_s: floa
     row = jobs_repository.get_job(conn, job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
-    if jobs_repository.stop_abandoned(conn, job_id, tenant=tenant, status="paused", stale_after_s=stale_after_s):
-        event = {"type": "status", "message": "paused", "data": {"status": "paused"}}
+    # a cancel asked for earlier, which its dead worker never saw, wins over the pause
+    stopped = "cancelled" if row["cancel_requested"] else "paused"
+    if jobs_repository.stop_abandoned(conn, job_id, tenant=tenant, status=stopped, stale_after_s=stale_after_s):
+        event = {"type": "status", "message": stopped, "data": {"status": stopped}}
         jobs_repository.append_events(conn, job_id, [event])
         return get_job(conn, job_id, tenant=tenant)
     if not jobs_repository.request_pause(conn, job_id, tenant=tenant):
-        raise Conflict(f"job {job_id} is {row['status']}; only running jobs can be paused")
+        raise Conflict(f"job {job_id} is {current_status(conn, job_id, tenant)}; only running jobs can be paused")
     jobs_repository.append_events(conn, job_id, [{"type": "message", "message": "pause requested"}])
     return get_job(conn, job_id, tenant=tenant)
 

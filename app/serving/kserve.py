@@ -740,8 +740,9 @@ async def infer_request(
         inference.settings.max_request_bytes,
     )
     body = parse_json_bytes(json_part, InferRequest)
+    if version is not None:  # before the model loads: a wrong version is a 404 without loading it
+        check_version(await inference.record(tenant, model_name), model_name, version)
     served = await inference.get(tenant, model_name)
-    check_version(served.record, model_name, version)
     content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive, version)
     return Response(content, media_type=media_type, headers=headers)
 

@@ -714,6 +714,7 @@ def message_text(message: ChatMessage) -> str:
 
 async def chat_completions(request: Request, inference: InferenceDep, tenant: TenantDep) -> Response:
     body = await parse_json_body(request, ChatCompletionRequest)
+    refuse_calls(body)  # before the model loads
     served = await inference.get(tenant, body.model)
     predictor = require_task(served, "causal_lm", "/v1/chat/completions")
     if not predictor.has_chat_template:
@@ -737,7 +738,6 @@ async def chat_completions(request: Request, inference: InferenceDep, tenant: Te
     shared = generation_fields(body, predictor, served.model_id, logprobs, body.stream)
     if body.response_format is not None and body.response_format.type != "text":
         raise bad_request(f"response_format {body.response_format.type} is not supported; only text", "response_format")
-    refuse_calls(body)
     messages = [
         {"role": m.role, "content": message_text(m)}
         | {key: value for key, value in (("name", m.name), ("tool_call_id", m.tool_call_id)) if value is not None}

@@ -605,6 +605,11 @@ def test_a_cancel_or_pause_of_a_job_whose_worker_died_takes_effect_at_once(conn:
         events = conn.execute(query).scalars().all()
         assert events[-1] == status
     assert service.resume_job(conn, dead, tenant="t1", max_active=10)["status"] == "queued"  # a paused one resumes
+    # a cancel its worker never saw (it died first) wins over a later pause
+    flagged = make_job(conn)
+    assert jobs_repository.claim(conn, flagged, "w", stale_after_s=60) is not None
+    assert service.cancel_job(conn, flagged, tenant="t1", stale_after_s=60)["status"] == "running"
+    assert service.pause_job(conn, flagged, tenant="t1", stale_after_s=-1)["status"] == "cancelled"
 
 
 @pytest.mark.parametrize("request_kind", ["cancel", "pause"])
@@ -711,7 +716,7 @@ def test_model_folders_that_a_finished_job_never_recorded_are_swept(postgres_url
     import os
 
     from app.settings import Settings
-    from worker.reconciler import STAGING_MAX_AGE_S, sweep_unrecorded_models
+    from worker.reconciler import STAGING_MAX_AGE_S, UNRECORDED_GRACE_S, sweep_unrecorded_models
 
     database = Database.from_url(postgres_url, pool_size=1)
     settings = Settings(database_url=postgres_url, data_dir=tmp_path)
@@ -738,7 +743,9 @@ def test_model_folders_that_a_finished_job_never_recorded_are_swept(postgres_url
         for name, age in ((".staging-mdl_a-1234", STAGING_MAX_AGE_S + 60), (".staging-mdl_b-5678", 60)):
             (folder / name).mkdir()
             os.utime(folder / name, (time.time() - age, time.time() - age))
-        swept = sweep_unrecorded_models(database, settings)
+        assert sweep_unrecorded_models(database, settings) == []  # ten minutes' grace: all of them are new
+        later = time.time() + UNRECORDED_GRACE_S + 60
+        swept = sweep_unrecorded_models(database, settings, now=later)
         assert sorted(swept) == ["mdl_killed_before_record", "mdl_text_of_a_failed_job"]
         left = {entry.name for entry in folder.iterdir()}
         assert left == {
@@ -748,10 +755,95 @@ def test_model_folders_that_a_finished_job_never_recorded_are_swept(postgres_url
             "mdl_of_another_database",
             ".staging-mdl_b-5678",
         }
-        assert sweep_unrecorded_models(database, settings) == []
+        assert sweep_unrecorded_models(database, settings, now=later) == []
     finally:
         with database.transaction() as conn:
             conn.execute(sa.text("DELETE FROM models WHERE id = 'mdl_recorded'"))
             conn.execute(sa.delete(job_events).where(job_events.c.job_id.in_(list(ids.values()))))
             conn.execute(sa.delete(jobs).where(jobs.c.id.in_(list(ids.values()))))
+        database.dispose()
+
+
+def test_a_model_recorded_while_the_sweep_looks_is_kept(
+    postgres_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep asked which folders had a record, then which saving jobs had finished: a job that recorded its
+    model and finished in between (one transaction) had its model's files removed, here and in the store."""
+    import json
+
+    from app.settings import Settings
+    from worker import reconciler
+
+    database = Database.from_url(postgres_url, pool_size=1)
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path)
+    folder = settings.artifacts_dir / "models" / "mdl_being_recorded"
+    folder.mkdir(parents=True)
+    with database.transaction() as conn:
+        job_id = make_job(conn)
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(status="running"))
+    (folder / "config.json").write_text(json.dumps({"source_job_id": job_id}))
+    read = reconciler.saving_job
+
+    def recorded_meanwhile(path: Any) -> str | None:
+        with database.transaction() as conn:  # the worker's record: the model and the job's end, together
+            insert_stored_models(conn, "t1", "mdl_being_recorded")
+            conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(status="succeeded"))
+        return read(path)
+
+    monkeypatch.setattr(reconciler, "saving_job", recorded_meanwhile)
+    try:
+        later = time.time() + reconciler.UNRECORDED_GRACE_S + 60
+        assert reconciler.sweep_unrecorded_models(database, settings, now=later) == []
+        assert folder.is_dir()
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.text("DELETE FROM models WHERE id = 'mdl_being_recorded'"))
+            conn.execute(sa.delete(job_events).where(job_events.c.job_id == job_id))
+            conn.execute(sa.delete(jobs).where(jobs.c.id == job_id))
+        database.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_a_cancel_asked_for_while_the_job_ends_waits_and_finds_it_ended(
+    postgres_url: str, tmp_path: Any, backend: str
+) -> None:
+    """The job's end reads the cancel flag and records the model in one transaction; a cancel asked for in between
+    was answered 200 and the job then succeeded (on SQLite, where the read held nothing). It now waits for the
+    end, and is a 409 that names the status the job has now (it named the one read before the wait: running)."""
+    from app.errors import Conflict
+    from app.jobs import service
+
+    database = quota_database(postgres_url, tmp_path, backend)
+    job_id = new_id("job")
+    try:
+        with database.transaction() as conn:
+            jobs_repository.insert_job(conn, job_id=job_id, tenant="t1", name=None, spec={}, progress={})
+            assert jobs_repository.claim(conn, job_id, "w", stale_after_s=60) is not None
+        answered: dict[str, Any] = {}
+
+        def cancel() -> None:
+            try:
+                with database.transaction() as conn:
+                    answered["job"] = service.cancel_job(conn, job_id, tenant="t1", stale_after_s=60)
+            except Conflict as exc:
+                answered["conflict"] = exc.detail
+
+        with database.transaction() as conn:
+            assert jobs_repository.cancel_flag(conn, job_id, 1) is False
+            asking = threading.Thread(target=cancel)
+            asking.start()
+            asking.join(1.0)
+            assert asking.is_alive(), answered  # it waits for the job's end
+            assert jobs_repository.finish(conn, job_id, 1, status="succeeded") is True
+        asking.join(30)
+        assert answered == {
+            "conflict": f"job {job_id} is succeeded; only queued, running or paused jobs can be cancelled"
+        }
+        with database.read() as conn:
+            row = jobs_repository.get_job(conn, job_id, tenant=None)
+        assert row is not None and row["status"] == "succeeded" and not row["cancel_requested"]
+    finally:
+        with database.transaction() as conn:
+            conn.execute(sa.delete(job_events).where(job_events.c.job_id == job_id))
+            conn.execute(sa.delete(jobs).where(jobs.c.id == job_id))
         database.dispose()

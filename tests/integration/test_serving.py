@@ -555,6 +555,10 @@ def test_kserve_v2_as_its_clients_send_it(client: httpx.Client, tabular: str) ->
     twice = {**request, "outputs": [{"name": "classes"}, {"name": "classes"}]}
     assert_kserve_error(client.post(url, json=twice), 400, "'classes' is asked for twice")
     assert client.post(url, json=request).json() == plain.json()
+    # a wrong version is a 404 before the model loads (it loaded the model only to refuse)
+    client.post(f"/v2/repository/models/{tabular}/unload")
+    assert_kserve_error(client.post(f"/v2/models/{tabular}/versions/2/infer", json=request), 404, "one version")
+    assert client.get(f"/v2/models/{tabular}/ready").status_code == 400
 
 
 def binary_request(document: dict[str, Any], *blobs: bytes) -> tuple[bytes, dict[str, str]]:
@@ -1062,9 +1066,11 @@ def test_openai_chat_needs_a_chat_template(client: httpx.Client, text_models: di
     refused_call = client.post("/v1/chat/completions", json={**strict, "messages": history})
     assert "not supported" in assert_openai_error(refused_call, 400, "messages.1.tool_calls")["message"]
     history[1] = answer
+    client.post(f"/v1/models/{strict['model']}/unload")
     for field, value in (("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("store", True)):
         refused = client.post("/v1/chat/completions", json={**strict, "messages": history, field: value})
         assert_openai_error(refused, 400, field)
+    assert client.get(f"/v2/models/{strict['model']}/ready").status_code == 400  # refused before a load
     request = {"model": text_models["chat"], "messages": messages, "max_tokens": 5, "temperature": 0}
     response = client.post("/v1/chat/completions", json=request)
     assert response.status_code == 200, response.text
