@@ -283,22 +283,24 @@ NUMERIC = {
 }
 
 
-def check_named_model(body: InferRequest, path_name: str, model_id: str, path_version: str | None = None) -> None:
+def check_named_model(body: InferRequest, path_name: str, model_id: str) -> None:
     """A body's ``model_name`` and ``model_version``, where given, must name the model the path does (by the path's
-    reference or by the model id that answers it): 400 otherwise, rather than an answer from another model than the
-    client meant."""
+    reference or by the model id that answers it) and its one version: 400 otherwise, rather than an answer from
+    another model than the client meant. (A versioned path's version was checked before: ``check_version``.)"""
     if body.model_name is not None and body.model_name not in (path_name, model_id):
         raise bad_request(
             f"model_name {body.model_name!r} in the body is not the model of the path ({path_name!r})", "model_name"
         )
-    if body.model_version not in (None, "", model_id) or (
-        path_version is not None and body.model_version not in (None, "", path_version)
-    ):
-        raise bad_request(
-            f"model_version {body.model_version!r}: model {path_name!r} has one version here, {model_id} (its model "
-            "id); another version is another model id or an alias",
-            "model_version",
-        )
+    if body.model_version not in (None, "", model_id):
+        raise bad_request(f"model_version {body.model_version!r}: {one_version(path_name, model_id)}", "model_version")
+
+
+def one_version(model_name: str, model_id: str) -> str:
+    """What a version other than a model's one (its id) is told."""
+    return (
+        f"model {model_name!r} has one version here, {model_id} (its model id); another version is another model id "
+        "or an alias"
+    )
 
 
 def body_parts(raw: bytes, binary_header: str | None, encoding: str | None, limit: int) -> tuple[bytes, bytes]:
@@ -573,10 +575,7 @@ def check_version(record: ModelRecord, model_name: str, version: str | None) -> 
     """A versioned path (``/v2/models/{name}/versions/{version}/…``) names the model's one version, its model id;
     404 for another, saying so."""
     if version is not None and version != record.id:
-        raise NotFound(
-            f"model {model_name!r} has one version here, {record.id} (its model id); another version is another "
-            "model id or an alias"
-        )
+        raise NotFound(one_version(model_name, record.id))
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadata, summary="Model metadata", openapi_extra=KSERVE)
@@ -743,7 +742,7 @@ async def infer_request(
     if version is not None:  # before the model loads: a wrong version is a 404 without loading it
         check_version(await inference.record(tenant, model_name), model_name, version)
     served = await inference.get(tenant, model_name)
-    content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive, version)
+    content, media_type, headers = await run_infer(inference, served, model_name, body, blob, request.receive)
     return Response(content, media_type=media_type, headers=headers)
 
 
@@ -754,12 +753,11 @@ async def run_infer(
     body: InferRequest,
     blob: bytes,
     receive: Callable[[], Awaitable[Any]],
-    path_version: str | None = None,
 ) -> tuple[bytes, str, dict[str, str]]:
     """One infer request on a loaded model: (body, media type, extra headers) of the answer. Shared by the route
     above and the ASGI fast path (app/serving/fastpath.py). ``receive``: the ASGI request's, to stop completions
     whose client went away (``until_answered``)."""
-    check_named_model(body, model_name, served.model_id, path_version)
+    check_named_model(body, model_name, served.model_id)
     payload, rows, wanted = prepare(served, body, blob, inference.settings.max_completion_tokens)
     encode = partial(
         encode_infer,

@@ -94,8 +94,6 @@ Stop = Annotated[str, Field(min_length=1, max_length=200)]
 PromptText = Annotated[str, Field(max_length=1_000_000)]
 
 
-# what OpenAI's prompt and input take: text, or token ids, which are taken only to be refused with a message that
-# says so (a schema error per element did not)
 def not_empty(value: Any) -> Any:
     """An empty list fails every member of the union below, and the error named the first (a string) alone."""
     if isinstance(value, list) and not value:
@@ -103,6 +101,8 @@ def not_empty(value: Any) -> Any:
     return value
 
 
+# what OpenAI's prompt and input take: text, or token ids, which are taken only to be refused with a message that
+# says so (a schema error per element did not)
 TextsOrTokenIds: TypeAlias = Annotated[
     PromptText
     | Annotated[list[PromptText], Field(min_length=1)]
